@@ -1,0 +1,487 @@
+//! The TOML configuration: parsing, `${VAR}` expansion and validation.
+//!
+//! Unknown keys are rejected; [`Config::validate`] reports every problem at
+//! once, each naming its key. Secrets are held in [`SecretString`], whose
+//! `Debug` prints nothing of the value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub target: TargetConfig,
+    #[serde(default)]
+    pub tables: TablesConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `sqlite://PATH` (relative to the working directory) or `sqlite:///ABS/PATH`.
+    pub url: String,
+    pub password: Option<SecretString>,
+    /// How often the SQLite change log is polled.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// How long a SQLite statement waits for a lock held by the application.
+    #[serde(default = "default_busy_timeout_ms")]
+    pub busy_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// `mem://`, `surrealkv://PATH`, `ws://host:port`, `wss://host:port`.
+    pub url: String,
+    pub namespace: Option<String>,
+    pub database: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<SecretString>,
+    /// `DEFINE TABLE … SCHEMAFULL` with typed fields (default), or schemaless tables.
+    #[serde(default = "default_true")]
+    pub schemafull: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TablesConfig {
+    /// Glob patterns of source table names to replicate.
+    #[serde(default = "default_include")]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Source table name → target table name.
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+    /// Key columns for tables that have no primary key.
+    #[serde(default)]
+    pub keys: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for TablesConfig {
+    fn default() -> Self {
+        Self {
+            include: default_include(),
+            exclude: Vec::new(),
+            rename: BTreeMap::new(),
+            keys: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Changes applied in one target transaction, at most.
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+    /// How long a batch waits for more changes before it is applied.
+    #[serde(default = "default_batch_delay_ms")]
+    pub batch_delay_ms: u64,
+    /// Batches queued between source and sink (bounds memory).
+    #[serde(default = "default_queue_size")]
+    pub queue_size: usize,
+    /// Rows per insert during the snapshot.
+    #[serde(default = "default_snapshot_batch_rows")]
+    pub snapshot_batch_rows: usize,
+    /// Attempts for an operation that fails transiently, before the daemon stops.
+    #[serde(default = "default_retry_attempts")]
+    pub retry_attempts: usize,
+    /// The longest wait between two attempts.
+    #[serde(default = "default_retry_max_delay_ms")]
+    pub retry_max_delay_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            batch_rows: default_batch_rows(),
+            batch_delay_ms: default_batch_delay_ms(),
+            queue_size: default_queue_size(),
+            snapshot_batch_rows: default_snapshot_batch_rows(),
+            retry_attempts: default_retry_attempts(),
+            retry_max_delay_ms: default_retry_max_delay_ms(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_include() -> Vec<String> {
+    vec!["*".into()]
+}
+fn default_poll_interval_ms() -> u64 {
+    200
+}
+fn default_busy_timeout_ms() -> u64 {
+    5_000
+}
+fn default_batch_rows() -> usize {
+    1_000
+}
+fn default_batch_delay_ms() -> u64 {
+    50
+}
+fn default_queue_size() -> usize {
+    8
+}
+fn default_snapshot_batch_rows() -> usize {
+    2_000
+}
+fn default_retry_attempts() -> usize {
+    10
+}
+fn default_retry_max_delay_ms() -> u64 {
+    30_000
+}
+
+/// Where the source is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceKind {
+    Sqlite { path: PathBuf },
+}
+
+/// Where the target is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetKind {
+    /// A SurrealDB endpoint as the SDK's `engine::any` takes it.
+    Surreal { endpoint: String, remote: bool },
+}
+
+impl Config {
+    /// Reads, expands `${VAR}` in string values, parses and validates.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(format!("cannot read config file {}", path.display())).with_source(e)
+        })?;
+        Self::parse(&text).map_err(|e| e.context(format!("config file {}", path.display())))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let mut raw: toml::Table =
+            toml::from_str(text).map_err(|e| Error::config(format!("invalid TOML: {e}")))?;
+        let mut problems = Vec::new();
+        for (k, v) in raw.iter_mut() {
+            expand_env(k, v, &mut problems);
+        }
+        if !problems.is_empty() {
+            return Err(Error::config(problems.join("; ")));
+        }
+        let config: Config = toml::Value::Table(raw)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::config(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every problem at once, each naming its key.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.source_kind() {
+            problems.push(e.to_string());
+        }
+        match self.target_kind() {
+            Err(e) => problems.push(e.to_string()),
+            Ok(TargetKind::Surreal { remote, .. }) => {
+                for (key, v) in [("namespace", &self.target.namespace), ("database", &self.target.database)] {
+                    match v {
+                        None => problems.push(format!(
+                            "target.{key}: required for a SurrealDB target (for example {key} = \"app\")"
+                        )),
+                        Some(s) if s.trim().is_empty() => {
+                            problems.push(format!("target.{key}: must not be empty"))
+                        }
+                        _ => {}
+                    }
+                }
+                if remote && self.target.username.is_some() != self.target.password.is_some() {
+                    problems.push(
+                        "target.username and target.password: give both to sign in, or neither".into(),
+                    );
+                }
+            }
+        }
+        let p = &self.pipeline;
+        for (key, v) in [
+            ("batch_rows", p.batch_rows),
+            ("queue_size", p.queue_size),
+            ("snapshot_batch_rows", p.snapshot_batch_rows),
+            ("retry_attempts", p.retry_attempts),
+        ] {
+            if v == 0 {
+                problems.push(format!("pipeline.{key}: must be at least 1"));
+            }
+        }
+        if self.source.poll_interval_ms == 0 {
+            problems.push("source.poll_interval_ms: must be at least 1".into());
+        }
+        for (key, pats) in [("include", &self.tables.include), ("exclude", &self.tables.exclude)] {
+            for pat in pats {
+                if let Err(e) = Glob::new(pat) {
+                    problems.push(format!("tables.{key}: invalid pattern {pat:?}: {e}"));
+                }
+            }
+        }
+        let mut seen = BTreeMap::new();
+        for (from, to) in &self.tables.rename {
+            if to.trim().is_empty() {
+                problems.push(format!("tables.rename.{from}: the new name must not be empty"));
+            }
+            if let Some(other) = seen.insert(to.clone(), from.clone()) {
+                problems.push(format!(
+                    "tables.rename: {other:?} and {from:?} are both renamed to {to:?}"
+                ));
+            }
+        }
+        for (table, cols) in &self.tables.keys {
+            if cols.is_empty() {
+                problems.push(format!("tables.keys.{table}: name at least one key column"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::config(problems.join("; ")))
+        }
+    }
+
+    pub fn source_kind(&self) -> Result<SourceKind> {
+        let url = self.source.url.trim();
+        if let Some(rest) = url.strip_prefix("sqlite://") {
+            let path = rest.split('?').next().unwrap_or("");
+            if path.is_empty() {
+                return Err(Error::config(
+                    "source.url: a SQLite URL needs a path, for example sqlite://data/app.sqlite",
+                ));
+            }
+            return Ok(SourceKind::Sqlite { path: PathBuf::from(path) });
+        }
+        let scheme = url.split("://").next().unwrap_or(url);
+        Err(Error::config(format!(
+            "source.url: unsupported scheme {scheme:?} in {}; this build reads sqlite://PATH",
+            redact_url(url)
+        )))
+    }
+
+    pub fn target_kind(&self) -> Result<TargetKind> {
+        let url = self.target.url.trim();
+        let scheme = url.split("://").next().unwrap_or("");
+        match scheme {
+            "mem" | "memory" | "surrealkv" => {
+                if scheme == "surrealkv" && url.len() <= "surrealkv://".len() {
+                    return Err(Error::config(
+                        "target.url: surrealkv needs a path, for example surrealkv://data/replica",
+                    ));
+                }
+                Ok(TargetKind::Surreal { endpoint: url.to_string(), remote: false })
+            }
+            "ws" | "wss" if url.contains("://") => {
+                if url_has_password(url) {
+                    return Err(Error::config(
+                        "target.url: put the password in target.password (\"${VAR}\"), not in the URL",
+                    ));
+                }
+                Ok(TargetKind::Surreal { endpoint: url.to_string(), remote: true })
+            }
+            _ => Err(Error::config(format!(
+                "target.url: unsupported target {}; use mem://, surrealkv://PATH, ws://HOST:PORT or wss://HOST:PORT",
+                redact_url(url)
+            ))),
+        }
+    }
+
+    /// The compiled include/exclude patterns.
+    pub fn table_filter(&self) -> Result<TableFilter> {
+        Ok(TableFilter { include: globs(&self.tables.include)?, exclude: globs(&self.tables.exclude)? })
+    }
+}
+
+pub struct TableFilter {
+    include: GlobSet,
+    exclude: GlobSet,
+}
+
+impl TableFilter {
+    pub fn matches(&self, table: &str) -> bool {
+        self.include.is_match(table) && !self.exclude.is_match(table)
+    }
+}
+
+fn globs(patterns: &[String]) -> Result<GlobSet> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        b.add(Glob::new(p).map_err(|e| Error::config(format!("invalid table pattern {p:?}: {e}")))?);
+    }
+    b.build().map_err(|e| Error::config(format!("table patterns: {e}")))
+}
+
+fn expand_env(key: &str, value: &mut toml::Value, problems: &mut Vec<String>) {
+    match value {
+        toml::Value::String(s) => match expand_str(s) {
+            Ok(x) => *s = x,
+            Err(var) => problems.push(format!(
+                "{key}: environment variable {var} is not set (the value refers to ${{{var}}})"
+            )),
+        },
+        toml::Value::Array(items) => {
+            for (i, v) in items.iter_mut().enumerate() {
+                expand_env(&format!("{key}[{i}]"), v, problems);
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                expand_env(&format!("{key}.{k}"), v, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Replaces every `${NAME}` with the variable's value; `$${` stays a literal `${`.
+fn expand_str(s: &str) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        if rest[..i].ends_with('$') {
+            out.push_str(&rest[..i - 1]);
+            out.push_str("${");
+            rest = &rest[i + 2..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[i..]);
+            return Ok(out);
+        };
+        let name = &after[..end];
+        match std::env::var(name) {
+            Ok(v) => out.push_str(&v),
+            Err(_) => return Err(name.to_string()),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn url_has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else { return false };
+    let authority = rest.split('/').next().unwrap_or("");
+    authority.rsplit_once('@').map(|(userinfo, _)| userinfo.contains(':')).unwrap_or(false)
+}
+
+/// The URL with any password in it replaced by `***`, for logs and messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    // Query parameters may carry passwords too.
+    let path = match path.split_once('?') {
+        Some((p, q)) => {
+            let q: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{p}?{}", q.join("&"))
+        }
+        None => path.to_string(),
+    };
+    format!("{scheme}://{authority}{path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+        [source]
+        url = "sqlite://data/app.sqlite"
+        [target]
+        url = "mem://"
+        namespace = "app"
+        database = "app"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.tables.include, vec!["*"]);
+        assert_eq!(c.pipeline.batch_rows, 1000);
+        assert_eq!(c.source_kind().unwrap(), SourceKind::Sqlite { path: "data/app.sqlite".into() });
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let e = Config::parse(&format!("{MIN}\n[pipeline]\nbatch_rowz = 3\n")).unwrap_err();
+        assert!(e.to_string().contains("batch_rowz"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [source]
+            url = "oracle://x"
+            [target]
+            url = "surrealkv://data/r"
+            [pipeline]
+            batch_rows = 0
+        "#;
+        let e = Config::parse(text).unwrap_err().to_string();
+        for needle in ["source.url", "target.namespace", "target.database", "pipeline.batch_rows"] {
+            assert!(e.contains(needle), "{needle} missing in {e}");
+        }
+    }
+
+    #[test]
+    fn env_vars_are_expanded_and_missing_ones_named() {
+        std::env::set_var("SWITCHYARD_TEST_NS", "tenant1");
+        let c = Config::parse(&MIN.replace("\"app\"\n        database", "\"${SWITCHYARD_TEST_NS}\"\n        database")).unwrap();
+        assert_eq!(c.target.namespace.as_deref(), Some("tenant1"));
+        let e = Config::parse(&MIN.replace("mem://", "${SWITCHYARD_SURELY_UNSET}")).unwrap_err();
+        assert!(e.to_string().contains("target.url") && e.to_string().contains("SWITCHYARD_SURELY_UNSET"), "{e}");
+        assert_eq!(expand_str("a$${b}").unwrap(), "a${b}");
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        assert_eq!(redact_url("ws://root:hunter2@h:8000/x"), "ws://root:***@h:8000/x");
+        assert_eq!(redact_url("postgres://u@h/db?password=hunter2&x=1"), "postgres://u@h/db?password=***&x=1");
+        let text = MIN.replace("database = \"app\"", "database = \"app\"\npassword = \"hunter2\"");
+        let c = Config::parse(&text).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let e = Config::parse(&MIN.replace("mem://", "ws://root:hunter2@localhost:8000")).unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn table_filter_applies_include_then_exclude() {
+        let c = Config::parse(&format!("{MIN}\n[tables]\ninclude = [\"shop_*\", \"users\"]\nexclude = [\"shop_tmp*\"]\n")).unwrap();
+        let f = c.table_filter().unwrap();
+        assert!(f.matches("shop_orders") && f.matches("users"));
+        assert!(!f.matches("shop_tmp1") && !f.matches("other"));
+    }
+}

@@ -1,0 +1,194 @@
+//! The neutral model every source produces and every sink consumes.
+//!
+//! A source decodes its rows into [`Value`]s according to the column's
+//! [`LogicalType`]; a sink maps the logical type onto its own type system.
+//! Decimal values are carried as their exact decimal text, never as `f64`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+/// A position in the source's change stream.
+///
+/// Ordered by `(commit, ordinal)`: `commit` is the commit position of a
+/// transaction (a PostgreSQL commit LSN, a SQLite change-log sequence number),
+/// `ordinal` a change's place inside it, so that a transaction applied in
+/// chunks can be resumed in the middle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    pub commit: u64,
+    pub ordinal: u64,
+}
+
+impl Position {
+    pub const ZERO: Position = Position { commit: 0, ordinal: 0 };
+
+    pub fn new(commit: u64, ordinal: u64) -> Self {
+        Self { commit, ordinal }
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ordinal == 0 {
+            write!(f, "{}", self.commit)
+        } else {
+            write!(f, "{}.{}", self.commit, self.ordinal)
+        }
+    }
+}
+
+/// The type of a column, independent of source and target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogicalType {
+    Bool,
+    Int,
+    Float,
+    Decimal,
+    Text,
+    Bytes,
+    Json,
+    Timestamp,
+    /// No declared type: each value keeps its own storage class.
+    Any,
+}
+
+impl fmt::Display for LogicalType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            LogicalType::Bool => "bool",
+            LogicalType::Int => "int",
+            LogicalType::Float => "float",
+            LogicalType::Decimal => "decimal",
+            LogicalType::Text => "text",
+            LogicalType::Bytes => "bytes",
+            LogicalType::Json => "json",
+            LogicalType::Timestamp => "timestamp",
+            LogicalType::Any => "any",
+        };
+        f.write_str(s)
+    }
+}
+
+/// One value of one column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    /// Exact decimal text, for example `-12.500`.
+    Decimal(String),
+    Text(String),
+    Bytes(Vec<u8>),
+    /// JSON document text as the source holds it (validated).
+    Json(String),
+    Timestamp(DateTime<Utc>),
+}
+
+impl Value {
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+}
+
+impl fmt::Display for Value {
+    /// A short rendering for error messages: long texts and blobs are cut.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn cut(s: &str) -> String {
+            if s.chars().count() > 80 {
+                format!("{}… ({} bytes)", s.chars().take(80).collect::<String>(), s.len())
+            } else {
+                s.to_string()
+            }
+        }
+        match self {
+            Value::Null => f.write_str("NULL"),
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::Float(x) => write!(f, "{x:?}"),
+            Value::Decimal(d) => f.write_str(d),
+            Value::Text(s) => write!(f, "{:?}", cut(s)),
+            Value::Json(s) => write!(f, "{}", cut(s)),
+            Value::Bytes(b) => write!(f, "<{} bytes>", b.len()),
+            Value::Timestamp(t) => write!(f, "{}", t.to_rfc3339()),
+        }
+    }
+}
+
+/// A row: one value per column, in the table's column order.
+pub type Row = Vec<Value>;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Column {
+    pub name: String,
+    /// The type as the source declares it (`VARCHAR(20)`, `int8`, or empty).
+    pub source_type: String,
+    pub logical: LogicalType,
+    pub nullable: bool,
+}
+
+/// A replicated table as the pipeline sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableSchema {
+    /// The name in the source.
+    pub name: String,
+    /// The name in the target (the source name unless renamed).
+    pub target_name: String,
+    pub columns: Vec<Column>,
+    /// Indexes into `columns` of the key, in key order.
+    pub key: Vec<usize>,
+}
+
+impl TableSchema {
+    pub fn key_names(&self) -> Vec<&str> {
+        self.key.iter().map(|&i| self.columns[i].name.as_str()).collect()
+    }
+
+    pub fn key_of(&self, row: &Row) -> Vec<Value> {
+        self.key.iter().map(|&i| row[i].clone()).collect()
+    }
+
+    /// `(col = value, …)` for error messages.
+    pub fn describe_key(&self, key: &[Value]) -> String {
+        let parts: Vec<String> =
+            self.key_names().iter().zip(key).map(|(n, v)| format!("{n} = {v}")).collect();
+        format!("({})", parts.join(", "))
+    }
+}
+
+/// A row operation, with everything a sink needs to apply it by key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Insert { row: Row },
+    /// `old_key` is set when the update changed the key.
+    Update { old_key: Option<Vec<Value>>, row: Row },
+    Delete { key: Vec<Value> },
+}
+
+/// One change of one table, with its source position.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub table: Arc<TableSchema>,
+    pub op: Op,
+    pub position: Position,
+}
+
+impl Change {
+    pub fn kind(&self) -> &'static str {
+        match self.op {
+            Op::Insert { .. } => "insert",
+            Op::Update { .. } => "update",
+            Op::Delete { .. } => "delete",
+        }
+    }
+
+    pub fn key(&self) -> Vec<Value> {
+        match &self.op {
+            Op::Insert { row } | Op::Update { row, .. } => self.table.key_of(row),
+            Op::Delete { key } => key.clone(),
+        }
+    }
+}

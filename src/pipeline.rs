@@ -1,0 +1,412 @@
+//! The pipeline: snapshot, then stream, with bounded queues and retries.
+//!
+//! ```text
+//!            install capture (before any position is read)
+//!                   │
+//!  snapshot:  source.snapshot(T) ──[queue: Vec<Row>]──▶ sink.load(T)       per table, at its Ct
+//!                   │                                    sink.finish_table(T, Ct)
+//!  stream:    source.stream(after checkpoint) ──[queue: Vec<Change>]──▶ batch (rows, delay)
+//!                                                            │  drop changes of T at or below Ct
+//!                                                            ▼
+//!                                 sink.apply(batch, last position) ── one target transaction,
+//!                                                            │         checkpoint included
+//!                                 source.ack(Durable) ◀──────┘   (trim the log / flush the slot)
+//! ```
+//!
+//! Every queue is bounded, so a slow sink slows the source and memory stays
+//! bounded whatever the size of a table or of the stream.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::config::{Config, PipelineConfig};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{Change, Position, TableSchema};
+use crate::sink::{self, Sink, TableStatus};
+use crate::source::{self, Problem, Source};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Copy what is not copied yet, then stream until cancelled.
+    Run,
+    /// Copy what is not copied yet, then return.
+    SnapshotOnly,
+}
+
+/// One table's line in the snapshot report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableReport {
+    pub table: String,
+    pub target: String,
+    pub rows: u64,
+    pub seconds: f64,
+    pub rows_per_second: f64,
+    /// Copied in an earlier run; nothing was done now.
+    pub already_copied: bool,
+    pub position: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub tables: Vec<TableReport>,
+    pub changes_applied: u64,
+    pub checkpoint: Option<String>,
+}
+
+pub struct Pipeline {
+    config: Arc<Config>,
+    source: Arc<dyn Source>,
+    sink: Arc<dyn Sink>,
+}
+
+/// Runs `op` again on transient errors with exponential backoff and jitter.
+pub async fn retry<T, F, Fut>(cfg: &PipelineConfig, what: &str, op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_millis(cfg.retry_max_delay_ms))
+        .with_max_times(cfg.retry_attempts)
+        .with_jitter();
+    op.retry(policy)
+        .when(|e: &Error| e.is_transient())
+        .notify(|e: &Error, wait: Duration| {
+            warn!(error = %e.report(), retry_in_ms = wait.as_millis() as u64, "{what} failed, retrying")
+        })
+        .await
+}
+
+impl Pipeline {
+    pub async fn open(config: Arc<Config>) -> Result<Self> {
+        let source: Arc<dyn Source> = Arc::from(source::open(&config).await?);
+        let sink: Arc<dyn Sink> = Arc::from(sink::open(&config).await?);
+        Ok(Self { config, source, sink })
+    }
+
+    /// The selected tables, or every blocking problem at once.
+    pub async fn tables(&self) -> Result<Vec<Arc<TableSchema>>> {
+        let d = self.source.discover().await?;
+        for p in d.problems.iter().filter(|p| !p.blocking) {
+            warn!(table = %p.table, column = p.column.as_deref().unwrap_or(""), "{}", p.message);
+        }
+        let blocking: Vec<&Problem> = d.problems.iter().filter(|p| p.blocking).collect();
+        if !blocking.is_empty() {
+            let list: Vec<String> = blocking.iter().map(|p| p.to_string()).collect();
+            return Err(Error::definite(format!("cannot replicate: {}", list.join("; "))));
+        }
+        if d.tables.is_empty() {
+            return Err(Error::config(
+                "no source table matches tables.include / tables.exclude; nothing to replicate",
+            ));
+        }
+        Ok(d.tables.into_iter().map(Arc::new).collect())
+    }
+
+    pub async fn run(&self, mode: Mode, cancel: CancellationToken) -> Result<Report> {
+        let tables = self.tables().await?;
+        let cfg = &self.config.pipeline;
+        retry(cfg, "creating the target schema", || self.sink.prepare(&tables)).await?;
+        // Capture first: a change made after this point is in the log, so
+        // every position read later (Ct) has the log behind it.
+        retry(cfg, "installing change capture", || self.source.install(&tables)).await?;
+        let state = retry(cfg, "reading the target state", || self.sink.state()).await?;
+        let checkpoint = match state.checkpoint {
+            Some(p) => {
+                info!(checkpoint = %p, "resuming after the target's checkpoint");
+                p
+            }
+            None => {
+                let p = retry(cfg, "reading the source position", || self.source.current_position()).await?;
+                retry(cfg, "recording the start position", || self.sink.start(p)).await?;
+                info!(position = %p, "no checkpoint in the target: copying from scratch");
+                p
+            }
+        };
+        let mut report = Report::default();
+        let mut skip: HashMap<String, Position> = HashMap::new();
+        for t in &tables {
+            match state.tables.get(&t.name) {
+                Some(s) if s.status == TableStatus::Done => {
+                    report.tables.push(TableReport {
+                        table: t.name.clone(),
+                        target: t.target_name.clone(),
+                        rows: s.rows,
+                        seconds: 0.0,
+                        rows_per_second: 0.0,
+                        already_copied: true,
+                        position: s.position.to_string(),
+                    });
+                    if s.position > checkpoint {
+                        skip.insert(t.name.clone(), s.position);
+                    }
+                }
+                _ => {
+                    if cancel.is_cancelled() {
+                        return Err(Error::new(ErrorKind::Interrupted, "stopped before the snapshot finished"));
+                    }
+                    let r = self.copy_table(t.clone(), &cancel).await?;
+                    let ct = r.position.parse::<u64>().map(|c| Position::new(c, 0)).unwrap_or(checkpoint);
+                    if ct > checkpoint {
+                        skip.insert(t.name.clone(), ct);
+                    }
+                    report.tables.push(r);
+                }
+            }
+        }
+        log_report(&report);
+        if mode == Mode::SnapshotOnly {
+            report.checkpoint = Some(checkpoint.to_string());
+            return Ok(report);
+        }
+        let (applied, last) = self.stream(tables, checkpoint, skip, cancel).await?;
+        report.changes_applied = applied;
+        report.checkpoint = Some(last.to_string());
+        Ok(report)
+    }
+
+    async fn copy_table(&self, table: Arc<TableSchema>, cancel: &CancellationToken) -> Result<TableReport> {
+        let span = tracing::info_span!("snapshot", table = %table.name);
+        let cfg = &self.config.pipeline;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.copy_table_once(table.clone(), cancel).instrument(span.clone()).await {
+                Err(e) if e.is_transient() && attempt < cfg.retry_attempts => {
+                    warn!(table = %table.name, error = %e.report(), attempt, "copy failed, copying the table again");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn copy_table_once(&self, table: Arc<TableSchema>, cancel: &CancellationToken) -> Result<TableReport> {
+        let cfg = &self.config.pipeline;
+        let started = Instant::now();
+        // Empty first: rows deleted in the source while we were down must not survive.
+        retry(cfg, "emptying the target table", || self.sink.begin_table(&table)).await?;
+        let total = self.source.count_rows(&table).await.ok().flatten();
+        let progress = Progress::new(&table.name, total);
+        let (tx, mut rx) = mpsc::channel(cfg.queue_size);
+        let source = self.source.clone();
+        let t = table.clone();
+        let batch_rows = cfg.snapshot_batch_rows;
+        let reader = tokio::spawn(async move { source.snapshot(t, batch_rows, tx).await }.in_current_span());
+        let mut rows = 0u64;
+        loop {
+            let batch = tokio::select! {
+                b = rx.recv() => b,
+                _ = cancel.cancelled() => {
+                    reader.abort();
+                    progress.finish(rows, "stopped");
+                    return Err(Error::new(ErrorKind::Interrupted, format!(
+                        "stopped while copying table {:?}; it is copied again on the next start", table.name)));
+                }
+            };
+            let Some(batch) = batch else { break };
+            retry(cfg, "loading snapshot rows", || self.sink.load(&table, &batch)).await?;
+            rows += batch.len() as u64;
+            progress.update(rows);
+        }
+        let at = match reader.await {
+            Ok(r) => r?,
+            Err(e) => return Err(Error::definite(format!("snapshot reader of {:?} failed: {e}", table.name))),
+        };
+        retry(cfg, "recording the copied table", || self.sink.finish_table(&table, at, rows)).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        progress.finish(rows, "done");
+        Ok(TableReport {
+            table: table.name.clone(),
+            target: table.target_name.clone(),
+            rows,
+            seconds,
+            rows_per_second: if seconds > 0.0 { rows as f64 / seconds } else { 0.0 },
+            already_copied: false,
+            position: at.to_string(),
+        })
+    }
+
+    async fn stream(
+        &self,
+        tables: Vec<Arc<TableSchema>>,
+        checkpoint: Position,
+        skip: HashMap<String, Position>,
+        cancel: CancellationToken,
+    ) -> Result<(u64, Position)> {
+        let cfg = &self.config.pipeline;
+        let (tx, mut rx) = mpsc::channel::<Vec<Change>>(cfg.queue_size);
+        let reader_cancel = cancel.child_token();
+        let source = self.source.clone();
+        let max = cfg.batch_rows;
+        let reader = tokio::spawn(
+            async move { source.stream(tables, checkpoint, max, tx, reader_cancel).await }
+                .instrument(tracing::info_span!("stream")),
+        );
+        info!(after = %checkpoint, "streaming changes");
+        let delay = Duration::from_millis(cfg.batch_delay_ms);
+        let mut applied = 0u64;
+        let mut last = checkpoint;
+        let mut pending: Vec<Change> = Vec::new();
+        let mut summary = Summary::default();
+        let mut open = true;
+        while open {
+            if pending.is_empty() {
+                tokio::select! {
+                    c = rx.recv() => match c {
+                        Some(c) => pending.extend(c),
+                        None => open = false,
+                    },
+                    _ = cancel.cancelled() => open = false,
+                }
+            }
+            let deadline = tokio::time::Instant::now() + delay;
+            while open && pending.len() < cfg.batch_rows {
+                tokio::select! {
+                    c = rx.recv() => match c {
+                        Some(c) => pending.extend(c),
+                        None => open = false,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = cancel.cancelled() => open = false,
+                }
+            }
+            while !pending.is_empty() {
+                let n = pending.len().min(cfg.batch_rows);
+                let chunk: Vec<Change> = pending.drain(..n).collect();
+                let upto = chunk.last().map(|c| c.position).unwrap_or(last);
+                let apply: Vec<Change> = chunk
+                    .into_iter()
+                    .filter(|c| skip.get(&c.table.name).is_none_or(|ct| c.position > *ct))
+                    .collect();
+                let durable = retry(cfg, "applying changes", || self.sink.apply(&apply, upto)).await?;
+                applied += apply.len() as u64;
+                last = durable.position();
+                summary.add(&apply, last);
+                if let Err(e) = self.source.ack(durable).await {
+                    warn!(error = %e.report(), "could not acknowledge the applied position to the source; retried with the next batch");
+                }
+            }
+        }
+        summary.flush(last);
+        reader_cancel_and_wait(reader, &cancel).await?;
+        info!(checkpoint = %last, changes = applied, "streaming stopped");
+        Ok((applied, last))
+    }
+}
+
+async fn reader_cancel_and_wait(
+    reader: tokio::task::JoinHandle<Result<()>>,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    if cancel.is_cancelled() {
+        // The reader sees the same token; give it a moment to finish cleanly.
+        let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        return Ok(());
+    }
+    match reader.await {
+        Ok(r) => r,
+        Err(e) => Err(Error::definite(format!("the change reader failed: {e}"))),
+    }
+}
+
+fn log_report(report: &Report) {
+    for t in &report.tables {
+        if t.already_copied {
+            info!(table = %t.table, rows = t.rows, position = %t.position, "table already copied");
+        } else {
+            info!(
+                table = %t.table, target = %t.target, rows = t.rows,
+                seconds = format!("{:.2}", t.seconds), rows_per_second = format!("{:.0}", t.rows_per_second),
+                position = %t.position, "table copied"
+            );
+        }
+    }
+}
+
+/// A progress bar on a terminal, a log line every few seconds elsewhere.
+struct Progress {
+    table: String,
+    total: Option<u64>,
+    bar: Option<indicatif::ProgressBar>,
+    last_log: std::sync::Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(table: &str, total: Option<u64>) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total.unwrap_or(0));
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{prefix:>20} [{bar:30}] {pos}/{len} rows {per_sec} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(table.to_string());
+            b
+        });
+        Self { table: table.to_string(), total, bar, last_log: std::sync::Mutex::new(Instant::now()) }
+    }
+
+    fn update(&self, rows: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(rows);
+            return;
+        }
+        let mut last = self.last_log.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= Duration::from_secs(5) {
+            *last = Instant::now();
+            match self.total {
+                Some(t) if t > 0 => info!(table = %self.table, rows, total = t, percent = rows * 100 / t, "copying"),
+                _ => info!(table = %self.table, rows, "copying"),
+            }
+        }
+    }
+
+    fn finish(&self, rows: u64, msg: &'static str) {
+        if let Some(b) = &self.bar {
+            b.set_position(rows);
+            b.finish_with_message(msg);
+        }
+    }
+}
+
+/// Applied-change counts, logged at once after a quiet spell and then at most
+/// every two seconds.
+#[derive(Default)]
+struct Summary {
+    last_flush: Option<Instant>,
+    changes: u64,
+    batches: u64,
+    per_table: std::collections::BTreeMap<String, u64>,
+}
+
+impl Summary {
+    fn add(&mut self, changes: &[Change], at: Position) {
+        self.batches += 1;
+        self.changes += changes.len() as u64;
+        for c in changes {
+            *self.per_table.entry(c.table.name.clone()).or_default() += 1;
+        }
+        if self.last_flush.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+            self.flush(at);
+        }
+    }
+
+    fn flush(&mut self, at: Position) {
+        if self.batches == 0 {
+            return;
+        }
+        let tables: Vec<String> = self.per_table.iter().map(|(t, n)| format!("{t}={n}")).collect();
+        info!(changes = self.changes, batches = self.batches, tables = %tables.join(","), checkpoint = %at, "applied");
+        *self = Summary { last_flush: Some(Instant::now()), ..Default::default() };
+    }
+}

@@ -1,0 +1,120 @@
+//! `switchyard check`: validate, connect, and show the plan without writing.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::config::{redact_url, Config, TargetKind};
+use crate::error::Result;
+use crate::schema;
+use crate::source::{self, Problem};
+
+#[derive(Debug, Serialize)]
+pub struct PlanColumn {
+    pub name: String,
+    pub source_type: String,
+    pub target: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlanTable {
+    pub table: String,
+    pub target: String,
+    pub key: Vec<String>,
+    pub record_id: String,
+    pub columns: Vec<PlanColumn>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub source: String,
+    pub target: String,
+    pub tables: Vec<PlanTable>,
+    pub problems: Vec<Problem>,
+}
+
+impl Plan {
+    pub fn blocking(&self) -> usize {
+        self.problems.iter().filter(|p| p.blocking).count()
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "source  {}", self.source);
+        let _ = writeln!(out, "target  {}", self.target);
+        for t in &self.tables {
+            let _ = writeln!(
+                out,
+                "\ntable {:?} → {:?}  key ({})  record id {}",
+                t.table,
+                t.target,
+                t.key.join(", "),
+                t.record_id
+            );
+            let w = t.columns.iter().map(|c| c.name.chars().count()).max().unwrap_or(0);
+            let wt = t.columns.iter().map(|c| c.source_type.chars().count()).max().unwrap_or(0).max(4);
+            for c in &t.columns {
+                let st = if c.source_type.is_empty() { "(none)" } else { &c.source_type };
+                let _ = writeln!(out, "  {:<w$}  {:<wt$}  → {}", c.name, st, c.target, w = w, wt = wt + 2);
+            }
+        }
+        if !self.problems.is_empty() {
+            let _ = writeln!(out, "\nproblems:");
+            for p in &self.problems {
+                let mark = if p.blocking { "error" } else { "note " };
+                let _ = writeln!(out, "  {mark}  {p}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\n{} table(s) ready, {} blocking problem(s), {} note(s)",
+            self.tables.len(),
+            self.blocking(),
+            self.problems.len() - self.blocking()
+        );
+        out
+    }
+}
+
+/// Builds the plan. Reads the source's catalog; writes nothing anywhere.
+pub async fn check(config: &Config) -> Result<Plan> {
+    let source = source::open(config).await?;
+    let discovery = source.discover().await?;
+    let TargetKind::Surreal { endpoint, remote } = config.target_kind()?;
+    let schemafull = config.target.schemafull;
+    let mut problems = discovery.problems;
+    if remote {
+        #[cfg(feature = "surrealdb")]
+        if let Err(e) = crate::sink::surreal::probe(&endpoint, config).await {
+            problems.push(Problem { table: "(target)".into(), column: None, message: e.report(), blocking: true });
+        }
+    }
+    let target = format!(
+        "{}  namespace {:?}, database {:?}, {}",
+        redact_url(&endpoint),
+        config.target.namespace.as_deref().unwrap_or(""),
+        config.target.database.as_deref().unwrap_or(""),
+        if schemafull { "SCHEMAFULL" } else { "SCHEMALESS" }
+    );
+    let tables = discovery
+        .tables
+        .iter()
+        .map(|t| PlanTable {
+            table: t.name.clone(),
+            target: t.target_name.clone(),
+            key: t.key_names().iter().map(|s| s.to_string()).collect(),
+            record_id: schema::surreal::describe_id(t),
+            columns: t
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| PlanColumn {
+                    name: c.name.clone(),
+                    source_type: c.source_type.clone(),
+                    target: schema::surreal::describe(t, i, schemafull),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(Plan { source: redact_url(&config.source.url), target, tables, problems })
+}

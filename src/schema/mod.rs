@@ -1,0 +1,4 @@
+//! Type mapping per target, free of any client library so that `check` can
+//! show it without connecting.
+
+pub mod surreal;

@@ -1,0 +1,96 @@
+//! Sinks: create the target schema, load snapshot rows, apply changes.
+//!
+//! A sink's `apply` commits the changes together with the checkpoint in one
+//! target transaction and only then returns a [`Durable`]: the one value a
+//! source accepts in `ack`, so nothing can be acknowledged that the target
+//! has not committed (invariant 2).
+
+#[cfg(feature = "surrealdb")]
+pub mod surreal;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::{Config, TargetKind};
+#[allow(unused_imports)]
+use crate::error::{Error, Result};
+use crate::model::{Change, Position, Row, TableSchema};
+
+/// A position the target has committed. Only a sink creates one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durable(Position);
+
+impl Durable {
+    /// For sink implementations: call only after the commit succeeded.
+    pub(crate) fn committed(position: Position) -> Self {
+        Durable(position)
+    }
+
+    pub fn position(&self) -> Position {
+        self.0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableStatus {
+    /// Being copied: on restart it is emptied and copied again.
+    Copying,
+    /// Copied at `position`; stream changes at or below it are skipped.
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableState {
+    pub status: TableStatus,
+    pub position: Position,
+    pub rows: u64,
+}
+
+/// What the target remembers of the replication.
+#[derive(Debug, Clone, Default)]
+pub struct SinkState {
+    /// The position of the last applied change; none before the first run.
+    pub checkpoint: Option<Position>,
+    /// Per source table name.
+    pub tables: BTreeMap<String, TableState>,
+}
+
+#[async_trait]
+pub trait Sink: Send + Sync {
+    /// Creates what is missing of the target schema and the state records.
+    async fn prepare(&self, tables: &[Arc<TableSchema>]) -> Result<()>;
+
+    async fn state(&self) -> Result<SinkState>;
+
+    /// Records the position the first snapshot starts from (no checkpoint yet).
+    async fn start(&self, position: Position) -> Result<()>;
+
+    /// Empties the table in the target and marks it as being copied.
+    async fn begin_table(&self, table: &TableSchema) -> Result<()>;
+
+    /// Inserts snapshot rows (committed on return).
+    async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<()>;
+
+    /// Marks the table as copied at `position` with `rows` rows.
+    async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()>;
+
+    /// Applies `changes` in order and moves the checkpoint to `checkpoint`, in
+    /// one target transaction. Refuses a checkpoint older than the stored one.
+    async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable>;
+}
+
+pub async fn open(config: &Config) -> Result<Box<dyn Sink>> {
+    match config.target_kind()? {
+        #[cfg(feature = "surrealdb")]
+        TargetKind::Surreal { endpoint, remote } => {
+            Ok(Box::new(surreal::SurrealSink::connect(&endpoint, remote, config).await?))
+        }
+        #[cfg(not(feature = "surrealdb"))]
+        TargetKind::Surreal { .. } => Err(Error::config(
+            "target.url: this switchyard was built without the surrealdb feature",
+        )),
+    }
+}

@@ -1,0 +1,394 @@
+//! SurrealDB sink through the SDK's `engine::any`: `mem://`, `surrealkv://PATH`,
+//! `ws://` / `wss://` with root credentials.
+//!
+//! One SurrealDB table per source table; the record id comes from the key (a
+//! scalar for one column, an array for a composite key). A batch of changes is
+//! one `BEGIN … COMMIT` query that also moves `_switchyard_checkpoint:main`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use secrecy::ExposeSecret;
+use surrealdb::engine::any::Any;
+use surrealdb::types::{
+    Array, Bytes, Datetime, Number, Object, RecordId, RecordIdKey, SurrealValue, Value as SValue, Variables,
+};
+use surrealdb::Surreal;
+use tracing::info;
+
+use super::{Durable, Sink, SinkState, TableState, TableStatus};
+use crate::config::{redact_url, Config};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{Change, Op, Position, Row, TableSchema, Value};
+use crate::schema::surreal::{field_name, field_type};
+
+const CHECKPOINT_TABLE: &str = "_switchyard_checkpoint";
+const TABLE_STATE: &str = "_switchyard_table";
+
+pub struct SurrealSink {
+    db: Surreal<Any>,
+    schemafull: bool,
+    endpoint: String,
+}
+
+/// Quotes a SurrealQL identifier with backticks.
+pub fn ident(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('`');
+    for c in name.chars() {
+        match c {
+            '`' => out.push_str("\\`"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => out.push_str("\\0"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('`');
+    out
+}
+
+fn surreal_error(context: impl std::fmt::Display, e: surrealdb::Error) -> Error {
+    let kind = if e.is_connection() || is_retryable_message(e.message()) {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Definite
+    };
+    Error::new(kind, context.to_string()).with_source(e)
+}
+
+fn is_retryable_message(m: &str) -> bool {
+    let m = m.to_ascii_lowercase();
+    m.contains("can be retried") || m.contains("transaction conflict") || m.contains("connection")
+}
+
+/// Converts a model value; `Null` becomes NONE (the field is left out).
+pub fn to_surreal(v: &Value) -> std::result::Result<SValue, String> {
+    Ok(match v {
+        Value::Null => SValue::None,
+        Value::Bool(b) => SValue::Bool(*b),
+        Value::Int(i) => SValue::Number(Number::Int(*i)),
+        Value::Float(x) => SValue::Number(Number::Float(*x)),
+        Value::Decimal(d) => {
+            let parsed = if d.contains(['e', 'E']) {
+                rust_decimal::Decimal::from_scientific(d)
+            } else {
+                d.parse::<rust_decimal::Decimal>()
+            };
+            match parsed {
+                Ok(x) => SValue::Number(Number::Decimal(x)),
+                Err(e) => return Err(format!("decimal {d} does not fit SurrealDB's decimal (28 significant digits): {e}")),
+            }
+        }
+        Value::Text(s) => SValue::String(s.clone()),
+        Value::Bytes(b) => SValue::Bytes(Bytes::from(b.clone())),
+        Value::Json(s) => match serde_json::from_str::<serde_json::Value>(s) {
+            Ok(j) => j.into_value(),
+            Err(e) => return Err(format!("invalid JSON: {e}")),
+        },
+        Value::Timestamp(t) => SValue::Datetime(Datetime::from(*t)),
+    })
+}
+
+fn record_key(table: &TableSchema, key: &[Value]) -> Result<RecordIdKey> {
+    let conv = |v: &Value| {
+        to_surreal(v).map_err(|m| {
+            Error::definite(format!("table {:?}, key {}: {m}", table.name, table.describe_key(key)))
+        })
+    };
+    match key {
+        [Value::Int(i)] => Ok(RecordIdKey::Number(*i)),
+        [Value::Text(s)] => Ok(RecordIdKey::String(s.clone())),
+        _ => Ok(RecordIdKey::Array(Array::from(key.iter().map(conv).collect::<Result<Vec<_>>>()?))),
+    }
+}
+
+pub fn record_id(table: &TableSchema, key: &[Value]) -> Result<RecordId> {
+    if key.iter().any(Value::is_null) {
+        return Err(Error::definite(format!(
+            "table {:?}, key {}: a key column is NULL; give the key columns NOT NULL values in the source",
+            table.name,
+            table.describe_key(key)
+        )));
+    }
+    Ok(RecordId::new(table.target_name.clone(), record_key(table, key)?))
+}
+
+fn content(table: &TableSchema, row: &Row) -> Result<Object> {
+    let mut obj = Object::new();
+    for (i, v) in row.iter().enumerate() {
+        if v.is_null() {
+            continue;
+        }
+        let Some(field) = field_name(table, i) else { continue };
+        let sv = to_surreal(v).map_err(|m| {
+            Error::definite(format!(
+                "table {:?}, key {}, column {:?}: {m}",
+                table.name,
+                table.describe_key(&table.key_of(row)),
+                table.columns[i].name
+            ))
+        })?;
+        obj.insert(field, sv);
+    }
+    Ok(obj)
+}
+
+fn json_u64(v: &serde_json::Value, key: &str) -> u64 {
+    v.get(key).and_then(|x| x.as_i64()).unwrap_or(0).max(0) as u64
+}
+
+impl SurrealSink {
+    pub async fn connect(endpoint: &str, remote: bool, config: &Config) -> Result<Self> {
+        let shown = redact_url(endpoint);
+        let db = surrealdb::engine::any::connect(endpoint)
+            .await
+            .map_err(|e| Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e))?;
+        if remote {
+            if let (Some(user), Some(pass)) = (&config.target.username, &config.target.password) {
+                db.signin(surrealdb::opt::auth::Root {
+                    username: user.clone(),
+                    password: pass.expose_secret().to_string(),
+                })
+                .await
+                .map_err(|e| {
+                    Error::connect(format!(
+                        "SurrealDB at {shown} refused to sign in user {user:?}: {}",
+                        e.message()
+                    ))
+                })?;
+            }
+        }
+        let ns = config.target.namespace.clone().unwrap_or_default();
+        let dbn = config.target.database.clone().unwrap_or_default();
+        db.query(format!(
+            "DEFINE NAMESPACE IF NOT EXISTS {ns}; USE NS {ns}; DEFINE DATABASE IF NOT EXISTS {dbn};",
+            ns = ident(&ns),
+            dbn = ident(&dbn)
+        ))
+        .await
+        .and_then(|r| r.check())
+        .map_err(|e| surreal_error(format!("defining namespace {ns:?} and database {dbn:?} on {shown}"), e))?;
+        db.use_ns(ns.clone())
+            .use_db(dbn.clone())
+            .await
+            .map_err(|e| surreal_error(format!("using namespace {ns:?}, database {dbn:?} on {shown}"), e))?;
+        info!(endpoint = %shown, namespace = %ns, database = %dbn, "connected to SurrealDB");
+        Ok(Self { db, schemafull: config.target.schemafull, endpoint: shown })
+    }
+
+    pub fn client(&self) -> &Surreal<Any> {
+        &self.db
+    }
+
+    async fn run(&self, context: impl std::fmt::Display, sql: String, vars: Variables) -> Result<surrealdb::IndexedResults> {
+        let mut resp = self.db.query(sql).bind(vars).await.map_err(|e| surreal_error(&context, e))?;
+        let errors = resp.take_errors();
+        if errors.is_empty() {
+            return Ok(resp);
+        }
+        // In a failed transaction every statement reports an error; the cause
+        // is the one that is not the generic "not executed" notice.
+        let mut errs: Vec<(usize, surrealdb::Error)> = errors.into_iter().collect();
+        errs.sort_by_key(|(i, _)| *i);
+        let pick = errs
+            .iter()
+            .position(|(_, e)| !e.message().contains("not executed") && !e.message().contains("failed transaction"))
+            .unwrap_or(0);
+        let (idx, e) = errs.swap_remove(pick);
+        Err(surreal_error(format!("{context} (statement {idx}): {}", e.message()), e))
+    }
+}
+
+#[async_trait]
+impl Sink for SurrealSink {
+    async fn prepare(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
+        let mut sql = format!(
+            "DEFINE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {TABLE_STATE} SCHEMALESS;\n"
+        );
+        for t in tables {
+            let tn = ident(&t.target_name);
+            if self.schemafull {
+                sql.push_str(&format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMAFULL;\n"));
+                for (i, c) in t.columns.iter().enumerate() {
+                    if let Some(f) = field_name(t, i) {
+                        sql.push_str(&format!(
+                            "DEFINE FIELD IF NOT EXISTS {} ON TABLE {tn} TYPE {};\n",
+                            ident(&f),
+                            field_type(c)
+                        ));
+                    }
+                }
+            } else {
+                sql.push_str(&format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMALESS;\n"));
+            }
+        }
+        self.run(format!("creating the target schema on {}", self.endpoint), sql, Variables::new()).await?;
+        Ok(())
+    }
+
+    async fn state(&self) -> Result<SinkState> {
+        let mut resp = self
+            .run(
+                "reading the checkpoint",
+                format!(
+                    "SELECT commit, ordinal FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows FROM {TABLE_STATE};"
+                ),
+                Variables::new(),
+            )
+            .await?;
+        let cp: Vec<serde_json::Value> = resp.take(0).map_err(|e| surreal_error("reading the checkpoint", e))?;
+        let tables: Vec<serde_json::Value> = resp.take(1).map_err(|e| surreal_error("reading table states", e))?;
+        let mut state = SinkState {
+            checkpoint: cp.first().map(|c| Position::new(json_u64(c, "commit"), json_u64(c, "ordinal"))),
+            ..Default::default()
+        };
+        for t in tables {
+            let Some(name) = t.get("name").and_then(|n| n.as_str()) else { continue };
+            let status = match t.get("status").and_then(|s| s.as_str()) {
+                Some("done") => TableStatus::Done,
+                _ => TableStatus::Copying,
+            };
+            state.tables.insert(
+                name.to_string(),
+                TableState {
+                    status,
+                    position: Position::new(json_u64(&t, "commit"), json_u64(&t, "ordinal")),
+                    rows: json_u64(&t, "rows"),
+                },
+            );
+        }
+        Ok(state)
+    }
+
+    async fn start(&self, position: Position) -> Result<()> {
+        let mut vars = Variables::new();
+        vars.insert("pc", position.commit as i64);
+        vars.insert("po", position.ordinal as i64);
+        self.run(
+            "recording the start position",
+            format!(
+                "UPSERT {CHECKPOINT_TABLE}:main CONTENT {{ commit: $pc, ordinal: $po, updated_at: time::now() }};"
+            ),
+            vars,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn begin_table(&self, table: &TableSchema) -> Result<()> {
+        let mut vars = Variables::new();
+        vars.insert("sid", RecordId::new(TABLE_STATE, table.name.clone()));
+        vars.insert("name", table.name.clone());
+        self.run(
+            format!("emptying table {:?} before copying it", table.target_name),
+            format!(
+                "BEGIN TRANSACTION; DELETE {}; UPSERT $sid CONTENT {{ name: $name, status: 'copying', commit: 0, ordinal: 0, rows: 0, updated_at: time::now() }}; COMMIT TRANSACTION;",
+                ident(&table.target_name)
+            ),
+            vars,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<()> {
+        let mut items = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut obj = content(table, row)?;
+            obj.insert("id", record_id(table, &table.key_of(row))?);
+            items.push(SValue::Object(obj));
+        }
+        let mut vars = Variables::new();
+        vars.insert("rows", Array::from(items));
+        self.run(
+            format!("loading {} rows into {:?}", rows.len(), table.target_name),
+            format!("INSERT IGNORE INTO {} $rows RETURN NONE;", ident(&table.target_name)),
+            vars,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {
+        let mut vars = Variables::new();
+        vars.insert("sid", RecordId::new(TABLE_STATE, table.name.clone()));
+        vars.insert("name", table.name.clone());
+        vars.insert("pc", position.commit as i64);
+        vars.insert("po", position.ordinal as i64);
+        vars.insert("rows", rows as i64);
+        self.run(
+            format!("marking table {:?} as copied", table.name),
+            "UPSERT $sid CONTENT { name: $name, status: 'done', commit: $pc, ordinal: $po, rows: $rows, updated_at: time::now() };".into(),
+            vars,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable> {
+        let mut sql = String::with_capacity(64 * changes.len() + 512);
+        let mut vars = Variables::new();
+        sql.push_str("BEGIN TRANSACTION;\n");
+        sql.push_str(&format!(
+            "LET $cp = (SELECT commit, ordinal FROM ONLY {CHECKPOINT_TABLE}:main);\n\
+             IF $cp != NONE AND ($cp.commit > $pc OR ($cp.commit == $pc AND $cp.ordinal > $po)) {{ THROW 'refusing to move the checkpoint backwards from ' + <string>$cp.commit + '.' + <string>$cp.ordinal + ' to ' + <string>$pc + '.' + <string>$po; }};\n"
+        ));
+        vars.insert("pc", checkpoint.commit as i64);
+        vars.insert("po", checkpoint.ordinal as i64);
+        for (i, ch) in changes.iter().enumerate() {
+            let t = &ch.table;
+            match &ch.op {
+                Op::Insert { row } | Op::Update { old_key: None, row } => {
+                    vars.insert(format!("r{i}"), record_id(t, &t.key_of(row))?);
+                    vars.insert(format!("c{i}"), content(t, row)?);
+                    sql.push_str(&format!("UPSERT $r{i} CONTENT $c{i} RETURN NONE;\n"));
+                }
+                Op::Update { old_key: Some(old), row } => {
+                    vars.insert(format!("o{i}"), record_id(t, old)?);
+                    vars.insert(format!("r{i}"), record_id(t, &t.key_of(row))?);
+                    vars.insert(format!("c{i}"), content(t, row)?);
+                    sql.push_str(&format!("DELETE $o{i} RETURN NONE; UPSERT $r{i} CONTENT $c{i} RETURN NONE;\n"));
+                }
+                Op::Delete { key } => {
+                    vars.insert(format!("r{i}"), record_id(t, key)?);
+                    sql.push_str(&format!("DELETE $r{i} RETURN NONE;\n"));
+                }
+            }
+        }
+        sql.push_str(&format!(
+            "UPSERT {CHECKPOINT_TABLE}:main CONTENT {{ commit: $pc, ordinal: $po, updated_at: time::now() }} RETURN NONE;\nCOMMIT TRANSACTION;\n"
+        ));
+        let context = match (changes.first(), changes.last()) {
+            (Some(a), Some(b)) => format!(
+                "applying {} changes at positions {}..={} (first: table {:?}, key {})",
+                changes.len(),
+                a.position,
+                b.position,
+                a.table.name,
+                a.table.describe_key(&a.key())
+            ),
+            _ => format!("moving the checkpoint to {checkpoint}"),
+        };
+        self.run(context, sql, vars).await?;
+        Ok(Durable::committed(checkpoint))
+    }
+}
+
+/// Connects and signs in without defining or writing anything (for `check`).
+pub async fn probe(endpoint: &str, config: &Config) -> Result<()> {
+    let shown = redact_url(endpoint);
+    let db = surrealdb::engine::any::connect(endpoint)
+        .await
+        .map_err(|e| Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e))?;
+    if let (Some(user), Some(pass)) = (&config.target.username, &config.target.password) {
+        db.signin(surrealdb::opt::auth::Root { username: user.clone(), password: pass.expose_secret().to_string() })
+            .await
+            .map_err(|e| {
+                Error::connect(format!("SurrealDB at {shown} refused to sign in user {user:?}: {}", e.message()))
+            })?;
+    }
+    Ok(())
+}

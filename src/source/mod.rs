@@ -1,0 +1,94 @@
+//! Sources: a consistent snapshot per table, then a stream of changes.
+//!
+//! ```text
+//!  install capture ──▶ snapshot(table) ──rows──▶ sink.load       (position Ct per table)
+//!                      stream(after P) ──changes (each with its position)──▶ pipeline
+//!                      ack(Durable)    ◀── only what the target committed (trim / flush)
+//! ```
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, SourceKind};
+use crate::error::Result;
+use crate::model::{Change, Position, Row, TableSchema};
+use crate::sink::Durable;
+
+/// Something `check` reports about a table or column.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Problem {
+    pub table: String,
+    pub column: Option<String>,
+    pub message: String,
+    /// A blocking problem stops `run`; the others are notes.
+    pub blocking: bool,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.column {
+            Some(c) => write!(f, "table {:?}, column {:?}: {}", self.table, c, self.message),
+            None => write!(f, "table {:?}: {}", self.table, self.message),
+        }
+    }
+}
+
+/// What the source found: the tables it can replicate and the problems.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    pub tables: Vec<TableSchema>,
+    pub problems: Vec<Problem>,
+}
+
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// Introspects the selected tables; writes nothing.
+    async fn discover(&self) -> Result<Discovery>;
+
+    /// Installs change capture for `tables` (idempotent). Must run before any
+    /// snapshot position is read, so that no change falls between the two.
+    async fn install(&self, tables: &[Arc<TableSchema>]) -> Result<()>;
+
+    /// Removes everything switchyard installed in the source.
+    async fn uninstall(&self) -> Result<()>;
+
+    /// The number of rows in `table`, for progress (None if unknown).
+    async fn count_rows(&self, table: &TableSchema) -> Result<Option<u64>>;
+
+    /// The newest position the stream has reached now.
+    async fn current_position(&self) -> Result<Position>;
+
+    /// Sends every row of `table` in batches and returns the position `Ct`
+    /// read in the same read transaction: changes of this table at or below
+    /// `Ct` are in the rows, later ones will come from the stream.
+    async fn snapshot(
+        &self,
+        table: Arc<TableSchema>,
+        batch_rows: usize,
+        rows: mpsc::Sender<Vec<Row>>,
+    ) -> Result<Position>;
+
+    /// Sends the changes after `after`, in order, until `cancel` fires.
+    async fn stream(
+        &self,
+        tables: Vec<Arc<TableSchema>>,
+        after: Position,
+        max_batch: usize,
+        changes: mpsc::Sender<Vec<Change>>,
+        cancel: CancellationToken,
+    ) -> Result<()>;
+
+    /// The target has durably applied everything up to this position.
+    async fn ack(&self, durable: Durable) -> Result<()>;
+}
+
+pub async fn open(config: &Config) -> Result<Box<dyn Source>> {
+    match config.source_kind()? {
+        SourceKind::Sqlite { path } => Ok(Box::new(sqlite::SqliteSource::open(&path, config).await?)),
+    }
+}

@@ -1,0 +1,828 @@
+//! SQLite source: triggers feed a change log inside the source database.
+//!
+//! ```text
+//!  app writes T ──AFTER trigger──▶ _switchyard_changes(seq, table_id, op)      seq: AUTOINCREMENT,
+//!                                  _switchyard_log_<id>(seq, o0.., n0..)       never reused
+//!  snapshot(T): one read transaction reads max(seq) = Ct and every row of T
+//!  stream:      poll seq > P in one read transaction, in seq order       position = seq
+//!  ack(P):      delete log rows with seq <= P (the target has committed them)
+//! ```
+//!
+//! The log columns carry no declared type, so SQLite keeps every value's
+//! storage class exactly (no affinity conversion). The source stays usable by
+//! its application: WAL mode, a busy timeout, short read transactions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::{ConnectOptions, Connection, Decode, Executor, Row as _, SqliteConnection, TypeInfo, ValueRef};
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::{Discovery, Problem, Source};
+use crate::config::{Config, TableFilter};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{Change, Column, LogicalType, Op, Position, Row, TableSchema, Value};
+use crate::sink::Durable;
+
+const CHANGES: &str = "_switchyard_changes";
+const REGISTRY: &str = "_switchyard_tables";
+/// Prefix of every object switchyard creates in the source.
+pub const PREFIX: &str = "_switchyard_";
+
+pub struct SqliteSource {
+    path: PathBuf,
+    pool: SqlitePool,
+    options: SqliteConnectOptions,
+    filter: TableFilter,
+    renames: BTreeMap<String, String>,
+    keys: BTreeMap<String, Vec<String>>,
+    poll_interval: Duration,
+    /// The last trim, so the log is trimmed every few seconds at most.
+    last_trim: Mutex<Option<(Instant, Position)>>,
+}
+
+/// Quotes an SQLite identifier.
+pub fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+impl SqliteSource {
+    pub async fn open(path: &Path, config: &Config) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::connect(format!(
+                "SQLite source {} does not exist; check source.url (a relative path is taken from the working directory {})",
+                path.display(),
+                std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default()
+            )));
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(false)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_millis(config.source.busy_timeout_ms));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| {
+                Error::connect(format!("cannot open SQLite source {}", path.display())).with_source(e)
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            pool,
+            options,
+            filter: config.table_filter()?,
+            renames: config.tables.rename.clone(),
+            keys: config.tables.keys.clone(),
+            poll_interval: Duration::from_millis(config.source.poll_interval_ms),
+            last_trim: Mutex::new(None),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn registry(&self) -> Result<HashMap<String, (i64, Vec<String>)>> {
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?")
+                .bind(REGISTRY)
+                .fetch_optional(&self.pool)
+                .await?;
+        if exists.is_none() {
+            return Ok(HashMap::new());
+        }
+        let rows = sqlx::query(&format!("SELECT id, name, columns FROM {}", quote(REGISTRY)))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = HashMap::new();
+        for r in rows {
+            let cols: Vec<String> = serde_json::from_str(&r.get::<String, _>(2)).map_err(|e| {
+                Error::definite(format!("{REGISTRY}: unreadable column list")).with_source(e)
+            })?;
+            out.insert(r.get::<String, _>(1), (r.get::<i64, _>(0), cols));
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` inside `BEGIN IMMEDIATE … COMMIT` (a write transaction that
+    /// waits for the application's lock instead of failing on upgrade).
+    async fn write_tx<F>(&self, statements: F) -> Result<()>
+    where
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> futures::future::BoxFuture<'c, Result<()>>,
+    {
+        let mut conn = self.pool.acquire().await?;
+        conn.execute("BEGIN IMMEDIATE").await?;
+        match statements(&mut conn).await {
+            Ok(()) => {
+                conn.execute("COMMIT").await?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = conn.execute("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Maps a declared SQLite type to a logical type, following SQLite's affinity
+/// rules plus the declared names users rely on (BOOLEAN, JSON, DATETIME, DECIMAL).
+pub fn logical_type(declared: &str) -> (LogicalType, Option<String>) {
+    let t = declared.trim().to_ascii_uppercase();
+    let base = t.split('(').next().unwrap_or("").trim().to_string();
+    let word = |w: &str| base.split_whitespace().any(|x| x == w);
+    if base.is_empty() {
+        return (LogicalType::Any, None);
+    }
+    if word("BOOLEAN") || word("BOOL") {
+        return (LogicalType::Bool, None);
+    }
+    if word("DATETIME") || word("TIMESTAMP") || word("TIMESTAMPTZ") {
+        return (LogicalType::Timestamp, None);
+    }
+    if word("JSON") || word("JSONB") {
+        return (LogicalType::Json, None);
+    }
+    if word("DECIMAL") || word("NUMERIC") {
+        return (LogicalType::Decimal, None);
+    }
+    if base.contains("INT") {
+        return (LogicalType::Int, None);
+    }
+    if base.contains("CHAR") || base.contains("CLOB") || base.contains("TEXT") {
+        return (LogicalType::Text, None);
+    }
+    if base.contains("BLOB") {
+        return (LogicalType::Bytes, None);
+    }
+    if base.contains("REAL") || base.contains("FLOA") || base.contains("DOUB") {
+        return (LogicalType::Float, None);
+    }
+    (
+        LogicalType::Any,
+        Some(format!(
+            "declared type {declared:?} has no mapping (NUMERIC affinity); each value keeps its own storage class"
+        )),
+    )
+}
+
+/// A cell as SQLite stores it.
+#[derive(Debug, Clone, PartialEq)]
+enum Raw {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl Raw {
+    fn class(&self) -> &'static str {
+        match self {
+            Raw::Null => "NULL",
+            Raw::Integer(_) => "INTEGER",
+            Raw::Real(_) => "REAL",
+            Raw::Text(_) => "TEXT",
+            Raw::Blob(_) => "BLOB",
+        }
+    }
+
+    fn shown(&self) -> String {
+        match self {
+            Raw::Null => "NULL".into(),
+            Raw::Integer(i) => i.to_string(),
+            Raw::Real(x) => format!("{x:?}"),
+            Raw::Text(s) => Value::Text(s.clone()).to_string(),
+            Raw::Blob(b) => format!("<{} bytes>", b.len()),
+        }
+    }
+}
+
+fn read_raw(row: &SqliteRow, idx: usize) -> Result<Raw> {
+    let v = row.try_get_raw(idx)?;
+    if v.is_null() {
+        return Ok(Raw::Null);
+    }
+    let class = v.type_info().name().to_string();
+    let bad = |e: sqlx::error::BoxDynError| Error::definite(format!("cannot decode a {class} value")).with_source(e);
+    Ok(match class.as_str() {
+        "INTEGER" => Raw::Integer(<i64 as Decode<sqlx::Sqlite>>::decode(v).map_err(bad)?),
+        "REAL" => Raw::Real(<f64 as Decode<sqlx::Sqlite>>::decode(v).map_err(bad)?),
+        "TEXT" => Raw::Text(<String as Decode<sqlx::Sqlite>>::decode(v).map_err(bad)?),
+        _ => Raw::Blob(<Vec<u8> as Decode<sqlx::Sqlite>>::decode(v).map_err(bad)?),
+    })
+}
+
+/// Parses the text forms of a timestamp SQLite applications write.
+pub fn parse_timestamp(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for f in ["%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%:z", "%Y-%m-%d %H:%M%:z"] {
+        if let Ok(t) = DateTime::parse_from_str(s, f) {
+            return Some(t.with_timezone(&Utc));
+        }
+    }
+    // SQLite's own datetime() output and its relatives carry no zone: UTC.
+    for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
+            return Some(t.and_utc());
+        }
+    }
+    let s = s.strip_suffix('Z').unwrap_or(s);
+    for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
+            return Some(t.and_utc());
+        }
+    }
+    NaiveDate::parse_from_str(s, "%Y-%m-%d").ok().map(|d| d.and_hms_opt(0, 0, 0).unwrap().and_utc())
+}
+
+/// Checks decimal text (`-12.50`, `1e5`) and returns it as the model keeps it.
+pub fn parse_decimal(s: &str) -> Option<String> {
+    let t = s.trim();
+    let (mantissa, exp) = match t.find(['e', 'E']) {
+        Some(i) => (&t[..i], Some(&t[i + 1..])),
+        None => (t, None),
+    };
+    let digits = mantissa.strip_prefix(['-', '+']).unwrap_or(mantissa);
+    let mut parts = digits.splitn(2, '.');
+    let int = parts.next().unwrap_or("");
+    let frac = parts.next().unwrap_or("");
+    let ok_digits = |x: &str| x.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !ok_digits(int) || !ok_digits(frac) {
+        return None;
+    }
+    if let Some(e) = exp {
+        let e = e.strip_prefix(['-', '+']).unwrap_or(e);
+        if e.is_empty() || !ok_digits(e) {
+            return None;
+        }
+    }
+    Some(t.strip_prefix('+').unwrap_or(t).to_string())
+}
+
+/// Converts a stored cell to the column's logical type, or explains why not.
+fn convert(raw: Raw, col: &Column) -> std::result::Result<Value, String> {
+    use LogicalType as L;
+    let mismatch = |raw: &Raw| {
+        format!(
+            "column declared {:?} holds the {} value {}, which cannot be carried as {}",
+            col.source_type,
+            raw.class(),
+            raw.shown(),
+            col.logical
+        )
+    };
+    Ok(match (col.logical, raw) {
+        (_, Raw::Null) => Value::Null,
+        (L::Any, Raw::Integer(i)) | (L::Int, Raw::Integer(i)) => Value::Int(i),
+        (L::Any, Raw::Real(x)) | (L::Float, Raw::Real(x)) => Value::Float(x),
+        (L::Float, Raw::Integer(i)) => Value::Float(i as f64),
+        (L::Int, Raw::Real(x)) if x.fract() == 0.0 && x.abs() < 9.0e15 => Value::Int(x as i64),
+        (L::Any, Raw::Text(s)) | (L::Text, Raw::Text(s)) => Value::Text(s),
+        (L::Text, Raw::Integer(i)) => Value::Text(i.to_string()),
+        (L::Text, Raw::Real(x)) => Value::Text(format!("{x:?}")),
+        (L::Any, Raw::Blob(b)) | (L::Bytes, Raw::Blob(b)) => Value::Bytes(b),
+        (L::Bool, Raw::Integer(0)) => Value::Bool(false),
+        (L::Bool, Raw::Integer(1)) => Value::Bool(true),
+        (L::Decimal, Raw::Integer(i)) => Value::Decimal(i.to_string()),
+        (L::Decimal, Raw::Real(x)) if x.is_finite() => Value::Decimal(format!("{x:?}")),
+        (L::Decimal, Raw::Text(s)) => match parse_decimal(&s) {
+            Some(d) => Value::Decimal(d),
+            None => return Err(format!("{} (not a decimal number)", mismatch(&Raw::Text(s)))),
+        },
+        (L::Json, Raw::Text(s)) => match serde_json::from_str::<serde_json::Value>(&s) {
+            Ok(_) => Value::Json(s),
+            Err(e) => return Err(format!("{} (invalid JSON: {e})", mismatch(&Raw::Text(s)))),
+        },
+        (L::Timestamp, Raw::Text(s)) => match parse_timestamp(&s) {
+            Some(t) => Value::Timestamp(t),
+            None => {
+                return Err(format!(
+                    "{} (expected a date-time such as 2024-05-01 12:30:00 or 2024-05-01T12:30:00Z)",
+                    mismatch(&Raw::Text(s))
+                ))
+            }
+        },
+        (_, raw) => return Err(mismatch(&raw)),
+    })
+}
+
+/// Converts a row of raw cells; an error names table, key, column and value.
+fn convert_row(table: &TableSchema, raws: Vec<Raw>, cols: &[usize]) -> Result<Vec<Value>> {
+    let mut out = Vec::with_capacity(raws.len());
+    let mut failure = None;
+    for (raw, &ci) in raws.into_iter().zip(cols) {
+        match convert(raw.clone(), &table.columns[ci]) {
+            Ok(v) => out.push(v),
+            Err(msg) => {
+                failure.get_or_insert((ci, msg));
+                out.push(match raw {
+                    Raw::Integer(i) => Value::Int(i),
+                    Raw::Text(s) => Value::Text(s),
+                    _ => Value::Null,
+                });
+            }
+        }
+    }
+    if let Some((ci, msg)) = failure {
+        let key = if cols.len() == table.columns.len() {
+            table.describe_key(&table.key_of(&out))
+        } else {
+            table.describe_key(&out[..table.key.len().min(out.len())])
+        };
+        return Err(Error::definite(format!(
+            "table {:?}, key {key}, column {:?}: {msg}; fix the value in the source, or exclude the table with tables.exclude",
+            table.name, table.columns[ci].name
+        )));
+    }
+    Ok(out)
+}
+
+fn select_list(table: &TableSchema) -> String {
+    table.columns.iter().map(|c| quote(&c.name)).collect::<Vec<_>>().join(", ")
+}
+
+fn log_table(id: i64) -> String {
+    format!("{PREFIX}log_{id}")
+}
+
+fn trigger_names(id: i64) -> [String; 3] {
+    [format!("{PREFIX}{id}_insert"), format!("{PREFIX}{id}_update"), format!("{PREFIX}{id}_delete")]
+}
+
+/// The DDL of the log table and the three triggers of one table.
+fn capture_ddl(table: &TableSchema, id: i64) -> Vec<String> {
+    let log = quote(&log_table(id));
+    let nk = table.key.len();
+    let nc = table.columns.len();
+    let o: Vec<String> = (0..nk).map(|i| format!("o{i}")).collect();
+    let n: Vec<String> = (0..nc).map(|i| format!("n{i}")).collect();
+    let new_vals: Vec<String> = table.columns.iter().map(|c| format!("NEW.{}", quote(&c.name))).collect();
+    let old_keys: Vec<String> =
+        table.key.iter().map(|&i| format!("OLD.{}", quote(&table.columns[i].name))).collect();
+    let t = quote(&table.name);
+    let [ti, tu, td] = trigger_names(id);
+    let head = |op: &str| format!("INSERT INTO {CHANGES} (table_id, op) VALUES ({id}, '{op}');");
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {log} (seq INTEGER PRIMARY KEY, {}, {})",
+            o.join(", "),
+            n.join(", ")
+        ),
+        format!(
+            "CREATE TRIGGER IF NOT EXISTS {} AFTER INSERT ON {t} BEGIN {} INSERT INTO {log} (seq, {}) VALUES (last_insert_rowid(), {}); END",
+            quote(&ti), head("I"), n.join(", "), new_vals.join(", ")
+        ),
+        format!(
+            "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {t} BEGIN {} INSERT INTO {log} (seq, {}, {}) VALUES (last_insert_rowid(), {}, {}); END",
+            quote(&tu), head("U"), o.join(", "), n.join(", "), old_keys.join(", "), new_vals.join(", ")
+        ),
+        format!(
+            "CREATE TRIGGER IF NOT EXISTS {} AFTER DELETE ON {t} BEGIN {} INSERT INTO {log} (seq, {}) VALUES (last_insert_rowid(), {}); END",
+            quote(&td), head("D"), o.join(", "), old_keys.join(", ")
+        ),
+    ]
+}
+
+async fn high_water(conn: &mut SqliteConnection) -> Result<Position> {
+    let seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = ?")
+        .bind(CHANGES)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(Position::new(seq.unwrap_or(0).max(0) as u64, 0))
+}
+
+#[async_trait]
+impl Source for SqliteSource {
+    async fn discover(&self) -> Result<Discovery> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut d = Discovery::default();
+        let mut found = std::collections::BTreeSet::new();
+        for name in names {
+            if name.starts_with(PREFIX) || !self.filter.matches(&name) {
+                continue;
+            }
+            found.insert(name.clone());
+            let cols = sqlx::query(
+                "SELECT name, type, \"notnull\", pk, hidden FROM pragma_table_xinfo(?) ORDER BY cid",
+            )
+            .bind(&name)
+            .fetch_all(&self.pool)
+            .await?;
+            let mut columns = Vec::new();
+            let mut pk: Vec<(i64, usize)> = Vec::new();
+            for c in &cols {
+                if c.get::<i64, _>(4) == 1 {
+                    continue; // hidden column of a virtual table
+                }
+                let cname: String = c.get(0);
+                let declared: String = c.get::<Option<String>, _>(1).unwrap_or_default();
+                let (logical, note) = logical_type(&declared);
+                if let Some(note) = note {
+                    d.problems.push(Problem { table: name.clone(), column: Some(cname.clone()), message: note, blocking: false });
+                }
+                let pkpos: i64 = c.get(3);
+                if pkpos > 0 {
+                    pk.push((pkpos, columns.len()));
+                }
+                columns.push(Column { name: cname, source_type: declared, logical, nullable: c.get::<i64, _>(2) == 0 });
+            }
+            pk.sort();
+            let mut key: Vec<usize> = pk.into_iter().map(|(_, i)| i).collect();
+            if key.is_empty() {
+                match self.keys.get(&name) {
+                    Some(names) => {
+                        for k in names {
+                            match columns.iter().position(|c| &c.name == k) {
+                                Some(i) => key.push(i),
+                                None => d.problems.push(Problem {
+                                    table: name.clone(),
+                                    column: Some(k.clone()),
+                                    message: format!("tables.keys names column {k:?}, which the table does not have"),
+                                    blocking: true,
+                                }),
+                            }
+                        }
+                    }
+                    None => d.problems.push(Problem {
+                        table: name.clone(),
+                        column: None,
+                        message: format!(
+                            "no primary key, and rowids can change on VACUUM; declare a PRIMARY KEY, name the key columns in the config ([tables.keys] {:?} = [\"col\"]), or exclude the table",
+                            name
+                        ),
+                        blocking: true,
+                    }),
+                }
+            }
+            if key.is_empty() {
+                continue;
+            }
+            for &k in &key {
+                columns[k].nullable = false;
+            }
+            let target_name = self.renames.get(&name).cloned().unwrap_or_else(|| name.clone());
+            d.tables.push(TableSchema { name, target_name, columns, key });
+        }
+        for t in self.keys.keys().chain(self.renames.keys()) {
+            if !found.contains(t) {
+                d.problems.push(Problem {
+                    table: t.clone(),
+                    column: None,
+                    message: "named in [tables] but not found among the selected source tables".into(),
+                    blocking: true,
+                });
+            }
+        }
+        Ok(d)
+    }
+
+    async fn install(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
+        let registry = self.registry().await?;
+        let mut problems = Vec::new();
+        for t in tables {
+            let now: Vec<String> = t.columns.iter().map(|c| c.name.clone()).collect();
+            if let Some((_, cols)) = registry.get(&t.name) {
+                if cols != &now {
+                    problems.push(format!(
+                        "table {:?} changed its columns since switchyard installed its triggers (then {cols:?}, now {now:?}); run `switchyard uninstall` and copy again into an empty target",
+                        t.name
+                    ));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::definite(problems.join("; ")));
+        }
+        let count = tables.len();
+        let tables = tables.to_vec();
+        self.write_tx(move |conn| {
+            Box::pin(async move {
+                conn.execute(
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {CHANGES} (seq INTEGER PRIMARY KEY AUTOINCREMENT, table_id INTEGER NOT NULL, op TEXT NOT NULL);
+                         CREATE TABLE IF NOT EXISTS {REGISTRY} (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, columns TEXT NOT NULL, key TEXT NOT NULL, installed_at TEXT NOT NULL DEFAULT (datetime('now')));"
+                    )
+                    .as_str(),
+                )
+                .await?;
+                for t in &tables {
+                    let cols: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+                    sqlx::query(&format!(
+                        "INSERT INTO {REGISTRY} (name, columns, key) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING"
+                    ))
+                    .bind(&t.name)
+                    .bind(serde_json::to_string(&cols).unwrap_or_default())
+                    .bind(serde_json::to_string(&t.key_names()).unwrap_or_default())
+                    .execute(&mut *conn)
+                    .await?;
+                    let id: i64 = sqlx::query_scalar(&format!("SELECT id FROM {REGISTRY} WHERE name = ?"))
+                        .bind(&t.name)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    for ddl in capture_ddl(t, id) {
+                        conn.execute(ddl.as_str()).await?;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .await
+        .map_err(|e| e.context(format!("installing change capture in {}", self.path.display())))?;
+        info!(tables = count, "change capture installed");
+        Ok(())
+    }
+
+    async fn uninstall(&self) -> Result<()> {
+        let registry = self.registry().await?;
+        let objects: Vec<(String, String)> = sqlx::query_as(
+            "SELECT type, name FROM sqlite_master WHERE name LIKE '\\_switchyard\\_%' ESCAPE '\\' AND type IN ('trigger', 'table')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        self.write_tx(move |conn| {
+            Box::pin(async move {
+                for (kind, name) in objects.iter().filter(|(k, _)| k == "trigger") {
+                    conn.execute(format!("DROP {} IF EXISTS {}", kind.to_uppercase(), quote(name)).as_str()).await?;
+                }
+                for (_, name) in objects.iter().filter(|(k, n)| k == "table" && n != "sqlite_sequence") {
+                    conn.execute(format!("DROP TABLE IF EXISTS {}", quote(name)).as_str()).await?;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+        let _ = sqlx::query("DELETE FROM sqlite_sequence WHERE name = ?").bind(CHANGES).execute(&self.pool).await;
+        info!(tables = registry.len(), "change capture removed from the source");
+        Ok(())
+    }
+
+    async fn count_rows(&self, table: &TableSchema) -> Result<Option<u64>> {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", quote(&table.name)))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Some(n.max(0) as u64))
+    }
+
+    async fn current_position(&self) -> Result<Position> {
+        let mut conn = self.pool.acquire().await?;
+        high_water(&mut conn).await
+    }
+
+    async fn snapshot(
+        &self,
+        table: Arc<TableSchema>,
+        batch_rows: usize,
+        rows: mpsc::Sender<Vec<Row>>,
+    ) -> Result<Position> {
+        let mut tx = self.pool.begin().await?;
+        // The first read starts the read transaction: the position and the rows
+        // come from the same database state (invariant 3).
+        let at = high_water(&mut tx).await?;
+        let sql = format!("SELECT {} FROM {}", select_list(&table), quote(&table.name));
+        let all: Vec<usize> = (0..table.columns.len()).collect();
+        let mut stream = sqlx::query(&sql).fetch(&mut *tx);
+        let mut batch = Vec::with_capacity(batch_rows);
+        while let Some(r) = stream.try_next().await? {
+            let raws = (0..all.len()).map(|i| read_raw(&r, i)).collect::<Result<Vec<_>>>()?;
+            batch.push(convert_row(&table, raws, &all)?);
+            if batch.len() >= batch_rows {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
+                if rows.send(full).await.is_err() {
+                    return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+                }
+            }
+        }
+        drop(stream);
+        if !batch.is_empty() && rows.send(batch).await.is_err() {
+            return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+        }
+        tx.commit().await?;
+        Ok(at)
+    }
+
+    async fn stream(
+        &self,
+        tables: Vec<Arc<TableSchema>>,
+        after: Position,
+        max_batch: usize,
+        changes: mpsc::Sender<Vec<Change>>,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        let registry = self.registry().await?;
+        let mut by_id: HashMap<i64, Arc<TableSchema>> = HashMap::new();
+        for t in &tables {
+            let (id, _) = registry.get(&t.name).ok_or_else(|| {
+                Error::definite(format!("table {:?} has no change capture installed", t.name))
+            })?;
+            by_id.insert(*id, t.clone());
+        }
+        let mut conn = self.options.connect().await.map_err(|e| {
+            Error::connect(format!("cannot open SQLite source {}", self.path.display())).with_source(e)
+        })?;
+        let mut last = after.commit as i64;
+        let mut last_version: Option<i64> = None;
+        let mut drained = true;
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let version: i64 = match sqlx::query_scalar("PRAGMA data_version").fetch_one(&mut conn).await {
+                Ok(v) => v,
+                Err(e) => return Err(Error::from(e).context("polling the change log")),
+            };
+            if drained && last_version == Some(version) {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(self.poll_interval) => continue,
+                }
+            }
+            let batch = match poll(&mut conn, &by_id, last, max_batch).await {
+                Ok(b) => b,
+                Err(e) if e.is_transient() => {
+                    debug!(error = %e.report(), "change log busy, polling again");
+                    tokio::time::sleep(self.poll_interval).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            last_version = Some(version);
+            drained = batch.seen < max_batch;
+            if let Some(end) = batch.end {
+                last = end;
+            }
+            if batch.changes.is_empty() {
+                continue;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                sent = changes.send(batch.changes) => if sent.is_err() { return Ok(()) },
+            }
+        }
+    }
+
+    async fn ack(&self, durable: Durable) -> Result<()> {
+        let upto = durable.position();
+        {
+            let mut last = self.last_trim.lock().await;
+            if let Some((at, pos)) = *last {
+                if pos >= upto || at.elapsed() < Duration::from_secs(2) {
+                    return Ok(());
+                }
+            }
+            *last = Some((Instant::now(), upto));
+        }
+        let registry = self.registry().await?;
+        let seq = upto.commit as i64;
+        self.write_tx(move |conn| {
+            Box::pin(async move {
+                sqlx::query(&format!("DELETE FROM {CHANGES} WHERE seq <= ?")).bind(seq).execute(&mut *conn).await?;
+                for (id, _) in registry.values() {
+                    sqlx::query(&format!("DELETE FROM {} WHERE seq <= ?", quote(&log_table(*id))))
+                        .bind(seq)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+        debug!(upto = %upto, "change log trimmed");
+        Ok(())
+    }
+}
+
+struct Polled {
+    changes: Vec<Change>,
+    /// Log entries read (including those of tables not replicated).
+    seen: usize,
+    /// The last sequence number read.
+    end: Option<i64>,
+}
+
+/// Reads up to `limit` log entries after `after` in one read transaction.
+async fn poll(
+    conn: &mut SqliteConnection,
+    tables: &HashMap<i64, Arc<TableSchema>>,
+    after: i64,
+    limit: usize,
+) -> Result<Polled> {
+    let mut tx = conn.begin().await?;
+    let heads: Vec<(i64, i64, String)> =
+        sqlx::query_as(&format!("SELECT seq, table_id, op FROM {CHANGES} WHERE seq > ? ORDER BY seq LIMIT ?"))
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+    let Some(end) = heads.last().map(|h| h.0) else {
+        tx.commit().await?;
+        return Ok(Polled { changes: Vec::new(), seen: 0, end: None });
+    };
+    let mut bodies: HashMap<i64, SqliteRow> = HashMap::new();
+    let ids: std::collections::BTreeSet<i64> = heads.iter().map(|h| h.1).filter(|id| tables.contains_key(id)).collect();
+    for id in ids {
+        let t = &tables[&id];
+        let cols: Vec<String> = (0..t.key.len())
+            .map(|i| format!("o{i}"))
+            .chain((0..t.columns.len()).map(|i| format!("n{i}")))
+            .collect();
+        let rows = sqlx::query(&format!(
+            "SELECT seq, {} FROM {} WHERE seq > ? AND seq <= ?",
+            cols.join(", "),
+            quote(&log_table(id))
+        ))
+        .bind(after)
+        .bind(end)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in rows {
+            bodies.insert(r.get::<i64, _>(0), r);
+        }
+    }
+    tx.commit().await?;
+    let mut changes = Vec::with_capacity(heads.len());
+    for (seq, id, op) in &heads {
+        let Some(table) = tables.get(id) else { continue };
+        let body = bodies.get(seq).ok_or_else(|| {
+            Error::definite(format!("change log entry {seq} of table {:?} has no values row", table.name))
+        })?;
+        let nk = table.key.len();
+        let nc = table.columns.len();
+        let read = |from: usize, n: usize| (from..from + n).map(|i| read_raw(body, i)).collect::<Result<Vec<_>>>();
+        let position = Position::new(*seq as u64, 0);
+        let ctx = |e: Error| e.context(format!("change log entry {seq}"));
+        let all: Vec<usize> = (0..nc).collect();
+        let op = match op.as_str() {
+            "I" => Op::Insert { row: convert_row(table, read(1 + nk, nc)?, &all).map_err(ctx)? },
+            "U" => {
+                let old = convert_row(table, read(1, nk)?, &table.key).map_err(ctx)?;
+                let row = convert_row(table, read(1 + nk, nc)?, &all).map_err(ctx)?;
+                let old_key = if table.key_of(&row) == old { None } else { Some(old) };
+                Op::Update { old_key, row }
+            }
+            "D" => Op::Delete { key: convert_row(table, read(1, nk)?, &table.key).map_err(ctx)? },
+            other => return Err(Error::definite(format!("change log entry {seq}: unknown operation {other:?}"))),
+        };
+        changes.push(Change { table: table.clone(), op, position });
+    }
+    Ok(Polled { changes, seen: heads.len(), end: Some(end) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_types_map_by_affinity_and_name() {
+        for (decl, want) in [
+            ("INTEGER", LogicalType::Int),
+            ("BIGINT", LogicalType::Int),
+            ("BOOLEAN", LogicalType::Bool),
+            ("VARCHAR(20)", LogicalType::Text),
+            ("REAL", LogicalType::Float),
+            ("DOUBLE PRECISION", LogicalType::Float),
+            ("BLOB", LogicalType::Bytes),
+            ("", LogicalType::Any),
+            ("JSON", LogicalType::Json),
+            ("DATETIME", LogicalType::Timestamp),
+            ("DECIMAL(10,2)", LogicalType::Decimal),
+        ] {
+            assert_eq!(logical_type(decl).0, want, "{decl}");
+        }
+        assert!(logical_type("MONEY").1.is_some());
+    }
+
+    #[test]
+    fn timestamps_and_decimals_parse() {
+        assert_eq!(parse_timestamp("2024-05-01 12:30:00").unwrap().to_rfc3339(), "2024-05-01T12:30:00+00:00");
+        assert_eq!(parse_timestamp("2024-05-01T12:30:00+02:00").unwrap().to_rfc3339(), "2024-05-01T10:30:00+00:00");
+        assert!(parse_timestamp("yesterday").is_none());
+        assert_eq!(parse_decimal("-12.50").as_deref(), Some("-12.50"));
+        assert_eq!(parse_decimal("1e5").as_deref(), Some("1e5"));
+        assert!(parse_decimal("1.2.3").is_none() && parse_decimal("abc").is_none() && parse_decimal("").is_none());
+    }
+
+    #[test]
+    fn mismatched_storage_class_names_value() {
+        let col = Column { name: "qty".into(), source_type: "INTEGER".into(), logical: LogicalType::Int, nullable: true };
+        let e = convert(Raw::Text("lots".into()), &col).unwrap_err();
+        assert!(e.contains("INTEGER") && e.contains("lots"), "{e}");
+        assert_eq!(convert(Raw::Integer(i64::MIN), &col).unwrap(), Value::Int(i64::MIN));
+    }
+}
