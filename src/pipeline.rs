@@ -93,6 +93,12 @@ impl Pipeline {
         Ok(Self { config, source, sink })
     }
 
+    /// A pipeline over a source and sink opened by the caller (tests keep a
+    /// handle on the sink to read the target while the pipeline runs).
+    pub fn new(config: Arc<Config>, source: Arc<dyn Source>, sink: Arc<dyn Sink>) -> Self {
+        Self { config, source, sink }
+    }
+
     /// The selected tables, or every blocking problem at once.
     pub async fn tables(&self) -> Result<Vec<Arc<TableSchema>>> {
         let d = self.source.discover().await?;
@@ -291,6 +297,7 @@ impl Pipeline {
                 let durable = retry(cfg, "applying changes", || self.sink.apply(&apply, upto)).await?;
                 applied += apply.len() as u64;
                 last = durable.position();
+                tracing::debug!(changes = apply.len(), checkpoint = %last, "batch applied");
                 summary.add(&apply, last);
                 if let Err(e) = self.source.ack(durable).await {
                     warn!(error = %e.report(), "could not acknowledge the applied position to the source; retried with the next batch");

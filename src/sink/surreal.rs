@@ -116,7 +116,8 @@ pub fn record_id(table: &TableSchema, key: &[Value]) -> Result<RecordId> {
     Ok(RecordId::new(table.target_name.clone(), record_key(table, key)?))
 }
 
-fn content(table: &TableSchema, row: &Row) -> Result<Object> {
+/// The record content of a row: one field per non-NULL column.
+pub fn content(table: &TableSchema, row: &Row) -> Result<Object> {
     let mut obj = Object::new();
     for (i, v) in row.iter().enumerate() {
         if v.is_null() {

@@ -302,6 +302,9 @@ fn convert(raw: Raw, col: &Column) -> std::result::Result<Value, String> {
             Some(d) => Value::Decimal(d),
             None => return Err(format!("{} (not a decimal number)", mismatch(&Raw::Text(s)))),
         },
+        // JSON has NUMERIC affinity: a number written as JSON text is stored as a number.
+        (L::Json, Raw::Integer(i)) => Value::Json(i.to_string()),
+        (L::Json, Raw::Real(x)) if x.is_finite() => Value::Json(format!("{x:?}")),
         (L::Json, Raw::Text(s)) => match serde_json::from_str::<serde_json::Value>(&s) {
             Ok(_) => Value::Json(s),
             Err(e) => return Err(format!("{} (invalid JSON: {e})", mismatch(&Raw::Text(s)))),
@@ -397,6 +400,14 @@ fn capture_ddl(table: &TableSchema, id: i64) -> Vec<String> {
 }
 
 async fn high_water(conn: &mut SqliteConnection) -> Result<Position> {
+    // sqlite_sequence exists once any AUTOINCREMENT table does (ours, after install).
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_sequence'")
+            .fetch_optional(&mut *conn)
+            .await?;
+    if exists.is_none() {
+        return Ok(Position::ZERO);
+    }
     let seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = ?")
         .bind(CHANGES)
         .fetch_optional(&mut *conn)

@@ -1,1 +1,8 @@
+//! The one integration-test binary: real SQLite files, real embedded SurrealDB,
+//! the real daemon binary where a test needs a process to kill.
 
+mod support;
+
+mod config_examples;
+mod sqlite_crash;
+mod sqlite_surreal;
