@@ -6,6 +6,7 @@
 //!                      ack(Durable)    ◀── only what the target committed (trim / flush)
 //! ```
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -488,6 +488,22 @@ impl Source for SqliteSource {
             for &k in &key {
                 columns[k].nullable = false;
             }
+            let uniques: Vec<String> =
+                sqlx::query_scalar("SELECT name FROM pragma_index_list(?) WHERE \"unique\" = 1 AND origin <> 'pk'")
+                    .bind(&name)
+                    .fetch_all(&self.pool)
+                    .await?;
+            if !uniques.is_empty() {
+                d.problems.push(Problem {
+                    table: name.clone(),
+                    column: None,
+                    message: format!(
+                        "has UNIQUE constraints besides the key ({}): a row that INSERT OR REPLACE removes for one of them fires no DELETE trigger unless the application sets PRAGMA recursive_triggers = ON",
+                        uniques.join(", ")
+                    ),
+                    blocking: false,
+                });
+            }
             let target_name = self.renames.get(&name).cloned().unwrap_or_else(|| name.clone());
             d.tables.push(TableSchema { name, target_name, columns, key });
         }

@@ -1,0 +1,3 @@
+//! PostgreSQL source: logical replication with pgoutput.
+
+pub mod pgoutput;
