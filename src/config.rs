@@ -170,7 +170,7 @@ impl Config {
 
     pub fn parse(text: &str) -> Result<Config> {
         let mut raw: toml::Table =
-            toml::from_str(text).map_err(|e| Error::config(format!("invalid TOML: {e}")))?;
+            toml::from_str(text).map_err(|e: toml::de::Error| Error::config(toml_error(text, &e)))?;
         let mut problems = Vec::new();
         for (k, v) in raw.iter_mut() {
             expand_env(k, v, &mut problems);
@@ -413,6 +413,20 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}://{authority}{path}")
 }
 
+/// A TOML syntax error as line, column and message, without quoting the
+/// offending line: it may hold a password.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+            format!("invalid TOML at line {line}, column {column}: {}", e.message())
+        }
+        None => format!("invalid TOML: {}", e.message()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,6 +452,13 @@ mod tests {
     fn unknown_key_is_rejected_with_its_name() {
         let e = Config::parse(&format!("{MIN}\n[pipeline]\nbatch_rowz = 3\n")).unwrap_err();
         assert!(e.to_string().contains("batch_rowz"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_gives_line_and_column_without_quoting_the_line() {
+        let e = Config::parse("[target]\nurl = \"ws://x\"\npassword = \"hunter2\" oops\n").unwrap_err().to_string();
+        assert!(e.contains("line 3"), "{e}");
+        assert!(!e.contains("hunter2"), "the line was quoted: {e}");
     }
 
     #[test]

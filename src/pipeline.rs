@@ -51,7 +51,10 @@ pub struct TableReport {
     pub rows_per_second: f64,
     /// Copied in an earlier run; nothing was done now.
     pub already_copied: bool,
+    /// The snapshot position `Ct`, as text (an LSN for PostgreSQL).
     pub position: String,
+    #[serde(skip)]
+    pub at: Position,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -124,20 +127,49 @@ impl Pipeline {
         retry(cfg, "creating the target schema", || self.sink.prepare(&tables)).await?;
         // Capture first: a change made after this point is in the log, so
         // every position read later (Ct) has the log behind it.
-        retry(cfg, "installing change capture", || self.source.install(&tables)).await?;
-        let state = retry(cfg, "reading the target state", || self.sink.state()).await?;
+        let installed = retry(cfg, "installing change capture", || self.source.install(&tables)).await?;
+        let mut state = retry(cfg, "reading the target state", || self.sink.state()).await?;
         let checkpoint = match state.checkpoint {
             Some(p) => {
+                if let Some(origin) = &state.origin {
+                    if origin != &installed.origin {
+                        return Err(Error::definite(format!(
+                            "the target was filled from another change capture ({origin}) than the source has now ({}): \
+                             `switchyard uninstall` was run or the source was replaced, so changes may be missing. \
+                             Replicate into an empty target (a new namespace or database)",
+                            installed.origin
+                        )));
+                    }
+                }
+                self.source.verify_resume(p).await?;
                 info!(checkpoint = %p, "resuming after the target's checkpoint");
                 p
             }
             None => {
                 let p = retry(cfg, "reading the source position", || self.source.current_position()).await?;
-                retry(cfg, "recording the start position", || self.sink.start(p)).await?;
+                retry(cfg, "recording the start position", || self.sink.start(p, &installed.origin)).await?;
                 info!(position = %p, "no checkpoint in the target: copying from scratch");
                 p
             }
         };
+        // A table copied earlier is stale if its capture had to be created
+        // again, or if it was left out of a run (its changes went unapplied).
+        let selected: std::collections::HashSet<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+        let stale: Vec<String> = state
+            .tables
+            .keys()
+            .filter(|name| !selected.contains(name.as_str()) || installed.recaptured.contains(name))
+            .cloned()
+            .collect();
+        for name in stale {
+            if selected.contains(name.as_str()) {
+                warn!(table = %name, "change capture of this table was missing (dropped or rebuilt?): copying it again");
+            } else {
+                info!(table = %name, "table is no longer selected: its copy in the target stops following the source");
+            }
+            retry(cfg, "forgetting a table's copy state", || self.sink.forget_table(&name)).await?;
+            state.tables.remove(&name);
+        }
         let mut report = Report::default();
         let mut skip: HashMap<String, Position> = HashMap::new();
         for t in &tables {
@@ -151,6 +183,7 @@ impl Pipeline {
                         rows_per_second: 0.0,
                         already_copied: true,
                         position: s.position.to_string(),
+                        at: s.position,
                     });
                     if s.position > checkpoint {
                         skip.insert(t.name.clone(), s.position);
@@ -161,9 +194,8 @@ impl Pipeline {
                         return Err(Error::new(ErrorKind::Interrupted, "stopped before the snapshot finished"));
                     }
                     let r = self.copy_table(t.clone(), &cancel).await?;
-                    let ct = r.position.parse::<u64>().map(|c| Position::new(c, 0)).unwrap_or(checkpoint);
-                    if ct > checkpoint {
-                        skip.insert(t.name.clone(), ct);
+                    if r.at > checkpoint {
+                        skip.insert(t.name.clone(), r.at);
                     }
                     report.tables.push(r);
                 }
@@ -239,6 +271,7 @@ impl Pipeline {
             rows_per_second: if seconds > 0.0 { rows as f64 / seconds } else { 0.0 },
             already_copied: false,
             position: at.to_string(),
+            at,
         })
     }
 

@@ -54,6 +54,8 @@ pub struct TableState {
 pub struct SinkState {
     /// The position of the last applied change; none before the first run.
     pub checkpoint: Option<Position>,
+    /// The source capture installation the checkpoint belongs to.
+    pub origin: Option<String>,
     /// Per source table name.
     pub tables: BTreeMap<String, TableState>,
 }
@@ -65,8 +67,13 @@ pub trait Sink: Send + Sync {
 
     async fn state(&self) -> Result<SinkState>;
 
-    /// Records the position the first snapshot starts from (no checkpoint yet).
-    async fn start(&self, position: Position) -> Result<()>;
+    /// Records the position the first snapshot starts from (no checkpoint yet)
+    /// and the source capture installation it belongs to.
+    async fn start(&self, position: Position, origin: &str) -> Result<()>;
+
+    /// Drops the table's copy state, so that it is copied again if it is
+    /// selected again (its copy stops following the source meanwhile).
+    async fn forget_table(&self, name: &str) -> Result<()>;
 
     /// Empties the table in the target and marks it as being copied.
     async fn begin_table(&self, table: &TableSchema) -> Result<()>;

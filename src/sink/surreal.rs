@@ -61,7 +61,7 @@ fn surreal_error(context: impl std::fmt::Display, e: surrealdb::Error) -> Error 
 
 fn is_retryable_message(m: &str) -> bool {
     let m = m.to_ascii_lowercase();
-    m.contains("can be retried") || m.contains("transaction conflict") || m.contains("connection")
+    m.contains("can be retried") || m.contains("transaction conflict")
 }
 
 /// Converts a model value; `Null` becomes NONE (the field is left out).
@@ -137,8 +137,17 @@ pub fn content(table: &TableSchema, row: &Row) -> Result<Object> {
     Ok(obj)
 }
 
-fn json_u64(v: &serde_json::Value, key: &str) -> u64 {
-    v.get(key).and_then(|x| x.as_i64()).unwrap_or(0).max(0) as u64
+/// Reads a non-negative integer field of a state record; anything else means
+/// the record was edited by hand or written by something else.
+fn json_u64(v: &serde_json::Value, record: &str, key: &str) -> Result<u64> {
+    match v.get(key).and_then(|x| x.as_i64()) {
+        Some(n) if n >= 0 => Ok(n as u64),
+        _ => Err(Error::definite(format!(
+            "state record {record} has field {key:?} = {}, expected a non-negative integer; \
+             the record was changed outside switchyard: restore it or replicate into an empty database",
+            v.get(key).map(|x| x.to_string()).unwrap_or_else(|| "nothing".into())
+        ))),
+    }
 }
 
 impl SurrealSink {
@@ -235,47 +244,58 @@ impl Sink for SurrealSink {
             .run(
                 "reading the checkpoint",
                 format!(
-                    "SELECT commit, ordinal FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows FROM {TABLE_STATE};"
+                    "SELECT commit, ordinal, origin FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows FROM {TABLE_STATE};"
                 ),
                 Variables::new(),
             )
             .await?;
         let cp: Vec<serde_json::Value> = resp.take(0).map_err(|e| surreal_error("reading the checkpoint", e))?;
         let tables: Vec<serde_json::Value> = resp.take(1).map_err(|e| surreal_error("reading table states", e))?;
-        let mut state = SinkState {
-            checkpoint: cp.first().map(|c| Position::new(json_u64(c, "commit"), json_u64(c, "ordinal"))),
-            ..Default::default()
-        };
+        let mut state = SinkState::default();
+        if let Some(c) = cp.first() {
+            let at = format!("{CHECKPOINT_TABLE}:main");
+            state.checkpoint = Some(Position::new(json_u64(c, &at, "commit")?, json_u64(c, &at, "ordinal")?));
+            state.origin = c.get("origin").and_then(|o| o.as_str()).map(str::to_string);
+        }
         for t in tables {
             let Some(name) = t.get("name").and_then(|n| n.as_str()) else { continue };
             let status = match t.get("status").and_then(|s| s.as_str()) {
                 Some("done") => TableStatus::Done,
                 _ => TableStatus::Copying,
             };
+            let at = format!("{TABLE_STATE} of {name:?}");
             state.tables.insert(
                 name.to_string(),
                 TableState {
                     status,
-                    position: Position::new(json_u64(&t, "commit"), json_u64(&t, "ordinal")),
-                    rows: json_u64(&t, "rows"),
+                    position: Position::new(json_u64(&t, &at, "commit")?, json_u64(&t, &at, "ordinal")?),
+                    rows: json_u64(&t, &at, "rows")?,
                 },
             );
         }
         Ok(state)
     }
 
-    async fn start(&self, position: Position) -> Result<()> {
+    async fn start(&self, position: Position, origin: &str) -> Result<()> {
         let mut vars = Variables::new();
         vars.insert("pc", position.commit as i64);
         vars.insert("po", position.ordinal as i64);
+        vars.insert("origin", origin.to_string());
         self.run(
             "recording the start position",
             format!(
-                "UPSERT {CHECKPOINT_TABLE}:main CONTENT {{ commit: $pc, ordinal: $po, updated_at: time::now() }};"
+                "UPSERT {CHECKPOINT_TABLE}:main CONTENT {{ commit: $pc, ordinal: $po, origin: $origin, updated_at: time::now() }};"
             ),
             vars,
         )
         .await?;
+        Ok(())
+    }
+
+    async fn forget_table(&self, name: &str) -> Result<()> {
+        let mut vars = Variables::new();
+        vars.insert("sid", RecordId::new(TABLE_STATE, name.to_string()));
+        self.run(format!("forgetting the copy state of table {name:?}"), "DELETE $sid;".into(), vars).await?;
         Ok(())
     }
 
@@ -360,7 +380,7 @@ impl Sink for SurrealSink {
             }
         }
         sql.push_str(&format!(
-            "UPSERT {CHECKPOINT_TABLE}:main CONTENT {{ commit: $pc, ordinal: $po, updated_at: time::now() }} RETURN NONE;\nCOMMIT TRANSACTION;\n"
+            "UPSERT {CHECKPOINT_TABLE}:main SET commit = $pc, ordinal = $po, updated_at = time::now() RETURN NONE;\nCOMMIT TRANSACTION;\n"
         ));
         let context = match (changes.first(), changes.last()) {
             (Some(a), Some(b)) => format!(

@@ -46,6 +46,17 @@ pub struct Discovery {
     pub problems: Vec<Problem>,
 }
 
+/// What `install` found and did.
+#[derive(Debug, Clone, Default)]
+pub struct Installed {
+    /// Identifies this capture installation (its positions mean nothing to
+    /// another one); the target records it with its first checkpoint.
+    pub origin: String,
+    /// Tables whose capture was (re)created now: changes made to them before
+    /// this point were never captured, so a copy taken earlier is stale.
+    pub recaptured: Vec<String>,
+}
+
 #[async_trait]
 pub trait Source: Send + Sync {
     /// Introspects the selected tables; writes nothing.
@@ -53,7 +64,12 @@ pub trait Source: Send + Sync {
 
     /// Installs change capture for `tables` (idempotent). Must run before any
     /// snapshot position is read, so that no change falls between the two.
-    async fn install(&self, tables: &[Arc<TableSchema>]) -> Result<()>;
+    async fn install(&self, tables: &[Arc<TableSchema>]) -> Result<Installed>;
+
+    /// Refuses to stream after `checkpoint` when the source cannot deliver
+    /// every change after it (restored from a backup, log trimmed by someone
+    /// else): streaming on would silently lose changes.
+    async fn verify_resume(&self, checkpoint: Position) -> Result<()>;
 
     /// Removes everything switchyard installed in the source.
     async fn uninstall(&self) -> Result<()>;

@@ -23,9 +23,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{ConnectOptions, Connection, Decode, Executor, Row as _, SqliteConnection, TypeInfo, ValueRef};
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use super::{Discovery, Problem, Source};
+use super::{Discovery, Installed, Problem, Source};
 use crate::config::{Config, TableFilter};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Change, Column, LogicalType, Op, Position, Row, TableSchema, Value};
@@ -33,6 +33,8 @@ use crate::sink::Durable;
 
 const CHANGES: &str = "_switchyard_changes";
 const REGISTRY: &str = "_switchyard_tables";
+/// One row per setting; `origin` identifies this capture installation.
+const META: &str = "_switchyard_meta";
 /// Prefix of every object switchyard creates in the source.
 pub const PREFIX: &str = "_switchyard_";
 
@@ -44,6 +46,8 @@ pub struct SqliteSource {
     renames: BTreeMap<String, String>,
     keys: BTreeMap<String, Vec<String>>,
     poll_interval: Duration,
+    retry_attempts: usize,
+    retry_max_delay: Duration,
     /// The last trim, so the log is trimmed every few seconds at most.
     last_trim: Mutex<Option<(Instant, Position)>>,
 }
@@ -82,6 +86,8 @@ impl SqliteSource {
             renames: config.tables.rename.clone(),
             keys: config.tables.keys.clone(),
             poll_interval: Duration::from_millis(config.source.poll_interval_ms),
+            retry_attempts: config.pipeline.retry_attempts,
+            retry_max_delay: Duration::from_millis(config.pipeline.retry_max_delay_ms),
             last_trim: Mutex::new(None),
         })
     }
@@ -112,19 +118,46 @@ impl SqliteSource {
         Ok(out)
     }
 
+    /// Whether a UNIQUE index (or constraint) of `table` makes `key` unique.
+    async fn unique_over(&self, table: &str, columns: &[Column], key: &[usize]) -> Result<bool> {
+        let want: std::collections::BTreeSet<&str> = key.iter().map(|&i| columns[i].name.as_str()).collect();
+        let indexes: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_index_list(?) WHERE \"unique\" = 1")
+            .bind(table)
+            .fetch_all(&self.pool)
+            .await?;
+        for index in indexes {
+            let cols: Vec<Option<String>> = sqlx::query_scalar("SELECT name FROM pragma_index_info(?)")
+                .bind(&index)
+                .fetch_all(&self.pool)
+                .await?;
+            let got: std::collections::BTreeSet<&str> = cols.iter().map(|c| c.as_deref().unwrap_or("")).collect();
+            // An index over some of the key columns makes the whole key unique.
+            if !got.is_empty() && got.is_subset(&want) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Runs `f` inside `BEGIN IMMEDIATE … COMMIT` (a write transaction that
     /// waits for the application's lock instead of failing on upgrade).
-    async fn write_tx<F>(&self, statements: F) -> Result<()>
+    async fn write_tx<T, F>(&self, statements: F) -> Result<T>
     where
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> futures::future::BoxFuture<'c, Result<()>>,
+        T: Send,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> futures::future::BoxFuture<'c, Result<T>>,
     {
         let mut conn = self.pool.acquire().await?;
         conn.execute("BEGIN IMMEDIATE").await?;
         match statements(&mut conn).await {
-            Ok(()) => {
-                conn.execute("COMMIT").await?;
-                Ok(())
-            }
+            Ok(out) => match conn.execute("COMMIT").await {
+                Ok(_) => Ok(out),
+                Err(e) => {
+                    // A failed COMMIT (SQLITE_BUSY) leaves the transaction open;
+                    // the connection goes back to the pool, so close it here.
+                    let _ = conn.execute("ROLLBACK").await;
+                    Err(e.into())
+                }
+            },
             Err(e) => {
                 let _ = conn.execute("ROLLBACK").await;
                 Err(e)
@@ -366,37 +399,103 @@ fn trigger_names(id: i64) -> [String; 3] {
 }
 
 /// The DDL of the log table and the three triggers of one table.
+///
+/// INSERT and UPDATE log the row as it is when our trigger runs, read back by
+/// key, not `NEW.*`: an application trigger that fires before ours and changes
+/// the same row would otherwise leave a stale image as the last word. `h` is
+/// NULL when the row is gone by then (a later trigger deleted it): the insert
+/// is skipped and the update becomes a delete of the old key, and the DELETE
+/// that removed the row is logged as well.
 fn capture_ddl(table: &TableSchema, id: i64) -> Vec<String> {
     let log = quote(&log_table(id));
     let nk = table.key.len();
     let nc = table.columns.len();
     let o: Vec<String> = (0..nk).map(|i| format!("o{i}")).collect();
     let n: Vec<String> = (0..nc).map(|i| format!("n{i}")).collect();
-    let new_vals: Vec<String> = table.columns.iter().map(|c| format!("NEW.{}", quote(&c.name))).collect();
+    let cols: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
+    let cur_vals: Vec<String> = cols.iter().map(|c| format!("cur.{c}")).collect();
     let old_keys: Vec<String> =
         table.key.iter().map(|&i| format!("OLD.{}", quote(&table.columns[i].name))).collect();
+    let by_new_key: Vec<String> = table
+        .key
+        .iter()
+        .map(|&i| {
+            let c = quote(&table.columns[i].name);
+            format!("{c} IS NEW.{c}")
+        })
+        .collect();
     let t = quote(&table.name);
+    let here = quote(&format!("{PREFIX}here"));
+    let current = format!(
+        "FROM (SELECT 1) LEFT JOIN (SELECT 1 AS {here}, {} FROM {t} WHERE {} LIMIT 1) AS cur",
+        cols.join(", "),
+        by_new_key.join(" AND ")
+    );
     let [ti, tu, td] = trigger_names(id);
     let head = |op: &str| format!("INSERT INTO {CHANGES} (table_id, op) VALUES ({id}, '{op}');");
     vec![
         format!(
-            "CREATE TABLE IF NOT EXISTS {log} (seq INTEGER PRIMARY KEY, {}, {})",
+            "CREATE TABLE IF NOT EXISTS {log} (seq INTEGER PRIMARY KEY, h, {}, {})",
             o.join(", "),
             n.join(", ")
         ),
         format!(
-            "CREATE TRIGGER IF NOT EXISTS {} AFTER INSERT ON {t} BEGIN {} INSERT INTO {log} (seq, {}) VALUES (last_insert_rowid(), {}); END",
-            quote(&ti), head("I"), n.join(", "), new_vals.join(", ")
+            "CREATE TRIGGER IF NOT EXISTS {} AFTER INSERT ON {t} BEGIN {} INSERT INTO {log} (seq, h, {}) SELECT last_insert_rowid(), cur.{here}, {} {current}; END",
+            quote(&ti), head("I"), n.join(", "), cur_vals.join(", ")
         ),
         format!(
-            "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {t} BEGIN {} INSERT INTO {log} (seq, {}, {}) VALUES (last_insert_rowid(), {}, {}); END",
-            quote(&tu), head("U"), o.join(", "), n.join(", "), old_keys.join(", "), new_vals.join(", ")
+            "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {t} BEGIN {} INSERT INTO {log} (seq, h, {}, {}) SELECT last_insert_rowid(), cur.{here}, {}, {} {current}; END",
+            quote(&tu), head("U"), o.join(", "), n.join(", "), old_keys.join(", "), cur_vals.join(", ")
         ),
         format!(
-            "CREATE TRIGGER IF NOT EXISTS {} AFTER DELETE ON {t} BEGIN {} INSERT INTO {log} (seq, {}) VALUES (last_insert_rowid(), {}); END",
+            "CREATE TRIGGER IF NOT EXISTS {} AFTER DELETE ON {t} BEGIN {} INSERT INTO {log} (seq, h, {}) VALUES (last_insert_rowid(), 1, {}); END",
             quote(&td), head("D"), o.join(", "), old_keys.join(", ")
         ),
     ]
+}
+
+/// The names of the capture triggers that exist now, among `names`.
+async fn existing_triggers(conn: &mut SqliteConnection) -> Result<std::collections::HashSet<String>> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE '\\_switchyard\\_%' ESCAPE '\\'",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(names.into_iter().collect())
+}
+
+/// The column names of `table` as the source has them now.
+async fn current_columns(conn: &mut SqliteConnection, table: &str) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar("SELECT name FROM pragma_table_xinfo(?) WHERE hidden = 0 ORDER BY cid")
+        .bind(table)
+        .fetch_all(&mut *conn)
+        .await?)
+}
+
+/// Stops the stream when a replicated table lost its triggers (dropped and
+/// created again, or rebuilt by a migration tool) or changed its columns:
+/// changes would be missed or carry the wrong columns from here on.
+async fn check_capture(conn: &mut SqliteConnection, tables: &HashMap<i64, Arc<TableSchema>>) -> Result<()> {
+    let present = existing_triggers(conn).await?;
+    for (id, t) in tables {
+        if trigger_names(*id).iter().any(|n| !present.contains(n)) {
+            return Err(Error::definite(format!(
+                "table {:?} lost its change-capture triggers while streaming (was it dropped, or rebuilt by a migration?); \
+                 changes to it are no longer captured. Start switchyard again: it installs capture again and copies the table anew",
+                t.name
+            )));
+        }
+        let now = current_columns(conn, &t.name).await?;
+        let then: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+        if now != then {
+            return Err(Error::definite(format!(
+                "table {:?} changed its columns while streaming (then {then:?}, now {now:?}); \
+                 run `switchyard uninstall` and copy again into an empty target",
+                t.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn high_water(conn: &mut SqliteConnection) -> Result<Position> {
@@ -413,6 +512,14 @@ async fn high_water(conn: &mut SqliteConnection) -> Result<Position> {
         .fetch_optional(&mut *conn)
         .await?;
     Ok(Position::new(seq.unwrap_or(0).max(0) as u64, 0))
+}
+
+/// The highest sequence number trimmed from the log so far.
+async fn trimmed_upto(conn: &mut SqliteConnection) -> Result<i64> {
+    let v: Option<String> = sqlx::query_scalar(&format!("SELECT value FROM {META} WHERE key = 'trimmed'"))
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 #[async_trait]
@@ -455,6 +562,7 @@ impl Source for SqliteSource {
                 columns.push(Column { name: cname, source_type: declared, logical, nullable: c.get::<i64, _>(2) == 0 });
             }
             pk.sort();
+            let has_pk = !pk.is_empty();
             let mut key: Vec<usize> = pk.into_iter().map(|(_, i)| i).collect();
             if key.is_empty() {
                 match self.keys.get(&name) {
@@ -483,6 +591,21 @@ impl Source for SqliteSource {
                 }
             }
             if key.is_empty() {
+                continue;
+            }
+            if !has_pk && !self.unique_over(&name, &columns, &key).await? {
+                let names: Vec<&str> = key.iter().map(|&i| columns[i].name.as_str()).collect();
+                d.problems.push(Problem {
+                    table: name.clone(),
+                    column: None,
+                    message: format!(
+                        "tables.keys names {names:?}, but no UNIQUE index makes them unique: rows sharing a key would collapse into one target record; \
+                         create one (CREATE UNIQUE INDEX ... ON {} ({})) or name other columns",
+                        quote(&name),
+                        names.iter().map(|n| quote(n)).collect::<Vec<_>>().join(", ")
+                    ),
+                    blocking: true,
+                });
                 continue;
             }
             for &k in &key {
@@ -520,7 +643,7 @@ impl Source for SqliteSource {
         Ok(d)
     }
 
-    async fn install(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
+    async fn install(&self, tables: &[Arc<TableSchema>]) -> Result<Installed> {
         let registry = self.registry().await?;
         let mut problems = Vec::new();
         for t in tables {
@@ -539,40 +662,75 @@ impl Source for SqliteSource {
         }
         let count = tables.len();
         let tables = tables.to_vec();
-        self.write_tx(move |conn| {
-            Box::pin(async move {
-                conn.execute(
-                    format!(
-                        "CREATE TABLE IF NOT EXISTS {CHANGES} (seq INTEGER PRIMARY KEY AUTOINCREMENT, table_id INTEGER NOT NULL, op TEXT NOT NULL);
-                         CREATE TABLE IF NOT EXISTS {REGISTRY} (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, columns TEXT NOT NULL, key TEXT NOT NULL, installed_at TEXT NOT NULL DEFAULT (datetime('now')));"
+        let installed = self
+            .write_tx(move |conn| {
+                Box::pin(async move {
+                    conn.execute(
+                        format!(
+                            "CREATE TABLE IF NOT EXISTS {CHANGES} (seq INTEGER PRIMARY KEY AUTOINCREMENT, table_id INTEGER NOT NULL, op TEXT NOT NULL);
+                             CREATE TABLE IF NOT EXISTS {REGISTRY} (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, columns TEXT NOT NULL, key TEXT NOT NULL, installed_at TEXT NOT NULL DEFAULT (datetime('now')));
+                             CREATE TABLE IF NOT EXISTS {META} (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                             INSERT INTO {META} (key, value) VALUES ('origin', lower(hex(randomblob(16)))) ON CONFLICT (key) DO NOTHING;
+                             INSERT INTO {META} (key, value) VALUES ('trimmed', '0') ON CONFLICT (key) DO NOTHING;"
+                        )
+                        .as_str(),
                     )
-                    .as_str(),
-                )
-                .await?;
-                for t in &tables {
-                    let cols: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
-                    sqlx::query(&format!(
-                        "INSERT INTO {REGISTRY} (name, columns, key) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING"
-                    ))
-                    .bind(&t.name)
-                    .bind(serde_json::to_string(&cols).unwrap_or_default())
-                    .bind(serde_json::to_string(&t.key_names()).unwrap_or_default())
-                    .execute(&mut *conn)
                     .await?;
-                    let id: i64 = sqlx::query_scalar(&format!("SELECT id FROM {REGISTRY} WHERE name = ?"))
-                        .bind(&t.name)
+                    let origin: String = sqlx::query_scalar(&format!("SELECT value FROM {META} WHERE key = 'origin'"))
                         .fetch_one(&mut *conn)
                         .await?;
-                    for ddl in capture_ddl(t, id) {
-                        conn.execute(ddl.as_str()).await?;
+                    let present = existing_triggers(conn).await?;
+                    let mut recaptured = Vec::new();
+                    for t in &tables {
+                        let cols: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+                        sqlx::query(&format!(
+                            "INSERT INTO {REGISTRY} (name, columns, key) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING"
+                        ))
+                        .bind(&t.name)
+                        .bind(serde_json::to_string(&cols).unwrap_or_default())
+                        .bind(serde_json::to_string(&t.key_names()).unwrap_or_default())
+                        .execute(&mut *conn)
+                        .await?;
+                        let id: i64 = sqlx::query_scalar(&format!("SELECT id FROM {REGISTRY} WHERE name = ?"))
+                            .bind(&t.name)
+                            .fetch_one(&mut *conn)
+                            .await?;
+                        if trigger_names(id).iter().any(|n| !present.contains(n)) {
+                            recaptured.push(t.name.clone());
+                        }
+                        for ddl in capture_ddl(t, id) {
+                            conn.execute(ddl.as_str()).await?;
+                        }
                     }
-                }
-                Ok(())
+                    Ok(Installed { origin: format!("sqlite:{origin}"), recaptured })
+                })
             })
-        })
-        .await
-        .map_err(|e| e.context(format!("installing change capture in {}", self.path.display())))?;
-        info!(tables = count, "change capture installed");
+            .await
+            .map_err(|e| e.context(format!("installing change capture in {}", self.path.display())))?;
+        info!(tables = count, new = installed.recaptured.len(), "change capture installed");
+        Ok(installed)
+    }
+
+    async fn verify_resume(&self, checkpoint: Position) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let high = high_water(&mut tx).await?;
+        let trimmed = trimmed_upto(&mut tx).await?;
+        tx.commit().await?;
+        if high.commit < checkpoint.commit {
+            return Err(Error::definite(format!(
+                "the source's change log ends at {high}, before the target's checkpoint {checkpoint}: \
+                 the source was restored from a backup or replaced. The target holds changes the source no longer has; \
+                 replicate into an empty target (a new namespace or database)"
+            )));
+        }
+        if trimmed > checkpoint.commit as i64 {
+            return Err(Error::definite(format!(
+                "the source's change log was trimmed up to {trimmed}, past the target's checkpoint {checkpoint}: \
+                 another switchyard with another target consumes this source, and the changes in between are gone. \
+                 Give each target its own copy of the source, and replicate into an empty target"
+            )));
+        }
         Ok(())
     }
 
@@ -665,41 +823,58 @@ impl Source for SqliteSource {
         })?;
         let mut last = after.commit as i64;
         let mut last_version: Option<i64> = None;
+        let mut schema_version: Option<i64> = None;
         let mut drained = true;
+        let mut failures = 0usize;
         loop {
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            let version: i64 = match sqlx::query_scalar("PRAGMA data_version").fetch_one(&mut conn).await {
-                Ok(v) => v,
-                Err(e) => return Err(Error::from(e).context("polling the change log")),
-            };
-            if drained && last_version == Some(version) {
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(self.poll_interval) => continue,
+            let step: Result<Option<(i64, Polled)>> = async {
+                // data_version moves when another connection commits.
+                let version: i64 = sqlx::query_scalar("PRAGMA data_version").fetch_one(&mut conn).await?;
+                if drained && last_version == Some(version) {
+                    return Ok(None);
                 }
+                let schema: i64 = sqlx::query_scalar("PRAGMA schema_version").fetch_one(&mut conn).await?;
+                if schema_version != Some(schema) {
+                    check_capture(&mut conn, &by_id).await?;
+                    schema_version = Some(schema);
+                }
+                Ok(Some((version, poll(&mut conn, &by_id, last, max_batch).await?)))
             }
-            let batch = match poll(&mut conn, &by_id, last, max_batch).await {
-                Ok(b) => b,
-                Err(e) if e.is_transient() => {
-                    debug!(error = %e.report(), "change log busy, polling again");
-                    tokio::time::sleep(self.poll_interval).await;
+            .await;
+            let wait = match step {
+                Ok(None) => self.poll_interval,
+                Ok(Some((version, batch))) => {
+                    failures = 0;
+                    last_version = Some(version);
+                    drained = batch.seen < max_batch;
+                    if let Some(end) = batch.end {
+                        last = end;
+                    }
+                    if batch.changes.is_empty() {
+                        continue;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        sent = changes.send(batch.changes) => if sent.is_err() { return Ok(()) },
+                    }
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) if e.is_transient() && failures < self.retry_attempts => {
+                    failures += 1;
+                    let wait = (Duration::from_millis(100) * 2u32.saturating_pow(failures as u32)).min(self.retry_max_delay);
+                    warn!(error = %e.report(), attempt = failures, retry_in_ms = wait.as_millis() as u64, "polling the change log failed, retrying");
+                    wait
+                }
+                Err(e) => {
+                    return Err(e.context(format!("polling the change log of {}", self.path.display())));
+                }
             };
-            last_version = Some(version);
-            drained = batch.seen < max_batch;
-            if let Some(end) = batch.end {
-                last = end;
-            }
-            if batch.changes.is_empty() {
-                continue;
-            }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                sent = changes.send(batch.changes) => if sent.is_err() { return Ok(()) },
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -720,6 +895,12 @@ impl Source for SqliteSource {
         self.write_tx(move |conn| {
             Box::pin(async move {
                 sqlx::query(&format!("DELETE FROM {CHANGES} WHERE seq <= ?")).bind(seq).execute(&mut *conn).await?;
+                sqlx::query(&format!(
+                    "UPDATE {META} SET value = CAST(max(CAST(value AS INTEGER), ?) AS TEXT) WHERE key = 'trimmed'"
+                ))
+                .bind(seq)
+                .execute(&mut *conn)
+                .await?;
                 for (id, _) in registry.values() {
                     sqlx::query(&format!("DELETE FROM {} WHERE seq <= ?", quote(&log_table(*id))))
                         .bind(seq)
@@ -751,6 +932,13 @@ async fn poll(
     limit: usize,
 ) -> Result<Polled> {
     let mut tx = conn.begin().await?;
+    let trimmed = trimmed_upto(&mut tx).await?;
+    if trimmed > after {
+        return Err(Error::definite(format!(
+            "the change log was trimmed up to {trimmed} while this switchyard had read only up to {after}: \
+             another switchyard with another target consumes this source. Give each target its own copy of the source"
+        )));
+    }
     let heads: Vec<(i64, i64, String)> =
         sqlx::query_as(&format!("SELECT seq, table_id, op FROM {CHANGES} WHERE seq > ? ORDER BY seq LIMIT ?"))
             .bind(after)
@@ -770,7 +958,7 @@ async fn poll(
             .chain((0..t.columns.len()).map(|i| format!("n{i}")))
             .collect();
         let rows = sqlx::query(&format!(
-            "SELECT seq, {} FROM {} WHERE seq > ? AND seq <= ?",
+            "SELECT seq, h IS NOT NULL, {} FROM {} WHERE seq > ? AND seq <= ?",
             cols.join(", "),
             quote(&log_table(id))
         ))
@@ -787,24 +975,32 @@ async fn poll(
     for (seq, id, op) in &heads {
         let Some(table) = tables.get(id) else { continue };
         let body = bodies.get(seq).ok_or_else(|| {
-            Error::definite(format!("change log entry {seq} of table {:?} has no values row", table.name))
+            Error::definite(format!(
+                "change log entry {seq} of table {:?} has no values row; the log was changed outside switchyard",
+                table.name
+            ))
         })?;
+        let here: bool = body.get(1);
         let nk = table.key.len();
         let nc = table.columns.len();
+        // Columns: seq, here, o0..o(nk-1), n0..n(nc-1).
         let read = |from: usize, n: usize| (from..from + n).map(|i| read_raw(body, i)).collect::<Result<Vec<_>>>();
         let position = Position::new(*seq as u64, 0);
         let ctx = |e: Error| e.context(format!("change log entry {seq}"));
         let all: Vec<usize> = (0..nc).collect();
-        let op = match op.as_str() {
-            "I" => Op::Insert { row: convert_row(table, read(1 + nk, nc)?, &all).map_err(ctx)? },
-            "U" => {
-                let old = convert_row(table, read(1, nk)?, &table.key).map_err(ctx)?;
-                let row = convert_row(table, read(1 + nk, nc)?, &all).map_err(ctx)?;
+        let op = match (op.as_str(), here) {
+            // Inserted, then deleted before our trigger read it back.
+            ("I", false) => continue,
+            ("I", true) => Op::Insert { row: convert_row(table, read(2 + nk, nc)?, &all).map_err(ctx)? },
+            ("U", false) => Op::Delete { key: convert_row(table, read(2, nk)?, &table.key).map_err(ctx)? },
+            ("U", true) => {
+                let old = convert_row(table, read(2, nk)?, &table.key).map_err(ctx)?;
+                let row = convert_row(table, read(2 + nk, nc)?, &all).map_err(ctx)?;
                 let old_key = if table.key_of(&row) == old { None } else { Some(old) };
                 Op::Update { old_key, row }
             }
-            "D" => Op::Delete { key: convert_row(table, read(1, nk)?, &table.key).map_err(ctx)? },
-            other => return Err(Error::definite(format!("change log entry {seq}: unknown operation {other:?}"))),
+            ("D", _) => Op::Delete { key: convert_row(table, read(2, nk)?, &table.key).map_err(ctx)? },
+            (other, _) => return Err(Error::definite(format!("change log entry {seq}: unknown operation {other:?}"))),
         };
         changes.push(Change { table: table.clone(), op, position });
     }

@@ -4,5 +4,6 @@
 mod support;
 
 mod config_examples;
+mod sqlite_capture;
 mod sqlite_crash;
 mod sqlite_surreal;

@@ -87,7 +87,7 @@ impl Running {
     }
 }
 
-async fn wait_converged(pool: &sqlx::SqlitePool, config: &Config, sink: &SurrealSink) {
+pub async fn wait_converged(pool: &sqlx::SqlitePool, config: &Config, sink: &SurrealSink) {
     let tables: Vec<String> = source_tables(config).await.iter().map(|t| t.target_name.clone()).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -267,6 +267,11 @@ async fn check_refuses_a_table_without_a_key_and_accepts_configured_keys() {
     assert!(err.contains("events") && err.contains("no primary key"), "{err}");
 
     let cfg = s.write_config("mem://", "\n[tables.keys]\nevents = [\"ts\", \"kind\"]\n");
+    // Named key columns must be unique in the source, or rows would collapse.
+    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("no UNIQUE index") && out.contains("CREATE UNIQUE INDEX"), "{out}");
+    sqlx::query("CREATE UNIQUE INDEX events_key ON events (kind, ts)").execute(&_pool).await.unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("key (ts, kind)"), "{out}");

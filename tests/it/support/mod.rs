@@ -149,7 +149,12 @@ pub async fn target_image(db: &Surreal<Any>, tables: &[String]) -> Image {
     let mut image = Image::new();
     for t in tables {
         let mut resp = db.query(format!("SELECT * FROM {}", ident(t))).await.unwrap();
-        let rows: Vec<SValue> = resp.take(0).unwrap();
+        let rows: Vec<SValue> = match resp.take(0) {
+            Ok(rows) => rows,
+            // Not created yet: the pipeline may not have prepared the target.
+            Err(e) if e.to_string().contains("does not exist") => Vec::new(),
+            Err(e) => panic!("reading table {t} of the target: {e}"),
+        };
         let mut m = BTreeMap::new();
         for r in rows {
             let SValue::Object(obj) = &r else { panic!("not an object: {r:?}") };
@@ -270,7 +275,7 @@ impl Daemon {
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|v| v["fields"]["checkpoint"].as_str().and_then(|s| s.parse::<u64>().ok()))
-            .last()
+            .next_back()
     }
 }
 
