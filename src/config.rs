@@ -36,6 +36,17 @@ pub struct SourceConfig {
     /// How long a SQLite statement waits for a lock held by the application.
     #[serde(default = "default_busy_timeout_ms")]
     pub busy_timeout_ms: u64,
+    /// PostgreSQL: the logical replication slot switchyard reads from (and
+    /// creates when it is missing).
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    /// PostgreSQL: the publication that lists the replicated tables.
+    #[serde(default = "default_publication")]
+    pub publication: String,
+    /// PostgreSQL: create the publication (for the selected tables) when it
+    /// does not exist; otherwise it must exist.
+    #[serde(default = "default_true")]
+    pub create_publication: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +135,12 @@ fn default_include() -> Vec<String> {
 fn default_poll_interval_ms() -> u64 {
     200
 }
+fn default_slot() -> String {
+    "switchyard".into()
+}
+fn default_publication() -> String {
+    "switchyard".into()
+}
 fn default_busy_timeout_ms() -> u64 {
     5_000
 }
@@ -150,6 +167,8 @@ fn default_retry_max_delay_ms() -> u64 {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceKind {
     Sqlite { path: PathBuf },
+    /// `postgres://USER@HOST:PORT/DATABASE?sslmode=…` (password in `source.password`).
+    Postgres { url: String },
 }
 
 /// Where the target is.
@@ -188,8 +207,21 @@ impl Config {
     /// Every problem at once, each naming its key.
     pub fn validate(&self) -> Result<()> {
         let mut problems = Vec::new();
-        if let Err(e) = self.source_kind() {
-            problems.push(e.to_string());
+        match self.source_kind() {
+            Err(e) => problems.push(e.to_string()),
+            Ok(SourceKind::Postgres { .. }) => {
+                for (key, v) in [("slot", &self.source.slot), ("publication", &self.source.publication)] {
+                    let ok = !v.is_empty()
+                        && v.len() <= 63
+                        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                    if !ok {
+                        problems.push(format!(
+                            "source.{key}: {v:?} must be 1 to 63 characters of lower-case letters, digits and _"
+                        ));
+                    }
+                }
+            }
+            Ok(SourceKind::Sqlite { .. }) => {}
         }
         match self.target_kind() {
             Err(e) => problems.push(e.to_string()),
@@ -267,9 +299,17 @@ impl Config {
             }
             return Ok(SourceKind::Sqlite { path: PathBuf::from(path) });
         }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            if url_has_password(url) {
+                return Err(Error::config(
+                    "source.url: put the password in source.password (\"${VAR}\"), not in the URL",
+                ));
+            }
+            return Ok(SourceKind::Postgres { url: url.to_string() });
+        }
         let scheme = url.split("://").next().unwrap_or(url);
         Err(Error::config(format!(
-            "source.url: unsupported scheme {scheme:?} in {}; this build reads sqlite://PATH",
+            "source.url: unsupported scheme {scheme:?} in {}; use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE",
             redact_url(url)
         )))
     }

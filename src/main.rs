@@ -55,7 +55,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove the triggers and change log switchyard installed in the source.
+    /// Remove the change capture switchyard installed in the source (SQLite: triggers and change log; PostgreSQL: slot, and the publication if switchyard creates it).
     Uninstall {
         #[arg(long, short)]
         config: PathBuf,
@@ -204,7 +204,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let config = load(&config)?;
             let source = switchyard::source::open(&config).await?;
             source.uninstall().await?;
-            println!("removed switchyard's triggers and change log from {}", switchyard::config::redact_url(&config.source.url));
+            println!("removed switchyard's change capture from {}", switchyard::config::redact_url(&config.source.url));
             Ok(ExitCode::SUCCESS)
         }
         Command::DemoSource { path } => {

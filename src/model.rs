@@ -23,6 +23,9 @@ pub struct Position {
 
 impl Position {
     pub const ZERO: Position = Position { commit: 0, ordinal: 0 };
+    /// The ordinal that stands for "the whole commit": after every change of it.
+    /// (Within `i64`, because targets store positions as signed integers.)
+    pub const WHOLE: u64 = i64::MAX as u64;
 
     pub fn new(commit: u64, ordinal: u64) -> Self {
         Self { commit, ordinal }
@@ -33,6 +36,8 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.ordinal == 0 {
             write!(f, "{}", self.commit)
+        } else if self.ordinal == Self::WHOLE {
+            write!(f, "{}.end", self.commit)
         } else {
             write!(f, "{}.{}", self.commit, self.ordinal)
         }
@@ -166,6 +171,8 @@ pub enum Op {
     /// `old_key` is set when the update changed the key.
     Update { old_key: Option<Vec<Value>>, row: Row },
     Delete { key: Vec<Value> },
+    /// Every row of the table is removed (PostgreSQL `TRUNCATE`).
+    Truncate,
 }
 
 /// One change of one table, with its source position.
@@ -182,6 +189,7 @@ impl Change {
             Op::Insert { .. } => "insert",
             Op::Update { .. } => "update",
             Op::Delete { .. } => "delete",
+            Op::Truncate => "truncate",
         }
     }
 
@@ -189,6 +197,7 @@ impl Change {
         match &self.op {
             Op::Insert { row } | Op::Update { row, .. } => self.table.key_of(row),
             Op::Delete { key } => key.clone(),
+            Op::Truncate => Vec::new(),
         }
     }
 }

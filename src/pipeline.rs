@@ -31,7 +31,7 @@ use crate::config::{Config, PipelineConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Change, Position, TableSchema};
 use crate::sink::{self, Sink, TableStatus};
-use crate::source::{self, Problem, Source};
+use crate::source::{self, Batch, Problem, Source};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -283,7 +283,7 @@ impl Pipeline {
         cancel: CancellationToken,
     ) -> Result<(u64, Position)> {
         let cfg = &self.config.pipeline;
-        let (tx, mut rx) = mpsc::channel::<Vec<Change>>(cfg.queue_size);
+        let (tx, mut rx) = mpsc::channel::<Batch>(cfg.queue_size);
         let reader_cancel = cancel.child_token();
         let source = self.source.clone();
         let max = cfg.batch_rows;
@@ -295,34 +295,40 @@ impl Pipeline {
         let delay = Duration::from_millis(cfg.batch_delay_ms);
         let mut applied = 0u64;
         let mut last = checkpoint;
+        // Received, not yet applied: the changes, and the position read up to.
         let mut pending: Vec<Change> = Vec::new();
+        let mut pending_upto = checkpoint;
         let mut summary = Summary::default();
         let mut open = true;
         while open {
             if pending.is_empty() {
                 tokio::select! {
-                    c = rx.recv() => match c {
-                        Some(c) => pending.extend(c),
+                    b = rx.recv() => match b {
+                        Some(b) => take(b, &mut pending, &mut pending_upto),
                         None => open = false,
                     },
                     _ = cancel.cancelled() => open = false,
                 }
             }
             let deadline = tokio::time::Instant::now() + delay;
-            while open && pending.len() < cfg.batch_rows {
+            while open && !pending.is_empty() && pending.len() < cfg.batch_rows {
                 tokio::select! {
-                    c = rx.recv() => match c {
-                        Some(c) => pending.extend(c),
+                    b = rx.recv() => match b {
+                        Some(b) => take(b, &mut pending, &mut pending_upto),
                         None => open = false,
                     },
                     _ = tokio::time::sleep_until(deadline) => break,
                     _ = cancel.cancelled() => open = false,
                 }
             }
-            while !pending.is_empty() {
+            while !pending.is_empty() || pending_upto > last {
                 let n = pending.len().min(cfg.batch_rows);
                 let chunk: Vec<Change> = pending.drain(..n).collect();
-                let upto = chunk.last().map(|c| c.position).unwrap_or(last);
+                let upto = if pending.is_empty() {
+                    pending_upto
+                } else {
+                    chunk.last().map(|c| c.position).unwrap_or(last)
+                };
                 let apply: Vec<Change> = chunk
                     .into_iter()
                     .filter(|c| skip.get(&c.table.name).is_none_or(|ct| c.position > *ct))
@@ -331,7 +337,9 @@ impl Pipeline {
                 applied += apply.len() as u64;
                 last = durable.position();
                 tracing::debug!(changes = apply.len(), checkpoint = %last, "batch applied");
-                summary.add(&apply, last);
+                if !apply.is_empty() {
+                    summary.add(&apply, last);
+                }
                 if let Err(e) = self.source.ack(durable).await {
                     warn!(error = %e.report(), "could not acknowledge the applied position to the source; retried with the next batch");
                 }
@@ -342,6 +350,12 @@ impl Pipeline {
         info!(checkpoint = %last, changes = applied, "streaming stopped");
         Ok((applied, last))
     }
+}
+
+/// Adds a received batch to what waits to be applied.
+fn take(batch: Batch, pending: &mut Vec<Change>, upto: &mut Position) {
+    pending.extend(batch.changes);
+    *upto = (*upto).max(batch.upto);
 }
 
 async fn reader_cancel_and_wait(

@@ -377,6 +377,9 @@ impl Sink for SurrealSink {
                     vars.insert(format!("r{i}"), record_id(t, key)?);
                     sql.push_str(&format!("DELETE $r{i} RETURN NONE;\n"));
                 }
+                Op::Truncate => {
+                    sql.push_str(&format!("DELETE {} RETURN NONE;\n", ident(&t.target_name)));
+                }
             }
         }
         sql.push_str(&format!(

@@ -46,6 +46,15 @@ pub struct Discovery {
     pub problems: Vec<Problem>,
 }
 
+/// Changes in source order, and the position the stream has read up to: at
+/// or after the last change's, so that positions with nothing to replicate
+/// (other tables, an idle server's WAL) still move the checkpoint on.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub changes: Vec<Change>,
+    pub upto: Position,
+}
+
 /// What `install` found and did.
 #[derive(Debug, Clone, Default)]
 pub struct Installed {
@@ -96,7 +105,7 @@ pub trait Source: Send + Sync {
         tables: Vec<Arc<TableSchema>>,
         after: Position,
         max_batch: usize,
-        changes: mpsc::Sender<Vec<Change>>,
+        changes: mpsc::Sender<Batch>,
         cancel: CancellationToken,
     ) -> Result<()>;
 
@@ -107,5 +116,6 @@ pub trait Source: Send + Sync {
 pub async fn open(config: &Config) -> Result<Box<dyn Source>> {
     match config.source_kind()? {
         SourceKind::Sqlite { path } => Ok(Box::new(sqlite::SqliteSource::open(&path, config).await?)),
+        SourceKind::Postgres { url } => Ok(Box::new(postgres::PgSource::open(&url, config).await?)),
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Discovery, Installed, Problem, Source};
+use super::{Batch, Discovery, Installed, Problem, Source};
 use crate::config::{Config, TableFilter};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Change, Column, LogicalType, Op, Position, Row, TableSchema, Value};
@@ -807,7 +807,7 @@ impl Source for SqliteSource {
         tables: Vec<Arc<TableSchema>>,
         after: Position,
         max_batch: usize,
-        changes: mpsc::Sender<Vec<Change>>,
+        changes: mpsc::Sender<Batch>,
         cancel: CancellationToken,
     ) -> Result<()> {
         let registry = self.registry().await?;
@@ -850,15 +850,12 @@ impl Source for SqliteSource {
                     failures = 0;
                     last_version = Some(version);
                     drained = batch.seen < max_batch;
-                    if let Some(end) = batch.end {
-                        last = end;
-                    }
-                    if batch.changes.is_empty() {
-                        continue;
-                    }
+                    let Some(end) = batch.end else { continue };
+                    last = end;
+                    let out = Batch { changes: batch.changes, upto: Position::new(end as u64, 0) };
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
-                        sent = changes.send(batch.changes) => if sent.is_err() { return Ok(()) },
+                        sent = changes.send(out) => if sent.is_err() { return Ok(()) },
                     }
                     continue;
                 }

@@ -63,6 +63,7 @@ pub struct Running {
 pub async fn start(config: Arc<Config>, sink: Option<Arc<SurrealSink>>) -> Running {
     let path = match config.source_kind().unwrap() {
         switchyard::config::SourceKind::Sqlite { path } => path,
+        other => panic!("not a SQLite source: {other:?}"),
     };
     let source = Arc::new(SqliteSource::open(&path, &config).await.unwrap());
     let sink = match sink {

@@ -1,3 +1,741 @@
-//! PostgreSQL source: logical replication with pgoutput.
+//! PostgreSQL source: a snapshot in the replication slot's exported snapshot,
+//! then logical replication (pgoutput) from the slot.
+//!
+//! ```text
+//!  install:  publication (created for the selected tables, or existing)
+//!            slot: CREATE_REPLICATION_SLOT … (SNAPSHOT 'export') → consistent point CP
+//!  snapshot: BEGIN REPEATABLE READ; SET TRANSACTION SNAPSHOT '…'; COPY (SELECT …) TO STDOUT
+//!            → rows as of CP; Ct = (CP − 1, whole): a transaction is in the copy
+//!              exactly when its commit record starts before CP
+//!  stream:   START_REPLICATION SLOT … LOGICAL checkpoint (proto_version '2', publication_names …)
+//!            a change's position = (its transaction's commit LSN, its ordinal in it)
+//!  ack:      standby status update, flush = commit LSN of the durable checkpoint
+//! ```
+//!
+//! Values travel in PostgreSQL's text format, the same in COPY and in pgoutput,
+//! with fixed session settings (ISO dates in UTC, hex bytea, exact floats), so
+//! one decoder serves both.
 
+pub mod conn;
 pub mod pgoutput;
+pub mod replication;
+pub mod values;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{pin_mut, TryStreamExt};
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use self::conn::PgEndpoint;
+use self::pgoutput::{DecodeCtx, LogicalMessage, Lsn, OldTuple, RelationBody, ReplicationMessage, TupleData, TupleValue};
+use self::replication::{quote_ident, quote_literal, ReplicationConn, SESSION_SETTINGS};
+use super::{Batch, Discovery, Installed, Problem, Source};
+use crate::config::{Config, TableFilter};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{Change, Column, Op, Position, Row, TableSchema, Value};
+use crate::sink::Durable;
+
+/// How often a status update goes to the server when nothing else happens.
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A table as the catalog describes it.
+#[derive(Debug, Clone)]
+struct PgTable {
+    schema: String,
+    name: String,
+    /// Column type OIDs (domains resolved to their base type).
+    types: Vec<u32>,
+}
+
+impl PgTable {
+    fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// The name switchyard uses for a table: `table` in `public`, else `schema.table`.
+pub fn display_name(schema: &str, table: &str) -> String {
+    if schema == "public" {
+        table.to_string()
+    } else {
+        format!("{schema}.{table}")
+    }
+}
+
+/// An exported snapshot, alive while its connection stays idle.
+struct Export {
+    _conn: ReplicationConn,
+    snapshot: String,
+    consistent_point: Lsn,
+}
+
+pub struct PgSource {
+    ep: PgEndpoint,
+    slot: String,
+    publication: String,
+    create_publication: bool,
+    filter: TableFilter,
+    renames: std::collections::BTreeMap<String, String>,
+    catalog: Mutex<HashMap<String, PgTable>>,
+    export: Mutex<Option<Export>>,
+    /// The commit LSN the target has made durable, for status updates.
+    durable: watch::Sender<u64>,
+}
+
+/// The snapshot position for a consistent point: every transaction whose
+/// commit record starts before `cp` is in the copy.
+pub fn snapshot_position(cp: Lsn) -> Position {
+    Position::new(cp.0.saturating_sub(1), Position::WHOLE)
+}
+
+impl PgSource {
+    pub async fn open(url: &str, config: &Config) -> Result<Self> {
+        let ep = PgEndpoint::parse(url, config.source.password.clone(), "source.url")?;
+        // Fail early, with the server's own words, when it cannot be reached.
+        let client = ep.connect().await.map_err(|e| match e.kind() {
+            ErrorKind::Transient => Error::connect(e.to_string()),
+            _ => e,
+        })?;
+        drop(client);
+        Ok(Self {
+            ep,
+            slot: config.source.slot.clone(),
+            publication: config.source.publication.clone(),
+            create_publication: config.source.create_publication,
+            filter: config.table_filter()?,
+            renames: config.tables.rename.clone(),
+            catalog: Mutex::new(HashMap::new()),
+            export: Mutex::new(None),
+            durable: watch::channel(0).0,
+        })
+    }
+
+    pub fn endpoint(&self) -> &PgEndpoint {
+        &self.ep
+    }
+
+    /// An ordinary connection with our session settings.
+    async fn client(&self) -> Result<tokio_postgres::Client> {
+        let c = self.ep.connect().await?;
+        let settings: Vec<String> =
+            SESSION_SETTINGS.iter().map(|(k, v)| format!("SET {k} = {}", quote_literal(v))).collect();
+        c.batch_execute(&settings.join("; ")).await.map_err(|e| conn::pg_error(&self.ep, "session settings", e))?;
+        Ok(c)
+    }
+
+    fn pg(&self, what: &str) -> impl Fn(tokio_postgres::Error) -> Error + '_ {
+        let what = what.to_string();
+        move |e| conn::pg_error(&self.ep, &what, e)
+    }
+
+    async fn publication_exists(&self, c: &tokio_postgres::Client) -> Result<bool> {
+        let row = c
+            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&self.publication])
+            .await
+            .map_err(self.pg("reading pg_publication"))?;
+        Ok(row.is_some())
+    }
+
+    async fn slot_state(&self, c: &tokio_postgres::Client) -> Result<Option<(String, Option<String>)>> {
+        let row = c
+            .query_opt(
+                "SELECT plugin::text, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .map_err(self.pg("reading pg_replication_slots"))?;
+        Ok(row.map(|r| (r.get::<_, Option<String>>(0).unwrap_or_default(), r.get(1))))
+    }
+
+    /// A new exported snapshot on a temporary slot, for tables copied after
+    /// the main slot already exists (a restart in the middle of the snapshot).
+    async fn temporary_export(&self) -> Result<Export> {
+        let mut conn = ReplicationConn::connect(&self.ep).await?;
+        let name = format!("{}_copy_{}", self.slot, std::process::id());
+        let created = conn.create_slot(&name, true).await?;
+        let snapshot = created.snapshot.ok_or_else(|| Error::definite("the temporary slot exported no snapshot"))?;
+        info!(consistent_point = %created.consistent_point, "new snapshot for the tables still to copy");
+        Ok(Export { _conn: conn, snapshot, consistent_point: created.consistent_point })
+    }
+}
+
+/// Logical type for a PostgreSQL type OID.
+fn logical_for(oid: u32) -> (crate::model::LogicalType, bool) {
+    use crate::model::LogicalType as L;
+    match oid {
+        16 => (L::Bool, true),
+        20 | 21 | 23 | 26 => (L::Int, true),
+        700 | 701 => (L::Float, true),
+        1700 => (L::Decimal, true),
+        25 | 1043 | 1042 | 19 | 18 => (L::Text, true),
+        17 => (L::Bytes, true),
+        114 | 3802 => (L::Json, true),
+        1114 | 1184 => (L::Timestamp, true),
+        _ => (L::Text, false),
+    }
+}
+
+#[async_trait]
+impl Source for PgSource {
+    async fn discover(&self) -> Result<Discovery> {
+        let c = self.client().await?;
+        let mut d = Discovery::default();
+        let published = self.publication_exists(&c).await?;
+        let candidates = if published {
+            c.query(
+                "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_publication_tables pt
+                   JOIN pg_namespace n ON n.nspname = pt.schemaname
+                   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+                  WHERE pt.pubname = $1 ORDER BY 2, 3",
+                &[&self.publication],
+            )
+            .await
+            .map_err(self.pg("reading the publication's tables"))?
+        } else {
+            if !self.create_publication {
+                d.problems.push(Problem {
+                    table: String::new(),
+                    column: None,
+                    message: format!(
+                        "publication {:?} does not exist and source.create_publication is false; create it (CREATE PUBLICATION {} FOR TABLE …) or let switchyard create it",
+                        self.publication,
+                        quote_ident(&self.publication)
+                    ),
+                    blocking: true,
+                });
+                return Ok(d);
+            }
+            c.query(
+                "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_class c
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+                    AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                    AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+                  ORDER BY 2, 3",
+                &[],
+            )
+            .await
+            .map_err(self.pg("listing tables"))?
+        };
+        let mut catalog = HashMap::new();
+        for r in candidates {
+            let oid: u32 = r.get(0);
+            let schema: String = r.get(1);
+            let table: String = r.get(2);
+            let name = display_name(&schema, &table);
+            if !self.filter.matches(&name) {
+                continue;
+            }
+            let cols = c
+                .query(
+                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                            CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END,
+                            a.attnotnull, t.typtype::text
+                       FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                      WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                      ORDER BY a.attnum",
+                    &[&oid],
+                )
+                .await
+                .map_err(self.pg("reading columns"))?;
+            let mut columns = Vec::new();
+            let mut types = Vec::new();
+            for col in &cols {
+                let cname: String = col.get(0);
+                let declared: String = col.get(1);
+                let base: u32 = col.get(2);
+                let (logical, native) = logical_for(base);
+                let typtype: String = col.get(4);
+                if !native && typtype != "e" {
+                    d.problems.push(Problem {
+                        table: name.clone(),
+                        column: Some(cname.clone()),
+                        message: format!("type {declared} is carried as its PostgreSQL text form"),
+                        blocking: false,
+                    });
+                }
+                types.push(base);
+                columns.push(Column { name: cname, source_type: declared, logical, nullable: !col.get::<_, bool>(3) });
+            }
+            let key_rows = c
+                .query(
+                    "SELECT a.attname::text FROM pg_index i
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                      WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident)
+                      ORDER BY i.indisprimary DESC, array_position(i.indkey::int2[], a.attnum)",
+                    &[&oid],
+                )
+                .await
+                .map_err(self.pg("reading the key"))?;
+            let mut key = Vec::new();
+            for k in key_rows {
+                let kname: String = k.get(0);
+                if let Some(i) = columns.iter().position(|c| c.name == kname) {
+                    if !key.contains(&i) {
+                        key.push(i);
+                    }
+                }
+            }
+            if key.is_empty() {
+                d.problems.push(Problem {
+                    table: name.clone(),
+                    column: None,
+                    message: format!(
+                        "no primary key or replica identity index, so its UPDATEs and DELETEs cannot be matched to a row; add a primary key, or ALTER TABLE {} REPLICA IDENTITY USING INDEX <unique index>, or exclude the table",
+                        format_args!("{}.{}", quote_ident(&schema), quote_ident(&table))
+                    ),
+                    blocking: true,
+                });
+                continue;
+            }
+            for &k in &key {
+                columns[k].nullable = false;
+            }
+            let target_name = self.renames.get(&name).cloned().unwrap_or_else(|| name.replace('.', "_"));
+            catalog.insert(name.clone(), PgTable { schema, name: table, types });
+            d.tables.push(TableSchema { name, target_name, columns, key });
+        }
+        *self.catalog.lock().await = catalog;
+        Ok(d)
+    }
+
+    async fn install(&self, tables: &[Arc<TableSchema>]) -> Result<Installed> {
+        let c = self.client().await?;
+        let catalog = self.catalog.lock().await.clone();
+        if !self.publication_exists(&c).await? {
+            let list: Vec<String> = tables
+                .iter()
+                .filter_map(|t| catalog.get(&t.name))
+                .map(|t| t.qualified())
+                .collect();
+            c.batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                quote_ident(&self.publication),
+                list.join(", ")
+            ))
+            .await
+            .map_err(self.pg("creating the publication"))?;
+            info!(publication = %self.publication, tables = list.len(), "publication created");
+        }
+        let mut rconn = ReplicationConn::connect(&self.ep).await?;
+        let system = rconn.identify_system().await?;
+        let origin = format!("postgres:{}:{}:{}", system.system_id, self.ep.dbname, self.slot);
+        let mut recaptured = Vec::new();
+        match self.slot_state(&c).await? {
+            Some((plugin, _)) if plugin != "pgoutput" => {
+                return Err(Error::definite(format!(
+                    "replication slot {:?} exists but uses the output plugin {plugin:?}, not pgoutput; choose another source.slot",
+                    self.slot
+                )))
+            }
+            Some(_) => {}
+            None => {
+                let created = rconn.create_slot(&self.slot, false).await?;
+                let snapshot = created.snapshot.ok_or_else(|| Error::definite("the new slot exported no snapshot"))?;
+                info!(slot = %self.slot, consistent_point = %created.consistent_point, "replication slot created");
+                // Everything copied before this slot existed is stale.
+                recaptured = tables.iter().map(|t| t.name.clone()).collect();
+                *self.export.lock().await = Some(Export {
+                    _conn: rconn,
+                    snapshot,
+                    consistent_point: created.consistent_point,
+                });
+            }
+        }
+        Ok(Installed { origin, recaptured })
+    }
+
+    async fn verify_resume(&self, checkpoint: Position) -> Result<()> {
+        let c = self.client().await?;
+        match self.slot_state(&c).await? {
+            None => Err(Error::definite(format!(
+                "replication slot {:?} does not exist any more; changes after the checkpoint {} are gone. Start again to copy every table anew",
+                self.slot, Lsn(checkpoint.commit)
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    async fn uninstall(&self) -> Result<()> {
+        let c = self.client().await?;
+        if self.slot_state(&c).await?.is_some() {
+            c.execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
+                .await
+                .map_err(self.pg("dropping the replication slot (stop the running switchyard first)"))?;
+            info!(slot = %self.slot, "replication slot dropped");
+        }
+        if self.create_publication && self.publication_exists(&c).await? {
+            c.batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&self.publication)))
+                .await
+                .map_err(self.pg("dropping the publication"))?;
+            info!(publication = %self.publication, "publication dropped");
+        }
+        Ok(())
+    }
+
+    async fn count_rows(&self, table: &TableSchema) -> Result<Option<u64>> {
+        let Some(t) = self.catalog.lock().await.get(&table.name).cloned() else { return Ok(None) };
+        let c = self.client().await?;
+        let row = c
+            .query_one(&format!("SELECT reltuples::int8 FROM pg_class WHERE oid = '{}'::regclass", t.qualified().replace('\'', "''")), &[])
+            .await
+            .map_err(self.pg("estimating the row count"))?;
+        let n: i64 = row.get(0);
+        Ok((n >= 0).then_some(n as u64))
+    }
+
+    async fn current_position(&self) -> Result<Position> {
+        if let Some(e) = self.export.lock().await.as_ref() {
+            return Ok(snapshot_position(e.consistent_point));
+        }
+        let c = self.client().await?;
+        let flushed = self.slot_state(&c).await?.and_then(|(_, f)| f);
+        let lsn: Lsn = flushed
+            .as_deref()
+            .unwrap_or("0/0")
+            .parse()
+            .map_err(|_| Error::definite(format!("slot {:?}: unreadable confirmed_flush_lsn {flushed:?}", self.slot)))?;
+        Ok(snapshot_position(lsn))
+    }
+
+    async fn snapshot(&self, table: Arc<TableSchema>, batch_rows: usize, rows: mpsc::Sender<Vec<Row>>) -> Result<Position> {
+        let pg = self
+            .catalog
+            .lock()
+            .await
+            .get(&table.name)
+            .cloned()
+            .ok_or_else(|| Error::definite(format!("table {:?} is not in the catalog", table.name)))?;
+        let (snapshot, cp) = {
+            let mut export = self.export.lock().await;
+            if export.is_none() {
+                *export = Some(self.temporary_export().await?);
+            }
+            let e = export.as_ref().expect("set above");
+            (e.snapshot.clone(), e.consistent_point)
+        };
+        let mut c = self.client().await?;
+        let tx = c
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(self.pg("starting the snapshot transaction"))?;
+        tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(&snapshot)))
+            .await
+            .map_err(self.pg("importing the exported snapshot"))?;
+        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let sql = format!("COPY (SELECT {} FROM {}) TO STDOUT", cols.join(", "), pg.qualified());
+        let stream = tx.copy_out(sql.as_str()).await.map_err(self.pg(&format!("copying {}", table.name)))?;
+        pin_mut!(stream);
+        let mut parser = values::CopyTextParser::new(table.columns.len());
+        let mut batch = Vec::with_capacity(batch_rows);
+        let ctx = |e: String| Error::definite(format!("table {:?}: {e}", table.name));
+        while let Some(chunk) = stream.try_next().await.map_err(self.pg(&format!("copying {}", table.name)))? {
+            for fields in parser.feed(&chunk).map_err(ctx)? {
+                batch.push(values::decode_row(&table, &pg.types, fields)?);
+                if batch.len() >= batch_rows {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
+                    if rows.send(full).await.is_err() {
+                        return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+                    }
+                }
+            }
+        }
+        parser.finish().map_err(ctx)?;
+        if !batch.is_empty() && rows.send(batch).await.is_err() {
+            return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+        }
+        tx.commit().await.map_err(self.pg("ending the snapshot transaction"))?;
+        Ok(snapshot_position(cp))
+    }
+
+    async fn stream(
+        &self,
+        tables: Vec<Arc<TableSchema>>,
+        after: Position,
+        max_batch: usize,
+        changes: mpsc::Sender<Batch>,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        // The copy is done: release the exported snapshot (and a temporary slot).
+        *self.export.lock().await = None;
+        let catalog = self.catalog.lock().await.clone();
+        let by_name: HashMap<(String, String), (Arc<TableSchema>, Vec<u32>)> = tables
+            .iter()
+            .filter_map(|t| catalog.get(&t.name).map(|pg| ((pg.schema.clone(), pg.name.clone()), (t.clone(), pg.types.clone()))))
+            .collect();
+        let conn = ReplicationConn::connect(&self.ep).await?;
+        let start = Lsn(after.commit);
+        let mut stream = conn.start_replication(&self.slot, start, &self.publication).await?;
+        info!(slot = %self.slot, from = %start, "logical replication started");
+        let mut state = StreamState {
+            relations: HashMap::new(),
+            by_name,
+            after,
+            commit: None,
+            ordinal: 0,
+            pending: Vec::new(),
+            sent_upto: after,
+            advance: after,
+        };
+        let mut durable_rx = self.durable.subscribe();
+        let mut tick = tokio::time::interval(STATUS_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut received = start;
+        loop {
+            let ready: Option<Batch> = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    let flush = Lsn(*durable_rx.borrow());
+                    stream.send_status(received, flush, false).await?;
+                    None
+                }
+                changed = durable_rx.changed() => {
+                    if changed.is_err() { return Ok(()); }
+                    let flush = Lsn(*durable_rx.borrow_and_update());
+                    stream.send_status(received, flush, false).await?;
+                    None
+                }
+                msg = stream.next() => {
+                    let Some(msg) = msg? else {
+                        return Err(Error::transient("the server ended the replication stream"));
+                    };
+                    match msg {
+                        ReplicationMessage::XLogData { wal_end, data, .. } => {
+                            received = received.max(wal_end);
+                            let m = LogicalMessage::decode(data, DecodeCtx::TOP_LEVEL)
+                                .map_err(|e| Error::definite(format!("undecodable pgoutput message: {e}")))?;
+                            state.on_message(m, max_batch)?
+                        }
+                        ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
+                            received = received.max(wal_end);
+                            if reply_requested {
+                                let flush = Lsn(*durable_rx.borrow());
+                                stream.send_status(received, flush, false).await?;
+                            }
+                            // Idle: everything before the server's position was sent,
+                            // so the checkpoint (and then the slot) may move up to it.
+                            state.heartbeat(wal_end)
+                        }
+                    }
+                }
+            };
+            if let Some(batch) = ready {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    sent = changes.send(batch) => if sent.is_err() { return Ok(()) },
+                }
+            }
+        }
+    }
+
+    async fn ack(&self, durable: Durable) -> Result<()> {
+        let commit = durable.position().commit;
+        self.durable.send_if_modified(|v| {
+            if commit > *v {
+                *v = commit;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+}
+
+struct StreamState {
+    relations: HashMap<u32, Option<(Arc<TableSchema>, Vec<u32>)>>,
+    by_name: HashMap<(String, String), (Arc<TableSchema>, Vec<u32>)>,
+    after: Position,
+    /// The commit LSN of the transaction being received.
+    commit: Option<Lsn>,
+    ordinal: u64,
+    pending: Vec<Change>,
+    /// The position of the last batch sent to the pipeline.
+    sent_upto: Position,
+    /// Transactions without replicated changes received since: the next
+    /// batch may move the checkpoint past them.
+    advance: Position,
+}
+
+impl StreamState {
+    /// A batch that moves the checkpoint to the server's position when no
+    /// transaction is open and nothing is pending.
+    fn heartbeat(&mut self, wal_end: Lsn) -> Option<Batch> {
+        // Every transaction whose commit record starts before `wal_end` was sent.
+        let upto = snapshot_position(wal_end);
+        if self.commit.is_some() || !self.pending.is_empty() || upto <= self.sent_upto {
+            return None;
+        }
+        self.sent_upto = upto;
+        Some(Batch { changes: Vec::new(), upto })
+    }
+
+    fn take(&mut self, upto: Position) -> Batch {
+        self.sent_upto = self.sent_upto.max(upto).max(self.advance);
+        Batch { changes: std::mem::take(&mut self.pending), upto: self.sent_upto }
+    }
+
+    fn table(&self, oid: u32) -> Result<Option<(Arc<TableSchema>, Vec<u32>)>> {
+        match self.relations.get(&oid) {
+            Some(t) => Ok(t.clone()),
+            None => Err(Error::definite(format!("pgoutput sent a change of relation {oid} before describing it"))),
+        }
+    }
+
+    fn on_relation(&mut self, r: RelationBody) -> Result<()> {
+        let Some((table, types)) = self.by_name.get(&(r.namespace.clone(), r.name.clone())).cloned() else {
+            self.relations.insert(r.oid, None);
+            return Ok(());
+        };
+        let now: Vec<&str> = r.columns.iter().map(|c| c.name.as_str()).collect();
+        let then: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
+        if now != then {
+            return Err(Error::definite(format!(
+                "table {:?} changed its columns (then {then:?}, now {now:?}); restart switchyard to copy it with its new columns",
+                table.name
+            )));
+        }
+        self.relations.insert(r.oid, Some((table, types)));
+        Ok(())
+    }
+
+    fn push(&mut self, table: Arc<TableSchema>, op: Op) {
+        self.ordinal += 1;
+        let commit = self.commit.map(|l| l.0).unwrap_or(0);
+        let position = Position::new(commit, self.ordinal);
+        if position <= self.after {
+            return; // applied before the restart
+        }
+        self.pending.push(Change { table, op, position });
+    }
+
+    fn on_message(&mut self, m: LogicalMessage, max_batch: usize) -> Result<Option<Batch>> {
+        match m {
+            LogicalMessage::Begin(b) => {
+                self.commit = Some(b.final_lsn);
+                self.ordinal = 0;
+            }
+            LogicalMessage::Commit(c) => {
+                self.commit = None;
+                // The whole transaction is behind this position.
+                let upto = Position::new(c.commit_lsn.0, Position::WHOLE);
+                if upto <= self.after {
+                    return Ok(None);
+                }
+                if self.pending.is_empty() {
+                    // Nothing of ours in it: moves the checkpoint with the next batch.
+                    self.advance = self.advance.max(upto);
+                    return Ok(None);
+                }
+                return Ok(Some(self.take(upto)));
+            }
+            LogicalMessage::Relation(r) => self.on_relation(r)?,
+            LogicalMessage::Insert(i) => {
+                if let Some((t, types)) = self.table(i.oid)? {
+                    let row = tuple_row(&t, &types, &i.new)?;
+                    self.push(t, Op::Insert { row });
+                }
+            }
+            LogicalMessage::Update(u) => {
+                if let Some((t, types)) = self.table(u.oid)? {
+                    let row = tuple_row(&t, &types, &u.new)?;
+                    let old_key = match &u.old {
+                        Some(old) => {
+                            let k = old_key(&t, &types, old)?;
+                            (k != t.key_of(&row)).then_some(k)
+                        }
+                        None => None,
+                    };
+                    self.push(t, Op::Update { old_key, row });
+                }
+            }
+            LogicalMessage::Delete(d) => {
+                if let Some((t, types)) = self.table(d.oid)? {
+                    let key = old_key(&t, &types, &d.old)?;
+                    self.push(t, Op::Delete { key });
+                }
+            }
+            LogicalMessage::Truncate(tr) => {
+                for oid in tr.oids.clone() {
+                    if let Some((t, _)) = self.table(oid)? {
+                        self.push(t, Op::Truncate);
+                    }
+                }
+            }
+            LogicalMessage::StreamStart(_)
+            | LogicalMessage::StreamStop(_)
+            | LogicalMessage::StreamCommit(_)
+            | LogicalMessage::StreamAbort(_) => {
+                return Err(Error::definite(
+                    "pgoutput sent a streamed in-progress transaction, which switchyard does not request",
+                ));
+            }
+            LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
+        }
+        if self.pending.len() >= max_batch {
+            debug!(changes = self.pending.len(), "sending part of a large transaction");
+            let upto = self.pending.last().map(|c| c.position).unwrap_or(self.sent_upto);
+            return Ok(Some(self.take(upto)));
+        }
+        Ok(None)
+    }
+}
+
+fn tuple_row(table: &TableSchema, types: &[u32], tuple: &TupleData) -> Result<Row> {
+    if tuple.0.len() != table.columns.len() {
+        return Err(Error::definite(format!(
+            "table {:?}: pgoutput sent {} columns, expected {}",
+            table.name,
+            tuple.0.len(),
+            table.columns.len()
+        )));
+    }
+    let mut fields: Vec<Option<String>> = Vec::with_capacity(tuple.0.len());
+    for (i, v) in tuple.0.iter().enumerate() {
+        fields.push(match v {
+            TupleValue::Null => None,
+            TupleValue::Text(b) => Some(String::from_utf8(b.to_vec()).map_err(|_| {
+                Error::definite(format!("table {:?}, column {:?}: value is not UTF-8", table.name, table.columns[i].name))
+            })?),
+            TupleValue::Unchanged => {
+                return Err(Error::definite(format!(
+                    "table {:?}, column {:?}: an unchanged TOAST value arrived; not supported yet — set REPLICA IDENTITY FULL on the table",
+                    table.name, table.columns[i].name
+                )))
+            }
+            TupleValue::Binary(_) => return Err(Error::definite("pgoutput sent a binary value, which switchyard does not request")),
+        });
+    }
+    values::decode_row(table, types, fields)
+}
+
+fn old_key(table: &TableSchema, types: &[u32], old: &OldTuple) -> Result<Vec<Value>> {
+    let tuple = old.tuple();
+    let mut key = Vec::with_capacity(table.key.len());
+    for &k in &table.key {
+        let v = tuple.0.get(k).ok_or_else(|| {
+            Error::definite(format!("table {:?}: the old row image lacks key column {}", table.name, table.columns[k].name))
+        })?;
+        let text = match v {
+            TupleValue::Text(b) => String::from_utf8_lossy(b).into_owned(),
+            _ => {
+                return Err(Error::definite(format!(
+                    "table {:?}: the old row image has no value for key column {:?}; check the table's REPLICA IDENTITY",
+                    table.name, table.columns[k].name
+                )))
+            }
+        };
+        key.push(values::decode(&table.columns[k], types[k], &text).map_err(|m| {
+            Error::definite(format!("table {:?}, column {:?}: {m}", table.name, table.columns[k].name))
+        })?);
+    }
+    Ok(key)
+}

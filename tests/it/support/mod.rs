@@ -98,6 +98,7 @@ impl Scratch {
 pub async fn source_tables(config: &Config) -> Vec<Arc<TableSchema>> {
     let path = match config.source_kind().unwrap() {
         switchyard::config::SourceKind::Sqlite { path } => path,
+        other => panic!("not a SQLite source: {other:?}"),
     };
     let src = SqliteSource::open(&path, config).await.unwrap();
     let d = src.discover().await.unwrap();
@@ -118,6 +119,7 @@ pub async fn source_image(pool: &SqlitePool, config: &Config) -> Image {
         // source's snapshot on a fresh source object.
         let path = match config.source_kind().unwrap() {
             switchyard::config::SourceKind::Sqlite { path } => path,
+            other => panic!("not a SQLite source: {other:?}"),
         };
         let src = SqliteSource::open(&path, config).await.unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
@@ -139,6 +141,33 @@ pub async fn source_image(pool: &SqlitePool, config: &Config) -> Image {
             .unwrap()
             .get(0);
         assert_eq!(n as usize, rows.len(), "source rows of {}", t.name);
+        image.insert(t.target_name.clone(), rows);
+    }
+    image
+}
+
+/// The image of every table `source` discovers, read through its own
+/// snapshot (the pipeline's conversion), as the target should hold it.
+pub async fn image_via(source: &dyn Source) -> Image {
+    let d = source.discover().await.unwrap();
+    let mut image = Image::new();
+    for t in d.tables.into_iter().map(Arc::new) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let read = source.snapshot(t.clone(), 1000, tx);
+        let collect = async {
+            let mut rows = BTreeMap::new();
+            while let Some(batch) = rx.recv().await {
+                for row in batch {
+                    let rid = record_id(&t, &t.key_of(&row)).unwrap();
+                    let mut obj = content(&t, &row).unwrap();
+                    obj.insert("id", rid.clone());
+                    rows.insert(format!("{rid:?}"), format!("{:?}", SValue::Object(obj)));
+                }
+            }
+            rows
+        };
+        let (r, rows) = tokio::join!(read, collect);
+        r.unwrap();
         image.insert(t.target_name.clone(), rows);
     }
     image

@@ -1,0 +1,251 @@
+//! PostgreSQL text-format values (COPY and pgoutput share the output
+//! functions) decoded into the neutral model, with our session settings:
+//! `DateStyle = ISO`, `TimeZone = UTC`, `bytea_output = hex`,
+//! `extra_float_digits = 3`.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::model::{Column, LogicalType, Row, TableSchema, Value};
+
+/// Splits `COPY … TO STDOUT` text output into rows of fields, across chunk
+/// boundaries. `\N` is NULL; backslash escapes are undone.
+pub struct CopyTextParser {
+    columns: usize,
+    partial: Vec<u8>,
+    line: usize,
+}
+
+impl CopyTextParser {
+    pub fn new(columns: usize) -> Self {
+        Self { columns, partial: Vec::new(), line: 0 }
+    }
+
+    /// Every complete row in `chunk` (plus what an earlier chunk left over).
+    pub fn feed(&mut self, chunk: &[u8]) -> std::result::Result<Vec<Vec<Option<String>>>, String> {
+        let mut rows = Vec::new();
+        let mut start = 0;
+        for (i, &b) in chunk.iter().enumerate() {
+            if b == b'\n' {
+                let line: Vec<u8> = if self.partial.is_empty() {
+                    chunk[start..i].to_vec()
+                } else {
+                    let mut l = std::mem::take(&mut self.partial);
+                    l.extend_from_slice(&chunk[start..i]);
+                    l
+                };
+                self.line += 1;
+                rows.push(self.parse_line(&line)?);
+                start = i + 1;
+            }
+        }
+        self.partial.extend_from_slice(&chunk[start..]);
+        Ok(rows)
+    }
+
+    /// Checks that the output ended with a whole row.
+    pub fn finish(&self) -> std::result::Result<(), String> {
+        if self.partial.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("COPY output ended in the middle of row {}", self.line + 1))
+        }
+    }
+
+    fn parse_line(&self, line: &[u8]) -> std::result::Result<Vec<Option<String>>, String> {
+        let mut fields = Vec::with_capacity(self.columns);
+        for raw in line.split(|&b| b == b'\t') {
+            if raw == b"\\N" {
+                fields.push(None);
+                continue;
+            }
+            let mut out = Vec::with_capacity(raw.len());
+            let mut i = 0;
+            while i < raw.len() {
+                let b = raw[i];
+                if b != b'\\' || i + 1 == raw.len() {
+                    out.push(b);
+                    i += 1;
+                    continue;
+                }
+                let e = raw[i + 1];
+                i += 2;
+                match e {
+                    b'b' => out.push(8),
+                    b'f' => out.push(12),
+                    b'n' => out.push(b'\n'),
+                    b'r' => out.push(b'\r'),
+                    b't' => out.push(b'\t'),
+                    b'v' => out.push(11),
+                    b'0'..=b'7' => {
+                        let mut v = (e - b'0') as u32;
+                        let mut n = 1;
+                        while n < 3 && i < raw.len() && (b'0'..=b'7').contains(&raw[i]) {
+                            v = v * 8 + (raw[i] - b'0') as u32;
+                            i += 1;
+                            n += 1;
+                        }
+                        out.push(v as u8);
+                    }
+                    b'x' => {
+                        let mut v = 0u32;
+                        let mut n = 0;
+                        while n < 2 && i < raw.len() && raw[i].is_ascii_hexdigit() {
+                            v = v * 16 + (raw[i] as char).to_digit(16).unwrap_or(0);
+                            i += 1;
+                            n += 1;
+                        }
+                        out.push(v as u8);
+                    }
+                    other => out.push(other),
+                }
+            }
+            fields.push(Some(
+                String::from_utf8(out).map_err(|_| format!("row {}: a value is not valid UTF-8", self.line))?,
+            ));
+        }
+        if fields.len() != self.columns {
+            return Err(format!("row {}: {} fields, expected {}", self.line, fields.len(), self.columns));
+        }
+        Ok(fields)
+    }
+}
+
+/// Parses PostgreSQL's ISO timestamp output (`2024-05-01 12:30:00.5+00`, or
+/// without a zone for `timestamp`, read as UTC).
+pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    if s.ends_with(" BC") {
+        return None;
+    }
+    // A zone written as +HH or +HH:MM (or +HH:MM:SS): normalise to +HH:MM.
+    let (body, zone) = match s.rfind(['+', '-']) {
+        Some(i) if i > 10 => (&s[..i], Some(&s[i..])),
+        _ => (s, None),
+    };
+    match zone {
+        Some(z) => {
+            let mut z = z.to_string();
+            if z.len() == 3 {
+                z.push_str(":00");
+            }
+            if z.len() == 9 {
+                z.truncate(6);
+            }
+            DateTime::parse_from_str(&format!("{body}{z}"), "%Y-%m-%d %H:%M:%S%.f%:z").ok().map(|t| t.with_timezone(&Utc))
+        }
+        None => NaiveDateTime::parse_from_str(body, "%Y-%m-%d %H:%M:%S%.f").ok().map(|t| t.and_utc()),
+    }
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    let h = s.strip_prefix("\\x")?;
+    if h.len() % 2 != 0 {
+        return None;
+    }
+    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok()).collect()
+}
+
+/// Decodes one text value of a column whose (base) type OID is `oid`.
+pub fn decode(col: &Column, oid: u32, s: &str) -> std::result::Result<Value, String> {
+    let bad = |what: &str| format!("{what} {} (type {}) cannot be read", Value::Text(s.to_string()), col.source_type);
+    Ok(match col.logical {
+        LogicalType::Bool => match s {
+            "t" => Value::Bool(true),
+            "f" => Value::Bool(false),
+            _ => return Err(bad("the boolean")),
+        },
+        LogicalType::Int => Value::Int(s.parse().map_err(|_| bad("the integer"))?),
+        LogicalType::Float => Value::Float(match s {
+            "NaN" => f64::NAN,
+            "Infinity" => f64::INFINITY,
+            "-Infinity" => f64::NEG_INFINITY,
+            _ => s.parse().map_err(|_| bad("the number"))?,
+        }),
+        LogicalType::Decimal => Value::Decimal(s.to_string()),
+        LogicalType::Bytes => Value::Bytes(hex_bytes(s).ok_or_else(|| bad("the bytea"))?),
+        LogicalType::Json => Value::Json(s.to_string()),
+        LogicalType::Timestamp => match parse_timestamp(s) {
+            Some(t) => Value::Timestamp(t),
+            None => {
+                return Err(format!(
+                    "the timestamp {s:?} (type {}) has no equivalent in the target (infinity or a BC date); change the value or exclude the table",
+                    col.source_type
+                ))
+            }
+        },
+        LogicalType::Text | LogicalType::Any => {
+            let _ = oid;
+            Value::Text(s.to_string())
+        }
+    })
+}
+
+/// Decodes a row of text fields; an error names table, key, column and value.
+pub fn decode_row(table: &TableSchema, types: &[u32], fields: Vec<Option<String>>) -> Result<Row> {
+    let mut row = Vec::with_capacity(fields.len());
+    let mut failure = None;
+    for (i, f) in fields.into_iter().enumerate() {
+        match f {
+            None => row.push(Value::Null),
+            Some(s) => match decode(&table.columns[i], types[i], &s) {
+                Ok(v) => row.push(v),
+                Err(m) => {
+                    failure.get_or_insert((i, m));
+                    row.push(Value::Text(s));
+                }
+            },
+        }
+    }
+    if let Some((i, m)) = failure {
+        return Err(Error::definite(format!(
+            "table {:?}, key {}, column {:?}: {m}",
+            table.name,
+            table.describe_key(&table.key_of(&row)),
+            table.columns[i].name
+        )));
+    }
+    Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_rows_split_across_chunks_and_unescape() {
+        let mut p = CopyTextParser::new(3);
+        let mut rows = p.feed(b"1\ta\\tb\\\\c\t\\N\n2\tx\\ny").unwrap();
+        assert_eq!(rows.len(), 1);
+        rows.extend(p.feed(b"\t\\101\\x42\n").unwrap());
+        p.finish().unwrap();
+        assert_eq!(rows[0], vec![Some("1".into()), Some("a\tb\\c".into()), None]);
+        assert_eq!(rows[1], vec![Some("2".into()), Some("x\ny".into()), Some("AB".into())]);
+        let mut p = CopyTextParser::new(2);
+        assert!(p.feed(b"1\t2\t3\n").is_err());
+        let mut p = CopyTextParser::new(1);
+        p.feed(b"half").unwrap();
+        assert!(p.finish().is_err());
+    }
+
+    #[test]
+    fn timestamps_in_iso_output() {
+        assert_eq!(parse_timestamp("2024-05-01 12:30:00+00").unwrap().to_rfc3339(), "2024-05-01T12:30:00+00:00");
+        assert_eq!(parse_timestamp("2024-05-01 12:30:00.25+05:30").unwrap().to_rfc3339(), "2024-05-01T07:00:00.250+00:00");
+        assert_eq!(parse_timestamp("2024-05-01 12:30:00").unwrap().to_rfc3339(), "2024-05-01T12:30:00+00:00");
+        assert!(parse_timestamp("infinity").is_none());
+        assert!(parse_timestamp("0044-03-15 00:00:00+00 BC").is_none());
+    }
+
+    #[test]
+    fn values_decode_by_type() {
+        let col = |logical, t: &str| Column { name: "c".into(), source_type: t.into(), logical, nullable: true };
+        assert_eq!(decode(&col(LogicalType::Bool, "boolean"), 16, "t").unwrap(), Value::Bool(true));
+        assert_eq!(decode(&col(LogicalType::Int, "bigint"), 20, "-9223372036854775808").unwrap(), Value::Int(i64::MIN));
+        assert!(matches!(decode(&col(LogicalType::Float, "double precision"), 701, "NaN").unwrap(), Value::Float(x) if x.is_nan()));
+        assert_eq!(decode(&col(LogicalType::Float, "real"), 700, "-Infinity").unwrap(), Value::Float(f64::NEG_INFINITY));
+        assert_eq!(decode(&col(LogicalType::Bytes, "bytea"), 17, "\\x00ff").unwrap(), Value::Bytes(vec![0, 255]));
+        assert_eq!(decode(&col(LogicalType::Decimal, "numeric"), 1700, "1.50").unwrap(), Value::Decimal("1.50".into()));
+        let e = decode(&col(LogicalType::Int, "integer"), 23, "x1").unwrap_err();
+        assert!(e.contains("integer"), "{e}");
+    }
+}

@@ -1,0 +1,298 @@
+//! M1: PostgreSQL → embedded SurrealDB, against the throwaway cluster that
+//! `scripts/test` starts (`scripts/pg-cluster`): wal_level=logical, TLS with
+//! its own CA, a role per authentication method.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard::config::Config;
+use switchyard::pipeline::{Mode, Pipeline, Report};
+use switchyard::sink::surreal::SurrealSink;
+use switchyard::sink::Sink;
+use switchyard::source::postgres::conn::PgEndpoint;
+use switchyard::source::postgres::replication::ReplicationConn;
+use switchyard::source::postgres::PgSource;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+/// The test cluster, as `scripts/pg-cluster start` describes it.
+pub struct Cluster {
+    pub host: String,
+    pub port: u16,
+    pub password: String,
+    pub ca: String,
+}
+
+pub fn cluster() -> Cluster {
+    let var = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!("{k} is not set: run the suite with `bash scripts/test`, which starts the test PostgreSQL (scripts/pg-cluster)")
+        })
+    };
+    Cluster {
+        host: var("SWITCHYARD_TEST_PG_HOST"),
+        port: var("SWITCHYARD_TEST_PG_PORT").parse().unwrap(),
+        password: var("SWITCHYARD_TEST_PG_PASSWORD"),
+        ca: var("SWITCHYARD_TEST_PG_CA"),
+    }
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A database of its own for one test, with its own slot name.
+pub struct PgDb {
+    pub cluster: Cluster,
+    pub name: String,
+    pub client: tokio_postgres::Client,
+}
+
+impl PgDb {
+    pub async fn new(schema: &str) -> PgDb {
+        let cluster = cluster();
+        let name = format!("sy_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let admin = connect(&cluster, "postgres").await;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        let client = connect(&cluster, &name).await;
+        client.batch_execute(schema).await.unwrap();
+        PgDb { cluster, name, client }
+    }
+
+    pub fn url(&self, user: &str, query: &str) -> String {
+        format!("postgres://{user}@{}:{}/{}{query}", self.cluster.host, self.cluster.port, self.name)
+    }
+
+    pub fn config_text(&self, target: &str, extra: &str) -> String {
+        format!(
+            "[source]\nurl = \"{}\"\npassword = \"{}\"\nslot = \"{}\"\n\n[target]\nurl = \"{target}\"\nnamespace = \"test\"\ndatabase = \"test\"\n\n[pipeline]\nbatch_delay_ms = 10\nretry_attempts = 3\nretry_max_delay_ms = 500\n{extra}",
+            self.url("postgres", "?sslmode=disable"),
+            self.cluster.password,
+            self.name
+        )
+    }
+
+    pub fn config(&self, target: &str, extra: &str) -> Arc<Config> {
+        Arc::new(Config::parse(&self.config_text(target, extra)).unwrap())
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    /// The slot's confirmed flush LSN as a number.
+    pub async fn confirmed_flush(&self) -> Option<u64> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.name],
+            )
+            .await
+            .unwrap()?;
+        row.get::<_, Option<String>>(0).map(|s| s.parse().unwrap())
+    }
+}
+
+pub async fn connect(c: &Cluster, db: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host(&c.host)
+        .port(c.port)
+        .user("postgres")
+        .password(&c.password)
+        .dbname(db)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+pub struct Running {
+    pub sink: Arc<SurrealSink>,
+    pub handle: JoinHandle<switchyard::Result<Report>>,
+    pub cancel: CancellationToken,
+}
+
+pub async fn start(config: Arc<Config>, sink: Option<Arc<SurrealSink>>) -> Running {
+    let url = config.source.url.clone();
+    let source = Arc::new(PgSource::open(&url, &config).await.unwrap());
+    let sink = match sink {
+        Some(s) => s,
+        None => Arc::new(SurrealSink::connect("mem://", false, &config).await.unwrap()),
+    };
+    let pipeline = Pipeline::new(config, source, sink.clone());
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let handle = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
+    Running { sink, handle, cancel }
+}
+
+impl Running {
+    pub async fn stop(self) -> Report {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("pipeline did not stop")
+            .unwrap()
+            .expect("pipeline failed")
+    }
+}
+
+/// Waits until the target holds exactly what a fresh snapshot of the source
+/// reads, through the pipeline's own conversion.
+pub async fn wait_converged(config: &Arc<Config>, sink: &SurrealSink) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let source = PgSource::open(&config.source.url, config).await.unwrap();
+        let want = image_via(&source).await;
+        drop(source);
+        let tables: Vec<String> = want.keys().cloned().collect();
+        let got = target_image(sink.client(), &tables).await;
+        let Some(d) = diff(&want, &got) else { return };
+        assert!(std::time::Instant::now() < deadline, "target never matched the source: {d}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE "order" (
+    id bigint PRIMARY KEY,
+    "select" text,
+    "naïve col" varchar(20),
+    total numeric(12, 2),
+    paid boolean,
+    data bytea,
+    doc jsonb,
+    at timestamptz,
+    local_at timestamp,
+    r double precision,
+    f real,
+    small smallint,
+    u uuid,
+    day date
+);
+CREATE TABLE lines (order_id int NOT NULL, n int NOT NULL, qty int, note text, PRIMARY KEY (order_id, n));
+CREATE TABLE "naïve table" (k text PRIMARY KEY, v text);
+INSERT INTO "order" VALUES
+    (1, 'from', 'ünïcødé ✓', 12.50, true, '\x00ff10', '{"a": {"b": [1, 2, null]}, "k": "v"}',
+     '2024-05-01 12:30:00+02', '2024-05-01 12:30:00.123456', 0.1, 1.5, -32768,
+     'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2024-02-29'),
+    (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'NaN', 'Infinity', NULL, NULL, NULL),
+    (9223372036854775807, 'it''s "quoted"', '日本語', 99999999.99, false, '\x', '[]', NULL, NULL, '-Infinity', -0, 32767, NULL, NULL);
+INSERT INTO lines SELECT o, n, o * n, 'line ' || n FROM generate_series(1, 3) o, generate_series(1, 4) n;
+INSERT INTO "naïve table" VALUES ('eu', 'a'), ('us', NULL);
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m1_snapshot_then_stream_into_embedded_surrealdb() {
+    let db = PgDb::new(SCHEMA).await;
+    let config = db.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+
+    // Live changes: a multi-row transaction, an update of a primary key, a
+    // delete, a TRUNCATE, and a value with tabs and newlines.
+    db.exec(
+        "BEGIN;
+         INSERT INTO \"order\" (id, \"select\", total) VALUES (10, E'tab\\there\\nnewline', 1.01);
+         UPDATE \"order\" SET paid = true, doc = '{\"x\": 1}' WHERE id = 1;
+         UPDATE lines SET n = 40 WHERE order_id = 1 AND n = 4;
+         DELETE FROM lines WHERE order_id = 2 AND n = 1;
+         COMMIT;
+         UPDATE \"order\" SET id = 11 WHERE id = 10;
+         TRUNCATE \"naïve table\";
+         INSERT INTO \"naïve table\" VALUES ('jp', 'after truncate');",
+    )
+    .await;
+    wait_converged(&config, &run.sink).await;
+    let report = run.stop().await;
+    assert!(report.changes_applied >= 7, "{report:?}");
+    let copied: u64 = report.tables.iter().map(|t| t.rows).sum();
+    assert_eq!(copied, 3 + 12 + 2, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_and_the_slot_never_passes_the_checkpoint() {
+    let db = PgDb::new(SCHEMA).await;
+    let config = db.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    db.exec("INSERT INTO lines VALUES (7, 1, 7, 'seven')").await;
+    wait_converged(&config, &run.sink).await;
+    let sink = run.sink.clone();
+    run.stop().await;
+    let cp = sink.state().await.unwrap().checkpoint.unwrap();
+    let flushed = db.confirmed_flush().await.unwrap();
+    assert!(flushed <= cp.commit, "slot confirmed {flushed}, past the target's checkpoint {cp}");
+
+    // Changes while switchyard is down arrive after the restart.
+    db.exec("UPDATE lines SET qty = 700 WHERE order_id = 7; DELETE FROM \"order\" WHERE id = 2;").await;
+    let run = start(config.clone(), Some(sink.clone())).await;
+    wait_converged(&config, &run.sink).await;
+    run.stop().await;
+    let cp = sink.state().await.unwrap().checkpoint.unwrap();
+    let flushed = db.confirmed_flush().await.unwrap();
+    assert!(flushed <= cp.commit, "slot confirmed {flushed}, past the target's checkpoint {cp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_a_key_is_refused_with_the_fix() {
+    let db = PgDb::new("CREATE TABLE events (at timestamptz, body text); CREATE TABLE ok (id int PRIMARY KEY);").await;
+    let s = Scratch::new();
+    let cfg = s.path("pg.toml");
+    std::fs::write(&cfg, db.config_text("mem://", "")).unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("events") && out.contains("REPLICA IDENTITY"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_a_clear_error_without_the_secret() {
+    let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY);").await;
+    let s = Scratch::new();
+    let cfg = s.path("pg.toml");
+    let text = db.config_text("mem://", "").replace(&format!("password = \"{}\"", db.cluster.password), "password = \"Wr0ng-s3cret\"");
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out, err) = run_cli(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("password authentication failed") && err.contains("postgres"), "{err}");
+    assert!(!err.contains("Wr0ng-s3cret") && !out.contains("Wr0ng-s3cret"), "the password leaked: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_connection_speaks_every_auth_method_and_tls_mode() {
+    let db = PgDb::new("").await;
+    let c = &db.cluster;
+    let cases: Vec<(&str, Option<&str>, String)> = vec![
+        ("sy_trust", None, "?sslmode=disable".into()),
+        ("sy_clear", Some("clear-pass"), "?sslmode=require".into()),
+        ("sy_md5", Some("md5-pass"), "?sslmode=prefer".into()),
+        ("postgres", Some(c.password.as_str()), format!("?sslmode=verify-full&sslrootcert={}", c.ca)),
+        ("postgres", Some(c.password.as_str()), format!("?sslmode=verify-ca&sslrootcert={}", c.ca)),
+    ];
+    for (user, password, query) in cases {
+        let url = db.url(user, &query);
+        let ep = PgEndpoint::parse(&url, password.map(|p| p.to_string().into()), "source.url").unwrap();
+        let mut conn = ReplicationConn::connect(&ep).await.unwrap_or_else(|e| panic!("{url}: {}", e.report()));
+        let sys = conn.identify_system().await.unwrap();
+        assert!(!sys.system_id.is_empty() && sys.xlogpos.0 > 0, "{url}: {sys:?}");
+        // The ordinary connection honours the same settings.
+        let client = ep.connect().await.unwrap_or_else(|e| panic!("{url}: {}", e.report()));
+        let ssl: bool = client
+            .query_one("SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(ssl, !query.contains("disable"), "{url}");
+    }
+    // verify-full without our CA: the server's certificate is not trusted.
+    let no_ca = db.url("postgres", "?sslmode=verify-full");
+    let ep = PgEndpoint::parse(&no_ca, Some(c.password.clone().into()), "source.url").unwrap();
+    let e = ReplicationConn::connect(&ep).await.err().expect("an unknown CA must be refused");
+    assert!(e.report().contains("TLS handshake"), "{}", e.report());
+    // A role that needs a password, without one.
+    let ep = PgEndpoint::parse(&db.url("sy_md5", "?sslmode=disable"), None, "source.url").unwrap();
+    let e = ReplicationConn::connect(&ep).await.err().expect("no password");
+    assert!(e.report().contains("source.password"), "{}", e.report());
+}
