@@ -50,6 +50,17 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// Resident set size now, in MiB (VmRSS).
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
 /// Resets VmHWM to the current RSS, so that each phase reports its own peak.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -295,6 +306,8 @@ async fn main() -> Result<()> {
         batches.push(b);
     }
     reader.await??;
+    reset_peak_rss();
+    let preread_rss = rss_mib();
     let csink = SurrealSink::connect(&ceiling_target, false, &cconfig).await?;
     csink.prepare(std::slice::from_ref(&table)).await?;
     let db = csink.client();
@@ -316,8 +329,9 @@ async fn main() -> Result<()> {
     let ceil_s = t.elapsed().as_secs_f64();
     let snap_rate = copied as f64 / snap_s;
     let ceil_rate = n as f64 / ceil_s;
+    let ceil_rss = peak_rss_mib();
     println!(
-        "ceiling: {n} rows inserted with the SDK directly, batches of {BATCH}, in {ceil_s:.1} s = {ceil_rate:.0} rows/s"
+        "ceiling: {n} rows inserted with the SDK directly, batches of {BATCH}, in {ceil_s:.1} s = {ceil_rate:.0} rows/s; peak RSS {ceil_rss:.0} MiB, of which {preread_rss:.0} MiB before the inserts (the rows read ahead)"
     );
     println!("snapshot / ceiling: {:.0}%", 100.0 * snap_rate / ceil_rate);
     Ok(())

@@ -111,6 +111,10 @@ pub struct PipelineConfig {
     /// The longest wait between two attempts.
     #[serde(default = "default_retry_max_delay_ms")]
     pub retry_max_delay_ms: u64,
+    /// Tables copied at the same time during the snapshot (default: the
+    /// machine's cores).
+    #[serde(default = "default_snapshot_workers")]
+    pub snapshot_workers: usize,
 }
 
 impl Default for PipelineConfig {
@@ -122,10 +126,14 @@ impl Default for PipelineConfig {
             snapshot_batch_rows: default_snapshot_batch_rows(),
             retry_attempts: default_retry_attempts(),
             retry_max_delay_ms: default_retry_max_delay_ms(),
+            snapshot_workers: default_snapshot_workers(),
         }
     }
 }
 
+fn default_snapshot_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
 fn default_true() -> bool {
     true
 }
@@ -250,6 +258,7 @@ impl Config {
             ("queue_size", p.queue_size),
             ("snapshot_batch_rows", p.snapshot_batch_rows),
             ("retry_attempts", p.retry_attempts),
+            ("snapshot_workers", p.snapshot_workers),
         ] {
             if v == 0 {
                 problems.push(format!("pipeline.{key}: must be at least 1"));

@@ -91,11 +91,18 @@ pub enum Value {
     /// JSON document text as the source holds it (validated).
     Json(String),
     Timestamp(DateTime<Utc>),
+    /// In an update: the column kept its value, which the source did not send
+    /// (PostgreSQL's unchanged TOAST values). A sink leaves the column as it is.
+    Unchanged,
 }
 
 impl Value {
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null)
+    }
+
+    pub fn is_unchanged(&self) -> bool {
+        matches!(self, Value::Unchanged)
     }
 }
 
@@ -119,6 +126,7 @@ impl fmt::Display for Value {
             Value::Json(s) => write!(f, "{}", cut(s)),
             Value::Bytes(b) => write!(f, "<{} bytes>", b.len()),
             Value::Timestamp(t) => write!(f, "{}", t.to_rfc3339()),
+            Value::Unchanged => f.write_str("<unchanged>"),
         }
     }
 }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
@@ -68,6 +69,8 @@ pub struct Pipeline {
     config: Arc<Config>,
     source: Arc<dyn Source>,
     sink: Arc<dyn Sink>,
+    /// The progress bars of tables copied at the same time.
+    bars: indicatif::MultiProgress,
 }
 
 /// Runs `op` again on transient errors with exponential backoff and jitter.
@@ -93,13 +96,13 @@ impl Pipeline {
     pub async fn open(config: Arc<Config>) -> Result<Self> {
         let source: Arc<dyn Source> = Arc::from(source::open(&config).await?);
         let sink: Arc<dyn Sink> = Arc::from(sink::open(&config).await?);
-        Ok(Self { config, source, sink })
+        Ok(Self { config, source, sink, bars: indicatif::MultiProgress::new() })
     }
 
     /// A pipeline over a source and sink opened by the caller (tests keep a
     /// handle on the sink to read the target while the pipeline runs).
     pub fn new(config: Arc<Config>, source: Arc<dyn Source>, sink: Arc<dyn Sink>) -> Self {
-        Self { config, source, sink }
+        Self { config, source, sink, bars: indicatif::MultiProgress::new() }
     }
 
     /// The selected tables, or every blocking problem at once.
@@ -172,6 +175,7 @@ impl Pipeline {
         }
         let mut report = Report::default();
         let mut skip: HashMap<String, Position> = HashMap::new();
+        let mut to_copy = Vec::new();
         for t in &tables {
             match state.tables.get(&t.name) {
                 Some(s) if s.status == TableStatus::Done => {
@@ -189,18 +193,26 @@ impl Pipeline {
                         skip.insert(t.name.clone(), s.position);
                     }
                 }
-                _ => {
-                    if cancel.is_cancelled() {
-                        return Err(Error::new(ErrorKind::Interrupted, "stopped before the snapshot finished"));
-                    }
-                    let r = self.copy_table(t.clone(), &cancel).await?;
-                    if r.at > checkpoint {
-                        skip.insert(t.name.clone(), r.at);
-                    }
-                    report.tables.push(r);
-                }
+                _ => to_copy.push(t.clone()),
             }
         }
+        if !to_copy.is_empty() && cancel.is_cancelled() {
+            return Err(Error::new(ErrorKind::Interrupted, "stopped before the snapshot finished"));
+        }
+        // Several tables at once; the first failure stops the others.
+        let workers = cfg.snapshot_workers.max(1);
+        let mut copies = futures::stream::iter(to_copy.into_iter().map(|t| self.copy_table(t, &cancel)))
+            .buffer_unordered(workers);
+        while let Some(r) = copies.next().await {
+            let r = r?;
+            if r.at > checkpoint {
+                skip.insert(r.table.clone(), r.at);
+            }
+            report.tables.push(r);
+        }
+        drop(copies);
+        let order: HashMap<&str, usize> = tables.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+        report.tables.sort_by_key(|r| order.get(r.table.as_str()).copied().unwrap_or(usize::MAX));
         log_report(&report);
         if mode == Mode::SnapshotOnly {
             report.checkpoint = Some(checkpoint.to_string());
@@ -234,7 +246,7 @@ impl Pipeline {
         // Empty first: rows deleted in the source while we were down must not survive.
         retry(cfg, "emptying the target table", || self.sink.begin_table(&table)).await?;
         let total = self.source.count_rows(&table).await.ok().flatten();
-        let progress = Progress::new(&table.name, total);
+        let progress = Progress::new(&table.name, total, &self.bars);
         let (tx, mut rx) = mpsc::channel(cfg.queue_size);
         let source = self.source.clone();
         let t = table.clone();
@@ -396,9 +408,9 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(table: &str, total: Option<u64>) -> Self {
+    fn new(table: &str, total: Option<u64>, bars: &indicatif::MultiProgress) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let b = indicatif::ProgressBar::new(total.unwrap_or(0));
+            let b = bars.add(indicatif::ProgressBar::new(total.unwrap_or(0)));
             b.set_style(
                 indicatif::ProgressStyle::with_template("{prefix:>20} [{bar:30}] {pos}/{len} rows {per_sec} {msg}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())

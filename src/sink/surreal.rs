@@ -89,6 +89,7 @@ pub fn to_surreal(v: &Value) -> std::result::Result<SValue, String> {
             Err(e) => return Err(format!("invalid JSON: {e}")),
         },
         Value::Timestamp(t) => SValue::Datetime(Datetime::from(*t)),
+        Value::Unchanged => return Err("an unchanged value has no content (a sink bug)".into()),
     })
 }
 
@@ -118,9 +119,27 @@ pub fn record_id(table: &TableSchema, key: &[Value]) -> Result<RecordId> {
 
 /// The record content of a row: one field per non-NULL column.
 pub fn content(table: &TableSchema, row: &Row) -> Result<Object> {
+    fields(table, row, false)
+}
+
+/// The fields an update changes, for `MERGE`: every column but the unchanged
+/// ones, NULL as NONE (which removes the field).
+pub fn changed_fields(table: &TableSchema, row: &Row) -> Result<Object> {
+    fields(table, row, true)
+}
+
+fn fields(table: &TableSchema, row: &Row, merge: bool) -> Result<Object> {
     let mut obj = Object::new();
     for (i, v) in row.iter().enumerate() {
+        if v.is_unchanged() {
+            continue;
+        }
         if v.is_null() {
+            if merge {
+                if let Some(field) = field_name(table, i) {
+                    obj.insert(field, SValue::None);
+                }
+            }
             continue;
         }
         let Some(field) = field_name(table, i) else { continue };
@@ -362,6 +381,20 @@ impl Sink for SurrealSink {
         for (i, ch) in changes.iter().enumerate() {
             let t = &ch.table;
             match &ch.op {
+                Op::Update { old_key, row } if row.iter().any(Value::is_unchanged) => {
+                    // Unchanged columns keep their value in the target: MERGE
+                    // the rest; on a key change, move the old record first.
+                    vars.insert(format!("r{i}"), record_id(t, &t.key_of(row))?);
+                    vars.insert(format!("c{i}"), changed_fields(t, row)?);
+                    if let Some(old) = old_key {
+                        vars.insert(format!("o{i}"), record_id(t, old)?);
+                        sql.push_str(&format!(
+                            "LET $p{i} = (SELECT * OMIT id FROM ONLY $o{i}); DELETE $o{i} RETURN NONE; \
+                             IF $p{i} != NONE {{ UPSERT $r{i} CONTENT $p{i} RETURN NONE; }};\n"
+                        ));
+                    }
+                    sql.push_str(&format!("UPSERT $r{i} MERGE $c{i} RETURN NONE;\n"));
+                }
                 Op::Insert { row } | Op::Update { old_key: None, row } => {
                     vars.insert(format!("r{i}"), record_id(t, &t.key_of(row))?);
                     vars.insert(format!("c{i}"), content(t, row)?);

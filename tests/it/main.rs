@@ -4,6 +4,7 @@
 mod support;
 
 mod config_examples;
+mod pg_crash;
 mod pg_surreal;
 mod sqlite_capture;
 mod sqlite_crash;

@@ -183,6 +183,10 @@ INSERT INTO "order" VALUES
     (9223372036854775807, 'it''s "quoted"', '日本語', 99999999.99, false, '\x', '[]', NULL, NULL, '-Infinity', -0, 32767, NULL, NULL);
 INSERT INTO lines SELECT o, n, o * n, 'line ' || n FROM generate_series(1, 3) o, generate_series(1, 4) n;
 INSERT INTO "naïve table" VALUES ('eu', 'a'), ('us', NULL);
+CREATE TABLE measurements (id int NOT NULL, day date NOT NULL, v int, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+CREATE TABLE measurements_2024 PARTITION OF measurements FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE measurements_2025 PARTITION OF measurements FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+INSERT INTO measurements VALUES (1, '2024-03-01', 10), (2, '2025-03-01', 20);
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,14 +207,19 @@ async fn m1_snapshot_then_stream_into_embedded_surrealdb() {
          COMMIT;
          UPDATE \"order\" SET id = 11 WHERE id = 10;
          TRUNCATE \"naïve table\";
-         INSERT INTO \"naïve table\" VALUES ('jp', 'after truncate');",
+         INSERT INTO \"naïve table\" VALUES ('jp', 'after truncate');
+         INSERT INTO measurements VALUES (3, '2025-06-01', 30);
+         UPDATE measurements SET day = '2025-01-15' WHERE id = 1;",
     )
     .await;
     wait_converged(&config, &run.sink).await;
     let report = run.stop().await;
     assert!(report.changes_applied >= 7, "{report:?}");
     let copied: u64 = report.tables.iter().map(|t| t.rows).sum();
-    assert_eq!(copied, 3 + 12 + 2, "{report:?}");
+    assert_eq!(copied, 3 + 12 + 2 + 2, "{report:?}");
+    // The partitioned table replicates as its root only.
+    let names: Vec<&str> = report.tables.iter().map(|t| t.table.as_str()).collect();
+    assert!(names.contains(&"measurements") && !names.iter().any(|n| n.starts_with("measurements_")), "{names:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,6 +243,13 @@ async fn restart_resumes_and_the_slot_never_passes_the_checkpoint() {
     let cp = sink.state().await.unwrap().checkpoint.unwrap();
     let flushed = db.confirmed_flush().await.unwrap();
     assert!(flushed <= cp.commit, "slot confirmed {flushed}, past the target's checkpoint {cp}");
+
+    // uninstall removes the slot and the publication switchyard created.
+    use switchyard::source::Source;
+    PgSource::open(&config.source.url, &config).await.unwrap().uninstall().await.unwrap();
+    assert_eq!(db.confirmed_flush().await, None, "the slot is still there");
+    let pubs: i64 = db.client.query_one("SELECT count(*) FROM pg_publication", &[]).await.unwrap().get(0);
+    assert_eq!(pubs, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,4 +311,72 @@ async fn replication_connection_speaks_every_auth_method_and_tls_mode() {
     let ep = PgEndpoint::parse(&db.url("sy_md5", "?sslmode=disable"), None, "source.url").unwrap();
     let e = ReplicationConn::connect(&ep).await.err().expect("no password");
     assert!(e.report().contains("source.password"), "{}", e.report());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_values_are_left_as_they_are() {
+    // Random hex does not compress: about 12 kB per value, stored out of line.
+    let db = PgDb::new(
+        "CREATE TABLE docs (id int PRIMARY KEY, big text, n int, note text);
+         INSERT INTO docs SELECT i, (SELECT string_agg(md5(random()::text || g::text || i::text), '') FROM generate_series(1, 400) g), i, 'x'
+           FROM generate_series(1, 3) i;",
+    )
+    .await;
+    let config = db.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+    // Neither update touches `big`: pgoutput sends it as "unchanged".
+    db.exec("UPDATE docs SET n = n + 10, note = NULL WHERE id = 1; UPDATE docs SET id = 20, note = 'moved' WHERE id = 2;").await;
+    wait_converged(&config, &run.sink).await;
+    let report = run.stop().await;
+    assert!(report.changes_applied >= 2, "{report:?}");
+}
+
+/// Ends the walsender that serves the slot; returns whether one was running.
+async fn kill_walsender(db: &PgDb) -> bool {
+    let row = db
+        .client
+        .query_one(
+            "SELECT coalesce(bool_or(pg_terminate_backend(active_pid)), false) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_replication_connection_is_reconnected_without_loss() {
+    let db = PgDb::new(SCHEMA).await;
+    let config = db.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+    for round in 0..3 {
+        db.exec(&format!("INSERT INTO lines VALUES (100, {round}, 1, 'before')")).await;
+        wait_until("the walsender to run", Duration::from_secs(30), || async { kill_walsender(&db).await }).await;
+        // Written while switchyard reconnects.
+        db.exec(&format!("INSERT INTO lines VALUES (200, {round}, 2, 'during'); UPDATE \"order\" SET small = {round} WHERE id = 1;"))
+            .await;
+        wait_converged(&config, &run.sink).await;
+    }
+    let report = run.stop().await;
+    assert!(report.changes_applied >= 9, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_behind_the_daemons_back_stops_it_with_the_reason() {
+    let db = PgDb::new(SCHEMA).await;
+    let config = db.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+    // The slot is busy while the walsender runs: end it, then drop the slot
+    // before switchyard reconnects.
+    wait_until("the slot to be dropped", Duration::from_secs(30), || async {
+        kill_walsender(&db).await;
+        db.client.execute("SELECT pg_drop_replication_slot($1)", &[&db.name]).await.is_ok()
+    })
+    .await;
+    let r = tokio::time::timeout(Duration::from_secs(60), run.handle).await.expect("the daemon kept running").unwrap();
+    let err = r.expect_err("streaming from a dropped slot must fail").report();
+    assert!(err.contains("does not exist") && err.contains("copies every table again"), "{err}");
 }

@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use futures::{pin_mut, TryStreamExt};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use self::conn::PgEndpoint;
 use self::pgoutput::{DecodeCtx, LogicalMessage, Lsn, OldTuple, RelationBody, ReplicationMessage, TupleData, TupleValue};
@@ -85,6 +85,8 @@ pub struct PgSource {
     export: Mutex<Option<Export>>,
     /// The commit LSN the target has made durable, for status updates.
     durable: watch::Sender<u64>,
+    retry_attempts: usize,
+    retry_max_delay: Duration,
 }
 
 /// The snapshot position for a consistent point: every transaction whose
@@ -112,6 +114,8 @@ impl PgSource {
             catalog: Mutex::new(HashMap::new()),
             export: Mutex::new(None),
             durable: watch::channel(0).0,
+            retry_attempts: config.pipeline.retry_attempts,
+            retry_max_delay: Duration::from_millis(config.pipeline.retry_max_delay_ms),
         })
     }
 
@@ -467,14 +471,10 @@ impl Source for PgSource {
         // The copy is done: release the exported snapshot (and a temporary slot).
         *self.export.lock().await = None;
         let catalog = self.catalog.lock().await.clone();
-        let by_name: HashMap<(String, String), (Arc<TableSchema>, Vec<u32>)> = tables
+        let by_name: HashMap<(String, String), Replicated> = tables
             .iter()
             .filter_map(|t| catalog.get(&t.name).map(|pg| ((pg.schema.clone(), pg.name.clone()), (t.clone(), pg.types.clone()))))
             .collect();
-        let conn = ReplicationConn::connect(&self.ep).await?;
-        let start = Lsn(after.commit);
-        let mut stream = conn.start_replication(&self.slot, start, &self.publication).await?;
-        info!(slot = %self.slot, from = %start, "logical replication started");
         let mut state = StreamState {
             relations: HashMap::new(),
             by_name,
@@ -484,7 +484,68 @@ impl Source for PgSource {
             pending: Vec::new(),
             sent_upto: after,
             advance: after,
+            progressed: false,
         };
+        let mut failures = 0usize;
+        loop {
+            match self.stream_once(&mut state, max_batch, &changes, &cancel).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() && failures < self.retry_attempts => {
+                    if std::mem::take(&mut state.progressed) {
+                        failures = 0;
+                    }
+                    failures += 1;
+                    let wait = (Duration::from_millis(200) * 2u32.saturating_pow(failures as u32)).min(self.retry_max_delay);
+                    warn!(error = %e.report(), attempt = failures, retry_in_ms = wait.as_millis() as u64,
+                        "replication connection lost; reconnecting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    state.restart();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn ack(&self, durable: Durable) -> Result<()> {
+        let commit = durable.position().commit;
+        self.durable.send_if_modified(|v| {
+            if commit > *v {
+                *v = commit;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+}
+
+impl PgSource {
+    /// One replication connection: from the last position sent to the
+    /// pipeline, until cancelled or the connection fails.
+    async fn stream_once(
+        &self,
+        state: &mut StreamState,
+        max_batch: usize,
+        changes: &mpsc::Sender<Batch>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let conn = ReplicationConn::connect(&self.ep).await?;
+        let start = Lsn(state.after.commit);
+        let mut stream = conn.start_replication(&self.slot, start, &self.publication).await.map_err(|e| {
+            if e.to_string().contains("does not exist") {
+                Error::definite(format!(
+                    "{e}. The replication slot was dropped while switchyard used it, so changes after the checkpoint are lost; \
+                     start switchyard again: it creates the slot anew and copies every table again"
+                ))
+            } else {
+                e
+            }
+        })?;
+        info!(slot = %self.slot, from = %start, "logical replication started");
         let mut durable_rx = self.durable.subscribe();
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -512,6 +573,7 @@ impl Source for PgSource {
                             received = received.max(wal_end);
                             let m = LogicalMessage::decode(data, DecodeCtx::TOP_LEVEL)
                                 .map_err(|e| Error::definite(format!("undecodable pgoutput message: {e}")))?;
+                            state.progressed = true;
                             state.on_message(m, max_batch)?
                         }
                         ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
@@ -535,24 +597,14 @@ impl Source for PgSource {
             }
         }
     }
-
-    async fn ack(&self, durable: Durable) -> Result<()> {
-        let commit = durable.position().commit;
-        self.durable.send_if_modified(|v| {
-            if commit > *v {
-                *v = commit;
-                true
-            } else {
-                false
-            }
-        });
-        Ok(())
-    }
 }
 
+/// A replicated table and its column type OIDs.
+type Replicated = (Arc<TableSchema>, Vec<u32>);
+
 struct StreamState {
-    relations: HashMap<u32, Option<(Arc<TableSchema>, Vec<u32>)>>,
-    by_name: HashMap<(String, String), (Arc<TableSchema>, Vec<u32>)>,
+    relations: HashMap<u32, Option<Replicated>>,
+    by_name: HashMap<(String, String), Replicated>,
     after: Position,
     /// The commit LSN of the transaction being received.
     commit: Option<Lsn>,
@@ -563,9 +615,20 @@ struct StreamState {
     /// Transactions without replicated changes received since: the next
     /// batch may move the checkpoint past them.
     advance: Position,
+    /// Something arrived since the last (re)connect.
+    progressed: bool,
 }
 
 impl StreamState {
+    /// After a lost connection: start again after what the pipeline has.
+    fn restart(&mut self) {
+        self.after = self.sent_upto;
+        self.commit = None;
+        self.ordinal = 0;
+        self.pending.clear();
+        self.relations.clear();
+    }
+
     /// A batch that moves the checkpoint to the server's position when no
     /// transaction is open and nothing is pending.
     fn heartbeat(&mut self, wal_end: Lsn) -> Option<Batch> {
@@ -583,7 +646,7 @@ impl StreamState {
         Batch { changes: std::mem::take(&mut self.pending), upto: self.sent_upto }
     }
 
-    fn table(&self, oid: u32) -> Result<Option<(Arc<TableSchema>, Vec<u32>)>> {
+    fn table(&self, oid: u32) -> Result<Option<Replicated>> {
         match self.relations.get(&oid) {
             Some(t) => Ok(t.clone()),
             None => Err(Error::definite(format!("pgoutput sent a change of relation {oid} before describing it"))),
@@ -699,6 +762,7 @@ fn tuple_row(table: &TableSchema, types: &[u32], tuple: &TupleData) -> Result<Ro
         )));
     }
     let mut fields: Vec<Option<String>> = Vec::with_capacity(tuple.0.len());
+    let mut unchanged = Vec::new();
     for (i, v) in tuple.0.iter().enumerate() {
         fields.push(match v {
             TupleValue::Null => None,
@@ -706,15 +770,23 @@ fn tuple_row(table: &TableSchema, types: &[u32], tuple: &TupleData) -> Result<Ro
                 Error::definite(format!("table {:?}, column {:?}: value is not UTF-8", table.name, table.columns[i].name))
             })?),
             TupleValue::Unchanged => {
-                return Err(Error::definite(format!(
-                    "table {:?}, column {:?}: an unchanged TOAST value arrived; not supported yet — set REPLICA IDENTITY FULL on the table",
-                    table.name, table.columns[i].name
-                )))
+                unchanged.push(i);
+                None
             }
             TupleValue::Binary(_) => return Err(Error::definite("pgoutput sent a binary value, which switchyard does not request")),
         });
     }
-    values::decode_row(table, types, fields)
+    let mut row = values::decode_row(table, types, fields)?;
+    for i in unchanged {
+        if table.key.contains(&i) {
+            return Err(Error::definite(format!(
+                "table {:?}: key column {:?} arrived as an unchanged TOAST value; the key cannot be matched",
+                table.name, table.columns[i].name
+            )));
+        }
+        row[i] = Value::Unchanged;
+    }
+    Ok(row)
 }
 
 fn old_key(table: &TableSchema, types: &[u32], old: &OldTuple) -> Result<Vec<Value>> {

@@ -231,7 +231,7 @@ impl ReplicationConn {
             ("client_encoding", "UTF8"),
         ];
         params.extend(SESSION_SETTINGS.iter().copied());
-        frontend::startup_message(params.into_iter(), &mut self.wbuf)
+        frontend::startup_message(params, &mut self.wbuf)
             .map_err(|e| Error::definite(format!("building the startup message: {e}")))?;
         self.flush().await?;
         let mut scram: Option<ScramSha256> = None;

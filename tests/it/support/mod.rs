@@ -303,7 +303,11 @@ impl Daemon {
         self.log_text()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["fields"]["checkpoint"].as_str().and_then(|s| s.parse::<u64>().ok()))
+            // `123`, or `123.4` / `123.end` for a position inside or after a
+            // PostgreSQL transaction: the commit part.
+            .filter_map(|v| {
+                v["fields"]["checkpoint"].as_str().and_then(|s| s.split('.').next().unwrap_or(s).parse::<u64>().ok())
+            })
             .next_back()
     }
 }
