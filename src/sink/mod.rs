@@ -5,6 +5,7 @@
 //! source accepts in `ack`, so nothing can be acknowledged that the target
 //! has not committed (invariant 2).
 
+pub mod discard;
 #[cfg(feature = "surrealdb")]
 pub mod surreal;
 

@@ -9,3 +9,4 @@ mod pg_surreal;
 mod sqlite_capture;
 mod sqlite_crash;
 mod sqlite_surreal;
+mod surreal_remote;

@@ -1,0 +1,228 @@
+//! Benchmark: PostgreSQL → embedded SurrealDB (surrealkv://), on pgbench data.
+//!
+//! ```text
+//!  1. pgbench -i -s SCALE      (SCALE 10: 1,000,000 pgbench_accounts rows)
+//!  2. raw ceiling              COPY pgbench_accounts TO STDOUT, read and dropped → rows/s
+//!  3. snapshot → discard sink  the source side alone                          → rows/s
+//!  4. snapshot → surrealkv     the whole pipeline                              → rows/s, peak RSS
+//!  5. stream                   pgbench -N for SECONDS at CLIENTS clients; switchyard
+//!                              applies into surrealkv; lag in bytes sampled each second;
+//!                              then time to catch up (a sentinel row)   → changes/s, lag, RSS
+//! ```
+//!
+//! Run with `bash scripts/bench pg-surreal`, which starts the throwaway
+//! cluster (scripts/pg-cluster). Sizes: `BENCH_PG_SCALE` (default 10),
+//! `BENCH_PG_SECONDS` (default 30), `BENCH_PG_CLIENTS` (default 4).
+//! `pgbench_history` has no key and is left out.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::{pin_mut, TryStreamExt};
+use switchyard::config::Config;
+use switchyard::pipeline::{Mode, Pipeline};
+use switchyard::sink::discard::DiscardSink;
+use switchyard::sink::surreal::SurrealSink;
+use switchyard::source::postgres::PgSource;
+use tokio_util::sync::CancellationToken;
+
+fn env(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set: run `bash scripts/bench pg-surreal`"))
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+struct Pg {
+    host: String,
+    port: String,
+    password: String,
+    bin: String,
+}
+
+impl Pg {
+    async fn client(&self, db: &str) -> Result<tokio_postgres::Client> {
+        let (c, conn) = tokio_postgres::Config::new()
+            .host(&self.host)
+            .port(self.port.parse()?)
+            .user("postgres")
+            .password(&self.password)
+            .dbname(db)
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        tokio::spawn(conn);
+        Ok(c)
+    }
+
+    fn pgbench(&self, args: &[&str]) -> Result<std::process::Output> {
+        let out = std::process::Command::new(format!("{}/pgbench", self.bin))
+            .args(["-h", &self.host, "-p", &self.port, "-U", "postgres"])
+            .args(args)
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .context("running pgbench")?;
+        if !out.status.success() {
+            bail!("pgbench {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out)
+    }
+}
+
+fn config_for(pg: &Pg, db: &str, slot: &str, target: &str) -> Result<Arc<Config>> {
+    let text = format!(
+        "[source]\nurl = \"postgres://postgres@{}:{}/{db}?sslmode=disable\"\npassword = \"{}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n[target]\nurl = \"{target}\"\nnamespace = \"bench\"\ndatabase = \"bench\"\n\n[tables]\nexclude = [\"pgbench_history\"]\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = 2000\n",
+        pg.host, pg.port, pg.password
+    );
+    Ok(Arc::new(Config::parse(&text)?))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let pg = Pg {
+        host: env("SWITCHYARD_TEST_PG_HOST")?,
+        port: env("SWITCHYARD_TEST_PG_PORT")?,
+        password: env("SWITCHYARD_TEST_PG_PASSWORD")?,
+        bin: env("SWITCHYARD_TEST_PG_BIN")?,
+    };
+    let scale = env_num("BENCH_PG_SCALE", 10);
+    let seconds = env_num("BENCH_PG_SECONDS", 30);
+    let clients = env_num("BENCH_PG_CLIENTS", 4);
+    let db = format!("bench_{}", std::process::id());
+    let admin = pg.client("postgres").await?;
+    admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+    println!("# switchyard benchmark: PostgreSQL → embedded SurrealDB (surrealkv), pgbench scale {scale}");
+    let t = Instant::now();
+    pg.pgbench(&["-i", "-q", "-s", &scale.to_string(), &db])?;
+    println!("pgbench -i: {:.1} s", t.elapsed().as_secs_f64());
+    let client = pg.client(&db).await?;
+    let accounts: i64 = client.query_one("SELECT count(*) FROM pgbench_accounts", &[]).await?.get(0);
+
+    // Raw ceiling: COPY out, read and dropped.
+    let t = Instant::now();
+    let stream = client.copy_out("COPY pgbench_accounts TO STDOUT").await?;
+    pin_mut!(stream);
+    let mut bytes = 0usize;
+    while let Some(chunk) = stream.try_next().await? {
+        bytes += chunk.len();
+    }
+    let raw_s = t.elapsed().as_secs_f64();
+    println!(
+        "raw COPY pgbench_accounts TO STDOUT: {accounts} rows, {:.0} MiB in {raw_s:.2} s = {:.0} rows/s",
+        bytes as f64 / 1048576.0,
+        accounts as f64 / raw_s
+    );
+
+    // The source side alone: snapshot into a sink that discards.
+    let dir = tempfile::tempdir()?;
+    let config = config_for(&pg, &db, "bench_discard", "mem://")?;
+    let source = Arc::new(PgSource::open(&config.source.url, &config).await?);
+    let discard = Arc::new(DiscardSink::default());
+    let t = Instant::now();
+    let report = Pipeline::new(config.clone(), source.clone(), discard.clone()).run(Mode::SnapshotOnly, CancellationToken::new()).await?;
+    let disc_s = t.elapsed().as_secs_f64();
+    let rows = discard.rows_loaded.load(Ordering::Relaxed);
+    println!(
+        "snapshot → discard: {rows} rows ({} tables) in {disc_s:.2} s = {:.0} rows/s",
+        report.tables.len(),
+        rows as f64 / disc_s
+    );
+    use switchyard::source::Source;
+    source.uninstall().await?;
+    drop(source);
+
+    // The whole pipeline into surrealkv.
+    let target = format!("surrealkv://{}", dir.path().join("replica").display());
+    let config = config_for(&pg, &db, "bench_surreal", &target)?;
+    let source = Arc::new(PgSource::open(&config.source.url, &config).await?);
+    let sink = Arc::new(SurrealSink::connect(&target, false, &config).await?);
+    reset_peak_rss();
+    let t = Instant::now();
+    let report = Pipeline::new(config.clone(), source.clone(), sink.clone()).run(Mode::SnapshotOnly, CancellationToken::new()).await?;
+    let snap_s = t.elapsed().as_secs_f64();
+    let copied: u64 = report.tables.iter().map(|r| r.rows).sum();
+    println!(
+        "snapshot → surrealkv: {copied} rows in {snap_s:.1} s = {:.0} rows/s; peak RSS {:.0} MiB; {:.0}% of the discard rate, {:.0}% of raw COPY",
+        copied as f64 / snap_s,
+        peak_rss_mib(),
+        100.0 * (copied as f64 / snap_s) / (rows as f64 / disc_s),
+        100.0 * (copied as f64 / snap_s) / (accounts as f64 / raw_s)
+    );
+
+    // Streaming under a pgbench write load.
+    reset_peak_rss();
+    let cancel = CancellationToken::new();
+    let pipeline = Pipeline::new(config.clone(), source.clone(), sink.clone());
+    let c = cancel.clone();
+    let daemon = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
+    let lag_sql = "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'bench_surreal'";
+    let load = {
+        let (s, c, d) = (seconds.to_string(), clients.to_string(), db.clone());
+        let pg2 = Pg { host: pg.host.clone(), port: pg.port.clone(), password: pg.password.clone(), bin: pg.bin.clone() };
+        tokio::task::spawn_blocking(move || pg2.pgbench(&["-N", "-c", &c, "-j", "2", "-T", &s, &d]))
+    };
+    let started = Instant::now();
+    let mut lags = Vec::new();
+    while !load.is_finished() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(r) = client.query_opt(lag_sql, &[]).await? {
+            lags.push(r.get::<_, Option<i64>>(0).unwrap_or(0));
+        }
+    }
+    let out = load.await??;
+    let load_s = started.elapsed().as_secs_f64();
+    let tps = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("tps"))
+        .unwrap_or("")
+        .to_string();
+    // A sentinel: when its row is in the target, everything before it is.
+    client.batch_execute("UPDATE pgbench_branches SET filler = 'sentinel' WHERE bid = 1").await?;
+    let caught_up = Instant::now();
+    loop {
+        let mut r = sink.client().query("SELECT VALUE filler FROM ONLY pgbench_branches:1").await?;
+        let v: Option<String> = r.take(0)?;
+        if v.as_deref().map(str::trim) == Some("sentinel") {
+            break;
+        }
+        if caught_up.elapsed() > Duration::from_secs(1800) {
+            bail!("switchyard did not catch up within 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let catch_up_s = caught_up.elapsed().as_secs_f64();
+    let total_s = started.elapsed().as_secs_f64();
+    cancel.cancel();
+    let report = daemon.await??;
+    let applied = report.changes_applied;
+    let max_lag = lags.iter().copied().max().unwrap_or(0);
+    let avg_lag = if lags.is_empty() { 0 } else { lags.iter().sum::<i64>() / lags.len() as i64 };
+    println!("stream: pgbench -N, {clients} clients, {load_s:.0} s: {tps}");
+    println!(
+        "stream: {applied} changes applied in {total_s:.1} s = {:.0} changes/s (caught up {catch_up_s:.1} s after the load ended); lag while loading avg {:.1} MiB, max {:.1} MiB; peak RSS {:.0} MiB",
+        applied as f64 / total_s,
+        avg_lag as f64 / 1048576.0,
+        max_lag as f64 / 1048576.0,
+        peak_rss_mib()
+    );
+    source.uninstall().await?;
+    drop(client);
+    admin.batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)")).await?;
+    Ok(())
+}
