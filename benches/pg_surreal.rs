@@ -19,6 +19,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
 use anyhow::{bail, Context, Result};
 use futures::{pin_mut, TryStreamExt};
 use switchyard::config::Config;
@@ -28,26 +31,14 @@ use switchyard::sink::surreal::SurrealSink;
 use switchyard::source::postgres::PgSource;
 use tokio_util::sync::CancellationToken;
 
+use common::{peak_rss_mib, reset_peak_rss};
+
 fn env(name: &str) -> Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set: run `bash scripts/bench pg-surreal`"))
 }
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 struct Pg {

@@ -73,6 +73,12 @@ pub struct Pipeline {
     bars: indicatif::MultiProgress,
 }
 
+/// The wait before attempt `attempt + 1` of a loop that retries by itself:
+/// doubling from 200 ms, at most `max`.
+pub fn backoff_delay(attempt: usize, max: Duration) -> Duration {
+    (Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(30) as u32)).min(max)
+}
+
 /// Runs `op` again on transient errors with exponential backoff and jitter.
 pub async fn retry<T, F, Fut>(cfg: &PipelineConfig, what: &str, op: F) -> Result<T>
 where

@@ -861,7 +861,7 @@ impl Source for SqliteSource {
                 }
                 Err(e) if e.is_transient() && failures < self.retry_attempts => {
                     failures += 1;
-                    let wait = (Duration::from_millis(100) * 2u32.saturating_pow(failures as u32)).min(self.retry_max_delay);
+                    let wait = crate::pipeline::backoff_delay(failures, self.retry_max_delay);
                     warn!(error = %e.report(), attempt = failures, retry_in_ms = wait.as_millis() as u64, "polling the change log failed, retrying");
                     wait
                 }

@@ -7,14 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard::config::Config;
-use switchyard::pipeline::{Mode, Pipeline, Report};
 use switchyard::sink::surreal::SurrealSink;
 use switchyard::sink::Sink;
 use switchyard::source::postgres::conn::PgEndpoint;
 use switchyard::source::postgres::replication::ReplicationConn;
 use switchyard::source::postgres::PgSource;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
@@ -109,35 +106,9 @@ pub async fn connect(c: &Cluster, db: &str) -> tokio_postgres::Client {
     client
 }
 
-pub struct Running {
-    pub sink: Arc<SurrealSink>,
-    pub handle: JoinHandle<switchyard::Result<Report>>,
-    pub cancel: CancellationToken,
-}
-
 pub async fn start(config: Arc<Config>, sink: Option<Arc<SurrealSink>>) -> Running {
-    let url = config.source.url.clone();
-    let source = Arc::new(PgSource::open(&url, &config).await.unwrap());
-    let sink = match sink {
-        Some(s) => s,
-        None => Arc::new(SurrealSink::connect("mem://", false, &config).await.unwrap()),
-    };
-    let pipeline = Pipeline::new(config, source, sink.clone());
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let handle = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
-    Running { sink, handle, cancel }
-}
-
-impl Running {
-    pub async fn stop(self) -> Report {
-        self.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
-            .await
-            .expect("pipeline did not stop")
-            .unwrap()
-            .expect("pipeline failed")
-    }
+    let source = Arc::new(PgSource::open(&config.source.url, &config).await.unwrap());
+    run_pipeline(config, source, sink).await
 }
 
 /// Waits until the target holds exactly what a fresh snapshot of the source

@@ -7,7 +7,7 @@ use std::time::Duration;
 use switchyard::source::sqlite::SqliteSource;
 use switchyard::source::Source;
 
-use crate::sqlite_surreal::{start, wait_converged, Running};
+use crate::sqlite_surreal::{start, wait_converged};
 use crate::support::*;
 
 const SCHEMA: &str = r#"

@@ -6,13 +6,10 @@ use std::time::Duration;
 use surrealdb::types::Value as SValue;
 use switchyard::config::Config;
 use switchyard::model::Position;
-use switchyard::pipeline::{Mode, Pipeline, Report};
 use switchyard::sink::surreal::SurrealSink;
 use switchyard::sink::Sink;
 use switchyard::source::sqlite::SqliteSource;
 use switchyard::ErrorKind;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
@@ -54,38 +51,13 @@ INSERT INTO edge (id, i, r, big, b, j, t, flag, loose) VALUES
     (6, 3, -9e999, NULL, NULL, '{}', NULL, NULL, NULL);
 "#;
 
-pub struct Running {
-    pub sink: Arc<SurrealSink>,
-    pub handle: JoinHandle<switchyard::Result<Report>>,
-    pub cancel: CancellationToken,
-}
-
 pub async fn start(config: Arc<Config>, sink: Option<Arc<SurrealSink>>) -> Running {
     let path = match config.source_kind().unwrap() {
         switchyard::config::SourceKind::Sqlite { path } => path,
         other => panic!("not a SQLite source: {other:?}"),
     };
     let source = Arc::new(SqliteSource::open(&path, &config).await.unwrap());
-    let sink = match sink {
-        Some(s) => s,
-        None => Arc::new(SurrealSink::connect("mem://", false, &config).await.unwrap()),
-    };
-    let pipeline = Pipeline::new(config, source, sink.clone());
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let handle = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
-    Running { sink, handle, cancel }
-}
-
-impl Running {
-    pub async fn stop(self) -> Report {
-        self.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
-            .await
-            .expect("pipeline did not stop")
-            .unwrap()
-            .expect("pipeline failed")
-    }
+    run_pipeline(config, source, sink).await
 }
 
 pub async fn wait_converged(pool: &sqlx::SqlitePool, config: &Config, sink: &SurrealSink) {

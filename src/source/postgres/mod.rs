@@ -495,7 +495,7 @@ impl Source for PgSource {
                         failures = 0;
                     }
                     failures += 1;
-                    let wait = (Duration::from_millis(200) * 2u32.saturating_pow(failures as u32)).min(self.retry_max_delay);
+                    let wait = crate::pipeline::backoff_delay(failures, self.retry_max_delay);
                     warn!(error = %e.report(), attempt = failures, retry_in_ms = wait.as_millis() as u64,
                         "replication connection lost; reconnecting");
                     tokio::select! {

@@ -15,7 +15,9 @@ use surrealdb::types::Value as SValue;
 use surrealdb::Surreal;
 use switchyard::config::Config;
 use switchyard::model::TableSchema;
-use switchyard::sink::surreal::{content, ident, record_id};
+use switchyard::pipeline::{Mode, Pipeline, Report};
+use switchyard::sink::surreal::{content, ident, record_id, SurrealSink};
+use tokio_util::sync::CancellationToken;
 use switchyard::source::sqlite::SqliteSource;
 use switchyard::source::Source;
 
@@ -109,39 +111,23 @@ pub async fn source_tables(config: &Config) -> Vec<Arc<TableSchema>> {
 /// id → record), rendered with `Debug` so that values compare exactly.
 pub type Image = BTreeMap<String, BTreeMap<String, String>>;
 
-/// The source's image, converted with the sink's own row mapping.
+/// The SQLite source's image, converted with the sink's own row mapping
+/// (through a fresh source's snapshot); row counts checked against `pool`.
 pub async fn source_image(pool: &SqlitePool, config: &Config) -> Image {
     use sqlx::Row;
-    let tables = source_tables(config).await;
-    let mut image = Image::new();
-    for t in tables {
-        // Read through the same conversion as the pipeline by using the
-        // source's snapshot on a fresh source object.
-        let path = match config.source_kind().unwrap() {
-            switchyard::config::SourceKind::Sqlite { path } => path,
-            other => panic!("not a SQLite source: {other:?}"),
-        };
-        let src = SqliteSource::open(&path, config).await.unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let tt = t.clone();
-        let h = tokio::spawn(async move { src.snapshot(tt, 1000, tx).await });
-        let mut rows = BTreeMap::new();
-        while let Some(batch) = rx.recv().await {
-            for row in batch {
-                let rid = record_id(&t, &t.key_of(&row)).unwrap();
-                let mut obj = content(&t, &row).unwrap();
-                obj.insert("id", rid.clone());
-                rows.insert(format!("{rid:?}"), format!("{:?}", SValue::Object(obj)));
-            }
-        }
-        h.await.unwrap().unwrap();
+    let path = match config.source_kind().unwrap() {
+        switchyard::config::SourceKind::Sqlite { path } => path,
+        other => panic!("not a SQLite source: {other:?}"),
+    };
+    let src = SqliteSource::open(&path, config).await.unwrap();
+    let image = image_via(&src).await;
+    for t in source_tables(config).await {
         let n: i64 = sqlx::query(&format!("SELECT count(*) FROM \"{}\"", t.name.replace('"', "\"\"")))
             .fetch_one(pool)
             .await
             .unwrap()
             .get(0);
-        assert_eq!(n as usize, rows.len(), "source rows of {}", t.name);
-        image.insert(t.target_name.clone(), rows);
+        assert_eq!(n as usize, image[&t.target_name].len(), "source rows of {}", t.name);
     }
     image
 }
@@ -171,6 +157,38 @@ pub async fn image_via(source: &dyn Source) -> Image {
         image.insert(t.target_name.clone(), rows);
     }
     image
+}
+
+/// A pipeline running in this process (tests keep the sink to read the target).
+pub struct Running {
+    pub sink: Arc<SurrealSink>,
+    pub handle: tokio::task::JoinHandle<switchyard::Result<Report>>,
+    pub cancel: CancellationToken,
+}
+
+/// Runs `source` → `sink` (a new `mem://` target when `None`) in `Mode::Run`.
+pub async fn run_pipeline(config: Arc<Config>, source: Arc<dyn Source>, sink: Option<Arc<SurrealSink>>) -> Running {
+    let sink = match sink {
+        Some(s) => s,
+        None => Arc::new(SurrealSink::connect("mem://", false, &config).await.unwrap()),
+    };
+    let pipeline = Pipeline::new(config, source, sink.clone());
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let handle = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
+    Running { sink, handle, cancel }
+}
+
+impl Running {
+    /// Stops it as a signal would, and returns its report.
+    pub async fn stop(self) -> Report {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("pipeline did not stop")
+            .unwrap()
+            .expect("pipeline failed")
+    }
 }
 
 /// The target's image of the given tables.
