@@ -301,6 +301,9 @@ impl Pipeline {
         cancel: CancellationToken,
     ) -> Result<(u64, Position)> {
         let cfg = &self.config.pipeline;
+        // Column counts the target was prepared for; a source may hand over a
+        // wider table (a column added while streaming).
+        let mut prepared: HashMap<String, usize> = tables.iter().map(|t| (t.name.clone(), t.columns.len())).collect();
         let (tx, mut rx) = mpsc::channel::<Batch>(cfg.queue_size);
         let reader_cancel = cancel.child_token();
         let source = self.source.clone();
@@ -351,6 +354,21 @@ impl Pipeline {
                     .into_iter()
                     .filter(|c| skip.get(&c.table.name).is_none_or(|ct| c.position > *ct))
                     .collect();
+                let mut wider: Vec<Arc<TableSchema>> = Vec::new();
+                for c in &apply {
+                    if prepared.get(&c.table.name).is_some_and(|n| *n != c.table.columns.len())
+                        && !wider.iter().any(|t| t.name == c.table.name)
+                    {
+                        wider.push(c.table.clone());
+                    }
+                }
+                if !wider.is_empty() {
+                    retry(cfg, "widening the target schema", || self.sink.prepare(&wider)).await?;
+                    for t in &wider {
+                        info!(table = %t.name, columns = t.columns.len(), "target schema widened");
+                        prepared.insert(t.name.clone(), t.columns.len());
+                    }
+                }
                 let durable = retry(cfg, "applying changes", || self.sink.apply(&apply, upto)).await?;
                 applied += apply.len() as u64;
                 last = durable.position();

@@ -351,3 +351,22 @@ async fn a_slot_dropped_behind_the_daemons_back_stops_it_with_the_reason() {
     let err = r.expect_err("streaming from a dropped slot must fail").report();
     assert!(err.contains("does not exist") && err.contains("copies every table again"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_while_streaming_is_replicated_and_other_changes_stop() {
+    let db = PgDb::new(SCHEMA).await;
+    let config = db.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+    // Without a default, rows that existed keep NULL in the new column.
+    db.exec("ALTER TABLE lines ADD COLUMN extra jsonb; ALTER TABLE lines ADD COLUMN flag boolean;
+             INSERT INTO lines VALUES (9, 9, 9, 'nine', '{\"x\": 9}', true);
+             UPDATE lines SET extra = '[1]' WHERE order_id = 1 AND n = 1;")
+        .await;
+    wait_converged(&config, &run.sink).await;
+    // A dropped column cannot be followed: the stream stops and says so.
+    db.exec("ALTER TABLE lines DROP COLUMN note; INSERT INTO lines VALUES (10, 1, 1, NULL, NULL);").await;
+    let r = tokio::time::timeout(Duration::from_secs(60), run.handle).await.expect("the daemon kept running").unwrap();
+    let err = r.expect_err("a dropped column must stop the stream").report();
+    assert!(err.contains("\"lines\"") && err.contains("cannot follow") && err.contains("tables.exclude"), "{err}");
+}

@@ -574,7 +574,13 @@ impl PgSource {
                             let m = LogicalMessage::decode(data, DecodeCtx::TOP_LEVEL)
                                 .map_err(|e| Error::definite(format!("undecodable pgoutput message: {e}")))?;
                             state.progressed = true;
-                            state.on_message(m, max_batch)?
+                            match m {
+                                LogicalMessage::Relation(r) => {
+                                    self.on_relation(state, r).await?;
+                                    None
+                                }
+                                m => state.on_message(m, max_batch)?,
+                            }
                         }
                         ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
                             received = received.max(wal_end);
@@ -601,6 +607,65 @@ impl PgSource {
 
 /// A replicated table and its column type OIDs.
 type Replicated = (Arc<TableSchema>, Vec<u32>);
+
+impl PgSource {
+    /// A Relation message: which table an OID is, and whether its columns
+    /// still are the ones replicated. Columns added at the end are followed
+    /// (the changes carry the wider table; the pipeline widens the target);
+    /// any other change stops the stream without acknowledging it.
+    async fn on_relation(&self, state: &mut StreamState, r: RelationBody) -> Result<()> {
+        let key = (r.namespace.clone(), r.name.clone());
+        let Some((table, types)) = state.by_name.get(&key).cloned() else {
+            state.relations.insert(r.oid, None);
+            return Ok(());
+        };
+        let now: Vec<&str> = r.columns.iter().map(|c| c.name.as_str()).collect();
+        let then: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
+        if now == then {
+            state.relations.insert(r.oid, Some((table, types)));
+            return Ok(());
+        }
+        if now.len() <= then.len() || now[..then.len()] != then[..] {
+            return Err(Error::definite(format!(
+                "table {:?} changed its columns in a way switchyard cannot follow (then {then:?}, now {now:?}); \
+                 the change is not acknowledged. Copy the table again: run once with it in tables.exclude, then without",
+                table.name
+            )));
+        }
+        let client = self.client().await?;
+        let mut wider = (*table).clone();
+        let mut types = types.clone();
+        let mut added = Vec::new();
+        for c in &r.columns[then.len()..] {
+            let row = client
+                .query_one(
+                    "SELECT format_type(t.oid, $2), CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END,
+                            (SELECT a.atthasmissing FROM pg_attribute a WHERE a.attrelid = $3 AND a.attname = $4)
+                       FROM pg_type t WHERE t.oid = $1",
+                    &[&c.type_oid, &c.type_modifier, &r.oid, &c.name],
+                )
+                .await
+                .map_err(self.pg("reading the type of an added column"))?;
+            let declared: String = row.get(0);
+            let base: u32 = row.get(1);
+            if row.get::<_, Option<bool>>(2) == Some(true) {
+                warn!(table = %table.name, column = %c.name,
+                    "column added with a default: rows that existed before hold it in the source but not in the target; copy the table again to carry it");
+            }
+            wider.columns.push(Column { name: c.name.clone(), source_type: declared, logical: logical_for(base).0, nullable: true });
+            types.push(base);
+            added.push(c.name.clone());
+        }
+        info!(table = %table.name, added = ?added, "table gained columns; replicating them from now on");
+        if let Some(pg) = self.catalog.lock().await.get_mut(&table.name) {
+            pg.types = types.clone();
+        }
+        let wider = Arc::new(wider);
+        state.by_name.insert(key, (wider.clone(), types.clone()));
+        state.relations.insert(r.oid, Some((wider, types)));
+        Ok(())
+    }
+}
 
 struct StreamState {
     relations: HashMap<u32, Option<Replicated>>,
@@ -653,23 +718,6 @@ impl StreamState {
         }
     }
 
-    fn on_relation(&mut self, r: RelationBody) -> Result<()> {
-        let Some((table, types)) = self.by_name.get(&(r.namespace.clone(), r.name.clone())).cloned() else {
-            self.relations.insert(r.oid, None);
-            return Ok(());
-        };
-        let now: Vec<&str> = r.columns.iter().map(|c| c.name.as_str()).collect();
-        let then: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
-        if now != then {
-            return Err(Error::definite(format!(
-                "table {:?} changed its columns (then {then:?}, now {now:?}); restart switchyard to copy it with its new columns",
-                table.name
-            )));
-        }
-        self.relations.insert(r.oid, Some((table, types)));
-        Ok(())
-    }
-
     fn push(&mut self, table: Arc<TableSchema>, op: Op) {
         self.ordinal += 1;
         let commit = self.commit.map(|l| l.0).unwrap_or(0);
@@ -700,7 +748,7 @@ impl StreamState {
                 }
                 return Ok(Some(self.take(upto)));
             }
-            LogicalMessage::Relation(r) => self.on_relation(r)?,
+            LogicalMessage::Relation(_) => {} // handled by PgSource::on_relation
             LogicalMessage::Insert(i) => {
                 if let Some((t, types)) = self.table(i.oid)? {
                     let row = tuple_row(&t, &types, &i.new)?;
