@@ -85,8 +85,8 @@ async fn assert_slot_behind_checkpoint(db: &PgDb, target_dir: &std::path::Path, 
     drop(t);
     wait_unlocked(target_dir).await;
     // A checkpoint `L.end` covers every transaction whose commit record
-    // starts at or before L; the slot starts at its consistent point CP with
-    // the checkpoint at CP − 1, so the slot may be one byte "ahead" of it.
+    // starts at or before L, so the flush confirmed for it is L + 1 (and the
+    // slot starts at its consistent point CP with the checkpoint at CP − 1).
     if let (Some(flushed), Some(cp)) = (db.confirmed_flush().await, cp) {
         assert!(flushed <= cp as u64 + 1, "the slot confirmed {flushed}, past the target's checkpoint {cp}");
     }

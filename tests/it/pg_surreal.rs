@@ -11,7 +11,7 @@ use switchyard::sink::surreal::SurrealSink;
 use switchyard::sink::Sink;
 use switchyard::source::postgres::conn::PgEndpoint;
 use switchyard::source::postgres::replication::ReplicationConn;
-use switchyard::source::postgres::PgSource;
+use switchyard::source::postgres::{flush_lsn, PgSource};
 
 use crate::support::*;
 
@@ -48,7 +48,11 @@ pub struct PgDb {
 
 impl PgDb {
     pub async fn new(schema: &str) -> PgDb {
-        let cluster = cluster();
+        PgDb::on(cluster(), schema).await
+    }
+
+    /// A database on a given cluster.
+    pub async fn on(cluster: Cluster, schema: &str) -> PgDb {
         let name = format!("sy_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
         let admin = connect(&cluster, "postgres").await;
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
@@ -204,7 +208,7 @@ async fn restart_resumes_and_the_slot_never_passes_the_checkpoint() {
     run.stop().await;
     let cp = sink.state().await.unwrap().checkpoint.unwrap();
     let flushed = db.confirmed_flush().await.unwrap();
-    assert!(flushed <= cp.commit, "slot confirmed {flushed}, past the target's checkpoint {cp}");
+    assert!(flushed <= flush_lsn(cp), "slot confirmed {flushed}, past the target's checkpoint {cp}");
 
     // Changes while switchyard is down arrive after the restart.
     db.exec("UPDATE lines SET qty = 700 WHERE order_id = 7; DELETE FROM \"order\" WHERE id = 2;").await;
@@ -213,7 +217,7 @@ async fn restart_resumes_and_the_slot_never_passes_the_checkpoint() {
     run.stop().await;
     let cp = sink.state().await.unwrap().checkpoint.unwrap();
     let flushed = db.confirmed_flush().await.unwrap();
-    assert!(flushed <= cp.commit, "slot confirmed {flushed}, past the target's checkpoint {cp}");
+    assert!(flushed <= flush_lsn(cp), "slot confirmed {flushed}, past the target's checkpoint {cp}");
 
     // uninstall removes the slot and the publication switchyard created.
     use switchyard::source::Source;
@@ -369,4 +373,79 @@ async fn a_column_added_while_streaming_is_replicated_and_other_changes_stop() {
     let r = tokio::time::timeout(Duration::from_secs(60), run.handle).await.expect("the daemon kept running").unwrap();
     let err = r.expect_err("a dropped column must stop the stream").report();
     assert!(err.contains("\"lines\"") && err.contains("cannot follow") && err.contains("tables.exclude"), "{err}");
+}
+
+/// A cluster of a test's own (scripts/pg-cluster on another port), for tests
+/// that restart the server; stopped and removed on drop.
+struct OwnCluster {
+    env: Vec<(String, String)>,
+}
+
+impl OwnCluster {
+    fn script(&self, cmd: &str) -> std::process::Output {
+        let out = std::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-cluster"))
+            .arg(cmd)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg-cluster {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    fn start() -> (OwnCluster, Cluster) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let own = OwnCluster {
+            env: vec![
+                ("SWITCHYARD_PG_PORT".into(), port.to_string()),
+                ("SWITCHYARD_PG_DIR".into(), format!("/tmp/switchyard-pg-own-{port}")),
+            ],
+        };
+        let out = own.script("start");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("export {k}=")))
+                .unwrap_or_else(|| panic!("{k} missing in {text}"))
+                .to_string()
+        };
+        let cluster = Cluster {
+            host: get("SWITCHYARD_TEST_PG_HOST"),
+            port: get("SWITCHYARD_TEST_PG_PORT").parse().unwrap(),
+            password: get("SWITCHYARD_TEST_PG_PASSWORD"),
+            ca: get("SWITCHYARD_TEST_PG_CA"),
+        };
+        (own, cluster)
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-cluster"))
+            .arg("stop")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_server_restarting_during_streaming_loses_nothing() {
+    let (own, cluster) = OwnCluster::start();
+    let db = PgDb::on(cluster, SCHEMA).await;
+    // Attempts enough to outlast a restart (backoff doubles up to 500 ms).
+    let config = Arc::new(Config::parse(&db.config_text("mem://", "").replace("retry_attempts = 3", "retry_attempts = 30")).unwrap());
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+    db.exec("INSERT INTO lines VALUES (50, 1, 1, 'before the restart')").await;
+    own.script("restart");
+    // The test's own connection died with the server: a new one.
+    let client = connect(&db.cluster, &db.name).await;
+    client
+        .batch_execute("INSERT INTO lines VALUES (50, 2, 2, 'after the restart'); UPDATE \"order\" SET small = 7 WHERE id = 1;")
+        .await
+        .unwrap();
+    wait_converged(&config, &run.sink).await;
+    let report = run.stop().await;
+    assert!(report.changes_applied >= 3, "{report:?}");
 }

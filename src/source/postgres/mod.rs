@@ -83,10 +83,23 @@ pub struct PgSource {
     renames: std::collections::BTreeMap<String, String>,
     catalog: Mutex<HashMap<String, PgTable>>,
     export: Mutex<Option<Export>>,
-    /// The commit LSN the target has made durable, for status updates.
+    /// The LSN up to which the target has made everything durable, for
+    /// status updates (see [`flush_lsn`]).
     durable: watch::Sender<u64>,
     retry_attempts: usize,
     retry_max_delay: Duration,
+}
+
+/// The flush LSN to confirm for a durable position: after a whole commit
+/// `(L, whole)` everything before L + 1 is handled; inside the transaction at
+/// L, only what is before L (so the server sends that transaction again and
+/// the stream skips what was applied).
+pub fn flush_lsn(p: Position) -> u64 {
+    if p.ordinal == Position::WHOLE {
+        p.commit + 1
+    } else {
+        p.commit
+    }
 }
 
 /// The snapshot position for a consistent point: every transaction whose
@@ -510,10 +523,10 @@ impl Source for PgSource {
     }
 
     async fn ack(&self, durable: Durable) -> Result<()> {
-        let commit = durable.position().commit;
+        let flush = flush_lsn(durable.position());
         self.durable.send_if_modified(|v| {
-            if commit > *v {
-                *v = commit;
+            if flush > *v {
+                *v = flush;
                 true
             } else {
                 false
