@@ -23,7 +23,9 @@ pub fn base_type(logical: LogicalType) -> &'static str {
         LogicalType::Bool => "bool",
         LogicalType::Int => "int",
         LogicalType::Float => "float",
-        LogicalType::Decimal => "decimal",
+        // `number`, not `decimal`: PostgreSQL's numeric NaN and ±Infinity
+        // arrive as floats; every other value is stored as a decimal.
+        LogicalType::Decimal => "number",
         LogicalType::Text => "string",
         LogicalType::Bytes => "bytes",
         LogicalType::Json => "any",

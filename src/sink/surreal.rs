@@ -71,6 +71,11 @@ pub fn to_surreal(v: &Value) -> std::result::Result<SValue, String> {
         Value::Bool(b) => SValue::Bool(*b),
         Value::Int(i) => SValue::Number(Number::Int(*i)),
         Value::Float(x) => SValue::Number(Number::Float(*x)),
+        // PostgreSQL's numeric NaN and ±Infinity have no decimal form in
+        // SurrealDB; its float has them.
+        Value::Decimal(d) if d == "NaN" => SValue::Number(Number::Float(f64::NAN)),
+        Value::Decimal(d) if d == "Infinity" => SValue::Number(Number::Float(f64::INFINITY)),
+        Value::Decimal(d) if d == "-Infinity" => SValue::Number(Number::Float(f64::NEG_INFINITY)),
         Value::Decimal(d) => {
             let parsed = if d.contains(['e', 'E']) {
                 rust_decimal::Decimal::from_scientific(d)

@@ -154,7 +154,7 @@ INSERT INTO "order" VALUES
     (1, 'from', 'ünïcødé ✓', 12.50, true, '\x00ff10', '{"a": {"b": [1, 2, null]}, "k": "v"}',
      '2024-05-01 12:30:00+02', '2024-05-01 12:30:00.123456', 0.1, 1.5, -32768,
      'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2024-02-29'),
-    (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'NaN', 'Infinity', NULL, NULL, NULL),
+    (2, NULL, NULL, 'NaN', NULL, NULL, NULL, NULL, NULL, 'NaN', 'Infinity', NULL, NULL, NULL),
     (9223372036854775807, 'it''s "quoted"', '日本語', 99999999.99, false, '\x', '[]', NULL, NULL, '-Infinity', -0, 32767, NULL, NULL);
 INSERT INTO lines SELECT o, n, o * n, 'line ' || n FROM generate_series(1, 3) o, generate_series(1, 4) n;
 INSERT INTO "naïve table" VALUES ('eu', 'a'), ('us', NULL);
@@ -190,6 +190,14 @@ async fn m1_snapshot_then_stream_into_embedded_surrealdb() {
     wait_converged(&config, &run.sink).await;
     let report = run.stop().await;
     assert!(report.changes_applied >= 7, "{report:?}");
+    // `check` names the columns that travel as text.
+    let s = Scratch::new();
+    let cfg = s.path("pg.toml");
+    std::fs::write(&cfg, db.config_text("mem://", "")).unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("column \"u\": type uuid is carried as its PostgreSQL text form"), "{out}");
+    assert!(out.contains("total") && out.contains("numeric(12,2)"), "{out}");
     let copied: u64 = report.tables.iter().map(|t| t.rows).sum();
     assert_eq!(copied, 3 + 12 + 2 + 2, "{report:?}");
     // The partitioned table replicates as its root only.

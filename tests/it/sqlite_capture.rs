@@ -137,9 +137,16 @@ async fn a_source_restored_from_a_backup_is_refused() {
     run.stop().await;
 
     pool.close().await;
-    for ext in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{ext}", s.source_path().display()));
-    }
+    // The last connection to close (switchyard's pool closes in the
+    // background) checkpoints the WAL into the file and removes it; restoring
+    // before that would let the checkpoint write the newer pages back.
+    let wal = std::path::PathBuf::from(format!("{}-wal", s.source_path().display()));
+    wait_until("every connection to the source to close", Duration::from_secs(30), || {
+        let gone = !wal.exists();
+        async move { gone }
+    })
+    .await;
+    let _ = std::fs::remove_file(format!("{}-shm", s.source_path().display()));
     std::fs::copy(&backup, s.source_path()).unwrap();
     let err = failure(start(config.clone(), Some(sink)).await).await;
     assert!(err.contains("restored from a backup"), "{err}");
