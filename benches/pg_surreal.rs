@@ -4,10 +4,13 @@
 //!  1. pgbench -i -s SCALE      (SCALE 10: 1,000,000 pgbench_accounts rows)
 //!  2. raw ceiling              COPY pgbench_accounts TO STDOUT, read and dropped → rows/s
 //!  3. snapshot → discard sink  the source side alone                          → rows/s
+//!     stream → discard sink    one transaction updating every account: the pipeline's
+//!                              own memory on a large transaction         → changes/s, peak RSS
 //!  4. snapshot → surrealkv     the whole pipeline                              → rows/s, peak RSS
 //!  5. stream                   pgbench -N for SECONDS at CLIENTS clients; switchyard
 //!                              applies into surrealkv; lag in bytes sampled each second;
 //!                              then time to catch up (a sentinel row)   → changes/s, lag, RSS
+//!  6. one transaction          UPDATE of every pgbench_accounts row       → changes/s, peak RSS
 //! ```
 //!
 //! Run with `bash scripts/bench pg-surreal`, which starts the throwaway
@@ -134,6 +137,33 @@ async fn main() -> Result<()> {
         report.tables.len(),
         rows as f64 / disc_s
     );
+    // The pipeline's own memory on one large transaction: into the discard
+    // sink, so that the target's memory does not count.
+    reset_peak_rss();
+    let cancel = CancellationToken::new();
+    let pipeline = Pipeline::new(config.clone(), source.clone(), discard.clone());
+    let c = cancel.clone();
+    let daemon = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
+    let big = Instant::now();
+    client.batch_execute("UPDATE pgbench_accounts SET abalance = abalance + 1").await?;
+    while discard.changes_applied.load(Ordering::Relaxed) < accounts as u64 {
+        if daemon.is_finished() {
+            daemon.await??;
+            bail!("the pipeline stopped before the large transaction arrived");
+        }
+        if big.elapsed() > Duration::from_secs(1800) {
+            bail!("the large transaction did not reach the discard sink within 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let big_s = big.elapsed().as_secs_f64();
+    cancel.cancel();
+    daemon.await??;
+    println!(
+        "one transaction of {accounts} row updates → discard: through the pipeline {big_s:.1} s after it began = {:.0} changes/s; peak RSS {:.0} MiB",
+        accounts as f64 / big_s,
+        peak_rss_mib()
+    );
     use switchyard::source::Source;
     source.uninstall().await?;
     drop(source);
@@ -199,18 +229,45 @@ async fn main() -> Result<()> {
     }
     let catch_up_s = caught_up.elapsed().as_secs_f64();
     let total_s = started.elapsed().as_secs_f64();
+    let stream_rss = peak_rss_mib();
+
+    // One transaction that updates every account: applied in chunks of
+    // batch_rows, with memory bounded by the queues whatever its size.
+    reset_peak_rss();
+    let big = Instant::now();
+    client
+        .batch_execute("BEGIN; UPDATE pgbench_accounts SET abalance = abalance + 1; UPDATE pgbench_branches SET filler = 'after the big one' WHERE bid = 1; COMMIT;")
+        .await?;
+    let big_commit_s = big.elapsed().as_secs_f64();
+    loop {
+        let mut r = sink.client().query("SELECT VALUE filler FROM ONLY pgbench_branches:1").await?;
+        let v: Option<String> = r.take(0)?;
+        if v.as_deref().map(str::trim) == Some("after the big one") {
+            break;
+        }
+        if big.elapsed() > Duration::from_secs(3600) {
+            bail!("the large transaction was not applied within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let big_s = big.elapsed().as_secs_f64();
+    let big_rss = peak_rss_mib();
     cancel.cancel();
     let report = daemon.await??;
-    let applied = report.changes_applied;
+    let applied = report.changes_applied - accounts as u64 - 1;
     let max_lag = lags.iter().copied().max().unwrap_or(0);
     let avg_lag = if lags.is_empty() { 0 } else { lags.iter().sum::<i64>() / lags.len() as i64 };
     println!("stream: pgbench -N, {clients} clients, {load_s:.0} s: {tps}");
     println!(
-        "stream: {applied} changes applied in {total_s:.1} s = {:.0} changes/s (caught up {catch_up_s:.1} s after the load ended); lag while loading avg {:.1} MiB, max {:.1} MiB; peak RSS {:.0} MiB",
+        "stream: {applied} changes applied in {total_s:.1} s = {:.0} changes/s (caught up {catch_up_s:.1} s after the load ended); lag while loading avg {:.1} MiB, max {:.1} MiB; peak RSS {stream_rss:.0} MiB",
         applied as f64 / total_s,
         avg_lag as f64 / 1048576.0,
         max_lag as f64 / 1048576.0,
-        peak_rss_mib()
+    );
+    println!(
+        "one transaction of {} row updates: committed in {big_commit_s:.1} s, applied {big_s:.1} s after it began = {:.0} changes/s; peak RSS meanwhile {big_rss:.0} MiB",
+        accounts + 1,
+        (accounts + 1) as f64 / (big_s - big_commit_s).max(0.001)
     );
     source.uninstall().await?;
     drop(client);

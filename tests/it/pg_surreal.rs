@@ -457,3 +457,20 @@ async fn the_source_server_restarting_during_streaming_loses_nothing() {
     let report = run.stop().await;
     assert!(report.changes_applied >= 3, "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_name_taken_by_another_database_is_refused() {
+    let first = PgDb::new("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);").await;
+    let second = PgDb::new("CREATE TABLE t (id int PRIMARY KEY);").await;
+    let config = first.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+    run.stop().await;
+    // The second database's config names the first one's slot.
+    let text = second.config_text("mem://", "").replace(&format!("slot = \"{}\"", second.name), &format!("slot = \"{}\"", first.name));
+    let config = Arc::new(Config::parse(&text).unwrap());
+    let run = start(config, None).await;
+    let r = tokio::time::timeout(Duration::from_secs(60), run.handle).await.expect("the daemon kept running").unwrap();
+    let err = r.expect_err("another database's slot must be refused").report();
+    assert!(err.contains(&first.name) && err.contains("source.slot"), "{err}");
+}

@@ -158,15 +158,31 @@ impl PgSource {
         Ok(row.is_some())
     }
 
+    /// The slot's output plugin and confirmed flush LSN, if it exists. Slot
+    /// names are per cluster: one of another database is an error, not ours.
     async fn slot_state(&self, c: &tokio_postgres::Client) -> Result<Option<(String, Option<String>)>> {
         let row = c
             .query_opt(
-                "SELECT plugin::text, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT plugin::text, confirmed_flush_lsn::text, database::text, slot_type FROM pg_replication_slots WHERE slot_name = $1",
                 &[&self.slot],
             )
             .await
             .map_err(self.pg("reading pg_replication_slots"))?;
-        Ok(row.map(|r| (r.get::<_, Option<String>>(0).unwrap_or_default(), r.get(1))))
+        let Some(r) = row else { return Ok(None) };
+        let database: Option<String> = r.get(2);
+        if database.as_deref() != Some(self.ep.dbname.as_str()) {
+            return Err(Error::definite(format!(
+                "replication slot {:?} already exists for {} (slot names are shared by the whole server); \
+                 set another source.slot, or drop that slot if nothing uses it (SELECT pg_drop_replication_slot('{}'))",
+                self.slot,
+                match database {
+                    Some(d) => format!("database {d:?}"),
+                    None => format!("{} replication", r.get::<_, String>(3)),
+                },
+                self.slot
+            )));
+        }
+        Ok(Some((r.get::<_, Option<String>>(0).unwrap_or_default(), r.get(1))))
     }
 
     /// A new exported snapshot on a temporary slot, for tables copied after
@@ -381,6 +397,19 @@ impl Source for PgSource {
     async fn uninstall(&self) -> Result<()> {
         let c = self.client().await?;
         if self.slot_state(&c).await?.is_some() {
+            // A daemon that just stopped leaves its walsender a moment to exit.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let active: Option<i32> = c
+                    .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
+                    .await
+                    .map_err(self.pg("reading pg_replication_slots"))?
+                    .and_then(|r| r.get(0));
+                if active.is_none() || std::time::Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             c.execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
                 .await
                 .map_err(self.pg("dropping the replication slot (stop the running switchyard first)"))?;

@@ -207,19 +207,21 @@ impl ReplicationConn {
         } else {
             ErrorKind::Definite
         };
-        let mut text = format!("{what} ({}): {message} (SQLSTATE {code})", self.shown);
+        // The server's words are scrubbed of the password; our own context
+        // (the URL as shown) never holds it.
+        let mut said = format!("{message} (SQLSTATE {code})");
         if let Some(d) = detail {
-            text.push_str(&format!("; {d}"));
+            said.push_str(&format!("; {d}"));
         }
         if let Some(h) = hint {
-            text.push_str(&format!("; hint: {h}"));
+            said.push_str(&format!("; hint: {h}"));
         }
         if let Some(p) = &self.password {
             if !p.is_empty() {
-                text = text.replace(p.as_str(), "***");
+                said = said.replace(p.as_str(), "***");
             }
         }
-        Error::new(kind, text)
+        Error::new(kind, format!("{what} ({}): {said}", self.shown))
     }
 
     async fn startup(&mut self, user: &str, dbname: &str) -> Result<()> {
