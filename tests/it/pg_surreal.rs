@@ -474,3 +474,21 @@ async fn a_slot_name_taken_by_another_database_is_refused() {
     let err = r.expect_err("another database's slot must be refused").report();
     assert!(err.contains(&first.name) && err.contains("source.slot"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_without_replication_is_told_what_to_grant() {
+    let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY);").await;
+    let role = format!("{}_norepl", db.name);
+    db.exec(&format!("CREATE ROLE {role} LOGIN PASSWORD 'norepl-pass'; GRANT SELECT ON t TO {role};")).await;
+    let s = Scratch::new();
+    let cfg = s.path("pg.toml");
+    let text = db
+        .config_text("mem://", "")
+        .replace("postgres://postgres@", &format!("postgres://{role}@"))
+        .replace(&format!("password = \"{}\"", db.cluster.password), "password = \"norepl-pass\"");
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("may not start replication") && out.contains(&format!("ALTER ROLE \"{role}\" REPLICATION")), "{out}");
+    assert!(!out.contains("norepl-pass") && !err.contains("norepl-pass"));
+}

@@ -218,6 +218,28 @@ impl Source for PgSource {
     async fn discover(&self) -> Result<Discovery> {
         let c = self.client().await?;
         let mut d = Discovery::default();
+        // What logical replication needs of the server and the role.
+        let row = c
+            .query_one(
+                "SELECT current_setting('wal_level'), current_user::text,
+                        (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+                &[],
+            )
+            .await
+            .map_err(self.pg("reading wal_level and the role"))?;
+        let (wal_level, user, can_replicate): (String, String, Option<bool>) = (row.get(0), row.get(1), row.get(2));
+        let server_problem = |message: String| Problem { table: "(source)".into(), column: None, message, blocking: true };
+        if wal_level != "logical" {
+            d.problems.push(server_problem(format!(
+                "the server runs with wal_level = {wal_level}; logical replication needs wal_level = logical (ALTER SYSTEM SET wal_level = logical, then restart the server)"
+            )));
+        }
+        if can_replicate != Some(true) {
+            d.problems.push(server_problem(format!(
+                "role {user:?} may not start replication; ALTER ROLE {} REPLICATION (or use a role that has it)",
+                quote_ident(&user)
+            )));
+        }
         let published = self.publication_exists(&c).await?;
         let candidates = if published {
             c.query(
