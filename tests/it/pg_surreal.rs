@@ -148,6 +148,7 @@ CREATE TABLE "order" (
     u uuid,
     day date
 );
+ALTER TABLE "order" ADD COLUMN tags text[], ADD COLUMN grid int[];
 CREATE TABLE lines (order_id int NOT NULL, n int NOT NULL, qty int, note text, PRIMARY KEY (order_id, n));
 CREATE TABLE "naïve table" (k text PRIMARY KEY, v text);
 INSERT INTO "order" VALUES
@@ -162,6 +163,8 @@ CREATE TABLE measurements (id int NOT NULL, day date NOT NULL, v int, PRIMARY KE
 CREATE TABLE measurements_2024 PARTITION OF measurements FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
 CREATE TABLE measurements_2025 PARTITION OF measurements FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
 INSERT INTO measurements VALUES (1, '2024-03-01', 10), (2, '2025-03-01', 20);
+UPDATE "order" SET tags = ARRAY['a', 'b,c', NULL, 'say "hi"'], grid = '{{1,2},{3,NULL}}' WHERE id = 1;
+UPDATE "order" SET tags = '{}' WHERE id = 2;
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,6 +172,7 @@ async fn m1_snapshot_then_stream_into_embedded_surrealdb() {
     let db = PgDb::new(SCHEMA).await;
     let config = db.config("mem://", "");
     let run = start(config.clone(), None).await;
+    let run_sink = run.sink.clone();
     wait_converged(&config, &run.sink).await;
 
     // Live changes: a multi-row transaction, an update of a primary key, a
@@ -184,12 +188,17 @@ async fn m1_snapshot_then_stream_into_embedded_surrealdb() {
          TRUNCATE \"naïve table\";
          INSERT INTO \"naïve table\" VALUES ('jp', 'after truncate');
          INSERT INTO measurements VALUES (3, '2025-06-01', 30);
+         UPDATE \"order\" SET tags = tags || ARRAY['{brace}'] WHERE id = 1;
          UPDATE measurements SET day = '2025-01-15' WHERE id = 1;",
     )
     .await;
     wait_converged(&config, &run.sink).await;
     let report = run.stop().await;
     assert!(report.changes_applied >= 7, "{report:?}");
+    // Arrays arrive as arrays.
+    let mut r = run_sink.client().query("SELECT VALUE [tags, grid] FROM `order`:1").await.unwrap();
+    let v: Vec<serde_json::Value> = r.take(0).unwrap();
+    assert_eq!(v, vec![serde_json::json!([["a", "b,c", null, "say \"hi\"", "{brace}"], [[1, 2], [3, null]]])]);
     // `check` names the columns that travel as text.
     let s = Scratch::new();
     let cfg = s.path("pg.toml");

@@ -290,7 +290,8 @@ impl Source for PgSource {
                 .query(
                     "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
                             CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END,
-                            a.attnotnull, t.typtype::text
+                            a.attnotnull, t.typtype::text,
+                            CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END
                        FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
                       WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
                       ORDER BY a.attnum",
@@ -304,7 +305,11 @@ impl Source for PgSource {
                 let cname: String = col.get(0);
                 let declared: String = col.get(1);
                 let base: u32 = col.get(2);
-                let (logical, native) = logical_for(base);
+                let elem: u32 = col.get(5);
+                // An array travels as a JSON array of its elements (`types`
+                // then holds the element type).
+                let (logical, native, base) =
+                    if elem != 0 { (crate::model::LogicalType::Json, true, elem) } else { let (l, n) = logical_for(base); (l, n, base) };
                 let typtype: String = col.get(4);
                 if !native && typtype != "e" {
                     d.problems.push(Problem {
@@ -704,19 +709,22 @@ impl PgSource {
             let row = client
                 .query_one(
                     "SELECT format_type(t.oid, $2), CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END,
-                            (SELECT a.atthasmissing FROM pg_attribute a WHERE a.attrelid = $3 AND a.attname = $4)
+                            (SELECT a.atthasmissing FROM pg_attribute a WHERE a.attrelid = $3 AND a.attname = $4),
+                            CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END
                        FROM pg_type t WHERE t.oid = $1",
                     &[&c.type_oid, &c.type_modifier, &r.oid, &c.name],
                 )
                 .await
                 .map_err(self.pg("reading the type of an added column"))?;
             let declared: String = row.get(0);
-            let base: u32 = row.get(1);
+            let elem: u32 = row.get(3);
+            let (logical, base) =
+                if elem != 0 { (crate::model::LogicalType::Json, elem) } else { (logical_for(row.get(1)).0, row.get(1)) };
             if row.get::<_, Option<bool>>(2) == Some(true) {
                 warn!(table = %table.name, column = %c.name,
                     "column added with a default: rows that existed before hold it in the source but not in the target; copy the table again to carry it");
             }
-            wider.columns.push(Column { name: c.name.clone(), source_type: declared, logical: logical_for(base).0, nullable: true });
+            wider.columns.push(Column { name: c.name.clone(), source_type: declared, logical, nullable: true });
             types.push(base);
             added.push(c.name.clone());
         }

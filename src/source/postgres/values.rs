@@ -145,7 +145,110 @@ fn hex_bytes(s: &str) -> Option<Vec<u8>> {
     (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok()).collect()
 }
 
-/// Decodes one text value of a column whose (base) type OID is `oid`.
+/// Parses PostgreSQL's array output (`{1,2,NULL}`, `{{1,2},{3,4}}`,
+/// `[0:1]={a,b}`, `{"a b","c\\"d"}`) into a JSON array; elements become JSON
+/// by their type `elem`: booleans and integers as such, floats as numbers
+/// (NaN and ±Infinity as strings), json/jsonb as documents, everything else
+/// (numeric included, to stay exact) as strings.
+pub fn parse_array(s: &str, elem: u32) -> std::result::Result<serde_json::Value, String> {
+    let body = match s.find('=') {
+        Some(i) if s.starts_with('[') => &s[i + 1..],
+        _ => s,
+    };
+    let chars: Vec<char> = body.chars().collect();
+    let mut pos = 0;
+    let v = parse_level(&chars, &mut pos, elem)?;
+    if pos != chars.len() {
+        return Err(format!("unexpected text after the array at character {pos}"));
+    }
+    Ok(v)
+}
+
+fn parse_level(c: &[char], pos: &mut usize, elem: u32) -> std::result::Result<serde_json::Value, String> {
+    if c.get(*pos) != Some(&'{') {
+        return Err(format!("expected '{{' at character {pos}"));
+    }
+    *pos += 1;
+    let mut items = Vec::new();
+    if c.get(*pos) == Some(&'}') {
+        *pos += 1;
+        return Ok(serde_json::Value::Array(items));
+    }
+    loop {
+        match c.get(*pos) {
+            Some('{') => items.push(parse_level(c, pos, elem)?),
+            Some('"') => {
+                *pos += 1;
+                let mut text = String::new();
+                loop {
+                    match c.get(*pos) {
+                        Some('\\') => {
+                            text.push(*c.get(*pos + 1).ok_or("unterminated escape")?);
+                            *pos += 2;
+                        }
+                        Some('"') => {
+                            *pos += 1;
+                            break;
+                        }
+                        Some(ch) => {
+                            text.push(*ch);
+                            *pos += 1;
+                        }
+                        None => return Err("unterminated quoted element".into()),
+                    }
+                }
+                items.push(element(&text, elem)?);
+            }
+            Some(_) => {
+                let start = *pos;
+                while let Some(ch) = c.get(*pos) {
+                    if *ch == ',' || *ch == '}' {
+                        break;
+                    }
+                    *pos += 1;
+                }
+                let token: String = c[start..*pos].iter().collect();
+                let token = token.trim();
+                if token.eq_ignore_ascii_case("NULL") {
+                    items.push(serde_json::Value::Null);
+                } else {
+                    items.push(element(token, elem)?);
+                }
+            }
+            None => return Err("unterminated array".into()),
+        }
+        match c.get(*pos) {
+            Some(',') => *pos += 1,
+            Some('}') => {
+                *pos += 1;
+                return Ok(serde_json::Value::Array(items));
+            }
+            _ => return Err(format!("expected ',' or '}}' at character {pos}")),
+        }
+    }
+}
+
+fn element(text: &str, elem: u32) -> std::result::Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    Ok(match elem {
+        16 => match text {
+            "t" => J::Bool(true),
+            "f" => J::Bool(false),
+            _ => return Err(format!("bad boolean element {text:?}")),
+        },
+        20 | 21 | 23 | 26 => J::from(text.parse::<i64>().map_err(|_| format!("bad integer element {text:?}"))?),
+        700 | 701 => match text.parse::<f64>() {
+            Ok(x) if x.is_finite() => J::from(x),
+            Ok(_) => J::String(text.to_string()),
+            Err(_) => return Err(format!("bad float element {text:?}")),
+        },
+        114 | 3802 => serde_json::from_str(text).map_err(|e| format!("bad JSON element: {e}"))?,
+        _ => J::String(text.to_string()),
+    })
+}
+
+/// Decodes one text value of a column whose (base) type OID is `oid` (for an
+/// array: its elements' type).
 pub fn decode(col: &Column, oid: u32, s: &str) -> std::result::Result<Value, String> {
     let bad = |what: &str| format!("{what} {} (type {}) cannot be read", Value::Text(s.to_string()), col.source_type);
     Ok(match col.logical {
@@ -163,6 +266,10 @@ pub fn decode(col: &Column, oid: u32, s: &str) -> std::result::Result<Value, Str
         }),
         LogicalType::Decimal => Value::Decimal(s.to_string()),
         LogicalType::Bytes => Value::Bytes(hex_bytes(s).ok_or_else(|| bad("the bytea"))?),
+        LogicalType::Json if col.source_type.ends_with("[]") => match parse_array(s, oid) {
+            Ok(v) => Value::Json(v.to_string()),
+            Err(e) => return Err(format!("the array {} (type {}) cannot be read: {e}", Value::Text(s.to_string()), col.source_type)),
+        },
         LogicalType::Json => Value::Json(s.to_string()),
         LogicalType::Timestamp => match parse_timestamp(s) {
             Some(t) => Value::Timestamp(t),
@@ -225,6 +332,21 @@ mod tests {
         let mut p = CopyTextParser::new(1);
         p.feed(b"half").unwrap();
         assert!(p.finish().is_err());
+    }
+
+    #[test]
+    fn arrays_become_json_arrays() {
+        assert_eq!(parse_array("{1,2,NULL}", 23).unwrap().to_string(), "[1,2,null]");
+        assert_eq!(parse_array("{{1,2},{3,4}}", 20).unwrap().to_string(), "[[1,2],[3,4]]");
+        assert_eq!(parse_array(r#"{"a b","c\"d",NULL,"NULL",plain}"#, 25).unwrap().to_string(), r#"["a b","c\"d",null,"NULL","plain"]"#);
+        assert_eq!(parse_array("[0:1]={t,f}", 16).unwrap().to_string(), "[true,false]");
+        assert_eq!(parse_array("{}", 25).unwrap().to_string(), "[]");
+        assert_eq!(parse_array("{1.50,NaN}", 1700).unwrap().to_string(), r#"["1.50","NaN"]"#);
+        assert_eq!(parse_array("{0.5,Infinity}", 701).unwrap().to_string(), r#"[0.5,"Infinity"]"#);
+        assert_eq!(parse_array(r#"{"{\"k\": 1}"}"#, 3802).unwrap().to_string(), r#"[{"k":1}]"#);
+        for bad in ["{1,2", "1,2}", "{1,2}x", "{\"open}", "{x}"] {
+            assert!(parse_array(bad, 23).is_err(), "{bad}");
+        }
     }
 
     #[test]
