@@ -47,6 +47,11 @@ pub struct SourceConfig {
     /// does not exist; otherwise it must exist.
     #[serde(default = "default_true")]
     pub create_publication: bool,
+    /// PostgreSQL: carry columns whose type has no mapping for the target
+    /// (uuid, date, interval, inet, ranges, …) as their text form; when false
+    /// such a column stops `run` and `check` names it.
+    #[serde(default)]
+    pub unmapped_as_text: bool,
 }
 
 #[derive(Debug, Deserialize)]

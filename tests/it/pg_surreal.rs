@@ -67,7 +67,7 @@ impl PgDb {
 
     pub fn config_text(&self, target: &str, extra: &str) -> String {
         format!(
-            "[source]\nurl = \"{}\"\npassword = \"{}\"\nslot = \"{}\"\n\n[target]\nurl = \"{target}\"\nnamespace = \"test\"\ndatabase = \"test\"\n\n[pipeline]\nbatch_delay_ms = 10\nretry_attempts = 3\nretry_max_delay_ms = 500\n{extra}",
+            "[source]\nurl = \"{}\"\npassword = \"{}\"\nslot = \"{}\"\nunmapped_as_text = true\n\n[target]\nurl = \"{target}\"\nnamespace = \"test\"\ndatabase = \"test\"\n\n[pipeline]\nbatch_delay_ms = 10\nretry_attempts = 3\nretry_max_delay_ms = 500\n{extra}",
             self.url("postgres", "?sslmode=disable"),
             self.cluster.password,
             self.name
@@ -206,6 +206,11 @@ async fn m1_snapshot_then_stream_into_embedded_surrealdb() {
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("column \"u\": type uuid is carried as its PostgreSQL text form"), "{out}");
+    // Without unmapped_as_text, such a column is a blocking problem.
+    std::fs::write(&cfg, db.config_text("mem://", "").replace("unmapped_as_text = true\n", "")).unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("error  table \"order\", column \"u\": type uuid has no mapping") && out.contains("unmapped_as_text"), "{out}");
     assert!(out.contains("total") && out.contains("numeric(12,2)"), "{out}");
     let copied: u64 = report.tables.iter().map(|t| t.rows).sum();
     assert_eq!(copied, 3 + 12 + 2 + 2, "{report:?}");

@@ -79,6 +79,7 @@ pub struct PgSource {
     slot: String,
     publication: String,
     create_publication: bool,
+    unmapped_as_text: bool,
     filter: TableFilter,
     renames: std::collections::BTreeMap<String, String>,
     catalog: Mutex<HashMap<String, PgTable>>,
@@ -122,6 +123,7 @@ impl PgSource {
             slot: config.source.slot.clone(),
             publication: config.source.publication.clone(),
             create_publication: config.source.create_publication,
+            unmapped_as_text: config.source.unmapped_as_text,
             filter: config.table_filter()?,
             renames: config.tables.rename.clone(),
             catalog: Mutex::new(HashMap::new()),
@@ -312,11 +314,22 @@ impl Source for PgSource {
                     if elem != 0 { (crate::model::LogicalType::Json, true, elem) } else { let (l, n) = logical_for(base); (l, n, base) };
                 let typtype: String = col.get(4);
                 if !native && typtype != "e" {
-                    d.problems.push(Problem {
-                        table: name.clone(),
-                        column: Some(cname.clone()),
-                        message: format!("type {declared} is carried as its PostgreSQL text form"),
-                        blocking: false,
+                    d.problems.push(if self.unmapped_as_text {
+                        Problem {
+                            table: name.clone(),
+                            column: Some(cname.clone()),
+                            message: format!("type {declared} is carried as its PostgreSQL text form"),
+                            blocking: false,
+                        }
+                    } else {
+                        Problem {
+                            table: name.clone(),
+                            column: Some(cname.clone()),
+                            message: format!(
+                                "type {declared} has no mapping for the target; set source.unmapped_as_text = true to carry it as its PostgreSQL text form, or exclude the table"
+                            ),
+                            blocking: true,
+                        }
                     });
                 }
                 types.push(base);
