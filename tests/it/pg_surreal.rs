@@ -163,6 +163,20 @@ CREATE TABLE measurements (id int NOT NULL, day date NOT NULL, v int, PRIMARY KE
 CREATE TABLE measurements_2024 PARTITION OF measurements FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
 CREATE TABLE measurements_2025 PARTITION OF measurements FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
 INSERT INTO measurements VALUES (1, '2024-03-01', 10), (2, '2025-03-01', 20);
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+CREATE TABLE every_type (
+    id int PRIMARY KEY, b boolean, i2 int2, i4 int4, i8 int8, f4 real, f8 double precision, n numeric, n2 numeric(30, 10),
+    t text, vc varchar(10), c char(3), nm name, by bytea, u uuid, j json, jb jsonb,
+    d date, tm time, tz timetz, ts timestamp, tstz timestamptz, iv interval, ar int[], m mood, dom positive,
+    inet_ inet, cidr_ cidr, mac macaddr, bits bit(4), vbits varbit, money_ money, r int4range, tsv tsvector, x xml, o oid
+);
+INSERT INTO every_type VALUES (
+    1, true, -32768, 2147483647, -9223372036854775808, 1.5, 'NaN', 'NaN', 12345678901234567890.0123456789,
+    'text', 'varchar', 'ch', 'a_name', '\xdeadbeef', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{"a": [1, 2]}', '{"b": null}',
+    '2024-02-29', '23:59:59.999999', '12:00:00+05:30', '1999-12-31 23:59:59', '2000-01-01 00:00:00+00', '1 year 2 months 3 days 04:05:06.789', '{{1,2},{3,4}}', 'happy', 7,
+    '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03', B'1010', B'101', 12.34, '[1,10)', 'a fat cat', '<a>x</a>', 4242
+), (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
 UPDATE "order" SET tags = ARRAY['a', 'b,c', NULL, 'say "hi"'], grid = '{{1,2},{3,NULL}}' WHERE id = 1;
 UPDATE "order" SET tags = '{}' WHERE id = 2;
 "#;
@@ -189,6 +203,9 @@ async fn m1_snapshot_then_stream_into_embedded_surrealdb() {
          INSERT INTO \"naïve table\" VALUES ('jp', 'after truncate');
          INSERT INTO measurements VALUES (3, '2025-06-01', 30);
          UPDATE \"order\" SET tags = tags || ARRAY['{brace}'] WHERE id = 1;
+         INSERT INTO every_type SELECT 3, b, i2, i4, i8, f4, '-Infinity', 'Infinity', n2, E'line\\nbreak\\ttab', vc, c, nm, by, u, j, jb,
+                d, tm, tz, ts, tstz, iv, ar, 'sad', dom, inet_, cidr_, mac, bits, vbits, money_, r, tsv, x, o FROM every_type WHERE id = 1;
+         UPDATE every_type SET iv = '-1 day', m = 'ok', tsv = 'other words' WHERE id = 1;
          UPDATE measurements SET day = '2025-01-15' WHERE id = 1;",
     )
     .await;
@@ -213,7 +230,7 @@ async fn m1_snapshot_then_stream_into_embedded_surrealdb() {
     assert!(out.contains("error  table \"order\", column \"u\": type uuid has no mapping") && out.contains("unmapped_as_text"), "{out}");
     assert!(out.contains("total") && out.contains("numeric(12,2)"), "{out}");
     let copied: u64 = report.tables.iter().map(|t| t.rows).sum();
-    assert_eq!(copied, 3 + 12 + 2 + 2, "{report:?}");
+    assert_eq!(copied, 3 + 12 + 2 + 2 + 2, "{report:?}");
     // The partitioned table replicates as its root only.
     let names: Vec<&str> = report.tables.iter().map(|t| t.table.as_str()).collect();
     assert!(names.contains(&"measurements") && !names.iter().any(|n| n.starts_with("measurements_")), "{names:?}");
