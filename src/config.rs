@@ -120,6 +120,10 @@ pub struct PipelineConfig {
     /// machine's cores).
     #[serde(default = "default_snapshot_workers")]
     pub snapshot_workers: usize,
+    /// A PostgreSQL table whose heap is at least this many MiB is read in
+    /// `snapshot_workers` block ranges at once (0: never split).
+    #[serde(default = "default_snapshot_split_mb")]
+    pub snapshot_split_mb: u64,
 }
 
 impl Default for PipelineConfig {
@@ -132,10 +136,14 @@ impl Default for PipelineConfig {
             retry_attempts: default_retry_attempts(),
             retry_max_delay_ms: default_retry_max_delay_ms(),
             snapshot_workers: default_snapshot_workers(),
+            snapshot_split_mb: default_snapshot_split_mb(),
         }
     }
 }
 
+fn default_snapshot_split_mb() -> u64 {
+    64
+}
 fn default_snapshot_workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
@@ -439,32 +447,29 @@ fn url_has_password(url: &str) -> bool {
 /// The URL with any password in it replaced by `***`, for logs and messages.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => authority.to_string(),
+    // The userinfo ends at the last '@': a password may hold '/', '?' or '@'
+    // itself, and hiding too much is better than showing a secret.
+    let (userinfo, hostpath) = match rest.rfind('@') {
+        Some(i) => (
+            match rest[..i].split_once(':') {
+                Some((user, _)) => format!("{user}:***@"),
+                None => format!("{}@", &rest[..i]),
+            },
+            &rest[i + 1..],
+        ),
+        None => (String::new(), rest),
     };
     // Query parameters may carry passwords too.
-    let path = match path.split_once('?') {
-        Some((p, q)) => {
-            let q: Vec<String> = q
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                    _ => kv.to_string(),
-                })
-                .collect();
-            format!("{p}?{}", q.join("&"))
-        }
-        None => path.to_string(),
-    };
-    format!("{scheme}://{authority}{path}")
+    let mut out = String::with_capacity(hostpath.len());
+    let mut tail = hostpath;
+    while let Some(i) = tail.to_ascii_lowercase().find("password=") {
+        out.push_str(&tail[..i + "password=".len()]);
+        out.push_str("***");
+        tail = &tail[i + "password=".len()..];
+        tail = &tail[tail.find('&').unwrap_or(tail.len())..];
+    }
+    out.push_str(tail);
+    format!("{scheme}://{userinfo}{out}")
 }
 
 /// A TOML syntax error as line, column and message, without quoting the
@@ -545,6 +550,10 @@ mod tests {
     fn passwords_never_print() {
         assert_eq!(redact_url("ws://root:hunter2@h:8000/x"), "ws://root:***@h:8000/x");
         assert_eq!(redact_url("postgres://u@h/db?password=hunter2&x=1"), "postgres://u@h/db?password=***&x=1");
+        assert_eq!(redact_url("postgres://app:pa/ss@db/shop"), "postgres://app:***@db/shop");
+        assert_eq!(redact_url("postgres://app:p?a@s@db/shop?sslmode=require"), "postgres://app:***@db/shop?sslmode=require");
+        assert_eq!(redact_url("postgres://db/shop?user=a@b&PASSWORD=x&y=1"), "postgres://db/shop?user=a@b&PASSWORD=***&y=1");
+        assert_eq!(redact_url("surrealkv://data/target"), "surrealkv://data/target");
         let text = MIN.replace("database = \"app\"", "database = \"app\"\npassword = \"hunter2\"");
         let c = Config::parse(&text).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));

@@ -151,17 +151,67 @@ pub struct TableSchema {
     /// The name in the target (the source name unless renamed).
     pub target_name: String,
     pub columns: Vec<Column>,
-    /// Indexes into `columns` of the key, in key order.
+    /// Indexes into `columns` of the key, in key order. For a table
+    /// identified by its whole row, every column.
     pub key: Vec<usize>,
+    /// The table has no key: a row is identified by all of its values
+    /// (PostgreSQL `REPLICA IDENTITY FULL`), and identical rows are counted.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub whole_row: bool,
+    /// What identifies this incarnation of the table in the source
+    /// (PostgreSQL: its OID), so that a table dropped and created again
+    /// under the same name is copied again. Empty where the source has none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source_id: String,
 }
 
 impl TableSchema {
+    /// A table identified by its key columns.
+    pub fn keyed(name: String, target_name: String, columns: Vec<Column>, key: Vec<usize>) -> Self {
+        Self { name, target_name, columns, key, whole_row: false, source_id: String::new() }
+    }
+
+    /// A table without a key, identified by its whole row.
+    pub fn whole_row(name: String, target_name: String, columns: Vec<Column>) -> Self {
+        let key = (0..columns.len()).collect();
+        Self { name, target_name, columns, key, whole_row: true, source_id: String::new() }
+    }
+
     pub fn key_names(&self) -> Vec<&str> {
         self.key.iter().map(|&i| self.columns[i].name.as_str()).collect()
     }
 
     pub fn key_of(&self, row: &Row) -> Vec<Value> {
         self.key.iter().map(|&i| row[i].clone()).collect()
+    }
+
+    /// A stable identity of a whole row: a SHA-256 digest (hex, 128 bits) of
+    /// the non-NULL values with their column names, so that a column added
+    /// later with NULLs leaves the identity of existing rows unchanged.
+    pub fn row_digest(&self, row: &Row) -> std::result::Result<String, String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (c, v) in self.columns.iter().zip(row) {
+            let (tag, bytes): (u8, std::borrow::Cow<[u8]>) = match v {
+                Value::Null => continue,
+                Value::Unchanged => return Err(format!("column {:?} has no value in the row image", c.name)),
+                Value::Bool(b) => (1, vec![*b as u8].into()),
+                Value::Int(i) => (2, i.to_be_bytes().to_vec().into()),
+                Value::Float(x) => (3, (if x.is_nan() { f64::NAN } else { *x }).to_bits().to_be_bytes().to_vec().into()),
+                Value::Decimal(d) => (4, d.as_bytes().into()),
+                Value::Text(s) => (5, s.as_bytes().into()),
+                Value::Bytes(b) => (6, b.as_slice().into()),
+                Value::Json(s) => (7, s.as_bytes().into()),
+                Value::Timestamp(t) => (8, t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true).into_bytes().into()),
+            };
+            h.update((c.name.len() as u64).to_be_bytes());
+            h.update(c.name.as_bytes());
+            h.update([tag]);
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(&bytes);
+        }
+        let d = h.finalize();
+        Ok(d[..16].iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// `(col = value, …)` for error messages.

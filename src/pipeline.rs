@@ -163,15 +163,23 @@ impl Pipeline {
         };
         // A table copied earlier is stale if its capture had to be created
         // again, or if it was left out of a run (its changes went unapplied).
-        let selected: std::collections::HashSet<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+        // So is a table dropped and created again under its name.
+        let selected: HashMap<&str, &TableSchema> = tables.iter().map(|t| (t.name.as_str(), t.as_ref())).collect();
+        let recreated = |name: &str, copied: &str| {
+            selected.get(name).is_some_and(|t| !t.source_id.is_empty() && !copied.is_empty() && t.source_id != copied)
+        };
         let stale: Vec<String> = state
             .tables
-            .keys()
-            .filter(|name| !selected.contains(name.as_str()) || installed.recaptured.contains(name))
-            .cloned()
+            .iter()
+            .filter(|(name, s)| {
+                !selected.contains_key(name.as_str()) || installed.recaptured.contains(*name) || recreated(name, &s.source_id)
+            })
+            .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
-            if selected.contains(name.as_str()) {
+            if recreated(&name, &state.tables[&name].source_id) {
+                warn!(table = %name, "this is not the table that was copied (it was dropped and created again): copying it again");
+            } else if selected.contains_key(name.as_str()) {
                 warn!(table = %name, "change capture of this table was missing (dropped or rebuilt?): copying it again");
             } else {
                 info!(table = %name, "table is no longer selected: its copy in the target stops following the source");
@@ -253,15 +261,35 @@ impl Pipeline {
         retry(cfg, "emptying the target table", || self.sink.begin_table(&table)).await?;
         let total = self.source.count_rows(&table).await.ok().flatten();
         let progress = Progress::new(&table.name, total, &self.bars);
-        let (tx, mut rx) = mpsc::channel(cfg.queue_size);
+        let (tx, rx) = mpsc::channel(cfg.queue_size);
         let source = self.source.clone();
         let t = table.clone();
         let batch_rows = cfg.snapshot_batch_rows;
         let reader = tokio::spawn(async move { source.snapshot(t, batch_rows, tx).await }.in_current_span());
+        // Batches are loaded `snapshot_workers` at a time (one at a time for
+        // counted rows, whose concurrent loads would conflict).
+        let loaders = if table.whole_row { 1 } else { cfg.snapshot_workers.max(1) };
+        let batches = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+        let loads = batches
+            .map(|batch| {
+                let table = &table;
+                async move {
+                    if table.whole_row {
+                        // Counted rows: a load retried after a lost reply could
+                        // count twice, so a failure copies the table again.
+                        self.sink.load(table, &batch).await?;
+                    } else {
+                        retry(cfg, "loading snapshot rows", || self.sink.load(table, &batch)).await?;
+                    }
+                    Ok::<u64, Error>(batch.len() as u64)
+                }
+            })
+            .buffer_unordered(loaders);
+        futures::pin_mut!(loads);
         let mut rows = 0u64;
         loop {
-            let batch = tokio::select! {
-                b = rx.recv() => b,
+            let loaded = tokio::select! {
+                n = loads.next() => n,
                 _ = cancel.cancelled() => {
                     reader.abort();
                     progress.finish(rows, "stopped");
@@ -269,9 +297,8 @@ impl Pipeline {
                         "stopped while copying table {:?}; it is copied again on the next start", table.name)));
                 }
             };
-            let Some(batch) = batch else { break };
-            retry(cfg, "loading snapshot rows", || self.sink.load(&table, &batch)).await?;
-            rows += batch.len() as u64;
+            let Some(n) = loaded else { break };
+            rows += n?;
             progress.update(rows);
         }
         let at = match reader.await {
@@ -343,7 +370,7 @@ impl Pipeline {
                 }
             }
             while !pending.is_empty() || pending_upto > last {
-                let n = pending.len().min(cfg.batch_rows);
+                let n = cut_point(&pending, cfg.batch_rows);
                 let chunk: Vec<Change> = pending.drain(..n).collect();
                 let upto = if pending.is_empty() {
                     pending_upto
@@ -386,6 +413,17 @@ impl Pipeline {
         info!(checkpoint = %last, changes = applied, "streaming stopped");
         Ok((applied, last))
     }
+}
+
+/// How many of the pending changes go into the next target transaction: all
+/// of them if they fit, else up to the last source transaction boundary
+/// within `max`; a transaction larger than `max` alone is split (invariant 4).
+fn cut_point(pending: &[Change], max: usize) -> usize {
+    let max = max.max(1);
+    if pending.len() <= max {
+        return pending.len();
+    }
+    (1..=max).rev().find(|&i| pending[i - 1].position.commit != pending[i].position.commit).unwrap_or(max)
 }
 
 /// Adds a received batch to what waits to be applied.
@@ -498,5 +536,42 @@ impl Summary {
         let tables: Vec<String> = self.per_table.iter().map(|(t, n)| format!("{t}={n}")).collect();
         info!(changes = self.changes, batches = self.batches, tables = %tables.join(","), checkpoint = %at, "applied");
         *self = Summary { last_flush: Some(Instant::now()), ..Default::default() };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Column, LogicalType, Op, Value};
+
+    fn changes(commits: &[u64]) -> Vec<Change> {
+        let table = Arc::new(TableSchema::keyed(
+            "t".into(),
+            "t".into(),
+            vec![Column { name: "id".into(), source_type: "int".into(), logical: LogicalType::Int, nullable: false }],
+            vec![0],
+        ));
+        let mut ordinal = 0;
+        commits
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                ordinal = if i > 0 && commits[i - 1] == c { ordinal + 1 } else { 1 };
+                Change { table: table.clone(), op: Op::Insert { row: vec![Value::Int(i as i64)] }, position: Position::new(c, ordinal) }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_end_at_transaction_boundaries() {
+        // Fits: everything.
+        assert_eq!(cut_point(&changes(&[1, 1, 2]), 3), 3);
+        // A small transaction is never split across two target transactions.
+        assert_eq!(cut_point(&changes(&[1, 2, 2, 2]), 3), 1);
+        assert_eq!(cut_point(&changes(&[1, 1, 2, 2, 3]), 4), 4);
+        // A transaction larger than the batch is split.
+        assert_eq!(cut_point(&changes(&[5, 5, 5, 5, 5]), 2), 2);
+        // Sources without transactions (SQLite): every change is a boundary.
+        assert_eq!(cut_point(&changes(&[1, 2, 3, 4]), 3), 3);
     }
 }

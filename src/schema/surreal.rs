@@ -8,7 +8,7 @@ use crate::model::{Column, LogicalType, TableSchema};
 pub fn field_name(table: &TableSchema, col: usize) -> Option<String> {
     let name = &table.columns[col].name;
     if name == "id" {
-        if table.key == [col] {
+        if table.key == [col] && !table.whole_row {
             None
         } else {
             Some("source_id".into())
@@ -24,8 +24,9 @@ pub fn base_type(logical: LogicalType) -> &'static str {
         LogicalType::Int => "int",
         LogicalType::Float => "float",
         // `number`, not `decimal`: PostgreSQL's numeric NaN and ±Infinity
-        // arrive as floats; every other value is stored as a decimal.
-        LogicalType::Decimal => "number",
+        // arrive as floats; every other value is stored as a decimal, or as
+        // its exact text when it has more than 28 significant digits.
+        LogicalType::Decimal => "number | string",
         LogicalType::Text => "string",
         LogicalType::Bytes => "bytes",
         LogicalType::Json => "any",
@@ -53,8 +54,14 @@ pub fn describe(table: &TableSchema, col: usize, schemafull: bool) -> String {
     }
 }
 
+/// The field that counts identical rows of a table without a key.
+pub const COPIES_FIELD: &str = "_switchyard_copies";
+
 /// The record id's shape for the table's key.
 pub fn describe_id(table: &TableSchema) -> String {
+    if table.whole_row {
+        return format!("{}:<digest of the whole row>, with {COPIES_FIELD}", table.target_name);
+    }
     let names = table.key_names();
     if names.len() == 1 {
         format!("{}:<{}>", table.target_name, names[0])

@@ -41,7 +41,7 @@ impl Sink for DiscardSink {
     }
 
     async fn begin_table(&self, table: &TableSchema) -> Result<()> {
-        let state = TableState { status: TableStatus::Copying, position: Position::ZERO, rows: 0 };
+        let state = TableState { status: TableStatus::Copying, position: Position::ZERO, rows: 0, source_id: String::new() };
         self.state.lock().await.tables.insert(table.name.clone(), state);
         Ok(())
     }
@@ -52,7 +52,7 @@ impl Sink for DiscardSink {
     }
 
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {
-        let state = TableState { status: TableStatus::Done, position, rows };
+        let state = TableState { status: TableStatus::Done, position, rows, source_id: table.source_id.clone() };
         self.state.lock().await.tables.insert(table.name.clone(), state);
         Ok(())
     }

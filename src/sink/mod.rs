@@ -48,6 +48,9 @@ pub struct TableState {
     pub status: TableStatus,
     pub position: Position,
     pub rows: u64,
+    /// The source's identity of the table that was copied (see
+    /// [`crate::model::TableSchema::source_id`]); empty if it has none.
+    pub source_id: String,
 }
 
 /// What the target remembers of the replication.

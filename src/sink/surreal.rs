@@ -20,13 +20,17 @@ use super::{Durable, Sink, SinkState, TableState, TableStatus};
 use crate::config::{redact_url, Config};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Change, Op, Position, Row, TableSchema, Value};
-use crate::schema::surreal::{field_name, field_type};
+use crate::schema::surreal::{field_name, field_type, COPIES_FIELD};
 
 const CHECKPOINT_TABLE: &str = "_switchyard_checkpoint";
 const TABLE_STATE: &str = "_switchyard_table";
 
 pub struct SurrealSink {
     db: Surreal<Any>,
+    /// The last apply failed in a way that leaves unknown whether it
+    /// committed (a lost connection): the next one checks the checkpoint
+    /// first, so a replayed batch is not applied twice.
+    uncertain: std::sync::atomic::AtomicBool,
     schemafull: bool,
     endpoint: String,
 }
@@ -80,11 +84,14 @@ pub fn to_surreal(v: &Value) -> std::result::Result<SValue, String> {
             let parsed = if d.contains(['e', 'E']) {
                 rust_decimal::Decimal::from_scientific(d)
             } else {
-                d.parse::<rust_decimal::Decimal>()
+                // Exact: `parse` would round digits past 28 silently.
+                rust_decimal::Decimal::from_str_exact(d)
             };
             match parsed {
                 Ok(x) => SValue::Number(Number::Decimal(x)),
-                Err(e) => return Err(format!("decimal {d} does not fit SurrealDB's decimal (28 significant digits): {e}")),
+                // More than SurrealDB's decimal holds exactly (28
+                // significant digits): the exact text, not a rounded number.
+                Err(_) => SValue::String(d.clone()),
             }
         }
         Value::Text(s) => SValue::String(s.clone()),
@@ -112,6 +119,10 @@ fn record_key(table: &TableSchema, key: &[Value]) -> Result<RecordIdKey> {
 }
 
 pub fn record_id(table: &TableSchema, key: &[Value]) -> Result<RecordId> {
+    if table.whole_row {
+        let digest = table.row_digest(&key.to_vec()).map_err(|m| Error::definite(format!("table {:?}: {m}", table.name)))?;
+        return Ok(RecordId::new(table.target_name.clone(), RecordIdKey::String(digest)));
+    }
     if key.iter().any(Value::is_null) {
         return Err(Error::definite(format!(
             "table {:?}, key {}: a key column is NULL; give the key columns NOT NULL values in the source",
@@ -159,6 +170,56 @@ fn fields(table: &TableSchema, row: &Row, merge: bool) -> Result<Object> {
         obj.insert(field, sv);
     }
     Ok(obj)
+}
+
+/// The statements of one change of a table identified by its whole row: a
+/// record per distinct row, its `_switchyard_copies` counting the identical
+/// rows. Removing a row the target does not hold stops the batch: the copy is
+/// out of step, and applying the rest would hide it.
+fn counted_change(sql: &mut String, vars: &mut Variables, i: usize, ch: &Change) -> Result<()> {
+    let t = &ch.table;
+    let remove = |sql: &mut String, vars: &mut Variables, row: &Row| -> Result<()> {
+        vars.insert(format!("o{i}"), record_id(t, row)?);
+        vars.insert(
+            format!("m{i}"),
+            format!(
+                "table {:?} has no key and the source removed a row the target does not hold ({}); the target's copy is out of step: copy the table again (run once with it in tables.exclude, then without)",
+                t.name,
+                t.describe_key(row)
+            ),
+        );
+        sql.push_str(&format!(
+            "LET $d{i} = (SELECT VALUE {COPIES_FIELD} FROM ONLY $o{i}) ?? 0; \
+             IF $d{i} <= 0 {{ THROW $m{i}; }}; \
+             IF $d{i} == 1 {{ DELETE $o{i} RETURN NONE; }} ELSE {{ UPDATE $o{i} SET {COPIES_FIELD} = $d{i} - 1 RETURN NONE; }};\n"
+        ));
+        Ok(())
+    };
+    let add = |sql: &mut String, vars: &mut Variables, row: &Row| -> Result<()> {
+        vars.insert(format!("r{i}"), record_id(t, row)?);
+        let mut c = content(t, row)?;
+        c.insert(COPIES_FIELD, 1i64);
+        vars.insert(format!("c{i}"), c);
+        sql.push_str(&format!(
+            "LET $n{i} = (SELECT VALUE {COPIES_FIELD} FROM ONLY $r{i}) ?? 0; \
+             UPSERT $r{i} CONTENT $c{i} RETURN NONE; UPDATE $r{i} SET {COPIES_FIELD} = $n{i} + 1 RETURN NONE;\n"
+        ));
+        Ok(())
+    };
+    match &ch.op {
+        Op::Insert { row } => add(sql, vars, row),
+        // The same row before and after: nothing changes.
+        Op::Update { old_key: None, .. } => Ok(()),
+        Op::Update { old_key: Some(old), row } => {
+            remove(sql, vars, old)?;
+            add(sql, vars, row)
+        }
+        Op::Delete { key } => remove(sql, vars, key),
+        Op::Truncate => {
+            sql.push_str(&format!("DELETE {} RETURN NONE;\n", ident(&t.target_name)));
+            Ok(())
+        }
+    }
 }
 
 /// Reads a non-negative integer field of a state record; anything else means
@@ -210,7 +271,40 @@ impl SurrealSink {
             .await
             .map_err(|e| surreal_error(format!("using namespace {ns:?}, database {dbn:?} on {shown}"), e))?;
         info!(endpoint = %shown, namespace = %ns, database = %dbn, "connected to SurrealDB");
-        Ok(Self { db, schemafull: config.target.schemafull, endpoint: shown })
+        Ok(Self { db, uncertain: Default::default(), schemafull: config.target.schemafull, endpoint: shown })
+    }
+
+    /// Snapshot rows of a table identified by its whole row: identical rows
+    /// add to one record's count, within the batch and across batches.
+    async fn load_counted(&self, table: &TableSchema, rows: &[Row]) -> Result<()> {
+        let mut counts: Vec<(RecordId, &Row, i64)> = Vec::new();
+        let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for row in rows {
+            let digest = table.row_digest(row).map_err(|m| Error::definite(format!("table {:?}: {m}", table.name)))?;
+            match seen.get(&digest) {
+                Some(&at) => counts[at].2 += 1,
+                None => {
+                    seen.insert(digest, counts.len());
+                    counts.push((record_id(table, row)?, row, 1));
+                }
+            }
+        }
+        let mut sql = String::from("BEGIN TRANSACTION;\n");
+        let mut vars = Variables::new();
+        for (i, (id, row, k)) in counts.into_iter().enumerate() {
+            let mut c = content(table, row)?;
+            c.insert(COPIES_FIELD, k);
+            vars.insert(format!("r{i}"), id);
+            vars.insert(format!("c{i}"), c);
+            vars.insert(format!("k{i}"), k);
+            sql.push_str(&format!(
+                "LET $n{i} = (SELECT VALUE {COPIES_FIELD} FROM ONLY $r{i}) ?? 0; \
+                 UPSERT $r{i} CONTENT $c{i} RETURN NONE; UPDATE $r{i} SET {COPIES_FIELD} = $n{i} + $k{i} RETURN NONE;\n"
+            ));
+        }
+        sql.push_str("COMMIT TRANSACTION;\n");
+        self.run(format!("loading {} rows into {:?}", rows.len(), table.target_name), sql, vars).await?;
+        Ok(())
     }
 
     pub fn client(&self) -> &Surreal<Any> {
@@ -255,6 +349,9 @@ impl Sink for SurrealSink {
                         ));
                     }
                 }
+                if t.whole_row {
+                    sql.push_str(&format!("DEFINE FIELD IF NOT EXISTS {COPIES_FIELD} ON TABLE {tn} TYPE int;\n"));
+                }
             } else {
                 sql.push_str(&format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMALESS;\n"));
             }
@@ -268,7 +365,7 @@ impl Sink for SurrealSink {
             .run(
                 "reading the checkpoint",
                 format!(
-                    "SELECT commit, ordinal, origin FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows FROM {TABLE_STATE};"
+                    "SELECT commit, ordinal, origin FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows, source_id FROM {TABLE_STATE};"
                 ),
                 Variables::new(),
             )
@@ -294,6 +391,7 @@ impl Sink for SurrealSink {
                     status,
                     position: Position::new(json_u64(&t, &at, "commit")?, json_u64(&t, &at, "ordinal")?),
                     rows: json_u64(&t, &at, "rows")?,
+                    source_id: t.get("source_id").and_then(|s| s.as_str()).unwrap_or_default().to_string(),
                 },
             );
         }
@@ -340,6 +438,9 @@ impl Sink for SurrealSink {
     }
 
     async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<()> {
+        if table.whole_row {
+            return self.load_counted(table, rows).await;
+        }
         let mut items = Vec::with_capacity(rows.len());
         for row in rows {
             let mut obj = content(table, row)?;
@@ -364,9 +465,10 @@ impl Sink for SurrealSink {
         vars.insert("pc", position.commit as i64);
         vars.insert("po", position.ordinal as i64);
         vars.insert("rows", rows as i64);
+        vars.insert("source_id", table.source_id.clone());
         self.run(
             format!("marking table {:?} as copied", table.name),
-            "UPSERT $sid CONTENT { name: $name, status: 'done', commit: $pc, ordinal: $po, rows: $rows, updated_at: time::now() };".into(),
+            "UPSERT $sid CONTENT { name: $name, status: 'done', commit: $pc, ordinal: $po, rows: $rows, source_id: $source_id, updated_at: time::now() };".into(),
             vars,
         )
         .await?;
@@ -374,6 +476,15 @@ impl Sink for SurrealSink {
     }
 
     async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable> {
+        use std::sync::atomic::Ordering;
+        if self.uncertain.load(Ordering::SeqCst) {
+            let now = self.state().await?.checkpoint;
+            self.uncertain.store(false, Ordering::SeqCst);
+            if now == Some(checkpoint) && !changes.is_empty() {
+                info!(checkpoint = %checkpoint, "the batch was committed before the connection was lost; not applying it again");
+                return Ok(Durable::committed(checkpoint));
+            }
+        }
         let mut sql = String::with_capacity(64 * changes.len() + 512);
         let mut vars = Variables::new();
         sql.push_str("BEGIN TRANSACTION;\n");
@@ -385,6 +496,10 @@ impl Sink for SurrealSink {
         vars.insert("po", checkpoint.ordinal as i64);
         for (i, ch) in changes.iter().enumerate() {
             let t = &ch.table;
+            if t.whole_row {
+                counted_change(&mut sql, &mut vars, i, ch)?;
+                continue;
+            }
             match &ch.op {
                 Op::Update { old_key, row } if row.iter().any(Value::is_unchanged) => {
                     // Unchanged columns keep their value in the target: MERGE
@@ -434,7 +549,12 @@ impl Sink for SurrealSink {
             ),
             _ => format!("moving the checkpoint to {checkpoint}"),
         };
-        self.run(context, sql, vars).await?;
+        if let Err(e) = self.run(context, sql, vars).await {
+            if e.is_transient() {
+                self.uncertain.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            return Err(e);
+        }
         Ok(Durable::committed(checkpoint))
     }
 }

@@ -628,7 +628,7 @@ impl Source for SqliteSource {
                 });
             }
             let target_name = self.renames.get(&name).cloned().unwrap_or_else(|| name.clone());
-            d.tables.push(TableSchema { name, target_name, columns, key });
+            d.tables.push(TableSchema::keyed(name, target_name, columns, key));
         }
         for t in self.keys.keys().chain(self.renames.keys()) {
             if !found.contains(t) {

@@ -278,6 +278,115 @@ async fn a_table_without_a_key_is_refused_with_the_fix() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_table_with_replica_identity_full_is_replicated_by_its_whole_row() {
+    // Identical rows, NULLs, ±infinity and BC timestamps, TOASTed values.
+    let db = PgDb::new(
+        "CREATE TABLE events (at timestamptz, body text, n int);
+         ALTER TABLE events REPLICA IDENTITY FULL;
+         INSERT INTO events VALUES
+           ('2024-01-01 00:00:00+00', 'same', 1), ('2024-01-01 00:00:00+00', 'same', 1), (NULL, 'null at', 2),
+           ('infinity', 'forever', 3), ('-infinity', 'always', 4), ('0044-03-15 12:00:00+00 BC', 'ides', 5);",
+    )
+    .await;
+    let config = db.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+    let copies = |body: &'static str| {
+        let sink = run.sink.clone();
+        async move {
+            let mut r = sink
+                .client()
+                .query("SELECT VALUE _switchyard_copies FROM events WHERE body = $b")
+                .bind(("b", body))
+                .await
+                .unwrap();
+            r.take::<Vec<i64>>(0).unwrap()
+        }
+    };
+    assert_eq!(copies("same").await, vec![2]);
+
+    db.exec(
+        "INSERT INTO events VALUES ('2024-01-01 00:00:00+00', 'same', 1);
+         DELETE FROM events WHERE n = 2;
+         UPDATE events SET body = 'changed' WHERE ctid = (SELECT ctid FROM events WHERE n = 1 LIMIT 1);
+         UPDATE events SET n = n WHERE n = 3;
+         INSERT INTO events (body, n) SELECT (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 4000) i), 7
+           FROM generate_series(1, 2) g;
+         UPDATE events SET n = 8 WHERE n = 7;",
+    )
+    .await;
+    wait_converged(&config, &run.sink).await;
+    assert_eq!(copies("same").await, vec![2]);
+    assert_eq!(copies("changed").await, vec![1]);
+    // A row the target does not hold cannot be removed: the batch stops
+    // with the table named, and the checkpoint stays before it.
+    run.sink.client().query("DELETE events WHERE body = 'forever'").await.unwrap().check().unwrap();
+    let sink = run.sink.clone();
+    db.exec("DELETE FROM events WHERE n = 3").await;
+    let err = tokio::time::timeout(Duration::from_secs(30), run.handle).await.unwrap().unwrap().unwrap_err().to_string();
+    assert!(err.contains("\"events\" has no key") && err.contains("copy the table again"), "{err}");
+    // Not acknowledged: a restart meets the same change again.
+    let again = start(config.clone(), Some(sink)).await;
+    let err = tokio::time::timeout(Duration::from_secs(30), again.handle).await.unwrap().unwrap().unwrap_err().to_string();
+    assert!(err.contains("\"events\" has no key"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_table_is_read_in_block_ranges_at_once() {
+    let db = PgDb::new(
+        "CREATE TABLE big (id int PRIMARY KEY, pad text);
+         INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 30000) g;
+         DELETE FROM big WHERE id % 7 = 0;",
+    )
+    .await;
+    // About 5 MiB of heap: three ranges of one table.
+    let config = db.config("mem://", "snapshot_split_mb = 1\nsnapshot_workers = 3\n");
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+    db.exec("UPDATE big SET pad = 'x' WHERE id = 1").await;
+    wait_converged(&config, &run.sink).await;
+    let report = run.stop().await;
+    assert_eq!(report.tables.iter().map(|t| t.rows).sum::<u64>(), 30000 - 30000 / 7, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_renamed_or_recreated_while_streaming_stops_the_stream() {
+    for (change, expected) in [
+        ("ALTER TABLE t RENAME TO t2; INSERT INTO t2 VALUES (2)", "was renamed to \"t2\""),
+        ("DROP TABLE t; CREATE TABLE t (id int PRIMARY KEY); ALTER PUBLICATION switchyard ADD TABLE t; INSERT INTO t VALUES (3)", "dropped and created again"),
+    ] {
+        let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);").await;
+        let config = db.config("mem://", "");
+        let run = start(config.clone(), None).await;
+        wait_converged(&config, &run.sink).await;
+        let sink = run.sink.clone();
+        let copied = |s: switchyard::sink::SinkState| -> Vec<(String, String)> {
+            let done = s.tables.into_iter().filter(|(_, t)| t.status == switchyard::sink::TableStatus::Done);
+            let mut v: Vec<_> = done.map(|(n, t)| (n, t.source_id)).collect();
+            v.sort();
+            v
+        };
+        let first = copied(sink.state().await.unwrap());
+        db.exec(change).await;
+        let err = tokio::time::timeout(Duration::from_secs(30), run.handle).await.unwrap().unwrap().unwrap_err().to_string();
+        assert!(err.contains(expected) && err.contains("not acknowledged"), "{err}");
+        // A restart copies the table under its new name, or the new table,
+        // and follows it from there.
+        let again = start(config.clone(), Some(sink.clone())).await;
+        // (Compared once the copy is done: the comparison's own snapshots
+        // would hold up the creation of the copy's temporary slot.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while copied(sink.state().await.unwrap()).iter().all(|t| first.contains(t)) {
+            assert!(!again.handle.is_finished() && std::time::Instant::now() < deadline, "the table was not copied again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        wait_converged(&config, &again.sink).await;
+        let report = again.stop().await;
+        assert!(report.tables.iter().any(|t| !t.already_copied), "{report:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_is_a_clear_error_without_the_secret() {
     let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY);").await;
     let s = Scratch::new();

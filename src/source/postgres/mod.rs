@@ -46,6 +46,8 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// A table as the catalog describes it.
 #[derive(Debug, Clone)]
 struct PgTable {
+    /// The table's OID: pgoutput names relations by it.
+    oid: u32,
     schema: String,
     name: String,
     /// Column type OIDs (domains resolved to their base type).
@@ -89,6 +91,12 @@ pub struct PgSource {
     durable: watch::Sender<u64>,
     retry_attempts: usize,
     retry_max_delay: Duration,
+    /// COPY readers running at once, over all tables (`snapshot_workers`).
+    copy_slots: Arc<tokio::sync::Semaphore>,
+    /// Ranges a large table is read in at once.
+    split_parts: usize,
+    /// Tables at least this large (bytes of heap) are read in ranges.
+    split_bytes: u64,
 }
 
 /// The flush LSN to confirm for a durable position: after a whole commit
@@ -131,6 +139,9 @@ impl PgSource {
             durable: watch::channel(0).0,
             retry_attempts: config.pipeline.retry_attempts,
             retry_max_delay: Duration::from_millis(config.pipeline.retry_max_delay_ms),
+            copy_slots: Arc::new(tokio::sync::Semaphore::new(config.pipeline.snapshot_workers.max(1))),
+            split_parts: config.pipeline.snapshot_workers.max(1),
+            split_bytes: config.pipeline.snapshot_split_mb.saturating_mul(1 << 20),
         })
     }
 
@@ -245,7 +256,7 @@ impl Source for PgSource {
         let published = self.publication_exists(&c).await?;
         let candidates = if published {
             c.query(
-                "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_publication_tables pt
+                "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text FROM pg_publication_tables pt
                    JOIN pg_namespace n ON n.nspname = pt.schemaname
                    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
                   WHERE pt.pubname = $1 ORDER BY 2, 3",
@@ -268,7 +279,7 @@ impl Source for PgSource {
                 return Ok(d);
             }
             c.query(
-                "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_class c
+                "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c
                    JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
                     AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -284,6 +295,7 @@ impl Source for PgSource {
             let oid: u32 = r.get(0);
             let schema: String = r.get(1);
             let table: String = r.get(2);
+            let replident: String = r.get(3);
             let name = display_name(&schema, &table);
             if !self.filter.matches(&name) {
                 continue;
@@ -337,10 +349,15 @@ impl Source for PgSource {
             }
             let key_rows = c
                 .query(
-                    "SELECT a.attname::text FROM pg_index i
+                    // One index: the replica identity index if there is one
+                    // (its columns are what the old key image holds), else
+                    // the primary key.
+                    "SELECT a.attname::text
+                       FROM (SELECT indrelid, indkey FROM pg_index
+                              WHERE indrelid = $1 AND (indisprimary OR indisreplident)
+                              ORDER BY indisreplident DESC, indisprimary DESC LIMIT 1) i
                        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-                      WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident)
-                      ORDER BY i.indisprimary DESC, array_position(i.indkey::int2[], a.attnum)",
+                      ORDER BY array_position(i.indkey::int2[], a.attnum)",
                     &[&oid],
                 )
                 .await
@@ -354,13 +371,26 @@ impl Source for PgSource {
                     }
                 }
             }
+            let target_name = self.renames.get(&name).cloned().unwrap_or_else(|| name.replace('.', "_"));
+            if key.is_empty() && replident == "f" {
+                // REPLICA IDENTITY FULL: the old row image identifies the row.
+                d.problems.push(Problem {
+                    table: name.clone(),
+                    column: None,
+                    message: "no key: rows are identified by their whole value (REPLICA IDENTITY FULL); identical rows are stored once with a count of copies".into(),
+                    blocking: false,
+                });
+                catalog.insert(name.clone(), PgTable { oid, schema, name: table, types });
+                d.tables.push(TableSchema { source_id: oid.to_string(), ..TableSchema::whole_row(name, target_name, columns) });
+                continue;
+            }
             if key.is_empty() {
                 d.problems.push(Problem {
                     table: name.clone(),
                     column: None,
                     message: format!(
-                        "no primary key or replica identity index, so its UPDATEs and DELETEs cannot be matched to a row; add a primary key, or ALTER TABLE {} REPLICA IDENTITY USING INDEX <unique index>, or exclude the table",
-                        format_args!("{}.{}", quote_ident(&schema), quote_ident(&table))
+                        "no primary key or replica identity index, so its UPDATEs and DELETEs cannot be matched to a row; add a primary key, or ALTER TABLE {q} REPLICA IDENTITY USING INDEX <unique index>, or ALTER TABLE {q} REPLICA IDENTITY FULL (rows identified by their whole value), or exclude the table",
+                        q = format_args!("{}.{}", quote_ident(&schema), quote_ident(&table))
                     ),
                     blocking: true,
                 });
@@ -369,9 +399,8 @@ impl Source for PgSource {
             for &k in &key {
                 columns[k].nullable = false;
             }
-            let target_name = self.renames.get(&name).cloned().unwrap_or_else(|| name.replace('.', "_"));
-            catalog.insert(name.clone(), PgTable { schema, name: table, types });
-            d.tables.push(TableSchema { name, target_name, columns, key });
+            catalog.insert(name.clone(), PgTable { oid, schema, name: table, types });
+            d.tables.push(TableSchema { source_id: oid.to_string(), ..TableSchema::keyed(name, target_name, columns, key) });
         }
         *self.catalog.lock().await = catalog;
         Ok(d)
@@ -430,7 +459,22 @@ impl Source for PgSource {
                 "replication slot {:?} does not exist any more; changes after the checkpoint {} are gone. Start again to copy every table anew",
                 self.slot, Lsn(checkpoint.commit)
             ))),
-            Some(_) => Ok(()),
+            Some((_, confirmed)) => {
+                // The slot never confirms more than the target holds; if it
+                // has, the target lost changes (restored from a backup, or
+                // its last commits did not reach the disk), and the server
+                // would silently start after them.
+                let confirmed: Option<Lsn> = confirmed.as_deref().and_then(|t| t.parse().ok());
+                match confirmed {
+                    Some(l) if l.0 > flush_lsn(checkpoint) => Err(Error::definite(format!(
+                        "the target's checkpoint {} is behind what replication slot {:?} confirmed ({l}): the changes in between are not in the target and the server no longer sends them. \
+                         The target lost writes (restored from a backup?); start over with an empty target to copy every table anew",
+                        Lsn(checkpoint.commit),
+                        self.slot
+                    ))),
+                    _ => Ok(()),
+                }
+            }
         }
     }
 
@@ -505,40 +549,12 @@ impl Source for PgSource {
             let e = export.as_ref().expect("set above");
             (e.snapshot.clone(), e.consistent_point)
         };
-        let mut c = self.client().await?;
-        let tx = c
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(self.pg("starting the snapshot transaction"))?;
-        tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(&snapshot)))
-            .await
-            .map_err(self.pg("importing the exported snapshot"))?;
-        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let sql = format!("COPY (SELECT {} FROM {}) TO STDOUT", cols.join(", "), pg.qualified());
-        let stream = tx.copy_out(sql.as_str()).await.map_err(self.pg(&format!("copying {}", table.name)))?;
-        pin_mut!(stream);
-        let mut parser = values::CopyTextParser::new(table.columns.len());
-        let mut batch = Vec::with_capacity(batch_rows);
-        let ctx = |e: String| Error::definite(format!("table {:?}: {e}", table.name));
-        while let Some(chunk) = stream.try_next().await.map_err(self.pg(&format!("copying {}", table.name)))? {
-            for fields in parser.feed(&chunk).map_err(ctx)? {
-                batch.push(values::decode_row(&table, &pg.types, fields)?);
-                if batch.len() >= batch_rows {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
-                    if rows.send(full).await.is_err() {
-                        return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
-                    }
-                }
-            }
+        let ranges = self.ranges(&pg).await?;
+        if ranges.len() > 1 {
+            info!(table = %table.name, parts = ranges.len(), "copying the table in block ranges at once");
         }
-        parser.finish().map_err(ctx)?;
-        if !batch.is_empty() && rows.send(batch).await.is_err() {
-            return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
-        }
-        tx.commit().await.map_err(self.pg("ending the snapshot transaction"))?;
+        let parts = ranges.into_iter().map(|r| self.copy_part(&table, &pg, &snapshot, r, batch_rows, rows.clone()));
+        futures::future::try_join_all(parts).await?;
         Ok(snapshot_position(cp))
     }
 
@@ -553,9 +569,9 @@ impl Source for PgSource {
         // The copy is done: release the exported snapshot (and a temporary slot).
         *self.export.lock().await = None;
         let catalog = self.catalog.lock().await.clone();
-        let by_name: HashMap<(String, String), Replicated> = tables
+        let by_name: HashMap<u32, (String, String, Replicated)> = tables
             .iter()
-            .filter_map(|t| catalog.get(&t.name).map(|pg| ((pg.schema.clone(), pg.name.clone()), (t.clone(), pg.types.clone()))))
+            .filter_map(|t| catalog.get(&t.name).map(|pg| (pg.oid, (pg.schema.clone(), pg.name.clone(), (t.clone(), pg.types.clone())))))
             .collect();
         let mut state = StreamState {
             relations: HashMap::new(),
@@ -696,11 +712,27 @@ impl PgSource {
     /// (the changes carry the wider table; the pipeline widens the target);
     /// any other change stops the stream without acknowledging it.
     async fn on_relation(&self, state: &mut StreamState, r: RelationBody) -> Result<()> {
-        let key = (r.namespace.clone(), r.name.clone());
-        let Some((table, types)) = state.by_name.get(&key).cloned() else {
+        let Some((schema, name, (table, types))) = state.by_name.get(&r.oid).cloned() else {
+            // Not replicated, unless it stands in for a replicated table of
+            // the same name that was dropped and created again.
+            if let Some((_, _, (t, _))) = state.by_name.values().find(|(s, n, _)| *s == r.namespace && *n == r.name) {
+                return Err(Error::definite(format!(
+                    "table {:?} was dropped and created again while streaming (a new table under the same name); \
+                     its changes are not acknowledged. Copy the table again: run once with it in tables.exclude, then without",
+                    t.name
+                )));
+            }
             state.relations.insert(r.oid, None);
             return Ok(());
         };
+        if (schema.as_str(), name.as_str()) != (r.namespace.as_str(), r.name.as_str()) {
+            return Err(Error::definite(format!(
+                "table {:?} was renamed to {:?} while streaming; its changes are not acknowledged. \
+                 Rename it back, or replicate it under its new name (the publication follows the table; copy it again: run once with the new name in tables.exclude, then without)",
+                table.name,
+                display_name(&r.namespace, &r.name)
+            )));
+        }
         let now: Vec<&str> = r.columns.iter().map(|c| c.name.as_str()).collect();
         let then: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
         if now == then {
@@ -733,11 +765,21 @@ impl PgSource {
             let elem: u32 = row.get(3);
             let (logical, base) =
                 if elem != 0 { (crate::model::LogicalType::Json, elem) } else { (logical_for(row.get(1)).0, row.get(1)) };
+            if row.get::<_, Option<bool>>(2) == Some(true) && table.whole_row {
+                return Err(Error::definite(format!(
+                    "table {:?} has no key and gained column {:?} with a default: the rows it identifies by their whole value changed in the source but not in the target; \
+                     the change is not acknowledged. Copy the table again: run once with it in tables.exclude, then without",
+                    table.name, c.name
+                )));
+            }
             if row.get::<_, Option<bool>>(2) == Some(true) {
                 warn!(table = %table.name, column = %c.name,
                     "column added with a default: rows that existed before hold it in the source but not in the target; copy the table again to carry it");
             }
             wider.columns.push(Column { name: c.name.clone(), source_type: declared, logical, nullable: true });
+            if wider.whole_row {
+                wider.key.push(wider.columns.len() - 1);
+            }
             types.push(base);
             added.push(c.name.clone());
         }
@@ -746,15 +788,106 @@ impl PgSource {
             pg.types = types.clone();
         }
         let wider = Arc::new(wider);
-        state.by_name.insert(key, (wider.clone(), types.clone()));
+        state.by_name.insert(r.oid, (schema, name, (wider.clone(), types.clone())));
         state.relations.insert(r.oid, Some((wider, types)));
+        Ok(())
+    }
+}
+
+/// A part of a table's heap, in blocks: `[from, to)`, `to` open for the last.
+type BlockRange = Option<(u32, Option<u32>)>;
+
+impl PgSource {
+    /// The parts a table is copied in: the whole table, or for a table of at
+    /// least `split_bytes`, `split_parts` ranges of its blocks (TID range
+    /// scans, PostgreSQL 14 and later), read at once in the same snapshot.
+    async fn ranges(&self, pg: &PgTable) -> Result<Vec<BlockRange>> {
+        if self.split_parts < 2 || self.split_bytes == 0 {
+            return Ok(vec![None]);
+        }
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                "SELECT pg_relation_size($1::oid), current_setting('block_size')::int8, current_setting('server_version_num')::int4",
+                &[&pg.oid],
+            )
+            .await
+            .map_err(self.pg("reading the table's size"))?;
+        let (bytes, block, version): (i64, i64, i32) = (row.get(0), row.get(1), row.get(2));
+        if version < 140000 || (bytes as u64) < self.split_bytes || block <= 0 {
+            return Ok(vec![None]);
+        }
+        let blocks = (bytes / block) as u32;
+        let step = blocks.div_ceil(self.split_parts as u32).max(1);
+        let mut out = Vec::new();
+        let mut from = 0u32;
+        while from < blocks {
+            let to = from.saturating_add(step);
+            out.push(Some((from, (to < blocks).then_some(to))));
+            from = to;
+        }
+        Ok(out)
+    }
+
+    /// Copies one part of a table in the exported snapshot into `rows`.
+    async fn copy_part(
+        &self,
+        table: &Arc<TableSchema>,
+        pg: &PgTable,
+        snapshot: &str,
+        range: BlockRange,
+        batch_rows: usize,
+        rows: mpsc::Sender<Vec<Row>>,
+    ) -> Result<()> {
+        let _slot = self.copy_slots.acquire().await.map_err(|_| Error::new(ErrorKind::Interrupted, "snapshot stopped"))?;
+        let mut c = self.client().await?;
+        let tx = c
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(self.pg("starting the snapshot transaction"))?;
+        tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)))
+            .await
+            .map_err(self.pg("importing the exported snapshot"))?;
+        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let filter = match range {
+            None => String::new(),
+            Some((from, Some(to))) => format!(" WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid"),
+            Some((from, None)) => format!(" WHERE ctid >= '({from},0)'::tid"),
+        };
+        let sql = format!("COPY (SELECT {} FROM {}{filter}) TO STDOUT", cols.join(", "), pg.qualified());
+        let stream = tx.copy_out(sql.as_str()).await.map_err(self.pg(&format!("copying {}", table.name)))?;
+        pin_mut!(stream);
+        let mut parser = values::CopyTextParser::new(table.columns.len());
+        let mut batch = Vec::with_capacity(batch_rows);
+        let ctx = |e: String| Error::definite(format!("table {:?}: {e}", table.name));
+        while let Some(chunk) = stream.try_next().await.map_err(self.pg(&format!("copying {}", table.name)))? {
+            for fields in parser.feed(&chunk).map_err(ctx)? {
+                batch.push(values::decode_row(table, &pg.types, fields)?);
+                if batch.len() >= batch_rows {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
+                    if rows.send(full).await.is_err() {
+                        return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+                    }
+                }
+            }
+        }
+        parser.finish().map_err(ctx)?;
+        if !batch.is_empty() && rows.send(batch).await.is_err() {
+            return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+        }
+        tx.commit().await.map_err(self.pg("ending the snapshot transaction"))?;
         Ok(())
     }
 }
 
 struct StreamState {
     relations: HashMap<u32, Option<Replicated>>,
-    by_name: HashMap<(String, String), Replicated>,
+    /// The replicated tables by OID, with the schema and name they had when
+    /// discovered.
+    by_name: HashMap<u32, (String, String, Replicated)>,
     after: Position,
     /// The commit LSN of the transaction being received.
     commit: Option<Lsn>,
@@ -842,7 +975,19 @@ impl StreamState {
             }
             LogicalMessage::Update(u) => {
                 if let Some((t, types)) = self.table(u.oid)? {
-                    let row = tuple_row(&t, &types, &u.new)?;
+                    let mut row = tuple_row(&t, &types, &u.new)?;
+                    if t.whole_row {
+                        let old = whole_old_row(&t, &types, u.old.as_ref())?;
+                        // Unchanged TOAST values: the old image has them.
+                        for (v, o) in row.iter_mut().zip(&old) {
+                            if v.is_unchanged() {
+                                *v = o.clone();
+                            }
+                        }
+                        let old_key = (old != row).then_some(old);
+                        self.push(t, Op::Update { old_key, row });
+                        return self.flush_if_full(max_batch);
+                    }
                     let old_key = match &u.old {
                         Some(old) => {
                             let k = old_key(&t, &types, old)?;
@@ -855,7 +1000,7 @@ impl StreamState {
             }
             LogicalMessage::Delete(d) => {
                 if let Some((t, types)) = self.table(d.oid)? {
-                    let key = old_key(&t, &types, &d.old)?;
+                    let key = if t.whole_row { whole_old_row(&t, &types, Some(&d.old))? } else { old_key(&t, &types, &d.old)? };
                     self.push(t, Op::Delete { key });
                 }
             }
@@ -876,6 +1021,11 @@ impl StreamState {
             }
             LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
         }
+        self.flush_if_full(max_batch)
+    }
+
+    /// Hands off part of a large transaction once `max_batch` changes wait.
+    fn flush_if_full(&mut self, max_batch: usize) -> Result<Option<Batch>> {
         if self.pending.len() >= max_batch {
             debug!(changes = self.pending.len(), "sending part of a large transaction");
             let upto = self.pending.last().map(|c| c.position).unwrap_or(self.sent_upto);
@@ -883,6 +1033,28 @@ impl StreamState {
         }
         Ok(None)
     }
+}
+
+/// The old row image of a table identified by its whole row (`REPLICA
+/// IDENTITY FULL`): every column, NULLs included.
+fn whole_old_row(table: &TableSchema, types: &[u32], old: Option<&OldTuple>) -> Result<Row> {
+    let old = match old {
+        Some(OldTuple::Full(t)) => t,
+        _ => {
+            return Err(Error::definite(format!(
+                "table {:?} has no key and pgoutput sent no whole old row; its REPLICA IDENTITY must stay FULL (ALTER TABLE … REPLICA IDENTITY FULL), then copy the table again",
+                table.name
+            )))
+        }
+    };
+    let row = tuple_row(table, types, old)?;
+    if let Some(i) = row.iter().position(Value::is_unchanged) {
+        return Err(Error::definite(format!(
+            "table {:?}: the old row image has no value for column {:?}",
+            table.name, table.columns[i].name
+        )));
+    }
+    Ok(row)
 }
 
 fn tuple_row(table: &TableSchema, types: &[u32], tuple: &TupleData) -> Result<Row> {
@@ -911,7 +1083,7 @@ fn tuple_row(table: &TableSchema, types: &[u32], tuple: &TupleData) -> Result<Ro
     }
     let mut row = values::decode_row(table, types, fields)?;
     for i in unchanged {
-        if table.key.contains(&i) {
+        if table.key.contains(&i) && !table.whole_row {
             return Err(Error::definite(format!(
                 "table {:?}: key column {:?} arrived as an unchanged TOAST value; the key cannot be matched",
                 table.name, table.columns[i].name

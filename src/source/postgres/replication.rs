@@ -153,7 +153,8 @@ impl ReplicationConn {
         loop {
             if self.rbuf.len() >= 5 {
                 let len = u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize;
-                if len < 4 {
+                // PostgreSQL's messages stay under 1 GiB (its allocation limit).
+                if !(4..=(1 << 30)).contains(&len) {
                     return Err(Error::definite(format!(
                         "PostgreSQL ({}) sent a message with the invalid length {len}",
                         self.shown

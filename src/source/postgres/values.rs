@@ -112,10 +112,28 @@ impl CopyTextParser {
 }
 
 /// Parses PostgreSQL's ISO timestamp output (`2024-05-01 12:30:00.5+00`, or
-/// without a zone for `timestamp`, read as UTC).
+/// without a zone for `timestamp`, read as UTC). A BC date becomes the
+/// astronomical year (1 BC is year 0). `infinity` and `-infinity` become the
+/// largest and smallest date-time there is (year +262142 and -262143): no
+/// finite PostgreSQL timestamp reaches them (PostgreSQL stops at 294276 AD
+/// and 4713 BC, and years past 262142 are refused here).
 pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
-    if s.ends_with(" BC") {
-        return None;
+    match s {
+        "infinity" => return Some(DateTime::<Utc>::MAX_UTC),
+        "-infinity" => return Some(DateTime::<Utc>::MIN_UTC),
+        // Years past 9999 need a sign for chrono.
+        _ if s.find('-').is_some_and(|i| i > 4) && !s.starts_with('+') => return parse_timestamp(&format!("+{s}")),
+        _ => {}
+    }
+    if let Some(bc) = s.strip_suffix(" BC") {
+        // Parsed in a stand-in year of the same leap-ness (29 February
+        // exists in 1 BC, year 0), then moved to the astronomical year.
+        use chrono::Datelike;
+        let (year, rest) = bc.split_once('-')?;
+        let year = 1 - year.parse::<i32>().ok()?;
+        let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+        let t = parse_timestamp(&format!("{}-{rest}", if leap { 2000 } else { 2001 }))?;
+        return t.with_year(year);
     }
     // A zone written as +HH or +HH:MM (or +HH:MM:SS): normalise to +HH:MM.
     let (body, zone) = match s.rfind(['+', '-']) {
@@ -138,11 +156,12 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
 }
 
 fn hex_bytes(s: &str) -> Option<Vec<u8>> {
-    let h = s.strip_prefix("\\x")?;
+    let h = s.strip_prefix("\\x")?.as_bytes();
     if h.len() % 2 != 0 {
         return None;
     }
-    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok()).collect()
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    h.chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
 }
 
 /// Parses PostgreSQL's array output (`{1,2,NULL}`, `{{1,2},{3,4}}`,
@@ -275,7 +294,7 @@ pub fn decode(col: &Column, oid: u32, s: &str) -> std::result::Result<Value, Str
             Some(t) => Value::Timestamp(t),
             None => {
                 return Err(format!(
-                    "the timestamp {s:?} (type {}) has no equivalent in the target (infinity or a BC date); change the value or exclude the table",
+                    "the timestamp {s:?} (type {}) cannot be read (years past 262142 have no equivalent in the target); change the value or exclude the table",
                     col.source_type
                 ))
             }
@@ -354,8 +373,14 @@ mod tests {
         assert_eq!(parse_timestamp("2024-05-01 12:30:00+00").unwrap().to_rfc3339(), "2024-05-01T12:30:00+00:00");
         assert_eq!(parse_timestamp("2024-05-01 12:30:00.25+05:30").unwrap().to_rfc3339(), "2024-05-01T07:00:00.250+00:00");
         assert_eq!(parse_timestamp("2024-05-01 12:30:00").unwrap().to_rfc3339(), "2024-05-01T12:30:00+00:00");
-        assert!(parse_timestamp("infinity").is_none());
-        assert!(parse_timestamp("0044-03-15 00:00:00+00 BC").is_none());
+        assert_eq!(parse_timestamp("infinity"), Some(DateTime::<Utc>::MAX_UTC));
+        assert_eq!(parse_timestamp("-infinity"), Some(DateTime::<Utc>::MIN_UTC));
+        assert_eq!(parse_timestamp("0044-03-15 00:00:00+00 BC").unwrap().to_rfc3339(), "-0043-03-15T00:00:00+00:00");
+        assert_eq!(parse_timestamp("0001-01-01 00:00:00 BC").unwrap().to_rfc3339(), "0000-01-01T00:00:00+00:00");
+        assert_eq!(parse_timestamp("0001-02-29 10:00:00+00 BC").unwrap().to_rfc3339(), "0000-02-29T10:00:00+00:00");
+        assert!(parse_timestamp("0002-02-29 10:00:00+00 BC").is_none());
+        assert_eq!(parse_timestamp("12345-06-07 08:09:10+00").unwrap().to_rfc3339(), "+12345-06-07T08:09:10+00:00");
+        assert!(parse_timestamp("infinite").is_none());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use surrealdb::Surreal;
 use switchyard::config::Config;
 use switchyard::model::TableSchema;
 use switchyard::pipeline::{Mode, Pipeline, Report};
+use switchyard::schema::surreal::COPIES_FIELD;
 use switchyard::sink::surreal::{content, ident, record_id, SurrealSink};
 use tokio_util::sync::CancellationToken;
 use switchyard::source::sqlite::SqliteSource;
@@ -141,16 +142,22 @@ pub async fn image_via(source: &dyn Source) -> Image {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let read = source.snapshot(t.clone(), 1000, tx);
         let collect = async {
-            let mut rows = BTreeMap::new();
+            let mut objects = BTreeMap::new();
             while let Some(batch) = rx.recv().await {
                 for row in batch {
                     let rid = record_id(&t, &t.key_of(&row)).unwrap();
                     let mut obj = content(&t, &row).unwrap();
                     obj.insert("id", rid.clone());
-                    rows.insert(format!("{rid:?}"), format!("{:?}", SValue::Object(obj)));
+                    // A table without a key: identical rows are one record
+                    // that counts them.
+                    let copies: i64 = objects.get(&format!("{rid:?}")).map_or(0, |(_, n)| *n) + 1;
+                    if t.whole_row {
+                        obj.insert(COPIES_FIELD, copies);
+                    }
+                    objects.insert(format!("{rid:?}"), (obj, copies));
                 }
             }
-            rows
+            objects.into_iter().map(|(id, (obj, _))| (id, format!("{:?}", SValue::Object(obj)))).collect::<BTreeMap<_, _>>()
         };
         let (r, rows) = tokio::join!(read, collect);
         r.unwrap();
