@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use secrecy::ExposeSecret;
 use surrealdb::engine::any::Any;
 use surrealdb::types::{
-    Array, Bytes, Datetime, Number, Object, RecordId, RecordIdKey, SurrealValue, Value as SValue, Variables,
+    Array, Bytes, Datetime, Number, Object, RecordId, RecordIdKey, Value as SValue, Variables,
 };
 use surrealdb::Surreal;
 use tracing::info;
@@ -96,13 +96,62 @@ pub fn to_surreal(v: &Value) -> std::result::Result<SValue, String> {
         }
         Value::Text(s) => SValue::String(s.clone()),
         Value::Bytes(b) => SValue::Bytes(Bytes::from(b.clone())),
-        Value::Json(s) => match serde_json::from_str::<serde_json::Value>(s) {
-            Ok(j) => j.into_value(),
+        Value::Json(s) => match serde_json::from_str::<&serde_json::value::RawValue>(s) {
+            Ok(raw) => json_value(raw)?,
             Err(e) => return Err(format!("invalid JSON: {e}")),
         },
         Value::Timestamp(t) => SValue::Datetime(Datetime::from(*t)),
         Value::Unchanged => return Err("an unchanged value has no content (a sink bug)".into()),
     })
+}
+
+/// A JSON document as a SurrealDB value with its numbers kept exact (jsonb
+/// holds them as numeric): an integer that fits 64 bits stays an integer, a
+/// number that a float reproduces stays a float, any other becomes a decimal,
+/// or past 28 significant digits its exact text.
+fn json_value(raw: &serde_json::value::RawValue) -> std::result::Result<SValue, String> {
+    use serde_json::value::RawValue;
+    let text = raw.get();
+    let bad = |e: serde_json::Error| format!("invalid JSON: {e}");
+    Ok(match text.as_bytes().first() {
+        Some(b'{') => {
+            let fields: std::collections::BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(bad)?;
+            let mut obj = Object::new();
+            for (k, v) in fields {
+                obj.insert(k, json_value(v)?);
+            }
+            SValue::Object(obj)
+        }
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(bad)?;
+            SValue::Array(Array::from(items.into_iter().map(json_value).collect::<std::result::Result<Vec<_>, _>>()?))
+        }
+        Some(b'"') => SValue::String(serde_json::from_str(text).map_err(bad)?),
+        Some(b't') => SValue::Bool(true),
+        Some(b'f') => SValue::Bool(false),
+        Some(b'n') => SValue::Null,
+        _ => json_number(text),
+    })
+}
+
+fn json_number(text: &str) -> SValue {
+    if let Ok(i) = text.parse::<i64>() {
+        return SValue::Number(Number::Int(i));
+    }
+    let exact = if text.contains(['e', 'E']) {
+        rust_decimal::Decimal::from_scientific(text)
+    } else {
+        rust_decimal::Decimal::from_str_exact(text)
+    };
+    let float = text.parse::<f64>().ok().filter(|f| f.is_finite());
+    match (exact, float) {
+        // The float's shortest text is the same number: a float loses nothing.
+        (Ok(d), Some(f)) if rust_decimal::Decimal::from_str_exact(&format!("{f:?}")).is_ok_and(|g| g == d) => {
+            SValue::Number(Number::Float(f))
+        }
+        (Ok(d), _) => SValue::Number(Number::Decimal(d)),
+        (Err(_), _) => SValue::String(text.to_string()),
+    }
 }
 
 fn record_key(table: &TableSchema, key: &[Value]) -> Result<RecordIdKey> {
@@ -573,4 +622,43 @@ pub async fn probe(endpoint: &str, config: &Config) -> Result<()> {
             })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(s: &str) -> SValue {
+        to_surreal(&Value::Json(s.into())).unwrap()
+    }
+
+    #[test]
+    fn json_numbers_stay_exact() {
+        assert_eq!(json("12"), SValue::Number(Number::Int(12)));
+        assert_eq!(json("0.5"), SValue::Number(Number::Float(0.5)));
+        assert_eq!(json("1e2"), SValue::Number(Number::Float(100.0)));
+        let big = "12345678901234567890123";
+        assert_eq!(json(big), SValue::Number(Number::Decimal(big.parse().unwrap())));
+        assert_eq!(json("0.1000000000000000000001"), SValue::Number(Number::Decimal("0.1000000000000000000001".parse().unwrap())));
+        assert_eq!(json("123456789012345678901234567890.5"), SValue::String("123456789012345678901234567890.5".into()));
+        let SValue::Object(o) = json(r#"{"id": 12345678901234567890123, "a": [1, "x\"y", null, true], "b": {"c": -0.25}}"#) else { panic!() };
+        assert_eq!(o.get("id"), Some(&SValue::Number(Number::Decimal(big.parse().unwrap()))));
+        assert_eq!(
+            o.get("a"),
+            Some(&SValue::Array(Array::from(vec![
+                SValue::Number(Number::Int(1)),
+                SValue::String("x\"y".into()),
+                SValue::Null,
+                SValue::Bool(true)
+            ])))
+        );
+        assert!(to_surreal(&Value::Json("{\"a\": }".into())).is_err());
+    }
+
+    #[test]
+    fn decimals_are_exact_or_text() {
+        assert_eq!(to_surreal(&Value::Decimal("12.50".into())).unwrap(), SValue::Number(Number::Decimal("12.50".parse().unwrap())));
+        let long = "12345678901234567890.0123456789";
+        assert_eq!(to_surreal(&Value::Decimal(long.into())).unwrap(), SValue::String(long.into()));
+    }
 }

@@ -387,6 +387,37 @@ async fn a_table_renamed_or_recreated_while_streaming_stops_the_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_behind_the_slot_is_refused() {
+    let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');").await;
+    let config = db.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+    let sink = run.sink.clone();
+    run.stop().await;
+    let old = sink.state().await.unwrap().checkpoint.unwrap();
+    db.exec("INSERT INTO t VALUES (2, 'b')").await;
+    let run = start(config.clone(), Some(sink.clone())).await;
+    wait_converged(&config, &run.sink).await;
+    wait_until("the slot to confirm the insert", Duration::from_secs(30), || async {
+        db.confirmed_flush().await.unwrap() > flush_lsn(old)
+    })
+    .await;
+    run.stop().await;
+    // The target loses its last writes (restored from a backup).
+    sink.client()
+        .query("UPDATE _switchyard_checkpoint:main SET commit = $c, ordinal = $o")
+        .bind(("c", old.commit as i64))
+        .bind(("o", old.ordinal as i64))
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    let run = start(config.clone(), Some(sink.clone())).await;
+    let err = tokio::time::timeout(Duration::from_secs(30), run.handle).await.unwrap().unwrap().unwrap_err().to_string();
+    assert!(err.contains("is behind what replication slot") && err.contains("start over with an empty target"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_is_a_clear_error_without_the_secret() {
     let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY);").await;
     let s = Scratch::new();
