@@ -22,6 +22,22 @@ pub struct Config {
     pub tables: TablesConfig,
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// The HTTP endpoints: `/healthz`, `/readyz`, `/status`, `/metrics`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where to listen, e.g. `127.0.0.1:9650`; no HTTP unless set.
+    pub address: Option<String>,
+    /// A bearer token that `/status` and `/metrics` require
+    /// (`/healthz` and `/readyz` tell nothing but up and ready).
+    pub token: Option<SecretString>,
+    /// `/readyz` answers 200 while streaming with at most this lag.
+    #[serde(default = "default_ready_max_lag_seconds")]
+    pub ready_max_lag_seconds: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +68,14 @@ pub struct SourceConfig {
     /// such a column stops `run` and `check` names it.
     #[serde(default)]
     pub unmapped_as_text: bool,
+    /// PostgreSQL: how often a heartbeat message is written to the source's
+    /// WAL (`pg_logical_emit_message`), so that lag in seconds stays honest
+    /// and the slot advances when the source is idle (0: none).
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// PostgreSQL: warn when the slot retains more WAL than this (MiB).
+    #[serde(default = "default_slot_warn_mb")]
+    pub slot_warn_mb: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +165,15 @@ impl Default for PipelineConfig {
     }
 }
 
+fn default_ready_max_lag_seconds() -> f64 {
+    30.0
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    5_000
+}
+fn default_slot_warn_mb() -> u64 {
+    1_024
+}
 fn default_snapshot_split_mb() -> u64 {
     64
 }
@@ -276,6 +309,14 @@ impl Config {
             if v == 0 {
                 problems.push(format!("pipeline.{key}: must be at least 1"));
             }
+        }
+        if let Some(a) = &self.http.address {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                problems.push(format!("http.address: {a:?} is not an address and port such as 127.0.0.1:9650"));
+            }
+        }
+        if !(self.http.ready_max_lag_seconds >= 0.0) {
+            problems.push("http.ready_max_lag_seconds: must be a number of seconds, 0 or more".into());
         }
         if self.source.poll_interval_ms == 0 {
             problems.push("source.poll_interval_ms: must be at least 1".into());

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod model;
+pub mod observe;
 pub mod pipeline;
 pub mod plan;
 pub mod sample;

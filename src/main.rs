@@ -55,6 +55,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show where replication stands: the target's checkpoint and tables, the source's position, the lag; and the daemon's own view when its HTTP endpoint answers.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove the change capture switchyard installed in the source (SQLite: triggers and change log; PostgreSQL: slot, and the publication if switchyard creates it).
     Uninstall {
         #[arg(long, short)]
@@ -146,7 +153,24 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let config = load(&config)?;
             let cancel = CancellationToken::new();
             on_signal(cancel.clone());
-            let pipeline = Pipeline::open(config).await?;
+            let pipeline = Pipeline::open(config.clone()).await?;
+            let http_stop = CancellationToken::new();
+            let _http_guard = http_stop.clone().drop_guard();
+            if let Some(address) = &config.http.address {
+                let listener = switchyard::observe::listen(address).await?;
+                let server = switchyard::observe::serve(
+                    listener,
+                    config.http.token.clone(),
+                    config.http.ready_max_lag_seconds,
+                    pipeline.observer(),
+                    http_stop.clone(),
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        warn!(error = %e.report(), "the HTTP endpoint stopped");
+                    }
+                });
+            }
             match pipeline.run(Mode::Run, cancel).await {
                 Ok(report) => {
                     info!(
@@ -199,6 +223,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 print!("{}", plan.render());
             }
             Ok(if plan.blocking() > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Command::Status { config, json } => {
+            let config = load(&config)?;
+            let status = switchyard::observe::status(&config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Uninstall { config } => {
             let config = load(&config)?;

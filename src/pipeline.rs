@@ -32,6 +32,7 @@ use crate::config::{Config, PipelineConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Change, Position, TableSchema};
 use crate::sink::{self, Sink, TableStatus};
+use crate::observe::{Observer, Phase};
 use crate::source::{self, Batch, Problem, Source};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +72,7 @@ pub struct Pipeline {
     sink: Arc<dyn Sink>,
     /// The progress bars of tables copied at the same time.
     bars: indicatif::MultiProgress,
+    observer: Arc<Observer>,
 }
 
 /// The wait before attempt `attempt + 1` of a loop that retries by itself:
@@ -93,6 +95,7 @@ where
     op.retry(policy)
         .when(|e: &Error| e.is_transient())
         .notify(|e: &Error, wait: Duration| {
+            Observer::retry(what, e);
             warn!(error = %e.report(), retry_in_ms = wait.as_millis() as u64, "{what} failed, retrying")
         })
         .await
@@ -102,13 +105,22 @@ impl Pipeline {
     pub async fn open(config: Arc<Config>) -> Result<Self> {
         let source: Arc<dyn Source> = Arc::from(source::open(&config).await?);
         let sink: Arc<dyn Sink> = Arc::from(sink::open(&config).await?);
-        Ok(Self { config, source, sink, bars: indicatif::MultiProgress::new() })
+        Ok(Self::new(config, source, sink))
     }
 
     /// A pipeline over a source and sink opened by the caller (tests keep a
     /// handle on the sink to read the target while the pipeline runs).
     pub fn new(config: Arc<Config>, source: Arc<dyn Source>, sink: Arc<dyn Sink>) -> Self {
-        Self { config, source, sink, bars: indicatif::MultiProgress::new() }
+        let observer = Observer::new(
+            crate::config::redact_url(&config.source.url),
+            crate::config::redact_url(&config.target.url),
+        );
+        Self { config, source, sink, bars: indicatif::MultiProgress::new(), observer }
+    }
+
+    /// The status board this pipeline writes (for the HTTP endpoints).
+    pub fn observer(&self) -> Arc<Observer> {
+        self.observer.clone()
     }
 
     /// The selected tables, or every blocking problem at once.
@@ -131,6 +143,15 @@ impl Pipeline {
     }
 
     pub async fn run(&self, mode: Mode, cancel: CancellationToken) -> Result<Report> {
+        let outcome = self.run_inner(mode, cancel).await;
+        match &outcome {
+            Err(e) if e.kind() != ErrorKind::Interrupted => self.observer.failed(e),
+            _ => self.observer.stopped(),
+        }
+        outcome
+    }
+
+    async fn run_inner(&self, mode: Mode, cancel: CancellationToken) -> Result<Report> {
         let tables = self.tables().await?;
         let cfg = &self.config.pipeline;
         retry(cfg, "creating the target schema", || self.sink.prepare(&tables)).await?;
@@ -193,6 +214,7 @@ impl Pipeline {
         for t in &tables {
             match state.tables.get(&t.name) {
                 Some(s) if s.status == TableStatus::Done => {
+                    self.observer.table_copied(&t.name, s.rows);
                     report.tables.push(TableReport {
                         table: t.name.clone(),
                         target: t.target_name.clone(),
@@ -212,6 +234,10 @@ impl Pipeline {
         }
         if !to_copy.is_empty() && cancel.is_cancelled() {
             return Err(Error::new(ErrorKind::Interrupted, "stopped before the snapshot finished"));
+        }
+        self.observer.set_checkpoint(checkpoint);
+        if !to_copy.is_empty() {
+            self.observer.set_phase(Phase::Snapshot);
         }
         // Several tables at once; the first failure stops the others.
         let workers = cfg.snapshot_workers.max(1);
@@ -260,6 +286,7 @@ impl Pipeline {
         // Empty first: rows deleted in the source while we were down must not survive.
         retry(cfg, "emptying the target table", || self.sink.begin_table(&table)).await?;
         let total = self.source.count_rows(&table).await.ok().flatten();
+        self.observer.table_copying(&table.name, total);
         let progress = Progress::new(&table.name, total, &self.bars);
         let (tx, rx) = mpsc::channel(cfg.queue_size);
         let source = self.source.clone();
@@ -298,7 +325,9 @@ impl Pipeline {
                 }
             };
             let Some(n) = loaded else { break };
-            rows += n?;
+            let n = n?;
+            rows += n;
+            self.observer.table_rows(&table.name, n);
             progress.update(rows);
         }
         let at = match reader.await {
@@ -306,6 +335,7 @@ impl Pipeline {
             Err(e) => return Err(Error::definite(format!("snapshot reader of {:?} failed: {e}", table.name))),
         };
         retry(cfg, "recording the copied table", || self.sink.finish_table(&table, at, rows)).await?;
+        self.observer.table_copied(&table.name, rows);
         let seconds = started.elapsed().as_secs_f64();
         progress.finish(rows, "done");
         Ok(TableReport {
@@ -340,19 +370,45 @@ impl Pipeline {
                 .instrument(tracing::info_span!("stream")),
         );
         info!(after = %checkpoint, "streaming changes");
+        self.observer.set_phase(Phase::CatchUp);
+        // Lag: the source's position against the applied one, at an interval.
+        let lag_stop = cancel.child_token();
+        let _lag_guard = lag_stop.clone().drop_guard();
+        {
+            let source = self.source.clone();
+            let observer = self.observer.clone();
+            tokio::spawn(async move {
+                loop {
+                    let applied = observer.checkpoint().unwrap_or(checkpoint);
+                    match source.lag(applied).await {
+                        Ok(lag) => observer.source_lag(&lag),
+                        Err(e) => {
+                            observer.source_unreachable();
+                            tracing::debug!(error = %e.report(), "cannot read the source's position");
+                        }
+                    }
+                    tokio::select! {
+                        _ = lag_stop.cancelled() => return,
+                        _ = tokio::time::sleep(crate::observe::LAG_INTERVAL) => {}
+                    }
+                }
+            });
+        }
         let delay = Duration::from_millis(cfg.batch_delay_ms);
         let mut applied = 0u64;
         let mut last = checkpoint;
         // Received, not yet applied: the changes, and the position read up to.
         let mut pending: Vec<Change> = Vec::new();
         let mut pending_upto = checkpoint;
+        // When the source committed what `pending_upto` covers.
+        let mut pending_committed_at = None;
         let mut summary = Summary::default();
         let mut open = true;
         while open {
             if pending.is_empty() {
                 tokio::select! {
                     b = rx.recv() => match b {
-                        Some(b) => take(b, &mut pending, &mut pending_upto),
+                        Some(b) => take(b, &mut pending, &mut pending_upto, &mut pending_committed_at),
                         None => open = false,
                     },
                     _ = cancel.cancelled() => open = false,
@@ -362,7 +418,7 @@ impl Pipeline {
             while open && !pending.is_empty() && pending.len() < cfg.batch_rows {
                 tokio::select! {
                     b = rx.recv() => match b {
-                        Some(b) => take(b, &mut pending, &mut pending_upto),
+                        Some(b) => take(b, &mut pending, &mut pending_upto, &mut pending_committed_at),
                         None => open = false,
                     },
                     _ = tokio::time::sleep_until(deadline) => break,
@@ -396,9 +452,13 @@ impl Pipeline {
                         prepared.insert(t.name.clone(), t.columns.len());
                     }
                 }
+                let started = Instant::now();
                 let durable = retry(cfg, "applying changes", || self.sink.apply(&apply, upto)).await?;
                 applied += apply.len() as u64;
                 last = durable.position();
+                let backlog = !pending.is_empty() || !rx.is_empty();
+                let committed_at = if pending.is_empty() { pending_committed_at } else { None };
+                self.observer.applied(&apply, last, committed_at, started.elapsed(), backlog);
                 tracing::debug!(changes = apply.len(), checkpoint = %last, "batch applied");
                 if !apply.is_empty() {
                     summary.add(&apply, last);
@@ -427,9 +487,17 @@ fn cut_point(pending: &[Change], max: usize) -> usize {
 }
 
 /// Adds a received batch to what waits to be applied.
-fn take(batch: Batch, pending: &mut Vec<Change>, upto: &mut Position) {
+fn take(
+    batch: Batch,
+    pending: &mut Vec<Change>,
+    upto: &mut Position,
+    committed_at: &mut Option<chrono::DateTime<chrono::Utc>>,
+) {
     pending.extend(batch.changes);
     *upto = (*upto).max(batch.upto);
+    if batch.committed_at.is_some() {
+        *committed_at = batch.committed_at;
+    }
 }
 
 async fn reader_cancel_and_wait(

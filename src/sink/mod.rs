@@ -60,6 +60,8 @@ pub struct SinkState {
     pub checkpoint: Option<Position>,
     /// The source capture installation the checkpoint belongs to.
     pub origin: Option<String>,
+    /// When the checkpoint last moved (RFC 3339), if the target records it.
+    pub checkpoint_updated_at: Option<String>,
     /// Per source table name.
     pub tables: BTreeMap<String, TableState>,
 }

@@ -414,7 +414,7 @@ impl Sink for SurrealSink {
             .run(
                 "reading the checkpoint",
                 format!(
-                    "SELECT commit, ordinal, origin FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows, source_id FROM {TABLE_STATE};"
+                    "SELECT commit, ordinal, origin, <string>updated_at AS updated_at FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows, source_id FROM {TABLE_STATE};"
                 ),
                 Variables::new(),
             )
@@ -426,6 +426,7 @@ impl Sink for SurrealSink {
             let at = format!("{CHECKPOINT_TABLE}:main");
             state.checkpoint = Some(Position::new(json_u64(c, &at, "commit")?, json_u64(c, &at, "ordinal")?));
             state.origin = c.get("origin").and_then(|o| o.as_str()).map(str::to_string);
+            state.checkpoint_updated_at = c.get("updated_at").and_then(|o| o.as_str()).map(str::to_string);
         }
         for t in tables {
             let Some(name) = t.get("name").and_then(|n| n.as_str()) else { continue };

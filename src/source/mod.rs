@@ -53,6 +53,22 @@ pub struct Discovery {
 pub struct Batch {
     pub changes: Vec<Change>,
     pub upto: Position,
+    /// When the source committed what `upto` covers (PostgreSQL: the last
+    /// transaction's commit time, or the server's clock on an idle keepalive;
+    /// SQLite: when the change log was read), for lag in seconds.
+    pub committed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Where the source is, against what the target has applied.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SourceLag {
+    /// The source's newest position (a PostgreSQL LSN, a SQLite sequence).
+    pub head: String,
+    /// PostgreSQL: WAL bytes after the applied position; SQLite: change-log
+    /// rows not applied yet.
+    pub bytes: u64,
+    /// PostgreSQL: WAL the slot holds back, in bytes.
+    pub slot_retained_bytes: Option<u64>,
 }
 
 /// What `install` found and did.
@@ -111,6 +127,9 @@ pub trait Source: Send + Sync {
 
     /// The target has durably applied everything up to this position.
     async fn ack(&self, durable: Durable) -> Result<()>;
+
+    /// How far the source is ahead of `applied`. Reads only.
+    async fn lag(&self, applied: Position) -> Result<SourceLag>;
 }
 
 pub async fn open(config: &Config) -> Result<Box<dyn Source>> {

@@ -852,7 +852,11 @@ impl Source for SqliteSource {
                     drained = batch.seen < max_batch;
                     let Some(end) = batch.end else { continue };
                     last = end;
-                    let out = Batch { changes: batch.changes, upto: Position::new(end as u64, 0) };
+                    let out = Batch {
+                        changes: batch.changes,
+                        upto: Position::new(end as u64, 0),
+                        committed_at: Some(chrono::Utc::now()),
+                    };
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         sent = changes.send(out) => if sent.is_err() { return Ok(()) },
@@ -910,6 +914,17 @@ impl Source for SqliteSource {
         .await?;
         debug!(upto = %upto, "change log trimmed");
         Ok(())
+    }
+
+    async fn lag(&self, applied: Position) -> Result<crate::source::SourceLag> {
+        let (rows, head): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*), coalesce(max(seq), ?) FROM {CHANGES} WHERE seq > ?"
+        ))
+        .bind(applied.commit as i64)
+        .bind(applied.commit as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(crate::source::SourceLag { head: head.to_string(), bytes: rows.max(0) as u64, slot_retained_bytes: None })
     }
 }
 

@@ -4,7 +4,9 @@
 mod support;
 
 mod config_examples;
+mod deploy_files;
 mod pg_crash;
+mod observe;
 mod pg_surreal;
 mod sqlite_capture;
 mod sqlite_crash;

@@ -42,6 +42,8 @@ use crate::sink::Durable;
 
 /// How often a status update goes to the server when nothing else happens.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// The prefix of switchyard's heartbeat messages in the WAL.
+const HEARTBEAT_PREFIX: &str = "switchyard_heartbeat";
 
 /// A table as the catalog describes it.
 #[derive(Debug, Clone)]
@@ -97,6 +99,13 @@ pub struct PgSource {
     split_parts: usize,
     /// Tables at least this large (bytes of heap) are read in ranges.
     split_bytes: u64,
+    heartbeat_interval: Duration,
+    slot_warn_bytes: u64,
+    /// The connection `lag` asks on, kept between calls.
+    lag_client: Mutex<Option<tokio_postgres::Client>>,
+    /// The last batch handed to the pipeline, and the end of the WAL
+    /// received with it: once that batch is applied, so is all WAL before it.
+    handed: Mutex<(Position, u64)>,
 }
 
 /// The flush LSN to confirm for a durable position: after a whole commit
@@ -142,6 +151,10 @@ impl PgSource {
             copy_slots: Arc::new(tokio::sync::Semaphore::new(config.pipeline.snapshot_workers.max(1))),
             split_parts: config.pipeline.snapshot_workers.max(1),
             split_bytes: config.pipeline.snapshot_split_mb.saturating_mul(1 << 20),
+            heartbeat_interval: Duration::from_millis(config.source.heartbeat_interval_ms),
+            slot_warn_bytes: config.source.slot_warn_mb.saturating_mul(1 << 20),
+            lag_client: Mutex::new(None),
+            handed: Mutex::new((Position::ZERO, 0)),
         })
     }
 
@@ -176,7 +189,7 @@ impl PgSource {
     async fn slot_state(&self, c: &tokio_postgres::Client) -> Result<Option<(String, Option<String>)>> {
         let row = c
             .query_opt(
-                "SELECT plugin::text, confirmed_flush_lsn::text, database::text, slot_type FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT plugin::text, confirmed_flush_lsn::text, database::text, slot_type, wal_status FROM pg_replication_slots WHERE slot_name = $1",
                 &[&self.slot],
             )
             .await
@@ -193,6 +206,13 @@ impl PgSource {
                     None => format!("{} replication", r.get::<_, String>(3)),
                 },
                 self.slot
+            )));
+        }
+        if r.get::<_, Option<String>>(4).as_deref() == Some("lost") {
+            return Err(Error::definite(format!(
+                "replication slot {:?} was invalidated by the server (wal_status = lost: it held back more WAL than max_slot_wal_keep_size allows); \
+                 changes after the target's checkpoint are gone. Drop the slot (SELECT pg_drop_replication_slot('{}')) and replicate into an empty target",
+                self.slot, self.slot
             )));
         }
         Ok(Some((r.get::<_, Option<String>>(0).unwrap_or_default(), r.get(1))))
@@ -583,7 +603,47 @@ impl Source for PgSource {
             sent_upto: after,
             advance: after,
             progressed: false,
+            last_commit: None,
+            heartbeat_seen: false,
+            last_end: Lsn(flush_lsn(after)),
         };
+        // Heartbeats: a small transaction in the source's WAL at an interval,
+        // so the slot advances and lag in seconds is measured when idle.
+        let _heartbeat = (self.heartbeat_interval > Duration::ZERO).then(|| {
+            let ep = self.ep.clone();
+            let every = self.heartbeat_interval;
+            let stop = cancel.child_token();
+            let guard = stop.clone().drop_guard();
+            tokio::spawn(async move {
+                let mut warned = false;
+                let mut client: Option<tokio_postgres::Client> = None;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(every) => {}
+                    }
+                    let sent = async {
+                        if client.as_ref().is_none_or(|c| c.is_closed()) {
+                            client = Some(ep.connect().await?);
+                        }
+                        let c = client.as_ref().expect("connected above");
+                        c.execute("SELECT pg_logical_emit_message(true, $1, now()::text)", &[&HEARTBEAT_PREFIX])
+                            .await
+                            .map_err(|e| conn::pg_error(&ep, "writing a heartbeat", e))
+                    }
+                    .await;
+                    match sent {
+                        Ok(_) => warned = false,
+                        Err(e) if !warned => {
+                            warn!(error = %e.report(), "cannot write a heartbeat to the source; lag in seconds is measured only when the source writes");
+                            warned = true;
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
+            guard
+        });
         let mut failures = 0usize;
         loop {
             match self.stream_once(&mut state, max_batch, &changes, &cancel).await {
@@ -605,6 +665,35 @@ impl Source for PgSource {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    async fn lag(&self, applied: Position) -> Result<crate::source::SourceLag> {
+        let mut guard = self.lag_client.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(self.ep.connect().await?);
+        }
+        let c = guard.as_ref().expect("connected above");
+        let row = c
+            .query_one(
+                "SELECT pg_current_wal_lsn()::text, (pg_current_wal_lsn() - '0/0')::int8,
+                        (SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&self.slot],
+            )
+            .await
+            .map_err(self.pg("reading the server's WAL position"))?;
+        let (head, current, retained): (String, i64, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+        let retained = retained.map(|r| r.max(0) as u64);
+        if let Some(r) = retained.filter(|r| self.slot_warn_bytes > 0 && *r > self.slot_warn_bytes) {
+            warn!(slot = %self.slot, retained_mib = r >> 20, warn_mib = self.slot_warn_bytes >> 20,
+                "the replication slot holds back more WAL than source.slot_warn_mb; the server's disk fills while switchyard is behind or stopped");
+        }
+        let (handed, end) = *self.handed.lock().await;
+        let applied_end = if applied >= handed { flush_lsn(applied).max(end) } else { flush_lsn(applied) };
+        Ok(crate::source::SourceLag {
+            head,
+            bytes: (current.max(0) as u64).saturating_sub(applied_end),
+            slot_retained_bytes: retained,
+        })
     }
 
     async fn ack(&self, durable: Durable) -> Result<()> {
@@ -680,7 +769,7 @@ impl PgSource {
                                 m => state.on_message(m, max_batch)?,
                             }
                         }
-                        ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
+                        ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, server_time } => {
                             received = received.max(wal_end);
                             if reply_requested {
                                 let flush = Lsn(*durable_rx.borrow());
@@ -688,16 +777,18 @@ impl PgSource {
                             }
                             // Idle: everything before the server's position was sent,
                             // so the checkpoint (and then the slot) may move up to it.
-                            state.heartbeat(wal_end)
+                            state.heartbeat(wal_end, pg_time(server_time))
                         }
                     }
                 }
             };
             if let Some(batch) = ready {
+                let handed = (batch.upto, state.last_end.0);
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     sent = changes.send(batch) => if sent.is_err() { return Ok(()) },
                 }
+                *self.handed.lock().await = handed;
             }
         }
     }
@@ -900,6 +991,17 @@ struct StreamState {
     advance: Position,
     /// Something arrived since the last (re)connect.
     progressed: bool,
+    /// The commit time of the last transaction received.
+    last_commit: Option<chrono::DateTime<chrono::Utc>>,
+    /// The open transaction carries switchyard's heartbeat message.
+    heartbeat_seen: bool,
+    /// The end of the WAL received so far (a commit's end, an idle keepalive's position).
+    last_end: Lsn,
+}
+
+/// A PostgreSQL timestamp (microseconds since 2000-01-01) as a date-time.
+fn pg_time(micros: i64) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp_micros(micros.checked_add(pgoutput::PG_EPOCH_OFFSET_MICROS)?)
 }
 
 impl StreamState {
@@ -914,19 +1016,21 @@ impl StreamState {
 
     /// A batch that moves the checkpoint to the server's position when no
     /// transaction is open and nothing is pending.
-    fn heartbeat(&mut self, wal_end: Lsn) -> Option<Batch> {
+    fn heartbeat(&mut self, wal_end: Lsn, server_time: Option<chrono::DateTime<chrono::Utc>>) -> Option<Batch> {
         // Every transaction whose commit record starts before `wal_end` was sent.
         let upto = snapshot_position(wal_end);
         if self.commit.is_some() || !self.pending.is_empty() || upto <= self.sent_upto {
             return None;
         }
         self.sent_upto = upto;
-        Some(Batch { changes: Vec::new(), upto })
+        self.last_end = self.last_end.max(wal_end);
+        // Everything committed before the server sent this is sent.
+        Some(Batch { changes: Vec::new(), upto, committed_at: server_time })
     }
 
     fn take(&mut self, upto: Position) -> Batch {
         self.sent_upto = self.sent_upto.max(upto).max(self.advance);
-        Batch { changes: std::mem::take(&mut self.pending), upto: self.sent_upto }
+        Batch { changes: std::mem::take(&mut self.pending), upto: self.sent_upto, committed_at: self.last_commit }
     }
 
     fn table(&self, oid: u32) -> Result<Option<Replicated>> {
@@ -954,16 +1058,23 @@ impl StreamState {
             }
             LogicalMessage::Commit(c) => {
                 self.commit = None;
+                self.last_end = self.last_end.max(c.end_lsn);
+                self.last_commit = pg_time(c.timestamp.0);
                 // The whole transaction is behind this position.
                 let upto = Position::new(c.commit_lsn.0, Position::WHOLE);
                 if upto <= self.after {
                     return Ok(None);
                 }
                 if self.pending.is_empty() {
+                    if std::mem::take(&mut self.heartbeat_seen) {
+                        // Our heartbeat: the target records how far it is.
+                        return Ok(Some(self.take(upto)));
+                    }
                     // Nothing of ours in it: moves the checkpoint with the next batch.
                     self.advance = self.advance.max(upto);
                     return Ok(None);
                 }
+                self.heartbeat_seen = false;
                 return Ok(Some(self.take(upto)));
             }
             LogicalMessage::Relation(_) => {} // handled by PgSource::on_relation
@@ -1019,7 +1130,12 @@ impl StreamState {
                     "pgoutput sent a streamed in-progress transaction, which switchyard does not request",
                 ));
             }
-            LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
+            LogicalMessage::Message(m) => {
+                if m.prefix == HEARTBEAT_PREFIX {
+                    self.heartbeat_seen = true;
+                }
+            }
+            LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}
         }
         self.flush_if_full(max_batch)
     }
