@@ -15,5 +15,6 @@ pub mod sample;
 pub mod schema;
 pub mod sink;
 pub mod source;
+pub mod verify;
 
 pub use error::{Error, ErrorKind, Result};

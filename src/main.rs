@@ -62,6 +62,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare source and target: row counts and checksums per chunk, then the keys that differ. Exit 0 identical, 1 differences, 2 could not run.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only these source tables (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        tables: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for the target to reach the source's position, in seconds.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
     /// Remove the change capture switchyard installed in the source (SQLite: triggers and change log; PostgreSQL: slot, and the publication if switchyard creates it).
     Uninstall {
         #[arg(long, short)]
@@ -233,6 +246,34 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 print!("{}", status.render());
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { config, tables, json, wait } => {
+            let run = async {
+                let config = load(&config)?;
+                let source: Arc<dyn switchyard::source::Source> = Arc::from(switchyard::source::open(&config).await?);
+                let sink: Arc<dyn switchyard::sink::Sink> = Arc::from(switchyard::sink::open(&config).await?);
+                let options = switchyard::verify::Options {
+                    tables,
+                    wait: std::time::Duration::from_secs(wait),
+                    batch_rows: config.pipeline.snapshot_batch_rows,
+                };
+                anyhow::Ok(switchyard::verify::verify(source, sink, &options).await?)
+            };
+            match run.await {
+                Ok(verdict) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&verdict)?);
+                    } else {
+                        print!("{}", verdict.render());
+                    }
+                    Ok(if verdict.identical { ExitCode::SUCCESS } else { ExitCode::from(1) })
+                }
+                Err(e) => {
+                    error!("{e:#}");
+                    eprintln!("error: verify could not run: {e:#}");
+                    Ok(ExitCode::from(2))
+                }
+            }
         }
         Command::Uninstall { config } => {
             let config = load(&config)?;

@@ -93,6 +93,20 @@ pub trait Sink: Send + Sync {
     /// Applies `changes` in order and moves the checkpoint to `checkpoint`, in
     /// one target transaction. Refuses a checkpoint older than the stored one.
     async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable>;
+
+    /// Verify: the records source rows become in this target, each as its
+    /// key and a canonical encoding (one per row, also for identical rows).
+    fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {
+        let _ = (table, rows);
+        Err(Error::config("this target cannot be verified"))
+    }
+
+    /// Verify: the table's records in the target, `limit` stored records
+    /// from the `start`-th on, encoded as [`Sink::expected_records`] does.
+    async fn records(&self, table: &TableSchema, start: u64, limit: usize) -> Result<crate::verify::Page> {
+        let _ = (table, start, limit);
+        Err(Error::config("this target cannot be verified"))
+    }
 }
 
 pub async fn open(config: &Config) -> Result<Box<dyn Sink>> {

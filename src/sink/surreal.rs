@@ -221,6 +221,16 @@ fn fields(table: &TableSchema, row: &Row, merge: bool) -> Result<Object> {
     Ok(obj)
 }
 
+impl SurrealSink {
+    fn encode(&self, table: &TableSchema, row: &Row) -> Result<crate::verify::Record> {
+        use surrealdb::types::ToSql;
+        let id = record_id(table, &table.key_of(row))?;
+        let mut obj = content(table, row)?;
+        obj.insert("id", id.clone());
+        Ok((SValue::RecordId(id).to_sql(), SValue::Object(obj).to_sql()))
+    }
+}
+
 /// The statements of one change of a table identified by its whole row: a
 /// record per distinct row, its `_switchyard_copies` counting the identical
 /// rows. Removing a row the target does not hold stops the batch: the copy is
@@ -523,6 +533,48 @@ impl Sink for SurrealSink {
         )
         .await?;
         Ok(())
+    }
+
+    fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {
+        rows.iter().map(|r| self.encode(table, r)).collect()
+    }
+
+    async fn records(&self, table: &TableSchema, start: u64, limit: usize) -> Result<crate::verify::Page> {
+        use surrealdb::types::ToSql;
+        let mut vars = Variables::new();
+        vars.insert("s", start as i64);
+        vars.insert("l", limit as i64);
+        let mut resp = match self
+            .run(
+                format!("reading table {:?} for verify", table.target_name),
+                format!("SELECT * FROM {} START $s LIMIT $l;", ident(&table.target_name)),
+                vars,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.report().contains("does not exist") => return Ok(crate::verify::Page { records: Vec::new(), pages_read: 0 }),
+            Err(e) => return Err(e),
+        };
+        let rows: Vec<SValue> = resp.take(0).map_err(|e| surreal_error(format!("reading table {:?}", table.target_name), e))?;
+        let mut page = crate::verify::Page { records: Vec::with_capacity(rows.len()), pages_read: rows.len() };
+        for r in rows {
+            let SValue::Object(mut obj) = r else { continue };
+            let key = obj.get("id").map(|id| id.to_sql()).unwrap_or_default();
+            let copies = if table.whole_row {
+                match obj.remove(COPIES_FIELD) {
+                    Some(SValue::Number(Number::Int(n))) if n > 0 => n as usize,
+                    _ => 1,
+                }
+            } else {
+                1
+            };
+            let value = SValue::Object(obj).to_sql();
+            for _ in 0..copies {
+                page.records.push((key.clone(), value.clone()));
+            }
+        }
+        Ok(page)
     }
 
     async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable> {

@@ -128,6 +128,11 @@ pub trait Source: Send + Sync {
     /// The target has durably applied everything up to this position.
     async fn ack(&self, durable: Durable) -> Result<()>;
 
+    /// Releases what `snapshot` holds between tables (PostgreSQL: the
+    /// exported snapshot), so that the next `snapshot` reads the source as it
+    /// is then.
+    async fn release_snapshot(&self) {}
+
     /// How far the source is ahead of `applied`. Reads only.
     async fn lag(&self, applied: Position) -> Result<SourceLag>;
 }

@@ -12,3 +12,4 @@ mod sqlite_capture;
 mod sqlite_crash;
 mod sqlite_surreal;
 mod surreal_remote;
+mod verify;

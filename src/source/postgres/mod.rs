@@ -222,7 +222,12 @@ impl PgSource {
     /// the main slot already exists (a restart in the middle of the snapshot).
     async fn temporary_export(&self) -> Result<Export> {
         let mut conn = ReplicationConn::connect(&self.ep).await?;
-        let name = format!("{}_copy_{}", self.slot, std::process::id());
+        // Unique per process and per export (several sources in one process,
+        // verify beside the daemon), within the 63 characters of a name.
+        static EXPORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = EXPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base: String = self.slot.chars().take(40).collect();
+        let name = format!("{base}_copy_{}_{n}", std::process::id());
         let created = conn.create_slot(&name, true).await?;
         let snapshot = created.snapshot.ok_or_else(|| Error::definite("the temporary slot exported no snapshot"))?;
         info!(consistent_point = %created.consistent_point, "new snapshot for the tables still to copy");
@@ -665,6 +670,10 @@ impl Source for PgSource {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    async fn release_snapshot(&self) {
+        *self.export.lock().await = None;
     }
 
     async fn lag(&self, applied: Position) -> Result<crate::source::SourceLag> {
