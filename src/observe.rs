@@ -96,6 +96,9 @@ pub struct TableView {
     pub estimated_rows: Option<u64>,
     /// Changes applied since the daemon started.
     pub changes_applied: u64,
+    /// The copy's duration and rate, once copied by this run.
+    pub seconds: Option<f64>,
+    pub rows_per_second: Option<f64>,
 }
 
 /// The daemon's picture of itself: what `/status` answers.
@@ -115,6 +118,8 @@ pub struct StatusView {
     pub lag_seconds: Option<f64>,
     /// PostgreSQL: WAL the slot holds back.
     pub slot_retained_bytes: Option<u64>,
+    /// Set while the slot holds back more than `source.slot_warn_mb`.
+    pub slot_warning: Option<String>,
     pub changes_applied: u64,
     pub tables: BTreeMap<String, TableView>,
     pub last_error: Option<String>,
@@ -149,6 +154,7 @@ impl Observer {
             lag_bytes: None,
             lag_seconds: None,
             slot_retained_bytes: None,
+            slot_warning: None,
             changes_applied: 0,
             tables: BTreeMap::new(),
             last_error: None,
@@ -210,7 +216,7 @@ impl Observer {
         self.with(|b| {
             b.view.tables.insert(
                 table.to_string(),
-                TableView { state: "copying".into(), rows: 0, estimated_rows, changes_applied: 0 },
+                TableView { state: "copying".into(), rows: 0, estimated_rows, ..Default::default() },
             );
         });
         gauge!(names::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(0.0);
@@ -228,11 +234,14 @@ impl Observer {
         }
     }
 
-    pub fn table_copied(&self, table: &str, rows: u64) {
+    /// A table is copied (`seconds`: by this run, how long it took).
+    pub fn table_copied(&self, table: &str, rows: u64, seconds: Option<f64>) {
         self.with(|b| {
             let t = b.view.tables.entry(table.to_string()).or_default();
             t.state = "copied".into();
             t.rows = rows;
+            t.seconds = seconds;
+            t.rows_per_second = seconds.filter(|s| *s > 0.0).map(|s| rows as f64 / s);
         });
         gauge!(names::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(1.0);
     }
@@ -281,6 +290,7 @@ impl Observer {
             b.view.source_position = Some(lag.head.clone());
             b.view.lag_bytes = Some(lag.bytes);
             b.view.slot_retained_bytes = lag.slot_retained_bytes;
+            b.view.slot_warning = lag.slot_warning.clone();
             let behind = lag.bytes > 0 || b.backlog;
             let since = b.applied_commit_time.or(b.stream_started);
             let seconds = match (behind, since) {
@@ -496,6 +506,7 @@ pub struct Status {
     pub lag_bytes: Option<u64>,
     pub lag_seconds: Option<f64>,
     pub slot_retained_bytes: Option<u64>,
+    pub slot_warning: Option<String>,
     pub tables: BTreeMap<String, TableStatusLine>,
     /// The running daemon's `/status`, when `http.address` is set and answers.
     pub daemon: Option<StatusView>,
@@ -525,6 +536,7 @@ pub async fn status(config: &crate::config::Config) -> Result<Status> {
         lag_bytes: None,
         lag_seconds: None,
         slot_retained_bytes: None,
+        slot_warning: None,
         tables: BTreeMap::new(),
         daemon: None,
         notes: Vec::new(),
@@ -586,6 +598,7 @@ pub async fn status(config: &crate::config::Config) -> Result<Status> {
     out.source_position = Some(lag.head);
     out.lag_bytes = Some(lag.bytes);
     out.slot_retained_bytes = lag.slot_retained_bytes;
+    out.slot_warning = lag.slot_warning.clone();
     out.state = if state.tables.values().any(|t| t.status == crate::sink::TableStatus::Copying) {
         "copying".into()
     } else if behind {
@@ -641,6 +654,9 @@ impl Status {
         );
         if let Some(r) = self.slot_retained_bytes {
             let _ = writeln!(s, "slot retains       {:.1} MiB of WAL", r as f64 / (1 << 20) as f64);
+        }
+        if let Some(w) = &self.slot_warning {
+            let _ = writeln!(s, "warning            {w}");
         }
         if let Some(d) = &self.daemon {
             let _ = writeln!(

@@ -214,7 +214,7 @@ impl Pipeline {
         for t in &tables {
             match state.tables.get(&t.name) {
                 Some(s) if s.status == TableStatus::Done => {
-                    self.observer.table_copied(&t.name, s.rows);
+                    self.observer.table_copied(&t.name, s.rows, None);
                     report.tables.push(TableReport {
                         table: t.name.clone(),
                         target: t.target_name.clone(),
@@ -335,7 +335,7 @@ impl Pipeline {
             Err(e) => return Err(Error::definite(format!("snapshot reader of {:?} failed: {e}", table.name))),
         };
         retry(cfg, "recording the copied table", || self.sink.finish_table(&table, at, rows)).await?;
-        self.observer.table_copied(&table.name, rows);
+        self.observer.table_copied(&table.name, rows, Some(started.elapsed().as_secs_f64()));
         let seconds = started.elapsed().as_secs_f64();
         progress.finish(rows, "done");
         Ok(TableReport {

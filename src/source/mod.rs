@@ -69,6 +69,9 @@ pub struct SourceLag {
     pub bytes: u64,
     /// PostgreSQL: WAL the slot holds back, in bytes.
     pub slot_retained_bytes: Option<u64>,
+    /// PostgreSQL: set when that passes `source.slot_warn_mb`.
+    #[serde(default)]
+    pub slot_warning: Option<String>,
 }
 
 /// What `install` found and did.

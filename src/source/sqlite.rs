@@ -924,7 +924,7 @@ impl Source for SqliteSource {
         .bind(applied.commit as i64)
         .fetch_one(&self.pool)
         .await?;
-        Ok(crate::source::SourceLag { head: head.to_string(), bytes: rows.max(0) as u64, slot_retained_bytes: None })
+        Ok(crate::source::SourceLag { head: head.to_string(), bytes: rows.max(0) as u64, ..Default::default() })
     }
 }
 

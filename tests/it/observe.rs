@@ -134,7 +134,7 @@ async fn status_json(addr: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_rises_while_the_target_is_held_back_and_falls_after_and_readyz_follows() {
     let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');").await;
-    let s = serve(&db, "heartbeat_interval_ms = 300").await;
+    let s = serve(&db, "heartbeat_interval_ms = 300\nslot_warn_mb = 1").await;
     wait_until("/readyz to answer 200", Duration::from_secs(30), || async {
         http_get(&s.addr, "/readyz", None).await.0 == 200
     })
@@ -145,7 +145,7 @@ async fn lag_rises_while_the_target_is_held_back_and_falls_after_and_readyz_foll
 
     // Hold the target back and write: lag in bytes and seconds rise.
     s.gate.send_replace(false);
-    db.exec("INSERT INTO t SELECT g, 'x' FROM generate_series(2, 500) g").await;
+    db.exec("INSERT INTO t SELECT g, (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 100) i) FROM generate_series(2, 500) g").await;
     wait_until("lag over the readiness threshold", Duration::from_secs(30), || async {
         let v = status_json(&s.addr).await;
         v["lag_bytes"].as_u64().unwrap_or(0) > 1000 && v["lag_seconds"].as_f64().unwrap_or(0.0) > 2.0
@@ -154,6 +154,11 @@ async fn lag_rises_while_the_target_is_held_back_and_falls_after_and_readyz_foll
     let (code, body) = http_get(&s.addr, "/readyz", None).await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("lag"), "{body}");
+    // About 2 MiB of WAL held back by the slot: over slot_warn_mb.
+    wait_until("the slot warning", Duration::from_secs(30), || async {
+        status_json(&s.addr).await["slot_warning"].as_str().is_some_and(|w| w.contains("slot_warn_mb"))
+    })
+    .await;
     let held = status_json(&s.addr).await;
 
     // Let it go: the lag falls back, /readyz follows.
@@ -170,6 +175,7 @@ async fn lag_rises_while_the_target_is_held_back_and_falls_after_and_readyz_foll
     .await;
     let v = status_json(&s.addr).await;
     assert_eq!(v["tables"]["t"]["changes_applied"], 499, "{v}");
+    assert!(v["tables"]["t"]["rows_per_second"].as_f64().is_some_and(|r| r > 0.0), "the copy report is in /status: {v}");
     s.cancel.cancel();
     s.handle.await.unwrap().unwrap();
     let n: Option<i64> = s.sink.client().query("RETURN count(SELECT id FROM t)").await.unwrap().take(0).unwrap();

@@ -692,16 +692,23 @@ impl Source for PgSource {
             .map_err(self.pg("reading the server's WAL position"))?;
         let (head, current, retained): (String, i64, Option<i64>) = (row.get(0), row.get(1), row.get(2));
         let retained = retained.map(|r| r.max(0) as u64);
-        if let Some(r) = retained.filter(|r| self.slot_warn_bytes > 0 && *r > self.slot_warn_bytes) {
-            warn!(slot = %self.slot, retained_mib = r >> 20, warn_mib = self.slot_warn_bytes >> 20,
-                "the replication slot holds back more WAL than source.slot_warn_mb; the server's disk fills while switchyard is behind or stopped");
-        }
+        let slot_warning = retained.filter(|r| self.slot_warn_bytes > 0 && *r > self.slot_warn_bytes).map(|r| {
+            let m = format!(
+                "replication slot {:?} holds back {} MiB of WAL, more than source.slot_warn_mb = {}; the server's disk fills while switchyard is behind or stopped",
+                self.slot,
+                r >> 20,
+                self.slot_warn_bytes >> 20
+            );
+            warn!("{m}");
+            m
+        });
         let (handed, end) = *self.handed.lock().await;
         let applied_end = if applied >= handed { flush_lsn(applied).max(end) } else { flush_lsn(applied) };
         Ok(crate::source::SourceLag {
             head,
             bytes: (current.max(0) as u64).saturating_sub(applied_end),
             slot_retained_bytes: retained,
+            slot_warning,
         })
     }
 
