@@ -90,6 +90,14 @@ pub struct TargetConfig {
     /// `DEFINE TABLE … SCHEMAFULL` with typed fields (default), or schemaless tables.
     #[serde(default = "default_true")]
     pub schemafull: bool,
+    /// PostgreSQL target: `create` (default) generates the tables from the
+    /// source; `existing` checks tables that are there.
+    pub schema: Option<String>,
+    /// PostgreSQL target: `SET session_replication_role = replica` on the
+    /// writing sessions, so target triggers and foreign keys do not fire again
+    /// for replicated rows.
+    #[serde(default = "default_true")]
+    pub replica_role: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +238,8 @@ pub enum SourceKind {
 pub enum TargetKind {
     /// A SurrealDB endpoint as the SDK's `engine::any` takes it.
     Surreal { endpoint: String, remote: bool },
+    /// `postgres://USER@HOST:PORT/DATABASE?sslmode=…` (password in `target.password`).
+    Postgres { url: String },
 }
 
 impl Config {
@@ -295,6 +305,13 @@ impl Config {
                     problems.push(
                         "target.username and target.password: give both to sign in, or neither".into(),
                     );
+                }
+            }
+            Ok(TargetKind::Postgres { .. }) => {
+                if let Some(m) = &self.target.schema {
+                    if m != "create" && m != "existing" {
+                        problems.push(format!("target.schema: {m:?} must be \"create\" or \"existing\""));
+                    }
                 }
             }
         }
@@ -397,8 +414,12 @@ impl Config {
                 }
                 Ok(TargetKind::Surreal { endpoint: url.to_string(), remote: true })
             }
+            "postgres" | "postgresql" => {
+                crate::source::postgres::conn::PgEndpoint::parse(url, None, "target.url")?;
+                Ok(TargetKind::Postgres { url: url.to_string() })
+            }
             _ => Err(Error::config(format!(
-                "target.url: unsupported target {}; use mem://, surrealkv://PATH, ws://HOST:PORT or wss://HOST:PORT",
+                "target.url: unsupported target {}; use mem://, surrealkv://PATH, ws://HOST:PORT, wss://HOST:PORT or postgres://USER@HOST/DB",
                 redact_url(url)
             ))),
         }

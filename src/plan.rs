@@ -80,9 +80,35 @@ impl Plan {
 pub async fn check(config: &Config) -> Result<Plan> {
     let source = source::open(config).await?;
     let discovery = source.discover().await?;
-    let TargetKind::Surreal { endpoint, remote } = config.target_kind()?;
-    let schemafull = config.target.schemafull;
     let mut problems = discovery.problems;
+    if let TargetKind::Postgres { url } = config.target_kind()? {
+        // PostgreSQL target: each column's target type; a type that cannot
+        // keep its values exactly (an enum or domain as text) is noted.
+        let pg_source = matches!(config.source_kind()?, crate::config::SourceKind::Postgres { .. });
+        let tables = discovery
+            .tables
+            .iter()
+            .map(|t| PlanTable {
+                table: t.name.clone(),
+                target: t.target_name.clone(),
+                key: t.key_names().iter().map(|s| s.to_string()).collect(),
+                record_id: if t.whole_row { "no key: rows matched by their whole value".into() } else { "primary key".into() },
+                columns: t
+                    .columns
+                    .iter()
+                    .map(|c| PlanColumn {
+                        name: c.name.clone(),
+                        source_type: c.source_type.clone(),
+                        target: schema::postgres::column_type(c, pg_source),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mode = config.target.schema.as_deref().unwrap_or("create");
+        return Ok(Plan { source: redact_url(&config.source.url), target: format!("{}  schema {mode}", redact_url(&url)), tables, problems });
+    }
+    let TargetKind::Surreal { endpoint, remote } = config.target_kind()? else { unreachable!("handled above") };
+    let schemafull = config.target.schemafull;
     if remote {
         #[cfg(feature = "surrealdb")]
         if let Err(e) = crate::sink::surreal::probe(&endpoint, config).await {

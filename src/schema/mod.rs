@@ -1,4 +1,5 @@
 //! Type mapping per target, free of any client library so that `check` can
 //! show it without connecting.
 
+pub mod postgres;
 pub mod surreal;

@@ -6,6 +6,7 @@
 //! has not committed (invariant 2).
 
 pub mod discard;
+pub mod postgres;
 #[cfg(feature = "surrealdb")]
 pub mod surreal;
 
@@ -119,5 +120,6 @@ pub async fn open(config: &Config) -> Result<Box<dyn Sink>> {
         TargetKind::Surreal { .. } => Err(Error::config(
             "target.url: this switchyard was built without the surrealdb feature",
         )),
+        TargetKind::Postgres { url } => Ok(Box::new(postgres::PgSink::connect(&url, config).await?)),
     }
 }

@@ -8,6 +8,7 @@ mod deploy_files;
 mod pg_crash;
 mod observe;
 mod pg_surreal;
+mod pg_target;
 mod sqlite_capture;
 mod sqlite_crash;
 mod sqlite_surreal;

@@ -131,7 +131,7 @@ pub async fn wait_converged(config: &Arc<Config>, sink: &SurrealSink) {
     }
 }
 
-const SCHEMA: &str = r#"
+pub const SCHEMA: &str = r#"
 CREATE TABLE "order" (
     id bigint PRIMARY KEY,
     "select" text,

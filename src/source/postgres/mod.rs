@@ -84,6 +84,7 @@ pub struct PgSource {
     publication: String,
     create_publication: bool,
     unmapped_as_text: bool,
+    target_is_postgres: bool,
     filter: TableFilter,
     renames: std::collections::BTreeMap<String, String>,
     catalog: Mutex<HashMap<String, PgTable>>,
@@ -140,7 +141,10 @@ impl PgSource {
             slot: config.source.slot.clone(),
             publication: config.source.publication.clone(),
             create_publication: config.source.create_publication,
-            unmapped_as_text: config.source.unmapped_as_text,
+            // A PostgreSQL target reads every type's text form as that type.
+            unmapped_as_text: config.source.unmapped_as_text
+                || matches!(config.target_kind(), Ok(crate::config::TargetKind::Postgres { .. })),
+            target_is_postgres: matches!(config.target_kind(), Ok(crate::config::TargetKind::Postgres { .. })),
             filter: config.table_filter()?,
             renames: config.tables.rename.clone(),
             catalog: Mutex::new(HashMap::new()),
@@ -350,7 +354,7 @@ impl Source for PgSource {
                 let (logical, native, base) =
                     if elem != 0 { (crate::model::LogicalType::Json, true, elem) } else { let (l, n) = logical_for(base); (l, n, base) };
                 let typtype: String = col.get(4);
-                if !native && typtype != "e" {
+                if !native && typtype != "e" && !self.target_is_postgres {
                     d.problems.push(if self.unmapped_as_text {
                         Problem {
                             table: name.clone(),

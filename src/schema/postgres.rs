@@ -1,0 +1,232 @@
+//! Source columns → PostgreSQL column types, and model values → the text
+//! PostgreSQL reads (COPY text format and `$n::text::type` parameters).
+
+use chrono::{DateTime, Datelike, Utc};
+
+use crate::model::{Column, LogicalType, Value};
+
+/// PostgreSQL's built-in types that a PostgreSQL source's declared type may
+/// name; such a column keeps its type exactly in a PostgreSQL target.
+const BUILT_IN: &[&str] = &[
+    "boolean",
+    "smallint",
+    "integer",
+    "bigint",
+    "real",
+    "double precision",
+    "numeric",
+    "text",
+    "character varying",
+    "character",
+    "\"char\"",
+    "name",
+    "bytea",
+    "uuid",
+    "json",
+    "jsonb",
+    "date",
+    "time without time zone",
+    "time with time zone",
+    "timestamp without time zone",
+    "timestamp with time zone",
+    "interval",
+    "inet",
+    "cidr",
+    "macaddr",
+    "macaddr8",
+    "bit",
+    "bit varying",
+    "money",
+    "int4range",
+    "int8range",
+    "numrange",
+    "tsrange",
+    "tstzrange",
+    "daterange",
+    "tsvector",
+    "tsquery",
+    "xml",
+    "oid",
+    "point",
+];
+
+/// Whether a PostgreSQL declared type (`format_type` output) is built in: its
+/// base name, without `(…)` modifiers, array brackets or time precision.
+fn is_built_in(declared: &str) -> bool {
+    let mut base = declared.trim_end_matches("[]").to_string();
+    // `numeric(12,2)`, `character varying(20)`, `timestamp(3) with time zone`
+    while let (Some(a), Some(b)) = (base.find('('), base.find(')')) {
+        if b < a {
+            break;
+        }
+        base.replace_range(a..=b, "");
+    }
+    let base = base.split_whitespace().collect::<Vec<_>>().join(" ");
+    BUILT_IN.contains(&base.as_str())
+}
+
+/// The target column type. A PostgreSQL source's built-in types are kept
+/// exactly (arrays, precision and length included); other columns (a SQLite
+/// source, enums and domains of a PostgreSQL source) get the type of their
+/// logical type, following DESIGN's SQLite → PostgreSQL rules.
+pub fn column_type(col: &Column, source_is_postgres: bool) -> String {
+    if source_is_postgres && is_built_in(&col.source_type) {
+        return col.source_type.clone();
+    }
+    match col.logical {
+        LogicalType::Bool => "boolean".into(),
+        LogicalType::Int => "bigint".into(),
+        LogicalType::Float => "double precision".into(),
+        LogicalType::Decimal => decimal_type(&col.source_type),
+        LogicalType::Text => "text".into(),
+        LogicalType::Bytes => "bytea".into(),
+        LogicalType::Json => "jsonb".into(),
+        LogicalType::Timestamp => "timestamp with time zone".into(),
+        // No declared type: each value keeps its own storage class; text
+        // holds every one of them.
+        LogicalType::Any => "text".into(),
+    }
+}
+
+/// `DECIMAL(12, 2)` → `numeric(12,2)`; no precision → `numeric`.
+fn decimal_type(declared: &str) -> String {
+    let digits: Vec<&str> = declared
+        .split(['(', ')', ','])
+        .skip(1)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    match digits.as_slice() {
+        [p] if p.parse::<u32>().is_ok() => format!("numeric({p})"),
+        [p, s] if p.parse::<u32>().is_ok() && s.parse::<u32>().is_ok() => format!("numeric({p},{s})"),
+        _ => "numeric".into(),
+    }
+}
+
+/// Whether a target column type is an array.
+pub fn is_array(target_type: &str) -> bool {
+    target_type.ends_with("[]")
+}
+
+/// A value as PostgreSQL's text input for a column of `target_type`; `None`
+/// for NULL. `Value::Unchanged` has no text (the caller leaves the column).
+pub fn to_text(v: &Value, target_type: &str) -> Option<String> {
+    Some(match v {
+        Value::Null | Value::Unchanged => return None,
+        Value::Bool(b) => if *b { "t" } else { "f" }.to_string(),
+        Value::Int(i) => i.to_string(),
+        Value::Float(x) if x.is_nan() => "NaN".into(),
+        Value::Float(x) if x.is_infinite() => if *x > 0.0 { "Infinity" } else { "-Infinity" }.into(),
+        Value::Float(x) => format!("{x:?}"),
+        Value::Decimal(d) => d.clone(),
+        Value::Text(s) => s.clone(),
+        Value::Bytes(b) => {
+            let mut s = String::with_capacity(2 + 2 * b.len());
+            s.push_str("\\x");
+            for byte in b {
+                s.push_str(&format!("{byte:02x}"));
+            }
+            s
+        }
+        Value::Json(j) if is_array(target_type) => match serde_json::from_str::<serde_json::Value>(j) {
+            Ok(v) => array_literal(&v),
+            Err(_) => j.clone(),
+        },
+        Value::Json(j) => j.clone(),
+        Value::Timestamp(t) => timestamp_text(t),
+    })
+}
+
+/// A timestamp as PostgreSQL input: UTC, BC years as such, and the largest /
+/// smallest date-time as `infinity` / `-infinity` (see the source's mapping).
+pub fn timestamp_text(t: &DateTime<Utc>) -> String {
+    if *t == DateTime::<Utc>::MAX_UTC {
+        return "infinity".into();
+    }
+    if *t == DateTime::<Utc>::MIN_UTC {
+        return "-infinity".into();
+    }
+    let y = t.year();
+    if y <= 0 {
+        format!("{:04}{} BC", 1 - y, t.format("-%m-%d %H:%M:%S%.f+00"))
+    } else {
+        t.format("%Y-%m-%d %H:%M:%S%.f+00").to_string()
+    }
+}
+
+/// A JSON array (as the source carries PostgreSQL arrays) as an array literal.
+pub fn array_literal(v: &serde_json::Value) -> String {
+    use serde_json::Value as J;
+    fn quote(s: &str) -> String {
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+    match v {
+        J::Array(items) => format!("{{{}}}", items.iter().map(array_literal).collect::<Vec<_>>().join(",")),
+        J::Null => "NULL".into(),
+        J::Bool(b) => b.to_string(),
+        J::Number(n) => n.to_string(),
+        J::String(s) => quote(s),
+        J::Object(_) => quote(&v.to_string()),
+    }
+}
+
+/// Appends a value to a COPY text-format line.
+pub fn copy_field(out: &mut String, text: Option<&str>) {
+    match text {
+        None => out.push_str("\\N"),
+        Some(s) => {
+            for c in s.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c => out.push(c),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(logical: LogicalType, declared: &str) -> Column {
+        Column { name: "c".into(), source_type: declared.into(), logical, nullable: true }
+    }
+
+    #[test]
+    fn types_are_kept_or_mapped() {
+        assert_eq!(column_type(&col(LogicalType::Decimal, "numeric(12,2)"), true), "numeric(12,2)");
+        assert_eq!(column_type(&col(LogicalType::Json, "integer[]"), true), "integer[]");
+        assert_eq!(column_type(&col(LogicalType::Timestamp, "timestamp(3) with time zone"), true), "timestamp(3) with time zone");
+        assert_eq!(column_type(&col(LogicalType::Text, "mood"), true), "text");
+        assert_eq!(column_type(&col(LogicalType::Text, "character varying(20)"), true), "character varying(20)");
+        assert_eq!(column_type(&col(LogicalType::Decimal, "DECIMAL(12, 2)"), false), "numeric(12,2)");
+        assert_eq!(column_type(&col(LogicalType::Bool, "BOOLEAN"), false), "boolean");
+        assert_eq!(column_type(&col(LogicalType::Json, "JSON"), false), "jsonb");
+        assert_eq!(column_type(&col(LogicalType::Timestamp, "DATETIME"), false), "timestamp with time zone");
+        assert_eq!(column_type(&col(LogicalType::Float, "REAL"), false), "double precision");
+        assert_eq!(column_type(&col(LogicalType::Bytes, "BLOB"), false), "bytea");
+    }
+
+    #[test]
+    fn values_as_postgres_text() {
+        assert_eq!(to_text(&Value::Bytes(vec![0, 255]), "bytea").as_deref(), Some("\\x00ff"));
+        assert_eq!(to_text(&Value::Float(f64::NEG_INFINITY), "real").as_deref(), Some("-Infinity"));
+        assert_eq!(
+            to_text(&Value::Json(r#"[["a", "b,\"c"], [null, "x\\y"]]"#.into()), "text[]").as_deref(),
+            Some(r#"{{"a","b,\"c"},{NULL,"x\\y"}}"#)
+        );
+        assert_eq!(to_text(&Value::Json("[1, 2]".into()), "jsonb").as_deref(), Some("[1, 2]"));
+        assert_eq!(timestamp_text(&DateTime::<Utc>::MAX_UTC), "infinity");
+        let bc = crate::source::postgres::values::parse_timestamp("0044-03-15 12:00:00+00 BC").unwrap();
+        assert_eq!(timestamp_text(&bc), "0044-03-15 12:00:00+00 BC");
+        let mut line = String::new();
+        copy_field(&mut line, Some("a\tb\\c\nd"));
+        line.push('\t');
+        copy_field(&mut line, None);
+        assert_eq!(line, "a\\tb\\\\c\\nd\t\\N");
+    }
+}

@@ -1,0 +1,508 @@
+//! PostgreSQL sink: the target schema generated from the source (or checked
+//! against tables that exist), snapshot rows loaded with `COPY … FROM STDIN`,
+//! and each batch of changes applied in one transaction together with the
+//! checkpoint row in the `switchyard` schema (created from `migrations/`).
+//!
+//! Values travel as PostgreSQL text: COPY's text format for the snapshot,
+//! `$n::text::type` parameters for changes, so every type reads its own input
+//! syntax and nothing passes through a float.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::SinkExt;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::{Durable, Sink, SinkState, TableState, TableStatus};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::model::{Change, Op, Position, Row, TableSchema, Value};
+use crate::schema::postgres::{column_type, copy_field, to_text};
+use crate::source::postgres::conn::{pg_error, PgEndpoint};
+use crate::source::postgres::replication::{quote_ident, quote_literal};
+
+/// The daemon's own schema, versioned by `migrations/`.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How the target tables come to exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaMode {
+    /// Generated from the source (default).
+    Create,
+    /// They exist; their columns are checked.
+    Existing,
+}
+
+pub struct PgSink {
+    ep: PgEndpoint,
+    mode: SchemaMode,
+    /// `SET session_replication_role = replica` on the writing sessions.
+    replica_role: bool,
+    source_is_postgres: bool,
+    /// Idle connections for loads and applies.
+    pool: Mutex<Vec<tokio_postgres::Client>>,
+    /// The last apply failed without knowing whether it committed.
+    uncertain: AtomicBool,
+    /// Target column types per table, as prepared.
+    types: Mutex<std::collections::HashMap<String, Vec<String>>>,
+}
+
+fn qualified(name: &str) -> String {
+    quote_ident(name)
+}
+
+impl PgSink {
+    pub async fn connect(url: &str, config: &Config) -> Result<Self> {
+        let ep = PgEndpoint::parse(url, config.target.password.clone(), "target.url")?;
+        let mode = match config.target.schema.as_deref().unwrap_or("create") {
+            "create" => SchemaMode::Create,
+            "existing" => SchemaMode::Existing,
+            other => {
+                return Err(Error::config(format!(
+                    "target.schema: {other:?} is not supported; use \"create\" or \"existing\""
+                )))
+            }
+        };
+        let sink = Self {
+            ep,
+            mode,
+            replica_role: config.target.replica_role,
+            source_is_postgres: matches!(config.source_kind()?, crate::config::SourceKind::Postgres { .. }),
+            pool: Mutex::new(Vec::new()),
+            uncertain: AtomicBool::new(false),
+            types: Mutex::new(Default::default()),
+        };
+        let c = sink.take().await.map_err(|e| match e.kind() {
+            crate::error::ErrorKind::Transient => Error::connect(e.to_string()),
+            _ => e,
+        })?;
+        sink.migrate(&c).await?;
+        sink.give(c).await;
+        info!(target = %sink.ep.shown(), "connected to PostgreSQL");
+        Ok(sink)
+    }
+
+    fn pg(&self, what: &str) -> impl Fn(tokio_postgres::Error) -> Error + '_ {
+        let what = what.to_string();
+        move |e| pg_error(&self.ep, &what, e)
+    }
+
+    /// A connection with the session settings of a writer.
+    async fn take(&self) -> Result<tokio_postgres::Client> {
+        while let Some(c) = self.pool.lock().await.pop() {
+            if !c.is_closed() {
+                return Ok(c);
+            }
+        }
+        let c = self.ep.connect().await?;
+        c.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'iso_8601'; SET extra_float_digits = 3")
+            .await
+            .map_err(self.pg("session settings"))?;
+        if self.replica_role {
+            c.batch_execute("SET session_replication_role = replica").await.map_err(|e| {
+                Error::config(format!(
+                    "target.replica_role: {} may not SET session_replication_role = replica (it needs a superuser, or on PostgreSQL 15 the role's SET privilege on it); \
+                     grant it, or set target.replica_role = false (target triggers and foreign keys then fire for replicated rows)",
+                    self.ep.shown()
+                ))
+                .with_source(e)
+            })?;
+        }
+        Ok(c)
+    }
+
+    async fn give(&self, c: tokio_postgres::Client) {
+        if !c.is_closed() {
+            self.pool.lock().await.push(c);
+        }
+    }
+
+    /// Applies `migrations/` that the target has not seen, each in its own
+    /// transaction, recording versions and checksums like sqlx does.
+    async fn migrate(&self, c: &tokio_postgres::Client) -> Result<()> {
+        c.batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS switchyard;
+             CREATE TABLE IF NOT EXISTS switchyard.schema_migrations (
+                 version bigint PRIMARY KEY, description text NOT NULL, checksum bytea NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(self.pg("creating switchyard.schema_migrations"))?;
+        for m in MIGRATOR.iter() {
+            let done = c
+                .query_opt("SELECT checksum FROM switchyard.schema_migrations WHERE version = $1", &[&m.version])
+                .await
+                .map_err(self.pg("reading switchyard.schema_migrations"))?;
+            match done {
+                Some(row) => {
+                    let sum: Vec<u8> = row.get(0);
+                    if sum != m.checksum.as_ref() {
+                        return Err(Error::definite(format!(
+                            "switchyard's state schema migration {} ({}) in the target differs from this switchyard's; the target was set up by another version",
+                            m.version, m.description
+                        )));
+                    }
+                }
+                None => {
+                    let sql = format!(
+                        "BEGIN; {}; INSERT INTO switchyard.schema_migrations (version, description, checksum) VALUES ({}, {}, '\\x{}'); COMMIT;",
+                        m.sql,
+                        m.version,
+                        quote_literal(&m.description),
+                        m.checksum.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                    );
+                    c.batch_execute(&sql).await.map_err(self.pg(&format!("applying migration {}", m.version)))?;
+                    info!(version = m.version, description = %m.description, "state schema migrated");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn column_types(&self, table: &TableSchema) -> Vec<String> {
+        if let Some(t) = self.types.lock().await.get(&table.target_name) {
+            if t.len() == table.columns.len() {
+                return t.clone();
+            }
+        }
+        table.columns.iter().map(|c| column_type(c, self.source_is_postgres)).collect()
+    }
+}
+
+/// `"a" = $1::text::integer AND …` over `cols`, parameters from `first`.
+fn matches(table: &TableSchema, cols: &[usize], types: &[String], first: usize, whole: bool) -> String {
+    cols.iter()
+        .enumerate()
+        .map(|(n, &i)| {
+            let c = quote_ident(&table.columns[i].name);
+            let t = &types[i];
+            if whole {
+                format!("{c}::text IS NOT DISTINCT FROM (${}::text::{t})::text", first + n)
+            } else {
+                format!("{c} = ${}::text::{t}", first + n)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// One change as statements with text parameters.
+fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<(String, Vec<Option<String>>)> {
+    let name = qualified(&table.target_name);
+    let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let text = |row: &[Value], idx: &[usize]| -> Vec<Option<String>> { idx.iter().map(|&i| to_text(&row[i], &types[i])).collect() };
+    let all: Vec<usize> = (0..table.columns.len()).collect();
+    let insert = |row: &Row| -> (String, Vec<Option<String>>) {
+        let values: Vec<String> = all.iter().map(|&i| format!("${}::text::{}", i + 1, types[i])).collect();
+        let mut sql = format!("INSERT INTO {name} ({}) VALUES ({})", cols.join(", "), values.join(", "));
+        if !table.whole_row {
+            let keys: Vec<&str> = table.key.iter().map(|&i| cols[i].as_str()).collect();
+            let rest: Vec<String> =
+                all.iter().filter(|i| !table.key.contains(i)).map(|&i| format!("{0} = EXCLUDED.{0}", cols[i])).collect();
+            if rest.is_empty() {
+                sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", ")));
+            } else {
+                sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), rest.join(", ")));
+            }
+        }
+        (sql, text(row, &all))
+    };
+    let delete = |key: &[Value]| -> (String, Vec<Option<String>>) {
+        let params: Vec<Option<String>> = table.key.iter().zip(key).map(|(&i, v)| to_text(v, &types[i])).collect();
+        if table.whole_row {
+            (
+                format!(
+                    "DELETE FROM {name} WHERE ctid = (SELECT ctid FROM {name} WHERE {} LIMIT 1)",
+                    matches(table, &table.key, types, 1, true)
+                ),
+                params,
+            )
+        } else {
+            (format!("DELETE FROM {name} WHERE {}", matches(table, &table.key, types, 1, false)), params)
+        }
+    };
+    match op {
+        Op::Insert { row } => vec![insert(row)],
+        Op::Update { old_key, row } if row.iter().any(Value::is_unchanged) && !table.whole_row => {
+            // Unchanged (TOAST) columns keep their value: UPDATE the others.
+            let changed: Vec<usize> = all.iter().copied().filter(|&i| !row[i].is_unchanged()).collect();
+            let sets: Vec<String> =
+                changed.iter().enumerate().map(|(n, &i)| format!("{} = ${}::text::{}", cols[i], n + 1, types[i])).collect();
+            let key_vals = old_key.clone().unwrap_or_else(|| table.key_of(row));
+            let mut params = text(row, &changed);
+            params.extend(table.key.iter().zip(&key_vals).map(|(&i, v)| to_text(v, &types[i])));
+            vec![(
+                format!(
+                    "UPDATE {name} SET {} WHERE {}",
+                    sets.join(", "),
+                    matches(table, &table.key, types, changed.len() + 1, false)
+                ),
+                params,
+            )]
+        }
+        Op::Update { old_key: None, row } if table.whole_row => {
+            let _ = row;
+            Vec::new()
+        }
+        Op::Update { old_key: None, row } => vec![insert(row)],
+        Op::Update { old_key: Some(old), row } => vec![delete(old), insert(row)],
+        Op::Delete { key } => vec![delete(key)],
+        Op::Truncate => vec![(format!("TRUNCATE {name}"), Vec::new())],
+    }
+}
+
+#[async_trait]
+impl Sink for PgSink {
+    async fn prepare(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
+        let c = self.take().await?;
+        for t in tables {
+            let name = qualified(&t.target_name);
+            let want: Vec<String> = t.columns.iter().map(|col| column_type(col, self.source_is_postgres)).collect();
+            let have = c
+                .query(
+                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                    &[&name],
+                )
+                .await
+                .map_err(self.pg("reading the target table"))?;
+            let have: std::collections::HashMap<String, String> = have.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let mut types = Vec::new();
+            if have.is_empty() {
+                if self.mode == SchemaMode::Existing {
+                    return Err(Error::definite(format!(
+                        "table {} does not exist in the target and target.schema = \"existing\"; create it, or use target.schema = \"create\"",
+                        t.target_name
+                    )));
+                }
+                let mut defs: Vec<String> = t
+                    .columns
+                    .iter()
+                    .zip(&want)
+                    .map(|(col, ty)| {
+                        let not_null = if col.nullable || t.whole_row { "" } else { " NOT NULL" };
+                        format!("{} {ty}{not_null}", quote_ident(&col.name))
+                    })
+                    .collect();
+                if !t.whole_row {
+                    let keys: Vec<String> = t.key.iter().map(|&i| quote_ident(&t.columns[i].name)).collect();
+                    defs.push(format!("PRIMARY KEY ({})", keys.join(", ")));
+                }
+                c.batch_execute(&format!("CREATE TABLE {name} ({})", defs.join(", ")))
+                    .await
+                    .map_err(self.pg(&format!("creating table {}", t.target_name)))?;
+                info!(table = %t.target_name, "target table created");
+                types = want;
+            } else {
+                let mut problems = Vec::new();
+                for (col, ty) in t.columns.iter().zip(&want) {
+                    match have.get(&col.name) {
+                        Some(h) => types.push(h.clone()),
+                        None if self.mode == SchemaMode::Create => {
+                            // A column the source gained: added here too.
+                            c.batch_execute(&format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {ty}", quote_ident(&col.name)))
+                                .await
+                                .map_err(self.pg(&format!("adding column {:?} to {}", col.name, t.target_name)))?;
+                            types.push(ty.clone());
+                        }
+                        None => problems.push(format!("column {:?} ({}) is missing", col.name, ty)),
+                    }
+                }
+                if !problems.is_empty() {
+                    return Err(Error::definite(format!(
+                        "target table {} does not fit the source: {}; add the columns (or let switchyard create the table)",
+                        t.target_name,
+                        problems.join("; ")
+                    )));
+                }
+            }
+            self.types.lock().await.insert(t.target_name.clone(), types);
+        }
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn state(&self) -> Result<SinkState> {
+        let c = self.take().await?;
+        let mut state = SinkState::default();
+        if let Some(r) = c
+            .query_opt(
+                "SELECT commit, ordinal, origin, to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM switchyard.checkpoint WHERE id = 1",
+                &[],
+            )
+            .await
+            .map_err(self.pg("reading the checkpoint"))?
+        {
+            state.checkpoint = Some(Position::new(r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64));
+            state.origin = r.get(2);
+            state.checkpoint_updated_at = r.get(3);
+        }
+        for r in c
+            .query("SELECT name, status, commit, ordinal, rows, source_id FROM switchyard.table_state", &[])
+            .await
+            .map_err(self.pg("reading table states"))?
+        {
+            state.tables.insert(
+                r.get(0),
+                TableState {
+                    status: if r.get::<_, String>(1) == "done" { TableStatus::Done } else { TableStatus::Copying },
+                    position: Position::new(r.get::<_, i64>(2) as u64, r.get::<_, i64>(3) as u64),
+                    rows: r.get::<_, i64>(4) as u64,
+                    source_id: r.get(5),
+                },
+            );
+        }
+        self.give(c).await;
+        Ok(state)
+    }
+
+    async fn start(&self, position: Position, origin: &str) -> Result<()> {
+        let c = self.take().await?;
+        c.execute(
+            "INSERT INTO switchyard.checkpoint (id, commit, ordinal, origin) VALUES (1, $1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET commit = $1, ordinal = $2, origin = $3, updated_at = now()",
+            &[&(position.commit as i64), &(position.ordinal as i64), &origin],
+        )
+        .await
+        .map_err(self.pg("recording the start position"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn forget_table(&self, name: &str) -> Result<()> {
+        let c = self.take().await?;
+        c.execute("DELETE FROM switchyard.table_state WHERE name = $1", &[&name])
+            .await
+            .map_err(self.pg("forgetting a table's copy state"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn begin_table(&self, table: &TableSchema) -> Result<()> {
+        let mut c = self.take().await?;
+        let tx = c.transaction().await.map_err(self.pg("beginning"))?;
+        tx.batch_execute(&format!("TRUNCATE {}", qualified(&table.target_name)))
+            .await
+            .map_err(self.pg(&format!("emptying {}", table.target_name)))?;
+        tx.execute(
+            "INSERT INTO switchyard.table_state (name, status) VALUES ($1, 'copying')
+             ON CONFLICT (name) DO UPDATE SET status = 'copying', commit = 0, ordinal = 0, rows = 0, updated_at = now()",
+            &[&table.name],
+        )
+        .await
+        .map_err(self.pg("recording the copy state"))?;
+        tx.commit().await.map_err(self.pg("committing"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<()> {
+        let types = self.column_types(table).await;
+        let mut data = String::with_capacity(rows.len() * 64);
+        for row in rows {
+            for (i, v) in row.iter().enumerate() {
+                if i > 0 {
+                    data.push('\t');
+                }
+                copy_field(&mut data, to_text(v, &types[i]).as_deref());
+            }
+            data.push('\n');
+        }
+        let c = self.take().await?;
+        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let sql = format!("COPY {} ({}) FROM STDIN", qualified(&table.target_name), cols.join(", "));
+        let what = format!("loading {} rows into {}", rows.len(), table.target_name);
+        let sink = c.copy_in::<_, bytes::Bytes>(sql.as_str()).await.map_err(self.pg(&what))?;
+        futures::pin_mut!(sink);
+        sink.send(bytes::Bytes::from(data)).await.map_err(self.pg(&what))?;
+        sink.finish().await.map_err(|e| row_error(&self.ep, table, &what, e))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {
+        let c = self.take().await?;
+        c.execute(
+            "UPDATE switchyard.table_state SET status = 'done', commit = $2, ordinal = $3, rows = $4, source_id = $5, updated_at = now() WHERE name = $1",
+            &[&table.name, &(position.commit as i64), &(position.ordinal as i64), &(rows as i64), &table.source_id],
+        )
+        .await
+        .map_err(self.pg("marking the table as copied"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable> {
+        if self.uncertain.swap(false, Ordering::SeqCst) && !changes.is_empty() && self.state().await?.checkpoint == Some(checkpoint) {
+            info!(checkpoint = %checkpoint, "the batch was committed before the connection was lost; not applying it again");
+            return Ok(Durable::committed(checkpoint));
+        }
+        let mut c = self.take().await?;
+        let outcome = async {
+            let tx = c.transaction().await.map_err(self.pg("beginning"))?;
+            let cp = tx
+                .query_opt("SELECT commit, ordinal FROM switchyard.checkpoint WHERE id = 1 FOR UPDATE", &[])
+                .await
+                .map_err(self.pg("reading the checkpoint"))?
+                .map(|r| Position::new(r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64));
+            if cp.is_some_and(|cp| cp > checkpoint) {
+                return Err(Error::definite(format!(
+                    "refusing to move the checkpoint backwards from {} to {checkpoint}",
+                    cp.expect("checked")
+                )));
+            }
+            let mut types_of: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+            for ch in changes {
+                let t = &ch.table;
+                if !types_of.contains_key(&t.target_name) {
+                    types_of.insert(t.target_name.clone(), self.column_types(t).await);
+                }
+                let types = &types_of[&t.target_name];
+                for (sql, params) in statements(t, types, &ch.op) {
+                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                        params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                    let n = tx.execute(sql.as_str(), &refs).await.map_err(|e| {
+                        let what = format!("applying a {} of table {:?}, key {}", ch.kind(), t.name, t.describe_key(&ch.key()));
+                        row_error(&self.ep, t, &what, e)
+                    })?;
+                    if t.whole_row && n == 0 && sql.starts_with("DELETE") {
+                        return Err(Error::definite(format!(
+                            "table {:?} has no key and the source removed a row the target does not hold ({}); the target's copy is out of step: copy the table again (run once with it in tables.exclude, then without)",
+                            t.name,
+                            t.describe_key(&ch.key())
+                        )));
+                    }
+                }
+            }
+            tx.execute(
+                "INSERT INTO switchyard.checkpoint (id, commit, ordinal) VALUES (1, $1, $2)
+                 ON CONFLICT (id) DO UPDATE SET commit = $1, ordinal = $2, updated_at = now()",
+                &[&(checkpoint.commit as i64), &(checkpoint.ordinal as i64)],
+            )
+            .await
+            .map_err(self.pg("moving the checkpoint"))?;
+            tx.commit().await.map_err(self.pg("committing the batch"))
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                self.give(c).await;
+                Ok(Durable::committed(checkpoint))
+            }
+            Err(e) => {
+                if e.is_transient() {
+                    self.uncertain.store(true, Ordering::SeqCst);
+                }
+                warn!(error = %e.report(), "applying a batch to PostgreSQL failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A failed statement on a row: the server's words with the table and key.
+fn row_error(ep: &PgEndpoint, table: &TableSchema, what: &str, e: tokio_postgres::Error) -> Error {
+    pg_error(ep, what, e).context(format!("target table {}", table.target_name))
+}

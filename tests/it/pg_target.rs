@@ -1,0 +1,204 @@
+//! PostgreSQL as the target: M5 (PostgreSQL → PostgreSQL, every built-in type
+//! round-trips exactly) and M6 (SQLite → PostgreSQL with the type rules),
+//! snapshot then stream, against the test cluster.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard::config::Config;
+use switchyard::pipeline::{Mode, Pipeline};
+use tokio_util::sync::CancellationToken;
+
+use crate::pg_surreal::{PgDb, SCHEMA};
+use crate::support::*;
+
+/// Every row of `table` as PostgreSQL's text of the whole row.
+async fn rows(client: &tokio_postgres::Client, table: &str) -> BTreeSet<String> {
+    match client.query(&format!("SELECT zz_row::text FROM {table} zz_row"), &[]).await {
+        Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect(),
+        // Not created yet.
+        Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42P01") => BTreeSet::new(),
+        Err(e) => panic!("reading {table}: {e:?}"),
+    }
+}
+
+async fn wait_same(source: &tokio_postgres::Client, target: &tokio_postgres::Client, tables: &[&str]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut diff = None;
+        for t in tables {
+            let (a, b) = (rows(source, t).await, rows(target, t).await);
+            if a != b {
+                diff = Some(format!(
+                    "{t}: only in the source {:?}; only in the target {:?}",
+                    a.difference(&b).collect::<Vec<_>>(),
+                    b.difference(&a).collect::<Vec<_>>()
+                ));
+                break;
+            }
+        }
+        let Some(d) = diff else { return };
+        assert!(std::time::Instant::now() < deadline, "the target never matched the source: {d}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn target_config(source_text: &str, target: &PgDb) -> Arc<Config> {
+    let text = source_text
+        .replace("url = \"mem://\"", &format!("url = \"{}\"\npassword = \"{}\"", target.url("postgres", "?sslmode=disable"), target.cluster.password))
+        .replace("namespace = \"test\"\n", "")
+        .replace("database = \"test\"\n", "");
+    Arc::new(Config::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+}
+
+struct Running {
+    cancel: CancellationToken,
+    handle: tokio::task::JoinHandle<switchyard::Result<switchyard::pipeline::Report>>,
+}
+
+async fn run(config: Arc<Config>) -> Running {
+    let pipeline = Pipeline::open(config).await.unwrap();
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    Running { cancel, handle: tokio::spawn(async move { pipeline.run(Mode::Run, c).await }) }
+}
+
+impl Running {
+    async fn stop(self) -> switchyard::pipeline::Report {
+        self.cancel.cancel();
+        self.handle.await.unwrap().unwrap()
+    }
+}
+
+const TABLES: [&str; 5] = ["\"order\"", "lines", "\"naïve table\"", "measurements", "every_type"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m5_every_built_in_type_round_trips_postgres_to_postgres() {
+    let source = PgDb::new(SCHEMA).await;
+    let target = PgDb::new("").await;
+    let config = target_config(&source.config_text("mem://", ""), &target);
+    let r = run(config.clone()).await;
+    wait_same(&source.client, &target.client, &TABLES).await;
+
+    // Built-in types are kept exactly; the enum and the domain become their base.
+    let types = "SELECT a.attname::text || ' ' || format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                  WHERE a.attrelid = 'every_type'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
+    let src: Vec<String> = source.client.query(types, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let tgt: Vec<String> = target.client.query(types, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    for (s, t) in src.iter().zip(&tgt) {
+        match s.as_str() {
+            "m mood" => assert_eq!(t, "m text"),
+            "dom positive" => assert_eq!(t, "dom bigint"),
+            _ => assert_eq!(s, t),
+        }
+    }
+    assert_eq!(src.len(), tgt.len());
+
+    // Live changes of every kind, with a TOAST value left unchanged.
+    source
+        .exec(
+            "BEGIN;
+             INSERT INTO \"order\" (id, \"select\", total) VALUES (10, E'tab\\there\\nnewline', 1.01);
+             UPDATE \"order\" SET paid = true, doc = '{\"x\": 1}' WHERE id = 1;
+             UPDATE lines SET n = 40 WHERE order_id = 1 AND n = 4;
+             DELETE FROM lines WHERE order_id = 2 AND n = 1;
+             COMMIT;
+             UPDATE \"order\" SET id = 11 WHERE id = 10;
+             TRUNCATE \"naïve table\";
+             INSERT INTO \"naïve table\" VALUES ('jp', 'after truncate');
+             INSERT INTO measurements VALUES (3, '2025-06-01', 30);
+             UPDATE \"order\" SET tags = tags || ARRAY['{brace}'] WHERE id = 1;
+             INSERT INTO every_type SELECT 3, b, i2, i4, i8, f4, '-Infinity', 'Infinity', n2, E'line\\nbreak\\ttab', vc, c, nm, by, u, j, jb,
+                    d, tm, tz, 'infinity', '-infinity', iv, ar, 'sad', dom, inet_, cidr_, mac, bits, vbits, money_, r, tsv, x, o FROM every_type WHERE id = 1;
+             UPDATE every_type SET iv = '-1 day', m = 'ok', tsv = 'other words' WHERE id = 1;
+             ALTER TABLE lines ALTER COLUMN note SET STORAGE EXTERNAL;
+             UPDATE lines SET note = (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i) WHERE order_id = 3 AND n = 1;
+             UPDATE lines SET qty = 99 WHERE order_id = 3 AND n = 1;
+             UPDATE measurements SET day = '2025-01-15' WHERE id = 1;",
+        )
+        .await;
+    wait_same(&source.client, &target.client, &TABLES).await;
+    let report = r.stop().await;
+    assert!(report.changes_applied >= 10, "{report:?}");
+
+    // A restart resumes from the target's checkpoint (switchyard schema).
+    source.exec("DELETE FROM every_type WHERE id = 2; INSERT INTO lines VALUES (9, 9, 9, 'nine');").await;
+    let r = run(config.clone()).await;
+    wait_same(&source.client, &target.client, &TABLES).await;
+    let report = r.stop().await;
+    assert!(report.tables.iter().all(|t| t.already_copied), "{report:?}");
+    let versions: i64 = target.client.query_one("SELECT count(*) FROM switchyard.schema_migrations", &[]).await.unwrap().get(0);
+    assert_eq!(versions, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m6_sqlite_to_postgres_follows_the_type_rules() {
+    let s = Scratch::new();
+    let pool = s
+        .source(
+            "CREATE TABLE product (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, price DECIMAL(8, 2), weight REAL,
+                                   active BOOLEAN, attrs JSON, photo BLOB, added DATETIME);
+             CREATE TABLE stock (sku TEXT NOT NULL, site TEXT NOT NULL, qty INTEGER, PRIMARY KEY (sku, site)) WITHOUT ROWID;
+             INSERT INTO product (name, price, weight, active, attrs, photo, added) VALUES
+               ('tea', 4.50, 0.25, 1, '{\"leaf\": \"green\"}', x'00ff', '2024-05-01 12:30:00'),
+               ('ünïcødé', NULL, NULL, 0, NULL, NULL, NULL);
+             INSERT INTO stock VALUES ('TEA', 'north', 5), ('TEA', 'south', NULL);",
+        )
+        .await;
+    let target = PgDb::new("").await;
+    let config = target_config(&s.config_text("mem://", ""), &target);
+    let r = run(config.clone()).await;
+    let expect = |rows: &'static [&'static str]| rows.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
+    wait_until("the copy", Duration::from_secs(60), || async {
+        target.client.query("SELECT 1 FROM product", &[]).await.map(|r| r.len() == 2).unwrap_or(false)
+    })
+    .await;
+    let types: Vec<String> = target
+        .client
+        .query(
+            "SELECT a.attname::text || ' ' || format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+              WHERE a.attrelid = 'product'::regclass AND a.attnum > 0 ORDER BY a.attnum",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "id bigint",
+            "name text",
+            "price numeric(8,2)",
+            "weight double precision",
+            "active boolean",
+            "attrs jsonb",
+            "photo bytea",
+            "added timestamp with time zone"
+        ]
+    );
+    assert_eq!(
+        rows(&target.client, "product").await,
+        expect(&[
+            "(1,tea,4.50,0.25,t,\"{\"\"leaf\"\": \"\"green\"\"}\",\"\\\\x00ff\",\"2024-05-01 12:30:00+00\")",
+            "(2,ünïcødé,,,f,,,)"
+        ])
+    );
+    sqlx::raw_sql(
+        "UPDATE product SET price = 5, active = 1 WHERE id = 2;
+         DELETE FROM product WHERE id = 1;
+         UPDATE stock SET site = 'east' WHERE site = 'south';
+         INSERT INTO stock VALUES ('MATE', 'north', 7);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_until("the changes", Duration::from_secs(60), || async {
+        rows(&target.client, "stock").await == expect(&["(MATE,north,7)", "(TEA,east,)", "(TEA,north,5)"])
+            && rows(&target.client, "product").await == expect(&["(2,ünïcødé,5.00,,t,,,)"])
+    })
+    .await;
+    r.stop().await;
+}
