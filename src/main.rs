@@ -166,6 +166,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let config = load(&config)?;
             let cancel = CancellationToken::new();
             on_signal(cancel.clone());
+            if config.http.address.is_some() {
+                // Before anything records a metric.
+                switchyard::observe::prometheus();
+            }
             let pipeline = Pipeline::open(config.clone()).await?;
             let http_stop = CancellationToken::new();
             let _http_guard = http_stop.clone().drop_guard();

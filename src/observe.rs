@@ -135,6 +135,8 @@ struct Board {
     stream_started: Option<DateTime<Utc>>,
     /// Changes received and not applied yet.
     backlog: bool,
+    /// The last lag sample that found nothing behind.
+    caught_up_at: Option<DateTime<Utc>>,
 }
 
 /// The status board the pipeline writes and the endpoints read.
@@ -161,10 +163,22 @@ impl Observer {
             updated_at: Utc::now(),
         };
         let o = Arc::new(Self {
-            board: Mutex::new(Board { view, checkpoint: None, applied_commit_time: None, stream_started: None, backlog: false }),
+            board: Mutex::new(Board {
+                view,
+                checkpoint: None,
+                applied_commit_time: None,
+                stream_started: None,
+                backlog: false,
+                caught_up_at: None,
+            }),
             started: Instant::now(),
         });
         o.publish_phase(Phase::Starting);
+        // Every gauge exists from the start, so that scrapes and alert rules
+        // see them before the first change.
+        for side in ["source", "target"] {
+            gauge!(names::CONNECTION_UP, "side" => side).set(0.0);
+        }
         o
     }
 
@@ -198,6 +212,12 @@ impl Observer {
             self.publish_phase(phase);
             info!(phase = phase.as_str(), "phase");
         }
+    }
+
+    /// Before streaming: when the target's checkpoint last moved (lag in
+    /// seconds after a restart counts from there, not from the restart).
+    pub fn resumed_from(&self, checkpoint_moved: DateTime<Utc>) {
+        self.with(|b| b.applied_commit_time = Some(checkpoint_moved));
     }
 
     pub fn set_checkpoint(&self, p: Position) {
@@ -292,10 +312,19 @@ impl Observer {
             b.view.slot_retained_bytes = lag.slot_retained_bytes;
             b.view.slot_warning = lag.slot_warning.clone();
             let behind = lag.bytes > 0 || b.backlog;
-            let since = b.applied_commit_time.or(b.stream_started);
+            let now = Utc::now();
+            if !behind {
+                b.caught_up_at = Some(now);
+            }
+            // Behind since the later of: the commit time of what was applied
+            // last, and the last time nothing was behind.
+            let since = match (b.applied_commit_time, b.caught_up_at) {
+                (Some(a), Some(c)) => Some(a.max(c)),
+                (a, c) => a.or(c).or(b.stream_started),
+            };
             let seconds = match (behind, since) {
                 (false, _) => 0.0,
-                (true, Some(t)) => (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0,
+                (true, Some(t)) => (now - t).num_milliseconds().max(0) as f64 / 1000.0,
                 (true, None) => 0.0,
             };
             b.view.lag_seconds = Some(seconds);
@@ -323,6 +352,7 @@ impl Observer {
     /// The run failed.
     pub fn failed(&self, e: &Error) {
         counter!(names::ERRORS, "kind" => kind_name(e)).increment(1);
+        gauge!(names::CONNECTION_UP, "side" => "target").set(0.0);
         self.with(|b| b.view.last_error = Some(e.report()));
         self.set_phase(Phase::Stopped);
     }
@@ -400,11 +430,6 @@ pub async fn serve(
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let bound = address;
     prometheus();
-    // Every metric exists from the start, so that scrapes and alert rules
-    // see them before the first change.
-    for side in ["source", "target"] {
-        gauge!(names::CONNECTION_UP, "side" => side).set(0.0);
-    }
     let state = Arc::new(HttpState { token, max_lag, observer });
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

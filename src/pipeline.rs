@@ -96,6 +96,9 @@ where
         .when(|e: &Error| e.is_transient())
         .notify(|e: &Error, wait: Duration| {
             Observer::retry(what, e);
+            if what == "applying changes" {
+                metrics::gauge!(crate::observe::names::CONNECTION_UP, "side" => "target").set(0.0);
+            }
             warn!(error = %e.report(), retry_in_ms = wait.as_millis() as u64, "{what} failed, retrying")
         })
         .await
@@ -172,6 +175,9 @@ impl Pipeline {
                     }
                 }
                 self.source.verify_resume(p).await?;
+                if let Some(t) = state.checkpoint_updated_at.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) {
+                    self.observer.resumed_from(t.with_timezone(&chrono::Utc));
+                }
                 info!(checkpoint = %p, "resuming after the target's checkpoint");
                 p
             }
@@ -363,6 +369,9 @@ impl Pipeline {
         let mut prepared: HashMap<String, usize> = tables.iter().map(|t| (t.name.clone(), t.columns.len())).collect();
         let (tx, mut rx) = mpsc::channel::<Batch>(cfg.queue_size);
         let reader_cancel = cancel.child_token();
+        // On any return (an apply that failed included) the reader stops and
+        // its replication connection closes.
+        let _reader_guard = reader_cancel.clone().drop_guard();
         let source = self.source.clone();
         let max = cfg.batch_rows;
         let reader = tokio::spawn(

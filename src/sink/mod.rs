@@ -102,10 +102,16 @@ pub trait Sink: Send + Sync {
         Err(Error::config("this target cannot be verified"))
     }
 
-    /// Verify: the table's records in the target, `limit` stored records
-    /// from the `start`-th on, encoded as [`Sink::expected_records`] does.
-    async fn records(&self, table: &TableSchema, start: u64, limit: usize) -> Result<crate::verify::Page> {
-        let _ = (table, start, limit);
+    /// Verify: the table's records in the target in key order, `limit`
+    /// stored records after the cursor of the previous page, encoded as
+    /// [`Sink::expected_records`] does.
+    async fn records(
+        &self,
+        table: &TableSchema,
+        after: Option<&crate::verify::Cursor>,
+        limit: usize,
+    ) -> Result<crate::verify::Page> {
+        let _ = (table, after, limit);
         Err(Error::config("this target cannot be verified"))
     }
 }

@@ -82,7 +82,7 @@ pub fn to_surreal(v: &Value) -> std::result::Result<SValue, String> {
         Value::Decimal(d) if d == "-Infinity" => SValue::Number(Number::Float(f64::NEG_INFINITY)),
         Value::Decimal(d) => {
             let parsed = if d.contains(['e', 'E']) {
-                rust_decimal::Decimal::from_scientific(d)
+                exact_scientific(d)
             } else {
                 // Exact: `parse` would round digits past 28 silently.
                 rust_decimal::Decimal::from_str_exact(d)
@@ -134,12 +134,24 @@ fn json_value(raw: &serde_json::value::RawValue) -> std::result::Result<SValue, 
     })
 }
 
+/// `1.5e3` as an exact decimal; an error (so: kept as text) when the mantissa
+/// has more significant digits than the decimal holds, which
+/// `from_scientific` would round.
+fn exact_scientific(text: &str) -> std::result::Result<rust_decimal::Decimal, rust_decimal::Error> {
+    let mantissa = text.split(['e', 'E']).next().unwrap_or("");
+    let digits = mantissa.chars().filter(|c| c.is_ascii_digit()).skip_while(|c| *c == '0').count();
+    if digits > 28 {
+        return Err(rust_decimal::Error::ExceedsMaximumPossibleValue);
+    }
+    rust_decimal::Decimal::from_scientific(text)
+}
+
 fn json_number(text: &str) -> SValue {
     if let Ok(i) = text.parse::<i64>() {
         return SValue::Number(Number::Int(i));
     }
     let exact = if text.contains(['e', 'E']) {
-        rust_decimal::Decimal::from_scientific(text)
+        exact_scientific(text)
     } else {
         rust_decimal::Decimal::from_str_exact(text)
     };
@@ -539,27 +551,43 @@ impl Sink for SurrealSink {
         rows.iter().map(|r| self.encode(table, r)).collect()
     }
 
-    async fn records(&self, table: &TableSchema, start: u64, limit: usize) -> Result<crate::verify::Page> {
+    async fn records(
+        &self,
+        table: &TableSchema,
+        after: Option<&crate::verify::Cursor>,
+        limit: usize,
+    ) -> Result<crate::verify::Page> {
         use surrealdb::types::ToSql;
         let mut vars = Variables::new();
-        vars.insert("s", start as i64);
         vars.insert("l", limit as i64);
+        let filter = match after.and_then(|c| c.0.downcast_ref::<RecordId>()) {
+            Some(last) => {
+                vars.insert("last", last.clone());
+                "WHERE id > $last "
+            }
+            None => "",
+        };
         let mut resp = match self
             .run(
                 format!("reading table {:?} for verify", table.target_name),
-                format!("SELECT * FROM {} START $s LIMIT $l;", ident(&table.target_name)),
+                format!("SELECT * FROM {} {filter}ORDER BY id LIMIT $l;", ident(&table.target_name)),
                 vars,
             )
             .await
         {
             Ok(r) => r,
-            Err(e) if e.report().contains("does not exist") => return Ok(crate::verify::Page { records: Vec::new(), pages_read: 0 }),
+            Err(e) if e.report().contains("does not exist") => {
+                return Ok(crate::verify::Page { records: Vec::new(), pages_read: 0, next: None })
+            }
             Err(e) => return Err(e),
         };
         let rows: Vec<SValue> = resp.take(0).map_err(|e| surreal_error(format!("reading table {:?}", table.target_name), e))?;
-        let mut page = crate::verify::Page { records: Vec::with_capacity(rows.len()), pages_read: rows.len() };
+        let mut page = crate::verify::Page { records: Vec::with_capacity(rows.len()), pages_read: rows.len(), next: None };
         for r in rows {
             let SValue::Object(mut obj) = r else { continue };
+            if let Some(SValue::RecordId(id)) = obj.get("id") {
+                page.next = Some(crate::verify::Cursor(Box::new(id.clone())));
+            }
             let key = obj.get("id").map(|id| id.to_sql()).unwrap_or_default();
             let copies = if table.whole_row {
                 match obj.remove(COPIES_FIELD) {

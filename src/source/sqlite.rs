@@ -855,7 +855,9 @@ impl Source for SqliteSource {
                     let out = Batch {
                         changes: batch.changes,
                         upto: Position::new(end as u64, 0),
-                        committed_at: Some(chrono::Utc::now()),
+                        // The change log has no commit times; lag in seconds
+                        // counts from the last time nothing was behind.
+                        committed_at: None,
                     };
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),

@@ -50,6 +50,9 @@ const HEARTBEAT_PREFIX: &str = "switchyard_heartbeat";
 struct PgTable {
     /// The table's OID: pgoutput names relations by it.
     oid: u32,
+    /// A plain table (not a partitioned root): read with `ONLY`, without
+    /// the rows of inheritance children (their changes are not its own).
+    only: bool,
     schema: String,
     name: String,
     /// Column type OIDs (domains resolved to their base type).
@@ -285,7 +288,7 @@ impl Source for PgSource {
         let published = self.publication_exists(&c).await?;
         let candidates = if published {
             c.query(
-                "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text FROM pg_publication_tables pt
+                "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text FROM pg_publication_tables pt
                    JOIN pg_namespace n ON n.nspname = pt.schemaname
                    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
                   WHERE pt.pubname = $1 ORDER BY 2, 3",
@@ -308,7 +311,7 @@ impl Source for PgSource {
                 return Ok(d);
             }
             c.query(
-                "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c
+                "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text FROM pg_class c
                    JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
                     AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -325,6 +328,7 @@ impl Source for PgSource {
             let schema: String = r.get(1);
             let table: String = r.get(2);
             let replident: String = r.get(3);
+            let relkind: String = r.get(4);
             let name = display_name(&schema, &table);
             if !self.filter.matches(&name) {
                 continue;
@@ -409,7 +413,7 @@ impl Source for PgSource {
                     message: "no key: rows are identified by their whole value (REPLICA IDENTITY FULL); identical rows are stored once with a count of copies".into(),
                     blocking: false,
                 });
-                catalog.insert(name.clone(), PgTable { oid, schema, name: table, types });
+                catalog.insert(name.clone(), PgTable { oid, only: relkind == "r", schema, name: table, types });
                 d.tables.push(TableSchema { source_id: oid.to_string(), ..TableSchema::whole_row(name, target_name, columns) });
                 continue;
             }
@@ -428,7 +432,7 @@ impl Source for PgSource {
             for &k in &key {
                 columns[k].nullable = false;
             }
-            catalog.insert(name.clone(), PgTable { oid, schema, name: table, types });
+            catalog.insert(name.clone(), PgTable { oid, only: relkind == "r", schema, name: table, types });
             d.tables.push(TableSchema { source_id: oid.to_string(), ..TableSchema::keyed(name, target_name, columns, key) });
         }
         *self.catalog.lock().await = catalog;
@@ -968,7 +972,8 @@ impl PgSource {
             Some((from, Some(to))) => format!(" WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid"),
             Some((from, None)) => format!(" WHERE ctid >= '({from},0)'::tid"),
         };
-        let sql = format!("COPY (SELECT {} FROM {}{filter}) TO STDOUT", cols.join(", "), pg.qualified());
+        let only = if pg.only { "ONLY " } else { "" };
+        let sql = format!("COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT", cols.join(", "), pg.qualified());
         let stream = tx.copy_out(sql.as_str()).await.map_err(self.pg(&format!("copying {}", table.name)))?;
         pin_mut!(stream);
         let mut parser = values::CopyTextParser::new(table.columns.len());
@@ -1060,8 +1065,14 @@ impl StreamState {
         }
     }
 
-    fn push(&mut self, table: Arc<TableSchema>, op: Op) {
+    /// Numbers a change message of the transaction: every one pgoutput sends
+    /// counts, replicated or not, so that a position inside a transaction
+    /// means the same whatever `tables.include` selects.
+    fn count(&mut self) {
         self.ordinal += 1;
+    }
+
+    fn push(&mut self, table: Arc<TableSchema>, op: Op) {
         let commit = self.commit.map(|l| l.0).unwrap_or(0);
         let position = Position::new(commit, self.ordinal);
         if position <= self.after {
@@ -1099,12 +1110,14 @@ impl StreamState {
             }
             LogicalMessage::Relation(_) => {} // handled by PgSource::on_relation
             LogicalMessage::Insert(i) => {
+                self.count();
                 if let Some((t, types)) = self.table(i.oid)? {
                     let row = tuple_row(&t, &types, &i.new)?;
                     self.push(t, Op::Insert { row });
                 }
             }
             LogicalMessage::Update(u) => {
+                self.count();
                 if let Some((t, types)) = self.table(u.oid)? {
                     let mut row = tuple_row(&t, &types, &u.new)?;
                     if t.whole_row {
@@ -1115,7 +1128,9 @@ impl StreamState {
                                 *v = o.clone();
                             }
                         }
-                        let old_key = (old != row).then_some(old);
+                        // By digest, which is the identity (0.0 and -0.0 differ there).
+                        let digest = |r: &Row| t.row_digest(r).map_err(|m| Error::definite(format!("table {:?}: {m}", t.name)));
+                        let old_key = (digest(&old)? != digest(&row)?).then_some(old);
                         self.push(t, Op::Update { old_key, row });
                         return self.flush_if_full(max_batch);
                     }
@@ -1130,6 +1145,7 @@ impl StreamState {
                 }
             }
             LogicalMessage::Delete(d) => {
+                self.count();
                 if let Some((t, types)) = self.table(d.oid)? {
                     let key = if t.whole_row { whole_old_row(&t, &types, Some(&d.old))? } else { old_key(&t, &types, &d.old)? };
                     self.push(t, Op::Delete { key });
@@ -1137,6 +1153,7 @@ impl StreamState {
             }
             LogicalMessage::Truncate(tr) => {
                 for oid in tr.oids.clone() {
+                    self.count();
                     if let Some((t, _)) = self.table(oid)? {
                         self.push(t, Op::Truncate);
                     }
