@@ -81,29 +81,35 @@ pub async fn check(config: &Config) -> Result<Plan> {
     let source = source::open(config).await?;
     let discovery = source.discover().await?;
     let mut problems = discovery.problems;
-    if let TargetKind::Postgres { url } = config.target_kind()? {
-        // PostgreSQL target: each column's target type; a type that cannot
-        // keep its values exactly (an enum or domain as text) is noted.
-        let pg_source = matches!(config.source_kind()?, crate::config::SourceKind::Postgres { .. });
-        let tables = discovery
-            .tables
+    /// Each table with its key, its target identity and each column's target.
+    fn plan_tables(
+        tables: &[crate::model::TableSchema],
+        identity: impl Fn(&crate::model::TableSchema) -> String,
+        target: impl Fn(&crate::model::TableSchema, usize) -> String,
+    ) -> Vec<PlanTable> {
+        tables
             .iter()
             .map(|t| PlanTable {
                 table: t.name.clone(),
                 target: t.target_name.clone(),
                 key: t.key_names().iter().map(|s| s.to_string()).collect(),
-                record_id: if t.whole_row { "no key: rows matched by their whole value".into() } else { "primary key".into() },
+                record_id: identity(t),
                 columns: t
                     .columns
                     .iter()
-                    .map(|c| PlanColumn {
-                        name: c.name.clone(),
-                        source_type: c.source_type.clone(),
-                        target: schema::postgres::column_type(c, pg_source),
-                    })
+                    .enumerate()
+                    .map(|(i, c)| PlanColumn { name: c.name.clone(), source_type: c.source_type.clone(), target: target(t, i) })
                     .collect(),
             })
-            .collect();
+            .collect()
+    }
+    if let TargetKind::Postgres { url } = config.target_kind()? {
+        let pg_source = matches!(config.source_kind()?, crate::config::SourceKind::Postgres { .. });
+        let tables = plan_tables(
+            &discovery.tables,
+            |t| if t.whole_row { "no key: rows matched by their whole value".into() } else { "primary key".into() },
+            |t, i| schema::postgres::column_type(&t.columns[i], pg_source),
+        );
         let mode = config.target.schema.as_deref().unwrap_or("create");
         return Ok(Plan { source: redact_url(&config.source.url), target: format!("{}  schema {mode}", redact_url(&url)), tables, problems });
     }
@@ -122,25 +128,6 @@ pub async fn check(config: &Config) -> Result<Plan> {
         config.target.database.as_deref().unwrap_or(""),
         if schemafull { "SCHEMAFULL" } else { "SCHEMALESS" }
     );
-    let tables = discovery
-        .tables
-        .iter()
-        .map(|t| PlanTable {
-            table: t.name.clone(),
-            target: t.target_name.clone(),
-            key: t.key_names().iter().map(|s| s.to_string()).collect(),
-            record_id: schema::surreal::describe_id(t),
-            columns: t
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| PlanColumn {
-                    name: c.name.clone(),
-                    source_type: c.source_type.clone(),
-                    target: schema::surreal::describe(t, i, schemafull),
-                })
-                .collect(),
-        })
-        .collect();
+    let tables = plan_tables(&discovery.tables, schema::surreal::describe_id, |t, i| schema::surreal::describe(t, i, schemafull));
     Ok(Plan { source: redact_url(&config.source.url), target, tables, problems })
 }
