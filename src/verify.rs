@@ -134,7 +134,7 @@ async fn read_source(
     let t = table.clone();
     let reader = tokio::spawn(async move { s.snapshot(t, batch_rows, tx).await });
     while let Some(rows) = rx.recv().await {
-        for r in sink.expected_records(table, &rows)? {
+        for r in sink.expected_records(table, &rows).await? {
             each(r);
         }
     }

@@ -97,7 +97,7 @@ pub trait Sink: Send + Sync {
 
     /// Verify: the records source rows become in this target, each as its
     /// key and a canonical encoding (one per row, also for identical rows).
-    fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {
+    async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {
         let _ = (table, rows);
         Err(Error::config("this target cannot be verified"))
     }

@@ -434,6 +434,98 @@ impl Sink for PgSink {
         Ok(())
     }
 
+    /// Rendered by the target itself: the rows' values, cast to the target's
+    /// column types, as `ROW(…)::text` (how `SELECT t::text` shows a stored
+    /// row), and the key likewise; one query per batch.
+    async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {
+        let types = self.column_types(table).await;
+        let n = table.columns.len();
+        let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows.len()); n];
+        for row in rows {
+            for (i, v) in row.iter().enumerate() {
+                columns[i].push(to_text(v, &types[i]));
+            }
+        }
+        let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+        let cast = |i: usize| format!("u.c{i}::{}", types[i]);
+        let key_idx: Vec<usize> = if table.whole_row { (0..n).collect() } else { table.key.clone() };
+        let sql = format!(
+            "SELECT ROW({})::text, ROW({})::text FROM unnest({}) AS u({}) ",
+            key_idx.iter().map(|&i| cast(i)).collect::<Vec<_>>().join(", "),
+            (0..n).map(cast).collect::<Vec<_>>().join(", "),
+            (1..=n).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", "),
+            names.join(", ")
+        );
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let c = self.take().await?;
+        let out = c
+            .query(sql.as_str(), &refs)
+            .await
+            .map_err(self.pg(&format!("rendering rows of {} for verify", table.target_name)))?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        self.give(c).await;
+        Ok(out)
+    }
+
+    /// Pages in key order (tables without a key: in `ctid` order).
+    async fn records(
+        &self,
+        table: &TableSchema,
+        after: Option<&crate::verify::Cursor>,
+        limit: usize,
+    ) -> Result<crate::verify::Page> {
+        let types = self.column_types(table).await;
+        let name = qualified(&table.target_name);
+        let cols: Vec<String> = table.columns.iter().map(|c| format!("zz_row.{}", quote_ident(&c.name))).collect();
+        let key_idx: Vec<usize> = if table.whole_row { (0..cols.len()).collect() } else { table.key.clone() };
+        let key_expr = format!("ROW({})::text", key_idx.iter().map(|&i| cols[i].clone()).collect::<Vec<_>>().join(", "));
+        let last: Option<&Vec<Option<String>>> = after.and_then(|c| c.0.downcast_ref::<Vec<Option<String>>>());
+        let (order, filter, params): (String, String, Vec<Option<String>>) = if table.whole_row {
+            let f = if last.is_some() { "WHERE zz_row.ctid > $1::text::tid".to_string() } else { String::new() };
+            ("zz_row.ctid".into(), f, last.cloned().unwrap_or_default())
+        } else {
+            let keys: Vec<String> = table.key.iter().map(|&i| cols[i].clone()).collect();
+            let f = match last {
+                Some(_) => format!(
+                    "WHERE ({}) > ({})",
+                    keys.join(", "),
+                    table.key.iter().enumerate().map(|(n, &i)| format!("${}::text::{}", n + 1, types[i])).collect::<Vec<_>>().join(", ")
+                ),
+                None => String::new(),
+            };
+            (keys.join(", "), f, last.cloned().unwrap_or_default())
+        };
+        let cursor_cols = if table.whole_row {
+            "zz_row.ctid::text".to_string()
+        } else {
+            table.key.iter().map(|&i| format!("{}::text", cols[i])).collect::<Vec<_>>().join(", ")
+        };
+        let sql = format!(
+            "SELECT {key_expr}, zz_row::text, {cursor_cols} FROM {name} zz_row {filter} ORDER BY {order} LIMIT {limit}"
+        );
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let c = self.take().await?;
+        let rows = c
+            .query(sql.as_str(), &refs)
+            .await
+            .map_err(self.pg(&format!("reading {} for verify", table.target_name)))?;
+        self.give(c).await;
+        let mut page = crate::verify::Page { records: Vec::with_capacity(rows.len()), pages_read: rows.len(), next: None };
+        for r in &rows {
+            page.records.push((r.get(0), r.get(1)));
+        }
+        if let Some(r) = rows.last() {
+            let n = if table.whole_row { 1 } else { table.key.len() };
+            let cursor: Vec<Option<String>> = (0..n).map(|i| r.get::<_, Option<String>>(2 + i)).collect();
+            page.next = Some(crate::verify::Cursor(Box::new(cursor)));
+        }
+        Ok(page)
+    }
+
     async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable> {
         if self.uncertain.swap(false, Ordering::SeqCst) && !changes.is_empty() && self.state().await?.checkpoint == Some(checkpoint) {
             info!(checkpoint = %checkpoint, "the batch was committed before the connection was lost; not applying it again");

@@ -547,7 +547,7 @@ impl Sink for SurrealSink {
         Ok(())
     }
 
-    fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {
+    async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {
         rows.iter().map(|r| self.encode(table, r)).collect()
     }
 

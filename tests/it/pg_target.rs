@@ -188,3 +188,49 @@ async fn m6_sqlite_to_postgres_follows_the_type_rules() {
     .await;
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_on_a_postgres_target_finds_each_difference_by_key() {
+    let source = PgDb::new(
+        "CREATE TABLE acct (id int PRIMARY KEY, balance numeric(12, 2), tags text[], at timestamptz);
+         INSERT INTO acct SELECT g, g * 1.5, ARRAY['a', 'b \"' || g], '2024-01-01'::timestamptz + g * interval '1 hour' FROM generate_series(1, 1200) g;
+         CREATE TABLE log (msg text, n int);
+         ALTER TABLE log REPLICA IDENTITY FULL;
+         INSERT INTO log VALUES ('same', 1), ('same', 1), (NULL, 2);",
+    )
+    .await;
+    let target = PgDb::new("").await;
+    let config = target_config(&source.config_text("mem://", ""), &target);
+    let r = run(config.clone()).await;
+    wait_same(&source.client, &target.client, &["acct", "log"]).await;
+    let src: Arc<dyn switchyard::source::Source> =
+        Arc::new(switchyard::source::postgres::PgSource::open(&config.source.url, &config).await.unwrap());
+    let sink: Arc<dyn switchyard::sink::Sink> = Arc::from(switchyard::sink::open(&config).await.unwrap());
+    let options = switchyard::verify::Options { tables: Vec::new(), wait: Duration::from_secs(30), batch_rows: 500 };
+    let verdict = switchyard::verify::verify(src.clone(), sink.clone(), &options).await.unwrap();
+    assert!(verdict.identical, "{}", verdict.render());
+    assert_eq!(verdict.tables.iter().map(|t| t.target_rows).sum::<u64>(), 1203);
+
+    target
+        .exec("UPDATE acct SET tags = ARRAY['tampered'] WHERE id = 7; DELETE FROM acct WHERE id = 8; INSERT INTO acct VALUES (9999, 1, NULL, NULL); DELETE FROM log WHERE ctid = (SELECT ctid FROM log WHERE msg = 'same' LIMIT 1);")
+        .await;
+    let verdict = switchyard::verify::verify(src, sink, &options).await.unwrap();
+    let found: Vec<(String, switchyard::verify::DifferenceKind, String)> = verdict
+        .tables
+        .iter()
+        .flat_map(|t| t.differences.iter().map(|d| (t.table.clone(), d.kind.clone(), d.key.clone())))
+        .collect();
+    use switchyard::verify::DifferenceKind::*;
+    assert_eq!(
+        found,
+        vec![
+            ("acct".into(), Different, "(7)".into()),
+            ("acct".into(), Missing, "(8)".into()),
+            ("acct".into(), Extra, "(9999)".into()),
+            ("log".into(), Different, "(same,1)".into()),
+        ],
+        "{}",
+        verdict.render()
+    );
+    r.stop().await;
+}
