@@ -309,8 +309,8 @@ impl Config {
             }
             Ok(TargetKind::Postgres { .. }) => {
                 if let Some(m) = &self.target.schema {
-                    if m != "create" && m != "existing" {
-                        problems.push(format!("target.schema: {m:?} must be \"create\" or \"existing\""));
+                    if m != "create" && m != "existing" && !m.starts_with("migrations:") {
+                        problems.push(format!("target.schema: {m:?} must be \"create\", \"existing\" or \"migrations:DIR\""));
                     }
                 }
             }

@@ -33,6 +33,9 @@ pub enum SchemaMode {
     Create,
     /// They exist; their columns are checked.
     Existing,
+    /// The user's own migration files (`*.sql`, applied in name order, each
+    /// once) make them; then the columns are checked as for `Existing`.
+    Migrations(std::path::PathBuf),
 }
 
 pub struct PgSink {
@@ -59,11 +62,14 @@ impl PgSink {
         let mode = match config.target.schema.as_deref().unwrap_or("create") {
             "create" => SchemaMode::Create,
             "existing" => SchemaMode::Existing,
-            other => {
-                return Err(Error::config(format!(
-                    "target.schema: {other:?} is not supported; use \"create\" or \"existing\""
-                )))
-            }
+            other => match other.strip_prefix("migrations:") {
+                Some(dir) if !dir.is_empty() => SchemaMode::Migrations(dir.into()),
+                _ => {
+                    return Err(Error::config(format!(
+                        "target.schema: {other:?} is not supported; use \"create\", \"existing\" or \"migrations:DIR\""
+                    )))
+                }
+            },
         };
         let sink = Self {
             ep,
@@ -79,6 +85,9 @@ impl PgSink {
             _ => e,
         })?;
         sink.migrate(&c).await?;
+        if let SchemaMode::Migrations(dir) = &sink.mode {
+            sink.user_migrations(&c, dir).await?;
+        }
         sink.give(c).await;
         info!(target = %sink.ep.shown(), "connected to PostgreSQL");
         Ok(sink)
@@ -157,6 +166,56 @@ impl PgSink {
                     info!(version = m.version, description = %m.description, "state schema migrated");
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The user's migration files, each applied once in its own transaction
+    /// and recorded with its checksum; a file changed after it was applied
+    /// is an error.
+    async fn user_migrations(&self, c: &tokio_postgres::Client, dir: &std::path::Path) -> Result<()> {
+        use sha2::{Digest, Sha256};
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::config(format!("target.schema: cannot read the migrations directory {}", dir.display())).with_source(e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("sql"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::config(format!("target.schema: no .sql files in {}", dir.display())));
+        }
+        c.batch_execute(
+            "CREATE TABLE IF NOT EXISTS switchyard.user_migrations (
+                 name text PRIMARY KEY, checksum bytea NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(self.pg("creating switchyard.user_migrations"))?;
+        for f in files {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let sql = std::fs::read_to_string(&f)
+                .map_err(|e| Error::config(format!("target.schema: cannot read {}", f.display())).with_source(e))?;
+            let sum = Sha256::digest(sql.as_bytes()).to_vec();
+            let done = c
+                .query_opt("SELECT checksum FROM switchyard.user_migrations WHERE name = $1", &[&name])
+                .await
+                .map_err(self.pg("reading switchyard.user_migrations"))?;
+            match done {
+                Some(r) if r.get::<_, Vec<u8>>(0) == sum => continue,
+                Some(_) => {
+                    return Err(Error::definite(format!(
+                        "migration {name} changed after it was applied to the target; restore it and add a new migration file instead"
+                    )))
+                }
+                None => {}
+            }
+            let mut c2 = self.ep.connect().await?;
+            let tx = c2.transaction().await.map_err(self.pg("beginning a migration"))?;
+            tx.batch_execute(&sql).await.map_err(|e| pg_error(&self.ep, &format!("applying migration {name}"), e))?;
+            tx.execute("INSERT INTO switchyard.user_migrations (name, checksum) VALUES ($1, $2)", &[&name, &sum])
+                .await
+                .map_err(self.pg("recording a migration"))?;
+            tx.commit().await.map_err(self.pg(&format!("committing migration {name}")))?;
+            info!(migration = %name, "target migration applied");
         }
         Ok(())
     }
@@ -253,6 +312,27 @@ fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<(String, Ve
     }
 }
 
+impl PgSink {
+    /// Whether a target column of type `have` holds the values of a source
+    /// column mapped to `want`: the same type, or the same type category
+    /// (numbers to numbers, strings to strings, …).
+    async fn compatible(&self, c: &tokio_postgres::Client, want: &str, have: &str) -> Result<bool> {
+        if want == have {
+            return Ok(true);
+        }
+        let row = c
+            .query_one(
+                "SELECT (SELECT typcategory::text FROM pg_type WHERE oid = to_regtype($1)),
+                        (SELECT typcategory::text FROM pg_type WHERE oid = to_regtype($2))",
+                &[&want, &have],
+            )
+            .await
+            .map_err(self.pg("comparing column types"))?;
+        let (a, b): (Option<String>, Option<String>) = (row.get(0), row.get(1));
+        Ok(a.is_some() && a == b)
+    }
+}
+
 #[async_trait]
 impl Sink for PgSink {
     async fn prepare(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
@@ -269,12 +349,14 @@ impl Sink for PgSink {
                 .await
                 .map_err(self.pg("reading the target table"))?;
             let have: std::collections::HashMap<String, String> = have.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let checked = self.mode != SchemaMode::Create;
             let mut types = Vec::new();
             if have.is_empty() {
-                if self.mode == SchemaMode::Existing {
+                if checked {
                     return Err(Error::definite(format!(
-                        "table {} does not exist in the target and target.schema = \"existing\"; create it, or use target.schema = \"create\"",
-                        t.target_name
+                        "table {} does not exist in the target (target.schema = {:?}); create it, or use target.schema = \"create\"",
+                        t.target_name,
+                        if self.mode == SchemaMode::Existing { "existing".to_string() } else { "migrations:…".to_string() }
                     )));
                 }
                 let mut defs: Vec<String> = t
@@ -299,6 +381,10 @@ impl Sink for PgSink {
                 let mut problems = Vec::new();
                 for (col, ty) in t.columns.iter().zip(&want) {
                     match have.get(&col.name) {
+                        Some(h) if checked && !self.compatible(&c, ty, h).await? => {
+                            problems.push(format!("column {:?} is {h} in the target, which does not hold {} values ({ty})", col.name, col.source_type));
+                            types.push(h.clone());
+                        }
                         Some(h) => types.push(h.clone()),
                         None if self.mode == SchemaMode::Create => {
                             // A column the source gained: added here too.
@@ -308,6 +394,25 @@ impl Sink for PgSink {
                             types.push(ty.clone());
                         }
                         None => problems.push(format!("column {:?} ({}) is missing", col.name, ty)),
+                    }
+                }
+                if checked {
+                    // A target column the source does not fill, NOT NULL and
+                    // without a default, fails every insert.
+                    let strict = c
+                        .query(
+                            "SELECT a.attname::text FROM pg_attribute a
+                              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+                                AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''",
+                            &[&name],
+                        )
+                        .await
+                        .map_err(self.pg("reading the target table"))?;
+                    for r in strict {
+                        let col: String = r.get(0);
+                        if !t.columns.iter().any(|c| c.name == col) {
+                            problems.push(format!("column {col:?} is NOT NULL without a default and the source has no such column"));
+                        }
                     }
                 }
                 if !problems.is_empty() {

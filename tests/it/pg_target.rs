@@ -234,3 +234,61 @@ async fn verify_on_a_postgres_target_finds_each_difference_by_key() {
     );
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m4_own_migrations_are_checked_and_a_violation_stops_without_advancing() {
+    let s = Scratch::new();
+    let pool = s
+        .source(
+            "CREATE TABLE product (id INTEGER PRIMARY KEY, name TEXT NOT NULL, price DECIMAL(10, 2), weight REAL);
+             INSERT INTO product VALUES (1, 'tea', 4.50, 0.25), (2, 'mate', 6.00, NULL);",
+        )
+        .await;
+    let target = PgDb::new("").await;
+    let dir = s.path("migrations");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("001_product.sql"),
+        "CREATE TABLE product (id bigint PRIMARY KEY, name text NOT NULL, price numeric(10,2) CHECK (price >= 0),
+                               weight text, sku text NOT NULL, created timestamptz DEFAULT now());",
+    )
+    .unwrap();
+    let text = s.config_text("mem://", "").replace("url = \"mem://\"", &format!("url = \"mem://\"\nschema = \"migrations:{}\"", dir.display()));
+    let config = target_config(&text, &target);
+    let cfg = s.path("m4.toml");
+    std::fs::write(&cfg, {
+        let t = text
+            .replace("url = \"mem://\"", &format!("url = \"{}\"\npassword = \"{}\"", target.url("postgres", "?sslmode=disable"), target.cluster.password))
+            .replace("namespace = \"test\"\n", "")
+            .replace("database = \"test\"\n", "");
+        t
+    })
+    .unwrap();
+
+    // Every mismatch is reported before anything is loaded.
+    let (code, out, err) = run_cli(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("column \"weight\" is text in the target"), "{err}");
+    assert!(err.contains("column \"sku\" is NOT NULL without a default"), "{err}");
+    assert_eq!(rows(&target.client, "product").await.len(), 0);
+
+    // A second migration fixes the schema; the first is not applied again.
+    std::fs::write(
+        dir.join("002_fix.sql"),
+        "ALTER TABLE product ALTER COLUMN sku SET DEFAULT 'n/a', ALTER COLUMN weight TYPE double precision USING weight::double precision;",
+    )
+    .unwrap();
+    let r = run(config.clone()).await;
+    wait_until("the copy", Duration::from_secs(60), || async { rows(&target.client, "product").await.len() == 2 }).await;
+    let applied: i64 = target.client.query_one("SELECT count(*) FROM switchyard.user_migrations", &[]).await.unwrap().get(0);
+    assert_eq!(applied, 2);
+
+    // A row the stricter target refuses stops the daemon with its key, and
+    // the checkpoint stays before it.
+    let before = switchyard::sink::open(&config).await.unwrap().state().await.unwrap().checkpoint;
+    sqlx::raw_sql("INSERT INTO product VALUES (3, 'bad', -1, NULL)").execute(&pool).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), r.handle).await.unwrap().unwrap().unwrap_err().report();
+    assert!(err.contains("product") && err.contains("id = 3") && err.contains("check constraint"), "{err}");
+    assert_eq!(switchyard::sink::open(&config).await.unwrap().state().await.unwrap().checkpoint, before);
+    assert_eq!(rows(&target.client, "product").await.len(), 2);
+}
