@@ -165,6 +165,7 @@ async fn a_second_consumer_that_trims_the_log_is_detected() {
     exec(&pool, "UPDATE a SET v = 'only b sees this' WHERE id = 1;").await;
     // Another target on the same source consumes and trims the log.
     let second = start(config.clone(), None).await;
+    wait_converged(&pool, &config, &second.sink).await;
     until_trimmed(&pool).await;
     second.stop().await;
 
