@@ -13,27 +13,27 @@ use switchyard::source::postgres::PgSource;
 use crate::pg_surreal::{connect, PgDb};
 use crate::support::*;
 
-const SCHEMA: &str = r#"
+pub const SCHEMA: &str = r#"
 CREATE TABLE items (id bigint PRIMARY KEY, payload text NOT NULL, n bigint NOT NULL);
 CREATE TABLE pairs (a text NOT NULL, b int NOT NULL, v double precision, PRIMARY KEY (a, b));
 INSERT INTO items SELECT i, repeat('p', 400) || i, i FROM generate_series(1, 40000) i;
 INSERT INTO pairs SELECT 'k' || (i % 37), i, i * 0.5 FROM generate_series(1, 2000) i;
 "#;
 
-struct Rng(u64);
+pub struct Rng(pub u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn below(&mut self, n: u64) -> i64 {
+    pub fn below(&mut self, n: u64) -> i64 {
         (self.next() % n) as i64
     }
 }
 
-async fn writer(client: tokio_postgres::Client, stop: Arc<AtomicBool>, seed: u64) -> u64 {
+pub async fn writer(client: tokio_postgres::Client, stop: Arc<AtomicBool>, seed: u64) -> u64 {
     let mut client = client;
     let mut rng = Rng(seed);
     let mut writes = 0;

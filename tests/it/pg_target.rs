@@ -292,3 +292,63 @@ async fn m4_own_migrations_are_checked_and_a_violation_stops_without_advancing()
     assert_eq!(switchyard::sink::open(&config).await.unwrap().state().await.unwrap().checkpoint, before);
     assert_eq!(rows(&target.client, "product").await.len(), 2);
 }
+
+/// The target's checkpoint commit position (switchyard.checkpoint).
+async fn target_checkpoint_pg(target: &PgDb) -> Option<u64> {
+    target
+        .client
+        .query_opt("SELECT commit FROM switchyard.checkpoint WHERE id = 1", &[])
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get::<_, i64>(0) as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_load_and_apply_into_postgres_converges() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let source = PgDb::new(crate::pg_crash::SCHEMA).await;
+    let target = PgDb::new("").await;
+    let s = Scratch::new();
+    let text = source.config_text("mem://", "snapshot_batch_rows = 500\nbatch_rows = 200\n");
+    let text = text
+        .replace("url = \"mem://\"", &format!("url = \"{}\"\npassword = \"{}\"", target.url("postgres", "?sslmode=disable"), target.cluster.password))
+        .replace("namespace = \"test\"\n", "")
+        .replace("database = \"test\"\n", "");
+    let cfg = s.path("pg.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let cfg_s = cfg.to_str().unwrap().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = tokio::spawn(crate::pg_crash::writer(
+        crate::pg_surreal::connect(&source.cluster, &source.name).await,
+        stop.clone(),
+        0x2545_F491_4F6C_DD1D,
+    ));
+    let mut rng = crate::pg_crash::Rng(7);
+    let mut streaming_kills = 0;
+    for round in 0..4 {
+        let d = Daemon::start(&["run", "--config", &cfg_s], s.path(&format!("round{round}.log")));
+        let what = if round == 0 { "copying from scratch" } else { "logical replication started" };
+        wait_until(what, Duration::from_secs(120), || {
+            let t = d.log_text();
+            async move { t.contains(what) }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(700) as u64)).await;
+        if d.log_text().contains("logical replication started") {
+            streaming_kills += 1;
+        }
+        d.kill();
+        // The slot never confirms past the target's checkpoint.
+        if let (Some(flushed), Some(cp)) = (source.confirmed_flush().await, target_checkpoint_pg(&target).await) {
+            assert!(flushed <= cp + 1, "the slot confirmed {flushed}, past the target's checkpoint {cp}");
+        }
+    }
+    assert!(streaming_kills >= 2, "too few kills while streaming");
+    stop.store(true, Ordering::Relaxed);
+    assert!(w.await.unwrap() > 50, "the writer barely ran");
+    let d = Daemon::start(&["run", "--config", &cfg_s], s.path("final.log"));
+    wait_same(&source.client, &target.client, &["items", "pairs"]).await;
+    assert!(d.interrupt().await.success());
+    assert!(rows(&target.client, "items").await.len() > 30_000);
+}
