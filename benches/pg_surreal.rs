@@ -15,7 +15,8 @@
 //!
 //! Run with `bash scripts/bench pg-surreal`, which starts the throwaway
 //! cluster (scripts/pg-cluster). Sizes: `BENCH_PG_SCALE` (default 10),
-//! `BENCH_PG_SECONDS` (default 30), `BENCH_PG_CLIENTS` (default 4).
+//! `BENCH_PG_SECONDS` (default 30), `BENCH_PG_CLIENTS` (default 4),
+//! `BENCH_PG_WORKERS` (`pipeline.snapshot_workers`, default: the cores).
 //! `pgbench_history` has no key and is left out.
 
 use std::sync::atomic::Ordering;
@@ -81,8 +82,11 @@ impl Pg {
 
 fn config_for(pg: &Pg, db: &str, slot: &str, target: &str) -> Result<Arc<Config>> {
     let text = format!(
-        "[source]\nurl = \"postgres://postgres@{}:{}/{db}?sslmode=disable\"\npassword = \"{}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n[target]\nurl = \"{target}\"\nnamespace = \"bench\"\ndatabase = \"bench\"\n\n[tables]\nexclude = [\"pgbench_history\"]\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = 2000\n",
-        pg.host, pg.port, pg.password
+        "[source]\nurl = \"postgres://postgres@{}:{}/{db}?sslmode=disable\"\npassword = \"{}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n[target]\nurl = \"{target}\"\nnamespace = \"bench\"\ndatabase = \"bench\"\n\n[tables]\nexclude = [\"pgbench_history\"]\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = 2000\nsnapshot_workers = {workers}\n",
+        pg.host,
+        pg.port,
+        pg.password,
+        workers = env_num("BENCH_PG_WORKERS", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) as u64)
     );
     Ok(Arc::new(Config::parse(&text)?))
 }

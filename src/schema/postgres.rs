@@ -103,6 +103,53 @@ fn decimal_type(declared: &str) -> String {
     }
 }
 
+/// The type a text value is cast to before it is assigned to a column of
+/// `column_type`: without length or precision, so that a value that does not
+/// fit raises the column's own error instead of being cut by an explicit
+/// cast (`character` and `bit` keep any length through `bpchar`/`varbit`).
+pub fn cast_type(column_type: &str) -> String {
+    let array = column_type.ends_with("[]");
+    let mut base = column_type.trim_end_matches("[]").to_string();
+    while let (Some(a), Some(b)) = (base.find('('), base.find(')')) {
+        if b < a {
+            break;
+        }
+        base.replace_range(a..=b, "");
+    }
+    let base = base.split_whitespace().collect::<Vec<_>>().join(" ");
+    let base = match base.as_str() {
+        "character" => "bpchar".to_string(),
+        "bit" => "bit varying".to_string(),
+        _ => base,
+    };
+    if array {
+        format!("{base}[]")
+    } else {
+        base
+    }
+}
+
+/// Whether a column of `have` holds every value of a source column mapped
+/// to `want`: the same type (length and precision aside), or a widening.
+pub fn holds(want: &str, have: &str) -> bool {
+    let (w, h) = (cast_type(want), cast_type(have));
+    if w == h {
+        return true;
+    }
+    const WIDER: &[(&str, &[&str])] = &[
+        ("smallint", &["integer", "bigint", "numeric"]),
+        ("integer", &["bigint", "numeric"]),
+        ("bigint", &["numeric"]),
+        ("real", &["double precision"]),
+        ("character varying", &["text"]),
+        ("bpchar", &["text", "character varying"]),
+        ("name", &["text", "character varying"]),
+        ("timestamp without time zone", &["timestamp with time zone"]),
+        ("json", &["jsonb"]),
+    ];
+    WIDER.iter().any(|(from, to)| *from == w && to.contains(&h.as_str()))
+}
+
 /// Whether a target column type is an array.
 pub fn is_array(target_type: &str) -> bool {
     target_type.ends_with("[]")
@@ -128,8 +175,8 @@ pub fn to_text(v: &Value, target_type: &str) -> Option<String> {
             }
             s
         }
-        Value::Json(j) if is_array(target_type) => match serde_json::from_str::<serde_json::Value>(j) {
-            Ok(v) => array_literal(&v),
+        Value::Json(j) if is_array(target_type) => match serde_json::from_str::<&serde_json::value::RawValue>(j) {
+            Ok(v) => array_literal(v),
             Err(_) => j.clone(),
         },
         Value::Json(j) => j.clone(),
@@ -147,26 +194,31 @@ pub fn timestamp_text(t: &DateTime<Utc>) -> String {
         return "-infinity".into();
     }
     let y = t.year();
+    let rest = t.format("-%m-%d %H:%M:%S%.f+00");
     if y <= 0 {
-        format!("{:04}{} BC", 1 - y, t.format("-%m-%d %H:%M:%S%.f+00"))
+        format!("{:04}{rest} BC", 1 - y)
     } else {
-        t.format("%Y-%m-%d %H:%M:%S%.f+00").to_string()
+        // Not chrono's `%Y`: it writes years past 9999 with a `+`.
+        format!("{y:04}{rest}")
     }
 }
 
-/// A JSON array (as the source carries PostgreSQL arrays) as an array literal.
-pub fn array_literal(v: &serde_json::Value) -> String {
-    use serde_json::Value as J;
+/// A JSON array (as the source carries PostgreSQL arrays) as an array
+/// literal; numbers keep their exact text.
+pub fn array_literal(v: &serde_json::value::RawValue) -> String {
     fn quote(s: &str) -> String {
         format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
     }
-    match v {
-        J::Array(items) => format!("{{{}}}", items.iter().map(array_literal).collect::<Vec<_>>().join(",")),
-        J::Null => "NULL".into(),
-        J::Bool(b) => b.to_string(),
-        J::Number(n) => n.to_string(),
-        J::String(s) => quote(s),
-        J::Object(_) => quote(&v.to_string()),
+    let text = v.get();
+    match text.as_bytes().first() {
+        Some(b'[') => match serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text) {
+            Ok(items) => format!("{{{}}}", items.into_iter().map(array_literal).collect::<Vec<_>>().join(",")),
+            Err(_) => quote(text),
+        },
+        Some(b'n') => "NULL".into(),
+        Some(b'"') => quote(&serde_json::from_str::<String>(text).unwrap_or_else(|_| text.to_string())),
+        Some(b'{') => quote(text),
+        _ => text.to_string(),
     }
 }
 
@@ -212,6 +264,17 @@ mod tests {
     }
 
     #[test]
+    fn casts_leave_the_length_to_the_column() {
+        assert_eq!(cast_type("character varying(20)"), "character varying");
+        assert_eq!(cast_type("character(3)"), "bpchar");
+        assert_eq!(cast_type("bit(4)[]"), "bit varying[]");
+        assert_eq!(cast_type("timestamp(3) with time zone"), "timestamp with time zone");
+        assert_eq!(cast_type("numeric(12,2)"), "numeric");
+        assert!(holds("integer", "bigint") && holds("numeric(12,2)", "numeric(14,2)") && holds("text", "text"));
+        assert!(!holds("numeric", "integer") && !holds("bytea", "uuid") && !holds("timestamp with time zone", "date"));
+    }
+
+    #[test]
     fn values_as_postgres_text() {
         assert_eq!(to_text(&Value::Bytes(vec![0, 255]), "bytea").as_deref(), Some("\\x00ff"));
         assert_eq!(to_text(&Value::Float(f64::NEG_INFINITY), "real").as_deref(), Some("-Infinity"));
@@ -220,6 +283,10 @@ mod tests {
             Some(r#"{{"a","b,\"c"},{NULL,"x\\y"}}"#)
         );
         assert_eq!(to_text(&Value::Json("[1, 2]".into()), "jsonb").as_deref(), Some("[1, 2]"));
+        assert_eq!(to_text(&Value::Json("[1.5777777777770001, 1e400]".into()), "double precision[]").as_deref(), Some("{1.5777777777770001,1e400}"));
+        assert_eq!(to_text(&Value::Json(r#"["null", "[1,2]", "{\"k\": 1}"]"#.into()), "jsonb[]").as_deref(), Some(r#"{"null","[1,2]","{\"k\": 1}"}"#));
+        let far = crate::source::postgres::values::parse_timestamp("12345-06-07 08:09:10+00").unwrap();
+        assert_eq!(timestamp_text(&far), "12345-06-07 08:09:10+00");
         assert_eq!(timestamp_text(&DateTime::<Utc>::MAX_UTC), "infinity");
         let bc = crate::source::postgres::values::parse_timestamp("0044-03-15 12:00:00+00 BC").unwrap();
         assert_eq!(timestamp_text(&bc), "0044-03-15 12:00:00+00 BC");

@@ -7,7 +7,6 @@
 //! `$n::text::type` parameters for changes, so every type reads its own input
 //! syntax and nothing passes through a float.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -19,7 +18,7 @@ use super::{Durable, Sink, SinkState, TableState, TableStatus};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::{Change, Op, Position, Row, TableSchema, Value};
-use crate::schema::postgres::{column_type, copy_field, to_text};
+use crate::schema::postgres::{cast_type, column_type, copy_field, holds, to_text};
 use crate::source::postgres::conn::{pg_error, PgEndpoint};
 use crate::source::postgres::replication::{quote_ident, quote_literal};
 
@@ -46,8 +45,6 @@ pub struct PgSink {
     source_is_postgres: bool,
     /// Idle connections for loads and applies.
     pool: Mutex<Vec<tokio_postgres::Client>>,
-    /// The last apply failed without knowing whether it committed.
-    uncertain: AtomicBool,
     /// Target column types per table, as prepared.
     types: Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
@@ -77,7 +74,6 @@ impl PgSink {
             replica_role: config.target.replica_role,
             source_is_postgres: matches!(config.source_kind()?, crate::config::SourceKind::Postgres { .. }),
             pool: Mutex::new(Vec::new()),
-            uncertain: AtomicBool::new(false),
             types: Mutex::new(Default::default()),
         };
         let c = sink.take().await.map_err(|e| match e.kind() {
@@ -156,7 +152,7 @@ impl PgSink {
                 }
                 None => {
                     let sql = format!(
-                        "BEGIN; {}; INSERT INTO switchyard.schema_migrations (version, description, checksum) VALUES ({}, {}, '\\x{}'); COMMIT;",
+                        "BEGIN;\n{}\n;\nINSERT INTO switchyard.schema_migrations (version, description, checksum) VALUES ({}, {}, '\\x{}'); COMMIT;",
                         m.sql,
                         m.version,
                         quote_literal(&m.description),
@@ -236,7 +232,7 @@ fn matches(table: &TableSchema, cols: &[usize], types: &[String], first: usize, 
         .enumerate()
         .map(|(n, &i)| {
             let c = quote_ident(&table.columns[i].name);
-            let t = &types[i];
+            let t = cast_type(&types[i]);
             if whole {
                 format!("{c}::text IS NOT DISTINCT FROM (${}::text::{t})::text", first + n)
             } else {
@@ -247,89 +243,103 @@ fn matches(table: &TableSchema, cols: &[usize], types: &[String], first: usize, 
         .join(" AND ")
 }
 
+/// A statement of a change: SQL, text parameters, and whether it must touch
+/// a row (else the target is out of step with the source).
+struct Statement {
+    sql: String,
+    params: Vec<Option<String>>,
+    must_touch: bool,
+}
+
 /// One change as statements with text parameters.
-fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<(String, Vec<Option<String>>)> {
+fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<Statement> {
     let name = qualified(&table.target_name);
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let text = |row: &[Value], idx: &[usize]| -> Vec<Option<String>> { idx.iter().map(|&i| to_text(&row[i], &types[i])).collect() };
     let all: Vec<usize> = (0..table.columns.len()).collect();
-    let insert = |row: &Row| -> (String, Vec<Option<String>>) {
-        let values: Vec<String> = all.iter().map(|&i| format!("${}::text::{}", i + 1, types[i])).collect();
-        let mut sql = format!("INSERT INTO {name} ({}) VALUES ({})", cols.join(", "), values.join(", "));
-        if !table.whole_row {
-            let keys: Vec<&str> = table.key.iter().map(|&i| cols[i].as_str()).collect();
-            let rest: Vec<String> =
-                all.iter().filter(|i| !table.key.contains(i)).map(|&i| format!("{0} = EXCLUDED.{0}", cols[i])).collect();
-            if rest.is_empty() {
-                sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", ")));
-            } else {
-                sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), rest.join(", ")));
-            }
+    let value = |n: usize, i: usize| format!("${n}::text::{}", cast_type(&types[i]));
+    let keys: Vec<&str> = table.key.iter().map(|&i| cols[i].as_str()).collect();
+    let conflict = || -> String {
+        let rest: Vec<String> = all.iter().filter(|i| !table.key.contains(i)).map(|&i| format!("{0} = EXCLUDED.{0}", cols[i])).collect();
+        if rest.is_empty() {
+            format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", "))
+        } else {
+            format!(" ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), rest.join(", "))
         }
-        (sql, text(row, &all))
     };
-    let delete = |key: &[Value]| -> (String, Vec<Option<String>>) {
+    let insert = |row: &Row| -> Statement {
+        let values: Vec<String> = all.iter().map(|&i| value(i + 1, i)).collect();
+        let mut sql = format!("INSERT INTO {name} ({}) OVERRIDING SYSTEM VALUE VALUES ({})", cols.join(", "), values.join(", "));
+        if !table.whole_row {
+            sql.push_str(&conflict());
+        }
+        Statement { sql, params: text(row, &all), must_touch: false }
+    };
+    let delete = |key: &[Value]| -> Statement {
         let params: Vec<Option<String>> = table.key.iter().zip(key).map(|(&i, v)| to_text(v, &types[i])).collect();
         if table.whole_row {
-            (
-                format!(
+            Statement {
+                sql: format!(
                     "DELETE FROM {name} WHERE ctid = (SELECT ctid FROM {name} WHERE {} LIMIT 1)",
                     matches(table, &table.key, types, 1, true)
                 ),
                 params,
-            )
+                must_touch: true,
+            }
         } else {
-            (format!("DELETE FROM {name} WHERE {}", matches(table, &table.key, types, 1, false)), params)
+            Statement { sql: format!("DELETE FROM {name} WHERE {}", matches(table, &table.key, types, 1, false)), params, must_touch: false }
         }
     };
     match op {
         Op::Insert { row } => vec![insert(row)],
         Op::Update { old_key, row } if row.iter().any(Value::is_unchanged) && !table.whole_row => {
-            // Unchanged (TOAST) columns keep their value: UPDATE the others.
-            let changed: Vec<usize> = all.iter().copied().filter(|&i| !row[i].is_unchanged()).collect();
-            let sets: Vec<String> =
-                changed.iter().enumerate().map(|(n, &i)| format!("{} = ${}::text::{}", cols[i], n + 1, types[i])).collect();
+            // Unchanged (TOAST) columns keep their value: UPDATE the others
+            // (the key columns only when the key changed).
+            let changed: Vec<usize> = all
+                .iter()
+                .copied()
+                .filter(|&i| !row[i].is_unchanged() && (old_key.is_some() || !table.key.contains(&i)))
+                .collect();
+            let sets: Vec<String> = changed.iter().enumerate().map(|(n, &i)| format!("{} = {}", cols[i], value(n + 1, i))).collect();
             let key_vals = old_key.clone().unwrap_or_else(|| table.key_of(row));
             let mut params = text(row, &changed);
             params.extend(table.key.iter().zip(&key_vals).map(|(&i, v)| to_text(v, &types[i])));
-            vec![(
-                format!(
-                    "UPDATE {name} SET {} WHERE {}",
+            if sets.is_empty() {
+                return Vec::new();
+            }
+            vec![Statement {
+                sql: format!("UPDATE {name} SET {} WHERE {}", sets.join(", "), matches(table, &table.key, types, changed.len() + 1, false)),
+                params,
+                must_touch: true,
+            }]
+        }
+        Op::Update { old_key: None, .. } if table.whole_row => Vec::new(),
+        Op::Update { old_key: None, row } => vec![insert(row)],
+        Op::Update { old_key: Some(old), row } if table.whole_row => vec![delete(old), insert(row)],
+        Op::Update { old_key: Some(old), row } => {
+            // The key changed: the row is updated in place (its foreign keys
+            // and identity stay), or inserted if the target lacks it.
+            let n = all.len();
+            let sets: Vec<String> = all.iter().map(|&i| format!("{} = {}", cols[i], value(i + 1, i))).collect();
+            let values: Vec<String> = all.iter().map(|&i| value(i + 1, i)).collect();
+            let mut params = text(row, &all);
+            params.extend(table.key.iter().zip(old).map(|(&i, v)| to_text(v, &types[i])));
+            vec![Statement {
+                sql: format!(
+                    "WITH moved AS (UPDATE {name} SET {} WHERE {} RETURNING 1) \
+                     INSERT INTO {name} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE NOT EXISTS (SELECT 1 FROM moved){}",
                     sets.join(", "),
-                    matches(table, &table.key, types, changed.len() + 1, false)
+                    matches(table, &table.key, types, n + 1, false),
+                    cols.join(", "),
+                    values.join(", "),
+                    conflict()
                 ),
                 params,
-            )]
+                must_touch: false,
+            }]
         }
-        Op::Update { old_key: None, row } if table.whole_row => {
-            let _ = row;
-            Vec::new()
-        }
-        Op::Update { old_key: None, row } => vec![insert(row)],
-        Op::Update { old_key: Some(old), row } => vec![delete(old), insert(row)],
         Op::Delete { key } => vec![delete(key)],
-        Op::Truncate => vec![(format!("TRUNCATE {name}"), Vec::new())],
-    }
-}
-
-impl PgSink {
-    /// Whether a target column of type `have` holds the values of a source
-    /// column mapped to `want`: the same type, or the same type category
-    /// (numbers to numbers, strings to strings, …).
-    async fn compatible(&self, c: &tokio_postgres::Client, want: &str, have: &str) -> Result<bool> {
-        if want == have {
-            return Ok(true);
-        }
-        let row = c
-            .query_one(
-                "SELECT (SELECT typcategory::text FROM pg_type WHERE oid = to_regtype($1)),
-                        (SELECT typcategory::text FROM pg_type WHERE oid = to_regtype($2))",
-                &[&want, &have],
-            )
-            .await
-            .map_err(self.pg("comparing column types"))?;
-        let (a, b): (Option<String>, Option<String>) = (row.get(0), row.get(1));
-        Ok(a.is_some() && a == b)
+        Op::Truncate => vec![Statement { sql: format!("TRUNCATE {name}"), params: Vec::new(), must_touch: false }],
     }
 }
 
@@ -381,7 +391,7 @@ impl Sink for PgSink {
                 let mut problems = Vec::new();
                 for (col, ty) in t.columns.iter().zip(&want) {
                     match have.get(&col.name) {
-                        Some(h) if checked && !self.compatible(&c, ty, h).await? => {
+                        Some(h) if !holds(ty, h) => {
                             problems.push(format!("column {:?} is {h} in the target, which does not hold {} values ({ty})", col.name, col.source_type));
                             types.push(h.clone());
                         }
@@ -552,6 +562,8 @@ impl Sink for PgSink {
             }
         }
         let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+        // The column's full type, as storing pads or rounds (a value that
+        // does not fit never reaches the target: its apply fails).
         let cast = |i: usize| format!("u.c{i}::{}", types[i]);
         let key_idx: Vec<usize> = if table.whole_row { (0..n).collect() } else { table.key.clone() };
         let sql = format!(
@@ -597,7 +609,7 @@ impl Sink for PgSink {
                 Some(_) => format!(
                     "WHERE ({}) > ({})",
                     keys.join(", "),
-                    table.key.iter().enumerate().map(|(n, &i)| format!("${}::text::{}", n + 1, types[i])).collect::<Vec<_>>().join(", ")
+                    table.key.iter().enumerate().map(|(n, &i)| format!("${}::text::{}", n + 1, cast_type(&types[i]))).collect::<Vec<_>>().join(", ")
                 ),
                 None => String::new(),
             };
@@ -609,7 +621,8 @@ impl Sink for PgSink {
             table.key.iter().map(|&i| format!("{}::text", cols[i])).collect::<Vec<_>>().join(", ")
         };
         let sql = format!(
-            "SELECT {key_expr}, zz_row::text, {cursor_cols} FROM {name} zz_row {filter} ORDER BY {order} LIMIT {limit}"
+            "SELECT {key_expr}, ROW({})::text, {cursor_cols} FROM {name} zz_row {filter} ORDER BY {order} LIMIT {limit}",
+            cols.join(", ")
         );
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
@@ -632,10 +645,6 @@ impl Sink for PgSink {
     }
 
     async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable> {
-        if self.uncertain.swap(false, Ordering::SeqCst) && !changes.is_empty() && self.state().await?.checkpoint == Some(checkpoint) {
-            info!(checkpoint = %checkpoint, "the batch was committed before the connection was lost; not applying it again");
-            return Ok(Durable::committed(checkpoint));
-        }
         let mut c = self.take().await?;
         let outcome = async {
             let tx = c.transaction().await.map_err(self.pg("beginning"))?;
@@ -650,28 +659,54 @@ impl Sink for PgSink {
                     cp.expect("checked")
                 )));
             }
+            if cp == Some(checkpoint) && !changes.is_empty() {
+                // Committed before a lost reply: not applied again.
+                info!(checkpoint = %checkpoint, "the batch was committed before the connection was lost; not applying it again");
+                return Ok(());
+            }
             let mut types_of: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
-            for ch in changes {
+            let mut i = 0;
+            while i < changes.len() {
+                let ch = &changes[i];
                 let t = &ch.table;
+                if matches!(ch.op, Op::Truncate) {
+                    // One TRUNCATE of a source transaction's tables together,
+                    // as the source ran it (foreign keys between them).
+                    let mut names = vec![qualified(&t.target_name)];
+                    while i + 1 < changes.len()
+                        && matches!(changes[i + 1].op, Op::Truncate)
+                        && changes[i + 1].position.commit == ch.position.commit
+                    {
+                        i += 1;
+                        names.push(qualified(&changes[i].table.target_name));
+                    }
+                    tx.batch_execute(&format!("TRUNCATE {}", names.join(", ")))
+                        .await
+                        .map_err(|e| row_error(&self.ep, t, "applying a truncate", e))?;
+                    i += 1;
+                    continue;
+                }
                 if !types_of.contains_key(&t.target_name) {
                     types_of.insert(t.target_name.clone(), self.column_types(t).await);
                 }
                 let types = &types_of[&t.target_name];
-                for (sql, params) in statements(t, types, &ch.op) {
+                for st in statements(t, types, &ch.op) {
                     let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                        params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-                    let n = tx.execute(sql.as_str(), &refs).await.map_err(|e| {
+                        st.params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                    let n = tx.execute(st.sql.as_str(), &refs).await.map_err(|e| {
                         let what = format!("applying a {} of table {:?}, key {}", ch.kind(), t.name, t.describe_key(&ch.key()));
                         row_error(&self.ep, t, &what, e)
                     })?;
-                    if t.whole_row && n == 0 && sql.starts_with("DELETE") {
+                    if st.must_touch && n == 0 {
                         return Err(Error::definite(format!(
-                            "table {:?} has no key and the source removed a row the target does not hold ({}); the target's copy is out of step: copy the table again (run once with it in tables.exclude, then without)",
+                            "table {:?}: the target has no row for the {} of {}; the target's copy is out of step: copy the table again (run once with it in tables.exclude, then without)",
                             t.name,
+                            ch.kind(),
                             t.describe_key(&ch.key())
                         )));
                     }
                 }
+                i += 1;
             }
             tx.execute(
                 "INSERT INTO switchyard.checkpoint (id, commit, ordinal) VALUES (1, $1, $2)
@@ -689,9 +724,6 @@ impl Sink for PgSink {
                 Ok(Durable::committed(checkpoint))
             }
             Err(e) => {
-                if e.is_transient() {
-                    self.uncertain.store(true, Ordering::SeqCst);
-                }
                 warn!(error = %e.report(), "applying a batch to PostgreSQL failed");
                 Err(e)
             }

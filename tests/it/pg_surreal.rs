@@ -178,6 +178,9 @@ INSERT INTO every_type VALUES (
     '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03', B'1010', B'101', 12.34, '[1,10)', 'a fat cat', '<a>x</a>', 4242
 ), (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
 UPDATE "order" SET tags = ARRAY['a', 'b,c', NULL, 'say "hi"'], grid = '{{1,2},{3,NULL}}' WHERE id = 1;
+ALTER TABLE every_type ADD COLUMN jba jsonb[], ADD COLUMN fa float8[], ADD COLUMN far timestamptz;
+UPDATE every_type SET jba = ARRAY['null'::jsonb, '[1, 2]', '{"k": 1.10}', '"x"', NULL], fa = ARRAY[1.5777777777770001, 'NaN', -0.0],
+    far = '12345-06-07 08:09:10+00' WHERE id = 1;
 UPDATE "order" SET tags = '{}' WHERE id = 2;
 "#;
 
