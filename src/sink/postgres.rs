@@ -243,6 +243,61 @@ fn matches(table: &TableSchema, cols: &[usize], types: &[String], first: usize, 
         .join(" AND ")
 }
 
+/// The full new row of a change that is a plain upsert (an insert, or an
+/// update that keeps the key and carries every column) of a keyed table.
+fn upsert_row(ch: &Change) -> Option<&Row> {
+    if ch.table.whole_row {
+        return None;
+    }
+    match &ch.op {
+        Op::Insert { row } | Op::Update { old_key: None, row } if !row.iter().any(Value::is_unchanged) => Some(row),
+        _ => None,
+    }
+}
+
+/// One `INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE` for a run of
+/// upserts of one table; of several changes to one key, the last wins (as
+/// applying them in order would leave it).
+fn grouped_upsert(table: &TableSchema, types: &[String], run: &[Change]) -> (String, Vec<Vec<Option<String>>>) {
+    let n = table.columns.len();
+    let mut last: std::collections::HashMap<Vec<Option<String>>, usize> = std::collections::HashMap::new();
+    let rows: Vec<Vec<Option<String>>> = run
+        .iter()
+        .filter_map(upsert_row)
+        .map(|row| row.iter().enumerate().map(|(i, v)| to_text(v, &types[i])).collect())
+        .collect();
+    for (at, r) in rows.iter().enumerate() {
+        let key: Vec<Option<String>> = table.key.iter().map(|&k| r[k].clone()).collect();
+        last.insert(key, at);
+    }
+    let mut keep: Vec<usize> = last.into_values().collect();
+    keep.sort_unstable();
+    let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(keep.len()); n];
+    for at in keep {
+        for (i, v) in rows[at].iter().enumerate() {
+            columns[i].push(v.clone());
+        }
+    }
+    let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let keys: Vec<&str> = table.key.iter().map(|&i| cols[i].as_str()).collect();
+    let rest: Vec<String> =
+        (0..n).filter(|i| !table.key.contains(i)).map(|i| format!("{0} = EXCLUDED.{0}", cols[i])).collect();
+    let on_conflict = if rest.is_empty() {
+        format!("ON CONFLICT ({}) DO NOTHING", keys.join(", "))
+    } else {
+        format!("ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), rest.join(", "))
+    };
+    let sql = format!(
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({}) {on_conflict}",
+        qualified(&table.target_name),
+        cols.join(", "),
+        (0..n).map(|i| format!("u.c{i}::{}", cast_type(&types[i]))).collect::<Vec<_>>().join(", "),
+        (1..=n).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", "),
+        (0..n).map(|i| format!("c{i}")).collect::<Vec<_>>().join(", ")
+    );
+    (sql, columns)
+}
+
 /// A statement of a change: SQL, text parameters, and whether it must touch
 /// a row (else the target is out of step with the source).
 struct Statement {
@@ -669,6 +724,33 @@ impl Sink for PgSink {
             while i < changes.len() {
                 let ch = &changes[i];
                 let t = &ch.table;
+                if upsert_row(ch).is_some() {
+                    // A run of whole-row upserts of one table: one statement.
+                    let mut j = i + 1;
+                    while j < changes.len() && j - i < 5_000 && changes[j].table.name == t.name && upsert_row(&changes[j]).is_some() {
+                        j += 1;
+                    }
+                    if j - i > 1 {
+                        if !types_of.contains_key(&t.target_name) {
+                            types_of.insert(t.target_name.clone(), self.column_types(t).await);
+                        }
+                        let (sql, params) = grouped_upsert(t, &types_of[&t.target_name], &changes[i..j]);
+                        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                            params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                        tx.execute(sql.as_str(), &refs).await.map_err(|e| {
+                            let what = format!(
+                                "applying {} upserts of table {:?} (keys {} … {})",
+                                j - i,
+                                t.name,
+                                t.describe_key(&ch.key()),
+                                t.describe_key(&changes[j - 1].key())
+                            );
+                            row_error(&self.ep, t, &what, e)
+                        })?;
+                        i = j;
+                        continue;
+                    }
+                }
                 if matches!(ch.op, Op::Truncate) {
                     // One TRUNCATE of a source transaction's tables together,
                     // as the source ran it (foreign keys between them).
