@@ -564,12 +564,12 @@ async fn a_column_added_while_streaming_is_replicated_and_other_changes_stop() {
 
 /// A cluster of a test's own (scripts/pg-cluster on another port), for tests
 /// that restart the server; stopped and removed on drop.
-struct OwnCluster {
+pub struct OwnCluster {
     env: Vec<(String, String)>,
 }
 
 impl OwnCluster {
-    fn script(&self, cmd: &str) -> std::process::Output {
+    pub fn script(&self, cmd: &str) -> std::process::Output {
         let out = std::process::Command::new("bash")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-cluster"))
             .arg(cmd)
@@ -580,7 +580,7 @@ impl OwnCluster {
         out
     }
 
-    fn start() -> (OwnCluster, Cluster) {
+    pub fn start() -> (OwnCluster, Cluster) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let own = OwnCluster {
             env: vec![

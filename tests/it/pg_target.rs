@@ -352,3 +352,40 @@ async fn sigkill_during_load_and_apply_into_postgres_converges() {
     assert!(d.interrupt().await.success());
     assert!(rows(&target.client, "items").await.len() > 30_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_server_restarting_mid_apply_loses_nothing_and_doubles_nothing() {
+    let source = PgDb::new("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 1000) g;").await;
+    let (own, cluster) = crate::pg_surreal::OwnCluster::start();
+    let target = PgDb::on(cluster, "").await;
+    // Attempts enough to outlast a restart (backoff doubles up to 500 ms).
+    let text = source.config_text("mem://", "").replace("retry_attempts = 3", "retry_attempts = 30");
+    let config = target_config(&text, &target);
+    let r = run(config.clone()).await;
+    wait_same(&source.client, &target.client, &["t"]).await;
+    // Changes keep coming while the target restarts.
+    let writer = {
+        let client = crate::pg_surreal::connect(&source.cluster, &source.name).await;
+        tokio::spawn(async move {
+            for i in 0..60 {
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; UPDATE t SET v = 'w{i}' WHERE id % 60 = {i}; INSERT INTO t VALUES ({}, 'new'); DELETE FROM t WHERE id = {}; COMMIT;",
+                        2000 + i,
+                        i + 1
+                    ))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    own.script("restart");
+    writer.await.unwrap();
+    // The test's own connection to the target died with the server.
+    let target_client = crate::pg_surreal::connect(&target.cluster, &target.name).await;
+    wait_same(&source.client, &target_client, &["t"]).await;
+    let report = r.stop().await;
+    assert!(report.changes_applied > 60, "{report:?}");
+}
