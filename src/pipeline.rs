@@ -53,6 +53,9 @@ pub struct TableReport {
     pub rows_per_second: f64,
     /// Copied in an earlier run; nothing was done now.
     pub already_copied: bool,
+    /// Copied as the source's COPY text, without decoding rows.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pass_through: bool,
     /// The snapshot position `Ct`, as text (an LSN for PostgreSQL).
     pub position: String,
     #[serde(skip)]
@@ -228,6 +231,7 @@ impl Pipeline {
                         seconds: 0.0,
                         rows_per_second: 0.0,
                         already_copied: true,
+                        pass_through: false,
                         position: s.position.to_string(),
                         at: s.position,
                     });
@@ -294,6 +298,32 @@ impl Pipeline {
         let total = self.source.count_rows(&table).await.ok().flatten();
         self.observer.table_copying(&table.name, total);
         let progress = Progress::new(&table.name, total, &self.bars);
+        if self.sink.takes_copy_text(&table).await {
+            // Same types on both sides: the source's COPY text goes into the
+            // target's COPY as it is, without decoding a row.
+            let (tx, rx) = mpsc::channel(cfg.queue_size);
+            let source = self.source.clone();
+            let t = table.clone();
+            let reader = tokio::spawn(async move { source.snapshot_copy_text(t, tx).await }.in_current_span());
+            let loaded = tokio::select! {
+                r = self.sink.load_copy_text(&table, rx) => r,
+                _ = cancel.cancelled() => {
+                    reader.abort();
+                    progress.finish(0, "stopped");
+                    return Err(Error::new(ErrorKind::Interrupted, format!(
+                        "stopped while copying table {:?}; it is copied again on the next start", table.name)));
+                }
+            };
+            let at = match reader.await {
+                Ok(Ok(Some(at))) => at,
+                Ok(Ok(None)) => return Err(Error::definite(format!("the source has no COPY text for {:?}", table.name))),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(Error::definite(format!("snapshot reader of {:?} failed: {e}", table.name))),
+            };
+            let rows = loaded?;
+            self.observer.table_rows(&table.name, rows);
+            return self.finish_copy(&table, at, rows, started, progress, true).await;
+        }
         let (tx, rx) = mpsc::channel(cfg.queue_size);
         let source = self.source.clone();
         let t = table.clone();
@@ -340,7 +370,21 @@ impl Pipeline {
             Ok(r) => r?,
             Err(e) => return Err(Error::definite(format!("snapshot reader of {:?} failed: {e}", table.name))),
         };
-        retry(cfg, "recording the copied table", || self.sink.finish_table(&table, at, rows)).await?;
+        self.finish_copy(&table, at, rows, started, progress, false).await
+    }
+
+    /// Records a copied table and its report line.
+    async fn finish_copy(
+        &self,
+        table: &TableSchema,
+        at: Position,
+        rows: u64,
+        started: Instant,
+        progress: Progress,
+        pass_through: bool,
+    ) -> Result<TableReport> {
+        let cfg = &self.config.pipeline;
+        retry(cfg, "recording the copied table", || self.sink.finish_table(table, at, rows)).await?;
         self.observer.table_copied(&table.name, rows, Some(started.elapsed().as_secs_f64()));
         let seconds = started.elapsed().as_secs_f64();
         progress.finish(rows, "done");
@@ -351,6 +395,7 @@ impl Pipeline {
             seconds,
             rows_per_second: if seconds > 0.0 { rows as f64 / seconds } else { 0.0 },
             already_copied: false,
+            pass_through,
             position: at.to_string(),
             at,
         })

@@ -95,6 +95,20 @@ pub trait Sink: Send + Sync {
     /// one target transaction. Refuses a checkpoint older than the stored one.
     async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable>;
 
+    /// Whether [`Sink::load_copy_text`] takes this table's source COPY text
+    /// as it is (every column of the same type on both sides).
+    async fn takes_copy_text(&self, table: &TableSchema) -> bool {
+        let _ = table;
+        false
+    }
+
+    /// Loads COPY text chunks (whole rows each) as they arrive; the number
+    /// of rows loaded.
+    async fn load_copy_text(&self, table: &TableSchema, chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> Result<u64> {
+        let _ = (table, chunks);
+        Err(Error::config("this target does not take COPY text"))
+    }
+
     /// Verify: the records source rows become in this target, each as its
     /// key and a canonical encoding (one per row, also for identical rows).
     async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {

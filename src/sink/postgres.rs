@@ -604,6 +604,32 @@ impl Sink for PgSink {
         Ok(())
     }
 
+    async fn takes_copy_text(&self, table: &TableSchema) -> bool {
+        if !self.source_is_postgres {
+            return false;
+        }
+        let types = self.column_types(table).await;
+        table.columns.iter().zip(&types).all(|(c, t)| &c.source_type == t)
+    }
+
+    async fn load_copy_text(&self, table: &TableSchema, mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> Result<u64> {
+        let c = self.take().await?;
+        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let sql = format!("COPY {} ({}) FROM STDIN", qualified(&table.target_name), cols.join(", "));
+        let what = format!("loading {} as COPY text", table.target_name);
+        let sink = c.copy_in::<_, bytes::Bytes>(sql.as_str()).await.map_err(self.pg(&what))?;
+        futures::pin_mut!(sink);
+        let mut rows = 0u64;
+        while let Some(chunk) = chunks.recv().await {
+            // COPY text escapes newlines inside values: each one ends a row.
+            rows += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+            sink.send(chunk).await.map_err(|e| row_error(&self.ep, table, &what, e))?;
+        }
+        sink.finish().await.map_err(|e| row_error(&self.ep, table, &what, e))?;
+        self.give(c).await;
+        Ok(rows)
+    }
+
     /// Rendered by the target itself: the rows' values, cast to the target's
     /// column types, as `ROW(…)::text` (how `SELECT t::text` shows a stored
     /// row), and the key likewise; one query per batch.

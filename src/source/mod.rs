@@ -131,6 +131,14 @@ pub trait Source: Send + Sync {
     /// The target has durably applied everything up to this position.
     async fn ack(&self, durable: Durable) -> Result<()>;
 
+    /// The table's rows in PostgreSQL's COPY text format, read in the same
+    /// consistent snapshot as [`Source::snapshot`] would, for a target that
+    /// takes them as they are; `None` where the source has no such format.
+    async fn snapshot_copy_text(&self, table: Arc<TableSchema>, out: mpsc::Sender<bytes::Bytes>) -> Result<Option<Position>> {
+        let _ = (table, out);
+        Ok(None)
+    }
+
     /// Releases what `snapshot` holds between tables (PostgreSQL: the
     /// exported snapshot), so that the next `snapshot` reads the source as it
     /// is then.

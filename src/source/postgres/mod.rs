@@ -586,9 +586,31 @@ impl Source for PgSource {
         if ranges.len() > 1 {
             info!(table = %table.name, parts = ranges.len(), "copying the table in block ranges at once");
         }
-        let parts = ranges.into_iter().map(|r| self.copy_part(&table, &pg, &snapshot, r, batch_rows, rows.clone()));
+        let parts = ranges.into_iter().map(|r| self.copy_part(&table, &pg, &snapshot, r, CopyOut::Rows(rows.clone(), batch_rows)));
         futures::future::try_join_all(parts).await?;
         Ok(snapshot_position(cp))
+    }
+
+    async fn snapshot_copy_text(&self, table: Arc<TableSchema>, out: mpsc::Sender<bytes::Bytes>) -> Result<Option<Position>> {
+        let pg = self
+            .catalog
+            .lock()
+            .await
+            .get(&table.name)
+            .cloned()
+            .ok_or_else(|| Error::definite(format!("table {:?} is not in the catalog", table.name)))?;
+        let (snapshot, cp) = {
+            let mut export = self.export.lock().await;
+            if export.is_none() {
+                *export = Some(self.temporary_export().await?);
+            }
+            let e = export.as_ref().expect("set above");
+            (e.snapshot.clone(), e.consistent_point)
+        };
+        let ranges = self.ranges(&pg).await?;
+        let parts = ranges.into_iter().map(|r| self.copy_part(&table, &pg, &snapshot, r, CopyOut::Text(out.clone())));
+        futures::future::try_join_all(parts).await?;
+        Ok(Some(snapshot_position(cp)))
     }
 
     async fn stream(
@@ -909,6 +931,12 @@ impl PgSource {
     }
 }
 
+/// Where a COPY part goes: decoded rows in batches, or the COPY text itself.
+enum CopyOut {
+    Rows(mpsc::Sender<Vec<Row>>, usize),
+    Text(mpsc::Sender<bytes::Bytes>),
+}
+
 /// A part of a table's heap, in blocks: `[from, to)`, `to` open for the last.
 type BlockRange = Option<(u32, Option<u32>)>;
 
@@ -951,8 +979,7 @@ impl PgSource {
         pg: &PgTable,
         snapshot: &str,
         range: BlockRange,
-        batch_rows: usize,
-        rows: mpsc::Sender<Vec<Row>>,
+        out: CopyOut,
     ) -> Result<()> {
         let _slot = self.copy_slots.acquire().await.map_err(|_| Error::new(ErrorKind::Interrupted, "snapshot stopped"))?;
         let mut c = self.client().await?;
@@ -976,6 +1003,24 @@ impl PgSource {
         let sql = format!("COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT", cols.join(", "), pg.qualified());
         let stream = tx.copy_out(sql.as_str()).await.map_err(self.pg(&format!("copying {}", table.name)))?;
         pin_mut!(stream);
+        let (rows, batch_rows) = match out {
+            CopyOut::Rows(rows, n) => (rows, n),
+            CopyOut::Text(text) => {
+                // Whole rows (one per CopyData message) gathered into 1 MiB chunks.
+                let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+                while let Some(chunk) = stream.try_next().await.map_err(self.pg(&format!("copying {}", table.name)))? {
+                    buf.extend_from_slice(&chunk);
+                    if buf.len() >= 1 << 20 && text.send(buf.split().freeze()).await.is_err() {
+                        return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+                    }
+                }
+                if !buf.is_empty() && text.send(buf.freeze()).await.is_err() {
+                    return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+                }
+                tx.commit().await.map_err(self.pg("ending the snapshot transaction"))?;
+                return Ok(());
+            }
+        };
         let mut parser = values::CopyTextParser::new(table.columns.len());
         let mut batch = Vec::with_capacity(batch_rows);
         let ctx = |e: String| Error::definite(format!("table {:?}: {e}", table.name));
