@@ -20,60 +20,15 @@ use std::time::{Duration, Instant};
 #[path = "common/mod.rs"]
 mod common;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use futures::{pin_mut, SinkExt, TryStreamExt};
 use switchyard::config::Config;
 use switchyard::pipeline::{Mode, Pipeline};
 use tokio_util::sync::CancellationToken;
 
+use common::pg::{env_num, Pg};
 use common::{peak_rss_mib, reset_peak_rss};
 
-fn env(name: &str) -> Result<String> {
-    std::env::var(name).with_context(|| format!("{name} is not set: run `bash scripts/bench pg-pg`"))
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-struct Pg {
-    host: String,
-    port: String,
-    password: String,
-    bin: String,
-}
-
-impl Pg {
-    async fn client(&self, db: &str) -> Result<tokio_postgres::Client> {
-        let (c, conn) = tokio_postgres::Config::new()
-            .host(&self.host)
-            .port(self.port.parse()?)
-            .user("postgres")
-            .password(&self.password)
-            .dbname(db)
-            .connect(tokio_postgres::NoTls)
-            .await?;
-        tokio::spawn(conn);
-        Ok(c)
-    }
-
-    fn pgbench(&self, args: &[&str]) -> Result<String> {
-        let out = std::process::Command::new(format!("{}/pgbench", self.bin))
-            .args(["-h", &self.host, "-p", &self.port, "-U", "postgres"])
-            .args(args)
-            .env("PGPASSWORD", &self.password)
-            .output()
-            .context("running pgbench")?;
-        if !out.status.success() {
-            bail!("pgbench {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@{}:{}/{db}?sslmode=disable", self.host, self.port)
-    }
-}
 
 const TABLES: &str = "CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler character(84));
      CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler character(88));
@@ -105,12 +60,7 @@ async fn wait_for_row(c: &tokio_postgres::Client, aid: i32, balance: i32, limit:
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let pg = Pg {
-        host: env("SWITCHYARD_TEST_PG_HOST")?,
-        port: env("SWITCHYARD_TEST_PG_PORT")?,
-        password: env("SWITCHYARD_TEST_PG_PASSWORD")?,
-        bin: env("SWITCHYARD_TEST_PG_BIN")?,
-    };
+    let pg = Pg::from_env()?;
     let scale = env_num("BENCH_PG_SCALE", 20);
     let seconds = env_num("BENCH_PG_SECONDS", 20);
     let clients = env_num("BENCH_PG_CLIENTS", 4);

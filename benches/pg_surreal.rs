@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 #[path = "common/mod.rs"]
 mod common;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use futures::{pin_mut, TryStreamExt};
 use switchyard::config::Config;
 use switchyard::pipeline::{Mode, Pipeline};
@@ -35,50 +35,9 @@ use switchyard::sink::surreal::SurrealSink;
 use switchyard::source::postgres::PgSource;
 use tokio_util::sync::CancellationToken;
 
+use common::pg::{env_num, Pg};
 use common::{peak_rss_mib, reset_peak_rss};
 
-fn env(name: &str) -> Result<String> {
-    std::env::var(name).with_context(|| format!("{name} is not set: run `bash scripts/bench pg-surreal`"))
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-struct Pg {
-    host: String,
-    port: String,
-    password: String,
-    bin: String,
-}
-
-impl Pg {
-    async fn client(&self, db: &str) -> Result<tokio_postgres::Client> {
-        let (c, conn) = tokio_postgres::Config::new()
-            .host(&self.host)
-            .port(self.port.parse()?)
-            .user("postgres")
-            .password(&self.password)
-            .dbname(db)
-            .connect(tokio_postgres::NoTls)
-            .await?;
-        tokio::spawn(conn);
-        Ok(c)
-    }
-
-    fn pgbench(&self, args: &[&str]) -> Result<std::process::Output> {
-        let out = std::process::Command::new(format!("{}/pgbench", self.bin))
-            .args(["-h", &self.host, "-p", &self.port, "-U", "postgres"])
-            .args(args)
-            .env("PGPASSWORD", &self.password)
-            .output()
-            .context("running pgbench")?;
-        if !out.status.success() {
-            bail!("pgbench {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(out)
-    }
-}
 
 fn config_for(pg: &Pg, db: &str, slot: &str, target: &str) -> Result<Arc<Config>> {
     let text = format!(
@@ -93,12 +52,7 @@ fn config_for(pg: &Pg, db: &str, slot: &str, target: &str) -> Result<Arc<Config>
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let pg = Pg {
-        host: env("SWITCHYARD_TEST_PG_HOST")?,
-        port: env("SWITCHYARD_TEST_PG_PORT")?,
-        password: env("SWITCHYARD_TEST_PG_PASSWORD")?,
-        bin: env("SWITCHYARD_TEST_PG_BIN")?,
-    };
+    let pg = Pg::from_env()?;
     let scale = env_num("BENCH_PG_SCALE", 10);
     let seconds = env_num("BENCH_PG_SECONDS", 30);
     let clients = env_num("BENCH_PG_CLIENTS", 4);
@@ -199,7 +153,7 @@ async fn main() -> Result<()> {
     let lag_sql = "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'bench_surreal'";
     let load = {
         let (s, c, d) = (seconds.to_string(), clients.to_string(), db.clone());
-        let pg2 = Pg { host: pg.host.clone(), port: pg.port.clone(), password: pg.password.clone(), bin: pg.bin.clone() };
+        let pg2 = pg.clone();
         tokio::task::spawn_blocking(move || pg2.pgbench(&["-N", "-c", &c, "-j", "2", "-T", &s, &d]))
     };
     let started = Instant::now();
@@ -212,7 +166,7 @@ async fn main() -> Result<()> {
     }
     let out = load.await??;
     let load_s = started.elapsed().as_secs_f64();
-    let tps = String::from_utf8_lossy(&out.stdout)
+    let tps = out
         .lines()
         .find(|l| l.starts_with("tps"))
         .unwrap_or("")

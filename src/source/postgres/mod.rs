@@ -567,21 +567,7 @@ impl Source for PgSource {
     }
 
     async fn snapshot(&self, table: Arc<TableSchema>, batch_rows: usize, rows: mpsc::Sender<Vec<Row>>) -> Result<Position> {
-        let pg = self
-            .catalog
-            .lock()
-            .await
-            .get(&table.name)
-            .cloned()
-            .ok_or_else(|| Error::definite(format!("table {:?} is not in the catalog", table.name)))?;
-        let (snapshot, cp) = {
-            let mut export = self.export.lock().await;
-            if export.is_none() {
-                *export = Some(self.temporary_export().await?);
-            }
-            let e = export.as_ref().expect("set above");
-            (e.snapshot.clone(), e.consistent_point)
-        };
+        let (pg, snapshot, cp) = self.snapshot_of(&table).await?;
         let ranges = self.ranges(&pg).await?;
         if ranges.len() > 1 {
             info!(table = %table.name, parts = ranges.len(), "copying the table in block ranges at once");
@@ -592,21 +578,7 @@ impl Source for PgSource {
     }
 
     async fn snapshot_copy_text(&self, table: Arc<TableSchema>, out: mpsc::Sender<bytes::Bytes>) -> Result<Option<Position>> {
-        let pg = self
-            .catalog
-            .lock()
-            .await
-            .get(&table.name)
-            .cloned()
-            .ok_or_else(|| Error::definite(format!("table {:?} is not in the catalog", table.name)))?;
-        let (snapshot, cp) = {
-            let mut export = self.export.lock().await;
-            if export.is_none() {
-                *export = Some(self.temporary_export().await?);
-            }
-            let e = export.as_ref().expect("set above");
-            (e.snapshot.clone(), e.consistent_point)
-        };
+        let (pg, snapshot, cp) = self.snapshot_of(&table).await?;
         let ranges = self.ranges(&pg).await?;
         let parts = ranges.into_iter().map(|r| self.copy_part(&table, &pg, &snapshot, r, CopyOut::Text(out.clone())));
         futures::future::try_join_all(parts).await?;
@@ -928,6 +900,26 @@ impl PgSource {
         state.by_name.insert(r.oid, (schema, name, (wider.clone(), types.clone())));
         state.relations.insert(r.oid, Some((wider, types)));
         Ok(())
+    }
+}
+
+impl PgSource {
+    /// A table's catalog entry and the exported snapshot to read it in (a
+    /// temporary one when the slot's is gone), with its consistent point.
+    async fn snapshot_of(&self, table: &TableSchema) -> Result<(PgTable, String, Lsn)> {
+        let pg = self
+            .catalog
+            .lock()
+            .await
+            .get(&table.name)
+            .cloned()
+            .ok_or_else(|| Error::definite(format!("table {:?} is not in the catalog", table.name)))?;
+        let mut export = self.export.lock().await;
+        if export.is_none() {
+            *export = Some(self.temporary_export().await?);
+        }
+        let e = export.as_ref().expect("set above");
+        Ok((pg, e.snapshot.clone(), e.consistent_point))
     }
 }
 
