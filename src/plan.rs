@@ -31,6 +31,9 @@ pub struct Plan {
     pub target: String,
     pub tables: Vec<PlanTable>,
     pub problems: Vec<Problem>,
+    /// What a table's identity is called in the target.
+    #[serde(skip)]
+    pub identity: &'static str,
 }
 
 impl Plan {
@@ -45,10 +48,11 @@ impl Plan {
         for t in &self.tables {
             let _ = writeln!(
                 out,
-                "\ntable {:?} → {:?}  key ({})  record id {}",
+                "\ntable {:?} → {:?}  key ({})  {} {}",
                 t.table,
                 t.target,
                 t.key.join(", "),
+                self.identity,
                 t.record_id
             );
             let w = t.columns.iter().map(|c| c.name.chars().count()).max().unwrap_or(0);
@@ -107,11 +111,39 @@ pub async fn check(config: &Config) -> Result<Plan> {
         let pg_source = matches!(config.source_kind()?, crate::config::SourceKind::Postgres { .. });
         let tables = plan_tables(
             &discovery.tables,
-            |t| if t.whole_row { "no key: rows matched by their whole value".into() } else { "primary key".into() },
+            |t| {
+                if t.whole_row {
+                    "no key, rows matched by their whole value".into()
+                } else {
+                    format!("PRIMARY KEY ({})", t.key_names().join(", "))
+                }
+            },
             |t, i| schema::postgres::column_type(&t.columns[i], pg_source),
         );
+        // Types that do not stay the same: enums and domains of a PostgreSQL source.
+        if pg_source {
+            for t in &discovery.tables {
+                for c in &t.columns {
+                    let to = schema::postgres::column_type(c, true);
+                    if to != c.source_type {
+                        problems.push(Problem {
+                            table: t.name.clone(),
+                            column: Some(c.name.clone()),
+                            message: format!("type {} becomes {to} in the target (its values are kept as they read)", c.source_type),
+                            blocking: false,
+                        });
+                    }
+                }
+            }
+        }
         let mode = config.target.schema.as_deref().unwrap_or("create");
-        return Ok(Plan { source: redact_url(&config.source.url), target: format!("{}  schema {mode}", redact_url(&url)), tables, problems });
+        return Ok(Plan {
+            source: redact_url(&config.source.url),
+            target: format!("{}  schema {mode}", redact_url(&url)),
+            tables,
+            problems,
+            identity: "target:",
+        });
     }
     let TargetKind::Surreal { endpoint, remote } = config.target_kind()? else { unreachable!("handled above") };
     let schemafull = config.target.schemafull;
@@ -129,5 +161,5 @@ pub async fn check(config: &Config) -> Result<Plan> {
         if schemafull { "SCHEMAFULL" } else { "SCHEMALESS" }
     );
     let tables = plan_tables(&discovery.tables, schema::surreal::describe_id, |t, i| schema::surreal::describe(t, i, schemafull));
-    Ok(Plan { source: redact_url(&config.source.url), target, tables, problems })
+    Ok(Plan { source: redact_url(&config.source.url), target, tables, problems, identity: "record id" })
 }

@@ -392,3 +392,26 @@ async fn the_target_server_restarting_mid_apply_loses_nothing_and_doubles_nothin
     let report = r.stop().await;
     assert!(report.changes_applied > 60, "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_shows_each_columns_postgres_type_and_what_changes() {
+    let source = PgDb::new(
+        "CREATE TYPE mood AS ENUM ('sad', 'ok'); CREATE TABLE t (id int PRIMARY KEY, n numeric(12,2), m mood, tags text[]);",
+    )
+    .await;
+    let target = PgDb::new("").await;
+    let s = Scratch::new();
+    let cfg = s.path("check.toml");
+    let text = source
+        .config_text("mem://", "")
+        .replace("url = \"mem://\"", &format!("url = \"{}\"\npassword = \"{}\"", target.url("postgres", "?sslmode=disable"), target.cluster.password))
+        .replace("namespace = \"test\"\n", "")
+        .replace("database = \"test\"\n", "")
+        .replace("unmapped_as_text = true\n", "");
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("target: PRIMARY KEY (id)") && out.contains("numeric(12,2)    → numeric(12,2)"), "{out}");
+    assert!(out.contains("column \"m\": type mood becomes text in the target"), "{out}");
+    assert!(!out.contains("has no mapping"), "a PostgreSQL target reads every type: {out}");
+}

@@ -410,7 +410,7 @@ impl Source for PgSource {
                 d.problems.push(Problem {
                     table: name.clone(),
                     column: None,
-                    message: "no key: rows are identified by their whole value (REPLICA IDENTITY FULL); identical rows are stored once with a count of copies".into(),
+                    message: "no key: rows are identified by their whole value (REPLICA IDENTITY FULL)".into(),
                     blocking: false,
                 });
                 catalog.insert(name.clone(), PgTable { oid, only: relkind == "r", schema, name: table, types });
