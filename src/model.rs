@@ -163,18 +163,41 @@ pub struct TableSchema {
     /// under the same name is copied again. Empty where the source has none.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub source_id: String,
+    /// Secondary indexes and foreign keys of the source table (PostgreSQL),
+    /// which a target that creates its schema builds after the bulk load.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secondary: Vec<Secondary>,
 }
 
+/// A secondary index or a foreign key of a source table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub enum Secondary {
+    Index {
+        name: String,
+        unique: bool,
+        /// What follows `ON table` in its definition: `USING btree (a, b) WHERE …`.
+        using: String,
+    },
+    ForeignKey {
+        name: String,
+        columns: Vec<String>,
+        /// The referenced table's source name.
+        references: String,
+        ref_columns: Vec<String>,
+        /// `ON UPDATE … ON DELETE …`.
+        actions: String,
+    },
+}
 impl TableSchema {
     /// A table identified by its key columns.
     pub fn keyed(name: String, target_name: String, columns: Vec<Column>, key: Vec<usize>) -> Self {
-        Self { name, target_name, columns, key, whole_row: false, source_id: String::new() }
+        Self { name, target_name, columns, key, whole_row: false, source_id: String::new(), secondary: Vec::new() }
     }
 
     /// A table without a key, identified by its whole row.
     pub fn whole_row(name: String, target_name: String, columns: Vec<Column>) -> Self {
         let key = (0..columns.len()).collect();
-        Self { name, target_name, columns, key, whole_row: true, source_id: String::new() }
+        Self { name, target_name, columns, key, whole_row: true, source_id: String::new(), secondary: Vec::new() }
     }
 
     pub fn key_names(&self) -> Vec<&str> {

@@ -261,6 +261,7 @@ impl Pipeline {
             report.tables.push(r);
         }
         drop(copies);
+        retry(cfg, "building indexes and foreign keys", || self.sink.after_snapshot(&tables)).await?;
         let order: HashMap<&str, usize> = tables.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
         report.tables.sort_by_key(|r| order.get(r.table.as_str()).copied().unwrap_or(usize::MAX));
         log_report(&report);

@@ -34,6 +34,9 @@ pub struct Plan {
     /// What a table's identity is called in the target.
     #[serde(skip)]
     pub identity: &'static str,
+    /// What is built after the bulk load, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub after_load: Vec<String>,
 }
 
 impl Plan {
@@ -60,6 +63,12 @@ impl Plan {
             for c in &t.columns {
                 let st = if c.source_type.is_empty() { "(none)" } else { &c.source_type };
                 let _ = writeln!(out, "  {:<w$}  {:<wt$}  → {}", c.name, st, c.target, w = w, wt = wt + 2);
+            }
+        }
+        if !self.after_load.is_empty() {
+            let _ = writeln!(out, "\nafter the load, in this order:");
+            for s in &self.after_load {
+                let _ = writeln!(out, "  {s}");
             }
         }
         if !self.problems.is_empty() {
@@ -143,6 +152,19 @@ pub async fn check(config: &Config) -> Result<Plan> {
             tables,
             problems,
             identity: "target:",
+            after_load: if mode == "create" {
+                let shared: Vec<std::sync::Arc<crate::model::TableSchema>> =
+                    discovery.tables.iter().cloned().map(std::sync::Arc::new).collect();
+                crate::sink::postgres::secondary_ddl(&shared)
+                    .into_iter()
+                    .map(|d| match d {
+                        Ok((_, sql)) => sql,
+                        Err(why) => format!("(skipped) {why}"),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         });
     }
     let TargetKind::Surreal { endpoint, remote } = config.target_kind()? else { unreachable!("handled above") };
@@ -161,5 +183,5 @@ pub async fn check(config: &Config) -> Result<Plan> {
         if schemafull { "SCHEMAFULL" } else { "SCHEMALESS" }
     );
     let tables = plan_tables(&discovery.tables, schema::surreal::describe_id, |t, i| schema::surreal::describe(t, i, schemafull));
-    Ok(Plan { source: redact_url(&config.source.url), target, tables, problems, identity: "record id" })
+    Ok(Plan { source: redact_url(&config.source.url), target, tables, problems, identity: "record id", after_load: Vec::new() })
 }

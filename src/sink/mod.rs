@@ -95,6 +95,13 @@ pub trait Sink: Send + Sync {
     /// one target transaction. Refuses a checkpoint older than the stored one.
     async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable>;
 
+    /// After the tables are copied: what the target builds once the bulk load
+    /// is in (a PostgreSQL target: secondary indexes and foreign keys).
+    async fn after_snapshot(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
+        let _ = tables;
+        Ok(())
+    }
+
     /// Whether [`Sink::load_copy_text`] takes this table's source COPY text
     /// as it is (every column of the same type on both sides).
     async fn takes_copy_text(&self, table: &TableSchema) -> bool {

@@ -226,6 +226,53 @@ impl PgSink {
     }
 }
 
+/// The statements that build the source's secondary indexes and foreign keys
+/// on the target tables, in order (indexes first), each with the name it
+/// creates; a foreign key to a table that is not replicated is skipped.
+pub fn secondary_ddl(tables: &[Arc<TableSchema>]) -> Vec<std::result::Result<(String, String), String>> {
+    use crate::model::Secondary;
+    let target_of = |source: &str| tables.iter().find(|t| t.name == source).map(|t| t.target_name.clone());
+    let mut indexes = Vec::new();
+    let mut fks = Vec::new();
+    for t in tables {
+        for s in &t.secondary {
+            match s {
+                Secondary::Index { name, unique, using } => indexes.push(Ok((
+                    name.clone(),
+                    format!(
+                        "CREATE {}INDEX IF NOT EXISTS {} ON {} {using}",
+                        if *unique { "UNIQUE " } else { "" },
+                        quote_ident(name),
+                        qualified(&t.target_name)
+                    ),
+                ))),
+                Secondary::ForeignKey { name, columns, references, ref_columns, actions } => match target_of(references) {
+                    Some(target) => {
+                        let q = |v: &[String]| v.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+                        fks.push(Ok((
+                            name.clone(),
+                            format!(
+                                "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) {actions}",
+                                qualified(&t.target_name),
+                                quote_ident(name),
+                                q(columns),
+                                qualified(&target),
+                                q(ref_columns)
+                            ),
+                        )))
+                    }
+                    None => fks.push(Err(format!(
+                        "table {:?}: foreign key {name:?} references {references:?}, which is not replicated; it is not built in the target",
+                        t.name
+                    ))),
+                },
+            }
+        }
+    }
+    indexes.extend(fks);
+    indexes
+}
+
 /// `"a" = $1::text::integer AND …` over `cols`, parameters from `first`.
 fn matches(table: &TableSchema, cols: &[usize], types: &[String], first: usize, whole: bool) -> String {
     cols.iter()
@@ -600,6 +647,30 @@ impl Sink for PgSink {
         )
         .await
         .map_err(self.pg("marking the table as copied"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn after_snapshot(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
+        if self.mode != SchemaMode::Create {
+            return Ok(());
+        }
+        let c = self.take().await?;
+        for ddl in secondary_ddl(tables) {
+            match ddl {
+                Ok((name, sql)) => {
+                    let exists = c
+                        .query_opt("SELECT 1 FROM pg_class WHERE relname = $1 UNION ALL SELECT 1 FROM pg_constraint WHERE conname = $1", &[&name])
+                        .await
+                        .map_err(self.pg("reading the target catalog"))?;
+                    if exists.is_none() {
+                        c.batch_execute(&sql).await.map_err(self.pg(&format!("building {name}")))?;
+                        info!(name = %name, "built after the load");
+                    }
+                }
+                Err(why) => warn!("{why}"),
+            }
+        }
         self.give(c).await;
         Ok(())
     }

@@ -415,3 +415,55 @@ async fn check_shows_each_columns_postgres_type_and_what_changes() {
     assert!(out.contains("column \"m\": type mood becomes text in the target"), "{out}");
     assert!(!out.contains("has no mapping"), "a PostgreSQL target reads every type: {out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_and_foreign_keys_are_built_after_the_load() {
+    let source = PgDb::new(
+        "CREATE TABLE parent (id int PRIMARY KEY, code text UNIQUE);
+         CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent (id) ON DELETE CASCADE, note text);
+         CREATE INDEX child_note ON child (lower(note)) WHERE note IS NOT NULL;
+         INSERT INTO parent VALUES (1, 'a'), (2, 'b');
+         INSERT INTO child VALUES (10, 1, 'X'), (11, 2, NULL);",
+    )
+    .await;
+    let target = PgDb::new("").await;
+    let config = target_config(&source.config_text("mem://", ""), &target);
+    // check shows what is built after the load, indexes first.
+    let s = Scratch::new();
+    let cfg = s.path("c.toml");
+    std::fs::write(
+        &cfg,
+        source
+            .config_text("mem://", "")
+            .replace("url = \"mem://\"", &format!("url = \"{}\"\npassword = \"{}\"", target.url("postgres", "?sslmode=disable"), target.cluster.password))
+            .replace("namespace = \"test\"\n", "")
+            .replace("database = \"test\"\n", ""),
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (i, f) = (out.find("CREATE INDEX IF NOT EXISTS \"child_note\"").unwrap_or(usize::MAX), out.find("ADD CONSTRAINT \"child_parent_id_fkey\"").unwrap_or(0));
+    assert!(out.contains("after the load") && i < f, "{out}");
+
+    let report = Pipeline::open(config.clone()).await.unwrap().run(Mode::SnapshotOnly, CancellationToken::new()).await.unwrap();
+    assert_eq!(report.tables.iter().map(|t| t.rows).sum::<u64>(), 4);
+    let defs: Vec<String> = target
+        .client
+        .query("SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY indexname", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(defs.iter().any(|d| d.contains("child_note") && d.contains("lower(note)") && d.contains("WHERE (note IS NOT NULL)")), "{defs:?}");
+    assert!(defs.iter().any(|d| d.contains("UNIQUE INDEX parent_code_key")), "{defs:?}");
+    let fk: String = target
+        .client
+        .query_one("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'child_parent_id_fkey'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fk, "FOREIGN KEY (parent_id) REFERENCES parent(id) ON DELETE CASCADE");
+    // A second run finds them built and changes nothing.
+    Pipeline::open(config).await.unwrap().run(Mode::SnapshotOnly, CancellationToken::new()).await.unwrap();
+}

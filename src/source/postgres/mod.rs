@@ -433,7 +433,8 @@ impl Source for PgSource {
                 columns[k].nullable = false;
             }
             catalog.insert(name.clone(), PgTable { oid, only: relkind == "r", schema, name: table, types });
-            d.tables.push(TableSchema { source_id: oid.to_string(), ..TableSchema::keyed(name, target_name, columns, key) });
+            let secondary = self.secondary(&c, oid).await?;
+            d.tables.push(TableSchema { source_id: oid.to_string(), secondary, ..TableSchema::keyed(name, target_name, columns, key) });
         }
         *self.catalog.lock().await = catalog;
         Ok(d)
@@ -904,6 +905,63 @@ impl PgSource {
 }
 
 impl PgSource {
+    /// A table's secondary indexes (not the primary key, not exclusion
+    /// constraints) and foreign keys, from the catalog.
+    async fn secondary(&self, c: &tokio_postgres::Client, oid: u32) -> Result<Vec<crate::model::Secondary>> {
+        use crate::model::Secondary;
+        let mut out = Vec::new();
+        for r in c
+            .query(
+                "SELECT ic.relname::text, i.indisunique, substring(pg_get_indexdef(i.indexrelid) from ' USING .*$')
+                   FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                  WHERE i.indrelid = $1 AND NOT i.indisprimary
+                    AND NOT EXISTS (SELECT 1 FROM pg_constraint x WHERE x.conindid = i.indexrelid AND x.contype = 'x')
+                  ORDER BY 1",
+                &[&oid],
+            )
+            .await
+            .map_err(self.pg("reading the table's indexes"))?
+        {
+            let using: Option<String> = r.get(2);
+            if let Some(using) = using {
+                out.push(Secondary::Index { name: r.get(0), unique: r.get(1), using: using.trim().to_string() });
+            }
+        }
+        for r in c
+            .query(
+                "SELECT c.conname::text,
+                        (SELECT array_agg(a.attname::text ORDER BY k.n) FROM unnest(c.conkey) WITH ORDINALITY k(attnum, n)
+                           JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum),
+                        rn.nspname::text, rc.relname::text,
+                        (SELECT array_agg(a.attname::text ORDER BY k.n) FROM unnest(c.confkey) WITH ORDINALITY k(attnum, n)
+                           JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum),
+                        c.confupdtype::text, c.confdeltype::text
+                   FROM pg_constraint c JOIN pg_class rc ON rc.oid = c.confrelid JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+                  WHERE c.conrelid = $1 AND c.contype = 'f' ORDER BY 1",
+                &[&oid],
+            )
+            .await
+            .map_err(self.pg("reading the table's foreign keys"))?
+        {
+            let action = |code: String| match code.as_str() {
+                "r" => "RESTRICT",
+                "c" => "CASCADE",
+                "n" => "SET NULL",
+                "d" => "SET DEFAULT",
+                _ => "NO ACTION",
+            };
+            let (ns, rel): (String, String) = (r.get(2), r.get(3));
+            out.push(Secondary::ForeignKey {
+                name: r.get(0),
+                columns: r.get(1),
+                references: display_name(&ns, &rel),
+                ref_columns: r.get(4),
+                actions: format!("ON UPDATE {} ON DELETE {}", action(r.get(5)), action(r.get(6))),
+            });
+        }
+        Ok(out)
+    }
+
     /// A table's catalog entry and the exported snapshot to read it in (a
     /// temporary one when the slot's is gone), with its consistent point.
     async fn snapshot_of(&self, table: &TableSchema) -> Result<(PgTable, String, Lsn)> {
