@@ -167,6 +167,10 @@ pub struct TableSchema {
     /// which a target that creates its schema builds after the bulk load.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub secondary: Vec<Secondary>,
+    /// The enum types of the table's columns (PostgreSQL): the type's name as
+    /// the source writes it, and its labels in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub enum_types: Vec<(String, Vec<String>)>,
 }
 
 /// A secondary index or a foreign key of a source table.
@@ -191,13 +195,13 @@ pub enum Secondary {
 impl TableSchema {
     /// A table identified by its key columns.
     pub fn keyed(name: String, target_name: String, columns: Vec<Column>, key: Vec<usize>) -> Self {
-        Self { name, target_name, columns, key, whole_row: false, source_id: String::new(), secondary: Vec::new() }
+        Self { name, target_name, columns, key, whole_row: false, source_id: String::new(), secondary: Vec::new(), enum_types: Vec::new() }
     }
 
     /// A table without a key, identified by its whole row.
     pub fn whole_row(name: String, target_name: String, columns: Vec<Column>) -> Self {
         let key = (0..columns.len()).collect();
-        Self { name, target_name, columns, key, whole_row: true, source_id: String::new(), secondary: Vec::new() }
+        Self { name, target_name, columns, key, whole_row: true, source_id: String::new(), secondary: Vec::new(), enum_types: Vec::new() }
     }
 
     pub fn key_names(&self) -> Vec<&str> {

@@ -127,13 +127,13 @@ pub async fn check(config: &Config) -> Result<Plan> {
                     format!("PRIMARY KEY ({})", t.key_names().join(", "))
                 }
             },
-            |t, i| schema::postgres::column_type(&t.columns[i], pg_source),
+            |t, i| schema::postgres::table_column_type(t, i, pg_source),
         );
         // Types that do not stay the same: enums and domains of a PostgreSQL source.
         if pg_source {
             for t in &discovery.tables {
-                for c in &t.columns {
-                    let to = schema::postgres::column_type(c, true);
+                for (i, c) in t.columns.iter().enumerate() {
+                    let to = schema::postgres::table_column_type(t, i, true);
                     if to != c.source_type {
                         problems.push(Problem {
                             table: t.name.clone(),

@@ -88,6 +88,16 @@ pub fn column_type(col: &Column, source_is_postgres: bool) -> String {
     }
 }
 
+/// The target type of column `i` of `table`: an enum of a PostgreSQL source
+/// keeps its type (created in the target), else [`column_type`].
+pub fn table_column_type(table: &crate::model::TableSchema, i: usize, source_is_postgres: bool) -> String {
+    let col = &table.columns[i];
+    if source_is_postgres && table.enum_types.iter().any(|(name, _)| *name == col.source_type) {
+        return col.source_type.clone();
+    }
+    column_type(col, source_is_postgres)
+}
+
 /// `DECIMAL(12, 2)` → `numeric(12,2)`; no precision → `numeric`.
 fn decimal_type(declared: &str) -> String {
     let digits: Vec<&str> = declared

@@ -18,7 +18,7 @@ use super::{Durable, Sink, SinkState, TableState, TableStatus};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::{Change, Op, Position, Row, TableSchema, Value};
-use crate::schema::postgres::{cast_type, column_type, copy_field, holds, to_text};
+use crate::schema::postgres::{cast_type, copy_field, holds, table_column_type, to_text};
 use crate::source::postgres::conn::{pg_error, PgEndpoint};
 use crate::source::postgres::replication::{quote_ident, quote_literal};
 
@@ -222,7 +222,7 @@ impl PgSink {
                 return t.clone();
             }
         }
-        table.columns.iter().map(|c| column_type(c, self.source_is_postgres)).collect()
+        (0..table.columns.len()).map(|i| table_column_type(table, i, self.source_is_postgres)).collect()
     }
 }
 
@@ -451,7 +451,19 @@ impl Sink for PgSink {
         let c = self.take().await?;
         for t in tables {
             let name = qualified(&t.target_name);
-            let want: Vec<String> = t.columns.iter().map(|col| column_type(col, self.source_is_postgres)).collect();
+            let want: Vec<String> = (0..t.columns.len()).map(|i| table_column_type(t, i, self.source_is_postgres)).collect();
+            if self.mode == SchemaMode::Create {
+                // The source's enum types, created once.
+                for (name, labels) in &t.enum_types {
+                    let labels: Vec<String> = labels.iter().map(|l| quote_literal(l)).collect();
+                    c.batch_execute(&format!(
+                        "DO $$ BEGIN CREATE TYPE {name} AS ENUM ({}); EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+                        labels.join(", ")
+                    ))
+                    .await
+                    .map_err(self.pg(&format!("creating enum type {name}")))?;
+                }
+            }
             let have = c
                 .query(
                     "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a

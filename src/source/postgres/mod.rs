@@ -434,7 +434,13 @@ impl Source for PgSource {
             }
             catalog.insert(name.clone(), PgTable { oid, only: relkind == "r", schema, name: table, types });
             let secondary = self.secondary(&c, oid).await?;
-            d.tables.push(TableSchema { source_id: oid.to_string(), secondary, ..TableSchema::keyed(name, target_name, columns, key) });
+            let enum_types = self.enum_types(&c, oid).await?;
+            d.tables.push(TableSchema {
+                source_id: oid.to_string(),
+                secondary,
+                enum_types,
+                ..TableSchema::keyed(name, target_name, columns, key)
+            });
         }
         *self.catalog.lock().await = catalog;
         Ok(d)
@@ -905,6 +911,21 @@ impl PgSource {
 }
 
 impl PgSource {
+    /// The enum types of a table's (non-array) columns, with their labels.
+    async fn enum_types(&self, c: &tokio_postgres::Client, oid: u32) -> Result<Vec<(String, Vec<String>)>> {
+        let rows = c
+            .query(
+                "SELECT DISTINCT format_type(t.oid, NULL),
+                        (SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid)
+                   FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND t.typtype = 'e'",
+                &[&oid],
+            )
+            .await
+            .map_err(self.pg("reading the table's enum types"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get::<_, Option<Vec<String>>>(1).unwrap_or_default())).collect())
+    }
+
     /// A table's secondary indexes (not the primary key, not exclusion
     /// constraints) and foreign keys, from the catalog.
     async fn secondary(&self, c: &tokio_postgres::Client, oid: u32) -> Result<Vec<crate::model::Secondary>> {
