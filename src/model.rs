@@ -171,6 +171,23 @@ pub struct TableSchema {
     /// the source writes it, and its labels in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub enum_types: Vec<(String, Vec<String>)>,
+    /// Identity columns and portable defaults of the source (PostgreSQL), for
+    /// a target that creates its schema.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub column_defaults: Vec<ColumnDefault>,
+}
+
+/// How a source column fills itself.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ColumnDefault {
+    /// Index into the table's columns.
+    pub column: usize,
+    /// An identity column (or a serial one, whose sequence default becomes
+    /// an identity).
+    pub identity: bool,
+    /// A default expression that means the same in any PostgreSQL database
+    /// (a constant, `now()`, …).
+    pub default: Option<String>,
 }
 
 /// A secondary index or a foreign key of a source table.
@@ -195,13 +212,13 @@ pub enum Secondary {
 impl TableSchema {
     /// A table identified by its key columns.
     pub fn keyed(name: String, target_name: String, columns: Vec<Column>, key: Vec<usize>) -> Self {
-        Self { name, target_name, columns, key, whole_row: false, source_id: String::new(), secondary: Vec::new(), enum_types: Vec::new() }
+        Self { name, target_name, columns, key, whole_row: false, source_id: String::new(), secondary: Vec::new(), enum_types: Vec::new(), column_defaults: Vec::new() }
     }
 
     /// A table without a key, identified by its whole row.
     pub fn whole_row(name: String, target_name: String, columns: Vec<Column>) -> Self {
         let key = (0..columns.len()).collect();
-        Self { name, target_name, columns, key, whole_row: true, source_id: String::new(), secondary: Vec::new(), enum_types: Vec::new() }
+        Self { name, target_name, columns, key, whole_row: true, source_id: String::new(), secondary: Vec::new(), enum_types: Vec::new(), column_defaults: Vec::new() }
     }
 
     pub fn key_names(&self) -> Vec<&str> {

@@ -467,3 +467,42 @@ async fn indexes_and_foreign_keys_are_built_after_the_load() {
     // A second run finds them built and changes nothing.
     Pipeline::open(config).await.unwrap().run(Mode::SnapshotOnly, CancellationToken::new()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_and_portable_defaults_are_kept() {
+    let source = PgDb::new(
+        "CREATE TABLE s (id serial PRIMARY KEY, created timestamptz DEFAULT now(), flag boolean DEFAULT true,
+                         code text DEFAULT 'x', n numeric DEFAULT 1.5, other int DEFAULT length(current_user));
+         CREATE TABLE g (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text);
+         INSERT INTO s (code) SELECT 'c' || g FROM generate_series(1, 5) g;
+         INSERT INTO g (v) VALUES ('a'), ('b');",
+    )
+    .await;
+    let target = PgDb::new("").await;
+    let config = target_config(&source.config_text("mem://", ""), &target);
+    Pipeline::open(config).await.unwrap().run(Mode::SnapshotOnly, CancellationToken::new()).await.unwrap();
+    let cols: Vec<(String, Option<String>, String)> = target
+        .client
+        .query(
+            "SELECT table_name || '.' || column_name, column_default, is_identity FROM information_schema.columns
+              WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let find = |n: &str| cols.iter().find(|c| c.0 == n).unwrap_or_else(|| panic!("{n} in {cols:?}")).clone();
+    assert_eq!(find("s.id").2, "YES", "{cols:?}");
+    assert_eq!(find("g.id").2, "YES", "{cols:?}");
+    assert_eq!(find("s.created").1.as_deref(), Some("now()"));
+    assert_eq!(find("s.flag").1.as_deref(), Some("true"));
+    assert_eq!(find("s.code").1.as_deref(), Some("'x'::text"));
+    assert_eq!(find("s.n").1.as_deref(), Some("1.5"));
+    // Not portable (it depends on who inserts): left out.
+    assert_eq!(find("s.other").1, None);
+    // The identity continues past the copied rows.
+    let next: i32 = target.client.query_one("INSERT INTO s (code) VALUES ('new') RETURNING id", &[]).await.unwrap().get(0);
+    assert_eq!(next, 6);
+}

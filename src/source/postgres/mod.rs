@@ -242,6 +242,29 @@ impl PgSource {
     }
 }
 
+/// Whether a default expression means the same in another database: a
+/// literal (with its cast), a number, a boolean, or a clock or uuid function.
+fn portable_default(e: &str) -> bool {
+    let e = e.trim();
+    const FUNCTIONS: &[&str] =
+        &["now()", "CURRENT_TIMESTAMP", "CURRENT_DATE", "CURRENT_TIME", "LOCALTIMESTAMP", "LOCALTIME", "gen_random_uuid()", "true", "false", "NULL"];
+    if FUNCTIONS.contains(&e) {
+        return true;
+    }
+    if e.parse::<f64>().is_ok() || (e.starts_with('(') && e.ends_with(')') && e[1..e.len() - 1].parse::<f64>().is_ok()) {
+        return true;
+    }
+    // 'text'::type, without anything after the cast's type name.
+    if let Some(rest) = e.strip_prefix('\'') {
+        if let Some(end) = rest.rfind("'::") {
+            let ty = &rest[end + 3..];
+            return !rest[..end].contains("'::") && ty.chars().all(|c| c.is_ascii_alphanumeric() || " _()[],\"".contains(c));
+        }
+        return rest.ends_with('\'');
+    }
+    false
+}
+
 /// Logical type for a PostgreSQL type OID.
 fn logical_for(oid: u32) -> (crate::model::LogicalType, bool) {
     use crate::model::LogicalType as L;
@@ -435,10 +458,12 @@ impl Source for PgSource {
             catalog.insert(name.clone(), PgTable { oid, only: relkind == "r", schema, name: table, types });
             let secondary = self.secondary(&c, oid).await?;
             let enum_types = self.enum_types(&c, oid).await?;
+            let column_defaults = self.column_defaults(&c, oid, &columns).await?;
             d.tables.push(TableSchema {
                 source_id: oid.to_string(),
                 secondary,
                 enum_types,
+                column_defaults,
                 ..TableSchema::keyed(name, target_name, columns, key)
             });
         }
@@ -911,6 +936,35 @@ impl PgSource {
 }
 
 impl PgSource {
+    /// Identity (and serial) columns, and defaults that mean the same in any
+    /// database: constants, `now()` and its kin, `gen_random_uuid()`.
+    async fn column_defaults(&self, c: &tokio_postgres::Client, oid: u32, columns: &[Column]) -> Result<Vec<crate::model::ColumnDefault>> {
+        let rows = c
+            .query(
+                "SELECT a.attname::text, a.attidentity::text, pg_get_expr(d.adbin, d.adrelid)
+                   FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                    AND (a.attidentity <> '' OR d.adbin IS NOT NULL)",
+                &[&oid],
+            )
+            .await
+            .map_err(self.pg("reading the table's defaults"))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let name: String = r.get(0);
+            let Some(column) = columns.iter().position(|c| c.name == name) else { continue };
+            let identity_kind: String = r.get(1);
+            let expr: Option<String> = r.get(2);
+            let serial = expr.as_deref().is_some_and(|e| e.starts_with("nextval("));
+            let default = expr.filter(|e| !serial && portable_default(e));
+            if !identity_kind.is_empty() || serial || default.is_some() {
+                out.push(crate::model::ColumnDefault { column, identity: !identity_kind.is_empty() || serial, default });
+            }
+        }
+        out.sort_by_key(|d| d.column);
+        Ok(out)
+    }
+
     /// The enum types of a table's (non-array) columns, with their labels.
     async fn enum_types(&self, c: &tokio_postgres::Client, oid: u32) -> Result<Vec<(String, Vec<String>)>> {
         let rows = c
