@@ -628,7 +628,8 @@ impl Source for SqliteSource {
                 });
             }
             let target_name = self.renames.get(&name).cloned().unwrap_or_else(|| name.clone());
-            d.tables.push(TableSchema::keyed(name, target_name, columns, key));
+            let column_defaults = self.column_defaults(&name, &columns, &key).await?;
+            d.tables.push(TableSchema { column_defaults, ..TableSchema::keyed(name, target_name, columns, key) });
         }
         for t in self.keys.keys().chain(self.renames.keys()) {
             if !found.contains(t) {
@@ -927,6 +928,62 @@ impl Source for SqliteSource {
         .fetch_one(&self.pool)
         .await?;
         Ok(crate::source::SourceLag { head: head.to_string(), bytes: rows.max(0) as u64, ..Default::default() })
+    }
+}
+
+impl SqliteSource {
+    /// `INTEGER PRIMARY KEY AUTOINCREMENT` as an identity, and defaults a
+    /// PostgreSQL target can keep: `datetime('now')` / `CURRENT_TIMESTAMP`
+    /// as `now()`, numbers and quoted literals as they are.
+    async fn column_defaults(
+        &self,
+        table: &str,
+        columns: &[crate::model::Column],
+        key: &[usize],
+    ) -> Result<Vec<crate::model::ColumnDefault>> {
+        let sql: Option<String> = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?")
+            .bind(table)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten();
+        let autoincrement = sql.is_some_and(|s| s.to_ascii_uppercase().contains("AUTOINCREMENT"));
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as("SELECT name, dflt_value FROM pragma_table_info(?)")
+            .bind(table)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::new();
+        for (name, dflt) in rows {
+            let Some(column) = columns.iter().position(|c| c.name == name) else { continue };
+            let identity = autoincrement && key == [column] && columns[column].logical == LogicalType::Int;
+            let default = dflt.and_then(|d| {
+                // `(expr)` as SQLite keeps a parenthesised default.
+                let mut t = d.trim().to_string();
+                while t.starts_with('(') && t.ends_with(')') {
+                    t = t[1..t.len() - 1].trim().to_string();
+                }
+                let lower = t.to_ascii_lowercase();
+                let logical = columns[column].logical;
+                if lower == "datetime('now')" || lower == "current_timestamp" || lower == "datetime(\"now\")" {
+                    Some("now()".to_string())
+                } else if logical == LogicalType::Bool {
+                    match lower.as_str() {
+                        "1" | "true" => Some("true".to_string()),
+                        "0" | "false" => Some("false".to_string()),
+                        _ => None,
+                    }
+                } else if t.parse::<f64>().is_ok() {
+                    Some(t)
+                } else if t.len() >= 2 && t.starts_with('\'') && t.ends_with('\'') && !t[1..t.len() - 1].contains('\'') {
+                    Some(t)
+                } else {
+                    None
+                }
+            });
+            if identity || default.is_some() {
+                out.push(crate::model::ColumnDefault { column, identity, default });
+            }
+        }
+        Ok(out)
     }
 }
 

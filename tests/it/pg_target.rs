@@ -127,7 +127,7 @@ async fn m6_sqlite_to_postgres_follows_the_type_rules() {
     let pool = s
         .source(
             "CREATE TABLE product (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, price DECIMAL(8, 2), weight REAL,
-                                   active BOOLEAN, attrs JSON, photo BLOB, added DATETIME);
+                                   active BOOLEAN DEFAULT 1, attrs JSON, photo BLOB, added DATETIME DEFAULT (datetime('now')));
              CREATE TABLE stock (sku TEXT NOT NULL, site TEXT NOT NULL, qty INTEGER, PRIMARY KEY (sku, site)) WITHOUT ROWID;
              INSERT INTO product (name, price, weight, active, attrs, photo, added) VALUES
                ('tea', 4.50, 0.25, 1, '{\"leaf\": \"green\"}', x'00ff', '2024-05-01 12:30:00'),
@@ -168,6 +168,22 @@ async fn m6_sqlite_to_postgres_follows_the_type_rules() {
             "added timestamp with time zone"
         ]
     );
+    // AUTOINCREMENT becomes an identity; datetime('now') becomes now().
+    let defaults: Vec<(String, Option<String>, String)> = target
+        .client
+        .query(
+            "SELECT column_name::text, column_default::text, is_identity::text FROM information_schema.columns
+              WHERE table_name = 'product' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(defaults[0].2, "YES", "{defaults:?}");
+    assert_eq!(defaults[4].1.as_deref(), Some("true"), "{defaults:?}");
+    assert_eq!(defaults[7].1.as_deref(), Some("now()"), "{defaults:?}");
     assert_eq!(
         rows(&target.client, "product").await,
         expect(&[
