@@ -13,6 +13,22 @@ use tokio_util::sync::CancellationToken;
 use crate::pg_surreal::{PgDb, LIVE_CHANGES, SCHEMA};
 use crate::support::*;
 
+/// Every column of the target's public tables: `table.column`, its default
+/// and whether it is an identity.
+async fn column_fills(client: &tokio_postgres::Client) -> Vec<(String, Option<String>, String)> {
+    client
+        .query(
+            "SELECT (table_name || '.' || column_name)::text, column_default::text, is_identity::text FROM information_schema.columns
+              WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
 /// Every row of `table` as PostgreSQL's text of the whole row.
 async fn rows(client: &tokio_postgres::Client, table: &str) -> BTreeSet<String> {
     match client.query(&format!("SELECT zz_row::text FROM {table} zz_row"), &[]).await {
@@ -169,21 +185,11 @@ async fn m6_sqlite_to_postgres_follows_the_type_rules() {
         ]
     );
     // AUTOINCREMENT becomes an identity; datetime('now') becomes now().
-    let defaults: Vec<(String, Option<String>, String)> = target
-        .client
-        .query(
-            "SELECT column_name::text, column_default::text, is_identity::text FROM information_schema.columns
-              WHERE table_name = 'product' ORDER BY ordinal_position",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    assert_eq!(defaults[0].2, "YES", "{defaults:?}");
-    assert_eq!(defaults[4].1.as_deref(), Some("true"), "{defaults:?}");
-    assert_eq!(defaults[7].1.as_deref(), Some("now()"), "{defaults:?}");
+    let defaults = column_fills(&target.client).await;
+    let find = |n: &str| defaults.iter().find(|c| c.0 == n).unwrap_or_else(|| panic!("{n} in {defaults:?}")).clone();
+    assert_eq!(find("product.id").2, "YES", "{defaults:?}");
+    assert_eq!(find("product.active").1.as_deref(), Some("true"), "{defaults:?}");
+    assert_eq!(find("product.added").1.as_deref(), Some("now()"), "{defaults:?}");
     assert_eq!(
         rows(&target.client, "product").await,
         expect(&[
@@ -497,18 +503,7 @@ async fn identities_and_portable_defaults_are_kept() {
     let target = PgDb::new("").await;
     let config = target_config(&source.config_text("mem://", ""), &target);
     Pipeline::open(config).await.unwrap().run(Mode::SnapshotOnly, CancellationToken::new()).await.unwrap();
-    let cols: Vec<(String, Option<String>, String)> = target
-        .client
-        .query(
-            "SELECT table_name || '.' || column_name, column_default, is_identity FROM information_schema.columns
-              WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let cols = column_fills(&target.client).await;
     let find = |n: &str| cols.iter().find(|c| c.0 == n).unwrap_or_else(|| panic!("{n} in {cols:?}")).clone();
     assert_eq!(find("s.id").2, "YES", "{cols:?}");
     assert_eq!(find("g.id").2, "YES", "{cols:?}");
