@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use metrics::{counter, gauge, histogram};
@@ -142,7 +142,6 @@ struct Board {
 /// The status board the pipeline writes and the endpoints read.
 pub struct Observer {
     board: Mutex<Board>,
-    started: Instant,
 }
 
 impl Observer {
@@ -171,7 +170,6 @@ impl Observer {
                 backlog: false,
                 caught_up_at: None,
             }),
-            started: Instant::now(),
         });
         o.publish_phase(Phase::Starting);
         // Every gauge exists from the start, so that scrapes and alert rules
@@ -371,9 +369,6 @@ impl Observer {
         matches!(v.phase, Phase::Streaming | Phase::CatchUp) && v.lag_seconds.is_some_and(|s| s <= max_lag)
     }
 
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
-    }
 }
 
 fn kind_name(e: &Error) -> &'static str {

@@ -15,7 +15,7 @@
 //! reported only if it differed every time: lag alone, or a row the source
 //! changed while it was read, is never reported.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,7 +152,7 @@ async fn read_target(sink: &Arc<dyn Sink>, table: &TableSchema, batch_rows: usiz
     let mut after: Option<Cursor> = None;
     loop {
         let page = sink.records(table, after.as_ref(), batch_rows).await?;
-        let n = page.pages_read;
+        let n = page.stored;
         for r in page.records {
             each(r);
         }
@@ -370,7 +370,7 @@ fn cut(s: &str) -> String {
 pub struct Page {
     pub records: Vec<Record>,
     /// Stored records read (a record counting several identical rows is one).
-    pub pages_read: usize,
+    pub stored: usize,
     /// Where the next page starts (the sink's own key of the last record).
     pub next: Option<Cursor>,
 }
@@ -378,18 +378,19 @@ pub struct Page {
 /// A sink's position in a table's key order, opaque to verify.
 pub struct Cursor(pub Box<dyn std::any::Any + Send + Sync>);
 
-/// Every replicated table at once as a map, for tests and small tables.
-pub fn group(records: impl IntoIterator<Item = Record>) -> BTreeMap<String, Vec<String>> {
-    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (k, v) in records {
-        m.entry(k).or_default().push(v);
-    }
-    m
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::collections::BTreeMap;
+
+    fn group(records: impl IntoIterator<Item = Record>) -> BTreeMap<String, Vec<String>> {
+        let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, v) in records {
+            m.entry(k).or_default().push(v);
+        }
+        m
+    }
 
     fn rec(k: &str, v: &str) -> Record {
         (k.to_string(), v.to_string())

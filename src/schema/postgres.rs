@@ -53,16 +53,21 @@ const BUILT_IN: &[&str] = &[
 /// Whether a PostgreSQL declared type (`format_type` output) is built in: its
 /// base name, without `(…)` modifiers, array brackets or time precision.
 fn is_built_in(declared: &str) -> bool {
+    BUILT_IN.contains(&base_name(declared).as_str())
+}
+
+/// A type's name without array brackets and without its `(…)` modifiers:
+/// `numeric(12,2)`, `character varying(20)[]`, `timestamp(3) with time zone`
+/// → `numeric`, `character varying`, `timestamp with time zone`.
+fn base_name(declared: &str) -> String {
     let mut base = declared.trim_end_matches("[]").to_string();
-    // `numeric(12,2)`, `character varying(20)`, `timestamp(3) with time zone`
     while let (Some(a), Some(b)) = (base.find('('), base.find(')')) {
         if b < a {
             break;
         }
         base.replace_range(a..=b, "");
     }
-    let base = base.split_whitespace().collect::<Vec<_>>().join(" ");
-    BUILT_IN.contains(&base.as_str())
+    base.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The target column type. A PostgreSQL source's built-in types are kept
@@ -119,14 +124,7 @@ fn decimal_type(declared: &str) -> String {
 /// cast (`character` and `bit` keep any length through `bpchar`/`varbit`).
 pub fn cast_type(column_type: &str) -> String {
     let array = column_type.ends_with("[]");
-    let mut base = column_type.trim_end_matches("[]").to_string();
-    while let (Some(a), Some(b)) = (base.find('('), base.find(')')) {
-        if b < a {
-            break;
-        }
-        base.replace_range(a..=b, "");
-    }
-    let base = base.split_whitespace().collect::<Vec<_>>().join(" ");
+    let base = base_name(column_type);
     let base = match base.as_str() {
         "character" => "bpchar".to_string(),
         "bit" => "bit varying".to_string(),

@@ -302,6 +302,21 @@ fn upsert_row(ch: &Change) -> Option<&Row> {
     }
 }
 
+/// Query parameters as tokio-postgres takes them.
+fn sql_params<T: tokio_postgres::types::ToSql + Sync>(values: &[T]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    values.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
+}
+
+/// `unnest($1::text[], …, $n::text[]) AS u(c0, …)`: rows given as one text
+/// array per column, read back as `u.c0` … `u.c{n-1}`.
+fn unnest_columns(n: usize) -> String {
+    format!(
+        "unnest({}) AS u({})",
+        (1..=n).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", "),
+        (0..n).map(|i| format!("c{i}")).collect::<Vec<_>>().join(", ")
+    )
+}
+
 /// One `INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE` for a run of
 /// upserts of one table; of several changes to one key, the last wins (as
 /// applying them in order would leave it).
@@ -335,12 +350,11 @@ fn grouped_upsert(table: &TableSchema, types: &[String], run: &[Change]) -> (Str
         format!("ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), rest.join(", "))
     };
     let sql = format!(
-        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({}) {on_conflict}",
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} {on_conflict}",
         qualified(&table.target_name),
         cols.join(", "),
         (0..n).map(|i| format!("u.c{i}::{}", cast_type(&types[i]))).collect::<Vec<_>>().join(", "),
-        (1..=n).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", "),
-        (0..n).map(|i| format!("c{i}")).collect::<Vec<_>>().join(", ")
+        unnest_columns(n)
     );
     (sql, columns)
 }
@@ -752,20 +766,17 @@ impl Sink for PgSink {
                 columns[i].push(to_text(v, &types[i]));
             }
         }
-        let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
         // The column's full type, as storing pads or rounds (a value that
         // does not fit never reaches the target: its apply fails).
         let cast = |i: usize| format!("u.c{i}::{}", types[i]);
         let key_idx: Vec<usize> = if table.whole_row { (0..n).collect() } else { table.key.clone() };
         let sql = format!(
-            "SELECT ROW({})::text, ROW({})::text FROM unnest({}) AS u({}) ",
+            "SELECT ROW({})::text, ROW({})::text FROM {}",
             key_idx.iter().map(|&i| cast(i)).collect::<Vec<_>>().join(", "),
             (0..n).map(cast).collect::<Vec<_>>().join(", "),
-            (1..=n).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", "),
-            names.join(", ")
+            unnest_columns(n)
         );
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            columns.iter().map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let refs = sql_params(&columns);
         let c = self.take().await?;
         let out = c
             .query(sql.as_str(), &refs)
@@ -815,15 +826,14 @@ impl Sink for PgSink {
             "SELECT {key_expr}, ROW({})::text, {cursor_cols} FROM {name} zz_row {filter} ORDER BY {order} LIMIT {limit}",
             cols.join(", ")
         );
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let refs = sql_params(&params);
         let c = self.take().await?;
         let rows = c
             .query(sql.as_str(), &refs)
             .await
             .map_err(self.pg(&format!("reading {} for verify", table.target_name)))?;
         self.give(c).await;
-        let mut page = crate::verify::Page { records: Vec::with_capacity(rows.len()), pages_read: rows.len(), next: None };
+        let mut page = crate::verify::Page { records: Vec::with_capacity(rows.len()), stored: rows.len(), next: None };
         for r in &rows {
             page.records.push((r.get(0), r.get(1)));
         }
@@ -871,8 +881,7 @@ impl Sink for PgSink {
                             types_of.insert(t.target_name.clone(), self.column_types(t).await);
                         }
                         let (sql, params) = grouped_upsert(t, &types_of[&t.target_name], &changes[i..j]);
-                        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                            params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                        let refs = sql_params(&params);
                         tx.execute(sql.as_str(), &refs).await.map_err(|e| {
                             let what = format!(
                                 "applying {} upserts of table {:?} (keys {} … {})",
@@ -909,8 +918,7 @@ impl Sink for PgSink {
                 }
                 let types = &types_of[&t.target_name];
                 for st in statements(t, types, &ch.op) {
-                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                        st.params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                    let refs = sql_params(&st.params);
                     let n = tx.execute(st.sql.as_str(), &refs).await.map_err(|e| {
                         let what = format!("applying a {} of table {:?}, key {}", ch.kind(), t.name, t.describe_key(&ch.key()));
                         row_error(&self.ep, t, &what, e)

@@ -577,12 +577,12 @@ impl Sink for SurrealSink {
         {
             Ok(r) => r,
             Err(e) if e.report().contains("does not exist") => {
-                return Ok(crate::verify::Page { records: Vec::new(), pages_read: 0, next: None })
+                return Ok(crate::verify::Page { records: Vec::new(), stored: 0, next: None })
             }
             Err(e) => return Err(e),
         };
         let rows: Vec<SValue> = resp.take(0).map_err(|e| surreal_error(format!("reading table {:?}", table.target_name), e))?;
-        let mut page = crate::verify::Page { records: Vec::with_capacity(rows.len()), pages_read: rows.len(), next: None };
+        let mut page = crate::verify::Page { records: Vec::with_capacity(rows.len()), stored: rows.len(), next: None };
         for r in rows {
             let SValue::Object(mut obj) = r else { continue };
             if let Some(SValue::RecordId(id)) = obj.get("id") {

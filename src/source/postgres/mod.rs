@@ -144,9 +144,8 @@ impl PgSource {
             slot: config.source.slot.clone(),
             publication: config.source.publication.clone(),
             create_publication: config.source.create_publication,
+            unmapped_as_text: config.source.unmapped_as_text,
             // A PostgreSQL target reads every type's text form as that type.
-            unmapped_as_text: config.source.unmapped_as_text
-                || matches!(config.target_kind(), Ok(crate::config::TargetKind::Postgres { .. })),
             target_is_postgres: matches!(config.target_kind(), Ok(crate::config::TargetKind::Postgres { .. })),
             filter: config.table_filter()?,
             renames: config.tables.rename.clone(),
@@ -599,22 +598,11 @@ impl Source for PgSource {
     }
 
     async fn snapshot(&self, table: Arc<TableSchema>, batch_rows: usize, rows: mpsc::Sender<Vec<Row>>) -> Result<Position> {
-        let (pg, snapshot, cp) = self.snapshot_of(&table).await?;
-        let ranges = self.ranges(&pg).await?;
-        if ranges.len() > 1 {
-            info!(table = %table.name, parts = ranges.len(), "copying the table in block ranges at once");
-        }
-        let parts = ranges.into_iter().map(|r| self.copy_part(&table, &pg, &snapshot, r, CopyOut::Rows(rows.clone(), batch_rows)));
-        futures::future::try_join_all(parts).await?;
-        Ok(snapshot_position(cp))
+        self.copy_table(&table, CopyOut::Rows(rows, batch_rows)).await
     }
 
     async fn snapshot_copy_text(&self, table: Arc<TableSchema>, out: mpsc::Sender<bytes::Bytes>) -> Result<Option<Position>> {
-        let (pg, snapshot, cp) = self.snapshot_of(&table).await?;
-        let ranges = self.ranges(&pg).await?;
-        let parts = ranges.into_iter().map(|r| self.copy_part(&table, &pg, &snapshot, r, CopyOut::Text(out.clone())));
-        futures::future::try_join_all(parts).await?;
-        Ok(Some(snapshot_position(cp)))
+        Ok(Some(self.copy_table(&table, CopyOut::Text(out)).await?))
     }
 
     async fn stream(
@@ -626,7 +614,7 @@ impl Source for PgSource {
         cancel: CancellationToken,
     ) -> Result<()> {
         // The copy is done: release the exported snapshot (and a temporary slot).
-        *self.export.lock().await = None;
+        self.release_snapshot().await;
         let catalog = self.catalog.lock().await.clone();
         let by_name: HashMap<u32, (String, String, Replicated)> = tables
             .iter()
@@ -1037,6 +1025,19 @@ impl PgSource {
         Ok(out)
     }
 
+    /// Copies a whole table in the exported snapshot, in block ranges at once
+    /// where it is large; the snapshot position.
+    async fn copy_table(&self, table: &Arc<TableSchema>, out: CopyOut) -> Result<Position> {
+        let (pg, snapshot, cp) = self.snapshot_of(table).await?;
+        let ranges = self.ranges(&pg).await?;
+        if ranges.len() > 1 {
+            info!(table = %table.name, parts = ranges.len(), "copying the table in block ranges at once");
+        }
+        let parts = ranges.into_iter().map(|r| self.copy_part(table, &pg, &snapshot, r, out.clone()));
+        futures::future::try_join_all(parts).await?;
+        Ok(snapshot_position(cp))
+    }
+
     /// A table's catalog entry and the exported snapshot to read it in (a
     /// temporary one when the slot's is gone), with its consistent point.
     async fn snapshot_of(&self, table: &TableSchema) -> Result<(PgTable, String, Lsn)> {
@@ -1057,6 +1058,7 @@ impl PgSource {
 }
 
 /// Where a COPY part goes: decoded rows in batches, or the COPY text itself.
+#[derive(Clone)]
 enum CopyOut {
     Rows(mpsc::Sender<Vec<Row>>, usize),
     Text(mpsc::Sender<bytes::Bytes>),
