@@ -29,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use common::pg::{env_num, Pg};
 use common::{peak_rss_mib, reset_peak_rss};
 
-
 const TABLES: &str = "CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler character(84));
      CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler character(88));
      CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler character(84));";
@@ -44,10 +43,20 @@ fn config(pg: &Pg, source: &str, target: &str, slot: &str) -> Result<Arc<Config>
     Ok(Arc::new(Config::parse(&text)?))
 }
 
-async fn wait_for_row(c: &tokio_postgres::Client, aid: i32, balance: i32, limit: Duration) -> Result<()> {
+async fn wait_for_row(
+    c: &tokio_postgres::Client,
+    aid: i32,
+    balance: i32,
+    limit: Duration,
+) -> Result<()> {
     let t = Instant::now();
     loop {
-        let row = c.query_opt("SELECT 1 FROM pgbench_accounts WHERE aid = $1 AND abalance = $2", &[&aid, &balance]).await?;
+        let row = c
+            .query_opt(
+                "SELECT 1 FROM pgbench_accounts WHERE aid = $1 AND abalance = $2",
+                &[&aid, &balance],
+            )
+            .await?;
         if row.is_some() {
             return Ok(());
         }
@@ -65,15 +74,25 @@ async fn main() -> Result<()> {
     let seconds = env_num("BENCH_PG_SECONDS", 20);
     let clients = env_num("BENCH_PG_CLIENTS", 4);
     let id = std::process::id();
-    let (src, raw, native, sy) = (format!("pp_src_{id}"), format!("pp_raw_{id}"), format!("pp_nat_{id}"), format!("pp_sy_{id}"));
+    let (src, raw, native, sy) = (
+        format!("pp_src_{id}"),
+        format!("pp_raw_{id}"),
+        format!("pp_nat_{id}"),
+        format!("pp_sy_{id}"),
+    );
     let admin = pg.client("postgres").await?;
     for db in [&src, &raw, &native, &sy] {
-        admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await?;
     }
     println!("# switchyard benchmark: PostgreSQL → PostgreSQL beside native logical replication, pgbench scale {scale}");
     pg.pgbench(&["-i", "-q", "-s", &scale.to_string(), &src])?;
     let source = pg.client(&src).await?;
-    let accounts: i64 = source.query_one("SELECT count(*) FROM pgbench_accounts", &[]).await?.get(0);
+    let accounts: i64 = source
+        .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+        .await?
+        .get(0);
 
     // The raw pipe: COPY out of the source straight into COPY in.
     let target = pg.client(&raw).await?;
@@ -102,7 +121,11 @@ async fn main() -> Result<()> {
     let nat = pg.client(&native).await?;
     nat.batch_execute(TABLES).await?;
     source.batch_execute("CREATE PUBLICATION native_pub FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers").await?;
-    source.batch_execute(&format!("SELECT pg_create_logical_replication_slot('native_{id}', 'pgoutput')")).await?;
+    source
+        .batch_execute(&format!(
+            "SELECT pg_create_logical_replication_slot('native_{id}', 'pgoutput')"
+        ))
+        .await?;
     let t = Instant::now();
     nat.batch_execute(&format!(
         "CREATE SUBSCRIPTION native_sub CONNECTION 'host={} port={} dbname={src} user=postgres password={}'
@@ -112,10 +135,16 @@ async fn main() -> Result<()> {
     .await?;
     loop {
         let pending: i64 = nat
-            .query_one("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate NOT IN ('r', 's')", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate NOT IN ('r', 's')",
+                &[],
+            )
             .await?
             .get(0);
-        let ready: i64 = nat.query_one("SELECT count(*) FROM pg_subscription_rel", &[]).await?.get(0);
+        let ready: i64 = nat
+            .query_one("SELECT count(*) FROM pg_subscription_rel", &[])
+            .await?
+            .get(0);
         if pending == 0 && ready == 3 {
             break;
         }
@@ -132,7 +161,10 @@ async fn main() -> Result<()> {
     let cfg = config(&pg, &src, &sy, &format!("sy_{id}"))?;
     reset_peak_rss();
     let t = Instant::now();
-    let report = Pipeline::open(cfg.clone()).await?.run(Mode::SnapshotOnly, CancellationToken::new()).await?;
+    let report = Pipeline::open(cfg.clone())
+        .await?
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await?;
     let sy_s = t.elapsed().as_secs_f64();
     let copied: u64 = report.tables.iter().map(|r| r.rows).sum();
     println!(
@@ -143,9 +175,20 @@ async fn main() -> Result<()> {
     );
 
     // Catch-up: each replica paused, a write load, resumed; until a sentinel arrives.
-    nat.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE").await?;
+    nat.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
+        .await?;
     let load = |tag: &str| -> Result<f64> {
-        let out = pg.pgbench(&["-N", "-n", "-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), &src])?;
+        let out = pg.pgbench(&[
+            "-N",
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            &src,
+        ])?;
         let tps = out
             .lines()
             .find(|l| l.starts_with("tps"))
@@ -156,16 +199,31 @@ async fn main() -> Result<()> {
         Ok(tps * seconds as f64)
     };
     let changes = load("native catch-up load")?;
-    source.execute("UPDATE pgbench_accounts SET abalance = -424242 WHERE aid = 1", &[]).await?;
+    source
+        .execute(
+            "UPDATE pgbench_accounts SET abalance = -424242 WHERE aid = 1",
+            &[],
+        )
+        .await?;
     let t = Instant::now();
-    nat.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE").await?;
+    nat.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE")
+        .await?;
     wait_for_row(&nat, 1, -424242, Duration::from_secs(1800)).await?;
     let native_catch = t.elapsed().as_secs_f64();
-    println!("native catch-up: {changes:.0} changes in {native_catch:.2} s = {:.0} changes/s", changes / native_catch);
-    nat.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE").await?;
+    println!(
+        "native catch-up: {changes:.0} changes in {native_catch:.2} s = {:.0} changes/s",
+        changes / native_catch
+    );
+    nat.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
+        .await?;
 
     let changes = load("switchyard catch-up load")?;
-    source.execute("UPDATE pgbench_accounts SET abalance = -434343 WHERE aid = 1", &[]).await?;
+    source
+        .execute(
+            "UPDATE pgbench_accounts SET abalance = -434343 WHERE aid = 1",
+            &[],
+        )
+        .await?;
     reset_peak_rss();
     let t = Instant::now();
     let cancel = CancellationToken::new();
@@ -184,13 +242,23 @@ async fn main() -> Result<()> {
     );
 
     // Clean up the cluster.
-    nat.batch_execute("ALTER SUBSCRIPTION native_sub SET (slot_name = NONE); DROP SUBSCRIPTION native_sub").await?;
-    source.batch_execute(&format!("SELECT pg_drop_replication_slot('native_{id}')")).await?;
+    nat.batch_execute(
+        "ALTER SUBSCRIPTION native_sub SET (slot_name = NONE); DROP SUBSCRIPTION native_sub",
+    )
+    .await?;
+    source
+        .batch_execute(&format!("SELECT pg_drop_replication_slot('native_{id}')"))
+        .await?;
     use switchyard::source::Source;
-    switchyard::source::postgres::PgSource::open(&cfg.source.url, &cfg).await?.uninstall().await?;
+    switchyard::source::postgres::PgSource::open(&cfg.source.url, &cfg)
+        .await?
+        .uninstall()
+        .await?;
     drop((source, target, nat, sy_client));
     for db in [&src, &raw, &native, &sy] {
-        admin.batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)")).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+            .await?;
     }
     Ok(())
 }

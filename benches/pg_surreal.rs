@@ -38,7 +38,6 @@ use tokio_util::sync::CancellationToken;
 use common::pg::{env_num, Pg};
 use common::{peak_rss_mib, reset_peak_rss};
 
-
 fn config_for(pg: &Pg, db: &str, slot: &str, target: &str) -> Result<Arc<Config>> {
     let text = format!(
         "[source]\nurl = \"postgres://postgres@{}:{}/{db}?sslmode=disable\"\npassword = \"{}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n[target]\nurl = \"{target}\"\nnamespace = \"bench\"\ndatabase = \"bench\"\n\n[tables]\nexclude = [\"pgbench_history\"]\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = 2000\nsnapshot_workers = {workers}\n",
@@ -58,13 +57,18 @@ async fn main() -> Result<()> {
     let clients = env_num("BENCH_PG_CLIENTS", 4);
     let db = format!("bench_{}", std::process::id());
     let admin = pg.client("postgres").await?;
-    admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await?;
     println!("# switchyard benchmark: PostgreSQL → embedded SurrealDB (surrealkv), pgbench scale {scale}");
     let t = Instant::now();
     pg.pgbench(&["-i", "-q", "-s", &scale.to_string(), &db])?;
     println!("pgbench -i: {:.1} s", t.elapsed().as_secs_f64());
     let client = pg.client(&db).await?;
-    let accounts: i64 = client.query_one("SELECT count(*) FROM pgbench_accounts", &[]).await?.get(0);
+    let accounts: i64 = client
+        .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+        .await?
+        .get(0);
 
     // Raw ceiling: COPY out, read and dropped.
     let t = Instant::now();
@@ -87,7 +91,9 @@ async fn main() -> Result<()> {
     let source = Arc::new(PgSource::open(&config.source.url, &config).await?);
     let discard = Arc::new(DiscardSink::default());
     let t = Instant::now();
-    let report = Pipeline::new(config.clone(), source.clone(), discard.clone()).run(Mode::SnapshotOnly, CancellationToken::new()).await?;
+    let report = Pipeline::new(config.clone(), source.clone(), discard.clone())
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await?;
     let disc_s = t.elapsed().as_secs_f64();
     let rows = discard.rows_loaded.load(Ordering::Relaxed);
     println!(
@@ -103,7 +109,9 @@ async fn main() -> Result<()> {
     let c = cancel.clone();
     let daemon = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
     let big = Instant::now();
-    client.batch_execute("UPDATE pgbench_accounts SET abalance = abalance + 1").await?;
+    client
+        .batch_execute("UPDATE pgbench_accounts SET abalance = abalance + 1")
+        .await?;
     while discard.changes_applied.load(Ordering::Relaxed) < accounts as u64 {
         if daemon.is_finished() {
             daemon.await??;
@@ -133,7 +141,9 @@ async fn main() -> Result<()> {
     let sink = Arc::new(SurrealSink::connect(&target, false, &config).await?);
     reset_peak_rss();
     let t = Instant::now();
-    let report = Pipeline::new(config.clone(), source.clone(), sink.clone()).run(Mode::SnapshotOnly, CancellationToken::new()).await?;
+    let report = Pipeline::new(config.clone(), source.clone(), sink.clone())
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await?;
     let snap_s = t.elapsed().as_secs_f64();
     let copied: u64 = report.tables.iter().map(|r| r.rows).sum();
     println!(
@@ -172,10 +182,15 @@ async fn main() -> Result<()> {
         .unwrap_or("")
         .to_string();
     // A sentinel: when its row is in the target, everything before it is.
-    client.batch_execute("UPDATE pgbench_branches SET filler = 'sentinel' WHERE bid = 1").await?;
+    client
+        .batch_execute("UPDATE pgbench_branches SET filler = 'sentinel' WHERE bid = 1")
+        .await?;
     let caught_up = Instant::now();
     loop {
-        let mut r = sink.client().query("SELECT VALUE filler FROM ONLY pgbench_branches:1").await?;
+        let mut r = sink
+            .client()
+            .query("SELECT VALUE filler FROM ONLY pgbench_branches:1")
+            .await?;
         let v: Option<String> = r.take(0)?;
         if v.as_deref().map(str::trim) == Some("sentinel") {
             break;
@@ -198,7 +213,10 @@ async fn main() -> Result<()> {
         .await?;
     let big_commit_s = big.elapsed().as_secs_f64();
     loop {
-        let mut r = sink.client().query("SELECT VALUE filler FROM ONLY pgbench_branches:1").await?;
+        let mut r = sink
+            .client()
+            .query("SELECT VALUE filler FROM ONLY pgbench_branches:1")
+            .await?;
         let v: Option<String> = r.take(0)?;
         if v.as_deref().map(str::trim) == Some("after the big one") {
             break;
@@ -214,7 +232,11 @@ async fn main() -> Result<()> {
     let report = daemon.await??;
     let applied = report.changes_applied - accounts as u64 - 1;
     let max_lag = lags.iter().copied().max().unwrap_or(0);
-    let avg_lag = if lags.is_empty() { 0 } else { lags.iter().sum::<i64>() / lags.len() as i64 };
+    let avg_lag = if lags.is_empty() {
+        0
+    } else {
+        lags.iter().sum::<i64>() / lags.len() as i64
+    };
     println!("stream: pgbench -N, {clients} clients, {load_s:.0} s: {tps}");
     println!(
         "stream: {applied} changes applied in {total_s:.1} s = {:.0} changes/s (caught up {catch_up_s:.1} s after the load ended); lag while loading avg {:.1} MiB, max {:.1} MiB; peak RSS {stream_rss:.0} MiB",
@@ -229,6 +251,8 @@ async fn main() -> Result<()> {
     );
     source.uninstall().await?;
     drop(client);
-    admin.batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)")).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await?;
     Ok(())
 }

@@ -41,11 +41,17 @@ use common::{peak_rss_mib, reset_peak_rss, rss_mib};
 const BATCH: usize = 2_000;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.replace('_', "").parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
 }
 
 fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 async fn generate(path: &Path, rows: usize) -> Result<()> {
@@ -108,9 +114,11 @@ async fn writer(path: &Path, rows: usize, updates: usize) -> Result<()> {
             .bind(id as i64)
             .execute(&mut *tx)
             .await?;
-        let seq: i64 = sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = '_switchyard_changes'")
-            .fetch_one(&mut *tx)
-            .await?;
+        let seq: i64 = sqlx::query_scalar(
+            "SELECT seq FROM sqlite_sequence WHERE name = '_switchyard_changes'",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         out.push_str(&format!("{seq} {}\n", now_ns()));
     }
@@ -119,7 +127,10 @@ async fn writer(path: &Path, rows: usize, updates: usize) -> Result<()> {
 }
 
 async fn checkpoint(sink: &SurrealSink) -> Result<i64> {
-    let mut r = sink.client().query("SELECT VALUE commit FROM ONLY _switchyard_checkpoint:main").await?;
+    let mut r = sink
+        .client()
+        .query("SELECT VALUE commit FROM ONLY _switchyard_checkpoint:main")
+        .await?;
     let v: Option<i64> = r.take(0)?;
     Ok(v.unwrap_or(0))
 }
@@ -160,7 +171,9 @@ async fn main() -> Result<()> {
     let source: Arc<dyn Source> = Arc::new(SqliteSource::open(&source_path, &config).await?);
     let pipeline = Pipeline::new(config.clone(), source.clone(), sink.clone());
     let t = Instant::now();
-    let report = pipeline.run(Mode::SnapshotOnly, CancellationToken::new()).await?;
+    let report = pipeline
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await?;
     let snap_s = t.elapsed().as_secs_f64();
     let copied: u64 = report.tables.iter().map(|r| r.rows).sum();
     if copied != rows as u64 {
@@ -221,7 +234,10 @@ async fn main() -> Result<()> {
         })
         .collect();
     if commits.len() != updates {
-        bail!("the writer reported {} commits, expected {updates}", commits.len());
+        bail!(
+            "the writer reported {} commits, expected {updates}",
+            commits.len()
+        );
     }
     let last_seq = commits.last().map(|c| c.0).unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -289,7 +305,10 @@ async fn main() -> Result<()> {
     let csink = SurrealSink::connect(&ceiling_target, false, &cconfig).await?;
     csink.prepare(std::slice::from_ref(&table)).await?;
     let db = csink.client();
-    let sql = format!("INSERT IGNORE INTO {} $rows RETURN NONE;", ident(&table.target_name));
+    let sql = format!(
+        "INSERT IGNORE INTO {} $rows RETURN NONE;",
+        ident(&table.target_name)
+    );
     let t = Instant::now();
     let mut n = 0usize;
     for batch in &batches {

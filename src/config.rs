@@ -186,7 +186,9 @@ fn default_snapshot_split_mb() -> u64 {
     64
 }
 fn default_snapshot_workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 fn default_true() -> bool {
     true
@@ -228,9 +230,13 @@ fn default_retry_max_delay_ms() -> u64 {
 /// Where the source is.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceKind {
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+    },
     /// `postgres://USER@HOST:PORT/DATABASE?sslmode=…` (password in `source.password`).
-    Postgres { url: String },
+    Postgres {
+        url: String,
+    },
 }
 
 /// Where the target is.
@@ -252,8 +258,8 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config> {
-        let mut raw: toml::Table =
-            toml::from_str(text).map_err(|e: toml::de::Error| Error::config(toml_error(text, &e)))?;
+        let mut raw: toml::Table = toml::from_str(text)
+            .map_err(|e: toml::de::Error| Error::config(toml_error(text, &e)))?;
         let mut problems = Vec::new();
         for (k, v) in raw.iter_mut() {
             expand_env(k, v, &mut problems);
@@ -274,10 +280,14 @@ impl Config {
         match self.source_kind() {
             Err(e) => problems.push(e.to_string()),
             Ok(SourceKind::Postgres { .. }) => {
-                for (key, v) in [("slot", &self.source.slot), ("publication", &self.source.publication)] {
+                for (key, v) in [
+                    ("slot", &self.source.slot),
+                    ("publication", &self.source.publication),
+                ] {
                     let ok = !v.is_empty()
                         && v.len() <= 63
-                        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                        && v.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
                     if !ok {
                         problems.push(format!(
                             "source.{key}: {v:?} must be 1 to 63 characters of lower-case letters, digits and _"
@@ -290,7 +300,10 @@ impl Config {
         match self.target_kind() {
             Err(e) => problems.push(e.to_string()),
             Ok(TargetKind::Surreal { remote, .. }) => {
-                for (key, v) in [("namespace", &self.target.namespace), ("database", &self.target.database)] {
+                for (key, v) in [
+                    ("namespace", &self.target.namespace),
+                    ("database", &self.target.database),
+                ] {
                     match v {
                         None => problems.push(format!(
                             "target.{key}: required for a SurrealDB target (for example {key} = \"app\")"
@@ -303,7 +316,8 @@ impl Config {
                 }
                 if remote && self.target.username.is_some() != self.target.password.is_some() {
                     problems.push(
-                        "target.username and target.password: give both to sign in, or neither".into(),
+                        "target.username and target.password: give both to sign in, or neither"
+                            .into(),
                     );
                 }
             }
@@ -329,16 +343,22 @@ impl Config {
         }
         if let Some(a) = &self.http.address {
             if a.parse::<std::net::SocketAddr>().is_err() {
-                problems.push(format!("http.address: {a:?} is not an address and port such as 127.0.0.1:9650"));
+                problems.push(format!(
+                    "http.address: {a:?} is not an address and port such as 127.0.0.1:9650"
+                ));
             }
         }
         if !(self.http.ready_max_lag_seconds >= 0.0) {
-            problems.push("http.ready_max_lag_seconds: must be a number of seconds, 0 or more".into());
+            problems
+                .push("http.ready_max_lag_seconds: must be a number of seconds, 0 or more".into());
         }
         if self.source.poll_interval_ms == 0 {
             problems.push("source.poll_interval_ms: must be at least 1".into());
         }
-        for (key, pats) in [("include", &self.tables.include), ("exclude", &self.tables.exclude)] {
+        for (key, pats) in [
+            ("include", &self.tables.include),
+            ("exclude", &self.tables.exclude),
+        ] {
             for pat in pats {
                 if let Err(e) = Glob::new(pat) {
                     problems.push(format!("tables.{key}: invalid pattern {pat:?}: {e}"));
@@ -348,7 +368,9 @@ impl Config {
         let mut seen = BTreeMap::new();
         for (from, to) in &self.tables.rename {
             if to.trim().is_empty() {
-                problems.push(format!("tables.rename.{from}: the new name must not be empty"));
+                problems.push(format!(
+                    "tables.rename.{from}: the new name must not be empty"
+                ));
             }
             if let Some(other) = seen.insert(to.clone(), from.clone()) {
                 problems.push(format!(
@@ -377,7 +399,9 @@ impl Config {
                     "source.url: a SQLite URL needs a path, for example sqlite://data/app.sqlite",
                 ));
             }
-            return Ok(SourceKind::Sqlite { path: PathBuf::from(path) });
+            return Ok(SourceKind::Sqlite {
+                path: PathBuf::from(path),
+            });
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             if url_has_password(url) {
@@ -385,7 +409,9 @@ impl Config {
                     "source.url: put the password in source.password (\"${VAR}\"), not in the URL",
                 ));
             }
-            return Ok(SourceKind::Postgres { url: url.to_string() });
+            return Ok(SourceKind::Postgres {
+                url: url.to_string(),
+            });
         }
         let scheme = url.split("://").next().unwrap_or(url);
         Err(Error::config(format!(
@@ -427,7 +453,10 @@ impl Config {
 
     /// The compiled include/exclude patterns.
     pub fn table_filter(&self) -> Result<TableFilter> {
-        Ok(TableFilter { include: globs(&self.tables.include)?, exclude: globs(&self.tables.exclude)? })
+        Ok(TableFilter {
+            include: globs(&self.tables.include)?,
+            exclude: globs(&self.tables.exclude)?,
+        })
     }
 }
 
@@ -445,9 +474,12 @@ impl TableFilter {
 fn globs(patterns: &[String]) -> Result<GlobSet> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        b.add(Glob::new(p).map_err(|e| Error::config(format!("invalid table pattern {p:?}: {e}")))?);
+        b.add(
+            Glob::new(p).map_err(|e| Error::config(format!("invalid table pattern {p:?}: {e}")))?,
+        );
     }
-    b.build().map_err(|e| Error::config(format!("table patterns: {e}")))
+    b.build()
+        .map_err(|e| Error::config(format!("table patterns: {e}")))
 }
 
 fn expand_env(key: &str, value: &mut toml::Value, problems: &mut Vec<String>) {
@@ -501,14 +533,21 @@ fn expand_str(s: &str) -> std::result::Result<String, String> {
 }
 
 fn url_has_password(url: &str) -> bool {
-    let Some((_, rest)) = url.split_once("://") else { return false };
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
     let authority = rest.split('/').next().unwrap_or("");
-    authority.rsplit_once('@').map(|(userinfo, _)| userinfo.contains(':')).unwrap_or(false)
+    authority
+        .rsplit_once('@')
+        .map(|(userinfo, _)| userinfo.contains(':'))
+        .unwrap_or(false)
 }
 
 /// The URL with any password in it replaced by `***`, for logs and messages.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
     // The userinfo ends at the last '@': a password may hold '/', '?' or '@'
     // itself, and hiding too much is better than showing a secret.
     let (userinfo, hostpath) = match rest.rfind('@') {
@@ -541,8 +580,16 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
-            format!("invalid TOML at line {line}, column {column}: {}", e.message())
+            let column = before
+                .rsplit('\n')
+                .next()
+                .map(|l| l.chars().count())
+                .unwrap_or(0)
+                + 1;
+            format!(
+                "invalid TOML at line {line}, column {column}: {}",
+                e.message()
+            )
         }
         None => format!("invalid TOML: {}", e.message()),
     }
@@ -566,7 +613,12 @@ mod tests {
         let c = Config::parse(MIN).unwrap();
         assert_eq!(c.tables.include, vec!["*"]);
         assert_eq!(c.pipeline.batch_rows, 1000);
-        assert_eq!(c.source_kind().unwrap(), SourceKind::Sqlite { path: "data/app.sqlite".into() });
+        assert_eq!(
+            c.source_kind().unwrap(),
+            SourceKind::Sqlite {
+                path: "data/app.sqlite".into()
+            }
+        );
     }
 
     #[test]
@@ -577,7 +629,9 @@ mod tests {
 
     #[test]
     fn syntax_error_gives_line_and_column_without_quoting_the_line() {
-        let e = Config::parse("[target]\nurl = \"ws://x\"\npassword = \"hunter2\" oops\n").unwrap_err().to_string();
+        let e = Config::parse("[target]\nurl = \"ws://x\"\npassword = \"hunter2\" oops\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 3"), "{e}");
         assert!(!e.contains("hunter2"), "the line was quoted: {e}");
     }
@@ -593,7 +647,12 @@ mod tests {
             batch_rows = 0
         "#;
         let e = Config::parse(text).unwrap_err().to_string();
-        for needle in ["source.url", "target.namespace", "target.database", "pipeline.batch_rows"] {
+        for needle in [
+            "source.url",
+            "target.namespace",
+            "target.database",
+            "pipeline.batch_rows",
+        ] {
             assert!(e.contains(needle), "{needle} missing in {e}");
         }
     }
@@ -601,31 +660,64 @@ mod tests {
     #[test]
     fn env_vars_are_expanded_and_missing_ones_named() {
         std::env::set_var("SWITCHYARD_TEST_NS", "tenant1");
-        let c = Config::parse(&MIN.replace("\"app\"\n        database", "\"${SWITCHYARD_TEST_NS}\"\n        database")).unwrap();
+        let c = Config::parse(&MIN.replace(
+            "\"app\"\n        database",
+            "\"${SWITCHYARD_TEST_NS}\"\n        database",
+        ))
+        .unwrap();
         assert_eq!(c.target.namespace.as_deref(), Some("tenant1"));
         let e = Config::parse(&MIN.replace("mem://", "${SWITCHYARD_SURELY_UNSET}")).unwrap_err();
-        assert!(e.to_string().contains("target.url") && e.to_string().contains("SWITCHYARD_SURELY_UNSET"), "{e}");
+        assert!(
+            e.to_string().contains("target.url")
+                && e.to_string().contains("SWITCHYARD_SURELY_UNSET"),
+            "{e}"
+        );
         assert_eq!(expand_str("a$${b}").unwrap(), "a${b}");
     }
 
     #[test]
     fn passwords_never_print() {
-        assert_eq!(redact_url("ws://root:hunter2@h:8000/x"), "ws://root:***@h:8000/x");
-        assert_eq!(redact_url("postgres://u@h/db?password=hunter2&x=1"), "postgres://u@h/db?password=***&x=1");
-        assert_eq!(redact_url("postgres://app:pa/ss@db/shop"), "postgres://app:***@db/shop");
-        assert_eq!(redact_url("postgres://app:p?a@s@db/shop?sslmode=require"), "postgres://app:***@db/shop?sslmode=require");
-        assert_eq!(redact_url("postgres://db/shop?user=a@b&PASSWORD=x&y=1"), "postgres://db/shop?user=a@b&PASSWORD=***&y=1");
-        assert_eq!(redact_url("surrealkv://data/target"), "surrealkv://data/target");
-        let text = MIN.replace("database = \"app\"", "database = \"app\"\npassword = \"hunter2\"");
+        assert_eq!(
+            redact_url("ws://root:hunter2@h:8000/x"),
+            "ws://root:***@h:8000/x"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=hunter2&x=1"),
+            "postgres://u@h/db?password=***&x=1"
+        );
+        assert_eq!(
+            redact_url("postgres://app:pa/ss@db/shop"),
+            "postgres://app:***@db/shop"
+        );
+        assert_eq!(
+            redact_url("postgres://app:p?a@s@db/shop?sslmode=require"),
+            "postgres://app:***@db/shop?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://db/shop?user=a@b&PASSWORD=x&y=1"),
+            "postgres://db/shop?user=a@b&PASSWORD=***&y=1"
+        );
+        assert_eq!(
+            redact_url("surrealkv://data/target"),
+            "surrealkv://data/target"
+        );
+        let text = MIN.replace(
+            "database = \"app\"",
+            "database = \"app\"\npassword = \"hunter2\"",
+        );
         let c = Config::parse(&text).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
-        let e = Config::parse(&MIN.replace("mem://", "ws://root:hunter2@localhost:8000")).unwrap_err();
+        let e =
+            Config::parse(&MIN.replace("mem://", "ws://root:hunter2@localhost:8000")).unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 
     #[test]
     fn table_filter_applies_include_then_exclude() {
-        let c = Config::parse(&format!("{MIN}\n[tables]\ninclude = [\"shop_*\", \"users\"]\nexclude = [\"shop_tmp*\"]\n")).unwrap();
+        let c = Config::parse(&format!(
+            "{MIN}\n[tables]\ninclude = [\"shop_*\", \"users\"]\nexclude = [\"shop_tmp*\"]\n"
+        ))
+        .unwrap();
         let f = c.table_filter().unwrap();
         assert!(f.matches("shop_orders") && f.matches("users"));
         assert!(!f.matches("shop_tmp1") && !f.matches("other"));

@@ -41,7 +41,11 @@ impl fmt::Display for Error {
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), source: None }
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
     }
 
     pub fn config(message: impl Into<String>) -> Self {
@@ -94,7 +98,11 @@ impl Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        let kind = if sqlite_is_transient(&e) { ErrorKind::Transient } else { ErrorKind::Definite };
+        let kind = if sqlite_is_transient(&e) {
+            ErrorKind::Transient
+        } else {
+            ErrorKind::Definite
+        };
         Error::new(kind, "sqlite").with_source(e)
     }
 }

@@ -15,13 +15,22 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "Change-data-capture replication for live database migrations")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Change-data-capture replication for live database migrations"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
     /// Log filter (tracing-subscriber syntax), e.g. `info` or `switchyard=debug`.
-    #[arg(long, env = "SWITCHYARD_LOG", default_value = "info,surrealdb=warn,surrealkv=error", global = true)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_LOG",
+        default_value = "info,surrealdb=warn,surrealkv=error",
+        global = true
+    )]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -123,7 +132,9 @@ fn main() -> ExitCode {
 fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -137,13 +148,14 @@ fn load(path: &std::path::Path) -> anyhow::Result<Arc<Config>> {
 /// Cancels the token on SIGINT or SIGTERM; a second signal exits at once.
 fn on_signal(cancel: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("cannot listen for SIGTERM: {e}");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("cannot listen for SIGTERM: {e}");
+                    return;
+                }
+            };
         for round in 0..2 {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {},
@@ -217,9 +229,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            println!("{:<24} {:>12} {:>10} {:>12}  note", "table", "rows", "seconds", "rows/s");
+            println!(
+                "{:<24} {:>12} {:>10} {:>12}  note",
+                "table", "rows", "seconds", "rows/s"
+            );
             for t in &r.tables {
-                let note = if t.already_copied { "copied earlier" } else { "" };
+                let note = if t.already_copied {
+                    "copied earlier"
+                } else {
+                    ""
+                };
                 println!(
                     "{:<24} {:>12} {:>10.2} {:>12.0}  {note}",
                     t.table, t.rows, t.seconds, t.rows_per_second
@@ -227,7 +246,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             if let Some(path) = report {
                 let json = serde_json::to_string_pretty(&r)?;
-                std::fs::write(&path, json).with_context(|| format!("writing the report to {}", path.display()))?;
+                std::fs::write(&path, json)
+                    .with_context(|| format!("writing the report to {}", path.display()))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -239,7 +259,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", plan.render());
             }
-            Ok(if plan.blocking() > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if plan.blocking() > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Status { config, json } => {
             let config = load(&config)?;
@@ -251,11 +275,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { config, tables, json, wait } => {
+        Command::Verify {
+            config,
+            tables,
+            json,
+            wait,
+        } => {
             let run = async {
                 let config = load(&config)?;
-                let source: Arc<dyn switchyard::source::Source> = Arc::from(switchyard::source::open(&config).await?);
-                let sink: Arc<dyn switchyard::sink::Sink> = Arc::from(switchyard::sink::open(&config).await?);
+                let source: Arc<dyn switchyard::source::Source> =
+                    Arc::from(switchyard::source::open(&config).await?);
+                let sink: Arc<dyn switchyard::sink::Sink> =
+                    Arc::from(switchyard::sink::open(&config).await?);
                 let options = switchyard::verify::Options {
                     tables,
                     wait: std::time::Duration::from_secs(wait),
@@ -270,7 +301,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     } else {
                         print!("{}", verdict.render());
                     }
-                    Ok(if verdict.identical { ExitCode::SUCCESS } else { ExitCode::from(1) })
+                    Ok(if verdict.identical {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    })
                 }
                 Err(e) => {
                     error!("{e:#}");
@@ -283,7 +318,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let config = load(&config)?;
             let source = switchyard::source::open(&config).await?;
             source.uninstall().await?;
-            println!("removed switchyard's change capture from {}", switchyard::config::redact_url(&config.source.url));
+            println!(
+                "removed switchyard's change capture from {}",
+                switchyard::config::redact_url(&config.source.url)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::DemoSource { path } => {

@@ -22,7 +22,10 @@ pub struct Position {
 }
 
 impl Position {
-    pub const ZERO: Position = Position { commit: 0, ordinal: 0 };
+    pub const ZERO: Position = Position {
+        commit: 0,
+        ordinal: 0,
+    };
     /// The ordinal that stands for "the whole commit": after every change of it.
     /// (Within `i64`, because targets store positions as signed integers.)
     pub const WHOLE: u64 = i64::MAX as u64;
@@ -111,7 +114,11 @@ impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fn cut(s: &str) -> String {
             if s.chars().count() > 80 {
-                format!("{}… ({} bytes)", s.chars().take(80).collect::<String>(), s.len())
+                format!(
+                    "{}… ({} bytes)",
+                    s.chars().take(80).collect::<String>(),
+                    s.len()
+                )
             } else {
                 s.to_string()
             }
@@ -212,17 +219,40 @@ pub enum Secondary {
 impl TableSchema {
     /// A table identified by its key columns.
     pub fn keyed(name: String, target_name: String, columns: Vec<Column>, key: Vec<usize>) -> Self {
-        Self { name, target_name, columns, key, whole_row: false, source_id: String::new(), secondary: Vec::new(), enum_types: Vec::new(), column_defaults: Vec::new() }
+        Self {
+            name,
+            target_name,
+            columns,
+            key,
+            whole_row: false,
+            source_id: String::new(),
+            secondary: Vec::new(),
+            enum_types: Vec::new(),
+            column_defaults: Vec::new(),
+        }
     }
 
     /// A table without a key, identified by its whole row.
     pub fn whole_row(name: String, target_name: String, columns: Vec<Column>) -> Self {
         let key = (0..columns.len()).collect();
-        Self { name, target_name, columns, key, whole_row: true, source_id: String::new(), secondary: Vec::new(), enum_types: Vec::new(), column_defaults: Vec::new() }
+        Self {
+            name,
+            target_name,
+            columns,
+            key,
+            whole_row: true,
+            source_id: String::new(),
+            secondary: Vec::new(),
+            enum_types: Vec::new(),
+            column_defaults: Vec::new(),
+        }
     }
 
     pub fn key_names(&self) -> Vec<&str> {
-        self.key.iter().map(|&i| self.columns[i].name.as_str()).collect()
+        self.key
+            .iter()
+            .map(|&i| self.columns[i].name.as_str())
+            .collect()
     }
 
     pub fn key_of(&self, row: &Row) -> Vec<Value> {
@@ -238,15 +268,29 @@ impl TableSchema {
         for (c, v) in self.columns.iter().zip(row) {
             let (tag, bytes): (u8, std::borrow::Cow<[u8]>) = match v {
                 Value::Null => continue,
-                Value::Unchanged => return Err(format!("column {:?} has no value in the row image", c.name)),
+                Value::Unchanged => {
+                    return Err(format!("column {:?} has no value in the row image", c.name))
+                }
                 Value::Bool(b) => (1, vec![*b as u8].into()),
                 Value::Int(i) => (2, i.to_be_bytes().to_vec().into()),
-                Value::Float(x) => (3, (if x.is_nan() { f64::NAN } else { *x }).to_bits().to_be_bytes().to_vec().into()),
+                Value::Float(x) => (
+                    3,
+                    (if x.is_nan() { f64::NAN } else { *x })
+                        .to_bits()
+                        .to_be_bytes()
+                        .to_vec()
+                        .into(),
+                ),
                 Value::Decimal(d) => (4, d.as_bytes().into()),
                 Value::Text(s) => (5, s.as_bytes().into()),
                 Value::Bytes(b) => (6, b.as_slice().into()),
                 Value::Json(s) => (7, s.as_bytes().into()),
-                Value::Timestamp(t) => (8, t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true).into_bytes().into()),
+                Value::Timestamp(t) => (
+                    8,
+                    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                        .into_bytes()
+                        .into(),
+                ),
             };
             h.update((c.name.len() as u64).to_be_bytes());
             h.update(c.name.as_bytes());
@@ -260,8 +304,12 @@ impl TableSchema {
 
     /// `(col = value, …)` for error messages.
     pub fn describe_key(&self, key: &[Value]) -> String {
-        let parts: Vec<String> =
-            self.key_names().iter().zip(key).map(|(n, v)| format!("{n} = {v}")).collect();
+        let parts: Vec<String> = self
+            .key_names()
+            .iter()
+            .zip(key)
+            .map(|(n, v)| format!("{n} = {v}"))
+            .collect();
         format!("({})", parts.join(", "))
     }
 }
@@ -269,10 +317,17 @@ impl TableSchema {
 /// A row operation, with everything a sink needs to apply it by key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Insert { row: Row },
+    Insert {
+        row: Row,
+    },
     /// `old_key` is set when the update changed the key.
-    Update { old_key: Option<Vec<Value>>, row: Row },
-    Delete { key: Vec<Value> },
+    Update {
+        old_key: Option<Vec<Value>>,
+        row: Row,
+    },
+    Delete {
+        key: Vec<Value>,
+    },
     /// Every row of the table is removed (PostgreSQL `TRUNCATE`).
     Truncate,
 }

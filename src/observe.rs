@@ -72,7 +72,13 @@ pub enum Phase {
 }
 
 impl Phase {
-    const ALL: [Phase; 5] = [Phase::Starting, Phase::Snapshot, Phase::CatchUp, Phase::Streaming, Phase::Stopped];
+    const ALL: [Phase; 5] = [
+        Phase::Starting,
+        Phase::Snapshot,
+        Phase::CatchUp,
+        Phase::Streaming,
+        Phase::Stopped,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -234,7 +240,12 @@ impl Observer {
         self.with(|b| {
             b.view.tables.insert(
                 table.to_string(),
-                TableView { state: "copying".into(), rows: 0, estimated_rows, ..Default::default() },
+                TableView {
+                    state: "copying".into(),
+                    rows: 0,
+                    estimated_rows,
+                    ..Default::default()
+                },
             );
         });
         gauge!(names::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(0.0);
@@ -244,7 +255,9 @@ impl Observer {
         let ratio = self.with(|b| {
             let t = b.view.tables.entry(table.to_string()).or_default();
             t.rows += added;
-            t.estimated_rows.filter(|n| *n > 0).map(|n| (t.rows as f64 / n as f64).min(1.0))
+            t.estimated_rows
+                .filter(|n| *n > 0)
+                .map(|n| (t.rows as f64 / n as f64).min(1.0))
         });
         counter!(names::SNAPSHOT_ROWS, "table" => table.to_string()).increment(added);
         if let Some(r) = ratio {
@@ -276,7 +289,8 @@ impl Observer {
         let mut transactions = 0u64;
         let mut last_commit = None;
         for c in changes {
-            counter!(names::CHANGES_APPLIED, "table" => c.table.name.clone(), "op" => c.kind()).increment(1);
+            counter!(names::CHANGES_APPLIED, "table" => c.table.name.clone(), "op" => c.kind())
+                .increment(1);
             if last_commit != Some(c.position.commit) {
                 transactions += 1;
                 last_commit = Some(c.position.commit);
@@ -291,7 +305,11 @@ impl Observer {
         self.with(|b| {
             b.view.changes_applied += changes.len() as u64;
             for c in changes {
-                b.view.tables.entry(c.table.name.clone()).or_default().changes_applied += 1;
+                b.view
+                    .tables
+                    .entry(c.table.name.clone())
+                    .or_default()
+                    .changes_applied += 1;
             }
             if committed_at.is_some() {
                 b.applied_commit_time = committed_at;
@@ -299,7 +317,11 @@ impl Observer {
             b.backlog = backlog;
         });
         self.set_checkpoint(checkpoint);
-        self.set_phase(if backlog { Phase::CatchUp } else { Phase::Streaming });
+        self.set_phase(if backlog {
+            Phase::CatchUp
+        } else {
+            Phase::Streaming
+        });
     }
 
     /// The source's position against the applied one, read by the status task.
@@ -366,9 +388,9 @@ impl Observer {
     /// Streaming with at most `max_lag` seconds of lag.
     pub fn ready(&self, max_lag: f64) -> bool {
         let v = self.view();
-        matches!(v.phase, Phase::Streaming | Phase::CatchUp) && v.lag_seconds.is_some_and(|s| s <= max_lag)
+        matches!(v.phase, Phase::Streaming | Phase::CatchUp)
+            && v.lag_seconds.is_some_and(|s| s <= max_lag)
     }
-
 }
 
 fn kind_name(e: &Error) -> &'static str {
@@ -388,12 +410,16 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 metrics_exporter_prometheus::Matcher::Full(names::APPLY_DURATION.into()),
-                &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
             )
             .and_then(|b| {
                 b.set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Full(names::BATCH_CHANGES.into()),
-                    &[1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0],
+                    &[
+                        1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0,
+                    ],
                 )
             })
             .expect("bucket lists are not empty");
@@ -408,9 +434,9 @@ pub fn prometheus() -> &'static PrometheusHandle {
 
 /// Binds the HTTP address (an error names `http.address`).
 pub async fn listen(address: &str) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(address)
-        .await
-        .map_err(|e| Error::config(format!("http.address: cannot listen on {address}")).with_source(e))
+    tokio::net::TcpListener::bind(address).await.map_err(|e| {
+        Error::config(format!("http.address: cannot listen on {address}")).with_source(e)
+    })
 }
 
 /// The HTTP endpoints, until `cancel` fires.
@@ -422,10 +448,17 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<()> {
     use axum::routing::get;
-    let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let bound = address;
     prometheus();
-    let state = Arc::new(HttpState { token, max_lag, observer });
+    let state = Arc::new(HttpState {
+        token,
+        max_lag,
+        observer,
+    });
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -445,7 +478,11 @@ struct HttpState {
     observer: Arc<Observer>,
 }
 
-type Reply = (axum::http::StatusCode, [(axum::http::HeaderName, &'static str); 1], String);
+type Reply = (
+    axum::http::StatusCode,
+    [(axum::http::HeaderName, &'static str); 1],
+    String,
+);
 
 fn reply(code: u16, content_type: &'static str, body: String) -> Reply {
     (
@@ -457,19 +494,35 @@ fn reply(code: u16, content_type: &'static str, body: String) -> Reply {
 
 /// Whether the request carries the bearer token (or none is configured).
 fn authorized(state: &HttpState, headers: &axum::http::HeaderMap) -> bool {
-    let Some(token) = &state.token else { return true };
-    let Some(given) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    let Some(given) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let Some(given) = given.strip_prefix("Bearer ") else { return false };
+    let Some(given) = given.strip_prefix("Bearer ") else {
+        return false;
+    };
     // Compared in constant time.
     let want = token.expose_secret().as_bytes();
     let given = given.trim().as_bytes();
-    want.len() == given.len() && want.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    want.len() == given.len()
+        && want
+            .iter()
+            .zip(given)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn unauthorized() -> Reply {
-    reply(401, "text/plain; charset=utf-8", "a bearer token is required (http.token)\n".into())
+    reply(
+        401,
+        "text/plain; charset=utf-8",
+        "a bearer token is required (http.token)\n".into(),
+    )
 }
 
 async fn readyz(axum::extract::State(state): axum::extract::State<Arc<HttpState>>) -> Reply {
@@ -505,7 +558,11 @@ async fn metrics_text(
     if !authorized(&state, &headers) {
         return unauthorized();
     }
-    reply(200, "text/plain; version=0.0.4; charset=utf-8", prometheus().render())
+    reply(
+        200,
+        "text/plain; version=0.0.4; charset=utf-8",
+        prometheus().render(),
+    )
 }
 
 /// How often the pipeline asks the source for its position while streaming.
@@ -564,13 +621,18 @@ pub async fn status(config: &crate::config::Config) -> Result<Status> {
     if let Some(address) = &config.http.address {
         match fetch_status(address, config.http.token.as_ref()).await {
             Ok(view) => out.daemon = Some(view),
-            Err(e) => out.notes.push(format!("the daemon's endpoint {address} did not answer: {e}")),
+            Err(e) => out.notes.push(format!(
+                "the daemon's endpoint {address} did not answer: {e}"
+            )),
         }
     }
     let sink = match crate::sink::open(config).await {
         Ok(s) => Some(s),
         Err(e) => {
-            out.notes.push(format!("cannot open the target ({}); a running daemon holds an embedded target", e.report()));
+            out.notes.push(format!(
+                "cannot open the target ({}); a running daemon holds an embedded target",
+                e.report()
+            ));
             None
         }
     };
@@ -604,14 +666,24 @@ pub async fn status(config: &crate::config::Config) -> Result<Status> {
     }
     out.checkpoint = state.checkpoint.map(|p| p.to_string());
     out.checkpoint_updated_at = state.checkpoint_updated_at.clone();
-    let Some(checkpoint) = state.checkpoint else { return Ok(out) };
+    let Some(checkpoint) = state.checkpoint else {
+        return Ok(out);
+    };
     let source = crate::source::open(config).await?;
     let lag = source.lag(checkpoint).await?;
     let behind = lag.bytes > 0;
-    let updated = state.checkpoint_updated_at.as_deref().and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+    let updated = state
+        .checkpoint_updated_at
+        .as_deref()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
     out.lag_seconds = Some(match (behind, updated) {
         (false, _) => 0.0,
-        (true, Some(t)) => (Utc::now() - t.with_timezone(&Utc)).num_milliseconds().max(0) as f64 / 1000.0,
+        (true, Some(t)) => {
+            (Utc::now() - t.with_timezone(&Utc))
+                .num_milliseconds()
+                .max(0) as f64
+                / 1000.0
+        }
         (true, None) => f64::NAN,
     })
     .filter(|s| !s.is_nan());
@@ -619,7 +691,11 @@ pub async fn status(config: &crate::config::Config) -> Result<Status> {
     out.lag_bytes = Some(lag.bytes);
     out.slot_retained_bytes = lag.slot_retained_bytes;
     out.slot_warning = lag.slot_warning.clone();
-    out.state = if state.tables.values().any(|t| t.status == crate::sink::TableStatus::Copying) {
+    out.state = if state
+        .tables
+        .values()
+        .any(|t| t.status == crate::sink::TableStatus::Copying)
+    {
         "copying".into()
     } else if behind {
         "behind".into()
@@ -631,16 +707,24 @@ pub async fn status(config: &crate::config::Config) -> Result<Status> {
 
 /// GET /status from the daemon (plain HTTP/1.1 on loopback or the
 /// configured address).
-async fn fetch_status(address: &str, token: Option<&SecretString>) -> std::result::Result<StatusView, String> {
+async fn fetch_status(
+    address: &str,
+    token: Option<&SecretString>,
+) -> std::result::Result<StatusView, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let connect = tokio::net::TcpStream::connect(address);
     let mut conn = tokio::time::timeout(Duration::from_secs(2), connect)
         .await
         .map_err(|_| "timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    let auth = token.map(|t| format!("Authorization: Bearer {}\r\n", t.expose_secret())).unwrap_or_default();
-    let request = format!("GET /status HTTP/1.1\r\nHost: {address}\r\n{auth}Connection: close\r\n\r\n");
-    conn.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {}\r\n", t.expose_secret()))
+        .unwrap_or_default();
+    let request =
+        format!("GET /status HTTP/1.1\r\nHost: {address}\r\n{auth}Connection: close\r\n\r\n");
+    conn.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut body = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut body))
         .await
@@ -664,7 +748,12 @@ impl Status {
         let _ = writeln!(s, "state              {}", self.state);
         let _ = writeln!(s, "source             {}", self.source);
         let _ = writeln!(s, "target             {}", self.target);
-        let _ = writeln!(s, "checkpoint         {} (moved {})", opt(&self.checkpoint), opt(&self.checkpoint_updated_at));
+        let _ = writeln!(
+            s,
+            "checkpoint         {} (moved {})",
+            opt(&self.checkpoint),
+            opt(&self.checkpoint_updated_at)
+        );
         let _ = writeln!(s, "source position    {}", opt(&self.source_position));
         let _ = writeln!(
             s,
@@ -673,7 +762,11 @@ impl Status {
             self.lag_seconds.map_or("-".into(), |x| format!("{x:.1}"))
         );
         if let Some(r) = self.slot_retained_bytes {
-            let _ = writeln!(s, "slot retains       {:.1} MiB of WAL", r as f64 / (1 << 20) as f64);
+            let _ = writeln!(
+                s,
+                "slot retains       {:.1} MiB of WAL",
+                r as f64 / (1 << 20) as f64
+            );
         }
         if let Some(w) = &self.slot_warning {
             let _ = writeln!(s, "warning            {w}");
@@ -684,13 +777,24 @@ impl Status {
                 "daemon             {} ({} changes applied since start{})",
                 d.phase.as_str(),
                 d.changes_applied,
-                d.last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+                d.last_error
+                    .as_ref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
             );
         }
         if !self.tables.is_empty() {
-            let _ = writeln!(s, "\n{:<32} {:>8} {:>12}  copied at", "table", "state", "rows");
+            let _ = writeln!(
+                s,
+                "\n{:<32} {:>8} {:>12}  copied at",
+                "table", "state", "rows"
+            );
             for (name, t) in &self.tables {
-                let _ = writeln!(s, "{name:<32} {:>8} {:>12}  {}", t.state, t.rows, t.snapshot_position);
+                let _ = writeln!(
+                    s,
+                    "{name:<32} {:>8} {:>12}  {}",
+                    t.state, t.rows, t.snapshot_position
+                );
             }
         }
         for n in &self.notes {

@@ -31,8 +31,8 @@ use tracing::{info, warn, Instrument};
 use crate::config::{Config, PipelineConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Change, Position, TableSchema};
-use crate::sink::{self, Sink, TableStatus};
 use crate::observe::{Observer, Phase};
+use crate::sink::{self, Sink, TableStatus};
 use crate::source::{self, Batch, Problem, Source};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +121,13 @@ impl Pipeline {
             crate::config::redact_url(&config.source.url),
             crate::config::redact_url(&config.target.url),
         );
-        Self { config, source, sink, bars: indicatif::MultiProgress::new(), observer }
+        Self {
+            config,
+            source,
+            sink,
+            bars: indicatif::MultiProgress::new(),
+            observer,
+        }
     }
 
     /// The status board this pipeline writes (for the HTTP endpoints).
@@ -138,7 +144,10 @@ impl Pipeline {
         let blocking: Vec<&Problem> = d.problems.iter().filter(|p| p.blocking).collect();
         if !blocking.is_empty() {
             let list: Vec<String> = blocking.iter().map(|p| p.to_string()).collect();
-            return Err(Error::definite(format!("cannot replicate: {}", list.join("; "))));
+            return Err(Error::definite(format!(
+                "cannot replicate: {}",
+                list.join("; ")
+            )));
         }
         if d.tables.is_empty() {
             return Err(Error::config(
@@ -160,10 +169,16 @@ impl Pipeline {
     async fn run_inner(&self, mode: Mode, cancel: CancellationToken) -> Result<Report> {
         let tables = self.tables().await?;
         let cfg = &self.config.pipeline;
-        retry(cfg, "creating the target schema", || self.sink.prepare(&tables)).await?;
+        retry(cfg, "creating the target schema", || {
+            self.sink.prepare(&tables)
+        })
+        .await?;
         // Capture first: a change made after this point is in the log, so
         // every position read later (Ct) has the log behind it.
-        let installed = retry(cfg, "installing change capture", || self.source.install(&tables)).await?;
+        let installed = retry(cfg, "installing change capture", || {
+            self.source.install(&tables)
+        })
+        .await?;
         let mut state = retry(cfg, "reading the target state", || self.sink.state()).await?;
         let checkpoint = match state.checkpoint {
             Some(p) => {
@@ -178,15 +193,25 @@ impl Pipeline {
                     }
                 }
                 self.source.verify_resume(p).await?;
-                if let Some(t) = state.checkpoint_updated_at.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) {
+                if let Some(t) = state
+                    .checkpoint_updated_at
+                    .as_deref()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                {
                     self.observer.resumed_from(t.with_timezone(&chrono::Utc));
                 }
                 info!(checkpoint = %p, "resuming after the target's checkpoint");
                 p
             }
             None => {
-                let p = retry(cfg, "reading the source position", || self.source.current_position()).await?;
-                retry(cfg, "recording the start position", || self.sink.start(p, &installed.origin)).await?;
+                let p = retry(cfg, "reading the source position", || {
+                    self.source.current_position()
+                })
+                .await?;
+                retry(cfg, "recording the start position", || {
+                    self.sink.start(p, &installed.origin)
+                })
+                .await?;
                 info!(position = %p, "no checkpoint in the target: copying from scratch");
                 p
             }
@@ -194,15 +219,22 @@ impl Pipeline {
         // A table copied earlier is stale if its capture had to be created
         // again, or if it was left out of a run (its changes went unapplied).
         // So is a table dropped and created again under its name.
-        let selected: HashMap<&str, &TableSchema> = tables.iter().map(|t| (t.name.as_str(), t.as_ref())).collect();
+        let selected: HashMap<&str, &TableSchema> = tables
+            .iter()
+            .map(|t| (t.name.as_str(), t.as_ref()))
+            .collect();
         let recreated = |name: &str, copied: &str| {
-            selected.get(name).is_some_and(|t| !t.source_id.is_empty() && !copied.is_empty() && t.source_id != copied)
+            selected.get(name).is_some_and(|t| {
+                !t.source_id.is_empty() && !copied.is_empty() && t.source_id != copied
+            })
         };
         let stale: Vec<String> = state
             .tables
             .iter()
             .filter(|(name, s)| {
-                !selected.contains_key(name.as_str()) || installed.recaptured.contains(*name) || recreated(name, &s.source_id)
+                !selected.contains_key(name.as_str())
+                    || installed.recaptured.contains(*name)
+                    || recreated(name, &s.source_id)
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -214,7 +246,10 @@ impl Pipeline {
             } else {
                 info!(table = %name, "table is no longer selected: its copy in the target stops following the source");
             }
-            retry(cfg, "forgetting a table's copy state", || self.sink.forget_table(&name)).await?;
+            retry(cfg, "forgetting a table's copy state", || {
+                self.sink.forget_table(&name)
+            })
+            .await?;
             state.tables.remove(&name);
         }
         let mut report = Report::default();
@@ -243,7 +278,10 @@ impl Pipeline {
             }
         }
         if !to_copy.is_empty() && cancel.is_cancelled() {
-            return Err(Error::new(ErrorKind::Interrupted, "stopped before the snapshot finished"));
+            return Err(Error::new(
+                ErrorKind::Interrupted,
+                "stopped before the snapshot finished",
+            ));
         }
         self.observer.set_checkpoint(checkpoint);
         if !to_copy.is_empty() {
@@ -251,8 +289,9 @@ impl Pipeline {
         }
         // Several tables at once; the first failure stops the others.
         let workers = cfg.snapshot_workers.max(1);
-        let mut copies = futures::stream::iter(to_copy.into_iter().map(|t| self.copy_table(t, &cancel)))
-            .buffer_unordered(workers);
+        let mut copies =
+            futures::stream::iter(to_copy.into_iter().map(|t| self.copy_table(t, &cancel)))
+                .buffer_unordered(workers);
         while let Some(r) = copies.next().await {
             let r = r?;
             if r.at > checkpoint {
@@ -261,9 +300,18 @@ impl Pipeline {
             report.tables.push(r);
         }
         drop(copies);
-        retry(cfg, "building indexes and foreign keys", || self.sink.after_snapshot(&tables)).await?;
-        let order: HashMap<&str, usize> = tables.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
-        report.tables.sort_by_key(|r| order.get(r.table.as_str()).copied().unwrap_or(usize::MAX));
+        retry(cfg, "building indexes and foreign keys", || {
+            self.sink.after_snapshot(&tables)
+        })
+        .await?;
+        let order: HashMap<&str, usize> = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        report
+            .tables
+            .sort_by_key(|r| order.get(r.table.as_str()).copied().unwrap_or(usize::MAX));
         log_report(&report);
         if mode == Mode::SnapshotOnly {
             report.checkpoint = Some(checkpoint.to_string());
@@ -275,13 +323,21 @@ impl Pipeline {
         Ok(report)
     }
 
-    async fn copy_table(&self, table: Arc<TableSchema>, cancel: &CancellationToken) -> Result<TableReport> {
+    async fn copy_table(
+        &self,
+        table: Arc<TableSchema>,
+        cancel: &CancellationToken,
+    ) -> Result<TableReport> {
         let span = tracing::info_span!("snapshot", table = %table.name);
         let cfg = &self.config.pipeline;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.copy_table_once(table.clone(), cancel).instrument(span.clone()).await {
+            match self
+                .copy_table_once(table.clone(), cancel)
+                .instrument(span.clone())
+                .await
+            {
                 Err(e) if e.is_transient() && attempt < cfg.retry_attempts => {
                     warn!(table = %table.name, error = %e.report(), attempt, "copy failed, copying the table again");
                     tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
@@ -291,11 +347,18 @@ impl Pipeline {
         }
     }
 
-    async fn copy_table_once(&self, table: Arc<TableSchema>, cancel: &CancellationToken) -> Result<TableReport> {
+    async fn copy_table_once(
+        &self,
+        table: Arc<TableSchema>,
+        cancel: &CancellationToken,
+    ) -> Result<TableReport> {
         let cfg = &self.config.pipeline;
         let started = Instant::now();
         // Empty first: rows deleted in the source while we were down must not survive.
-        retry(cfg, "emptying the target table", || self.sink.begin_table(&table)).await?;
+        retry(cfg, "emptying the target table", || {
+            self.sink.begin_table(&table)
+        })
+        .await?;
         let total = self.source.count_rows(&table).await.ok().flatten();
         self.observer.table_copying(&table.name, total);
         let progress = Progress::new(&table.name, total, &self.bars);
@@ -305,7 +368,9 @@ impl Pipeline {
             let (tx, rx) = mpsc::channel(cfg.queue_size);
             let source = self.source.clone();
             let t = table.clone();
-            let reader = tokio::spawn(async move { source.snapshot_copy_text(t, tx).await }.in_current_span());
+            let reader = tokio::spawn(
+                async move { source.snapshot_copy_text(t, tx).await }.in_current_span(),
+            );
             let loaded = tokio::select! {
                 r = self.sink.load_copy_text(&table, rx) => r,
                 _ = cancel.cancelled() => {
@@ -317,23 +382,41 @@ impl Pipeline {
             };
             let at = match reader.await {
                 Ok(Ok(Some(at))) => at,
-                Ok(Ok(None)) => return Err(Error::definite(format!("the source has no COPY text for {:?}", table.name))),
+                Ok(Ok(None)) => {
+                    return Err(Error::definite(format!(
+                        "the source has no COPY text for {:?}",
+                        table.name
+                    )))
+                }
                 Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(Error::definite(format!("snapshot reader of {:?} failed: {e}", table.name))),
+                Err(e) => {
+                    return Err(Error::definite(format!(
+                        "snapshot reader of {:?} failed: {e}",
+                        table.name
+                    )))
+                }
             };
             let rows = loaded?;
             self.observer.table_rows(&table.name, rows);
-            return self.finish_copy(&table, at, rows, started, progress, true).await;
+            return self
+                .finish_copy(&table, at, rows, started, progress, true)
+                .await;
         }
         let (tx, rx) = mpsc::channel(cfg.queue_size);
         let source = self.source.clone();
         let t = table.clone();
         let batch_rows = cfg.snapshot_batch_rows;
-        let reader = tokio::spawn(async move { source.snapshot(t, batch_rows, tx).await }.in_current_span());
+        let reader =
+            tokio::spawn(async move { source.snapshot(t, batch_rows, tx).await }.in_current_span());
         // Batches are loaded `snapshot_workers` at a time (one at a time for
         // counted rows, whose concurrent loads would conflict).
-        let loaders = if table.whole_row { 1 } else { cfg.snapshot_workers.max(1) };
-        let batches = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+        let loaders = if table.whole_row {
+            1
+        } else {
+            cfg.snapshot_workers.max(1)
+        };
+        let batches =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
         let loads = batches
             .map(|batch| {
                 let table = &table;
@@ -343,7 +426,10 @@ impl Pipeline {
                         // count twice, so a failure copies the table again.
                         self.sink.load(table, &batch).await?;
                     } else {
-                        retry(cfg, "loading snapshot rows", || self.sink.load(table, &batch)).await?;
+                        retry(cfg, "loading snapshot rows", || {
+                            self.sink.load(table, &batch)
+                        })
+                        .await?;
                     }
                     Ok::<u64, Error>(batch.len() as u64)
                 }
@@ -369,9 +455,15 @@ impl Pipeline {
         }
         let at = match reader.await {
             Ok(r) => r?,
-            Err(e) => return Err(Error::definite(format!("snapshot reader of {:?} failed: {e}", table.name))),
+            Err(e) => {
+                return Err(Error::definite(format!(
+                    "snapshot reader of {:?} failed: {e}",
+                    table.name
+                )))
+            }
         };
-        self.finish_copy(&table, at, rows, started, progress, false).await
+        self.finish_copy(&table, at, rows, started, progress, false)
+            .await
     }
 
     /// Records a copied table and its report line.
@@ -385,8 +477,12 @@ impl Pipeline {
         pass_through: bool,
     ) -> Result<TableReport> {
         let cfg = &self.config.pipeline;
-        retry(cfg, "recording the copied table", || self.sink.finish_table(table, at, rows)).await?;
-        self.observer.table_copied(&table.name, rows, Some(started.elapsed().as_secs_f64()));
+        retry(cfg, "recording the copied table", || {
+            self.sink.finish_table(table, at, rows)
+        })
+        .await?;
+        self.observer
+            .table_copied(&table.name, rows, Some(started.elapsed().as_secs_f64()));
         let seconds = started.elapsed().as_secs_f64();
         progress.finish(rows, "done");
         Ok(TableReport {
@@ -394,7 +490,11 @@ impl Pipeline {
             target: table.target_name.clone(),
             rows,
             seconds,
-            rows_per_second: if seconds > 0.0 { rows as f64 / seconds } else { 0.0 },
+            rows_per_second: if seconds > 0.0 {
+                rows as f64 / seconds
+            } else {
+                0.0
+            },
             already_copied: false,
             pass_through,
             position: at.to_string(),
@@ -412,7 +512,10 @@ impl Pipeline {
         let cfg = &self.config.pipeline;
         // Column counts the target was prepared for; a source may hand over a
         // wider table (a column added while streaming).
-        let mut prepared: HashMap<String, usize> = tables.iter().map(|t| (t.name.clone(), t.columns.len())).collect();
+        let mut prepared: HashMap<String, usize> = tables
+            .iter()
+            .map(|t| (t.name.clone(), t.columns.len()))
+            .collect();
         let (tx, mut rx) = mpsc::channel::<Batch>(cfg.queue_size);
         let reader_cancel = cancel.child_token();
         // On any return (an apply that failed included) the reader stops and
@@ -421,8 +524,12 @@ impl Pipeline {
         let source = self.source.clone();
         let max = cfg.batch_rows;
         let reader = tokio::spawn(
-            async move { source.stream(tables, checkpoint, max, tx, reader_cancel).await }
-                .instrument(tracing::info_span!("stream")),
+            async move {
+                source
+                    .stream(tables, checkpoint, max, tx, reader_cancel)
+                    .await
+            }
+            .instrument(tracing::info_span!("stream")),
         );
         info!(after = %checkpoint, "streaming changes");
         self.observer.set_phase(Phase::CatchUp);
@@ -494,26 +601,37 @@ impl Pipeline {
                     .collect();
                 let mut wider: Vec<Arc<TableSchema>> = Vec::new();
                 for c in &apply {
-                    if prepared.get(&c.table.name).is_some_and(|n| *n != c.table.columns.len())
+                    if prepared
+                        .get(&c.table.name)
+                        .is_some_and(|n| *n != c.table.columns.len())
                         && !wider.iter().any(|t| t.name == c.table.name)
                     {
                         wider.push(c.table.clone());
                     }
                 }
                 if !wider.is_empty() {
-                    retry(cfg, "widening the target schema", || self.sink.prepare(&wider)).await?;
+                    retry(cfg, "widening the target schema", || {
+                        self.sink.prepare(&wider)
+                    })
+                    .await?;
                     for t in &wider {
                         info!(table = %t.name, columns = t.columns.len(), "target schema widened");
                         prepared.insert(t.name.clone(), t.columns.len());
                     }
                 }
                 let started = Instant::now();
-                let durable = retry(cfg, "applying changes", || self.sink.apply(&apply, upto)).await?;
+                let durable =
+                    retry(cfg, "applying changes", || self.sink.apply(&apply, upto)).await?;
                 applied += apply.len() as u64;
                 last = durable.position();
                 let backlog = !pending.is_empty() || !rx.is_empty();
-                let committed_at = if pending.is_empty() { pending_committed_at } else { None };
-                self.observer.applied(&apply, last, committed_at, started.elapsed(), backlog);
+                let committed_at = if pending.is_empty() {
+                    pending_committed_at
+                } else {
+                    None
+                };
+                self.observer
+                    .applied(&apply, last, committed_at, started.elapsed(), backlog);
                 tracing::debug!(changes = apply.len(), checkpoint = %last, "batch applied");
                 if !apply.is_empty() {
                     summary.add(&apply, last);
@@ -538,7 +656,10 @@ fn cut_point(pending: &[Change], max: usize) -> usize {
     if pending.len() <= max {
         return pending.len();
     }
-    (1..=max).rev().find(|&i| pending[i - 1].position.commit != pending[i].position.commit).unwrap_or(max)
+    (1..=max)
+        .rev()
+        .find(|&i| pending[i - 1].position.commit != pending[i].position.commit)
+        .unwrap_or(max)
 }
 
 /// Adds a received batch to what waits to be applied.
@@ -597,14 +718,21 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = bars.add(indicatif::ProgressBar::new(total.unwrap_or(0)));
             b.set_style(
-                indicatif::ProgressStyle::with_template("{prefix:>20} [{bar:30}] {pos}/{len} rows {per_sec} {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>20} [{bar:30}] {pos}/{len} rows {per_sec} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             b.set_prefix(table.to_string());
             b
         });
-        Self { table: table.to_string(), total, bar, last_log: std::sync::Mutex::new(Instant::now()) }
+        Self {
+            table: table.to_string(),
+            total,
+            bar,
+            last_log: std::sync::Mutex::new(Instant::now()),
+        }
     }
 
     fn update(&self, rows: u64) {
@@ -616,7 +744,9 @@ impl Progress {
         if last.elapsed() >= Duration::from_secs(5) {
             *last = Instant::now();
             match self.total {
-                Some(t) if t > 0 => info!(table = %self.table, rows, total = t, percent = rows * 100 / t, "copying"),
+                Some(t) if t > 0 => {
+                    info!(table = %self.table, rows, total = t, percent = rows * 100 / t, "copying")
+                }
                 _ => info!(table = %self.table, rows, "copying"),
             }
         }
@@ -647,7 +777,10 @@ impl Summary {
         for c in changes {
             *self.per_table.entry(c.table.name.clone()).or_default() += 1;
         }
-        if self.last_flush.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+        if self
+            .last_flush
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(2))
+        {
             self.flush(at);
         }
     }
@@ -656,9 +789,16 @@ impl Summary {
         if self.batches == 0 {
             return;
         }
-        let tables: Vec<String> = self.per_table.iter().map(|(t, n)| format!("{t}={n}")).collect();
+        let tables: Vec<String> = self
+            .per_table
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect();
         info!(changes = self.changes, batches = self.batches, tables = %tables.join(","), checkpoint = %at, "applied");
-        *self = Summary { last_flush: Some(Instant::now()), ..Default::default() };
+        *self = Summary {
+            last_flush: Some(Instant::now()),
+            ..Default::default()
+        };
     }
 }
 
@@ -671,7 +811,12 @@ mod tests {
         let table = Arc::new(TableSchema::keyed(
             "t".into(),
             "t".into(),
-            vec![Column { name: "id".into(), source_type: "int".into(), logical: LogicalType::Int, nullable: false }],
+            vec![Column {
+                name: "id".into(),
+                source_type: "int".into(),
+                logical: LogicalType::Int,
+                nullable: false,
+            }],
             vec![0],
         ));
         let mut ordinal = 0;
@@ -679,8 +824,18 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &c)| {
-                ordinal = if i > 0 && commits[i - 1] == c { ordinal + 1 } else { 1 };
-                Change { table: table.clone(), op: Op::Insert { row: vec![Value::Int(i as i64)] }, position: Position::new(c, ordinal) }
+                ordinal = if i > 0 && commits[i - 1] == c {
+                    ordinal + 1
+                } else {
+                    1
+                };
+                Change {
+                    table: table.clone(),
+                    op: Op::Insert {
+                        row: vec![Value::Int(i as i64)],
+                    },
+                    position: Position::new(c, ordinal),
+                }
             })
             .collect()
     }

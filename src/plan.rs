@@ -58,11 +58,34 @@ impl Plan {
                 self.identity,
                 t.record_id
             );
-            let w = t.columns.iter().map(|c| c.name.chars().count()).max().unwrap_or(0);
-            let wt = t.columns.iter().map(|c| c.source_type.chars().count()).max().unwrap_or(0).max(4);
+            let w = t
+                .columns
+                .iter()
+                .map(|c| c.name.chars().count())
+                .max()
+                .unwrap_or(0);
+            let wt = t
+                .columns
+                .iter()
+                .map(|c| c.source_type.chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(4);
             for c in &t.columns {
-                let st = if c.source_type.is_empty() { "(none)" } else { &c.source_type };
-                let _ = writeln!(out, "  {:<w$}  {:<wt$}  → {}", c.name, st, c.target, w = w, wt = wt + 2);
+                let st = if c.source_type.is_empty() {
+                    "(none)"
+                } else {
+                    &c.source_type
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:<w$}  {:<wt$}  → {}",
+                    c.name,
+                    st,
+                    c.target,
+                    w = w,
+                    wt = wt + 2
+                );
             }
         }
         if !self.after_load.is_empty() {
@@ -111,13 +134,20 @@ pub async fn check(config: &Config) -> Result<Plan> {
                     .columns
                     .iter()
                     .enumerate()
-                    .map(|(i, c)| PlanColumn { name: c.name.clone(), source_type: c.source_type.clone(), target: target(t, i) })
+                    .map(|(i, c)| PlanColumn {
+                        name: c.name.clone(),
+                        source_type: c.source_type.clone(),
+                        target: target(t, i),
+                    })
                     .collect(),
             })
             .collect()
     }
     if let TargetKind::Postgres { url } = config.target_kind()? {
-        let pg_source = matches!(config.source_kind()?, crate::config::SourceKind::Postgres { .. });
+        let pg_source = matches!(
+            config.source_kind()?,
+            crate::config::SourceKind::Postgres { .. }
+        );
         let tables = plan_tables(
             &discovery.tables,
             |t| {
@@ -153,8 +183,12 @@ pub async fn check(config: &Config) -> Result<Plan> {
             problems,
             identity: "target:",
             after_load: if mode == "create" {
-                let shared: Vec<std::sync::Arc<crate::model::TableSchema>> =
-                    discovery.tables.iter().cloned().map(std::sync::Arc::new).collect();
+                let shared: Vec<std::sync::Arc<crate::model::TableSchema>> = discovery
+                    .tables
+                    .iter()
+                    .cloned()
+                    .map(std::sync::Arc::new)
+                    .collect();
                 crate::sink::postgres::secondary_ddl(&shared)
                     .into_iter()
                     .map(|d| match d {
@@ -167,12 +201,19 @@ pub async fn check(config: &Config) -> Result<Plan> {
             },
         });
     }
-    let TargetKind::Surreal { endpoint, remote } = config.target_kind()? else { unreachable!("handled above") };
+    let TargetKind::Surreal { endpoint, remote } = config.target_kind()? else {
+        unreachable!("handled above")
+    };
     let schemafull = config.target.schemafull;
     if remote {
         #[cfg(feature = "surrealdb")]
         if let Err(e) = crate::sink::surreal::probe(&endpoint, config).await {
-            problems.push(Problem { table: "(target)".into(), column: None, message: e.report(), blocking: true });
+            problems.push(Problem {
+                table: "(target)".into(),
+                column: None,
+                message: e.report(),
+                blocking: true,
+            });
         }
     }
     let target = format!(
@@ -180,8 +221,21 @@ pub async fn check(config: &Config) -> Result<Plan> {
         redact_url(&endpoint),
         config.target.namespace.as_deref().unwrap_or(""),
         config.target.database.as_deref().unwrap_or(""),
-        if schemafull { "SCHEMAFULL" } else { "SCHEMALESS" }
+        if schemafull {
+            "SCHEMAFULL"
+        } else {
+            "SCHEMALESS"
+        }
     );
-    let tables = plan_tables(&discovery.tables, schema::surreal::describe_id, |t, i| schema::surreal::describe(t, i, schemafull));
-    Ok(Plan { source: redact_url(&config.source.url), target, tables, problems, identity: "record id", after_load: Vec::new() })
+    let tables = plan_tables(&discovery.tables, schema::surreal::describe_id, |t, i| {
+        schema::surreal::describe(t, i, schemafull)
+    });
+    Ok(Plan {
+        source: redact_url(&config.source.url),
+        target,
+        tables,
+        problems,
+        identity: "record id",
+        after_load: Vec::new(),
+    })
 }

@@ -23,7 +23,11 @@ pub async fn create_shop(path: &Path) -> Result<()> {
             Error::connect(format!("cannot create directory {}", dir.display())).with_source(e)
         })?;
     }
-    let mut conn = SqliteConnectOptions::new().filename(path).create_if_missing(true).connect().await?;
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .connect()
+        .await?;
     conn.execute(SHOP_SQL).await?;
     Ok(())
 }

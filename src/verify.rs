@@ -140,7 +140,10 @@ async fn read_source(
     }
     let at = match reader.await {
         Ok(r) => r,
-        Err(e) => Err(Error::definite(format!("reading {:?} for verify failed: {e}", table.name))),
+        Err(e) => Err(Error::definite(format!(
+            "reading {:?} for verify failed: {e}",
+            table.name
+        ))),
     };
     source.release_snapshot().await;
     at
@@ -148,7 +151,12 @@ async fn read_source(
 
 /// Reads the target's records in key order, a page at a time after the
 /// last key read: records written meanwhile neither shift nor repeat others.
-async fn read_target(sink: &Arc<dyn Sink>, table: &TableSchema, batch_rows: usize, mut each: impl FnMut(Record)) -> Result<()> {
+async fn read_target(
+    sink: &Arc<dyn Sink>,
+    table: &TableSchema,
+    batch_rows: usize,
+    mut each: impl FnMut(Record),
+) -> Result<()> {
     let mut after: Option<Cursor> = None;
     loop {
         let page = sink.records(table, after.as_ref(), batch_rows).await?;
@@ -168,7 +176,12 @@ async fn read_target(sink: &Arc<dyn Sink>, table: &TableSchema, batch_rows: usiz
 async fn wait_for_target(sink: &Arc<dyn Sink>, position: Position, wait: Duration) -> Result<bool> {
     let deadline = Instant::now() + wait;
     loop {
-        if sink.state().await?.checkpoint.is_some_and(|c| c >= position) {
+        if sink
+            .state()
+            .await?
+            .checkpoint
+            .is_some_and(|c| c >= position)
+        {
             return Ok(true);
         }
         if Instant::now() >= deadline {
@@ -179,13 +192,19 @@ async fn wait_for_target(sink: &Arc<dyn Sink>, position: Position, wait: Duratio
 }
 
 /// Compares every selected table.
-pub async fn verify(source: Arc<dyn Source>, sink: Arc<dyn Sink>, options: &Options) -> Result<Verdict> {
+pub async fn verify(
+    source: Arc<dyn Source>,
+    sink: Arc<dyn Sink>,
+    options: &Options,
+) -> Result<Verdict> {
     let discovered = source.discover().await?;
     let mut tables: Vec<Arc<TableSchema>> = discovered.tables.into_iter().map(Arc::new).collect();
     if !options.tables.is_empty() {
         for want in &options.tables {
             if !tables.iter().any(|t| &t.name == want) {
-                return Err(Error::config(format!("--tables: {want:?} is not a replicated table of the source")));
+                return Err(Error::config(format!(
+                    "--tables: {want:?} is not a replicated table of the source"
+                )));
             }
         }
         tables.retain(|t| options.tables.contains(&t.name));
@@ -194,7 +213,10 @@ pub async fn verify(source: Arc<dyn Source>, sink: Arc<dyn Sink>, options: &Opti
     for table in &tables {
         verdicts.push(verify_table(&source, &sink, table, options).await?);
     }
-    Ok(Verdict { identical: verdicts.iter().all(|v| v.identical), tables: verdicts })
+    Ok(Verdict {
+        identical: verdicts.iter().all(|v| v.identical),
+        tables: verdicts,
+    })
 }
 
 async fn verify_table(
@@ -207,7 +229,10 @@ async fn verify_table(
     let estimate = source.count_rows(table).await.ok().flatten().unwrap_or(0);
     let n = ((estimate / 2_000) as usize).clamp(16, 4_096);
     let mut src = vec![Chunk::default(); n];
-    let at = read_source(source, sink, table, options.batch_rows, |r| add(&mut src, &r)).await?;
+    let at = read_source(source, sink, table, options.batch_rows, |r| {
+        add(&mut src, &r)
+    })
+    .await?;
     let mut note = None;
     if !wait_for_target(sink, at, options.wait).await? {
         note = Some(format!(
@@ -243,7 +268,10 @@ async fn verify_table(
         .await?;
         let caught_up = wait_for_target(sink, at, options.wait).await?;
         if !caught_up && note.is_none() {
-            note = Some(format!("the target had not applied the source's position {at} after {} s", options.wait.as_secs()));
+            note = Some(format!(
+                "the target had not applied the source's position {at} after {} s",
+                options.wait.as_secs()
+            ));
         }
         let mut t_rows: HashMap<String, Vec<String>> = HashMap::new();
         read_target(sink, table, options.batch_rows, |r| {
@@ -253,15 +281,18 @@ async fn verify_table(
         })
         .await?;
         differences = diff(s_rows, t_rows);
-        let keys: std::collections::HashSet<String> = differences.iter().map(|d| d.key.clone()).collect();
+        let keys: std::collections::HashSet<String> =
+            differences.iter().map(|d| d.key.clone()).collect();
         let keep = match persistent.take() {
             Some(before) => before.intersection(&keys).cloned().collect(),
             None => keys,
         };
         differences.retain(|d| keep.contains(&d.key));
         persistent = Some(keep);
-        let still: std::collections::HashSet<usize> =
-            differences.iter().map(|d| chunk_of(&(d.key.clone(), String::new()), n)).collect();
+        let still: std::collections::HashSet<usize> = differences
+            .iter()
+            .map(|d| chunk_of(&(d.key.clone(), String::new()), n))
+            .collect();
         differing.retain(|c| still.contains(c));
         info!(table = %table.name, round, differences = differences.len(), "verify: narrowed the differing chunks");
         if differences.is_empty() || !caught_up {
@@ -287,7 +318,10 @@ async fn verify_table(
 
 /// The differences between two sets of records (several values under one
 /// key: identical rows of a table without a key).
-fn diff(mut source: HashMap<String, Vec<String>>, mut target: HashMap<String, Vec<String>>) -> Vec<Difference> {
+fn diff(
+    mut source: HashMap<String, Vec<String>>,
+    mut target: HashMap<String, Vec<String>>,
+) -> Vec<Difference> {
     let mut keys: Vec<String> = source.keys().chain(target.keys()).cloned().collect();
     keys.sort();
     keys.dedup();
@@ -310,7 +344,12 @@ fn diff(mut source: HashMap<String, Vec<String>>, mut target: HashMap<String, Ve
             1 => Some(v[0].clone()),
             n => Some(format!("{} ({n} copies)", v[0])),
         };
-        out.push(Difference { kind, key, source: show(&s), target: show(&t) });
+        out.push(Difference {
+            kind,
+            key,
+            source: show(&s),
+            target: show(&t),
+        });
     }
     out
 }
@@ -320,7 +359,11 @@ impl Verdict {
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(s, "{:<32} {:>10} {:>10} {:>8} {:>10}  verdict", "table", "source", "target", "chunks", "differing");
+        let _ = writeln!(
+            s,
+            "{:<32} {:>10} {:>10} {:>8} {:>10}  verdict",
+            "table", "source", "target", "chunks", "differing"
+        );
         for t in &self.tables {
             let _ = writeln!(
                 s,
@@ -330,7 +373,11 @@ impl Verdict {
                 t.target_rows,
                 t.chunks,
                 t.differing_chunks,
-                if t.identical { "identical".to_string() } else { format!("{} differences", t.differences_found) }
+                if t.identical {
+                    "identical".to_string()
+                } else {
+                    format!("{} differences", t.differences_found)
+                }
             );
             if let Some(n) = &t.note {
                 let _ = writeln!(s, "  note: {n}");
@@ -350,17 +397,33 @@ impl Verdict {
                 }
             }
             if t.differences_found > t.differences.len() {
-                let _ = writeln!(s, "  … and {} more", t.differences_found - t.differences.len());
+                let _ = writeln!(
+                    s,
+                    "  … and {} more",
+                    t.differences_found - t.differences.len()
+                );
             }
         }
-        let _ = writeln!(s, "{}", if self.identical { "identical" } else { "DIFFERENT" });
+        let _ = writeln!(
+            s,
+            "{}",
+            if self.identical {
+                "identical"
+            } else {
+                "DIFFERENT"
+            }
+        );
         s
     }
 }
 
 fn cut(s: &str) -> String {
     if s.chars().count() > 300 {
-        format!("{}… ({} bytes)", s.chars().take(300).collect::<String>(), s.len())
+        format!(
+            "{}… ({} bytes)",
+            s.chars().take(300).collect::<String>(),
+            s.len()
+        )
     } else {
         s.to_string()
     }
@@ -398,7 +461,11 @@ mod tests {
 
     #[test]
     fn chunk_sums_ignore_order_and_see_every_change() {
-        let a = [rec("t:1", "{a: 1}"), rec("t:2", "{a: 2}"), rec("t:3", "{a: 3}")];
+        let a = [
+            rec("t:1", "{a: 1}"),
+            rec("t:2", "{a: 2}"),
+            rec("t:3", "{a: 3}"),
+        ];
         let mut x = vec![Chunk::default(); 4];
         let mut y = vec![Chunk::default(); 4];
         for r in &a {
@@ -409,7 +476,11 @@ mod tests {
         }
         assert_eq!(x, y);
         let mut z = vec![Chunk::default(); 4];
-        for r in [rec("t:1", "{a: 1}"), rec("t:2", "{a: 20}"), rec("t:3", "{a: 3}")] {
+        for r in [
+            rec("t:1", "{a: 1}"),
+            rec("t:2", "{a: 20}"),
+            rec("t:3", "{a: 3}"),
+        ] {
             add(&mut z, &r);
         }
         assert_ne!(x, z);
@@ -417,10 +488,22 @@ mod tests {
 
     #[test]
     fn differences_are_named_by_kind() {
-        let s = group([rec("t:1", "a"), rec("t:2", "b"), rec("t:4", "d"), rec("t:5", "e"), rec("t:5", "e")]);
-        let t = group([rec("t:1", "a"), rec("t:2", "B"), rec("t:3", "c"), rec("t:5", "e")]);
+        let s = group([
+            rec("t:1", "a"),
+            rec("t:2", "b"),
+            rec("t:4", "d"),
+            rec("t:5", "e"),
+            rec("t:5", "e"),
+        ]);
+        let t = group([
+            rec("t:1", "a"),
+            rec("t:2", "B"),
+            rec("t:3", "c"),
+            rec("t:5", "e"),
+        ]);
         let d = diff(s.into_iter().collect(), t.into_iter().collect());
-        let kinds: Vec<(&str, DifferenceKind)> = d.iter().map(|d| (d.key.as_str(), d.kind.clone())).collect();
+        let kinds: Vec<(&str, DifferenceKind)> =
+            d.iter().map(|d| (d.key.as_str(), d.kind.clone())).collect();
         assert_eq!(
             kinds,
             vec![

@@ -5,12 +5,17 @@ use anyhow::{bail, Context, Result};
 
 /// An environment variable that `scripts/bench` sets.
 pub fn env(name: &str) -> Result<String> {
-    std::env::var(name).with_context(|| format!("{name} is not set: run the benchmark through `bash scripts/bench …`"))
+    std::env::var(name).with_context(|| {
+        format!("{name} is not set: run the benchmark through `bash scripts/bench …`")
+    })
 }
 
 /// A number from the environment, or the default.
 pub fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[derive(Clone)]
@@ -53,12 +58,18 @@ impl Pg {
             .output()
             .context("running pgbench")?;
         if !out.status.success() {
-            bail!("pgbench {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "pgbench {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@{}:{}/{db}?sslmode=disable", self.host, self.port)
+        format!(
+            "postgres://postgres@{}:{}/{db}?sslmode=disable",
+            self.host, self.port
+        )
     }
 }

@@ -95,9 +95,18 @@ pub fn column_type(col: &Column, source_is_postgres: bool) -> String {
 
 /// The target type of column `i` of `table`: an enum of a PostgreSQL source
 /// keeps its type (created in the target), else [`column_type`].
-pub fn table_column_type(table: &crate::model::TableSchema, i: usize, source_is_postgres: bool) -> String {
+pub fn table_column_type(
+    table: &crate::model::TableSchema,
+    i: usize,
+    source_is_postgres: bool,
+) -> String {
     let col = &table.columns[i];
-    if source_is_postgres && table.enum_types.iter().any(|(name, _)| *name == col.source_type) {
+    if source_is_postgres
+        && table
+            .enum_types
+            .iter()
+            .any(|(name, _)| *name == col.source_type)
+    {
         return col.source_type.clone();
     }
     column_type(col, source_is_postgres)
@@ -113,7 +122,9 @@ fn decimal_type(declared: &str) -> String {
         .collect();
     match digits.as_slice() {
         [p] if p.parse::<u32>().is_ok() => format!("numeric({p})"),
-        [p, s] if p.parse::<u32>().is_ok() && s.parse::<u32>().is_ok() => format!("numeric({p},{s})"),
+        [p, s] if p.parse::<u32>().is_ok() && s.parse::<u32>().is_ok() => {
+            format!("numeric({p},{s})")
+        }
         _ => "numeric".into(),
     }
 }
@@ -155,7 +166,9 @@ pub fn holds(want: &str, have: &str) -> bool {
         ("timestamp without time zone", &["timestamp with time zone"]),
         ("json", &["jsonb"]),
     ];
-    WIDER.iter().any(|(from, to)| *from == w && to.contains(&h.as_str()))
+    WIDER
+        .iter()
+        .any(|(from, to)| *from == w && to.contains(&h.as_str()))
 }
 
 /// Whether a target column type is an array.
@@ -171,7 +184,9 @@ pub fn to_text(v: &Value, target_type: &str) -> Option<String> {
         Value::Bool(b) => if *b { "t" } else { "f" }.to_string(),
         Value::Int(i) => i.to_string(),
         Value::Float(x) if x.is_nan() => "NaN".into(),
-        Value::Float(x) if x.is_infinite() => if *x > 0.0 { "Infinity" } else { "-Infinity" }.into(),
+        Value::Float(x) if x.is_infinite() => {
+            if *x > 0.0 { "Infinity" } else { "-Infinity" }.into()
+        }
         Value::Float(x) => format!("{x:?}"),
         Value::Decimal(d) => d.clone(),
         Value::Text(s) => s.clone(),
@@ -183,10 +198,12 @@ pub fn to_text(v: &Value, target_type: &str) -> Option<String> {
             }
             s
         }
-        Value::Json(j) if is_array(target_type) => match serde_json::from_str::<&serde_json::value::RawValue>(j) {
-            Ok(v) => array_literal(v),
-            Err(_) => j.clone(),
-        },
+        Value::Json(j) if is_array(target_type) => {
+            match serde_json::from_str::<&serde_json::value::RawValue>(j) {
+                Ok(v) => array_literal(v),
+                Err(_) => j.clone(),
+            }
+        }
         Value::Json(j) => j.clone(),
         Value::Timestamp(t) => timestamp_text(t),
     })
@@ -220,11 +237,20 @@ pub fn array_literal(v: &serde_json::value::RawValue) -> String {
     let text = v.get();
     match text.as_bytes().first() {
         Some(b'[') => match serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text) {
-            Ok(items) => format!("{{{}}}", items.into_iter().map(array_literal).collect::<Vec<_>>().join(",")),
+            Ok(items) => format!(
+                "{{{}}}",
+                items
+                    .into_iter()
+                    .map(array_literal)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             Err(_) => quote(text),
         },
         Some(b'n') => "NULL".into(),
-        Some(b'"') => quote(&serde_json::from_str::<String>(text).unwrap_or_else(|_| text.to_string())),
+        Some(b'"') => {
+            quote(&serde_json::from_str::<String>(text).unwrap_or_else(|_| text.to_string()))
+        }
         Some(b'{') => quote(text),
         _ => text.to_string(),
     }
@@ -253,22 +279,57 @@ mod tests {
     use super::*;
 
     fn col(logical: LogicalType, declared: &str) -> Column {
-        Column { name: "c".into(), source_type: declared.into(), logical, nullable: true }
+        Column {
+            name: "c".into(),
+            source_type: declared.into(),
+            logical,
+            nullable: true,
+        }
     }
 
     #[test]
     fn types_are_kept_or_mapped() {
-        assert_eq!(column_type(&col(LogicalType::Decimal, "numeric(12,2)"), true), "numeric(12,2)");
-        assert_eq!(column_type(&col(LogicalType::Json, "integer[]"), true), "integer[]");
-        assert_eq!(column_type(&col(LogicalType::Timestamp, "timestamp(3) with time zone"), true), "timestamp(3) with time zone");
+        assert_eq!(
+            column_type(&col(LogicalType::Decimal, "numeric(12,2)"), true),
+            "numeric(12,2)"
+        );
+        assert_eq!(
+            column_type(&col(LogicalType::Json, "integer[]"), true),
+            "integer[]"
+        );
+        assert_eq!(
+            column_type(
+                &col(LogicalType::Timestamp, "timestamp(3) with time zone"),
+                true
+            ),
+            "timestamp(3) with time zone"
+        );
         assert_eq!(column_type(&col(LogicalType::Text, "mood"), true), "text");
-        assert_eq!(column_type(&col(LogicalType::Text, "character varying(20)"), true), "character varying(20)");
-        assert_eq!(column_type(&col(LogicalType::Decimal, "DECIMAL(12, 2)"), false), "numeric(12,2)");
-        assert_eq!(column_type(&col(LogicalType::Bool, "BOOLEAN"), false), "boolean");
+        assert_eq!(
+            column_type(&col(LogicalType::Text, "character varying(20)"), true),
+            "character varying(20)"
+        );
+        assert_eq!(
+            column_type(&col(LogicalType::Decimal, "DECIMAL(12, 2)"), false),
+            "numeric(12,2)"
+        );
+        assert_eq!(
+            column_type(&col(LogicalType::Bool, "BOOLEAN"), false),
+            "boolean"
+        );
         assert_eq!(column_type(&col(LogicalType::Json, "JSON"), false), "jsonb");
-        assert_eq!(column_type(&col(LogicalType::Timestamp, "DATETIME"), false), "timestamp with time zone");
-        assert_eq!(column_type(&col(LogicalType::Float, "REAL"), false), "double precision");
-        assert_eq!(column_type(&col(LogicalType::Bytes, "BLOB"), false), "bytea");
+        assert_eq!(
+            column_type(&col(LogicalType::Timestamp, "DATETIME"), false),
+            "timestamp with time zone"
+        );
+        assert_eq!(
+            column_type(&col(LogicalType::Float, "REAL"), false),
+            "double precision"
+        );
+        assert_eq!(
+            column_type(&col(LogicalType::Bytes, "BLOB"), false),
+            "bytea"
+        );
     }
 
     #[test]
@@ -276,27 +337,67 @@ mod tests {
         assert_eq!(cast_type("character varying(20)"), "character varying");
         assert_eq!(cast_type("character(3)"), "bpchar");
         assert_eq!(cast_type("bit(4)[]"), "bit varying[]");
-        assert_eq!(cast_type("timestamp(3) with time zone"), "timestamp with time zone");
+        assert_eq!(
+            cast_type("timestamp(3) with time zone"),
+            "timestamp with time zone"
+        );
         assert_eq!(cast_type("numeric(12,2)"), "numeric");
-        assert!(holds("integer", "bigint") && holds("numeric(12,2)", "numeric(14,2)") && holds("text", "text"));
-        assert!(!holds("numeric", "integer") && !holds("bytea", "uuid") && !holds("timestamp with time zone", "date"));
+        assert!(
+            holds("integer", "bigint")
+                && holds("numeric(12,2)", "numeric(14,2)")
+                && holds("text", "text")
+        );
+        assert!(
+            !holds("numeric", "integer")
+                && !holds("bytea", "uuid")
+                && !holds("timestamp with time zone", "date")
+        );
     }
 
     #[test]
     fn values_as_postgres_text() {
-        assert_eq!(to_text(&Value::Bytes(vec![0, 255]), "bytea").as_deref(), Some("\\x00ff"));
-        assert_eq!(to_text(&Value::Float(f64::NEG_INFINITY), "real").as_deref(), Some("-Infinity"));
         assert_eq!(
-            to_text(&Value::Json(r#"[["a", "b,\"c"], [null, "x\\y"]]"#.into()), "text[]").as_deref(),
+            to_text(&Value::Bytes(vec![0, 255]), "bytea").as_deref(),
+            Some("\\x00ff")
+        );
+        assert_eq!(
+            to_text(&Value::Float(f64::NEG_INFINITY), "real").as_deref(),
+            Some("-Infinity")
+        );
+        assert_eq!(
+            to_text(
+                &Value::Json(r#"[["a", "b,\"c"], [null, "x\\y"]]"#.into()),
+                "text[]"
+            )
+            .as_deref(),
             Some(r#"{{"a","b,\"c"},{NULL,"x\\y"}}"#)
         );
-        assert_eq!(to_text(&Value::Json("[1, 2]".into()), "jsonb").as_deref(), Some("[1, 2]"));
-        assert_eq!(to_text(&Value::Json("[1.5777777777770001, 1e400]".into()), "double precision[]").as_deref(), Some("{1.5777777777770001,1e400}"));
-        assert_eq!(to_text(&Value::Json(r#"["null", "[1,2]", "{\"k\": 1}"]"#.into()), "jsonb[]").as_deref(), Some(r#"{"null","[1,2]","{\"k\": 1}"}"#));
-        let far = crate::source::postgres::values::parse_timestamp("12345-06-07 08:09:10+00").unwrap();
+        assert_eq!(
+            to_text(&Value::Json("[1, 2]".into()), "jsonb").as_deref(),
+            Some("[1, 2]")
+        );
+        assert_eq!(
+            to_text(
+                &Value::Json("[1.5777777777770001, 1e400]".into()),
+                "double precision[]"
+            )
+            .as_deref(),
+            Some("{1.5777777777770001,1e400}")
+        );
+        assert_eq!(
+            to_text(
+                &Value::Json(r#"["null", "[1,2]", "{\"k\": 1}"]"#.into()),
+                "jsonb[]"
+            )
+            .as_deref(),
+            Some(r#"{"null","[1,2]","{\"k\": 1}"}"#)
+        );
+        let far =
+            crate::source::postgres::values::parse_timestamp("12345-06-07 08:09:10+00").unwrap();
         assert_eq!(timestamp_text(&far), "12345-06-07 08:09:10+00");
         assert_eq!(timestamp_text(&DateTime::<Utc>::MAX_UTC), "infinity");
-        let bc = crate::source::postgres::values::parse_timestamp("0044-03-15 12:00:00+00 BC").unwrap();
+        let bc =
+            crate::source::postgres::values::parse_timestamp("0044-03-15 12:00:00+00 BC").unwrap();
         assert_eq!(timestamp_text(&bc), "0044-03-15 12:00:00+00 BC");
         let mut line = String::new();
         copy_field(&mut line, Some("a\tb\\c\nd"));

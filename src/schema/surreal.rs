@@ -60,7 +60,10 @@ pub const COPIES_FIELD: &str = "_switchyard_copies";
 /// The record id's shape for the table's key.
 pub fn describe_id(table: &TableSchema) -> String {
     if table.whole_row {
-        return format!("{}:<digest of the whole row>, with {COPIES_FIELD}", table.target_name);
+        return format!(
+            "{}:<digest of the whole row>, with {COPIES_FIELD}",
+            table.target_name
+        );
     }
     let names = table.key_names();
     if names.len() == 1 {

@@ -41,24 +41,44 @@ impl Sink for DiscardSink {
     }
 
     async fn begin_table(&self, table: &TableSchema) -> Result<()> {
-        let state = TableState { status: TableStatus::Copying, position: Position::ZERO, rows: 0, source_id: String::new() };
-        self.state.lock().await.tables.insert(table.name.clone(), state);
+        let state = TableState {
+            status: TableStatus::Copying,
+            position: Position::ZERO,
+            rows: 0,
+            source_id: String::new(),
+        };
+        self.state
+            .lock()
+            .await
+            .tables
+            .insert(table.name.clone(), state);
         Ok(())
     }
 
     async fn load(&self, _table: &TableSchema, rows: &[Row]) -> Result<()> {
-        self.rows_loaded.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        self.rows_loaded
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {
-        let state = TableState { status: TableStatus::Done, position, rows, source_id: table.source_id.clone() };
-        self.state.lock().await.tables.insert(table.name.clone(), state);
+        let state = TableState {
+            status: TableStatus::Done,
+            position,
+            rows,
+            source_id: table.source_id.clone(),
+        };
+        self.state
+            .lock()
+            .await
+            .tables
+            .insert(table.name.clone(), state);
         Ok(())
     }
 
     async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable> {
-        self.changes_applied.fetch_add(changes.len() as u64, Ordering::Relaxed);
+        self.changes_applied
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
         let mut s = self.state.lock().await;
         s.checkpoint = Some(s.checkpoint.map_or(checkpoint, |c| c.max(checkpoint)));
         Ok(Durable::committed(checkpoint))

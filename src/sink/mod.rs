@@ -111,14 +111,22 @@ pub trait Sink: Send + Sync {
 
     /// Loads COPY text chunks (whole rows each) as they arrive; the number
     /// of rows loaded.
-    async fn load_copy_text(&self, table: &TableSchema, chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> Result<u64> {
+    async fn load_copy_text(
+        &self,
+        table: &TableSchema,
+        chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> Result<u64> {
         let _ = (table, chunks);
         Err(Error::config("this target does not take COPY text"))
     }
 
     /// Verify: the records source rows become in this target, each as its
     /// key and a canonical encoding (one per row, also for identical rows).
-    async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {
+    async fn expected_records(
+        &self,
+        table: &TableSchema,
+        rows: &[Row],
+    ) -> Result<Vec<crate::verify::Record>> {
         let _ = (table, rows);
         Err(Error::config("this target cannot be verified"))
     }
@@ -140,13 +148,15 @@ pub trait Sink: Send + Sync {
 pub async fn open(config: &Config) -> Result<Box<dyn Sink>> {
     match config.target_kind()? {
         #[cfg(feature = "surrealdb")]
-        TargetKind::Surreal { endpoint, remote } => {
-            Ok(Box::new(surreal::SurrealSink::connect(&endpoint, remote, config).await?))
-        }
+        TargetKind::Surreal { endpoint, remote } => Ok(Box::new(
+            surreal::SurrealSink::connect(&endpoint, remote, config).await?,
+        )),
         #[cfg(not(feature = "surrealdb"))]
         TargetKind::Surreal { .. } => Err(Error::config(
             "target.url: this switchyard was built without the surrealdb feature",
         )),
-        TargetKind::Postgres { url } => Ok(Box::new(postgres::PgSink::connect(&url, config).await?)),
+        TargetKind::Postgres { url } => {
+            Ok(Box::new(postgres::PgSink::connect(&url, config).await?))
+        }
     }
 }

@@ -72,7 +72,10 @@ impl PgSink {
             ep,
             mode,
             replica_role: config.target.replica_role,
-            source_is_postgres: matches!(config.source_kind()?, crate::config::SourceKind::Postgres { .. }),
+            source_is_postgres: matches!(
+                config.source_kind()?,
+                crate::config::SourceKind::Postgres { .. }
+            ),
             pool: Mutex::new(Vec::new()),
             types: Mutex::new(Default::default()),
         };
@@ -137,7 +140,10 @@ impl PgSink {
         .map_err(self.pg("creating switchyard.schema_migrations"))?;
         for m in MIGRATOR.iter() {
             let done = c
-                .query_opt("SELECT checksum FROM switchyard.schema_migrations WHERE version = $1", &[&m.version])
+                .query_opt(
+                    "SELECT checksum FROM switchyard.schema_migrations WHERE version = $1",
+                    &[&m.version],
+                )
                 .await
                 .map_err(self.pg("reading switchyard.schema_migrations"))?;
             match done {
@@ -158,7 +164,9 @@ impl PgSink {
                         quote_literal(&m.description),
                         m.checksum.iter().map(|b| format!("{b:02x}")).collect::<String>()
                     );
-                    c.batch_execute(&sql).await.map_err(self.pg(&format!("applying migration {}", m.version)))?;
+                    c.batch_execute(&sql)
+                        .await
+                        .map_err(self.pg(&format!("applying migration {}", m.version)))?;
                     info!(version = m.version, description = %m.description, "state schema migrated");
                 }
             }
@@ -169,16 +177,29 @@ impl PgSink {
     /// The user's migration files, each applied once in its own transaction
     /// and recorded with its checksum; a file changed after it was applied
     /// is an error.
-    async fn user_migrations(&self, c: &tokio_postgres::Client, dir: &std::path::Path) -> Result<()> {
+    async fn user_migrations(
+        &self,
+        c: &tokio_postgres::Client,
+        dir: &std::path::Path,
+    ) -> Result<()> {
         use sha2::{Digest, Sha256};
         let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::config(format!("target.schema: cannot read the migrations directory {}", dir.display())).with_source(e))?
+            .map_err(|e| {
+                Error::config(format!(
+                    "target.schema: cannot read the migrations directory {}",
+                    dir.display()
+                ))
+                .with_source(e)
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("sql"))
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(Error::config(format!("target.schema: no .sql files in {}", dir.display())));
+            return Err(Error::config(format!(
+                "target.schema: no .sql files in {}",
+                dir.display()
+            )));
         }
         c.batch_execute(
             "CREATE TABLE IF NOT EXISTS switchyard.user_migrations (
@@ -187,12 +208,20 @@ impl PgSink {
         .await
         .map_err(self.pg("creating switchyard.user_migrations"))?;
         for f in files {
-            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-            let sql = std::fs::read_to_string(&f)
-                .map_err(|e| Error::config(format!("target.schema: cannot read {}", f.display())).with_source(e))?;
+            let name = f
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let sql = std::fs::read_to_string(&f).map_err(|e| {
+                Error::config(format!("target.schema: cannot read {}", f.display())).with_source(e)
+            })?;
             let sum = Sha256::digest(sql.as_bytes()).to_vec();
             let done = c
-                .query_opt("SELECT checksum FROM switchyard.user_migrations WHERE name = $1", &[&name])
+                .query_opt(
+                    "SELECT checksum FROM switchyard.user_migrations WHERE name = $1",
+                    &[&name],
+                )
                 .await
                 .map_err(self.pg("reading switchyard.user_migrations"))?;
             match done {
@@ -205,12 +234,22 @@ impl PgSink {
                 None => {}
             }
             let mut c2 = self.ep.connect().await?;
-            let tx = c2.transaction().await.map_err(self.pg("beginning a migration"))?;
-            tx.batch_execute(&sql).await.map_err(|e| pg_error(&self.ep, &format!("applying migration {name}"), e))?;
-            tx.execute("INSERT INTO switchyard.user_migrations (name, checksum) VALUES ($1, $2)", &[&name, &sum])
+            let tx = c2
+                .transaction()
                 .await
-                .map_err(self.pg("recording a migration"))?;
-            tx.commit().await.map_err(self.pg(&format!("committing migration {name}")))?;
+                .map_err(self.pg("beginning a migration"))?;
+            tx.batch_execute(&sql)
+                .await
+                .map_err(|e| pg_error(&self.ep, &format!("applying migration {name}"), e))?;
+            tx.execute(
+                "INSERT INTO switchyard.user_migrations (name, checksum) VALUES ($1, $2)",
+                &[&name, &sum],
+            )
+            .await
+            .map_err(self.pg("recording a migration"))?;
+            tx.commit()
+                .await
+                .map_err(self.pg(&format!("committing migration {name}")))?;
             info!(migration = %name, "target migration applied");
         }
         Ok(())
@@ -222,16 +261,25 @@ impl PgSink {
                 return t.clone();
             }
         }
-        (0..table.columns.len()).map(|i| table_column_type(table, i, self.source_is_postgres)).collect()
+        (0..table.columns.len())
+            .map(|i| table_column_type(table, i, self.source_is_postgres))
+            .collect()
     }
 }
 
 /// The statements that build the source's secondary indexes and foreign keys
 /// on the target tables, in order (indexes first), each with the name it
 /// creates; a foreign key to a table that is not replicated is skipped.
-pub fn secondary_ddl(tables: &[Arc<TableSchema>]) -> Vec<std::result::Result<(String, String), String>> {
+pub fn secondary_ddl(
+    tables: &[Arc<TableSchema>],
+) -> Vec<std::result::Result<(String, String), String>> {
     use crate::model::Secondary;
-    let target_of = |source: &str| tables.iter().find(|t| t.name == source).map(|t| t.target_name.clone());
+    let target_of = |source: &str| {
+        tables
+            .iter()
+            .find(|t| t.name == source)
+            .map(|t| t.target_name.clone())
+    };
     let mut indexes = Vec::new();
     let mut fks = Vec::new();
     for t in tables {
@@ -274,14 +322,23 @@ pub fn secondary_ddl(tables: &[Arc<TableSchema>]) -> Vec<std::result::Result<(St
 }
 
 /// `"a" = $1::text::integer AND …` over `cols`, parameters from `first`.
-fn matches(table: &TableSchema, cols: &[usize], types: &[String], first: usize, whole: bool) -> String {
+fn matches(
+    table: &TableSchema,
+    cols: &[usize],
+    types: &[String],
+    first: usize,
+    whole: bool,
+) -> String {
     cols.iter()
         .enumerate()
         .map(|(n, &i)| {
             let c = quote_ident(&table.columns[i].name);
             let t = cast_type(&types[i]);
             if whole {
-                format!("{c}::text IS NOT DISTINCT FROM (${}::text::{t})::text", first + n)
+                format!(
+                    "{c}::text IS NOT DISTINCT FROM (${}::text::{t})::text",
+                    first + n
+                )
             } else {
                 format!("{c} = ${}::text::{t}", first + n)
             }
@@ -297,14 +354,23 @@ fn upsert_row(ch: &Change) -> Option<&Row> {
         return None;
     }
     match &ch.op {
-        Op::Insert { row } | Op::Update { old_key: None, row } if !row.iter().any(Value::is_unchanged) => Some(row),
+        Op::Insert { row } | Op::Update { old_key: None, row }
+            if !row.iter().any(Value::is_unchanged) =>
+        {
+            Some(row)
+        }
         _ => None,
     }
 }
 
 /// Query parameters as tokio-postgres takes them.
-fn sql_params<T: tokio_postgres::types::ToSql + Sync>(values: &[T]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
-    values.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
+fn sql_params<T: tokio_postgres::types::ToSql + Sync>(
+    values: &[T],
+) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    values
+        .iter()
+        .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect()
 }
 
 /// `unnest($1::text[], …, $n::text[]) AS u(c0, …)`: rows given as one text
@@ -312,21 +378,37 @@ fn sql_params<T: tokio_postgres::types::ToSql + Sync>(values: &[T]) -> Vec<&(dyn
 fn unnest_columns(n: usize) -> String {
     format!(
         "unnest({}) AS u({})",
-        (1..=n).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", "),
-        (0..n).map(|i| format!("c{i}")).collect::<Vec<_>>().join(", ")
+        (1..=n)
+            .map(|i| format!("${i}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        (0..n)
+            .map(|i| format!("c{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
 /// One `INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE` for a run of
 /// upserts of one table; of several changes to one key, the last wins (as
 /// applying them in order would leave it).
-fn grouped_upsert(table: &TableSchema, types: &[String], run: &[Change]) -> (String, Vec<Vec<Option<String>>>) {
+fn grouped_upsert(
+    table: &TableSchema,
+    types: &[String],
+    run: &[Change],
+) -> (String, Vec<Vec<Option<String>>>) {
     let n = table.columns.len();
-    let mut last: std::collections::HashMap<Vec<Option<String>>, usize> = std::collections::HashMap::new();
+    let mut last: std::collections::HashMap<Vec<Option<String>>, usize> =
+        std::collections::HashMap::new();
     let rows: Vec<Vec<Option<String>>> = run
         .iter()
         .filter_map(upsert_row)
-        .map(|row| row.iter().enumerate().map(|(i, v)| to_text(v, &types[i])).collect())
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .map(|(i, v)| to_text(v, &types[i]))
+                .collect()
+        })
         .collect();
     for (at, r) in rows.iter().enumerate() {
         let key: Vec<Option<String>> = table.key.iter().map(|&k| r[k].clone()).collect();
@@ -342,18 +424,27 @@ fn grouped_upsert(table: &TableSchema, types: &[String], run: &[Change]) -> (Str
     }
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let keys: Vec<&str> = table.key.iter().map(|&i| cols[i].as_str()).collect();
-    let rest: Vec<String> =
-        (0..n).filter(|i| !table.key.contains(i)).map(|i| format!("{0} = EXCLUDED.{0}", cols[i])).collect();
+    let rest: Vec<String> = (0..n)
+        .filter(|i| !table.key.contains(i))
+        .map(|i| format!("{0} = EXCLUDED.{0}", cols[i]))
+        .collect();
     let on_conflict = if rest.is_empty() {
         format!("ON CONFLICT ({}) DO NOTHING", keys.join(", "))
     } else {
-        format!("ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), rest.join(", "))
+        format!(
+            "ON CONFLICT ({}) DO UPDATE SET {}",
+            keys.join(", "),
+            rest.join(", ")
+        )
     };
     let sql = format!(
         "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} {on_conflict}",
         qualified(&table.target_name),
         cols.join(", "),
-        (0..n).map(|i| format!("u.c{i}::{}", cast_type(&types[i]))).collect::<Vec<_>>().join(", "),
+        (0..n)
+            .map(|i| format!("u.c{i}::{}", cast_type(&types[i])))
+            .collect::<Vec<_>>()
+            .join(", "),
         unnest_columns(n)
     );
     (sql, columns)
@@ -371,28 +462,51 @@ struct Statement {
 fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<Statement> {
     let name = qualified(&table.target_name);
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let text = |row: &[Value], idx: &[usize]| -> Vec<Option<String>> { idx.iter().map(|&i| to_text(&row[i], &types[i])).collect() };
+    let text = |row: &[Value], idx: &[usize]| -> Vec<Option<String>> {
+        idx.iter().map(|&i| to_text(&row[i], &types[i])).collect()
+    };
     let all: Vec<usize> = (0..table.columns.len()).collect();
     let value = |n: usize, i: usize| format!("${n}::text::{}", cast_type(&types[i]));
     let keys: Vec<&str> = table.key.iter().map(|&i| cols[i].as_str()).collect();
     let conflict = || -> String {
-        let rest: Vec<String> = all.iter().filter(|i| !table.key.contains(i)).map(|&i| format!("{0} = EXCLUDED.{0}", cols[i])).collect();
+        let rest: Vec<String> = all
+            .iter()
+            .filter(|i| !table.key.contains(i))
+            .map(|&i| format!("{0} = EXCLUDED.{0}", cols[i]))
+            .collect();
         if rest.is_empty() {
             format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", "))
         } else {
-            format!(" ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), rest.join(", "))
+            format!(
+                " ON CONFLICT ({}) DO UPDATE SET {}",
+                keys.join(", "),
+                rest.join(", ")
+            )
         }
     };
     let insert = |row: &Row| -> Statement {
         let values: Vec<String> = all.iter().map(|&i| value(i + 1, i)).collect();
-        let mut sql = format!("INSERT INTO {name} ({}) OVERRIDING SYSTEM VALUE VALUES ({})", cols.join(", "), values.join(", "));
+        let mut sql = format!(
+            "INSERT INTO {name} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
+            cols.join(", "),
+            values.join(", ")
+        );
         if !table.whole_row {
             sql.push_str(&conflict());
         }
-        Statement { sql, params: text(row, &all), must_touch: false }
+        Statement {
+            sql,
+            params: text(row, &all),
+            must_touch: false,
+        }
     };
     let delete = |key: &[Value]| -> Statement {
-        let params: Vec<Option<String>> = table.key.iter().zip(key).map(|(&i, v)| to_text(v, &types[i])).collect();
+        let params: Vec<Option<String>> = table
+            .key
+            .iter()
+            .zip(key)
+            .map(|(&i, v)| to_text(v, &types[i]))
+            .collect();
         if table.whole_row {
             Statement {
                 sql: format!(
@@ -403,7 +517,14 @@ fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<Statement> 
                 must_touch: true,
             }
         } else {
-            Statement { sql: format!("DELETE FROM {name} WHERE {}", matches(table, &table.key, types, 1, false)), params, must_touch: false }
+            Statement {
+                sql: format!(
+                    "DELETE FROM {name} WHERE {}",
+                    matches(table, &table.key, types, 1, false)
+                ),
+                params,
+                must_touch: false,
+            }
         }
     };
     match op {
@@ -414,32 +535,63 @@ fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<Statement> 
             let changed: Vec<usize> = all
                 .iter()
                 .copied()
-                .filter(|&i| !row[i].is_unchanged() && (old_key.is_some() || !table.key.contains(&i)))
+                .filter(|&i| {
+                    !row[i].is_unchanged() && (old_key.is_some() || !table.key.contains(&i))
+                })
                 .collect();
-            let sets: Vec<String> = changed.iter().enumerate().map(|(n, &i)| format!("{} = {}", cols[i], value(n + 1, i))).collect();
+            let sets: Vec<String> = changed
+                .iter()
+                .enumerate()
+                .map(|(n, &i)| format!("{} = {}", cols[i], value(n + 1, i)))
+                .collect();
             let key_vals = old_key.clone().unwrap_or_else(|| table.key_of(row));
             let mut params = text(row, &changed);
-            params.extend(table.key.iter().zip(&key_vals).map(|(&i, v)| to_text(v, &types[i])));
+            params.extend(
+                table
+                    .key
+                    .iter()
+                    .zip(&key_vals)
+                    .map(|(&i, v)| to_text(v, &types[i])),
+            );
             if sets.is_empty() {
                 return Vec::new();
             }
             vec![Statement {
-                sql: format!("UPDATE {name} SET {} WHERE {}", sets.join(", "), matches(table, &table.key, types, changed.len() + 1, false)),
+                sql: format!(
+                    "UPDATE {name} SET {} WHERE {}",
+                    sets.join(", "),
+                    matches(table, &table.key, types, changed.len() + 1, false)
+                ),
                 params,
                 must_touch: true,
             }]
         }
         Op::Update { old_key: None, .. } if table.whole_row => Vec::new(),
         Op::Update { old_key: None, row } => vec![insert(row)],
-        Op::Update { old_key: Some(old), row } if table.whole_row => vec![delete(old), insert(row)],
-        Op::Update { old_key: Some(old), row } => {
+        Op::Update {
+            old_key: Some(old),
+            row,
+        } if table.whole_row => vec![delete(old), insert(row)],
+        Op::Update {
+            old_key: Some(old),
+            row,
+        } => {
             // The key changed: the row is updated in place (its foreign keys
             // and identity stay), or inserted if the target lacks it.
             let n = all.len();
-            let sets: Vec<String> = all.iter().map(|&i| format!("{} = {}", cols[i], value(i + 1, i))).collect();
+            let sets: Vec<String> = all
+                .iter()
+                .map(|&i| format!("{} = {}", cols[i], value(i + 1, i)))
+                .collect();
             let values: Vec<String> = all.iter().map(|&i| value(i + 1, i)).collect();
             let mut params = text(row, &all);
-            params.extend(table.key.iter().zip(old).map(|(&i, v)| to_text(v, &types[i])));
+            params.extend(
+                table
+                    .key
+                    .iter()
+                    .zip(old)
+                    .map(|(&i, v)| to_text(v, &types[i])),
+            );
             vec![Statement {
                 sql: format!(
                     "WITH moved AS (UPDATE {name} SET {} WHERE {} RETURNING 1) \
@@ -455,7 +607,11 @@ fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<Statement> 
             }]
         }
         Op::Delete { key } => vec![delete(key)],
-        Op::Truncate => vec![Statement { sql: format!("TRUNCATE {name}"), params: Vec::new(), must_touch: false }],
+        Op::Truncate => vec![Statement {
+            sql: format!("TRUNCATE {name}"),
+            params: Vec::new(),
+            must_touch: false,
+        }],
     }
 }
 
@@ -465,7 +621,9 @@ impl Sink for PgSink {
         let c = self.take().await?;
         for t in tables {
             let name = qualified(&t.target_name);
-            let want: Vec<String> = (0..t.columns.len()).map(|i| table_column_type(t, i, self.source_is_postgres)).collect();
+            let want: Vec<String> = (0..t.columns.len())
+                .map(|i| table_column_type(t, i, self.source_is_postgres))
+                .collect();
             if self.mode == SchemaMode::Create {
                 // The source's enum types, created once.
                 for (name, labels) in &t.enum_types {
@@ -486,7 +644,8 @@ impl Sink for PgSink {
                 )
                 .await
                 .map_err(self.pg("reading the target table"))?;
-            let have: std::collections::HashMap<String, String> = have.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let have: std::collections::HashMap<String, String> =
+                have.iter().map(|r| (r.get(0), r.get(1))).collect();
             let checked = self.mode != SchemaMode::Create;
             let mut types = Vec::new();
             if have.is_empty() {
@@ -503,22 +662,35 @@ impl Sink for PgSink {
                     .zip(&want)
                     .enumerate()
                     .map(|(i, (col, ty))| {
-                        let not_null = if col.nullable || t.whole_row { "" } else { " NOT NULL" };
+                        let not_null = if col.nullable || t.whole_row {
+                            ""
+                        } else {
+                            " NOT NULL"
+                        };
                         let fills = match t.column_defaults.iter().find(|d| d.column == i) {
                             // Replicated rows carry their values (OVERRIDING
                             // SYSTEM VALUE); after the load the identity
                             // continues past the highest.
-                            Some(d) if d.identity && matches!(ty.as_str(), "smallint" | "integer" | "bigint") => {
+                            Some(d)
+                                if d.identity
+                                    && matches!(ty.as_str(), "smallint" | "integer" | "bigint") =>
+                            {
                                 " GENERATED BY DEFAULT AS IDENTITY".to_string()
                             }
-                            Some(crate::model::ColumnDefault { default: Some(e), .. }) => format!(" DEFAULT {e}"),
+                            Some(crate::model::ColumnDefault {
+                                default: Some(e), ..
+                            }) => format!(" DEFAULT {e}"),
                             _ => String::new(),
                         };
                         format!("{} {ty}{fills}{not_null}", quote_ident(&col.name))
                     })
                     .collect();
                 if !t.whole_row {
-                    let keys: Vec<String> = t.key.iter().map(|&i| quote_ident(&t.columns[i].name)).collect();
+                    let keys: Vec<String> = t
+                        .key
+                        .iter()
+                        .map(|&i| quote_ident(&t.columns[i].name))
+                        .collect();
                     defs.push(format!("PRIMARY KEY ({})", keys.join(", ")));
                 }
                 c.batch_execute(&format!("CREATE TABLE {name} ({})", defs.join(", ")))
@@ -537,9 +709,15 @@ impl Sink for PgSink {
                         Some(h) => types.push(h.clone()),
                         None if self.mode == SchemaMode::Create => {
                             // A column the source gained: added here too.
-                            c.batch_execute(&format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {ty}", quote_ident(&col.name)))
-                                .await
-                                .map_err(self.pg(&format!("adding column {:?} to {}", col.name, t.target_name)))?;
+                            c.batch_execute(&format!(
+                                "ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {ty}",
+                                quote_ident(&col.name)
+                            ))
+                            .await
+                            .map_err(self.pg(&format!(
+                                "adding column {:?} to {}",
+                                col.name, t.target_name
+                            )))?;
                             types.push(ty.clone());
                         }
                         None => problems.push(format!("column {:?} ({}) is missing", col.name, ty)),
@@ -594,14 +772,21 @@ impl Sink for PgSink {
             state.checkpoint_updated_at = r.get(3);
         }
         for r in c
-            .query("SELECT name, status, commit, ordinal, rows, source_id FROM switchyard.table_state", &[])
+            .query(
+                "SELECT name, status, commit, ordinal, rows, source_id FROM switchyard.table_state",
+                &[],
+            )
             .await
             .map_err(self.pg("reading table states"))?
         {
             state.tables.insert(
                 r.get(0),
                 TableState {
-                    status: if r.get::<_, String>(1) == "done" { TableStatus::Done } else { TableStatus::Copying },
+                    status: if r.get::<_, String>(1) == "done" {
+                        TableStatus::Done
+                    } else {
+                        TableStatus::Copying
+                    },
                     position: Position::new(r.get::<_, i64>(2) as u64, r.get::<_, i64>(3) as u64),
                     rows: r.get::<_, i64>(4) as u64,
                     source_id: r.get(5),
@@ -627,9 +812,12 @@ impl Sink for PgSink {
 
     async fn forget_table(&self, name: &str) -> Result<()> {
         let c = self.take().await?;
-        c.execute("DELETE FROM switchyard.table_state WHERE name = $1", &[&name])
-            .await
-            .map_err(self.pg("forgetting a table's copy state"))?;
+        c.execute(
+            "DELETE FROM switchyard.table_state WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(self.pg("forgetting a table's copy state"))?;
         self.give(c).await;
         Ok(())
     }
@@ -666,12 +854,23 @@ impl Sink for PgSink {
         }
         let c = self.take().await?;
         let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let sql = format!("COPY {} ({}) FROM STDIN", qualified(&table.target_name), cols.join(", "));
+        let sql = format!(
+            "COPY {} ({}) FROM STDIN",
+            qualified(&table.target_name),
+            cols.join(", ")
+        );
         let what = format!("loading {} rows into {}", rows.len(), table.target_name);
-        let sink = c.copy_in::<_, bytes::Bytes>(sql.as_str()).await.map_err(self.pg(&what))?;
+        let sink = c
+            .copy_in::<_, bytes::Bytes>(sql.as_str())
+            .await
+            .map_err(self.pg(&what))?;
         futures::pin_mut!(sink);
-        sink.send(bytes::Bytes::from(data)).await.map_err(self.pg(&what))?;
-        sink.finish().await.map_err(|e| row_error(&self.ep, table, &what, e))?;
+        sink.send(bytes::Bytes::from(data))
+            .await
+            .map_err(self.pg(&what))?;
+        sink.finish()
+            .await
+            .map_err(|e| row_error(&self.ep, table, &what, e))?;
         self.give(c).await;
         Ok(())
     }
@@ -717,7 +916,9 @@ impl Sink for PgSink {
                         .await
                         .map_err(self.pg("reading the target catalog"))?;
                     if exists.is_none() {
-                        c.batch_execute(&sql).await.map_err(self.pg(&format!("building {name}")))?;
+                        c.batch_execute(&sql)
+                            .await
+                            .map_err(self.pg(&format!("building {name}")))?;
                         info!(name = %name, "built after the load");
                     }
                 }
@@ -733,23 +934,42 @@ impl Sink for PgSink {
             return false;
         }
         let types = self.column_types(table).await;
-        table.columns.iter().zip(&types).all(|(c, t)| &c.source_type == t)
+        table
+            .columns
+            .iter()
+            .zip(&types)
+            .all(|(c, t)| &c.source_type == t)
     }
 
-    async fn load_copy_text(&self, table: &TableSchema, mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> Result<u64> {
+    async fn load_copy_text(
+        &self,
+        table: &TableSchema,
+        mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> Result<u64> {
         let c = self.take().await?;
         let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let sql = format!("COPY {} ({}) FROM STDIN", qualified(&table.target_name), cols.join(", "));
+        let sql = format!(
+            "COPY {} ({}) FROM STDIN",
+            qualified(&table.target_name),
+            cols.join(", ")
+        );
         let what = format!("loading {} as COPY text", table.target_name);
-        let sink = c.copy_in::<_, bytes::Bytes>(sql.as_str()).await.map_err(self.pg(&what))?;
+        let sink = c
+            .copy_in::<_, bytes::Bytes>(sql.as_str())
+            .await
+            .map_err(self.pg(&what))?;
         futures::pin_mut!(sink);
         let mut rows = 0u64;
         while let Some(chunk) = chunks.recv().await {
             // COPY text escapes newlines inside values: each one ends a row.
             rows += chunk.iter().filter(|b| **b == b'\n').count() as u64;
-            sink.send(chunk).await.map_err(|e| row_error(&self.ep, table, &what, e))?;
+            sink.send(chunk)
+                .await
+                .map_err(|e| row_error(&self.ep, table, &what, e))?;
         }
-        sink.finish().await.map_err(|e| row_error(&self.ep, table, &what, e))?;
+        sink.finish()
+            .await
+            .map_err(|e| row_error(&self.ep, table, &what, e))?;
         self.give(c).await;
         Ok(rows)
     }
@@ -757,7 +977,11 @@ impl Sink for PgSink {
     /// Rendered by the target itself: the rows' values, cast to the target's
     /// column types, as `ROW(…)::text` (how `SELECT t::text` shows a stored
     /// row), and the key likewise; one query per batch.
-    async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {
+    async fn expected_records(
+        &self,
+        table: &TableSchema,
+        rows: &[Row],
+    ) -> Result<Vec<crate::verify::Record>> {
         let types = self.column_types(table).await;
         let n = table.columns.len();
         let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows.len()); n];
@@ -769,10 +993,18 @@ impl Sink for PgSink {
         // The column's full type, as storing pads or rounds (a value that
         // does not fit never reaches the target: its apply fails).
         let cast = |i: usize| format!("u.c{i}::{}", types[i]);
-        let key_idx: Vec<usize> = if table.whole_row { (0..n).collect() } else { table.key.clone() };
+        let key_idx: Vec<usize> = if table.whole_row {
+            (0..n).collect()
+        } else {
+            table.key.clone()
+        };
         let sql = format!(
             "SELECT ROW({})::text, ROW({})::text FROM {}",
-            key_idx.iter().map(|&i| cast(i)).collect::<Vec<_>>().join(", "),
+            key_idx
+                .iter()
+                .map(|&i| cast(i))
+                .collect::<Vec<_>>()
+                .join(", "),
             (0..n).map(cast).collect::<Vec<_>>().join(", "),
             unnest_columns(n)
         );
@@ -781,7 +1013,10 @@ impl Sink for PgSink {
         let out = c
             .query(sql.as_str(), &refs)
             .await
-            .map_err(self.pg(&format!("rendering rows of {} for verify", table.target_name)))?
+            .map_err(self.pg(&format!(
+                "rendering rows of {} for verify",
+                table.target_name
+            )))?
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
             .collect();
@@ -798,12 +1033,32 @@ impl Sink for PgSink {
     ) -> Result<crate::verify::Page> {
         let types = self.column_types(table).await;
         let name = qualified(&table.target_name);
-        let cols: Vec<String> = table.columns.iter().map(|c| format!("zz_row.{}", quote_ident(&c.name))).collect();
-        let key_idx: Vec<usize> = if table.whole_row { (0..cols.len()).collect() } else { table.key.clone() };
-        let key_expr = format!("ROW({})::text", key_idx.iter().map(|&i| cols[i].clone()).collect::<Vec<_>>().join(", "));
-        let last: Option<&Vec<Option<String>>> = after.and_then(|c| c.0.downcast_ref::<Vec<Option<String>>>());
+        let cols: Vec<String> = table
+            .columns
+            .iter()
+            .map(|c| format!("zz_row.{}", quote_ident(&c.name)))
+            .collect();
+        let key_idx: Vec<usize> = if table.whole_row {
+            (0..cols.len()).collect()
+        } else {
+            table.key.clone()
+        };
+        let key_expr = format!(
+            "ROW({})::text",
+            key_idx
+                .iter()
+                .map(|&i| cols[i].clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let last: Option<&Vec<Option<String>>> =
+            after.and_then(|c| c.0.downcast_ref::<Vec<Option<String>>>());
         let (order, filter, params): (String, String, Vec<Option<String>>) = if table.whole_row {
-            let f = if last.is_some() { "WHERE zz_row.ctid > $1::text::tid".to_string() } else { String::new() };
+            let f = if last.is_some() {
+                "WHERE zz_row.ctid > $1::text::tid".to_string()
+            } else {
+                String::new()
+            };
             ("zz_row.ctid".into(), f, last.cloned().unwrap_or_default())
         } else {
             let keys: Vec<String> = table.key.iter().map(|&i| cols[i].clone()).collect();
@@ -811,7 +1066,13 @@ impl Sink for PgSink {
                 Some(_) => format!(
                     "WHERE ({}) > ({})",
                     keys.join(", "),
-                    table.key.iter().enumerate().map(|(n, &i)| format!("${}::text::{}", n + 1, cast_type(&types[i]))).collect::<Vec<_>>().join(", ")
+                    table
+                        .key
+                        .iter()
+                        .enumerate()
+                        .map(|(n, &i)| format!("${}::text::{}", n + 1, cast_type(&types[i])))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 None => String::new(),
             };
@@ -820,7 +1081,12 @@ impl Sink for PgSink {
         let cursor_cols = if table.whole_row {
             "zz_row.ctid::text".to_string()
         } else {
-            table.key.iter().map(|&i| format!("{}::text", cols[i])).collect::<Vec<_>>().join(", ")
+            table
+                .key
+                .iter()
+                .map(|&i| format!("{}::text", cols[i]))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         let sql = format!(
             "SELECT {key_expr}, ROW({})::text, {cursor_cols} FROM {name} zz_row {filter} ORDER BY {order} LIMIT {limit}",
@@ -833,13 +1099,18 @@ impl Sink for PgSink {
             .await
             .map_err(self.pg(&format!("reading {} for verify", table.target_name)))?;
         self.give(c).await;
-        let mut page = crate::verify::Page { records: Vec::with_capacity(rows.len()), stored: rows.len(), next: None };
+        let mut page = crate::verify::Page {
+            records: Vec::with_capacity(rows.len()),
+            stored: rows.len(),
+            next: None,
+        };
         for r in &rows {
             page.records.push((r.get(0), r.get(1)));
         }
         if let Some(r) = rows.last() {
             let n = if table.whole_row { 1 } else { table.key.len() };
-            let cursor: Vec<Option<String>> = (0..n).map(|i| r.get::<_, Option<String>>(2 + i)).collect();
+            let cursor: Vec<Option<String>> =
+                (0..n).map(|i| r.get::<_, Option<String>>(2 + i)).collect();
             page.next = Some(crate::verify::Cursor(Box::new(cursor)));
         }
         Ok(page)

@@ -115,7 +115,8 @@ fn json_value(raw: &serde_json::value::RawValue) -> std::result::Result<SValue, 
     let bad = |e: serde_json::Error| format!("invalid JSON: {e}");
     Ok(match text.as_bytes().first() {
         Some(b'{') => {
-            let fields: std::collections::BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(bad)?;
+            let fields: std::collections::BTreeMap<String, &RawValue> =
+                serde_json::from_str(text).map_err(bad)?;
             let mut obj = Object::new();
             for (k, v) in fields {
                 obj.insert(k, json_value(v)?);
@@ -124,7 +125,12 @@ fn json_value(raw: &serde_json::value::RawValue) -> std::result::Result<SValue, 
         }
         Some(b'[') => {
             let items: Vec<&RawValue> = serde_json::from_str(text).map_err(bad)?;
-            SValue::Array(Array::from(items.into_iter().map(json_value).collect::<std::result::Result<Vec<_>, _>>()?))
+            SValue::Array(Array::from(
+                items
+                    .into_iter()
+                    .map(json_value)
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+            ))
         }
         Some(b'"') => SValue::String(serde_json::from_str(text).map_err(bad)?),
         Some(b't') => SValue::Bool(true),
@@ -139,7 +145,11 @@ fn json_value(raw: &serde_json::value::RawValue) -> std::result::Result<SValue, 
 /// `from_scientific` would round.
 fn exact_scientific(text: &str) -> std::result::Result<rust_decimal::Decimal, rust_decimal::Error> {
     let mantissa = text.split(['e', 'E']).next().unwrap_or("");
-    let digits = mantissa.chars().filter(|c| c.is_ascii_digit()).skip_while(|c| *c == '0').count();
+    let digits = mantissa
+        .chars()
+        .filter(|c| c.is_ascii_digit())
+        .skip_while(|c| *c == '0')
+        .count();
     if digits > 28 {
         return Err(rust_decimal::Error::ExceedsMaximumPossibleValue);
     }
@@ -158,7 +168,9 @@ fn json_number(text: &str) -> SValue {
     let float = text.parse::<f64>().ok().filter(|f| f.is_finite());
     match (exact, float) {
         // The float's shortest text is the same number: a float loses nothing.
-        (Ok(d), Some(f)) if rust_decimal::Decimal::from_str_exact(&format!("{f:?}")).is_ok_and(|g| g == d) => {
+        (Ok(d), Some(f))
+            if rust_decimal::Decimal::from_str_exact(&format!("{f:?}")).is_ok_and(|g| g == d) =>
+        {
             SValue::Number(Number::Float(f))
         }
         (Ok(d), _) => SValue::Number(Number::Decimal(d)),
@@ -169,20 +181,31 @@ fn json_number(text: &str) -> SValue {
 fn record_key(table: &TableSchema, key: &[Value]) -> Result<RecordIdKey> {
     let conv = |v: &Value| {
         to_surreal(v).map_err(|m| {
-            Error::definite(format!("table {:?}, key {}: {m}", table.name, table.describe_key(key)))
+            Error::definite(format!(
+                "table {:?}, key {}: {m}",
+                table.name,
+                table.describe_key(key)
+            ))
         })
     };
     match key {
         [Value::Int(i)] => Ok(RecordIdKey::Number(*i)),
         [Value::Text(s)] => Ok(RecordIdKey::String(s.clone())),
-        _ => Ok(RecordIdKey::Array(Array::from(key.iter().map(conv).collect::<Result<Vec<_>>>()?))),
+        _ => Ok(RecordIdKey::Array(Array::from(
+            key.iter().map(conv).collect::<Result<Vec<_>>>()?,
+        ))),
     }
 }
 
 pub fn record_id(table: &TableSchema, key: &[Value]) -> Result<RecordId> {
     if table.whole_row {
-        let digest = table.row_digest(&key.to_vec()).map_err(|m| Error::definite(format!("table {:?}: {m}", table.name)))?;
-        return Ok(RecordId::new(table.target_name.clone(), RecordIdKey::String(digest)));
+        let digest = table
+            .row_digest(&key.to_vec())
+            .map_err(|m| Error::definite(format!("table {:?}: {m}", table.name)))?;
+        return Ok(RecordId::new(
+            table.target_name.clone(),
+            RecordIdKey::String(digest),
+        ));
     }
     if key.iter().any(Value::is_null) {
         return Err(Error::definite(format!(
@@ -191,7 +214,10 @@ pub fn record_id(table: &TableSchema, key: &[Value]) -> Result<RecordId> {
             table.describe_key(key)
         )));
     }
-    Ok(RecordId::new(table.target_name.clone(), record_key(table, key)?))
+    Ok(RecordId::new(
+        table.target_name.clone(),
+        record_key(table, key)?,
+    ))
 }
 
 /// The record content of a row: one field per non-NULL column.
@@ -219,7 +245,9 @@ fn fields(table: &TableSchema, row: &Row, merge: bool) -> Result<Object> {
             }
             continue;
         }
-        let Some(field) = field_name(table, i) else { continue };
+        let Some(field) = field_name(table, i) else {
+            continue;
+        };
         let sv = to_surreal(v).map_err(|m| {
             Error::definite(format!(
                 "table {:?}, key {}, column {:?}: {m}",
@@ -281,7 +309,10 @@ fn counted_change(sql: &mut String, vars: &mut Variables, i: usize, ch: &Change)
         Op::Insert { row } => add(sql, vars, row),
         // The same row before and after: nothing changes.
         Op::Update { old_key: None, .. } => Ok(()),
-        Op::Update { old_key: Some(old), row } => {
+        Op::Update {
+            old_key: Some(old),
+            row,
+        } => {
             remove(sql, vars, old)?;
             add(sql, vars, row)
         }
@@ -311,7 +342,9 @@ impl SurrealSink {
         let shown = redact_url(endpoint);
         let db = surrealdb::engine::any::connect(endpoint)
             .await
-            .map_err(|e| Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e))?;
+            .map_err(|e| {
+                Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e)
+            })?;
         if remote {
             if let (Some(user), Some(pass)) = (&config.target.username, &config.target.password) {
                 db.signin(surrealdb::opt::auth::Root {
@@ -340,9 +373,19 @@ impl SurrealSink {
         db.use_ns(ns.clone())
             .use_db(dbn.clone())
             .await
-            .map_err(|e| surreal_error(format!("using namespace {ns:?}, database {dbn:?} on {shown}"), e))?;
+            .map_err(|e| {
+                surreal_error(
+                    format!("using namespace {ns:?}, database {dbn:?} on {shown}"),
+                    e,
+                )
+            })?;
         info!(endpoint = %shown, namespace = %ns, database = %dbn, "connected to SurrealDB");
-        Ok(Self { db, uncertain: Default::default(), schemafull: config.target.schemafull, endpoint: shown })
+        Ok(Self {
+            db,
+            uncertain: Default::default(),
+            schemafull: config.target.schemafull,
+            endpoint: shown,
+        })
     }
 
     /// Snapshot rows of a table identified by its whole row: identical rows
@@ -351,7 +394,9 @@ impl SurrealSink {
         let mut counts: Vec<(RecordId, &Row, i64)> = Vec::new();
         let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         for row in rows {
-            let digest = table.row_digest(row).map_err(|m| Error::definite(format!("table {:?}: {m}", table.name)))?;
+            let digest = table
+                .row_digest(row)
+                .map_err(|m| Error::definite(format!("table {:?}: {m}", table.name)))?;
             match seen.get(&digest) {
                 Some(&at) => counts[at].2 += 1,
                 None => {
@@ -374,7 +419,12 @@ impl SurrealSink {
             ));
         }
         sql.push_str("COMMIT TRANSACTION;\n");
-        self.run(format!("loading {} rows into {:?}", rows.len(), table.target_name), sql, vars).await?;
+        self.run(
+            format!("loading {} rows into {:?}", rows.len(), table.target_name),
+            sql,
+            vars,
+        )
+        .await?;
         Ok(())
     }
 
@@ -382,8 +432,18 @@ impl SurrealSink {
         &self.db
     }
 
-    async fn run(&self, context: impl std::fmt::Display, sql: String, vars: Variables) -> Result<surrealdb::IndexedResults> {
-        let mut resp = self.db.query(sql).bind(vars).await.map_err(|e| surreal_error(&context, e))?;
+    async fn run(
+        &self,
+        context: impl std::fmt::Display,
+        sql: String,
+        vars: Variables,
+    ) -> Result<surrealdb::IndexedResults> {
+        let mut resp = self
+            .db
+            .query(sql)
+            .bind(vars)
+            .await
+            .map_err(|e| surreal_error(&context, e))?;
         let errors = resp.take_errors();
         if errors.is_empty() {
             return Ok(resp);
@@ -394,10 +454,15 @@ impl SurrealSink {
         errs.sort_by_key(|(i, _)| *i);
         let pick = errs
             .iter()
-            .position(|(_, e)| !e.message().contains("not executed") && !e.message().contains("failed transaction"))
+            .position(|(_, e)| {
+                !e.message().contains("not executed") && !e.message().contains("failed transaction")
+            })
             .unwrap_or(0);
         let (idx, e) = errs.swap_remove(pick);
-        Err(surreal_error(format!("{context} (statement {idx}): {}", e.message()), e))
+        Err(surreal_error(
+            format!("{context} (statement {idx}): {}", e.message()),
+            e,
+        ))
     }
 }
 
@@ -421,13 +486,20 @@ impl Sink for SurrealSink {
                     }
                 }
                 if t.whole_row {
-                    sql.push_str(&format!("DEFINE FIELD IF NOT EXISTS {COPIES_FIELD} ON TABLE {tn} TYPE int;\n"));
+                    sql.push_str(&format!(
+                        "DEFINE FIELD IF NOT EXISTS {COPIES_FIELD} ON TABLE {tn} TYPE int;\n"
+                    ));
                 }
             } else {
                 sql.push_str(&format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMALESS;\n"));
             }
         }
-        self.run(format!("creating the target schema on {}", self.endpoint), sql, Variables::new()).await?;
+        self.run(
+            format!("creating the target schema on {}", self.endpoint),
+            sql,
+            Variables::new(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -441,17 +513,29 @@ impl Sink for SurrealSink {
                 Variables::new(),
             )
             .await?;
-        let cp: Vec<serde_json::Value> = resp.take(0).map_err(|e| surreal_error("reading the checkpoint", e))?;
-        let tables: Vec<serde_json::Value> = resp.take(1).map_err(|e| surreal_error("reading table states", e))?;
+        let cp: Vec<serde_json::Value> = resp
+            .take(0)
+            .map_err(|e| surreal_error("reading the checkpoint", e))?;
+        let tables: Vec<serde_json::Value> = resp
+            .take(1)
+            .map_err(|e| surreal_error("reading table states", e))?;
         let mut state = SinkState::default();
         if let Some(c) = cp.first() {
             let at = format!("{CHECKPOINT_TABLE}:main");
-            state.checkpoint = Some(Position::new(json_u64(c, &at, "commit")?, json_u64(c, &at, "ordinal")?));
+            state.checkpoint = Some(Position::new(
+                json_u64(c, &at, "commit")?,
+                json_u64(c, &at, "ordinal")?,
+            ));
             state.origin = c.get("origin").and_then(|o| o.as_str()).map(str::to_string);
-            state.checkpoint_updated_at = c.get("updated_at").and_then(|o| o.as_str()).map(str::to_string);
+            state.checkpoint_updated_at = c
+                .get("updated_at")
+                .and_then(|o| o.as_str())
+                .map(str::to_string);
         }
         for t in tables {
-            let Some(name) = t.get("name").and_then(|n| n.as_str()) else { continue };
+            let Some(name) = t.get("name").and_then(|n| n.as_str()) else {
+                continue;
+            };
             let status = match t.get("status").and_then(|s| s.as_str()) {
                 Some("done") => TableStatus::Done,
                 _ => TableStatus::Copying,
@@ -461,9 +545,16 @@ impl Sink for SurrealSink {
                 name.to_string(),
                 TableState {
                     status,
-                    position: Position::new(json_u64(&t, &at, "commit")?, json_u64(&t, &at, "ordinal")?),
+                    position: Position::new(
+                        json_u64(&t, &at, "commit")?,
+                        json_u64(&t, &at, "ordinal")?,
+                    ),
                     rows: json_u64(&t, &at, "rows")?,
-                    source_id: t.get("source_id").and_then(|s| s.as_str()).unwrap_or_default().to_string(),
+                    source_id: t
+                        .get("source_id")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
                 },
             );
         }
@@ -489,7 +580,12 @@ impl Sink for SurrealSink {
     async fn forget_table(&self, name: &str) -> Result<()> {
         let mut vars = Variables::new();
         vars.insert("sid", RecordId::new(TABLE_STATE, name.to_string()));
-        self.run(format!("forgetting the copy state of table {name:?}"), "DELETE $sid;".into(), vars).await?;
+        self.run(
+            format!("forgetting the copy state of table {name:?}"),
+            "DELETE $sid;".into(),
+            vars,
+        )
+        .await?;
         Ok(())
     }
 
@@ -523,7 +619,10 @@ impl Sink for SurrealSink {
         vars.insert("rows", Array::from(items));
         self.run(
             format!("loading {} rows into {:?}", rows.len(), table.target_name),
-            format!("INSERT IGNORE INTO {} $rows RETURN NONE;", ident(&table.target_name)),
+            format!(
+                "INSERT IGNORE INTO {} $rows RETURN NONE;",
+                ident(&table.target_name)
+            ),
             vars,
         )
         .await?;
@@ -547,7 +646,11 @@ impl Sink for SurrealSink {
         Ok(())
     }
 
-    async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<crate::verify::Record>> {
+    async fn expected_records(
+        &self,
+        table: &TableSchema,
+        rows: &[Row],
+    ) -> Result<Vec<crate::verify::Record>> {
         rows.iter().map(|r| self.encode(table, r)).collect()
     }
 
@@ -570,19 +673,32 @@ impl Sink for SurrealSink {
         let mut resp = match self
             .run(
                 format!("reading table {:?} for verify", table.target_name),
-                format!("SELECT * FROM {} {filter}ORDER BY id LIMIT $l;", ident(&table.target_name)),
+                format!(
+                    "SELECT * FROM {} {filter}ORDER BY id LIMIT $l;",
+                    ident(&table.target_name)
+                ),
                 vars,
             )
             .await
         {
             Ok(r) => r,
             Err(e) if e.report().contains("does not exist") => {
-                return Ok(crate::verify::Page { records: Vec::new(), stored: 0, next: None })
+                return Ok(crate::verify::Page {
+                    records: Vec::new(),
+                    stored: 0,
+                    next: None,
+                })
             }
             Err(e) => return Err(e),
         };
-        let rows: Vec<SValue> = resp.take(0).map_err(|e| surreal_error(format!("reading table {:?}", table.target_name), e))?;
-        let mut page = crate::verify::Page { records: Vec::with_capacity(rows.len()), stored: rows.len(), next: None };
+        let rows: Vec<SValue> = resp
+            .take(0)
+            .map_err(|e| surreal_error(format!("reading table {:?}", table.target_name), e))?;
+        let mut page = crate::verify::Page {
+            records: Vec::with_capacity(rows.len()),
+            stored: rows.len(),
+            next: None,
+        };
         for r in rows {
             let SValue::Object(mut obj) = r else { continue };
             if let Some(SValue::RecordId(id)) = obj.get("id") {
@@ -650,11 +766,16 @@ impl Sink for SurrealSink {
                     vars.insert(format!("c{i}"), content(t, row)?);
                     sql.push_str(&format!("UPSERT $r{i} CONTENT $c{i} RETURN NONE;\n"));
                 }
-                Op::Update { old_key: Some(old), row } => {
+                Op::Update {
+                    old_key: Some(old),
+                    row,
+                } => {
                     vars.insert(format!("o{i}"), record_id(t, old)?);
                     vars.insert(format!("r{i}"), record_id(t, &t.key_of(row))?);
                     vars.insert(format!("c{i}"), content(t, row)?);
-                    sql.push_str(&format!("DELETE $o{i} RETURN NONE; UPSERT $r{i} CONTENT $c{i} RETURN NONE;\n"));
+                    sql.push_str(&format!(
+                        "DELETE $o{i} RETURN NONE; UPSERT $r{i} CONTENT $c{i} RETURN NONE;\n"
+                    ));
                 }
                 Op::Delete { key } => {
                     vars.insert(format!("r{i}"), record_id(t, key)?);
@@ -681,7 +802,8 @@ impl Sink for SurrealSink {
         };
         if let Err(e) = self.run(context, sql, vars).await {
             if e.is_transient() {
-                self.uncertain.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.uncertain
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
             }
             return Err(e);
         }
@@ -694,13 +816,21 @@ pub async fn probe(endpoint: &str, config: &Config) -> Result<()> {
     let shown = redact_url(endpoint);
     let db = surrealdb::engine::any::connect(endpoint)
         .await
-        .map_err(|e| Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e))?;
+        .map_err(|e| {
+            Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e)
+        })?;
     if let (Some(user), Some(pass)) = (&config.target.username, &config.target.password) {
-        db.signin(surrealdb::opt::auth::Root { username: user.clone(), password: pass.expose_secret().to_string() })
-            .await
-            .map_err(|e| {
-                Error::connect(format!("SurrealDB at {shown} refused to sign in user {user:?}: {}", e.message()))
-            })?;
+        db.signin(surrealdb::opt::auth::Root {
+            username: user.clone(),
+            password: pass.expose_secret().to_string(),
+        })
+        .await
+        .map_err(|e| {
+            Error::connect(format!(
+                "SurrealDB at {shown} refused to sign in user {user:?}: {}",
+                e.message()
+            ))
+        })?;
     }
     Ok(())
 }
@@ -719,11 +849,27 @@ mod tests {
         assert_eq!(json("0.5"), SValue::Number(Number::Float(0.5)));
         assert_eq!(json("1e2"), SValue::Number(Number::Float(100.0)));
         let big = "12345678901234567890123";
-        assert_eq!(json(big), SValue::Number(Number::Decimal(big.parse().unwrap())));
-        assert_eq!(json("0.1000000000000000000001"), SValue::Number(Number::Decimal("0.1000000000000000000001".parse().unwrap())));
-        assert_eq!(json("123456789012345678901234567890.5"), SValue::String("123456789012345678901234567890.5".into()));
-        let SValue::Object(o) = json(r#"{"id": 12345678901234567890123, "a": [1, "x\"y", null, true], "b": {"c": -0.25}}"#) else { panic!() };
-        assert_eq!(o.get("id"), Some(&SValue::Number(Number::Decimal(big.parse().unwrap()))));
+        assert_eq!(
+            json(big),
+            SValue::Number(Number::Decimal(big.parse().unwrap()))
+        );
+        assert_eq!(
+            json("0.1000000000000000000001"),
+            SValue::Number(Number::Decimal("0.1000000000000000000001".parse().unwrap()))
+        );
+        assert_eq!(
+            json("123456789012345678901234567890.5"),
+            SValue::String("123456789012345678901234567890.5".into())
+        );
+        let SValue::Object(o) = json(
+            r#"{"id": 12345678901234567890123, "a": [1, "x\"y", null, true], "b": {"c": -0.25}}"#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            o.get("id"),
+            Some(&SValue::Number(Number::Decimal(big.parse().unwrap())))
+        );
         assert_eq!(
             o.get("a"),
             Some(&SValue::Array(Array::from(vec![
@@ -738,8 +884,14 @@ mod tests {
 
     #[test]
     fn decimals_are_exact_or_text() {
-        assert_eq!(to_surreal(&Value::Decimal("12.50".into())).unwrap(), SValue::Number(Number::Decimal("12.50".parse().unwrap())));
+        assert_eq!(
+            to_surreal(&Value::Decimal("12.50".into())).unwrap(),
+            SValue::Number(Number::Decimal("12.50".parse().unwrap()))
+        );
         let long = "12345678901234567890.0123456789";
-        assert_eq!(to_surreal(&Value::Decimal(long.into())).unwrap(), SValue::String(long.into()));
+        assert_eq!(
+            to_surreal(&Value::Decimal(long.into())).unwrap(),
+            SValue::String(long.into())
+        );
     }
 }

@@ -33,7 +33,11 @@ pub struct Problem {
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.column {
-            Some(c) => write!(f, "table {:?}, column {:?}: {}", self.table, c, self.message),
+            Some(c) => write!(
+                f,
+                "table {:?}, column {:?}: {}",
+                self.table, c, self.message
+            ),
             None => write!(f, "table {:?}: {}", self.table, self.message),
         }
     }
@@ -134,7 +138,11 @@ pub trait Source: Send + Sync {
     /// The table's rows in PostgreSQL's COPY text format, read in the same
     /// consistent snapshot as [`Source::snapshot`] would, for a target that
     /// takes them as they are; `None` where the source has no such format.
-    async fn snapshot_copy_text(&self, table: Arc<TableSchema>, out: mpsc::Sender<bytes::Bytes>) -> Result<Option<Position>> {
+    async fn snapshot_copy_text(
+        &self,
+        table: Arc<TableSchema>,
+        out: mpsc::Sender<bytes::Bytes>,
+    ) -> Result<Option<Position>> {
         let _ = (table, out);
         Ok(None)
     }
@@ -150,7 +158,9 @@ pub trait Source: Send + Sync {
 
 pub async fn open(config: &Config) -> Result<Box<dyn Source>> {
     match config.source_kind()? {
-        SourceKind::Sqlite { path } => Ok(Box::new(sqlite::SqliteSource::open(&path, config).await?)),
+        SourceKind::Sqlite { path } => {
+            Ok(Box::new(sqlite::SqliteSource::open(&path, config).await?))
+        }
         SourceKind::Postgres { url } => Ok(Box::new(postgres::PgSource::open(&url, config).await?)),
     }
 }

@@ -19,8 +19,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
-use sqlx::{ConnectOptions, Connection, Decode, Executor, Row as _, SqliteConnection, TypeInfo, ValueRef};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+use sqlx::{
+    ConnectOptions, Connection, Decode, Executor, Row as _, SqliteConnection, TypeInfo, ValueRef,
+};
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -76,7 +80,8 @@ impl SqliteSource {
             .connect_with(options.clone())
             .await
             .map_err(|e| {
-                Error::connect(format!("cannot open SQLite source {}", path.display())).with_source(e)
+                Error::connect(format!("cannot open SQLite source {}", path.display()))
+                    .with_source(e)
             })?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -105,9 +110,12 @@ impl SqliteSource {
         if exists.is_none() {
             return Ok(HashMap::new());
         }
-        let rows = sqlx::query(&format!("SELECT id, name, columns FROM {}", quote(REGISTRY)))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT id, name, columns FROM {}",
+            quote(REGISTRY)
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         let mut out = HashMap::new();
         for r in rows {
             let cols: Vec<String> = serde_json::from_str(&r.get::<String, _>(2)).map_err(|e| {
@@ -120,17 +128,21 @@ impl SqliteSource {
 
     /// Whether a UNIQUE index (or constraint) of `table` makes `key` unique.
     async fn unique_over(&self, table: &str, columns: &[Column], key: &[usize]) -> Result<bool> {
-        let want: std::collections::BTreeSet<&str> = key.iter().map(|&i| columns[i].name.as_str()).collect();
-        let indexes: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_index_list(?) WHERE \"unique\" = 1")
-            .bind(table)
-            .fetch_all(&self.pool)
-            .await?;
-        for index in indexes {
-            let cols: Vec<Option<String>> = sqlx::query_scalar("SELECT name FROM pragma_index_info(?)")
-                .bind(&index)
+        let want: std::collections::BTreeSet<&str> =
+            key.iter().map(|&i| columns[i].name.as_str()).collect();
+        let indexes: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_index_list(?) WHERE \"unique\" = 1")
+                .bind(table)
                 .fetch_all(&self.pool)
                 .await?;
-            let got: std::collections::BTreeSet<&str> = cols.iter().map(|c| c.as_deref().unwrap_or("")).collect();
+        for index in indexes {
+            let cols: Vec<Option<String>> =
+                sqlx::query_scalar("SELECT name FROM pragma_index_info(?)")
+                    .bind(&index)
+                    .fetch_all(&self.pool)
+                    .await?;
+            let got: std::collections::BTreeSet<&str> =
+                cols.iter().map(|c| c.as_deref().unwrap_or("")).collect();
             // An index over some of the key columns makes the whole key unique.
             if !got.is_empty() && got.is_subset(&want) {
                 return Ok(true);
@@ -245,7 +257,9 @@ fn read_raw(row: &SqliteRow, idx: usize) -> Result<Raw> {
         return Ok(Raw::Null);
     }
     let class = v.type_info().name().to_string();
-    let bad = |e: sqlx::error::BoxDynError| Error::definite(format!("cannot decode a {class} value")).with_source(e);
+    let bad = |e: sqlx::error::BoxDynError| {
+        Error::definite(format!("cannot decode a {class} value")).with_source(e)
+    };
     Ok(match class.as_str() {
         "INTEGER" => Raw::Integer(<i64 as Decode<sqlx::Sqlite>>::decode(v).map_err(bad)?),
         "REAL" => Raw::Real(<f64 as Decode<sqlx::Sqlite>>::decode(v).map_err(bad)?),
@@ -261,13 +275,22 @@ pub fn parse_timestamp(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.with_timezone(&Utc));
     }
-    for f in ["%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%:z", "%Y-%m-%d %H:%M%:z"] {
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%d %H:%M:%S%:z",
+        "%Y-%m-%d %H:%M%:z",
+    ] {
         if let Ok(t) = DateTime::parse_from_str(s, f) {
             return Some(t.with_timezone(&Utc));
         }
     }
     // SQLite's own datetime() output and its relatives carry no zone: UTC.
-    for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ] {
         if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
             return Some(t.and_utc());
         }
@@ -278,7 +301,9 @@ pub fn parse_timestamp(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
             return Some(t.and_utc());
         }
     }
-    NaiveDate::parse_from_str(s, "%Y-%m-%d").ok().map(|d| d.and_hms_opt(0, 0, 0).unwrap().and_utc())
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .map(|d| d.and_hms_opt(0, 0, 0).unwrap().and_utc())
 }
 
 /// Checks decimal text (`-12.50`, `1e5`) and returns it as the model keeps it.
@@ -333,7 +358,12 @@ fn convert(raw: Raw, col: &Column) -> std::result::Result<Value, String> {
         (L::Decimal, Raw::Real(x)) if x.is_finite() => Value::Decimal(format!("{x:?}")),
         (L::Decimal, Raw::Text(s)) => match parse_decimal(&s) {
             Some(d) => Value::Decimal(d),
-            None => return Err(format!("{} (not a decimal number)", mismatch(&Raw::Text(s)))),
+            None => {
+                return Err(format!(
+                    "{} (not a decimal number)",
+                    mismatch(&Raw::Text(s))
+                ))
+            }
         },
         // JSON has NUMERIC affinity: a number written as JSON text is stored as a number.
         (L::Json, Raw::Integer(i)) => Value::Json(i.to_string()),
@@ -387,7 +417,12 @@ fn convert_row(table: &TableSchema, raws: Vec<Raw>, cols: &[usize]) -> Result<Ve
 }
 
 fn select_list(table: &TableSchema) -> String {
-    table.columns.iter().map(|c| quote(&c.name)).collect::<Vec<_>>().join(", ")
+    table
+        .columns
+        .iter()
+        .map(|c| quote(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn log_table(id: i64) -> String {
@@ -395,7 +430,11 @@ fn log_table(id: i64) -> String {
 }
 
 fn trigger_names(id: i64) -> [String; 3] {
-    [format!("{PREFIX}{id}_insert"), format!("{PREFIX}{id}_update"), format!("{PREFIX}{id}_delete")]
+    [
+        format!("{PREFIX}{id}_insert"),
+        format!("{PREFIX}{id}_update"),
+        format!("{PREFIX}{id}_delete"),
+    ]
 }
 
 /// The DDL of the log table and the three triggers of one table.
@@ -414,8 +453,11 @@ fn capture_ddl(table: &TableSchema, id: i64) -> Vec<String> {
     let n: Vec<String> = (0..nc).map(|i| format!("n{i}")).collect();
     let cols: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
     let cur_vals: Vec<String> = cols.iter().map(|c| format!("cur.{c}")).collect();
-    let old_keys: Vec<String> =
-        table.key.iter().map(|&i| format!("OLD.{}", quote(&table.columns[i].name))).collect();
+    let old_keys: Vec<String> = table
+        .key
+        .iter()
+        .map(|&i| format!("OLD.{}", quote(&table.columns[i].name)))
+        .collect();
     let by_new_key: Vec<String> = table
         .key
         .iter()
@@ -455,7 +497,9 @@ fn capture_ddl(table: &TableSchema, id: i64) -> Vec<String> {
 }
 
 /// The names of the capture triggers that exist now, among `names`.
-async fn existing_triggers(conn: &mut SqliteConnection) -> Result<std::collections::HashSet<String>> {
+async fn existing_triggers(
+    conn: &mut SqliteConnection,
+) -> Result<std::collections::HashSet<String>> {
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE '\\_switchyard\\_%' ESCAPE '\\'",
     )
@@ -466,16 +510,21 @@ async fn existing_triggers(conn: &mut SqliteConnection) -> Result<std::collectio
 
 /// The column names of `table` as the source has them now.
 async fn current_columns(conn: &mut SqliteConnection, table: &str) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar("SELECT name FROM pragma_table_xinfo(?) WHERE hidden = 0 ORDER BY cid")
-        .bind(table)
-        .fetch_all(&mut *conn)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT name FROM pragma_table_xinfo(?) WHERE hidden = 0 ORDER BY cid")
+            .bind(table)
+            .fetch_all(&mut *conn)
+            .await?,
+    )
 }
 
 /// Stops the stream when a replicated table lost its triggers (dropped and
 /// created again, or rebuilt by a migration tool) or changed its columns:
 /// changes would be missed or carry the wrong columns from here on.
-async fn check_capture(conn: &mut SqliteConnection, tables: &HashMap<i64, Arc<TableSchema>>) -> Result<()> {
+async fn check_capture(
+    conn: &mut SqliteConnection,
+    tables: &HashMap<i64, Arc<TableSchema>>,
+) -> Result<()> {
     let present = existing_triggers(conn).await?;
     for (id, t) in tables {
         if trigger_names(*id).iter().any(|n| !present.contains(n)) {
@@ -500,10 +549,11 @@ async fn check_capture(conn: &mut SqliteConnection, tables: &HashMap<i64, Arc<Ta
 
 async fn high_water(conn: &mut SqliteConnection) -> Result<Position> {
     // sqlite_sequence exists once any AUTOINCREMENT table does (ours, after install).
-    let exists: Option<String> =
-        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_sequence'")
-            .fetch_optional(&mut *conn)
-            .await?;
+    let exists: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_sequence'",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     if exists.is_none() {
         return Ok(Position::ZERO);
     }
@@ -516,9 +566,10 @@ async fn high_water(conn: &mut SqliteConnection) -> Result<Position> {
 
 /// The highest sequence number trimmed from the log so far.
 async fn trimmed_upto(conn: &mut SqliteConnection) -> Result<i64> {
-    let v: Option<String> = sqlx::query_scalar(&format!("SELECT value FROM {META} WHERE key = 'trimmed'"))
-        .fetch_optional(&mut *conn)
-        .await?;
+    let v: Option<String> =
+        sqlx::query_scalar(&format!("SELECT value FROM {META} WHERE key = 'trimmed'"))
+            .fetch_optional(&mut *conn)
+            .await?;
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
@@ -553,13 +604,23 @@ impl Source for SqliteSource {
                 let declared: String = c.get::<Option<String>, _>(1).unwrap_or_default();
                 let (logical, note) = logical_type(&declared);
                 if let Some(note) = note {
-                    d.problems.push(Problem { table: name.clone(), column: Some(cname.clone()), message: note, blocking: false });
+                    d.problems.push(Problem {
+                        table: name.clone(),
+                        column: Some(cname.clone()),
+                        message: note,
+                        blocking: false,
+                    });
                 }
                 let pkpos: i64 = c.get(3);
                 if pkpos > 0 {
                     pk.push((pkpos, columns.len()));
                 }
-                columns.push(Column { name: cname, source_type: declared, logical, nullable: c.get::<i64, _>(2) == 0 });
+                columns.push(Column {
+                    name: cname,
+                    source_type: declared,
+                    logical,
+                    nullable: c.get::<i64, _>(2) == 0,
+                });
             }
             pk.sort();
             let has_pk = !pk.is_empty();
@@ -611,11 +672,12 @@ impl Source for SqliteSource {
             for &k in &key {
                 columns[k].nullable = false;
             }
-            let uniques: Vec<String> =
-                sqlx::query_scalar("SELECT name FROM pragma_index_list(?) WHERE \"unique\" = 1 AND origin <> 'pk'")
-                    .bind(&name)
-                    .fetch_all(&self.pool)
-                    .await?;
+            let uniques: Vec<String> = sqlx::query_scalar(
+                "SELECT name FROM pragma_index_list(?) WHERE \"unique\" = 1 AND origin <> 'pk'",
+            )
+            .bind(&name)
+            .fetch_all(&self.pool)
+            .await?;
             if !uniques.is_empty() {
                 d.problems.push(Problem {
                     table: name.clone(),
@@ -627,16 +689,24 @@ impl Source for SqliteSource {
                     blocking: false,
                 });
             }
-            let target_name = self.renames.get(&name).cloned().unwrap_or_else(|| name.clone());
+            let target_name = self
+                .renames
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| name.clone());
             let column_defaults = self.column_defaults(&name, &columns, &key).await?;
-            d.tables.push(TableSchema { column_defaults, ..TableSchema::keyed(name, target_name, columns, key) });
+            d.tables.push(TableSchema {
+                column_defaults,
+                ..TableSchema::keyed(name, target_name, columns, key)
+            });
         }
         for t in self.keys.keys().chain(self.renames.keys()) {
             if !found.contains(t) {
                 d.problems.push(Problem {
                     table: t.clone(),
                     column: None,
-                    message: "named in [tables] but not found among the selected source tables".into(),
+                    message: "named in [tables] but not found among the selected source tables"
+                        .into(),
                     blocking: true,
                 });
             }
@@ -708,7 +778,11 @@ impl Source for SqliteSource {
             })
             .await
             .map_err(|e| e.context(format!("installing change capture in {}", self.path.display())))?;
-        info!(tables = count, new = installed.recaptured.len(), "change capture installed");
+        info!(
+            tables = count,
+            new = installed.recaptured.len(),
+            "change capture installed"
+        );
         Ok(installed)
     }
 
@@ -745,17 +819,30 @@ impl Source for SqliteSource {
         self.write_tx(move |conn| {
             Box::pin(async move {
                 for (kind, name) in objects.iter().filter(|(k, _)| k == "trigger") {
-                    conn.execute(format!("DROP {} IF EXISTS {}", kind.to_uppercase(), quote(name)).as_str()).await?;
+                    conn.execute(
+                        format!("DROP {} IF EXISTS {}", kind.to_uppercase(), quote(name)).as_str(),
+                    )
+                    .await?;
                 }
-                for (_, name) in objects.iter().filter(|(k, n)| k == "table" && n != "sqlite_sequence") {
-                    conn.execute(format!("DROP TABLE IF EXISTS {}", quote(name)).as_str()).await?;
+                for (_, name) in objects
+                    .iter()
+                    .filter(|(k, n)| k == "table" && n != "sqlite_sequence")
+                {
+                    conn.execute(format!("DROP TABLE IF EXISTS {}", quote(name)).as_str())
+                        .await?;
                 }
                 Ok(())
             })
         })
         .await?;
-        let _ = sqlx::query("DELETE FROM sqlite_sequence WHERE name = ?").bind(CHANGES).execute(&self.pool).await;
-        info!(tables = registry.len(), "change capture removed from the source");
+        let _ = sqlx::query("DELETE FROM sqlite_sequence WHERE name = ?")
+            .bind(CHANGES)
+            .execute(&self.pool)
+            .await;
+        info!(
+            tables = registry.len(),
+            "change capture removed from the source"
+        );
         Ok(())
     }
 
@@ -786,7 +873,9 @@ impl Source for SqliteSource {
         let mut stream = sqlx::query(&sql).fetch(&mut *tx);
         let mut batch = Vec::with_capacity(batch_rows);
         while let Some(r) = stream.try_next().await? {
-            let raws = (0..all.len()).map(|i| read_raw(&r, i)).collect::<Result<Vec<_>>>()?;
+            let raws = (0..all.len())
+                .map(|i| read_raw(&r, i))
+                .collect::<Result<Vec<_>>>()?;
             batch.push(convert_row(&table, raws, &all)?);
             if batch.len() >= batch_rows {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
@@ -815,12 +904,16 @@ impl Source for SqliteSource {
         let mut by_id: HashMap<i64, Arc<TableSchema>> = HashMap::new();
         for t in &tables {
             let (id, _) = registry.get(&t.name).ok_or_else(|| {
-                Error::definite(format!("table {:?} has no change capture installed", t.name))
+                Error::definite(format!(
+                    "table {:?} has no change capture installed",
+                    t.name
+                ))
             })?;
             by_id.insert(*id, t.clone());
         }
         let mut conn = self.options.connect().await.map_err(|e| {
-            Error::connect(format!("cannot open SQLite source {}", self.path.display())).with_source(e)
+            Error::connect(format!("cannot open SQLite source {}", self.path.display()))
+                .with_source(e)
         })?;
         let mut last = after.commit as i64;
         let mut last_version: Option<i64> = None;
@@ -833,16 +926,23 @@ impl Source for SqliteSource {
             }
             let step: Result<Option<(i64, Polled)>> = async {
                 // data_version moves when another connection commits.
-                let version: i64 = sqlx::query_scalar("PRAGMA data_version").fetch_one(&mut conn).await?;
+                let version: i64 = sqlx::query_scalar("PRAGMA data_version")
+                    .fetch_one(&mut conn)
+                    .await?;
                 if drained && last_version == Some(version) {
                     return Ok(None);
                 }
-                let schema: i64 = sqlx::query_scalar("PRAGMA schema_version").fetch_one(&mut conn).await?;
+                let schema: i64 = sqlx::query_scalar("PRAGMA schema_version")
+                    .fetch_one(&mut conn)
+                    .await?;
                 if schema_version != Some(schema) {
                     check_capture(&mut conn, &by_id).await?;
                     schema_version = Some(schema);
                 }
-                Ok(Some((version, poll(&mut conn, &by_id, last, max_batch).await?)))
+                Ok(Some((
+                    version,
+                    poll(&mut conn, &by_id, last, max_batch).await?,
+                )))
             }
             .await;
             let wait = match step {
@@ -873,7 +973,9 @@ impl Source for SqliteSource {
                     wait
                 }
                 Err(e) => {
-                    return Err(e.context(format!("polling the change log of {}", self.path.display())));
+                    return Err(
+                        e.context(format!("polling the change log of {}", self.path.display()))
+                    );
                 }
             };
             tokio::select! {
@@ -927,7 +1029,11 @@ impl Source for SqliteSource {
         .bind(applied.commit as i64)
         .fetch_one(&self.pool)
         .await?;
-        Ok(crate::source::SourceLag { head: head.to_string(), bytes: rows.max(0) as u64, ..Default::default() })
+        Ok(crate::source::SourceLag {
+            head: head.to_string(),
+            bytes: rows.max(0) as u64,
+            ..Default::default()
+        })
     }
 }
 
@@ -941,20 +1047,25 @@ impl SqliteSource {
         columns: &[crate::model::Column],
         key: &[usize],
     ) -> Result<Vec<crate::model::ColumnDefault>> {
-        let sql: Option<String> = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?")
-            .bind(table)
-            .fetch_optional(&self.pool)
-            .await?
-            .flatten();
+        let sql: Option<String> =
+            sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?")
+                .bind(table)
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten();
         let autoincrement = sql.is_some_and(|s| s.to_ascii_uppercase().contains("AUTOINCREMENT"));
-        let rows: Vec<(String, Option<String>)> = sqlx::query_as("SELECT name, dflt_value FROM pragma_table_info(?)")
-            .bind(table)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT name, dflt_value FROM pragma_table_info(?)")
+                .bind(table)
+                .fetch_all(&self.pool)
+                .await?;
         let mut out = Vec::new();
         for (name, dflt) in rows {
-            let Some(column) = columns.iter().position(|c| c.name == name) else { continue };
-            let identity = autoincrement && key == [column] && columns[column].logical == LogicalType::Int;
+            let Some(column) = columns.iter().position(|c| c.name == name) else {
+                continue;
+            };
+            let identity =
+                autoincrement && key == [column] && columns[column].logical == LogicalType::Int;
             let default = dflt.and_then(|d| {
                 // `(expr)` as SQLite keeps a parenthesised default.
                 let mut t = d.trim().to_string();
@@ -963,7 +1074,10 @@ impl SqliteSource {
                 }
                 let lower = t.to_ascii_lowercase();
                 let logical = columns[column].logical;
-                if lower == "datetime('now')" || lower == "current_timestamp" || lower == "datetime(\"now\")" {
+                if lower == "datetime('now')"
+                    || lower == "current_timestamp"
+                    || lower == "datetime(\"now\")"
+                {
                     Some("now()".to_string())
                 } else if logical == LogicalType::Bool {
                     match lower.as_str() {
@@ -973,14 +1087,22 @@ impl SqliteSource {
                     }
                 } else if t.parse::<f64>().is_ok() {
                     Some(t)
-                } else if t.len() >= 2 && t.starts_with('\'') && t.ends_with('\'') && !t[1..t.len() - 1].contains('\'') {
+                } else if t.len() >= 2
+                    && t.starts_with('\'')
+                    && t.ends_with('\'')
+                    && !t[1..t.len() - 1].contains('\'')
+                {
                     Some(t)
                 } else {
                     None
                 }
             });
             if identity || default.is_some() {
-                out.push(crate::model::ColumnDefault { column, identity, default });
+                out.push(crate::model::ColumnDefault {
+                    column,
+                    identity,
+                    default,
+                });
             }
         }
         Ok(out)
@@ -1010,18 +1132,27 @@ async fn poll(
              another switchyard with another target consumes this source. Give each target its own copy of the source"
         )));
     }
-    let heads: Vec<(i64, i64, String)> =
-        sqlx::query_as(&format!("SELECT seq, table_id, op FROM {CHANGES} WHERE seq > ? ORDER BY seq LIMIT ?"))
-            .bind(after)
-            .bind(limit as i64)
-            .fetch_all(&mut *tx)
-            .await?;
+    let heads: Vec<(i64, i64, String)> = sqlx::query_as(&format!(
+        "SELECT seq, table_id, op FROM {CHANGES} WHERE seq > ? ORDER BY seq LIMIT ?"
+    ))
+    .bind(after)
+    .bind(limit as i64)
+    .fetch_all(&mut *tx)
+    .await?;
     let Some(end) = heads.last().map(|h| h.0) else {
         tx.commit().await?;
-        return Ok(Polled { changes: Vec::new(), seen: 0, end: None });
+        return Ok(Polled {
+            changes: Vec::new(),
+            seen: 0,
+            end: None,
+        });
     };
     let mut bodies: HashMap<i64, SqliteRow> = HashMap::new();
-    let ids: std::collections::BTreeSet<i64> = heads.iter().map(|h| h.1).filter(|id| tables.contains_key(id)).collect();
+    let ids: std::collections::BTreeSet<i64> = heads
+        .iter()
+        .map(|h| h.1)
+        .filter(|id| tables.contains_key(id))
+        .collect();
     for id in ids {
         let t = &tables[&id];
         let cols: Vec<String> = (0..t.key.len())
@@ -1044,7 +1175,9 @@ async fn poll(
     tx.commit().await?;
     let mut changes = Vec::with_capacity(heads.len());
     for (seq, id, op) in &heads {
-        let Some(table) = tables.get(id) else { continue };
+        let Some(table) = tables.get(id) else {
+            continue;
+        };
         let body = bodies.get(seq).ok_or_else(|| {
             Error::definite(format!(
                 "change log entry {seq} of table {:?} has no values row; the log was changed outside switchyard",
@@ -1055,27 +1188,53 @@ async fn poll(
         let nk = table.key.len();
         let nc = table.columns.len();
         // Columns: seq, here, o0..o(nk-1), n0..n(nc-1).
-        let read = |from: usize, n: usize| (from..from + n).map(|i| read_raw(body, i)).collect::<Result<Vec<_>>>();
+        let read = |from: usize, n: usize| {
+            (from..from + n)
+                .map(|i| read_raw(body, i))
+                .collect::<Result<Vec<_>>>()
+        };
         let position = Position::new(*seq as u64, 0);
         let ctx = |e: Error| e.context(format!("change log entry {seq}"));
         let all: Vec<usize> = (0..nc).collect();
         let op = match (op.as_str(), here) {
             // Inserted, then deleted before our trigger read it back.
             ("I", false) => continue,
-            ("I", true) => Op::Insert { row: convert_row(table, read(2 + nk, nc)?, &all).map_err(ctx)? },
-            ("U", false) => Op::Delete { key: convert_row(table, read(2, nk)?, &table.key).map_err(ctx)? },
+            ("I", true) => Op::Insert {
+                row: convert_row(table, read(2 + nk, nc)?, &all).map_err(ctx)?,
+            },
+            ("U", false) => Op::Delete {
+                key: convert_row(table, read(2, nk)?, &table.key).map_err(ctx)?,
+            },
             ("U", true) => {
                 let old = convert_row(table, read(2, nk)?, &table.key).map_err(ctx)?;
                 let row = convert_row(table, read(2 + nk, nc)?, &all).map_err(ctx)?;
-                let old_key = if table.key_of(&row) == old { None } else { Some(old) };
+                let old_key = if table.key_of(&row) == old {
+                    None
+                } else {
+                    Some(old)
+                };
                 Op::Update { old_key, row }
             }
-            ("D", _) => Op::Delete { key: convert_row(table, read(2, nk)?, &table.key).map_err(ctx)? },
-            (other, _) => return Err(Error::definite(format!("change log entry {seq}: unknown operation {other:?}"))),
+            ("D", _) => Op::Delete {
+                key: convert_row(table, read(2, nk)?, &table.key).map_err(ctx)?,
+            },
+            (other, _) => {
+                return Err(Error::definite(format!(
+                    "change log entry {seq}: unknown operation {other:?}"
+                )))
+            }
         };
-        changes.push(Change { table: table.clone(), op, position });
+        changes.push(Change {
+            table: table.clone(),
+            op,
+            position,
+        });
     }
-    Ok(Polled { changes, seen: heads.len(), end: Some(end) })
+    Ok(Polled {
+        changes,
+        seen: heads.len(),
+        end: Some(end),
+    })
 }
 
 #[cfg(test)]
@@ -1104,19 +1263,39 @@ mod tests {
 
     #[test]
     fn timestamps_and_decimals_parse() {
-        assert_eq!(parse_timestamp("2024-05-01 12:30:00").unwrap().to_rfc3339(), "2024-05-01T12:30:00+00:00");
-        assert_eq!(parse_timestamp("2024-05-01T12:30:00+02:00").unwrap().to_rfc3339(), "2024-05-01T10:30:00+00:00");
+        assert_eq!(
+            parse_timestamp("2024-05-01 12:30:00").unwrap().to_rfc3339(),
+            "2024-05-01T12:30:00+00:00"
+        );
+        assert_eq!(
+            parse_timestamp("2024-05-01T12:30:00+02:00")
+                .unwrap()
+                .to_rfc3339(),
+            "2024-05-01T10:30:00+00:00"
+        );
         assert!(parse_timestamp("yesterday").is_none());
         assert_eq!(parse_decimal("-12.50").as_deref(), Some("-12.50"));
         assert_eq!(parse_decimal("1e5").as_deref(), Some("1e5"));
-        assert!(parse_decimal("1.2.3").is_none() && parse_decimal("abc").is_none() && parse_decimal("").is_none());
+        assert!(
+            parse_decimal("1.2.3").is_none()
+                && parse_decimal("abc").is_none()
+                && parse_decimal("").is_none()
+        );
     }
 
     #[test]
     fn mismatched_storage_class_names_value() {
-        let col = Column { name: "qty".into(), source_type: "INTEGER".into(), logical: LogicalType::Int, nullable: true };
+        let col = Column {
+            name: "qty".into(),
+            source_type: "INTEGER".into(),
+            logical: LogicalType::Int,
+            nullable: true,
+        };
         let e = convert(Raw::Text("lots".into()), &col).unwrap_err();
         assert!(e.contains("INTEGER") && e.contains("lots"), "{e}");
-        assert_eq!(convert(Raw::Integer(i64::MIN), &col).unwrap(), Value::Int(i64::MIN));
+        assert_eq!(
+            convert(Raw::Integer(i64::MIN), &col).unwrap(),
+            Value::Int(i64::MIN)
+        );
     }
 }

@@ -19,5 +19,9 @@ fn every_example_config_is_valid() {
         Config::load(&path).unwrap_or_else(|e| panic!("{}: {}", path.display(), e.report()));
         checked += 1;
     }
-    assert!(checked >= 1, "no example configs found in {}", dir.display());
+    assert!(
+        checked >= 1,
+        "no example configs found in {}",
+        dir.display()
+    );
 }

@@ -5,8 +5,8 @@ mod support;
 
 mod config_examples;
 mod deploy_files;
-mod pg_crash;
 mod observe;
+mod pg_crash;
 mod pg_surreal;
 mod pg_target;
 mod sqlite_capture;

@@ -88,7 +88,10 @@ async fn assert_slot_behind_checkpoint(db: &PgDb, target_dir: &std::path::Path, 
     // starts at or before L, so the flush confirmed for it is L + 1 (and the
     // slot starts at its consistent point CP with the checkpoint at CP − 1).
     if let (Some(flushed), Some(cp)) = (db.confirmed_flush().await, cp) {
-        assert!(flushed <= cp as u64 + 1, "the slot confirmed {flushed}, past the target's checkpoint {cp}");
+        assert!(
+            flushed <= cp as u64 + 1,
+            "the slot confirmed {flushed}, past the target's checkpoint {cp}"
+        );
     }
 }
 
@@ -99,16 +102,27 @@ async fn sigkill_during_snapshot_and_streaming_converges() {
     let target = s.path("replica");
     let url = format!("surrealkv://{}", target.display());
     let cfg = s.path("pg.toml");
-    std::fs::write(&cfg, db.config_text(&url, "snapshot_batch_rows = 500\nbatch_rows = 200\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        db.config_text(&url, "snapshot_batch_rows = 500\nbatch_rows = 200\n"),
+    )
+    .unwrap();
     let cfg_s = cfg.to_str().unwrap().to_string();
     let stop = Arc::new(AtomicBool::new(false));
-    let w = tokio::spawn(writer(connect(&db.cluster, &db.name).await, stop.clone(), 0x9E37_79B9_7F4A_7C15));
+    let w = tokio::spawn(writer(
+        connect(&db.cluster, &db.name).await,
+        stop.clone(),
+        0x9E37_79B9_7F4A_7C15,
+    ));
 
     let mut rng = Rng(42);
     let mut killed_in_snapshot = 0;
     let mut killed_streaming = 0;
     for round in 0..5 {
-        let d = Daemon::start(&["run", "--config", &cfg_s], s.path(&format!("round{round}.log")));
+        let d = Daemon::start(
+            &["run", "--config", &cfg_s],
+            s.path(&format!("round{round}.log")),
+        );
         if round < 2 {
             wait_until("the copy to start", Duration::from_secs(60), || {
                 let t = d.log_text();
@@ -125,7 +139,10 @@ async fn sigkill_during_snapshot_and_streaming_converges() {
             tokio::time::sleep(Duration::from_millis(100 + rng.below(900) as u64)).await;
         }
         let log = d.log_text();
-        assert!(!log.contains("\"ERROR\""), "round {round} logged an error:\n{log}");
+        assert!(
+            !log.contains("\"ERROR\""),
+            "round {round} logged an error:\n{log}"
+        );
         if log.contains("logical replication started") {
             killed_streaming += 1;
         } else {
@@ -134,7 +151,10 @@ async fn sigkill_during_snapshot_and_streaming_converges() {
         d.kill();
         assert_slot_behind_checkpoint(&db, &target, &url).await;
     }
-    assert!(killed_in_snapshot >= 1, "no kill landed during the snapshot");
+    assert!(
+        killed_in_snapshot >= 1,
+        "no kill landed during the snapshot"
+    );
     assert!(killed_streaming >= 2, "too few kills during streaming");
 
     stop.store(true, Ordering::Relaxed);
@@ -144,18 +164,28 @@ async fn sigkill_during_snapshot_and_streaming_converges() {
     let tx_lsn: String = {
         let mut c = connect(&db.cluster, &db.name).await;
         let tx = c.transaction().await.unwrap();
-        tx.execute("INSERT INTO items VALUES (999999, 'sentinel', 0)", &[]).await.unwrap();
-        let lsn: String = tx.query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::text", &[]).await.unwrap().get(0);
+        tx.execute("INSERT INTO items VALUES (999999, 'sentinel', 0)", &[])
+            .await
+            .unwrap();
+        let lsn: String = tx
+            .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::text", &[])
+            .await
+            .unwrap()
+            .get(0);
         tx.commit().await.unwrap();
         lsn
     };
     let sentinel: u64 = tx_lsn.parse().unwrap();
 
     let d = Daemon::start(&["run", "--config", &cfg_s], s.path("final.log"));
-    wait_until("the daemon to apply the sentinel", Duration::from_secs(180), || {
-        let cp = d.logged_checkpoint();
-        async move { cp.is_some_and(|c| c >= sentinel) }
-    })
+    wait_until(
+        "the daemon to apply the sentinel",
+        Duration::from_secs(180),
+        || {
+            let cp = d.logged_checkpoint();
+            async move { cp.is_some_and(|c| c >= sentinel) }
+        },
+    )
     .await;
     let status = d.interrupt().await;
     assert!(status.success(), "exit status {status:?}");
@@ -170,5 +200,8 @@ async fn sigkill_during_snapshot_and_streaming_converges() {
     let tables: Vec<String> = want.keys().cloned().collect();
     let got = target_image(&t, &tables).await;
     assert_eq!(diff(&want, &got), None);
-    assert!(want["items"].len() > 30_000, "the image is too small to mean anything");
+    assert!(
+        want["items"].len() > 30_000,
+        "the image is too small to mean anything"
+    );
 }

@@ -53,16 +53,30 @@ impl PgDb {
 
     /// A database on a given cluster.
     pub async fn on(cluster: Cluster, schema: &str) -> PgDb {
-        let name = format!("sy_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "sy_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         let admin = connect(&cluster, "postgres").await;
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
         let client = connect(&cluster, &name).await;
         client.batch_execute(schema).await.unwrap();
-        PgDb { cluster, name, client }
+        PgDb {
+            cluster,
+            name,
+            client,
+        }
     }
 
     pub fn url(&self, user: &str, query: &str) -> String {
-        format!("postgres://{user}@{}:{}/{}{query}", self.cluster.host, self.cluster.port, self.name)
+        format!(
+            "postgres://{user}@{}:{}/{}{query}",
+            self.cluster.host, self.cluster.port, self.name
+        )
     }
 
     pub fn config_text(&self, target: &str, extra: &str) -> String {
@@ -79,7 +93,10 @@ impl PgDb {
     }
 
     pub async fn exec(&self, sql: &str) {
-        self.client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     }
 
     /// The slot's confirmed flush LSN as a number.
@@ -126,7 +143,10 @@ pub async fn wait_converged(config: &Arc<Config>, sink: &SurrealSink) {
         let tables: Vec<String> = want.keys().cloned().collect();
         let got = target_image(sink.client(), &tables).await;
         let Some(d) = diff(&want, &got) else { return };
-        assert!(std::time::Instant::now() < deadline, "target never matched the source: {d}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "target never matched the source: {d}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -221,27 +241,55 @@ pub const LIVE_CHANGES: &str = "BEGIN;
 async fn m1_after(db: &PgDb, report: switchyard::pipeline::Report, run_sink: Arc<SurrealSink>) {
     assert!(report.changes_applied >= 7, "{report:?}");
     // Arrays arrive as arrays.
-    let mut r = run_sink.client().query("SELECT VALUE [tags, grid] FROM `order`:1").await.unwrap();
+    let mut r = run_sink
+        .client()
+        .query("SELECT VALUE [tags, grid] FROM `order`:1")
+        .await
+        .unwrap();
     let v: Vec<serde_json::Value> = r.take(0).unwrap();
-    assert_eq!(v, vec![serde_json::json!([["a", "b,c", null, "say \"hi\"", "{brace}"], [[1, 2], [3, null]]])]);
+    assert_eq!(
+        v,
+        vec![serde_json::json!([
+            ["a", "b,c", null, "say \"hi\"", "{brace}"],
+            [[1, 2], [3, null]]
+        ])]
+    );
     // `check` names the columns that travel as text.
     let s = Scratch::new();
     let cfg = s.path("pg.toml");
     std::fs::write(&cfg, db.config_text("mem://", "")).unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("column \"u\": type uuid is carried as its PostgreSQL text form"), "{out}");
+    assert!(
+        out.contains("column \"u\": type uuid is carried as its PostgreSQL text form"),
+        "{out}"
+    );
     // Without unmapped_as_text, such a column is a blocking problem.
-    std::fs::write(&cfg, db.config_text("mem://", "").replace("unmapped_as_text = true\n", "")).unwrap();
+    std::fs::write(
+        &cfg,
+        db.config_text("mem://", "")
+            .replace("unmapped_as_text = true\n", ""),
+    )
+    .unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains("error  table \"order\", column \"u\": type uuid has no mapping") && out.contains("unmapped_as_text"), "{out}");
-    assert!(out.contains("total") && out.contains("numeric(12,2)"), "{out}");
+    assert!(
+        out.contains("error  table \"order\", column \"u\": type uuid has no mapping")
+            && out.contains("unmapped_as_text"),
+        "{out}"
+    );
+    assert!(
+        out.contains("total") && out.contains("numeric(12,2)"),
+        "{out}"
+    );
     let copied: u64 = report.tables.iter().map(|t| t.rows).sum();
     assert_eq!(copied, 3 + 12 + 2 + 2 + 2, "{report:?}");
     // The partitioned table replicates as its root only.
     let names: Vec<&str> = report.tables.iter().map(|t| t.table.as_str()).collect();
-    assert!(names.contains(&"measurements") && !names.iter().any(|n| n.starts_with("measurements_")), "{names:?}");
+    assert!(
+        names.contains(&"measurements") && !names.iter().any(|n| n.starts_with("measurements_")),
+        "{names:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,34 +303,57 @@ async fn restart_resumes_and_the_slot_never_passes_the_checkpoint() {
     run.stop().await;
     let cp = sink.state().await.unwrap().checkpoint.unwrap();
     let flushed = db.confirmed_flush().await.unwrap();
-    assert!(flushed <= flush_lsn(cp), "slot confirmed {flushed}, past the target's checkpoint {cp}");
+    assert!(
+        flushed <= flush_lsn(cp),
+        "slot confirmed {flushed}, past the target's checkpoint {cp}"
+    );
 
     // Changes while switchyard is down arrive after the restart.
-    db.exec("UPDATE lines SET qty = 700 WHERE order_id = 7; DELETE FROM \"order\" WHERE id = 2;").await;
+    db.exec("UPDATE lines SET qty = 700 WHERE order_id = 7; DELETE FROM \"order\" WHERE id = 2;")
+        .await;
     let run = start(config.clone(), Some(sink.clone())).await;
     wait_converged(&config, &run.sink).await;
     run.stop().await;
     let cp = sink.state().await.unwrap().checkpoint.unwrap();
     let flushed = db.confirmed_flush().await.unwrap();
-    assert!(flushed <= flush_lsn(cp), "slot confirmed {flushed}, past the target's checkpoint {cp}");
+    assert!(
+        flushed <= flush_lsn(cp),
+        "slot confirmed {flushed}, past the target's checkpoint {cp}"
+    );
 
     // uninstall removes the slot and the publication switchyard created.
     use switchyard::source::Source;
-    PgSource::open(&config.source.url, &config).await.unwrap().uninstall().await.unwrap();
+    PgSource::open(&config.source.url, &config)
+        .await
+        .unwrap()
+        .uninstall()
+        .await
+        .unwrap();
     assert_eq!(db.confirmed_flush().await, None, "the slot is still there");
-    let pubs: i64 = db.client.query_one("SELECT count(*) FROM pg_publication", &[]).await.unwrap().get(0);
+    let pubs: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(pubs, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_without_a_key_is_refused_with_the_fix() {
-    let db = PgDb::new("CREATE TABLE events (at timestamptz, body text); CREATE TABLE ok (id int PRIMARY KEY);").await;
+    let db = PgDb::new(
+        "CREATE TABLE events (at timestamptz, body text); CREATE TABLE ok (id int PRIMARY KEY);",
+    )
+    .await;
     let s = Scratch::new();
     let cfg = s.path("pg.toml");
     std::fs::write(&cfg, db.config_text("mem://", "")).unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains("events") && out.contains("REPLICA IDENTITY"), "{out}");
+    assert!(
+        out.contains("events") && out.contains("REPLICA IDENTITY"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,14 +399,33 @@ async fn a_keyless_table_with_replica_identity_full_is_replicated_by_its_whole_r
     assert_eq!(copies("changed").await, vec![1]);
     // A row the target does not hold cannot be removed: the batch stops
     // with the table named, and the checkpoint stays before it.
-    run.sink.client().query("DELETE events WHERE body = 'forever'").await.unwrap().check().unwrap();
+    run.sink
+        .client()
+        .query("DELETE events WHERE body = 'forever'")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
     let sink = run.sink.clone();
     db.exec("DELETE FROM events WHERE n = 3").await;
-    let err = tokio::time::timeout(Duration::from_secs(30), run.handle).await.unwrap().unwrap().unwrap_err().to_string();
-    assert!(err.contains("\"events\" has no key") && err.contains("copy the table again"), "{err}");
+    let err = tokio::time::timeout(Duration::from_secs(30), run.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"events\" has no key") && err.contains("copy the table again"),
+        "{err}"
+    );
     // Not acknowledged: a restart meets the same change again.
     let again = start(config.clone(), Some(sink)).await;
-    let err = tokio::time::timeout(Duration::from_secs(30), again.handle).await.unwrap().unwrap().unwrap_err().to_string();
+    let err = tokio::time::timeout(Duration::from_secs(30), again.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("\"events\" has no key"), "{err}");
 }
 
@@ -354,7 +444,11 @@ async fn a_large_table_is_read_in_block_ranges_at_once() {
     db.exec("UPDATE big SET pad = 'x' WHERE id = 1").await;
     wait_converged(&config, &run.sink).await;
     let report = run.stop().await;
-    assert_eq!(report.tables.iter().map(|t| t.rows).sum::<u64>(), 30000 - 30000 / 7, "{report:?}");
+    assert_eq!(
+        report.tables.iter().map(|t| t.rows).sum::<u64>(),
+        30000 - 30000 / 7,
+        "{report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,7 +490,9 @@ async fn a_table_renamed_or_recreated_while_streaming_stops_the_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_behind_the_slot_is_refused() {
-    let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');").await;
+    let db =
+        PgDb::new("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');")
+            .await;
     let config = db.config("mem://", "");
     let run = start(config.clone(), None).await;
     wait_converged(&config, &run.sink).await;
@@ -406,9 +502,11 @@ async fn a_target_behind_the_slot_is_refused() {
     db.exec("INSERT INTO t VALUES (2, 'b')").await;
     let run = start(config.clone(), Some(sink.clone())).await;
     wait_converged(&config, &run.sink).await;
-    wait_until("the slot to confirm the insert", Duration::from_secs(30), || async {
-        db.confirmed_flush().await.unwrap() > flush_lsn(old)
-    })
+    wait_until(
+        "the slot to confirm the insert",
+        Duration::from_secs(30),
+        || async { db.confirmed_flush().await.unwrap() > flush_lsn(old) },
+    )
     .await;
     run.stop().await;
     // The target loses its last writes (restored from a backup).
@@ -421,8 +519,17 @@ async fn a_target_behind_the_slot_is_refused() {
         .check()
         .unwrap();
     let run = start(config.clone(), Some(sink.clone())).await;
-    let err = tokio::time::timeout(Duration::from_secs(30), run.handle).await.unwrap().unwrap().unwrap_err().to_string();
-    assert!(err.contains("is behind what replication slot") && err.contains("start over with an empty target"), "{err}");
+    let err = tokio::time::timeout(Duration::from_secs(30), run.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is behind what replication slot")
+            && err.contains("start over with an empty target"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,12 +537,21 @@ async fn a_wrong_password_is_a_clear_error_without_the_secret() {
     let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY);").await;
     let s = Scratch::new();
     let cfg = s.path("pg.toml");
-    let text = db.config_text("mem://", "").replace(&format!("password = \"{}\"", db.cluster.password), "password = \"Wr0ng-s3cret\"");
+    let text = db.config_text("mem://", "").replace(
+        &format!("password = \"{}\"", db.cluster.password),
+        "password = \"Wr0ng-s3cret\"",
+    );
     std::fs::write(&cfg, text).unwrap();
     let (code, out, err) = run_cli(&["run", "--config", cfg.to_str().unwrap()]);
     assert_ne!(code, 0);
-    assert!(err.contains("password authentication failed") && err.contains("postgres"), "{err}");
-    assert!(!err.contains("Wr0ng-s3cret") && !out.contains("Wr0ng-s3cret"), "the password leaked: {err}");
+    assert!(
+        err.contains("password authentication failed") && err.contains("postgres"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Wr0ng-s3cret") && !out.contains("Wr0ng-s3cret"),
+        "the password leaked: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,17 +562,34 @@ async fn replication_connection_speaks_every_auth_method_and_tls_mode() {
         ("sy_trust", None, "?sslmode=disable".into()),
         ("sy_clear", Some("clear-pass"), "?sslmode=require".into()),
         ("sy_md5", Some("md5-pass"), "?sslmode=prefer".into()),
-        ("postgres", Some(c.password.as_str()), format!("?sslmode=verify-full&sslrootcert={}", c.ca)),
-        ("postgres", Some(c.password.as_str()), format!("?sslmode=verify-ca&sslrootcert={}", c.ca)),
+        (
+            "postgres",
+            Some(c.password.as_str()),
+            format!("?sslmode=verify-full&sslrootcert={}", c.ca),
+        ),
+        (
+            "postgres",
+            Some(c.password.as_str()),
+            format!("?sslmode=verify-ca&sslrootcert={}", c.ca),
+        ),
     ];
     for (user, password, query) in cases {
         let url = db.url(user, &query);
-        let ep = PgEndpoint::parse(&url, password.map(|p| p.to_string().into()), "source.url").unwrap();
-        let mut conn = ReplicationConn::connect(&ep).await.unwrap_or_else(|e| panic!("{url}: {}", e.report()));
+        let ep =
+            PgEndpoint::parse(&url, password.map(|p| p.to_string().into()), "source.url").unwrap();
+        let mut conn = ReplicationConn::connect(&ep)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {}", e.report()));
         let sys = conn.identify_system().await.unwrap();
-        assert!(!sys.system_id.is_empty() && sys.xlogpos.0 > 0, "{url}: {sys:?}");
+        assert!(
+            !sys.system_id.is_empty() && sys.xlogpos.0 > 0,
+            "{url}: {sys:?}"
+        );
         // The ordinary connection honours the same settings.
-        let client = ep.connect().await.unwrap_or_else(|e| panic!("{url}: {}", e.report()));
+        let client = ep
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {}", e.report()));
         let ssl: bool = client
             .query_one("SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)", &[])
             .await
@@ -467,11 +600,17 @@ async fn replication_connection_speaks_every_auth_method_and_tls_mode() {
     // verify-full without our CA: the server's certificate is not trusted.
     let no_ca = db.url("postgres", "?sslmode=verify-full");
     let ep = PgEndpoint::parse(&no_ca, Some(c.password.clone().into()), "source.url").unwrap();
-    let e = ReplicationConn::connect(&ep).await.err().expect("an unknown CA must be refused");
+    let e = ReplicationConn::connect(&ep)
+        .await
+        .err()
+        .expect("an unknown CA must be refused");
     assert!(e.report().contains("TLS handshake"), "{}", e.report());
     // A role that needs a password, without one.
     let ep = PgEndpoint::parse(&db.url("sy_md5", "?sslmode=disable"), None, "source.url").unwrap();
-    let e = ReplicationConn::connect(&ep).await.err().expect("no password");
+    let e = ReplicationConn::connect(&ep)
+        .await
+        .err()
+        .expect("no password");
     assert!(e.report().contains("source.password"), "{}", e.report());
 }
 
@@ -514,8 +653,14 @@ async fn a_lost_replication_connection_is_reconnected_without_loss() {
     let run = start(config.clone(), None).await;
     wait_converged(&config, &run.sink).await;
     for round in 0..3 {
-        db.exec(&format!("INSERT INTO lines VALUES (100, {round}, 1, 'before')")).await;
-        wait_until("the walsender to run", Duration::from_secs(30), || async { kill_walsender(&db).await }).await;
+        db.exec(&format!(
+            "INSERT INTO lines VALUES (100, {round}, 1, 'before')"
+        ))
+        .await;
+        wait_until("the walsender to run", Duration::from_secs(30), || async {
+            kill_walsender(&db).await
+        })
+        .await;
         // Written while switchyard reconnects.
         db.exec(&format!("INSERT INTO lines VALUES (200, {round}, 2, 'during'); UPDATE \"order\" SET small = {round} WHERE id = 1;"))
             .await;
@@ -533,14 +678,29 @@ async fn a_slot_dropped_behind_the_daemons_back_stops_it_with_the_reason() {
     wait_converged(&config, &run.sink).await;
     // The slot is busy while the walsender runs: end it, then drop the slot
     // before switchyard reconnects.
-    wait_until("the slot to be dropped", Duration::from_secs(30), || async {
-        kill_walsender(&db).await;
-        db.client.execute("SELECT pg_drop_replication_slot($1)", &[&db.name]).await.is_ok()
-    })
+    wait_until(
+        "the slot to be dropped",
+        Duration::from_secs(30),
+        || async {
+            kill_walsender(&db).await;
+            db.client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&db.name])
+                .await
+                .is_ok()
+        },
+    )
     .await;
-    let r = tokio::time::timeout(Duration::from_secs(60), run.handle).await.expect("the daemon kept running").unwrap();
-    let err = r.expect_err("streaming from a dropped slot must fail").report();
-    assert!(err.contains("does not exist") && err.contains("copies every table again"), "{err}");
+    let r = tokio::time::timeout(Duration::from_secs(60), run.handle)
+        .await
+        .expect("the daemon kept running")
+        .unwrap();
+    let err = r
+        .expect_err("streaming from a dropped slot must fail")
+        .report();
+    assert!(
+        err.contains("does not exist") && err.contains("copies every table again"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -550,16 +710,29 @@ async fn a_column_added_while_streaming_is_replicated_and_other_changes_stop() {
     let run = start(config.clone(), None).await;
     wait_converged(&config, &run.sink).await;
     // Without a default, rows that existed keep NULL in the new column.
-    db.exec("ALTER TABLE lines ADD COLUMN extra jsonb; ALTER TABLE lines ADD COLUMN flag boolean;
+    db.exec(
+        "ALTER TABLE lines ADD COLUMN extra jsonb; ALTER TABLE lines ADD COLUMN flag boolean;
              INSERT INTO lines VALUES (9, 9, 9, 'nine', '{\"x\": 9}', true);
-             UPDATE lines SET extra = '[1]' WHERE order_id = 1 AND n = 1;")
-        .await;
+             UPDATE lines SET extra = '[1]' WHERE order_id = 1 AND n = 1;",
+    )
+    .await;
     wait_converged(&config, &run.sink).await;
     // A dropped column cannot be followed: the stream stops and says so.
-    db.exec("ALTER TABLE lines DROP COLUMN note; INSERT INTO lines VALUES (10, 1, 1, NULL, NULL);").await;
-    let r = tokio::time::timeout(Duration::from_secs(60), run.handle).await.expect("the daemon kept running").unwrap();
-    let err = r.expect_err("a dropped column must stop the stream").report();
-    assert!(err.contains("\"lines\"") && err.contains("cannot follow") && err.contains("tables.exclude"), "{err}");
+    db.exec("ALTER TABLE lines DROP COLUMN note; INSERT INTO lines VALUES (10, 1, 1, NULL, NULL);")
+        .await;
+    let r = tokio::time::timeout(Duration::from_secs(60), run.handle)
+        .await
+        .expect("the daemon kept running")
+        .unwrap();
+    let err = r
+        .expect_err("a dropped column must stop the stream")
+        .report();
+    assert!(
+        err.contains("\"lines\"")
+            && err.contains("cannot follow")
+            && err.contains("tables.exclude"),
+        "{err}"
+    );
 }
 
 /// A cluster of a test's own (scripts/pg-cluster on another port), for tests
@@ -576,16 +749,27 @@ impl OwnCluster {
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .unwrap();
-        assert!(out.status.success(), "pg-cluster {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg-cluster {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     }
 
     pub fn start() -> (OwnCluster, Cluster) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let own = OwnCluster {
             env: vec![
                 ("SWITCHYARD_PG_PORT".into(), port.to_string()),
-                ("SWITCHYARD_PG_DIR".into(), format!("/tmp/switchyard-pg-own-{port}")),
+                (
+                    "SWITCHYARD_PG_DIR".into(),
+                    format!("/tmp/switchyard-pg-own-{port}"),
+                ),
             ],
         };
         let out = own.script("start");
@@ -621,10 +805,17 @@ async fn the_source_server_restarting_during_streaming_loses_nothing() {
     let (own, cluster) = OwnCluster::start();
     let db = PgDb::on(cluster, SCHEMA).await;
     // Attempts enough to outlast a restart (backoff doubles up to 500 ms).
-    let config = Arc::new(Config::parse(&db.config_text("mem://", "").replace("retry_attempts = 3", "retry_attempts = 30")).unwrap());
+    let config = Arc::new(
+        Config::parse(
+            &db.config_text("mem://", "")
+                .replace("retry_attempts = 3", "retry_attempts = 30"),
+        )
+        .unwrap(),
+    );
     let run = start(config.clone(), None).await;
     wait_converged(&config, &run.sink).await;
-    db.exec("INSERT INTO lines VALUES (50, 1, 1, 'before the restart')").await;
+    db.exec("INSERT INTO lines VALUES (50, 1, 1, 'before the restart')")
+        .await;
     own.script("restart");
     // The test's own connection died with the server: a new one.
     let client = connect(&db.cluster, &db.name).await;
@@ -646,28 +837,49 @@ async fn a_slot_name_taken_by_another_database_is_refused() {
     wait_converged(&config, &run.sink).await;
     run.stop().await;
     // The second database's config names the first one's slot.
-    let text = second.config_text("mem://", "").replace(&format!("slot = \"{}\"", second.name), &format!("slot = \"{}\"", first.name));
+    let text = second.config_text("mem://", "").replace(
+        &format!("slot = \"{}\"", second.name),
+        &format!("slot = \"{}\"", first.name),
+    );
     let config = Arc::new(Config::parse(&text).unwrap());
     let run = start(config, None).await;
-    let r = tokio::time::timeout(Duration::from_secs(60), run.handle).await.expect("the daemon kept running").unwrap();
-    let err = r.expect_err("another database's slot must be refused").report();
-    assert!(err.contains(&first.name) && err.contains("source.slot"), "{err}");
+    let r = tokio::time::timeout(Duration::from_secs(60), run.handle)
+        .await
+        .expect("the daemon kept running")
+        .unwrap();
+    let err = r
+        .expect_err("another database's slot must be refused")
+        .report();
+    assert!(
+        err.contains(&first.name) && err.contains("source.slot"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_without_replication_is_told_what_to_grant() {
     let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY);").await;
     let role = format!("{}_norepl", db.name);
-    db.exec(&format!("CREATE ROLE {role} LOGIN PASSWORD 'norepl-pass'; GRANT SELECT ON t TO {role};")).await;
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'norepl-pass'; GRANT SELECT ON t TO {role};"
+    ))
+    .await;
     let s = Scratch::new();
     let cfg = s.path("pg.toml");
     let text = db
         .config_text("mem://", "")
         .replace("postgres://postgres@", &format!("postgres://{role}@"))
-        .replace(&format!("password = \"{}\"", db.cluster.password), "password = \"norepl-pass\"");
+        .replace(
+            &format!("password = \"{}\"", db.cluster.password),
+            "password = \"norepl-pass\"",
+        );
     std::fs::write(&cfg, text).unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains("may not start replication") && out.contains(&format!("ALTER ROLE \"{role}\" REPLICATION")), "{out}");
+    assert!(
+        out.contains("may not start replication")
+            && out.contains(&format!("ALTER ROLE \"{role}\" REPLICATION")),
+        "{out}"
+    );
     assert!(!out.contains("norepl-pass") && !err.contains("norepl-pass"));
 }

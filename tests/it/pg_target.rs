@@ -31,7 +31,10 @@ async fn column_fills(client: &tokio_postgres::Client) -> Vec<(String, Option<St
 
 /// Every row of `table` as PostgreSQL's text of the whole row.
 async fn rows(client: &tokio_postgres::Client, table: &str) -> BTreeSet<String> {
-    match client.query(&format!("SELECT zz_row::text FROM {table} zz_row"), &[]).await {
+    match client
+        .query(&format!("SELECT zz_row::text FROM {table} zz_row"), &[])
+        .await
+    {
         Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect(),
         // Not created yet.
         Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42P01") => BTreeSet::new(),
@@ -39,7 +42,11 @@ async fn rows(client: &tokio_postgres::Client, table: &str) -> BTreeSet<String> 
     }
 }
 
-async fn wait_same(source: &tokio_postgres::Client, target: &tokio_postgres::Client, tables: &[&str]) {
+async fn wait_same(
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+    tables: &[&str],
+) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let mut diff = None;
@@ -55,14 +62,24 @@ async fn wait_same(source: &tokio_postgres::Client, target: &tokio_postgres::Cli
             }
         }
         let Some(d) = diff else { return };
-        assert!(std::time::Instant::now() < deadline, "the target never matched the source: {d}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the target never matched the source: {d}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 fn target_config(source_text: &str, target: &PgDb) -> Arc<Config> {
     let text = source_text
-        .replace("url = \"mem://\"", &format!("url = \"{}\"\npassword = \"{}\"", target.url("postgres", "?sslmode=disable"), target.cluster.password))
+        .replace(
+            "url = \"mem://\"",
+            &format!(
+                "url = \"{}\"\npassword = \"{}\"",
+                target.url("postgres", "?sslmode=disable"),
+                target.cluster.password
+            ),
+        )
         .replace("namespace = \"test\"\n", "")
         .replace("database = \"test\"\n", "");
     Arc::new(Config::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
@@ -77,7 +94,10 @@ async fn run(config: Arc<Config>) -> Running {
     let pipeline = Pipeline::open(config).await.unwrap();
     let cancel = CancellationToken::new();
     let c = cancel.clone();
-    Running { cancel, handle: tokio::spawn(async move { pipeline.run(Mode::Run, c).await }) }
+    Running {
+        cancel,
+        handle: tokio::spawn(async move { pipeline.run(Mode::Run, c).await }),
+    }
 }
 
 impl Running {
@@ -87,7 +107,13 @@ impl Running {
     }
 }
 
-const TABLES: [&str; 5] = ["\"order\"", "lines", "\"naïve table\"", "measurements", "every_type"];
+const TABLES: [&str; 5] = [
+    "\"order\"",
+    "lines",
+    "\"naïve table\"",
+    "measurements",
+    "every_type",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn m5_every_built_in_type_round_trips_postgres_to_postgres() {
@@ -100,8 +126,22 @@ async fn m5_every_built_in_type_round_trips_postgres_to_postgres() {
     // Built-in types are kept exactly; the enum and the domain become their base.
     let types = "SELECT a.attname::text || ' ' || format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
                   WHERE a.attrelid = 'every_type'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
-    let src: Vec<String> = source.client.query(types, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
-    let tgt: Vec<String> = target.client.query(types, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let src: Vec<String> = source
+        .client
+        .query(types, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let tgt: Vec<String> = target
+        .client
+        .query(types, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     for (s, t) in src.iter().zip(&tgt) {
         match s.as_str() {
             // The enum type is created in the target; the domain becomes its base.
@@ -124,16 +164,30 @@ async fn m5_every_built_in_type_round_trips_postgres_to_postgres() {
     let report = r.stop().await;
     assert!(report.changes_applied >= 10, "{report:?}");
     // Tables of the same types on both sides went through as COPY text.
-    let through: Vec<(&str, bool)> = report.tables.iter().map(|t| (t.table.as_str(), t.pass_through)).collect();
-    assert!(through.contains(&("order", true)) && through.contains(&("every_type", false)), "{through:?}");
+    let through: Vec<(&str, bool)> = report
+        .tables
+        .iter()
+        .map(|t| (t.table.as_str(), t.pass_through))
+        .collect();
+    assert!(
+        through.contains(&("order", true)) && through.contains(&("every_type", false)),
+        "{through:?}"
+    );
 
     // A restart resumes from the target's checkpoint (switchyard schema).
-    source.exec("DELETE FROM every_type WHERE id = 2; INSERT INTO lines VALUES (9, 9, 9, 'nine');").await;
+    source
+        .exec("DELETE FROM every_type WHERE id = 2; INSERT INTO lines VALUES (9, 9, 9, 'nine');")
+        .await;
     let r = run(config.clone()).await;
     wait_same(&source.client, &target.client, &TABLES).await;
     let report = r.stop().await;
     assert!(report.tables.iter().all(|t| t.already_copied), "{report:?}");
-    let versions: i64 = target.client.query_one("SELECT count(*) FROM switchyard.schema_migrations", &[]).await.unwrap().get(0);
+    let versions: i64 = target
+        .client
+        .query_one("SELECT count(*) FROM switchyard.schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(versions, 1);
 }
 
@@ -154,9 +208,18 @@ async fn m6_sqlite_to_postgres_follows_the_type_rules() {
     let target = PgDb::new("").await;
     let config = target_config(&s.config_text("mem://", ""), &target);
     let r = run(config.clone()).await;
-    let expect = |rows: &'static [&'static str]| rows.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
+    let expect = |rows: &'static [&'static str]| {
+        rows.iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<String>>()
+    };
     wait_until("the copy", Duration::from_secs(60), || async {
-        target.client.query("SELECT 1 FROM product", &[]).await.map(|r| r.len() == 2).unwrap_or(false)
+        target
+            .client
+            .query("SELECT 1 FROM product", &[])
+            .await
+            .map(|r| r.len() == 2)
+            .unwrap_or(false)
     })
     .await;
     let types: Vec<String> = target
@@ -186,10 +249,24 @@ async fn m6_sqlite_to_postgres_follows_the_type_rules() {
     );
     // AUTOINCREMENT becomes an identity; datetime('now') becomes now().
     let defaults = column_fills(&target.client).await;
-    let find = |n: &str| defaults.iter().find(|c| c.0 == n).unwrap_or_else(|| panic!("{n} in {defaults:?}")).clone();
+    let find = |n: &str| {
+        defaults
+            .iter()
+            .find(|c| c.0 == n)
+            .unwrap_or_else(|| panic!("{n} in {defaults:?}"))
+            .clone()
+    };
     assert_eq!(find("product.id").2, "YES", "{defaults:?}");
-    assert_eq!(find("product.active").1.as_deref(), Some("true"), "{defaults:?}");
-    assert_eq!(find("product.added").1.as_deref(), Some("now()"), "{defaults:?}");
+    assert_eq!(
+        find("product.active").1.as_deref(),
+        Some("true"),
+        "{defaults:?}"
+    );
+    assert_eq!(
+        find("product.added").1.as_deref(),
+        Some("now()"),
+        "{defaults:?}"
+    );
     assert_eq!(
         rows(&target.client, "product").await,
         expect(&[
@@ -207,7 +284,8 @@ async fn m6_sqlite_to_postgres_follows_the_type_rules() {
     .await
     .unwrap();
     wait_until("the changes", Duration::from_secs(60), || async {
-        rows(&target.client, "stock").await == expect(&["(MATE,north,7)", "(TEA,east,)", "(TEA,north,5)"])
+        rows(&target.client, "stock").await
+            == expect(&["(MATE,north,7)", "(TEA,east,)", "(TEA,north,5)"])
             && rows(&target.client, "product").await == expect(&["(2,ünïcødé,5.00,,t,,,)"])
     })
     .await;
@@ -228,22 +306,41 @@ async fn verify_on_a_postgres_target_finds_each_difference_by_key() {
     let config = target_config(&source.config_text("mem://", ""), &target);
     let r = run(config.clone()).await;
     wait_same(&source.client, &target.client, &["acct", "log"]).await;
-    let src: Arc<dyn switchyard::source::Source> =
-        Arc::new(switchyard::source::postgres::PgSource::open(&config.source.url, &config).await.unwrap());
-    let sink: Arc<dyn switchyard::sink::Sink> = Arc::from(switchyard::sink::open(&config).await.unwrap());
-    let options = switchyard::verify::Options { tables: Vec::new(), wait: Duration::from_secs(30), batch_rows: 500 };
-    let verdict = switchyard::verify::verify(src.clone(), sink.clone(), &options).await.unwrap();
+    let src: Arc<dyn switchyard::source::Source> = Arc::new(
+        switchyard::source::postgres::PgSource::open(&config.source.url, &config)
+            .await
+            .unwrap(),
+    );
+    let sink: Arc<dyn switchyard::sink::Sink> =
+        Arc::from(switchyard::sink::open(&config).await.unwrap());
+    let options = switchyard::verify::Options {
+        tables: Vec::new(),
+        wait: Duration::from_secs(30),
+        batch_rows: 500,
+    };
+    let verdict = switchyard::verify::verify(src.clone(), sink.clone(), &options)
+        .await
+        .unwrap();
     assert!(verdict.identical, "{}", verdict.render());
-    assert_eq!(verdict.tables.iter().map(|t| t.target_rows).sum::<u64>(), 1203);
+    assert_eq!(
+        verdict.tables.iter().map(|t| t.target_rows).sum::<u64>(),
+        1203
+    );
 
     target
         .exec("UPDATE acct SET tags = ARRAY['tampered'] WHERE id = 7; DELETE FROM acct WHERE id = 8; INSERT INTO acct VALUES (9999, 1, NULL, NULL); DELETE FROM log WHERE ctid = (SELECT ctid FROM log WHERE msg = 'same' LIMIT 1);")
         .await;
-    let verdict = switchyard::verify::verify(src, sink, &options).await.unwrap();
+    let verdict = switchyard::verify::verify(src, sink, &options)
+        .await
+        .unwrap();
     let found: Vec<(String, switchyard::verify::DifferenceKind, String)> = verdict
         .tables
         .iter()
-        .flat_map(|t| t.differences.iter().map(|d| (t.table.clone(), d.kind.clone(), d.key.clone())))
+        .flat_map(|t| {
+            t.differences
+                .iter()
+                .map(|d| (t.table.clone(), d.kind.clone(), d.key.clone()))
+        })
         .collect();
     use switchyard::verify::DifferenceKind::*;
     assert_eq!(
@@ -278,12 +375,25 @@ async fn m4_own_migrations_are_checked_and_a_violation_stops_without_advancing()
                                weight text, sku text NOT NULL, created timestamptz DEFAULT now());",
     )
     .unwrap();
-    let text = s.config_text("mem://", "").replace("url = \"mem://\"", &format!("url = \"mem://\"\nschema = \"migrations:{}\"", dir.display()));
+    let text = s.config_text("mem://", "").replace(
+        "url = \"mem://\"",
+        &format!(
+            "url = \"mem://\"\nschema = \"migrations:{}\"",
+            dir.display()
+        ),
+    );
     let config = target_config(&text, &target);
     let cfg = s.path("m4.toml");
     std::fs::write(&cfg, {
         let t = text
-            .replace("url = \"mem://\"", &format!("url = \"{}\"\npassword = \"{}\"", target.url("postgres", "?sslmode=disable"), target.cluster.password))
+            .replace(
+                "url = \"mem://\"",
+                &format!(
+                    "url = \"{}\"\npassword = \"{}\"",
+                    target.url("postgres", "?sslmode=disable"),
+                    target.cluster.password
+                ),
+            )
             .replace("namespace = \"test\"\n", "")
             .replace("database = \"test\"\n", "");
         t
@@ -293,8 +403,14 @@ async fn m4_own_migrations_are_checked_and_a_violation_stops_without_advancing()
     // Every mismatch is reported before anything is loaded.
     let (code, out, err) = run_cli(&["run", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("column \"weight\" is text in the target"), "{err}");
-    assert!(err.contains("column \"sku\" is NOT NULL without a default"), "{err}");
+    assert!(
+        err.contains("column \"weight\" is text in the target"),
+        "{err}"
+    );
+    assert!(
+        err.contains("column \"sku\" is NOT NULL without a default"),
+        "{err}"
+    );
     assert_eq!(rows(&target.client, "product").await.len(), 0);
 
     // A second migration fixes the schema; the first is not applied again.
@@ -304,17 +420,51 @@ async fn m4_own_migrations_are_checked_and_a_violation_stops_without_advancing()
     )
     .unwrap();
     let r = run(config.clone()).await;
-    wait_until("the copy", Duration::from_secs(60), || async { rows(&target.client, "product").await.len() == 2 }).await;
-    let applied: i64 = target.client.query_one("SELECT count(*) FROM switchyard.user_migrations", &[]).await.unwrap().get(0);
+    wait_until("the copy", Duration::from_secs(60), || async {
+        rows(&target.client, "product").await.len() == 2
+    })
+    .await;
+    let applied: i64 = target
+        .client
+        .query_one("SELECT count(*) FROM switchyard.user_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(applied, 2);
 
     // A row the stricter target refuses stops the daemon with its key, and
     // the checkpoint stays before it.
-    let before = switchyard::sink::open(&config).await.unwrap().state().await.unwrap().checkpoint;
-    sqlx::raw_sql("INSERT INTO product VALUES (3, 'bad', -1, NULL)").execute(&pool).await.unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(30), r.handle).await.unwrap().unwrap().unwrap_err().report();
-    assert!(err.contains("product") && err.contains("id = 3") && err.contains("check constraint"), "{err}");
-    assert_eq!(switchyard::sink::open(&config).await.unwrap().state().await.unwrap().checkpoint, before);
+    let before = switchyard::sink::open(&config)
+        .await
+        .unwrap()
+        .state()
+        .await
+        .unwrap()
+        .checkpoint;
+    sqlx::raw_sql("INSERT INTO product VALUES (3, 'bad', -1, NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), r.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err()
+        .report();
+    assert!(
+        err.contains("product") && err.contains("id = 3") && err.contains("check constraint"),
+        "{err}"
+    );
+    assert_eq!(
+        switchyard::sink::open(&config)
+            .await
+            .unwrap()
+            .state()
+            .await
+            .unwrap()
+            .checkpoint,
+        before
+    );
     assert_eq!(rows(&target.client, "product").await.len(), 2);
 }
 
@@ -337,7 +487,14 @@ async fn sigkill_during_load_and_apply_into_postgres_converges() {
     let s = Scratch::new();
     let text = source.config_text("mem://", "snapshot_batch_rows = 500\nbatch_rows = 200\n");
     let text = text
-        .replace("url = \"mem://\"", &format!("url = \"{}\"\npassword = \"{}\"", target.url("postgres", "?sslmode=disable"), target.cluster.password))
+        .replace(
+            "url = \"mem://\"",
+            &format!(
+                "url = \"{}\"\npassword = \"{}\"",
+                target.url("postgres", "?sslmode=disable"),
+                target.cluster.password
+            ),
+        )
         .replace("namespace = \"test\"\n", "")
         .replace("database = \"test\"\n", "");
     let cfg = s.path("pg.toml");
@@ -352,8 +509,15 @@ async fn sigkill_during_load_and_apply_into_postgres_converges() {
     let mut rng = crate::pg_crash::Rng(7);
     let mut streaming_kills = 0;
     for round in 0..4 {
-        let d = Daemon::start(&["run", "--config", &cfg_s], s.path(&format!("round{round}.log")));
-        let what = if round == 0 { "copying from scratch" } else { "logical replication started" };
+        let d = Daemon::start(
+            &["run", "--config", &cfg_s],
+            s.path(&format!("round{round}.log")),
+        );
+        let what = if round == 0 {
+            "copying from scratch"
+        } else {
+            "logical replication started"
+        };
         wait_until(what, Duration::from_secs(120), || {
             let t = d.log_text();
             async move { t.contains(what) }
@@ -365,8 +529,14 @@ async fn sigkill_during_load_and_apply_into_postgres_converges() {
         }
         d.kill();
         // The slot never confirms past the target's checkpoint.
-        if let (Some(flushed), Some(cp)) = (source.confirmed_flush().await, target_checkpoint_pg(&target).await) {
-            assert!(flushed <= cp + 1, "the slot confirmed {flushed}, past the target's checkpoint {cp}");
+        if let (Some(flushed), Some(cp)) = (
+            source.confirmed_flush().await,
+            target_checkpoint_pg(&target).await,
+        ) {
+            assert!(
+                flushed <= cp + 1,
+                "the slot confirmed {flushed}, past the target's checkpoint {cp}"
+            );
         }
     }
     assert!(streaming_kills >= 2, "too few kills while streaming");
@@ -384,7 +554,9 @@ async fn the_target_server_restarting_mid_apply_loses_nothing_and_doubles_nothin
     let (own, cluster) = crate::pg_surreal::OwnCluster::start();
     let target = PgDb::on(cluster, "").await;
     // Attempts enough to outlast a restart (backoff doubles up to 500 ms).
-    let text = source.config_text("mem://", "").replace("retry_attempts = 3", "retry_attempts = 30");
+    let text = source
+        .config_text("mem://", "")
+        .replace("retry_attempts = 3", "retry_attempts = 30");
     let config = target_config(&text, &target);
     let r = run(config.clone()).await;
     wait_same(&source.client, &target.client, &["t"]).await;
@@ -426,16 +598,33 @@ async fn check_shows_each_columns_postgres_type_and_what_changes() {
     let cfg = s.path("check.toml");
     let text = source
         .config_text("mem://", "")
-        .replace("url = \"mem://\"", &format!("url = \"{}\"\npassword = \"{}\"", target.url("postgres", "?sslmode=disable"), target.cluster.password))
+        .replace(
+            "url = \"mem://\"",
+            &format!(
+                "url = \"{}\"\npassword = \"{}\"",
+                target.url("postgres", "?sslmode=disable"),
+                target.cluster.password
+            ),
+        )
         .replace("namespace = \"test\"\n", "")
         .replace("database = \"test\"\n", "")
         .replace("unmapped_as_text = true\n", "");
     std::fs::write(&cfg, text).unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("target: PRIMARY KEY (id)") && out.contains("numeric(12,2)    → numeric(12,2)"), "{out}");
-    assert!(out.contains("m     mood             → mood"), "the enum keeps its type: {out}");
-    assert!(!out.contains("has no mapping"), "a PostgreSQL target reads every type: {out}");
+    assert!(
+        out.contains("target: PRIMARY KEY (id)")
+            && out.contains("numeric(12,2)    → numeric(12,2)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("m     mood             → mood"),
+        "the enum keeps its type: {out}"
+    );
+    assert!(
+        !out.contains("has no mapping"),
+        "a PostgreSQL target reads every type: {out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,37 +646,74 @@ async fn indexes_and_foreign_keys_are_built_after_the_load() {
         &cfg,
         source
             .config_text("mem://", "")
-            .replace("url = \"mem://\"", &format!("url = \"{}\"\npassword = \"{}\"", target.url("postgres", "?sslmode=disable"), target.cluster.password))
+            .replace(
+                "url = \"mem://\"",
+                &format!(
+                    "url = \"{}\"\npassword = \"{}\"",
+                    target.url("postgres", "?sslmode=disable"),
+                    target.cluster.password
+                ),
+            )
             .replace("namespace = \"test\"\n", "")
             .replace("database = \"test\"\n", ""),
     )
     .unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    let (i, f) = (out.find("CREATE INDEX IF NOT EXISTS \"child_note\"").unwrap_or(usize::MAX), out.find("ADD CONSTRAINT \"child_parent_id_fkey\"").unwrap_or(0));
+    let (i, f) = (
+        out.find("CREATE INDEX IF NOT EXISTS \"child_note\"")
+            .unwrap_or(usize::MAX),
+        out.find("ADD CONSTRAINT \"child_parent_id_fkey\"")
+            .unwrap_or(0),
+    );
     assert!(out.contains("after the load") && i < f, "{out}");
 
-    let report = Pipeline::open(config.clone()).await.unwrap().run(Mode::SnapshotOnly, CancellationToken::new()).await.unwrap();
+    let report = Pipeline::open(config.clone())
+        .await
+        .unwrap()
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await
+        .unwrap();
     assert_eq!(report.tables.iter().map(|t| t.rows).sum::<u64>(), 4);
     let defs: Vec<String> = target
         .client
-        .query("SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY indexname", &[])
+        .query(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY indexname",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(defs.iter().any(|d| d.contains("child_note") && d.contains("lower(note)") && d.contains("WHERE (note IS NOT NULL)")), "{defs:?}");
-    assert!(defs.iter().any(|d| d.contains("UNIQUE INDEX parent_code_key")), "{defs:?}");
+    assert!(
+        defs.iter().any(|d| d.contains("child_note")
+            && d.contains("lower(note)")
+            && d.contains("WHERE (note IS NOT NULL)")),
+        "{defs:?}"
+    );
+    assert!(
+        defs.iter()
+            .any(|d| d.contains("UNIQUE INDEX parent_code_key")),
+        "{defs:?}"
+    );
     let fk: String = target
         .client
         .query_one("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'child_parent_id_fkey'", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(fk, "FOREIGN KEY (parent_id) REFERENCES parent(id) ON DELETE CASCADE");
+    assert_eq!(
+        fk,
+        "FOREIGN KEY (parent_id) REFERENCES parent(id) ON DELETE CASCADE"
+    );
     // A second run finds them built and changes nothing.
-    Pipeline::open(config).await.unwrap().run(Mode::SnapshotOnly, CancellationToken::new()).await.unwrap();
+    Pipeline::open(config)
+        .await
+        .unwrap()
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -502,9 +728,19 @@ async fn identities_and_portable_defaults_are_kept() {
     .await;
     let target = PgDb::new("").await;
     let config = target_config(&source.config_text("mem://", ""), &target);
-    Pipeline::open(config).await.unwrap().run(Mode::SnapshotOnly, CancellationToken::new()).await.unwrap();
+    Pipeline::open(config)
+        .await
+        .unwrap()
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await
+        .unwrap();
     let cols = column_fills(&target.client).await;
-    let find = |n: &str| cols.iter().find(|c| c.0 == n).unwrap_or_else(|| panic!("{n} in {cols:?}")).clone();
+    let find = |n: &str| {
+        cols.iter()
+            .find(|c| c.0 == n)
+            .unwrap_or_else(|| panic!("{n} in {cols:?}"))
+            .clone()
+    };
     assert_eq!(find("s.id").2, "YES", "{cols:?}");
     assert_eq!(find("g.id").2, "YES", "{cols:?}");
     assert_eq!(find("s.created").1.as_deref(), Some("now()"));
@@ -514,6 +750,11 @@ async fn identities_and_portable_defaults_are_kept() {
     // Not portable (it depends on who inserts): left out.
     assert_eq!(find("s.other").1, None);
     // The identity continues past the copied rows.
-    let next: i32 = target.client.query_one("INSERT INTO s (code) VALUES ('new') RETURNING id", &[]).await.unwrap().get(0);
+    let next: i32 = target
+        .client
+        .query_one("INSERT INTO s (code) VALUES ('new') RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(next, 6);
 }

@@ -18,11 +18,17 @@ INSERT INTO b (id, v) VALUES (1, 'uno'), (2, 'dos');
 "#;
 
 async fn exec(pool: &sqlx::SqlitePool, sql: &str) {
-    sqlx::raw_sql(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    sqlx::raw_sql(sql)
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 async fn failure(run: Running) -> String {
-    let r = tokio::time::timeout(Duration::from_secs(30), run.handle).await.expect("pipeline did not stop").unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), run.handle)
+        .await
+        .expect("pipeline did not stop")
+        .unwrap();
     match r {
         Ok(_) => panic!("the pipeline finished without an error"),
         Err(e) => e.report(),
@@ -30,7 +36,10 @@ async fn failure(run: Running) -> String {
 }
 
 async fn log_len(pool: &sqlx::SqlitePool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM _switchyard_changes").fetch_one(pool).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM _switchyard_changes")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// Writes to `a` until the daemon has trimmed the whole change log.
@@ -38,9 +47,16 @@ async fn until_trimmed(pool: &sqlx::SqlitePool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut n = 100;
     while log_len(pool).await > 0 {
-        assert!(std::time::Instant::now() < deadline, "the change log was never trimmed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change log was never trimmed"
+        );
         n += 1;
-        exec(pool, &format!("INSERT INTO a (id, v) VALUES ({n}, 'filler')")).await;
+        exec(
+            pool,
+            &format!("INSERT INTO a (id, v) VALUES ({n}, 'filler')"),
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
 }
@@ -60,7 +76,11 @@ async fn a_table_rebuilt_between_runs_is_copied_again() {
     exec(&pool, "DROP TABLE b; CREATE TABLE b (id INTEGER PRIMARY KEY, v TEXT); INSERT INTO b VALUES (7, 'siete');").await;
     let run = start(config.clone(), Some(sink)).await;
     wait_converged(&pool, &config, &run.sink).await;
-    exec(&pool, "INSERT INTO b VALUES (8, 'ocho'); DELETE FROM b WHERE id = 7;").await;
+    exec(
+        &pool,
+        "INSERT INTO b VALUES (8, 'ocho'); DELETE FROM b WHERE id = 7;",
+    )
+    .await;
     wait_converged(&pool, &config, &run.sink).await;
     run.stop().await;
 }
@@ -75,7 +95,10 @@ async fn a_table_rebuilt_while_streaming_stops_the_daemon_and_a_restart_recovers
     let sink = run.sink.clone();
     exec(&pool, "DROP TABLE b; CREATE TABLE b (id INTEGER PRIMARY KEY, v TEXT); INSERT INTO b VALUES (9, 'nueve');").await;
     let err = failure(run).await;
-    assert!(err.contains("\"b\"") && err.contains("lost its change-capture triggers"), "{err}");
+    assert!(
+        err.contains("\"b\"") && err.contains("lost its change-capture triggers"),
+        "{err}"
+    );
 
     let run = start(config.clone(), Some(sink)).await;
     wait_converged(&pool, &config, &run.sink).await;
@@ -116,10 +139,18 @@ async fn an_uninstalled_capture_is_not_mistaken_for_the_old_one() {
     let sink = run.sink.clone();
     run.stop().await;
 
-    SqliteSource::open(&s.source_path(), &config).await.unwrap().uninstall().await.unwrap();
+    SqliteSource::open(&s.source_path(), &config)
+        .await
+        .unwrap()
+        .uninstall()
+        .await
+        .unwrap();
     exec(&pool, "UPDATE a SET v = 'lost' WHERE id = 2;").await;
     let err = failure(start(config.clone(), Some(sink)).await).await;
-    assert!(err.contains("another change capture") && err.contains("empty target"), "{err}");
+    assert!(
+        err.contains("another change capture") && err.contains("empty target"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +162,11 @@ async fn a_source_restored_from_a_backup_is_refused() {
     wait_converged(&pool, &config, &run.sink).await;
     let backup = s.path("backup.sqlite");
     exec(&pool, &format!("VACUUM INTO '{}'", backup.display())).await;
-    exec(&pool, "UPDATE a SET v = 'after the backup' WHERE id = 1; INSERT INTO b VALUES (5, 'cinco');").await;
+    exec(
+        &pool,
+        "UPDATE a SET v = 'after the backup' WHERE id = 1; INSERT INTO b VALUES (5, 'cinco');",
+    )
+    .await;
     wait_converged(&pool, &config, &run.sink).await;
     let sink = run.sink.clone();
     run.stop().await;
@@ -141,10 +176,14 @@ async fn a_source_restored_from_a_backup_is_refused() {
     // background) checkpoints the WAL into the file and removes it; restoring
     // before that would let the checkpoint write the newer pages back.
     let wal = std::path::PathBuf::from(format!("{}-wal", s.source_path().display()));
-    wait_until("every connection to the source to close", Duration::from_secs(30), || {
-        let gone = !wal.exists();
-        async move { gone }
-    })
+    wait_until(
+        "every connection to the source to close",
+        Duration::from_secs(30),
+        || {
+            let gone = !wal.exists();
+            async move { gone }
+        },
+    )
     .await;
     let _ = std::fs::remove_file(format!("{}-shm", s.source_path().display()));
     std::fs::copy(&backup, s.source_path()).unwrap();
@@ -170,7 +209,10 @@ async fn a_second_consumer_that_trims_the_log_is_detected() {
     second.stop().await;
 
     let err = failure(start(config.clone(), Some(sink_a)).await).await;
-    assert!(err.contains("trimmed") && err.contains("another switchyard"), "{err}");
+    assert!(
+        err.contains("trimmed") && err.contains("another switchyard"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,9 +229,16 @@ async fn an_application_trigger_that_rewrites_the_row_is_captured_as_final() {
          CREATE TRIGGER app_cleanup AFTER INSERT ON a WHEN NEW.v = 'temporary' BEGIN DELETE FROM a WHERE id = NEW.id; END;",
     )
     .await;
-    exec(&pool, "UPDATE a SET v = 'edited' WHERE id = 1; INSERT INTO a (id, v) VALUES (50, 'temporary');").await;
+    exec(
+        &pool,
+        "UPDATE a SET v = 'edited' WHERE id = 1; INSERT INTO a (id, v) VALUES (50, 'temporary');",
+    )
+    .await;
     wait_converged(&pool, &config, &run.sink).await;
-    let touched: String = sqlx::query_scalar("SELECT touched FROM a WHERE id = 1").fetch_one(&pool).await.unwrap();
+    let touched: String = sqlx::query_scalar("SELECT touched FROM a WHERE id = 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(touched, "edited!");
     let report = run.stop().await;
     assert!(report.changes_applied >= 2);

@@ -51,7 +51,11 @@ async fn writer(pool: sqlx::SqlitePool, stop: Arc<AtomicBool>, seed: u64) -> u64
                 .execute(&pool)
                 .await
                 .map(|_| ()),
-            2 => sqlx::query("DELETE FROM items WHERE id = ?").bind(id).execute(&pool).await.map(|_| ()),
+            2 => sqlx::query("DELETE FROM items WHERE id = ?")
+                .bind(id)
+                .execute(&pool)
+                .await
+                .map(|_| ()),
             3 => sqlx::query("UPDATE OR IGNORE items SET id = ? WHERE id = ?")
                 .bind(id + 100_000)
                 .bind(id)
@@ -71,7 +75,11 @@ async fn writer(pool: sqlx::SqlitePool, stop: Arc<AtomicBool>, seed: u64) -> u64
                 }
                 tx.commit().await.map(|_| ())
             }
-            _ => sqlx::query("DELETE FROM pairs WHERE b = ?").bind(id % 2000).execute(&pool).await.map(|_| ()),
+            _ => sqlx::query("DELETE FROM pairs WHERE b = ?")
+                .bind(id % 2000)
+                .execute(&pool)
+                .await
+                .map(|_| ()),
         };
         r.expect("application write");
         writes += 1;
@@ -82,7 +90,11 @@ async fn writer(pool: sqlx::SqlitePool, stop: Arc<AtomicBool>, seed: u64) -> u64
 
 /// After a crash: every change above the target's checkpoint is still in the
 /// source's log (the log is trimmed only below what the target committed).
-async fn assert_log_kept_above_checkpoint(pool: &sqlx::SqlitePool, target_dir: &std::path::Path, url: &str) {
+async fn assert_log_kept_above_checkpoint(
+    pool: &sqlx::SqlitePool,
+    target_dir: &std::path::Path,
+    url: &str,
+) {
     wait_unlocked(target_dir).await;
     let db = open_target(url).await;
     let cp = target_checkpoint(&db).await.unwrap_or(0);
@@ -94,7 +106,10 @@ async fn assert_log_kept_above_checkpoint(pool: &sqlx::SqlitePool, target_dir: &
     let hw = source_high_water(pool).await;
     if hw > cp {
         let min = min.expect("changes above the checkpoint were trimmed away");
-        assert!(min <= cp + 1, "log trimmed past the checkpoint: min seq {min}, checkpoint {cp}");
+        assert!(
+            min <= cp + 1,
+            "log trimmed past the checkpoint: min seq {min}, checkpoint {cp}"
+        );
     }
     wait_unlocked(target_dir).await;
 }
@@ -114,7 +129,10 @@ async fn sigkill_during_snapshot_and_streaming_converges() {
     let mut killed_in_snapshot = 0;
     let mut killed_streaming = 0;
     for round in 0..5 {
-        let d = Daemon::start(&["run", "--config", &cfg_s], s.path(&format!("round{round}.log")));
+        let d = Daemon::start(
+            &["run", "--config", &cfg_s],
+            s.path(&format!("round{round}.log")),
+        );
         if round < 2 {
             // Kill while tables are being copied.
             wait_until("the copy to start", Duration::from_secs(60), || {
@@ -132,7 +150,10 @@ async fn sigkill_during_snapshot_and_streaming_converges() {
             tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
         }
         let log = d.log_text();
-        assert!(!log.contains("\"ERROR\""), "round {round} logged an error:\n{log}");
+        assert!(
+            !log.contains("\"ERROR\""),
+            "round {round} logged an error:\n{log}"
+        );
         if log.contains("streaming changes") {
             killed_streaming += 1;
         } else {
@@ -141,7 +162,10 @@ async fn sigkill_during_snapshot_and_streaming_converges() {
         d.kill();
         assert_log_kept_above_checkpoint(&pool, &target, &url).await;
     }
-    assert!(killed_in_snapshot >= 1, "no kill landed during the snapshot");
+    assert!(
+        killed_in_snapshot >= 1,
+        "no kill landed during the snapshot"
+    );
     assert!(killed_streaming >= 2, "too few kills during streaming");
 
     stop.store(true, Ordering::Relaxed);
@@ -150,10 +174,14 @@ async fn sigkill_during_snapshot_and_streaming_converges() {
     let hw = source_high_water(&pool).await as u64;
 
     let d = Daemon::start(&["run", "--config", &cfg_s], s.path("final.log"));
-    wait_until("the daemon to catch up with the source", Duration::from_secs(180), || {
-        let cp = d.logged_checkpoint();
-        async move { cp == Some(hw) }
-    })
+    wait_until(
+        "the daemon to catch up with the source",
+        Duration::from_secs(180),
+        || {
+            let cp = d.logged_checkpoint();
+            async move { cp == Some(hw) }
+        },
+    )
     .await;
     let status = d.interrupt().await;
     assert!(status.success(), "exit status {status:?}");
@@ -161,7 +189,11 @@ async fn sigkill_during_snapshot_and_streaming_converges() {
     wait_unlocked(&target).await;
     let config = Config::load(&cfg).unwrap();
     let db = open_target(&url).await;
-    let tables: Vec<String> = source_tables(&config).await.iter().map(|t| t.target_name.clone()).collect();
+    let tables: Vec<String> = source_tables(&config)
+        .await
+        .iter()
+        .map(|t| t.target_name.clone())
+        .collect();
     let want = source_image(&pool, &config).await;
     let got = target_image(&db, &tables).await;
     assert_eq!(diff(&want, &got), None);

@@ -61,24 +61,37 @@ pub async fn start(config: Arc<Config>, sink: Option<Arc<SurrealSink>>) -> Runni
 }
 
 pub async fn wait_converged(pool: &sqlx::SqlitePool, config: &Config, sink: &SurrealSink) {
-    let tables: Vec<String> = source_tables(config).await.iter().map(|t| t.target_name.clone()).collect();
+    let tables: Vec<String> = source_tables(config)
+        .await
+        .iter()
+        .map(|t| t.target_name.clone())
+        .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let want = source_image(pool, config).await;
         let got = target_image(sink.client(), &tables).await;
         let Some(d) = diff(&want, &got) else { return };
-        assert!(std::time::Instant::now() < deadline, "target never matched the source: {d}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "target never matched the source: {d}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 async fn record(sink: &SurrealSink, rid: &str) -> SValue {
-    let mut r = sink.client().query(format!("SELECT * FROM ONLY {rid}")).await.unwrap();
+    let mut r = sink
+        .client()
+        .query(format!("SELECT * FROM ONLY {rid}"))
+        .await
+        .unwrap();
     r.take::<SValue>(0).unwrap()
 }
 
 fn field<'a>(v: &'a SValue, name: &str) -> &'a SValue {
-    let SValue::Object(o) = v else { panic!("not an object: {v:?}") };
+    let SValue::Object(o) = v else {
+        panic!("not an object: {v:?}")
+    };
     o.get(name).unwrap_or(&SValue::None)
 }
 
@@ -88,7 +101,11 @@ async fn snapshot_then_stream_every_shape() {
     let pool = s.source(SCHEMA).await;
     // A 1 MB text, inserted before the snapshot, and one after.
     let mb = "x".repeat(1 << 20);
-    sqlx::query("UPDATE edge SET big = ? WHERE id = 1").bind(&mb).execute(&pool).await.unwrap();
+    sqlx::query("UPDATE edge SET big = ? WHERE id = 1")
+        .bind(&mb)
+        .execute(&pool)
+        .await
+        .unwrap();
     let config = s.config("mem://", "");
     let run = start(config.clone(), None).await;
     wait_converged(&pool, &config, &run.sink).await;
@@ -99,39 +116,92 @@ async fn snapshot_then_stream_every_shape() {
     assert_eq!(field(&e1, "r"), &SValue::from_t(0.1f64));
     assert!(matches!(field(&e1, "big"), SValue::String(x) if x.len() == 1 << 20));
     assert!(matches!(field(&e1, "b"), SValue::Bytes(b) if b.to_vec() == vec![0u8, 0xFF, 0x10]));
-    assert!(matches!(field(&e1, "t"), SValue::Datetime(_)), "{:?}", field(&e1, "t"));
+    assert!(
+        matches!(field(&e1, "t"), SValue::Datetime(_)),
+        "{:?}",
+        field(&e1, "t")
+    );
     assert_eq!(field(&e1, "flag"), &SValue::Bool(true));
     assert_eq!(field(&e1, "loose"), &SValue::from_t(42i64));
     let j = field(&e1, "j");
-    assert_eq!(j.clone().into_json_value(), serde_json::json!({"a": {"b": [1, 2, {"c": null}]}, "k": "v"}));
+    assert_eq!(
+        j.clone().into_json_value(),
+        serde_json::json!({"a": {"b": [1, 2, {"c": null}]}, "k": "v"})
+    );
     let e2 = record(&run.sink, "edge:2").await;
     assert_eq!(field(&e2, "i"), &SValue::from_t(i64::MIN));
-    assert_eq!(field(&e2, "t").clone().into_json_value(), serde_json::json!("2024-05-01T10:30:00.123Z"));
+    assert_eq!(
+        field(&e2, "t").clone().into_json_value(),
+        serde_json::json!("2024-05-01T10:30:00.123Z")
+    );
     assert_eq!(field(&e2, "loose"), &SValue::String("text".into()));
-    assert!(matches!(field(&record(&run.sink, "edge:5").await, "r"), SValue::Number(n) if n.to_f64() == Some(f64::INFINITY)));
+    assert!(
+        matches!(field(&record(&run.sink, "edge:5").await, "r"), SValue::Number(n) if n.to_f64() == Some(f64::INFINITY))
+    );
     let o2 = record(&run.sink, "`order`:2").await;
-    assert_eq!(field(&o2, "select"), &SValue::None, "NULL is carried as an absent field");
+    assert_eq!(
+        field(&o2, "select"),
+        &SValue::None,
+        "NULL is carried as an absent field"
+    );
     let o3 = record(&run.sink, "`order`:3").await;
     assert_eq!(field(&o3, "naïve col"), &SValue::String("日本語".into()));
-    assert!(matches!(field(&o3, "total"), SValue::Number(surrealdb::types::Number::Decimal(d)) if d.to_string() == "99999999.99"));
+    assert!(
+        matches!(field(&o3, "total"), SValue::Number(surrealdb::types::Number::Decimal(d)) if d.to_string() == "99999999.99")
+    );
 
     // Live changes: insert, update, delete, a primary-key change, a 1 MB value,
     // several changes in one source transaction, composite keys.
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO \"order\" (id, \"select\", total) VALUES (10, 'new', 1.05)").execute(&mut *tx).await.unwrap();
-    sqlx::query("UPDATE \"order\" SET \"select\" = 'changed' WHERE id = 1").execute(&mut *tx).await.unwrap();
-    sqlx::query("DELETE FROM \"order\" WHERE id = 2").execute(&mut *tx).await.unwrap();
+    sqlx::query("INSERT INTO \"order\" (id, \"select\", total) VALUES (10, 'new', 1.05)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE \"order\" SET \"select\" = 'changed' WHERE id = 1")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM \"order\" WHERE id = 2")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    sqlx::query("UPDATE \"order\" SET id = 30 WHERE id = 3").execute(&pool).await.unwrap();
-    sqlx::query("UPDATE \"naïve table\" SET region = 'apac' WHERE region = 'eu' AND seq = 2").execute(&pool).await.unwrap();
-    sqlx::query("DELETE FROM \"naïve table\" WHERE region = 'us'").execute(&pool).await.unwrap();
-    sqlx::query("INSERT INTO edge (id, big, b) VALUES (7, ?, ?)").bind(&mb).bind(vec![7u8; 100_000]).execute(&pool).await.unwrap();
-    sqlx::query("UPDATE edge SET j = '{\"deep\": {\"er\": [true]}}', flag = 0 WHERE id = 1").execute(&pool).await.unwrap();
+    sqlx::query("UPDATE \"order\" SET id = 30 WHERE id = 3")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE \"naïve table\" SET region = 'apac' WHERE region = 'eu' AND seq = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM \"naïve table\" WHERE region = 'us'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO edge (id, big, b) VALUES (7, ?, ?)")
+        .bind(&mb)
+        .bind(vec![7u8; 100_000])
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE edge SET j = '{\"deep\": {\"er\": [true]}}', flag = 0 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
     wait_converged(&pool, &config, &run.sink).await;
-    assert_eq!(record(&run.sink, "`order`:3").await, SValue::None, "the old key is gone after a key change");
-    assert!(matches!(field(&record(&run.sink, "`order`:30").await, "naïve col"), SValue::String(s) if s == "日本語"));
+    assert_eq!(
+        record(&run.sink, "`order`:3").await,
+        SValue::None,
+        "the old key is gone after a key change"
+    );
+    assert!(
+        matches!(field(&record(&run.sink, "`order`:30").await, "naïve col"), SValue::String(s) if s == "日本語")
+    );
     let rid = "`naïve table`:['apac', 2]";
-    assert_eq!(field(&record(&run.sink, rid).await, "region"), &SValue::String("apac".into()));
+    assert_eq!(
+        field(&record(&run.sink, rid).await, "region"),
+        &SValue::String("apac".into())
+    );
 
     let report = run.stop().await;
     assert_eq!(report.tables.len(), 3);
@@ -146,7 +216,11 @@ async fn restart_resumes_after_the_checkpoint_and_trims_the_log() {
     let run = start(config.clone(), None).await;
     wait_converged(&pool, &config, &run.sink).await;
     for i in 100..150 {
-        sqlx::query("INSERT INTO \"order\" (id, \"select\") VALUES (?, 'a')").bind(i).execute(&pool).await.unwrap();
+        sqlx::query("INSERT INTO \"order\" (id, \"select\") VALUES (?, 'a')")
+            .bind(i)
+            .execute(&pool)
+            .await
+            .unwrap();
     }
     wait_converged(&pool, &config, &run.sink).await;
     let sink = run.sink.clone();
@@ -155,27 +229,41 @@ async fn restart_resumes_after_the_checkpoint_and_trims_the_log() {
     assert_eq!(cp1.commit as i64, source_high_water(&pool).await);
 
     // Changes while the daemon is down, including deletes of copied rows.
-    sqlx::query("DELETE FROM \"order\" WHERE id < 120").execute(&pool).await.unwrap();
-    sqlx::query("UPDATE \"naïve table\" SET note = 'while down'").execute(&pool).await.unwrap();
+    sqlx::query("DELETE FROM \"order\" WHERE id < 120")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE \"naïve table\" SET note = 'while down'")
+        .execute(&pool)
+        .await
+        .unwrap();
     let run = start(config.clone(), Some(sink.clone())).await;
     wait_converged(&pool, &config, &run.sink).await;
     // The log is trimmed up to the checkpoint, never past it.
-    wait_until("the change log to be trimmed", Duration::from_secs(20), || {
-        let pool = pool.clone();
-        let sink = sink.clone();
-        async move {
-            let cp = sink.state().await.unwrap().checkpoint.unwrap().commit as i64;
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM _switchyard_changes WHERE seq <= ?")
-                .bind(cp)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            left == 0
-        }
-    })
+    wait_until(
+        "the change log to be trimmed",
+        Duration::from_secs(20),
+        || {
+            let pool = pool.clone();
+            let sink = sink.clone();
+            async move {
+                let cp = sink.state().await.unwrap().checkpoint.unwrap().commit as i64;
+                let left: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM _switchyard_changes WHERE seq <= ?")
+                        .bind(cp)
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                left == 0
+            }
+        },
+    )
     .await;
     let report = run.stop().await;
-    assert!(report.tables.iter().all(|t| t.already_copied), "no table is copied twice: {report:?}");
+    assert!(
+        report.tables.iter().all(|t| t.already_copied),
+        "no table is copied twice: {report:?}"
+    );
     assert!(sink.state().await.unwrap().checkpoint.unwrap() > cp1);
 }
 
@@ -184,15 +272,23 @@ async fn the_checkpoint_never_moves_backwards() {
     let s = Scratch::new();
     let _pool = s.source(SCHEMA).await;
     let config = s.config("mem://", "");
-    let sink = SurrealSink::connect("mem://", false, &config).await.unwrap();
+    let sink = SurrealSink::connect("mem://", false, &config)
+        .await
+        .unwrap();
     sink.prepare(&source_tables(&config).await).await.unwrap();
     sink.apply(&[], Position::new(10, 0)).await.unwrap();
     let err = sink.apply(&[], Position::new(9, 0)).await.unwrap_err();
     assert!(err.report().contains("backwards"), "{}", err.report());
-    assert_eq!(sink.state().await.unwrap().checkpoint, Some(Position::new(10, 0)));
+    assert_eq!(
+        sink.state().await.unwrap().checkpoint,
+        Some(Position::new(10, 0))
+    );
     sink.apply(&[], Position::new(10, 3)).await.unwrap();
     assert!(sink.apply(&[], Position::new(10, 2)).await.is_err());
-    assert_eq!(sink.state().await.unwrap().checkpoint, Some(Position::new(10, 3)));
+    assert_eq!(
+        sink.state().await.unwrap().checkpoint,
+        Some(Position::new(10, 3))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,10 +298,16 @@ async fn a_value_that_cannot_be_carried_stops_without_advancing() {
     let config = s.config("mem://", "");
     let run = start(config.clone(), None).await;
     wait_converged(&pool, &config, &run.sink).await;
-    sqlx::query("INSERT INTO edge (id, i) VALUES (50, 1)").execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO edge (id, i) VALUES (50, 1)")
+        .execute(&pool)
+        .await
+        .unwrap();
     let good = source_high_water(&pool).await;
     // INTEGER affinity keeps text that does not look like a number as TEXT.
-    sqlx::query("INSERT INTO edge (id, i) VALUES (51, 'lots')").execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO edge (id, i) VALUES (51, 'lots')")
+        .execute(&pool)
+        .await
+        .unwrap();
     let sink = run.sink.clone();
     let err = tokio::time::timeout(Duration::from_secs(30), run.handle)
         .await
@@ -218,7 +320,10 @@ async fn a_value_that_cannot_be_carried_stops_without_advancing() {
         assert!(msg.contains(needle), "{needle} missing from: {msg}");
     }
     let cp = sink.state().await.unwrap().checkpoint.unwrap().commit as i64;
-    assert!(cp <= good, "checkpoint {cp} passed the bad change (good changes end at {good})");
+    assert!(
+        cp <= good,
+        "checkpoint {cp} passed the bad change (good changes end at {good})"
+    );
     let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM _switchyard_changes WHERE seq > ?")
         .bind(cp)
         .fetch_one(&pool)
@@ -234,17 +339,31 @@ async fn check_refuses_a_table_without_a_key_and_accepts_configured_keys() {
     let cfg = s.write_config("mem://", "");
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains("\"events\"") && out.contains("no primary key") && out.contains("[tables.keys]"), "{out}");
+    assert!(
+        out.contains("\"events\"")
+            && out.contains("no primary key")
+            && out.contains("[tables.keys]"),
+        "{out}"
+    );
     let (code, _, err) = run_cli(&["run", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("events") && err.contains("no primary key"), "{err}");
+    assert!(
+        err.contains("events") && err.contains("no primary key"),
+        "{err}"
+    );
 
     let cfg = s.write_config("mem://", "\n[tables.keys]\nevents = [\"ts\", \"kind\"]\n");
     // Named key columns must be unique in the source, or rows would collapse.
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains("no UNIQUE index") && out.contains("CREATE UNIQUE INDEX"), "{out}");
-    sqlx::query("CREATE UNIQUE INDEX events_key ON events (kind, ts)").execute(&_pool).await.unwrap();
+    assert!(
+        out.contains("no UNIQUE index") && out.contains("CREATE UNIQUE INDEX"),
+        "{out}"
+    );
+    sqlx::query("CREATE UNIQUE INDEX events_key ON events (kind, ts)")
+        .execute(&_pool)
+        .await
+        .unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("key (ts, kind)"), "{out}");
@@ -262,7 +381,10 @@ async fn config_errors_name_the_key_and_exit_2() {
     std::fs::write(&p, "[source]\nurl = \"sqlite://nowhere.sqlite\"\n[target]\nurl = \"ws://localhost:1\"\nnamespace = \"a\"\ndatabase = \"b\"\nusername = \"root\"\npassword = \"hunter2\"\n").unwrap();
     let (code, _, err) = run_cli(&["run", "--config", p.to_str().unwrap()]);
     assert_eq!(code, 2);
-    assert!(err.contains("nowhere.sqlite") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("nowhere.sqlite") && err.contains("does not exist"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "a password leaked: {err}");
 }
 
@@ -274,18 +396,39 @@ async fn snapshot_command_reports_each_table_and_uninstall_cleans_up() {
     let url = format!("surrealkv://{}", target.display());
     let cfg = s.write_config(&url, "");
     let report = s.path("report.json");
-    let (code, out, err) =
-        run_cli(&["snapshot", "--config", cfg.to_str().unwrap(), "--report", report.to_str().unwrap()]);
+    let (code, out, err) = run_cli(&[
+        "snapshot",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("naïve table") && out.contains("rows/s"), "{out}");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(
+        out.contains("naïve table") && out.contains("rows/s"),
+        "{out}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let rows: Vec<(String, u64)> = r["tables"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| (t["table"].as_str().unwrap().to_string(), t["rows"].as_u64().unwrap()))
+        .map(|t| {
+            (
+                t["table"].as_str().unwrap().to_string(),
+                t["rows"].as_u64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(rows, vec![("edge".into(), 6), ("naïve table".into(), 3), ("order".into(), 3)]);
+    assert_eq!(
+        rows,
+        vec![
+            ("edge".into(), 6),
+            ("naïve table".into(), 3),
+            ("order".into(), 3)
+        ]
+    );
 
     // A second snapshot copies nothing again.
     let (code, out, _) = run_cli(&["snapshot", "--config", cfg.to_str().unwrap()]);
@@ -295,20 +438,34 @@ async fn snapshot_command_reports_each_table_and_uninstall_cleans_up() {
     wait_unlocked(&target).await;
     let config = Config::load(&cfg).unwrap();
     let db = open_target(&url).await;
-    let tables: Vec<String> = source_tables(&config).await.iter().map(|t| t.target_name.clone()).collect();
-    assert_eq!(diff(&source_image(&pool, &config).await, &target_image(&db, &tables).await), None);
+    let tables: Vec<String> = source_tables(&config)
+        .await
+        .iter()
+        .map(|t| t.target_name.clone())
+        .collect();
+    assert_eq!(
+        diff(
+            &source_image(&pool, &config).await,
+            &target_image(&db, &tables).await
+        ),
+        None
+    );
     drop(db);
 
     let (code, out, err) = run_cli(&["uninstall", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    let left: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE name LIKE '\\_switchyard%' ESCAPE '\\'")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE name LIKE '\\_switchyard%' ESCAPE '\\'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
     // The application's tables and rows are untouched.
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM edge").fetch_one(&pool).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM edge")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(n, 6);
 }
 
@@ -320,14 +477,23 @@ async fn demo_source_is_replicable() {
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = run_cli(&["demo-source", db.to_str().unwrap()]);
     assert_eq!(code, 2, "an existing file is never overwritten: {err}");
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/quickstart.toml"))
-        .unwrap()
-        .replace("sqlite://data/shop.sqlite", &format!("sqlite://{}", db.display()));
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/quickstart.toml"
+    ))
+    .unwrap()
+    .replace(
+        "sqlite://data/shop.sqlite",
+        &format!("sqlite://{}", db.display()),
+    );
     let cfg = s.path("qs.toml");
     std::fs::write(&cfg, text.replace("surrealkv://data/replica", "mem://")).unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     for t in ["customers", "products", "orders", "order_lines"] {
-        assert!(out.contains(&format!("table \"{t}\"")), "{t} missing: {out}");
+        assert!(
+            out.contains(&format!("table \"{t}\"")),
+            "{t} missing: {out}"
+        );
     }
 }

@@ -24,18 +24,41 @@ impl SurrealServer {
         let bin = std::env::var("SWITCHYARD_TEST_SURREAL_BIN").unwrap_or_else(|_| {
             panic!("SWITCHYARD_TEST_SURREAL_BIN is not set: run the suite with `bash scripts/test`, which builds the SurrealDB server (tools/surreal-server)")
         });
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(&bin)
-            .args(["start", "--no-banner", "--bind", &format!("127.0.0.1:{port}"), "--user", "root", "--pass", PASSWORD, "memory"])
+            .args([
+                "start",
+                "--no-banner",
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--user",
+                "root",
+                "--pass",
+                PASSWORD,
+                "memory",
+            ])
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the SurrealDB server {bin}: {e}"));
-        let server = SurrealServer { child, url: format!("ws://127.0.0.1:{port}") };
-        wait_until("the SurrealDB server to listen", Duration::from_secs(60), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-        })
+        let server = SurrealServer {
+            child,
+            url: format!("ws://127.0.0.1:{port}"),
+        };
+        wait_until(
+            "the SurrealDB server to listen",
+            Duration::from_secs(60),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
         .await;
         server
     }
@@ -68,7 +91,11 @@ async fn sqlite_into_a_surrealdb_server_over_websocket() {
         )
         .await;
     let config = Arc::new(Config::parse(&remote_config(&s, &server.url, PASSWORD)).unwrap());
-    let sink = Arc::new(SurrealSink::connect(&server.url, true, &config).await.unwrap());
+    let sink = Arc::new(
+        SurrealSink::connect(&server.url, true, &config)
+            .await
+            .unwrap(),
+    );
     let run = start(config.clone(), Some(sink.clone())).await;
     wait_converged(&pool, &config, &run.sink).await;
     sqlx::raw_sql("UPDATE items SET price = '5.25' WHERE id = 1; DELETE FROM pairs WHERE a = 'y'; UPDATE pairs SET b = 3 WHERE a = 'x';")
@@ -79,8 +106,15 @@ async fn sqlite_into_a_surrealdb_server_over_websocket() {
     run.stop().await;
 
     // A new connection resumes from the checkpoint kept in the server.
-    sqlx::raw_sql("INSERT INTO items (id, name) VALUES (3, 'while stopped');").execute(&pool).await.unwrap();
-    let sink = Arc::new(SurrealSink::connect(&server.url, true, &config).await.unwrap());
+    sqlx::raw_sql("INSERT INTO items (id, name) VALUES (3, 'while stopped');")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sink = Arc::new(
+        SurrealSink::connect(&server.url, true, &config)
+            .await
+            .unwrap(),
+    );
     let run = start(config.clone(), Some(sink)).await;
     wait_converged(&pool, &config, &run.sink).await;
     let report = run.stop().await;
@@ -98,7 +132,13 @@ async fn a_wrong_server_password_is_refused_without_showing_it() {
         let (code, out, err) = run_cli(&[cmd, "--config", cfg.to_str().unwrap()]);
         assert_ne!(code, 0, "{cmd}: {out}{err}");
         let all = format!("{out}{err}");
-        assert!(all.contains("sign in") && all.contains("root"), "{cmd}: {all}");
-        assert!(!all.contains("Not-the-Passw0rd"), "{cmd}: the password leaked: {all}");
+        assert!(
+            all.contains("sign in") && all.contains("root"),
+            "{cmd}: {all}"
+        );
+        assert!(
+            !all.contains("Not-the-Passw0rd"),
+            "{cmd}: the password leaked: {all}"
+        );
     }
 }

@@ -15,7 +15,11 @@ use crate::pg_surreal::{start, wait_converged, PgDb};
 use crate::support::*;
 
 fn options() -> Options {
-    Options { tables: Vec::new(), wait: Duration::from_secs(30), batch_rows: 500 }
+    Options {
+        tables: Vec::new(),
+        wait: Duration::from_secs(30),
+        batch_rows: 500,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,13 +34,15 @@ async fn verify_finds_each_injected_difference_by_key_and_not_lag_under_a_writer
     .await;
     let config = Arc::new(
         switchyard::config::Config::parse(
-            &db.config_text("mem://", "").replace("[target]", "heartbeat_interval_ms = 300\n\n[target]"),
+            &db.config_text("mem://", "")
+                .replace("[target]", "heartbeat_interval_ms = 300\n\n[target]"),
         )
         .unwrap(),
     );
     let run = start(config.clone(), None).await;
     wait_converged(&config, &run.sink).await;
-    let source: Arc<dyn Source> = Arc::new(PgSource::open(&config.source.url, &config).await.unwrap());
+    let source: Arc<dyn Source> =
+        Arc::new(PgSource::open(&config.source.url, &config).await.unwrap());
     let sink: Arc<dyn Sink> = run.sink.clone();
 
     // A writer keeps changing the source while verify runs: lag is never a difference.
@@ -49,7 +55,10 @@ async fn verify_finds_each_injected_difference_by_key_and_not_lag_under_a_writer
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 client
-                    .execute("UPDATE acct SET balance = balance + 1, note = $2 WHERE id = $1", &[&((i % 3000 + 1) as i32), &format!("w{i}")])
+                    .execute(
+                        "UPDATE acct SET balance = balance + 1, note = $2 WHERE id = $1",
+                        &[&((i % 3000 + 1) as i32), &format!("w{i}")],
+                    )
                     .await
                     .unwrap();
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -57,7 +66,9 @@ async fn verify_finds_each_injected_difference_by_key_and_not_lag_under_a_writer
             i
         })
     };
-    let verdict = verify::verify(source.clone(), sink.clone(), &options()).await.unwrap();
+    let verdict = verify::verify(source.clone(), sink.clone(), &options())
+        .await
+        .unwrap();
     stop.store(true, Ordering::Relaxed);
     let writes = writer.await.unwrap();
     assert!(writes > 10, "the writer barely ran ({writes} updates)");
@@ -65,7 +76,11 @@ async fn verify_finds_each_injected_difference_by_key_and_not_lag_under_a_writer
     let acct = verdict.tables.iter().find(|t| t.table == "acct").unwrap();
     assert_eq!((acct.source_rows, acct.target_rows), (3000, 3000));
     let log = verdict.tables.iter().find(|t| t.table == "log").unwrap();
-    assert_eq!((log.source_rows, log.target_rows), (3, 3), "identical rows count as copies");
+    assert_eq!(
+        (log.source_rows, log.target_rows),
+        (3, 3),
+        "identical rows count as copies"
+    );
 
     // Inject a changed value, a missing row and an extra row in the target.
     wait_converged(&config, &run.sink).await;
@@ -76,10 +91,16 @@ async fn verify_finds_each_injected_difference_by_key_and_not_lag_under_a_writer
         .unwrap()
         .check()
         .unwrap();
-    let verdict = verify::verify(source.clone(), sink.clone(), &options()).await.unwrap();
+    let verdict = verify::verify(source.clone(), sink.clone(), &options())
+        .await
+        .unwrap();
     assert!(!verdict.identical);
     let acct = verdict.tables.iter().find(|t| t.table == "acct").unwrap();
-    let found: Vec<(DifferenceKind, String)> = acct.differences.iter().map(|d| (d.kind.clone(), d.key.clone())).collect();
+    let found: Vec<(DifferenceKind, String)> = acct
+        .differences
+        .iter()
+        .map(|d| (d.kind.clone(), d.key.clone()))
+        .collect();
     assert_eq!(
         found,
         vec![
@@ -91,11 +112,34 @@ async fn verify_finds_each_injected_difference_by_key_and_not_lag_under_a_writer
         verdict.render()
     );
     let changed = &acct.differences[0];
-    assert!(changed.target.as_deref().unwrap().contains("tampered"), "{changed:?}");
-    assert!(changed.source.as_deref().unwrap().contains("note: 'n7'") || changed.source.as_deref().unwrap().contains("note: 'w"), "{changed:?}");
-    assert!(verdict.tables.iter().find(|t| t.table == "log").unwrap().identical);
+    assert!(
+        changed.target.as_deref().unwrap().contains("tampered"),
+        "{changed:?}"
+    );
+    assert!(
+        changed.source.as_deref().unwrap().contains("note: 'n7'")
+            || changed.source.as_deref().unwrap().contains("note: 'w"),
+        "{changed:?}"
+    );
+    assert!(
+        verdict
+            .tables
+            .iter()
+            .find(|t| t.table == "log")
+            .unwrap()
+            .identical
+    );
     // Only the tables asked for.
-    let only = verify::verify(source.clone(), sink.clone(), &Options { tables: vec!["log".into()], ..options() }).await.unwrap();
+    let only = verify::verify(
+        source.clone(),
+        sink.clone(),
+        &Options {
+            tables: vec!["log".into()],
+            ..options()
+        },
+    )
+    .await
+    .unwrap();
     assert!(only.identical && only.tables.len() == 1);
     run.stop().await;
 }
@@ -121,7 +165,11 @@ async fn verify_cli_exit_status_and_json() {
 
     wait_unlocked(&target).await;
     let db = open_target(&url).await;
-    db.query("UPDATE item:2 SET name = 'changed'").await.unwrap().check().unwrap();
+    db.query("UPDATE item:2 SET name = 'changed'")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
     drop(db);
     wait_unlocked(&target).await;
     let (code, out, err) = run_cli(&["verify", "--config", cfg, "--json", "--wait", "5"]);
@@ -129,8 +177,16 @@ async fn verify_cli_exit_status_and_json() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["identical"], false);
     let d = &v["tables"][0]["differences"][0];
-    assert_eq!((d["kind"].as_str(), d["key"].as_str()), (Some("different"), Some("item:2")), "{v}");
-    assert!(d["source"].as_str().unwrap().contains("ünïcødé") && d["target"].as_str().unwrap().contains("changed"), "{v}");
+    assert_eq!(
+        (d["kind"].as_str(), d["key"].as_str()),
+        (Some("different"), Some("item:2")),
+        "{v}"
+    );
+    assert!(
+        d["source"].as_str().unwrap().contains("ünïcødé")
+            && d["target"].as_str().unwrap().contains("changed"),
+        "{v}"
+    );
 
     // Cannot run: exit 2, with the reason.
     let (code, _, err) = run_cli(&["verify", "--config", cfg, "--tables", "nope"]);

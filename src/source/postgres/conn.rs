@@ -10,7 +10,9 @@ use std::time::Duration;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use secrecy::{ExposeSecret, SecretString};
 use tracing::warn;
 
@@ -77,14 +79,19 @@ impl PgEndpoint {
             .ok_or_else(|| bad("expected postgres://USER@HOST:PORT/DATABASE"))?;
         let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (authority, db) = main.split_once('/').unwrap_or((main, ""));
-        let (userinfo, hostport) = authority.rsplit_once('@').ok_or_else(|| bad("a user name is required (postgres://USER@HOST/DB)"))?;
+        let (userinfo, hostport) = authority
+            .rsplit_once('@')
+            .ok_or_else(|| bad("a user name is required (postgres://USER@HOST/DB)"))?;
         if userinfo.contains(':') {
-            return Err(bad("put the password in the password key (\"${VAR}\"), not in the URL"));
+            return Err(bad(
+                "put the password in the password key (\"${VAR}\"), not in the URL",
+            ));
         }
         let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => {
-                (h.trim_matches(['[', ']']).to_string(), p.parse::<u16>().map_err(|_| bad("invalid port"))?)
-            }
+            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (
+                h.trim_matches(['[', ']']).to_string(),
+                p.parse::<u16>().map_err(|_| bad("invalid port"))?,
+            ),
             _ => (hostport.trim_matches(['[', ']']).to_string(), 5432),
         };
         if host.is_empty() {
@@ -102,15 +109,25 @@ impl PgEndpoint {
                         "require" => SslMode::Require,
                         "verify-ca" => SslMode::VerifyCa,
                         "verify-full" => SslMode::VerifyFull,
-                        _ => return Err(bad("sslmode must be disable, prefer, require, verify-ca or verify-full")),
+                        _ => return Err(bad(
+                            "sslmode must be disable, prefer, require, verify-ca or verify-full",
+                        )),
                     }
                 }
                 "sslrootcert" => sslrootcert = Some(PathBuf::from(percent_decode(v))),
                 "application_name" | "connect_timeout" => {}
-                other => return Err(bad(&format!("unsupported URL parameter {other:?} (supported: sslmode, sslrootcert)"))),
+                other => {
+                    return Err(bad(&format!(
+                        "unsupported URL parameter {other:?} (supported: sslmode, sslrootcert)"
+                    )))
+                }
             }
         }
-        let dbname = if db.is_empty() { percent_decode(userinfo) } else { percent_decode(db) };
+        let dbname = if db.is_empty() {
+            percent_decode(userinfo)
+        } else {
+            percent_decode(db)
+        };
         Ok(Self {
             host,
             port,
@@ -148,11 +165,19 @@ impl PgEndpoint {
                 match &self.sslrootcert {
                     Some(path) => {
                         let pem = std::fs::read(path).map_err(|e| {
-                            Error::config(format!("source.url: cannot read sslrootcert {}", path.display())).with_source(e)
+                            Error::config(format!(
+                                "source.url: cannot read sslrootcert {}",
+                                path.display()
+                            ))
+                            .with_source(e)
                         })?;
                         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
                             let cert = cert.map_err(|e| {
-                                Error::config(format!("sslrootcert {}: not a PEM certificate", path.display())).with_source(e)
+                                Error::config(format!(
+                                    "sslrootcert {}: not a PEM certificate",
+                                    path.display()
+                                ))
+                                .with_source(e)
                             })?;
                             roots.add(cert).map_err(|e| {
                                 Error::config(format!("sslrootcert {}: {e}", path.display()))
@@ -161,15 +186,19 @@ impl PgEndpoint {
                     }
                     None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
                 }
-                let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| Error::config(format!("TLS roots: {e}")))?;
+                let verifier =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| Error::config(format!("TLS roots: {e}")))?;
                 let verifier: Arc<dyn ServerCertVerifier> = if self.sslmode == SslMode::VerifyCa {
                     Arc::new(IgnoreHostname(verifier))
                 } else {
                     verifier
                 };
-                builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(verifier)
+                    .with_no_client_auth()
             }
         };
         Ok(Some(Arc::new(config)))
@@ -201,13 +230,18 @@ impl PgEndpoint {
         let client = match self.tls_config()? {
             Some(tls) => {
                 let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-                let (client, conn) = config.connect(tls).await.map_err(|e| pg_error(self, "cannot connect", e))?;
+                let (client, conn) = config
+                    .connect(tls)
+                    .await
+                    .map_err(|e| pg_error(self, "cannot connect", e))?;
                 spawn_driver(conn);
                 client
             }
             None => {
-                let (client, conn) =
-                    config.connect(tokio_postgres::NoTls).await.map_err(|e| pg_error(self, "cannot connect", e))?;
+                let (client, conn) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| pg_error(self, "cannot connect", e))?;
                 spawn_driver(conn);
                 client
             }
@@ -218,7 +252,9 @@ impl PgEndpoint {
 
 fn spawn_driver<T>(conn: T)
 where
-    T: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>> + Send + 'static,
+    T: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>>
+        + Send
+        + 'static,
 {
     tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -231,7 +267,11 @@ where
 /// insufficient resources (53), operator intervention (57P), serialization
 /// failures and deadlocks (40001, 40P01).
 pub fn is_transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") || code == "40001" || code == "40P01"
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code == "40001"
+        || code == "40P01"
 }
 
 /// Converts a tokio-postgres error, classifying it and naming the endpoint
@@ -298,7 +338,12 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -307,7 +352,12 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -329,7 +379,10 @@ impl ServerCertVerifier for IgnoreHostname {
         ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -372,14 +425,25 @@ mod tests {
             "source.url",
         )
         .unwrap();
-        assert_eq!((e.host.as_str(), e.port, e.user.as_str(), e.dbname.as_str()), ("db.internal", 6543, "app", "shop"));
+        assert_eq!(
+            (e.host.as_str(), e.port, e.user.as_str(), e.dbname.as_str()),
+            ("db.internal", 6543, "app", "shop")
+        );
         assert_eq!(e.sslmode, SslMode::VerifyFull);
-        assert_eq!(e.sslrootcert.as_deref(), Some(std::path::Path::new("/etc/ca.pem")));
+        assert_eq!(
+            e.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
         assert!(!format!("{e:?}").contains("hunter2"));
         let d = PgEndpoint::parse("postgres://u@h/db", None, "k").unwrap();
         assert_eq!((d.port, d.sslmode), (5432, SslMode::Prefer));
-        let err = PgEndpoint::parse("postgres://u:hunter2@h/db", None, "source.url").unwrap_err().to_string();
-        assert!(err.contains("source.url") && !err.contains("hunter2"), "{err}");
+        let err = PgEndpoint::parse("postgres://u:hunter2@h/db", None, "source.url")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("source.url") && !err.contains("hunter2"),
+            "{err}"
+        );
         assert!(PgEndpoint::parse("postgres://u@h/db?sslmode=bogus", None, "k").is_err());
         assert!(PgEndpoint::parse("mysql://u@h/db", None, "k").is_err());
     }

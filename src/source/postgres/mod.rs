@@ -32,7 +32,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::conn::PgEndpoint;
-use self::pgoutput::{DecodeCtx, LogicalMessage, Lsn, OldTuple, RelationBody, ReplicationMessage, TupleData, TupleValue};
+use self::pgoutput::{
+    DecodeCtx, LogicalMessage, Lsn, OldTuple, RelationBody, ReplicationMessage, TupleData,
+    TupleValue,
+};
 use self::replication::{quote_ident, quote_literal, ReplicationConn, SESSION_SETTINGS};
 use super::{Batch, Discovery, Installed, Problem, Source};
 use crate::config::{Config, TableFilter};
@@ -146,7 +149,10 @@ impl PgSource {
             create_publication: config.source.create_publication,
             unmapped_as_text: config.source.unmapped_as_text,
             // A PostgreSQL target reads every type's text form as that type.
-            target_is_postgres: matches!(config.target_kind(), Ok(crate::config::TargetKind::Postgres { .. })),
+            target_is_postgres: matches!(
+                config.target_kind(),
+                Ok(crate::config::TargetKind::Postgres { .. })
+            ),
             filter: config.table_filter()?,
             renames: config.tables.rename.clone(),
             catalog: Mutex::new(HashMap::new()),
@@ -154,7 +160,9 @@ impl PgSource {
             durable: watch::channel(0).0,
             retry_attempts: config.pipeline.retry_attempts,
             retry_max_delay: Duration::from_millis(config.pipeline.retry_max_delay_ms),
-            copy_slots: Arc::new(tokio::sync::Semaphore::new(config.pipeline.snapshot_workers.max(1))),
+            copy_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.pipeline.snapshot_workers.max(1),
+            )),
             split_parts: config.pipeline.snapshot_workers.max(1),
             split_bytes: config.pipeline.snapshot_split_mb.saturating_mul(1 << 20),
             heartbeat_interval: Duration::from_millis(config.source.heartbeat_interval_ms),
@@ -171,9 +179,13 @@ impl PgSource {
     /// An ordinary connection with our session settings.
     async fn client(&self) -> Result<tokio_postgres::Client> {
         let c = self.ep.connect().await?;
-        let settings: Vec<String> =
-            SESSION_SETTINGS.iter().map(|(k, v)| format!("SET {k} = {}", quote_literal(v))).collect();
-        c.batch_execute(&settings.join("; ")).await.map_err(|e| conn::pg_error(&self.ep, "session settings", e))?;
+        let settings: Vec<String> = SESSION_SETTINGS
+            .iter()
+            .map(|(k, v)| format!("SET {k} = {}", quote_literal(v)))
+            .collect();
+        c.batch_execute(&settings.join("; "))
+            .await
+            .map_err(|e| conn::pg_error(&self.ep, "session settings", e))?;
         Ok(c)
     }
 
@@ -184,7 +196,10 @@ impl PgSource {
 
     async fn publication_exists(&self, c: &tokio_postgres::Client) -> Result<bool> {
         let row = c
-            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&self.publication])
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&self.publication],
+            )
             .await
             .map_err(self.pg("reading pg_publication"))?;
         Ok(row.is_some())
@@ -192,7 +207,10 @@ impl PgSource {
 
     /// The slot's output plugin and confirmed flush LSN, if it exists. Slot
     /// names are per cluster: one of another database is an error, not ours.
-    async fn slot_state(&self, c: &tokio_postgres::Client) -> Result<Option<(String, Option<String>)>> {
+    async fn slot_state(
+        &self,
+        c: &tokio_postgres::Client,
+    ) -> Result<Option<(String, Option<String>)>> {
         let row = c
             .query_opt(
                 "SELECT plugin::text, confirmed_flush_lsn::text, database::text, slot_type, wal_status FROM pg_replication_slots WHERE slot_name = $1",
@@ -221,7 +239,10 @@ impl PgSource {
                 self.slot, self.slot
             )));
         }
-        Ok(Some((r.get::<_, Option<String>>(0).unwrap_or_default(), r.get(1))))
+        Ok(Some((
+            r.get::<_, Option<String>>(0).unwrap_or_default(),
+            r.get(1),
+        )))
     }
 
     /// A new exported snapshot on a temporary slot, for tables copied after
@@ -235,9 +256,15 @@ impl PgSource {
         let base: String = self.slot.chars().take(40).collect();
         let name = format!("{base}_copy_{}_{n}", std::process::id());
         let created = conn.create_slot(&name, true).await?;
-        let snapshot = created.snapshot.ok_or_else(|| Error::definite("the temporary slot exported no snapshot"))?;
+        let snapshot = created
+            .snapshot
+            .ok_or_else(|| Error::definite("the temporary slot exported no snapshot"))?;
         info!(consistent_point = %created.consistent_point, "new snapshot for the tables still to copy");
-        Ok(Export { _conn: conn, snapshot, consistent_point: created.consistent_point })
+        Ok(Export {
+            _conn: conn,
+            snapshot,
+            consistent_point: created.consistent_point,
+        })
     }
 }
 
@@ -245,19 +272,34 @@ impl PgSource {
 /// literal (with its cast), a number, a boolean, or a clock or uuid function.
 fn portable_default(e: &str) -> bool {
     let e = e.trim();
-    const FUNCTIONS: &[&str] =
-        &["now()", "CURRENT_TIMESTAMP", "CURRENT_DATE", "CURRENT_TIME", "LOCALTIMESTAMP", "LOCALTIME", "gen_random_uuid()", "true", "false", "NULL"];
+    const FUNCTIONS: &[&str] = &[
+        "now()",
+        "CURRENT_TIMESTAMP",
+        "CURRENT_DATE",
+        "CURRENT_TIME",
+        "LOCALTIMESTAMP",
+        "LOCALTIME",
+        "gen_random_uuid()",
+        "true",
+        "false",
+        "NULL",
+    ];
     if FUNCTIONS.contains(&e) {
         return true;
     }
-    if e.parse::<f64>().is_ok() || (e.starts_with('(') && e.ends_with(')') && e[1..e.len() - 1].parse::<f64>().is_ok()) {
+    if e.parse::<f64>().is_ok()
+        || (e.starts_with('(') && e.ends_with(')') && e[1..e.len() - 1].parse::<f64>().is_ok())
+    {
         return true;
     }
     // 'text'::type, without anything after the cast's type name.
     if let Some(rest) = e.strip_prefix('\'') {
         if let Some(end) = rest.rfind("'::") {
             let ty = &rest[end + 3..];
-            return !rest[..end].contains("'::") && ty.chars().all(|c| c.is_ascii_alphanumeric() || " _()[],\"".contains(c));
+            return !rest[..end].contains("'::")
+                && ty
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || " _()[],\"".contains(c));
         }
         return rest.ends_with('\'');
     }
@@ -294,8 +336,14 @@ impl Source for PgSource {
             )
             .await
             .map_err(self.pg("reading wal_level and the role"))?;
-        let (wal_level, user, can_replicate): (String, String, Option<bool>) = (row.get(0), row.get(1), row.get(2));
-        let server_problem = |message: String| Problem { table: "(source)".into(), column: None, message, blocking: true };
+        let (wal_level, user, can_replicate): (String, String, Option<bool>) =
+            (row.get(0), row.get(1), row.get(2));
+        let server_problem = |message: String| Problem {
+            table: "(source)".into(),
+            column: None,
+            message,
+            blocking: true,
+        };
         if wal_level != "logical" {
             d.problems.push(server_problem(format!(
                 "the server runs with wal_level = {wal_level}; logical replication needs wal_level = logical (ALTER SYSTEM SET wal_level = logical, then restart the server)"
@@ -377,8 +425,12 @@ impl Source for PgSource {
                 let elem: u32 = col.get(5);
                 // An array travels as a JSON array of its elements (`types`
                 // then holds the element type).
-                let (logical, native, base) =
-                    if elem != 0 { (crate::model::LogicalType::Json, true, elem) } else { let (l, n) = logical_for(base); (l, n, base) };
+                let (logical, native, base) = if elem != 0 {
+                    (crate::model::LogicalType::Json, true, elem)
+                } else {
+                    let (l, n) = logical_for(base);
+                    (l, n, base)
+                };
                 let typtype: String = col.get(4);
                 if !native && typtype != "e" && !self.target_is_postgres {
                     d.problems.push(if self.unmapped_as_text {
@@ -400,7 +452,12 @@ impl Source for PgSource {
                     });
                 }
                 types.push(base);
-                columns.push(Column { name: cname, source_type: declared, logical, nullable: !col.get::<_, bool>(3) });
+                columns.push(Column {
+                    name: cname,
+                    source_type: declared,
+                    logical,
+                    nullable: !col.get::<_, bool>(3),
+                });
             }
             let key_rows = c
                 .query(
@@ -426,17 +483,35 @@ impl Source for PgSource {
                     }
                 }
             }
-            let target_name = self.renames.get(&name).cloned().unwrap_or_else(|| name.replace('.', "_"));
+            let target_name = self
+                .renames
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| name.replace('.', "_"));
             if key.is_empty() && replident == "f" {
                 // REPLICA IDENTITY FULL: the old row image identifies the row.
                 d.problems.push(Problem {
                     table: name.clone(),
                     column: None,
-                    message: "no key: rows are identified by their whole value (REPLICA IDENTITY FULL)".into(),
+                    message:
+                        "no key: rows are identified by their whole value (REPLICA IDENTITY FULL)"
+                            .into(),
                     blocking: false,
                 });
-                catalog.insert(name.clone(), PgTable { oid, only: relkind == "r", schema, name: table, types });
-                d.tables.push(TableSchema { source_id: oid.to_string(), ..TableSchema::whole_row(name, target_name, columns) });
+                catalog.insert(
+                    name.clone(),
+                    PgTable {
+                        oid,
+                        only: relkind == "r",
+                        schema,
+                        name: table,
+                        types,
+                    },
+                );
+                d.tables.push(TableSchema {
+                    source_id: oid.to_string(),
+                    ..TableSchema::whole_row(name, target_name, columns)
+                });
                 continue;
             }
             if key.is_empty() {
@@ -454,7 +529,16 @@ impl Source for PgSource {
             for &k in &key {
                 columns[k].nullable = false;
             }
-            catalog.insert(name.clone(), PgTable { oid, only: relkind == "r", schema, name: table, types });
+            catalog.insert(
+                name.clone(),
+                PgTable {
+                    oid,
+                    only: relkind == "r",
+                    schema,
+                    name: table,
+                    types,
+                },
+            );
             let secondary = self.secondary(&c, oid).await?;
             let enum_types = self.enum_types(&c, oid).await?;
             let column_defaults = self.column_defaults(&c, oid, &columns).await?;
@@ -490,7 +574,10 @@ impl Source for PgSource {
         }
         let mut rconn = ReplicationConn::connect(&self.ep).await?;
         let system = rconn.identify_system().await?;
-        let origin = format!("postgres:{}:{}:{}", system.system_id, self.ep.dbname, self.slot);
+        let origin = format!(
+            "postgres:{}:{}:{}",
+            system.system_id, self.ep.dbname, self.slot
+        );
         let mut recaptured = Vec::new();
         match self.slot_state(&c).await? {
             Some((plugin, _)) if plugin != "pgoutput" => {
@@ -549,7 +636,10 @@ impl Source for PgSource {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             loop {
                 let active: Option<i32> = c
-                    .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
+                    .query_opt(
+                        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&self.slot],
+                    )
                     .await
                     .map_err(self.pg("reading pg_replication_slots"))?
                     .and_then(|r| r.get(0));
@@ -560,23 +650,36 @@ impl Source for PgSource {
             }
             c.execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
                 .await
-                .map_err(self.pg("dropping the replication slot (stop the running switchyard first)"))?;
+                .map_err(
+                    self.pg("dropping the replication slot (stop the running switchyard first)"),
+                )?;
             info!(slot = %self.slot, "replication slot dropped");
         }
         if self.create_publication && self.publication_exists(&c).await? {
-            c.batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&self.publication)))
-                .await
-                .map_err(self.pg("dropping the publication"))?;
+            c.batch_execute(&format!(
+                "DROP PUBLICATION {}",
+                quote_ident(&self.publication)
+            ))
+            .await
+            .map_err(self.pg("dropping the publication"))?;
             info!(publication = %self.publication, "publication dropped");
         }
         Ok(())
     }
 
     async fn count_rows(&self, table: &TableSchema) -> Result<Option<u64>> {
-        let Some(t) = self.catalog.lock().await.get(&table.name).cloned() else { return Ok(None) };
+        let Some(t) = self.catalog.lock().await.get(&table.name).cloned() else {
+            return Ok(None);
+        };
         let c = self.client().await?;
         let row = c
-            .query_one(&format!("SELECT reltuples::int8 FROM pg_class WHERE oid = '{}'::regclass", t.qualified().replace('\'', "''")), &[])
+            .query_one(
+                &format!(
+                    "SELECT reltuples::int8 FROM pg_class WHERE oid = '{}'::regclass",
+                    t.qualified().replace('\'', "''")
+                ),
+                &[],
+            )
             .await
             .map_err(self.pg("estimating the row count"))?;
         let n: i64 = row.get(0);
@@ -589,19 +692,30 @@ impl Source for PgSource {
         }
         let c = self.client().await?;
         let flushed = self.slot_state(&c).await?.and_then(|(_, f)| f);
-        let lsn: Lsn = flushed
-            .as_deref()
-            .unwrap_or("0/0")
-            .parse()
-            .map_err(|_| Error::definite(format!("slot {:?}: unreadable confirmed_flush_lsn {flushed:?}", self.slot)))?;
+        let lsn: Lsn = flushed.as_deref().unwrap_or("0/0").parse().map_err(|_| {
+            Error::definite(format!(
+                "slot {:?}: unreadable confirmed_flush_lsn {flushed:?}",
+                self.slot
+            ))
+        })?;
         Ok(snapshot_position(lsn))
     }
 
-    async fn snapshot(&self, table: Arc<TableSchema>, batch_rows: usize, rows: mpsc::Sender<Vec<Row>>) -> Result<Position> {
-        self.copy_table(&table, CopyOut::Rows(rows, batch_rows)).await
+    async fn snapshot(
+        &self,
+        table: Arc<TableSchema>,
+        batch_rows: usize,
+        rows: mpsc::Sender<Vec<Row>>,
+    ) -> Result<Position> {
+        self.copy_table(&table, CopyOut::Rows(rows, batch_rows))
+            .await
     }
 
-    async fn snapshot_copy_text(&self, table: Arc<TableSchema>, out: mpsc::Sender<bytes::Bytes>) -> Result<Option<Position>> {
+    async fn snapshot_copy_text(
+        &self,
+        table: Arc<TableSchema>,
+        out: mpsc::Sender<bytes::Bytes>,
+    ) -> Result<Option<Position>> {
         Ok(Some(self.copy_table(&table, CopyOut::Text(out)).await?))
     }
 
@@ -618,7 +732,18 @@ impl Source for PgSource {
         let catalog = self.catalog.lock().await.clone();
         let by_name: HashMap<u32, (String, String, Replicated)> = tables
             .iter()
-            .filter_map(|t| catalog.get(&t.name).map(|pg| (pg.oid, (pg.schema.clone(), pg.name.clone(), (t.clone(), pg.types.clone())))))
+            .filter_map(|t| {
+                catalog.get(&t.name).map(|pg| {
+                    (
+                        pg.oid,
+                        (
+                            pg.schema.clone(),
+                            pg.name.clone(),
+                            (t.clone(), pg.types.clone()),
+                        ),
+                    )
+                })
+            })
             .collect();
         let mut state = StreamState {
             relations: HashMap::new(),
@@ -673,7 +798,10 @@ impl Source for PgSource {
         });
         let mut failures = 0usize;
         loop {
-            match self.stream_once(&mut state, max_batch, &changes, &cancel).await {
+            match self
+                .stream_once(&mut state, max_batch, &changes, &cancel)
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() && failures < self.retry_attempts => {
                     if std::mem::take(&mut state.progressed) {
@@ -712,7 +840,8 @@ impl Source for PgSource {
             )
             .await
             .map_err(self.pg("reading the server's WAL position"))?;
-        let (head, current, retained): (String, i64, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+        let (head, current, retained): (String, i64, Option<i64>) =
+            (row.get(0), row.get(1), row.get(2));
         let retained = retained.map(|r| r.max(0) as u64);
         let slot_warning = retained.filter(|r| self.slot_warn_bytes > 0 && *r > self.slot_warn_bytes).map(|r| {
             let m = format!(
@@ -725,7 +854,11 @@ impl Source for PgSource {
             m
         });
         let (handed, end) = *self.handed.lock().await;
-        let applied_end = if applied >= handed { flush_lsn(applied).max(end) } else { flush_lsn(applied) };
+        let applied_end = if applied >= handed {
+            flush_lsn(applied).max(end)
+        } else {
+            flush_lsn(applied)
+        };
         Ok(crate::source::SourceLag {
             head,
             bytes: (current.max(0) as u64).saturating_sub(applied_end),
@@ -844,7 +977,11 @@ impl PgSource {
         let Some((schema, name, (table, types))) = state.by_name.get(&r.oid).cloned() else {
             // Not replicated, unless it stands in for a replicated table of
             // the same name that was dropped and created again.
-            if let Some((_, _, (t, _))) = state.by_name.values().find(|(s, n, _)| *s == r.namespace && *n == r.name) {
+            if let Some((_, _, (t, _))) = state
+                .by_name
+                .values()
+                .find(|(s, n, _)| *s == r.namespace && *n == r.name)
+            {
                 return Err(Error::definite(format!(
                     "table {:?} was dropped and created again while streaming (a new table under the same name); \
                      its changes are not acknowledged. Copy the table again: run once with it in tables.exclude, then without",
@@ -892,8 +1029,11 @@ impl PgSource {
                 .map_err(self.pg("reading the type of an added column"))?;
             let declared: String = row.get(0);
             let elem: u32 = row.get(3);
-            let (logical, base) =
-                if elem != 0 { (crate::model::LogicalType::Json, elem) } else { (logical_for(row.get(1)).0, row.get(1)) };
+            let (logical, base) = if elem != 0 {
+                (crate::model::LogicalType::Json, elem)
+            } else {
+                (logical_for(row.get(1)).0, row.get(1))
+            };
             if row.get::<_, Option<bool>>(2) == Some(true) && table.whole_row {
                 return Err(Error::definite(format!(
                     "table {:?} has no key and gained column {:?} with a default: the rows it identifies by their whole value changed in the source but not in the target; \
@@ -905,7 +1045,12 @@ impl PgSource {
                 warn!(table = %table.name, column = %c.name,
                     "column added with a default: rows that existed before hold it in the source but not in the target; copy the table again to carry it");
             }
-            wider.columns.push(Column { name: c.name.clone(), source_type: declared, logical, nullable: true });
+            wider.columns.push(Column {
+                name: c.name.clone(),
+                source_type: declared,
+                logical,
+                nullable: true,
+            });
             if wider.whole_row {
                 wider.key.push(wider.columns.len() - 1);
             }
@@ -917,7 +1062,9 @@ impl PgSource {
             pg.types = types.clone();
         }
         let wider = Arc::new(wider);
-        state.by_name.insert(r.oid, (schema, name, (wider.clone(), types.clone())));
+        state
+            .by_name
+            .insert(r.oid, (schema, name, (wider.clone(), types.clone())));
         state.relations.insert(r.oid, Some((wider, types)));
         Ok(())
     }
@@ -926,7 +1073,12 @@ impl PgSource {
 impl PgSource {
     /// Identity (and serial) columns, and defaults that mean the same in any
     /// database: constants, `now()` and its kin, `gen_random_uuid()`.
-    async fn column_defaults(&self, c: &tokio_postgres::Client, oid: u32, columns: &[Column]) -> Result<Vec<crate::model::ColumnDefault>> {
+    async fn column_defaults(
+        &self,
+        c: &tokio_postgres::Client,
+        oid: u32,
+        columns: &[Column],
+    ) -> Result<Vec<crate::model::ColumnDefault>> {
         let rows = c
             .query(
                 "SELECT a.attname::text, a.attidentity::text, pg_get_expr(d.adbin, d.adrelid)
@@ -940,13 +1092,19 @@ impl PgSource {
         let mut out = Vec::new();
         for r in rows {
             let name: String = r.get(0);
-            let Some(column) = columns.iter().position(|c| c.name == name) else { continue };
+            let Some(column) = columns.iter().position(|c| c.name == name) else {
+                continue;
+            };
             let identity_kind: String = r.get(1);
             let expr: Option<String> = r.get(2);
             let serial = expr.as_deref().is_some_and(|e| e.starts_with("nextval("));
             let default = expr.filter(|e| !serial && portable_default(e));
             if !identity_kind.is_empty() || serial || default.is_some() {
-                out.push(crate::model::ColumnDefault { column, identity: !identity_kind.is_empty() || serial, default });
+                out.push(crate::model::ColumnDefault {
+                    column,
+                    identity: !identity_kind.is_empty() || serial,
+                    default,
+                });
             }
         }
         out.sort_by_key(|d| d.column);
@@ -954,7 +1112,11 @@ impl PgSource {
     }
 
     /// The enum types of a table's (non-array) columns, with their labels.
-    async fn enum_types(&self, c: &tokio_postgres::Client, oid: u32) -> Result<Vec<(String, Vec<String>)>> {
+    async fn enum_types(
+        &self,
+        c: &tokio_postgres::Client,
+        oid: u32,
+    ) -> Result<Vec<(String, Vec<String>)>> {
         let rows = c
             .query(
                 "SELECT DISTINCT format_type(t.oid, NULL),
@@ -965,12 +1127,24 @@ impl PgSource {
             )
             .await
             .map_err(self.pg("reading the table's enum types"))?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get::<_, Option<Vec<String>>>(1).unwrap_or_default())).collect())
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get::<_, Option<Vec<String>>>(1).unwrap_or_default(),
+                )
+            })
+            .collect())
     }
 
     /// A table's secondary indexes (not the primary key, not exclusion
     /// constraints) and foreign keys, from the catalog.
-    async fn secondary(&self, c: &tokio_postgres::Client, oid: u32) -> Result<Vec<crate::model::Secondary>> {
+    async fn secondary(
+        &self,
+        c: &tokio_postgres::Client,
+        oid: u32,
+    ) -> Result<Vec<crate::model::Secondary>> {
         use crate::model::Secondary;
         let mut out = Vec::new();
         for r in c
@@ -1033,7 +1207,9 @@ impl PgSource {
         if ranges.len() > 1 {
             info!(table = %table.name, parts = ranges.len(), "copying the table in block ranges at once");
         }
-        let parts = ranges.into_iter().map(|r| self.copy_part(table, &pg, &snapshot, r, out.clone()));
+        let parts = ranges
+            .into_iter()
+            .map(|r| self.copy_part(table, &pg, &snapshot, r, out.clone()));
         futures::future::try_join_all(parts).await?;
         Ok(snapshot_position(cp))
     }
@@ -1047,7 +1223,9 @@ impl PgSource {
             .await
             .get(&table.name)
             .cloned()
-            .ok_or_else(|| Error::definite(format!("table {:?} is not in the catalog", table.name)))?;
+            .ok_or_else(|| {
+                Error::definite(format!("table {:?} is not in the catalog", table.name))
+            })?;
         let mut export = self.export.lock().await;
         if export.is_none() {
             *export = Some(self.temporary_export().await?);
@@ -1108,7 +1286,11 @@ impl PgSource {
         range: BlockRange,
         out: CopyOut,
     ) -> Result<()> {
-        let _slot = self.copy_slots.acquire().await.map_err(|_| Error::new(ErrorKind::Interrupted, "snapshot stopped"))?;
+        let _slot = self
+            .copy_slots
+            .acquire()
+            .await
+            .map_err(|_| Error::new(ErrorKind::Interrupted, "snapshot stopped"))?;
         let mut c = self.client().await?;
         let tx = c
             .build_transaction()
@@ -1117,25 +1299,41 @@ impl PgSource {
             .start()
             .await
             .map_err(self.pg("starting the snapshot transaction"))?;
-        tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)))
-            .await
-            .map_err(self.pg("importing the exported snapshot"))?;
+        tx.batch_execute(&format!(
+            "SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await
+        .map_err(self.pg("importing the exported snapshot"))?;
         let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let filter = match range {
             None => String::new(),
-            Some((from, Some(to))) => format!(" WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid"),
+            Some((from, Some(to))) => {
+                format!(" WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid")
+            }
             Some((from, None)) => format!(" WHERE ctid >= '({from},0)'::tid"),
         };
         let only = if pg.only { "ONLY " } else { "" };
-        let sql = format!("COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT", cols.join(", "), pg.qualified());
-        let stream = tx.copy_out(sql.as_str()).await.map_err(self.pg(&format!("copying {}", table.name)))?;
+        let sql = format!(
+            "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT",
+            cols.join(", "),
+            pg.qualified()
+        );
+        let stream = tx
+            .copy_out(sql.as_str())
+            .await
+            .map_err(self.pg(&format!("copying {}", table.name)))?;
         pin_mut!(stream);
         let (rows, batch_rows) = match out {
             CopyOut::Rows(rows, n) => (rows, n),
             CopyOut::Text(text) => {
                 // Whole rows (one per CopyData message) gathered into 1 MiB chunks.
                 let mut buf = bytes::BytesMut::with_capacity(1 << 20);
-                while let Some(chunk) = stream.try_next().await.map_err(self.pg(&format!("copying {}", table.name)))? {
+                while let Some(chunk) = stream
+                    .try_next()
+                    .await
+                    .map_err(self.pg(&format!("copying {}", table.name)))?
+                {
                     buf.extend_from_slice(&chunk);
                     if buf.len() >= 1 << 20 && text.send(buf.split().freeze()).await.is_err() {
                         return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
@@ -1144,14 +1342,20 @@ impl PgSource {
                 if !buf.is_empty() && text.send(buf.freeze()).await.is_err() {
                     return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
                 }
-                tx.commit().await.map_err(self.pg("ending the snapshot transaction"))?;
+                tx.commit()
+                    .await
+                    .map_err(self.pg("ending the snapshot transaction"))?;
                 return Ok(());
             }
         };
         let mut parser = values::CopyTextParser::new(table.columns.len());
         let mut batch = Vec::with_capacity(batch_rows);
         let ctx = |e: String| Error::definite(format!("table {:?}: {e}", table.name));
-        while let Some(chunk) = stream.try_next().await.map_err(self.pg(&format!("copying {}", table.name)))? {
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(self.pg(&format!("copying {}", table.name)))?
+        {
             for fields in parser.feed(&chunk).map_err(ctx)? {
                 batch.push(values::decode_row(table, &pg.types, fields)?);
                 if batch.len() >= batch_rows {
@@ -1166,7 +1370,9 @@ impl PgSource {
         if !batch.is_empty() && rows.send(batch).await.is_err() {
             return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
         }
-        tx.commit().await.map_err(self.pg("ending the snapshot transaction"))?;
+        tx.commit()
+            .await
+            .map_err(self.pg("ending the snapshot transaction"))?;
         Ok(())
     }
 }
@@ -1213,7 +1419,11 @@ impl StreamState {
 
     /// A batch that moves the checkpoint to the server's position when no
     /// transaction is open and nothing is pending.
-    fn heartbeat(&mut self, wal_end: Lsn, server_time: Option<chrono::DateTime<chrono::Utc>>) -> Option<Batch> {
+    fn heartbeat(
+        &mut self,
+        wal_end: Lsn,
+        server_time: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Option<Batch> {
         // Every transaction whose commit record starts before `wal_end` was sent.
         let upto = snapshot_position(wal_end);
         if self.commit.is_some() || !self.pending.is_empty() || upto <= self.sent_upto {
@@ -1222,18 +1432,28 @@ impl StreamState {
         self.sent_upto = upto;
         self.last_end = self.last_end.max(wal_end);
         // Everything committed before the server sent this is sent.
-        Some(Batch { changes: Vec::new(), upto, committed_at: server_time })
+        Some(Batch {
+            changes: Vec::new(),
+            upto,
+            committed_at: server_time,
+        })
     }
 
     fn take(&mut self, upto: Position) -> Batch {
         self.sent_upto = self.sent_upto.max(upto).max(self.advance);
-        Batch { changes: std::mem::take(&mut self.pending), upto: self.sent_upto, committed_at: self.last_commit }
+        Batch {
+            changes: std::mem::take(&mut self.pending),
+            upto: self.sent_upto,
+            committed_at: self.last_commit,
+        }
     }
 
     fn table(&self, oid: u32) -> Result<Option<Replicated>> {
         match self.relations.get(&oid) {
             Some(t) => Ok(t.clone()),
-            None => Err(Error::definite(format!("pgoutput sent a change of relation {oid} before describing it"))),
+            None => Err(Error::definite(format!(
+                "pgoutput sent a change of relation {oid} before describing it"
+            ))),
         }
     }
 
@@ -1250,7 +1470,11 @@ impl StreamState {
         if position <= self.after {
             return; // applied before the restart
         }
-        self.pending.push(Change { table, op, position });
+        self.pending.push(Change {
+            table,
+            op,
+            position,
+        });
     }
 
     fn on_message(&mut self, m: LogicalMessage, max_batch: usize) -> Result<Option<Batch>> {
@@ -1301,7 +1525,10 @@ impl StreamState {
                             }
                         }
                         // By digest, which is the identity (0.0 and -0.0 differ there).
-                        let digest = |r: &Row| t.row_digest(r).map_err(|m| Error::definite(format!("table {:?}: {m}", t.name)));
+                        let digest = |r: &Row| {
+                            t.row_digest(r)
+                                .map_err(|m| Error::definite(format!("table {:?}: {m}", t.name)))
+                        };
                         let old_key = (digest(&old)? != digest(&row)?).then_some(old);
                         self.push(t, Op::Update { old_key, row });
                         return self.flush_if_full(max_batch);
@@ -1319,7 +1546,11 @@ impl StreamState {
             LogicalMessage::Delete(d) => {
                 self.count();
                 if let Some((t, types)) = self.table(d.oid)? {
-                    let key = if t.whole_row { whole_old_row(&t, &types, Some(&d.old))? } else { old_key(&t, &types, &d.old)? };
+                    let key = if t.whole_row {
+                        whole_old_row(&t, &types, Some(&d.old))?
+                    } else {
+                        old_key(&t, &types, &d.old)?
+                    };
                     self.push(t, Op::Delete { key });
                 }
             }
@@ -1352,8 +1583,15 @@ impl StreamState {
     /// Hands off part of a large transaction once `max_batch` changes wait.
     fn flush_if_full(&mut self, max_batch: usize) -> Result<Option<Batch>> {
         if self.pending.len() >= max_batch {
-            debug!(changes = self.pending.len(), "sending part of a large transaction");
-            let upto = self.pending.last().map(|c| c.position).unwrap_or(self.sent_upto);
+            debug!(
+                changes = self.pending.len(),
+                "sending part of a large transaction"
+            );
+            let upto = self
+                .pending
+                .last()
+                .map(|c| c.position)
+                .unwrap_or(self.sent_upto);
             return Ok(Some(self.take(upto)));
         }
         Ok(None)
@@ -1397,13 +1635,20 @@ fn tuple_row(table: &TableSchema, types: &[u32], tuple: &TupleData) -> Result<Ro
         fields.push(match v {
             TupleValue::Null => None,
             TupleValue::Text(b) => Some(String::from_utf8(b.to_vec()).map_err(|_| {
-                Error::definite(format!("table {:?}, column {:?}: value is not UTF-8", table.name, table.columns[i].name))
+                Error::definite(format!(
+                    "table {:?}, column {:?}: value is not UTF-8",
+                    table.name, table.columns[i].name
+                ))
             })?),
             TupleValue::Unchanged => {
                 unchanged.push(i);
                 None
             }
-            TupleValue::Binary(_) => return Err(Error::definite("pgoutput sent a binary value, which switchyard does not request")),
+            TupleValue::Binary(_) => {
+                return Err(Error::definite(
+                    "pgoutput sent a binary value, which switchyard does not request",
+                ))
+            }
         });
     }
     let mut row = values::decode_row(table, types, fields)?;
@@ -1424,7 +1669,10 @@ fn old_key(table: &TableSchema, types: &[u32], old: &OldTuple) -> Result<Vec<Val
     let mut key = Vec::with_capacity(table.key.len());
     for &k in &table.key {
         let v = tuple.0.get(k).ok_or_else(|| {
-            Error::definite(format!("table {:?}: the old row image lacks key column {}", table.name, table.columns[k].name))
+            Error::definite(format!(
+                "table {:?}: the old row image lacks key column {}",
+                table.name, table.columns[k].name
+            ))
         })?;
         let text = match v {
             TupleValue::Text(b) => String::from_utf8_lossy(b).into_owned(),
@@ -1435,9 +1683,14 @@ fn old_key(table: &TableSchema, types: &[u32], old: &OldTuple) -> Result<Vec<Val
                 )))
             }
         };
-        key.push(values::decode(&table.columns[k], types[k], &text).map_err(|m| {
-            Error::definite(format!("table {:?}, column {:?}: {m}", table.name, table.columns[k].name))
-        })?);
+        key.push(
+            values::decode(&table.columns[k], types[k], &text).map_err(|m| {
+                Error::definite(format!(
+                    "table {:?}, column {:?}: {m}",
+                    table.name, table.columns[k].name
+                ))
+            })?,
+        );
     }
     Ok(key)
 }

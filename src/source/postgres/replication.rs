@@ -89,10 +89,17 @@ impl ReplicationConn {
     /// Connects, negotiates TLS as the sslmode says, and authenticates.
     pub async fn connect(ep: &PgEndpoint) -> Result<Self> {
         let shown = ep.shown().to_string();
-        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect((ep.host.as_str(), ep.port)))
-            .await
-            .map_err(|_| Error::transient(format!("cannot reach PostgreSQL ({shown}): connection timed out after 10 s")))?
-            .map_err(|e| io_error(&shown, "cannot reach PostgreSQL", e))?;
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            TcpStream::connect((ep.host.as_str(), ep.port)),
+        )
+        .await
+        .map_err(|_| {
+            Error::transient(format!(
+                "cannot reach PostgreSQL ({shown}): connection timed out after 10 s"
+            ))
+        })?
+        .map_err(|e| io_error(&shown, "cannot reach PostgreSQL", e))?;
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn Io> = match ep.tls_config()? {
             None => Box::new(tcp),
@@ -100,8 +107,13 @@ impl ReplicationConn {
                 let mut tcp = tcp;
                 let mut req = BytesMut::new();
                 frontend::ssl_request(&mut req);
-                tcp.write_all(&req).await.map_err(|e| io_error(&shown, "sending SSLRequest", e))?;
-                let answer = tcp.read_u8().await.map_err(|e| io_error(&shown, "reading the SSLRequest answer", e))?;
+                tcp.write_all(&req)
+                    .await
+                    .map_err(|e| io_error(&shown, "sending SSLRequest", e))?;
+                let answer = tcp
+                    .read_u8()
+                    .await
+                    .map_err(|e| io_error(&shown, "reading the SSLRequest answer", e))?;
                 match answer {
                     b'S' => {
                         let name = ServerName::try_from(ep.host.clone()).map_err(|e| {
@@ -141,8 +153,14 @@ impl ReplicationConn {
 
     async fn flush(&mut self) -> Result<()> {
         let shown = self.shown.clone();
-        self.io.write_all(&self.wbuf).await.map_err(|e| io_error(&shown, "writing to PostgreSQL", e))?;
-        self.io.flush().await.map_err(|e| io_error(&shown, "writing to PostgreSQL", e))?;
+        self.io
+            .write_all(&self.wbuf)
+            .await
+            .map_err(|e| io_error(&shown, "writing to PostgreSQL", e))?;
+        self.io
+            .flush()
+            .await
+            .map_err(|e| io_error(&shown, "writing to PostgreSQL", e))?;
         self.wbuf.clear();
         Ok(())
     }
@@ -152,7 +170,9 @@ impl ReplicationConn {
     async fn next_backend(&mut self) -> Result<Backend> {
         loop {
             if self.rbuf.len() >= 5 {
-                let len = u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize;
+                let len =
+                    u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]])
+                        as usize;
                 // PostgreSQL's messages stay under 1 GiB (its allocation limit).
                 if !(4..=(1 << 30)).contains(&len) {
                     return Err(Error::definite(format!(
@@ -166,8 +186,12 @@ impl ReplicationConn {
                         self.rbuf.advance(len + 1);
                         return Ok(Backend::CopyBothResponse);
                     }
-                    let msg = Message::parse(&mut self.rbuf)
-                        .map_err(|e| Error::definite(format!("unreadable message from PostgreSQL ({}): {e}", self.shown)))?;
+                    let msg = Message::parse(&mut self.rbuf).map_err(|e| {
+                        Error::definite(format!(
+                            "unreadable message from PostgreSQL ({}): {e}",
+                            self.shown
+                        ))
+                    })?;
                     if let Some(m) = msg {
                         return Ok(Backend::Msg(m));
                     }
@@ -180,12 +204,19 @@ impl ReplicationConn {
                 .await
                 .map_err(|e| io_error(&self.shown, "reading from PostgreSQL", e))?;
             if n == 0 {
-                return Err(Error::transient(format!("PostgreSQL ({}) closed the connection", self.shown)));
+                return Err(Error::transient(format!(
+                    "PostgreSQL ({}) closed the connection",
+                    self.shown
+                )));
             }
         }
     }
 
-    fn server_error(&self, what: &str, body: &postgres_protocol::message::backend::ErrorResponseBody) -> Error {
+    fn server_error(
+        &self,
+        what: &str,
+        body: &postgres_protocol::message::backend::ErrorResponseBody,
+    ) -> Error {
         let mut code = String::new();
         let mut message = String::new();
         let mut detail = None;
@@ -240,7 +271,9 @@ impl ReplicationConn {
         let mut scram: Option<ScramSha256> = None;
         loop {
             let Backend::Msg(msg) = self.next_backend().await? else {
-                return Err(Error::definite("unexpected CopyBothResponse during startup"));
+                return Err(Error::definite(
+                    "unexpected CopyBothResponse during startup",
+                ));
             };
             let bad = |e: std::io::Error| Error::definite(format!("authentication message: {e}"));
             match msg {
@@ -304,7 +337,9 @@ impl ReplicationConn {
         loop {
             match self.next_backend().await? {
                 Backend::Msg(Message::ReadyForQuery(_)) => return Ok(()),
-                Backend::Msg(Message::ErrorResponse(body)) => return Err(self.server_error("cannot connect", &body)),
+                Backend::Msg(Message::ErrorResponse(body)) => {
+                    return Err(self.server_error("cannot connect", &body))
+                }
                 _ => {}
             }
         }
@@ -321,7 +356,8 @@ impl ReplicationConn {
 
     /// Runs a simple query and returns its rows as text.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
-        frontend::query(sql, &mut self.wbuf).map_err(|e| Error::definite(format!("building a query: {e}")))?;
+        frontend::query(sql, &mut self.wbuf)
+            .map_err(|e| Error::definite(format!("building a query: {e}")))?;
         self.flush().await?;
         let mut rows = Vec::new();
         let mut error = None;
@@ -331,7 +367,10 @@ impl ReplicationConn {
                     let buf = body.buffer();
                     let mut row = Vec::new();
                     let mut ranges = body.ranges();
-                    while let Some(r) = ranges.next().map_err(|e| Error::definite(format!("data row: {e}")))? {
+                    while let Some(r) = ranges
+                        .next()
+                        .map_err(|e| Error::definite(format!("data row: {e}")))?
+                    {
                         row.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
                     }
                     rows.push(row);
@@ -342,7 +381,9 @@ impl ReplicationConn {
                 }
                 Backend::Msg(Message::ReadyForQuery(_)) => break,
                 Backend::CopyBothResponse => {
-                    return Err(Error::definite(format!("{sql}: unexpected CopyBothResponse")));
+                    return Err(Error::definite(format!(
+                        "{sql}: unexpected CopyBothResponse"
+                    )));
                 }
                 Backend::Msg(_) => {}
             }
@@ -355,12 +396,16 @@ impl ReplicationConn {
 
     pub async fn identify_system(&mut self) -> Result<SystemId> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
-        let row = rows.first().ok_or_else(|| Error::definite("IDENTIFY_SYSTEM returned no row"))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::definite("IDENTIFY_SYSTEM returned no row"))?;
         let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         Ok(SystemId {
             system_id: field(0),
             timeline: field(1).parse().unwrap_or(0),
-            xlogpos: field(2).parse().map_err(|_| Error::definite(format!("IDENTIFY_SYSTEM: bad xlogpos {:?}", field(2))))?,
+            xlogpos: field(2).parse().map_err(|_| {
+                Error::definite(format!("IDENTIFY_SYSTEM: bad xlogpos {:?}", field(2)))
+            })?,
         })
     }
 
@@ -372,32 +417,43 @@ impl ReplicationConn {
             if temporary { "TEMPORARY " } else { "" }
         );
         let rows = self.simple_query(&sql).await?;
-        let row = rows.first().ok_or_else(|| Error::definite("CREATE_REPLICATION_SLOT returned no row"))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::definite("CREATE_REPLICATION_SLOT returned no row"))?;
         let field = |i: usize| row.get(i).cloned().flatten();
         let cp = field(1).unwrap_or_default();
         Ok(CreatedSlot {
             name: field(0).unwrap_or_else(|| name.to_string()),
-            consistent_point: cp
-                .parse()
-                .map_err(|_| Error::definite(format!("CREATE_REPLICATION_SLOT: bad consistent point {cp:?}")))?,
+            consistent_point: cp.parse().map_err(|_| {
+                Error::definite(format!(
+                    "CREATE_REPLICATION_SLOT: bad consistent point {cp:?}"
+                ))
+            })?,
             snapshot: field(2),
         })
     }
 
     /// Starts logical replication; the connection becomes a stream.
-    pub async fn start_replication(mut self, slot: &str, start: Lsn, publication: &str) -> Result<ReplicationStream> {
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<ReplicationStream> {
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '2', publication_names {}, messages 'true')",
             quote_ident(slot),
             quote_literal(&quote_ident(publication))
         );
-        frontend::query(&sql, &mut self.wbuf).map_err(|e| Error::definite(format!("building a query: {e}")))?;
+        frontend::query(&sql, &mut self.wbuf)
+            .map_err(|e| Error::definite(format!("building a query: {e}")))?;
         self.flush().await?;
         loop {
             match self.next_backend().await? {
                 Backend::CopyBothResponse => break,
                 Backend::Msg(Message::ErrorResponse(body)) => {
-                    let e = self.server_error(&format!("starting replication from slot {slot:?}"), &body);
+                    let e = self
+                        .server_error(&format!("starting replication from slot {slot:?}"), &body);
                     return Err(e);
                 }
                 Backend::Msg(_) => {}
@@ -421,7 +477,10 @@ impl ReplicationStream {
                 Backend::Msg(Message::CopyData(body)) => {
                     let data: Bytes = body.into_bytes();
                     return ReplicationMessage::decode(data).map(Some).map_err(|e| {
-                        Error::definite(format!("undecodable replication message from {}: {e}", self.conn.shown))
+                        Error::definite(format!(
+                            "undecodable replication message from {}: {e}",
+                            self.conn.shown
+                        ))
                     });
                 }
                 Backend::Msg(Message::CopyDone) => return Ok(None),

@@ -18,7 +18,11 @@ pub struct CopyTextParser {
 
 impl CopyTextParser {
     pub fn new(columns: usize) -> Self {
-        Self { columns, partial: Vec::new(), line: 0 }
+        Self {
+            columns,
+            partial: Vec::new(),
+            line: 0,
+        }
     }
 
     /// Every complete row in `chunk` (plus what an earlier chunk left over).
@@ -48,7 +52,10 @@ impl CopyTextParser {
         if self.partial.is_empty() {
             Ok(())
         } else {
-            Err(format!("COPY output ended in the middle of row {}", self.line + 1))
+            Err(format!(
+                "COPY output ended in the middle of row {}",
+                self.line + 1
+            ))
         }
     }
 
@@ -100,12 +107,17 @@ impl CopyTextParser {
                     other => out.push(other),
                 }
             }
-            fields.push(Some(
-                String::from_utf8(out).map_err(|_| format!("row {}: a value is not valid UTF-8", self.line))?,
-            ));
+            fields.push(Some(String::from_utf8(out).map_err(|_| {
+                format!("row {}: a value is not valid UTF-8", self.line)
+            })?));
         }
         if fields.len() != self.columns {
-            return Err(format!("row {}: {} fields, expected {}", self.line, fields.len(), self.columns));
+            return Err(format!(
+                "row {}: {} fields, expected {}",
+                self.line,
+                fields.len(),
+                self.columns
+            ));
         }
         Ok(fields)
     }
@@ -122,7 +134,9 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
         "infinity" => return Some(DateTime::<Utc>::MAX_UTC),
         "-infinity" => return Some(DateTime::<Utc>::MIN_UTC),
         // Years past 9999 need a sign for chrono.
-        _ if s.find('-').is_some_and(|i| i > 4) && !s.starts_with('+') => return parse_timestamp(&format!("+{s}")),
+        _ if s.find('-').is_some_and(|i| i > 4) && !s.starts_with('+') => {
+            return parse_timestamp(&format!("+{s}"))
+        }
         _ => {}
     }
     if let Some(bc) = s.strip_suffix(" BC") {
@@ -149,9 +163,13 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
             if z.len() == 9 {
                 z.truncate(6);
             }
-            DateTime::parse_from_str(&format!("{body}{z}"), "%Y-%m-%d %H:%M:%S%.f%:z").ok().map(|t| t.with_timezone(&Utc))
+            DateTime::parse_from_str(&format!("{body}{z}"), "%Y-%m-%d %H:%M:%S%.f%:z")
+                .ok()
+                .map(|t| t.with_timezone(&Utc))
         }
-        None => NaiveDateTime::parse_from_str(body, "%Y-%m-%d %H:%M:%S%.f").ok().map(|t| t.and_utc()),
+        None => NaiveDateTime::parse_from_str(body, "%Y-%m-%d %H:%M:%S%.f")
+            .ok()
+            .map(|t| t.and_utc()),
     }
 }
 
@@ -161,7 +179,9 @@ fn hex_bytes(s: &str) -> Option<Vec<u8>> {
         return None;
     }
     let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    h.chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
+    h.chunks(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
 }
 
 /// Parses PostgreSQL's array output (`{1,2,NULL}`, `{{1,2},{3,4}}`,
@@ -178,12 +198,18 @@ pub fn parse_array(s: &str, elem: u32) -> std::result::Result<serde_json::Value,
     let mut pos = 0;
     let v = parse_level(&chars, &mut pos, elem)?;
     if pos != chars.len() {
-        return Err(format!("unexpected text after the array at character {pos}"));
+        return Err(format!(
+            "unexpected text after the array at character {pos}"
+        ));
     }
     Ok(v)
 }
 
-fn parse_level(c: &[char], pos: &mut usize, elem: u32) -> std::result::Result<serde_json::Value, String> {
+fn parse_level(
+    c: &[char],
+    pos: &mut usize,
+    elem: u32,
+) -> std::result::Result<serde_json::Value, String> {
     if c.get(*pos) != Some(&'{') {
         return Err(format!("expected '{{' at character {pos}"));
     }
@@ -255,7 +281,10 @@ fn element(text: &str, elem: u32) -> std::result::Result<serde_json::Value, Stri
             "f" => J::Bool(false),
             _ => return Err(format!("bad boolean element {text:?}")),
         },
-        20 | 21 | 23 | 26 => J::from(text.parse::<i64>().map_err(|_| format!("bad integer element {text:?}"))?),
+        20 | 21 | 23 | 26 => J::from(
+            text.parse::<i64>()
+                .map_err(|_| format!("bad integer element {text:?}"))?,
+        ),
         700 | 701 => match text.parse::<f64>() {
             Ok(x) if x.is_finite() => J::from(x),
             Ok(_) => J::String(text.to_string()),
@@ -264,7 +293,8 @@ fn element(text: &str, elem: u32) -> std::result::Result<serde_json::Value, Stri
         // The document's exact text (a JSON null element is not SQL NULL,
         // and json keeps its spacing and key order).
         114 | 3802 => {
-            serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| format!("bad JSON element: {e}"))?;
+            serde_json::from_str::<serde::de::IgnoredAny>(text)
+                .map_err(|e| format!("bad JSON element: {e}"))?;
             J::String(text.to_string())
         }
         _ => J::String(text.to_string()),
@@ -274,7 +304,13 @@ fn element(text: &str, elem: u32) -> std::result::Result<serde_json::Value, Stri
 /// Decodes one text value of a column whose (base) type OID is `oid` (for an
 /// array: its elements' type).
 pub fn decode(col: &Column, oid: u32, s: &str) -> std::result::Result<Value, String> {
-    let bad = |what: &str| format!("{what} {} (type {}) cannot be read", Value::Text(s.to_string()), col.source_type);
+    let bad = |what: &str| {
+        format!(
+            "{what} {} (type {}) cannot be read",
+            Value::Text(s.to_string()),
+            col.source_type
+        )
+    };
     Ok(match col.logical {
         LogicalType::Bool => match s {
             "t" => Value::Bool(true),
@@ -349,8 +385,14 @@ mod tests {
         assert_eq!(rows.len(), 1);
         rows.extend(p.feed(b"\t\\101\\x42\n").unwrap());
         p.finish().unwrap();
-        assert_eq!(rows[0], vec![Some("1".into()), Some("a\tb\\c".into()), None]);
-        assert_eq!(rows[1], vec![Some("2".into()), Some("x\ny".into()), Some("AB".into())]);
+        assert_eq!(
+            rows[0],
+            vec![Some("1".into()), Some("a\tb\\c".into()), None]
+        );
+        assert_eq!(
+            rows[1],
+            vec![Some("2".into()), Some("x\ny".into()), Some("AB".into())]
+        );
         let mut p = CopyTextParser::new(2);
         assert!(p.feed(b"1\t2\t3\n").is_err());
         let mut p = CopyTextParser::new(1);
@@ -360,14 +402,39 @@ mod tests {
 
     #[test]
     fn arrays_become_json_arrays() {
-        assert_eq!(parse_array("{1,2,NULL}", 23).unwrap().to_string(), "[1,2,null]");
-        assert_eq!(parse_array("{{1,2},{3,4}}", 20).unwrap().to_string(), "[[1,2],[3,4]]");
-        assert_eq!(parse_array(r#"{"a b","c\"d",NULL,"NULL",plain}"#, 25).unwrap().to_string(), r#"["a b","c\"d",null,"NULL","plain"]"#);
-        assert_eq!(parse_array("[0:1]={t,f}", 16).unwrap().to_string(), "[true,false]");
+        assert_eq!(
+            parse_array("{1,2,NULL}", 23).unwrap().to_string(),
+            "[1,2,null]"
+        );
+        assert_eq!(
+            parse_array("{{1,2},{3,4}}", 20).unwrap().to_string(),
+            "[[1,2],[3,4]]"
+        );
+        assert_eq!(
+            parse_array(r#"{"a b","c\"d",NULL,"NULL",plain}"#, 25)
+                .unwrap()
+                .to_string(),
+            r#"["a b","c\"d",null,"NULL","plain"]"#
+        );
+        assert_eq!(
+            parse_array("[0:1]={t,f}", 16).unwrap().to_string(),
+            "[true,false]"
+        );
         assert_eq!(parse_array("{}", 25).unwrap().to_string(), "[]");
-        assert_eq!(parse_array("{1.50,NaN}", 1700).unwrap().to_string(), r#"["1.50","NaN"]"#);
-        assert_eq!(parse_array("{0.5,Infinity}", 701).unwrap().to_string(), r#"[0.5,"Infinity"]"#);
-        assert_eq!(parse_array(r#"{"{\"k\": 1}","null"}"#, 3802).unwrap().to_string(), r#"["{\"k\": 1}","null"]"#);
+        assert_eq!(
+            parse_array("{1.50,NaN}", 1700).unwrap().to_string(),
+            r#"["1.50","NaN"]"#
+        );
+        assert_eq!(
+            parse_array("{0.5,Infinity}", 701).unwrap().to_string(),
+            r#"[0.5,"Infinity"]"#
+        );
+        assert_eq!(
+            parse_array(r#"{"{\"k\": 1}","null"}"#, 3802)
+                .unwrap()
+                .to_string(),
+            r#"["{\"k\": 1}","null"]"#
+        );
         for bad in ["{1,2", "1,2}", "{1,2}x", "{\"open}", "{x}"] {
             assert!(parse_array(bad, 23).is_err(), "{bad}");
         }
@@ -375,28 +442,83 @@ mod tests {
 
     #[test]
     fn timestamps_in_iso_output() {
-        assert_eq!(parse_timestamp("2024-05-01 12:30:00+00").unwrap().to_rfc3339(), "2024-05-01T12:30:00+00:00");
-        assert_eq!(parse_timestamp("2024-05-01 12:30:00.25+05:30").unwrap().to_rfc3339(), "2024-05-01T07:00:00.250+00:00");
-        assert_eq!(parse_timestamp("2024-05-01 12:30:00").unwrap().to_rfc3339(), "2024-05-01T12:30:00+00:00");
+        assert_eq!(
+            parse_timestamp("2024-05-01 12:30:00+00")
+                .unwrap()
+                .to_rfc3339(),
+            "2024-05-01T12:30:00+00:00"
+        );
+        assert_eq!(
+            parse_timestamp("2024-05-01 12:30:00.25+05:30")
+                .unwrap()
+                .to_rfc3339(),
+            "2024-05-01T07:00:00.250+00:00"
+        );
+        assert_eq!(
+            parse_timestamp("2024-05-01 12:30:00").unwrap().to_rfc3339(),
+            "2024-05-01T12:30:00+00:00"
+        );
         assert_eq!(parse_timestamp("infinity"), Some(DateTime::<Utc>::MAX_UTC));
         assert_eq!(parse_timestamp("-infinity"), Some(DateTime::<Utc>::MIN_UTC));
-        assert_eq!(parse_timestamp("0044-03-15 00:00:00+00 BC").unwrap().to_rfc3339(), "-0043-03-15T00:00:00+00:00");
-        assert_eq!(parse_timestamp("0001-01-01 00:00:00 BC").unwrap().to_rfc3339(), "0000-01-01T00:00:00+00:00");
-        assert_eq!(parse_timestamp("0001-02-29 10:00:00+00 BC").unwrap().to_rfc3339(), "0000-02-29T10:00:00+00:00");
+        assert_eq!(
+            parse_timestamp("0044-03-15 00:00:00+00 BC")
+                .unwrap()
+                .to_rfc3339(),
+            "-0043-03-15T00:00:00+00:00"
+        );
+        assert_eq!(
+            parse_timestamp("0001-01-01 00:00:00 BC")
+                .unwrap()
+                .to_rfc3339(),
+            "0000-01-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            parse_timestamp("0001-02-29 10:00:00+00 BC")
+                .unwrap()
+                .to_rfc3339(),
+            "0000-02-29T10:00:00+00:00"
+        );
         assert!(parse_timestamp("0002-02-29 10:00:00+00 BC").is_none());
-        assert_eq!(parse_timestamp("12345-06-07 08:09:10+00").unwrap().to_rfc3339(), "+12345-06-07T08:09:10+00:00");
+        assert_eq!(
+            parse_timestamp("12345-06-07 08:09:10+00")
+                .unwrap()
+                .to_rfc3339(),
+            "+12345-06-07T08:09:10+00:00"
+        );
         assert!(parse_timestamp("infinite").is_none());
     }
 
     #[test]
     fn values_decode_by_type() {
-        let col = |logical, t: &str| Column { name: "c".into(), source_type: t.into(), logical, nullable: true };
-        assert_eq!(decode(&col(LogicalType::Bool, "boolean"), 16, "t").unwrap(), Value::Bool(true));
-        assert_eq!(decode(&col(LogicalType::Int, "bigint"), 20, "-9223372036854775808").unwrap(), Value::Int(i64::MIN));
-        assert!(matches!(decode(&col(LogicalType::Float, "double precision"), 701, "NaN").unwrap(), Value::Float(x) if x.is_nan()));
-        assert_eq!(decode(&col(LogicalType::Float, "real"), 700, "-Infinity").unwrap(), Value::Float(f64::NEG_INFINITY));
-        assert_eq!(decode(&col(LogicalType::Bytes, "bytea"), 17, "\\x00ff").unwrap(), Value::Bytes(vec![0, 255]));
-        assert_eq!(decode(&col(LogicalType::Decimal, "numeric"), 1700, "1.50").unwrap(), Value::Decimal("1.50".into()));
+        let col = |logical, t: &str| Column {
+            name: "c".into(),
+            source_type: t.into(),
+            logical,
+            nullable: true,
+        };
+        assert_eq!(
+            decode(&col(LogicalType::Bool, "boolean"), 16, "t").unwrap(),
+            Value::Bool(true)
+        );
+        assert_eq!(
+            decode(&col(LogicalType::Int, "bigint"), 20, "-9223372036854775808").unwrap(),
+            Value::Int(i64::MIN)
+        );
+        assert!(
+            matches!(decode(&col(LogicalType::Float, "double precision"), 701, "NaN").unwrap(), Value::Float(x) if x.is_nan())
+        );
+        assert_eq!(
+            decode(&col(LogicalType::Float, "real"), 700, "-Infinity").unwrap(),
+            Value::Float(f64::NEG_INFINITY)
+        );
+        assert_eq!(
+            decode(&col(LogicalType::Bytes, "bytea"), 17, "\\x00ff").unwrap(),
+            Value::Bytes(vec![0, 255])
+        );
+        assert_eq!(
+            decode(&col(LogicalType::Decimal, "numeric"), 1700, "1.50").unwrap(),
+            Value::Decimal("1.50".into())
+        );
         let e = decode(&col(LogicalType::Int, "integer"), 23, "x1").unwrap_err();
         assert!(e.contains("integer"), "{e}");
     }

@@ -18,9 +18,9 @@ use switchyard::model::TableSchema;
 use switchyard::pipeline::{Mode, Pipeline, Report};
 use switchyard::schema::surreal::COPIES_FIELD;
 use switchyard::sink::surreal::{content, ident, record_id, SurrealSink};
-use tokio_util::sync::CancellationToken;
 use switchyard::source::sqlite::SqliteSource;
 use switchyard::source::Source;
+use tokio_util::sync::CancellationToken;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
@@ -49,7 +49,9 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().expect("tempdir") }
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -73,7 +75,10 @@ impl Scratch {
             )
             .await
             .expect("open source");
-        sqlx::raw_sql(sql).execute(&pool).await.expect("source schema");
+        sqlx::raw_sql(sql)
+            .execute(&pool)
+            .await
+            .expect("source schema");
         pool
     }
 
@@ -123,12 +128,20 @@ pub async fn source_image(pool: &SqlitePool, config: &Config) -> Image {
     let src = SqliteSource::open(&path, config).await.unwrap();
     let image = image_via(&src).await;
     for t in source_tables(config).await {
-        let n: i64 = sqlx::query(&format!("SELECT count(*) FROM \"{}\"", t.name.replace('"', "\"\"")))
-            .fetch_one(pool)
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n as usize, image[&t.target_name].len(), "source rows of {}", t.name);
+        let n: i64 = sqlx::query(&format!(
+            "SELECT count(*) FROM \"{}\"",
+            t.name.replace('"', "\"\"")
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .get(0);
+        assert_eq!(
+            n as usize,
+            image[&t.target_name].len(),
+            "source rows of {}",
+            t.name
+        );
     }
     image
 }
@@ -157,7 +170,10 @@ pub async fn image_via(source: &dyn Source) -> Image {
                     objects.insert(format!("{rid:?}"), (obj, copies));
                 }
             }
-            objects.into_iter().map(|(id, (obj, _))| (id, format!("{:?}", SValue::Object(obj)))).collect::<BTreeMap<_, _>>()
+            objects
+                .into_iter()
+                .map(|(id, (obj, _))| (id, format!("{:?}", SValue::Object(obj))))
+                .collect::<BTreeMap<_, _>>()
         };
         let (r, rows) = tokio::join!(read, collect);
         r.unwrap();
@@ -174,16 +190,28 @@ pub struct Running {
 }
 
 /// Runs `source` → `sink` (a new `mem://` target when `None`) in `Mode::Run`.
-pub async fn run_pipeline(config: Arc<Config>, source: Arc<dyn Source>, sink: Option<Arc<SurrealSink>>) -> Running {
+pub async fn run_pipeline(
+    config: Arc<Config>,
+    source: Arc<dyn Source>,
+    sink: Option<Arc<SurrealSink>>,
+) -> Running {
     let sink = match sink {
         Some(s) => s,
-        None => Arc::new(SurrealSink::connect("mem://", false, &config).await.unwrap()),
+        None => Arc::new(
+            SurrealSink::connect("mem://", false, &config)
+                .await
+                .unwrap(),
+        ),
     };
     let pipeline = Pipeline::new(config, source, sink.clone());
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     let handle = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
-    Running { sink, handle, cancel }
+    Running {
+        sink,
+        handle,
+        cancel,
+    }
 }
 
 impl Running {
@@ -202,7 +230,10 @@ impl Running {
 pub async fn target_image(db: &Surreal<Any>, tables: &[String]) -> Image {
     let mut image = Image::new();
     for t in tables {
-        let mut resp = db.query(format!("SELECT * FROM {}", ident(t))).await.unwrap();
+        let mut resp = db
+            .query(format!("SELECT * FROM {}", ident(t)))
+            .await
+            .unwrap();
         let rows: Vec<SValue> = match resp.take(0) {
             Ok(rows) => rows,
             // Not created yet: the pipeline may not have prepared the target.
@@ -211,9 +242,13 @@ pub async fn target_image(db: &Surreal<Any>, tables: &[String]) -> Image {
         };
         let mut m = BTreeMap::new();
         for r in rows {
-            let SValue::Object(obj) = &r else { panic!("not an object: {r:?}") };
+            let SValue::Object(obj) = &r else {
+                panic!("not an object: {r:?}")
+            };
             let id = obj.get("id").expect("record without id").clone();
-            let SValue::RecordId(rid) = id else { panic!("id is not a record id: {id:?}") };
+            let SValue::RecordId(rid) = id else {
+                panic!("id is not a record id: {id:?}")
+            };
             let prev = m.insert(format!("{rid:?}"), format!("{r:?}"));
             assert!(prev.is_none(), "duplicate record {rid:?} in {t}");
         }
@@ -225,11 +260,15 @@ pub async fn target_image(db: &Surreal<Any>, tables: &[String]) -> Image {
 /// Describes the first difference between two images, or `None`.
 pub fn diff(source: &Image, target: &Image) -> Option<String> {
     for (t, rows) in source {
-        let Some(trows) = target.get(t) else { return Some(format!("table {t} missing in the target")) };
+        let Some(trows) = target.get(t) else {
+            return Some(format!("table {t} missing in the target"));
+        };
         for (id, row) in rows {
             match trows.get(id) {
                 None => return Some(format!("{t}: {id} missing in the target")),
-                Some(r) if r != row => return Some(format!("{t}: {id} differs:\n  source {row}\n  target {r}")),
+                Some(r) if r != row => {
+                    return Some(format!("{t}: {id} differs:\n  source {row}\n  target {r}"))
+                }
                 _ => {}
             }
         }
@@ -244,7 +283,9 @@ pub fn diff(source: &Image, target: &Image) -> Option<String> {
 
 /// Opens an embedded surrealkv target that no process holds.
 pub async fn open_target(url: &str) -> Surreal<Any> {
-    let db = surrealdb::engine::any::connect(url).await.expect("open target");
+    let db = surrealdb::engine::any::connect(url)
+        .await
+        .expect("open target");
     db.use_ns("test").use_db("test").await.expect("use ns/db");
     db
 }
@@ -252,26 +293,39 @@ pub async fn open_target(url: &str) -> Surreal<Any> {
 /// Waits until nobody holds the surrealkv directory's lock.
 pub async fn wait_unlocked(dir: &Path) {
     let lock = dir.join("LOCK");
-    wait_until("the target's lock to be released", Duration::from_secs(20), || {
-        let lock = lock.clone();
-        async move {
-            let Ok(f) = std::fs::OpenOptions::new().read(true).write(true).open(&lock) else { return true };
-            use std::os::fd::AsRawFd;
-            let fd = f.as_raw_fd();
-            // SAFETY: flock on a file descriptor we own.
-            let ok = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0;
-            if ok {
-                unsafe { libc::flock(fd, libc::LOCK_UN) };
+    wait_until(
+        "the target's lock to be released",
+        Duration::from_secs(20),
+        || {
+            let lock = lock.clone();
+            async move {
+                let Ok(f) = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&lock)
+                else {
+                    return true;
+                };
+                use std::os::fd::AsRawFd;
+                let fd = f.as_raw_fd();
+                // SAFETY: flock on a file descriptor we own.
+                let ok = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0;
+                if ok {
+                    unsafe { libc::flock(fd, libc::LOCK_UN) };
+                }
+                ok
             }
-            ok
-        }
-    })
+        },
+    )
     .await;
 }
 
 /// The target's checkpoint (`commit`), if any.
 pub async fn target_checkpoint(db: &Surreal<Any>) -> Option<i64> {
-    let mut resp = db.query("SELECT VALUE commit FROM _switchyard_checkpoint").await.unwrap();
+    let mut resp = db
+        .query("SELECT VALUE commit FROM _switchyard_checkpoint")
+        .await
+        .unwrap();
     let v: Vec<i64> = resp.take(0).unwrap();
     v.first().copied()
 }
@@ -284,9 +338,18 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(args: &[&str], log: PathBuf) -> Self {
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(BIN)
-            .args(["--log-format", "json", "--log", "info,switchyard=debug,surrealdb=warn,surrealkv=error"])
+            .args([
+                "--log-format",
+                "json",
+                "--log",
+                "info,switchyard=debug,surrealdb=warn,surrealkv=error",
+            ])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::from(err))
@@ -318,7 +381,11 @@ impl Daemon {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "daemon did not stop after SIGINT:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not stop after SIGINT:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -331,7 +398,9 @@ impl Daemon {
             // `123`, or `123.4` / `123.end` for a position inside or after a
             // PostgreSQL transaction: the commit part.
             .filter_map(|v| {
-                v["fields"]["checkpoint"].as_str().and_then(|s| s.split('.').next().unwrap_or(s).parse::<u64>().ok())
+                v["fields"]["checkpoint"]
+                    .as_str()
+                    .and_then(|s| s.split('.').next().unwrap_or(s).parse::<u64>().ok())
             })
             .next_back()
     }
@@ -339,7 +408,10 @@ impl Daemon {
 
 /// Runs the binary to completion and returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run switchyard");
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run switchyard");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -349,9 +421,11 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
 
 /// The source change log's current high-water mark.
 pub async fn source_high_water(pool: &SqlitePool) -> i64 {
-    sqlx::query_scalar::<_, i64>("SELECT seq FROM sqlite_sequence WHERE name = '_switchyard_changes'")
-        .fetch_optional(pool)
-        .await
-        .unwrap()
-        .unwrap_or(0)
+    sqlx::query_scalar::<_, i64>(
+        "SELECT seq FROM sqlite_sequence WHERE name = '_switchyard_changes'",
+    )
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+    .unwrap_or(0)
 }
