@@ -3,16 +3,37 @@
 //! cluster and the same pgbench data.
 //!
 //! ```text
-//!  1. pgbench -i -s SCALE in the source       (SCALE 20: 2,000,000 accounts)
+//!  1. pgbench -i -s SCALE in the source       (SCALE 20: 2,000,000 accounts), and an
+//!                   empty probe table bench_probe (id bigint key, at timestamptz) for phase 6
 //!  2. raw pipe      COPY pgbench_accounts TO STDOUT → COPY … FROM STDIN      → seconds
 //!  3. native        CREATE SUBSCRIPTION (copy_data), until every table is ready → seconds
 //!  4. switchyard    snapshot into an empty database                          → seconds, peak RSS
 //!  5. catch-up      each replica paused; pgbench -N for SECONDS; resumed; time until
 //!                   a sentinel row arrives                                   → changes/s, peak RSS
+//!  6. latency       each replica alone (the other paused), its backlog drained first:
+//!                   WRITERS connections commit single-change transactions at a fixed
+//!                   RATE for LATENCY_SECONDS (an UPDATE of one pgbench_accounts row,
+//!                   every 5th an INSERT of a bench_probe row instead); the time from
+//!                   each probe's COMMIT to the row being visible in the replica
+//!                                                      → achieved rate, p50/p99/max ms
 //! ```
 //!
 //! Run with `bash scripts/bench pg-pg`. Sizes: `BENCH_PG_SCALE` (default 20),
-//! `BENCH_PG_SECONDS` (default 20), `BENCH_PG_CLIENTS` (default 4).
+//! `BENCH_PG_SECONDS` (default 20), `BENCH_PG_CLIENTS` (default 4). Latency
+//! phase: `BENCH_PG_LATENCY_SECONDS` (default 20; 0 skips the phase),
+//! `BENCH_PG_LATENCY_RATE` (changes/s; default half of the native catch-up rate
+//! of the same run), `BENCH_PG_LATENCY_WRITERS` (default `BENCH_PG_CLIENTS`).
+//! The aim: switchyard's p99 under 100 ms at half of native's catch-up rate.
+//!
+//! The latency of a change is the time from the writer's COMMIT returning to
+//! the moment the probe row is visible in the target, both read from this
+//! process's monotonic clock; the target is polled every 2 ms (so figures carry
+//! up to 2 ms, plus one query, of observation error). The writers run with
+//! `synchronous_commit = on` (the test cluster's default is off, which lets a
+//! commit return before its WAL is flushed, and WAL senders send only flushed
+//! WAL). Each transaction carries one published change, as a pgbench -N
+//! transaction does in the catch-up phase (its pgbench_history row is not
+//! published), so the rate's changes/s are transactions/s in both phases.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +45,7 @@ use anyhow::{bail, Result};
 use futures::{pin_mut, SinkExt, TryStreamExt};
 use switchyard::config::Config;
 use switchyard::pipeline::{Mode, Pipeline};
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use common::pg::{env_num, Pg};
@@ -32,6 +54,18 @@ use common::{peak_rss_mib, reset_peak_rss};
 const TABLES: &str = "CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler character(84));
      CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler character(88));
      CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler character(84));";
+
+/// The latency phase's probe rows: created in the source before the snapshots
+/// (so that both replicas carry it) and in the native subscriber's database.
+const PROBE: &str =
+    "CREATE TABLE bench_probe (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())";
+
+/// In the latency phase, every PROBE_EVERY-th transaction of a writer inserts a
+/// probe row; the others update one pgbench_accounts row.
+const PROBE_EVERY: u64 = 5;
+
+/// How often the latency phase polls the replica for probe rows.
+const POLL: Duration = Duration::from_millis(2);
 
 fn config(pg: &Pg, source: &str, target: &str, slot: &str) -> Result<Arc<Config>> {
     let text = format!(
@@ -67,12 +101,248 @@ async fn wait_for_row(
     }
 }
 
+async fn wait_for_probe(c: &tokio_postgres::Client, id: i64, limit: Duration) -> Result<()> {
+    let t = Instant::now();
+    while c
+        .query_opt("SELECT 1 FROM bench_probe WHERE id = $1", &[&id])
+        .await?
+        .is_none()
+    {
+        if t.elapsed() > limit {
+            bail!("the probe row {id} did not arrive within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Waits until no process streams from the replication slot, so that a paused
+/// replica does not compete with the measured one.
+async fn wait_slot_inactive(c: &tokio_postgres::Client, slot: &str, limit: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let active: Option<bool> = c
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name::text = $1",
+                &[&slot],
+            )
+            .await?
+            .map(|r| r.get(0));
+        if active != Some(true) {
+            return Ok(());
+        }
+        if t.elapsed() > limit {
+            bail!("the replication slot {slot} is still active after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// What one run of the latency phase measured.
+struct Latency {
+    /// Transactions (one change each) the writers committed.
+    changes: u64,
+    /// Changes per second the writers reached: `changes` over the time from the
+    /// first scheduled transaction to the last COMMIT.
+    achieved: f64,
+    /// Commit-to-visible latency of each probe row in ms, sorted.
+    ms: Vec<f64>,
+}
+
+/// One writer of the latency phase: `count` single-change transactions, one
+/// per tick of an interval of `period` starting at `at`. Transaction k inserts
+/// a probe row when k is a multiple of PROBE_EVERY (ids `first_probe`,
+/// `first_probe + probe_step`, …) and otherwise updates one pgbench_accounts
+/// row. Returns each probe id with the instant its COMMIT returned, and the
+/// instant of the last COMMIT.
+async fn probe_writer(
+    c: tokio_postgres::Client,
+    accounts: i64,
+    first_probe: i64,
+    probe_step: i64,
+    count: u64,
+    at: tokio::time::Instant,
+    period: Duration,
+) -> Result<(Vec<(i64, Instant)>, Instant)> {
+    let mut tick = tokio::time::interval_at(at, period);
+    // Burst: a tick that comes late fires at once and the next deadline stays
+    // on the original schedule, so the offered rate holds on average (an open
+    // load, as clients that do not wait for the replicas). It matters because
+    // tokio's timer has a resolution of 1 ms: at more than 1,000 transactions/s
+    // per writer the period is below it, and Delay (next deadline = now +
+    // period after a late tick, the sleep rounded up to the next millisecond)
+    // would cap a writer near 1,000/s and fall below the target whenever a
+    // commit is slow. If the writers cannot keep up at all, the achieved rate
+    // printed beside the target says so.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut probes = Vec::with_capacity(count.div_ceil(PROBE_EVERY) as usize);
+    let mut probe = first_probe;
+    let mut last = Instant::now();
+    for k in 0..count {
+        tick.tick().await;
+        // A simple query without BEGIN is one transaction, committed before
+        // the server reports ReadyForQuery, which batch_execute waits for.
+        if k % PROBE_EVERY == 0 {
+            c.batch_execute(&format!("INSERT INTO bench_probe (id) VALUES ({probe})"))
+                .await?;
+            last = Instant::now();
+            probes.push((probe, last));
+            probe += probe_step;
+        } else {
+            let aid = 2 + (first_probe + k as i64 * 7919).rem_euclid(accounts - 1);
+            c.batch_execute(&format!(
+                "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = {aid}"
+            ))
+            .await?;
+            last = Instant::now();
+        }
+    }
+    Ok((probes, last))
+}
+
+/// The latency phase against one replica (the other one paused): `writers`
+/// connections to the source commit single-change transactions at `rate`
+/// changes/s in all for `seconds`; the probe rows get the ids `first`,
+/// `first + 1`, …; the replica is polled every POLL for them.
+#[allow(clippy::too_many_arguments)]
+async fn latency(
+    pg: &Pg,
+    src: &str,
+    replica: &tokio_postgres::Client,
+    accounts: i64,
+    first: i64,
+    rate: f64,
+    seconds: u64,
+    writers: u64,
+) -> Result<Latency> {
+    let per_writer = ((rate * seconds as f64).round() as u64)
+        .max(1)
+        .div_ceil(writers);
+    let changes = per_writer * writers;
+    let period = Duration::from_secs_f64(writers as f64 / rate);
+    let probes = (per_writer.div_ceil(PROBE_EVERY) * writers) as usize;
+    let mut clients = Vec::with_capacity(writers as usize);
+    for _ in 0..writers {
+        let c = pg.client(src).await?;
+        c.batch_execute("SET synchronous_commit = on").await?;
+        clients.push(c);
+    }
+    let stmt = replica
+        .prepare("SELECT id FROM bench_probe WHERE id >= $1")
+        .await?;
+    let t0 = Instant::now();
+    let start = tokio::time::Instant::from_std(t0);
+    let mut handles = Vec::with_capacity(writers as usize);
+    for (w, c) in clients.into_iter().enumerate() {
+        // The writers' schedules interleave: writer w starts w/writers of a period late.
+        let at = start + period.mul_f64(w as f64 / writers as f64);
+        handles.push(tokio::spawn(probe_writer(
+            c,
+            accounts,
+            first + w as i64,
+            writers as i64,
+            per_writer,
+            at,
+            period,
+        )));
+    }
+    // The watcher: the first instant each probe row is seen in the replica.
+    // Rows below `first + low` have all been seen, so each poll reads only the
+    // newest rows (they arrive about in id order).
+    let mut seen: Vec<Option<Instant>> = vec![None; probes];
+    let (mut low, mut count) = (0usize, 0usize);
+    let mut commits: Vec<(i64, Instant)> = Vec::with_capacity(probes);
+    let mut last_commit = t0;
+    let mut writers_done: Option<Instant> = None;
+    while count < probes {
+        let rows = replica.query(&stmt, &[&(first + low as i64)]).await?;
+        let now = Instant::now();
+        for r in rows {
+            let id: i64 = r.get(0);
+            let i = (id - first) as usize;
+            if i < probes && seen[i].is_none() {
+                seen[i] = Some(now);
+                count += 1;
+            }
+        }
+        while low < probes && seen[low].is_some() {
+            low += 1;
+        }
+        if count == probes {
+            break;
+        }
+        if writers_done.is_none() && handles.iter().all(|h| h.is_finished()) {
+            for h in handles.drain(..) {
+                let (p, last) = h.await??;
+                commits.extend(p);
+                last_commit = last_commit.max(last);
+            }
+            writers_done = Some(Instant::now());
+        }
+        if let Some(done) = writers_done {
+            if done.elapsed() > Duration::from_secs(600) {
+                bail!(
+                    "{} of {probes} probe rows did not arrive within 10 minutes after the last commit",
+                    probes - count
+                );
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    for h in handles {
+        let (p, last) = h.await??;
+        commits.extend(p);
+        last_commit = last_commit.max(last);
+    }
+    if commits.len() != probes {
+        bail!(
+            "the writers committed {} probe rows, expected {probes}",
+            commits.len()
+        );
+    }
+    let mut ms: Vec<f64> = commits
+        .iter()
+        .filter_map(|(id, committed)| {
+            seen[(id - first) as usize]
+                .map(|s| s.saturating_duration_since(*committed).as_secs_f64() * 1e3)
+        })
+        .collect();
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(Latency {
+        changes,
+        achieved: changes as f64 / last_commit.duration_since(t0).as_secs_f64(),
+        ms,
+    })
+}
+
+fn print_latency(tag: &str, rate: f64, writers: u64, seconds: u64, l: &Latency, extra: &str) {
+    println!(
+        "{tag} latency: target {rate:.0} changes/s ({writers} writers, {seconds} s, one change per transaction, every {PROBE_EVERY}th a probe), achieved {:.0} changes/s ({} changes); commit-to-visible p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples){extra}",
+        l.achieved,
+        l.changes,
+        percentile(&l.ms, 0.50),
+        percentile(&l.ms, 0.99),
+        l.ms.last().copied().unwrap_or(f64::NAN),
+        l.ms.len()
+    );
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let pg = Pg::from_env()?;
     let scale = env_num("BENCH_PG_SCALE", 20);
     let seconds = env_num("BENCH_PG_SECONDS", 20);
     let clients = env_num("BENCH_PG_CLIENTS", 4);
+    let lat_seconds = env_num("BENCH_PG_LATENCY_SECONDS", 20);
+    let lat_writers = env_num("BENCH_PG_LATENCY_WRITERS", clients).max(1);
     let id = std::process::id();
     let (src, raw, native, sy) = (
         format!("pp_src_{id}"),
@@ -89,6 +359,7 @@ async fn main() -> Result<()> {
     println!("# switchyard benchmark: PostgreSQL → PostgreSQL beside native logical replication, pgbench scale {scale}");
     pg.pgbench(&["-i", "-q", "-s", &scale.to_string(), &src])?;
     let source = pg.client(&src).await?;
+    source.batch_execute(PROBE).await?;
     let accounts: i64 = source
         .query_one("SELECT count(*) FROM pgbench_accounts", &[])
         .await?
@@ -120,7 +391,8 @@ async fn main() -> Result<()> {
     // Native: a subscription that copies the data, on its own slot.
     let nat = pg.client(&native).await?;
     nat.batch_execute(TABLES).await?;
-    source.batch_execute("CREATE PUBLICATION native_pub FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers").await?;
+    nat.batch_execute(PROBE).await?;
+    source.batch_execute("CREATE PUBLICATION native_pub FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, bench_probe").await?;
     source
         .batch_execute(&format!(
             "SELECT pg_create_logical_replication_slot('native_{id}', 'pgoutput')"
@@ -145,7 +417,7 @@ async fn main() -> Result<()> {
             .query_one("SELECT count(*) FROM pg_subscription_rel", &[])
             .await?
             .get(0);
-        if pending == 0 && ready == 3 {
+        if pending == 0 && ready == 4 {
             break;
         }
         if t.elapsed() > Duration::from_secs(1800) {
@@ -154,7 +426,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let native_s = t.elapsed().as_secs_f64();
-    println!("native subscription copy (3 tables, {accounts} accounts): {native_s:.2} s");
+    println!("native subscription copy (3 tables and the empty bench_probe, {accounts} accounts): {native_s:.2} s");
 
     // switchyard: the snapshot into an empty database.
     let sy_client = pg.client(&sy).await?;
@@ -210,9 +482,9 @@ async fn main() -> Result<()> {
         .await?;
     wait_for_row(&nat, 1, -424242, Duration::from_secs(1800)).await?;
     let native_catch = t.elapsed().as_secs_f64();
+    let native_rate = changes / native_catch;
     println!(
-        "native catch-up: {changes:.0} changes in {native_catch:.2} s = {:.0} changes/s",
-        changes / native_catch
+        "native catch-up: {changes:.0} changes in {native_catch:.2} s = {native_rate:.0} changes/s"
     );
     nat.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
         .await?;
@@ -240,6 +512,75 @@ async fn main() -> Result<()> {
         peak_rss_mib(),
         native_catch / sy_catch
     );
+
+    // Latency at a fixed write rate, each replica alone: the other one paused
+    // (its slot inactive), the measured one's backlog drained (a sentinel probe
+    // row) before the writers start.
+    if lat_seconds > 0 {
+        let (rate, why) = match env_num("BENCH_PG_LATENCY_RATE", 0) {
+            0 => (native_rate / 2.0, "half of native's catch-up rate"),
+            r => (r as f64, "BENCH_PG_LATENCY_RATE"),
+        };
+        if rate.is_nan() || rate < 1.0 {
+            bail!("no rate for the latency phase ({rate} changes/s): set BENCH_PG_LATENCY_RATE");
+        }
+        let limit = Duration::from_secs(1800);
+
+        // Native: the subscription enabled again; its backlog is the switchyard catch-up load.
+        wait_slot_inactive(&source, &format!("sy_{id}"), Duration::from_secs(60)).await?;
+        nat.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE")
+            .await?;
+        source
+            .execute("INSERT INTO bench_probe (id) VALUES (-1)", &[])
+            .await?;
+        wait_for_probe(&nat, -1, limit).await?;
+        let native_lat =
+            latency(&pg, &src, &nat, accounts, 1, rate, lat_seconds, lat_writers).await?;
+        nat.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
+            .await?;
+        print_latency("native", rate, lat_writers, lat_seconds, &native_lat, "");
+
+        // switchyard: the daemon started again; its backlog is the native latency load.
+        wait_slot_inactive(&source, &format!("native_{id}"), Duration::from_secs(60)).await?;
+        reset_peak_rss();
+        let cancel = CancellationToken::new();
+        let pipeline = Pipeline::open(cfg.clone()).await?;
+        let c = cancel.clone();
+        let daemon = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
+        source
+            .execute("INSERT INTO bench_probe (id) VALUES (-2)", &[])
+            .await?;
+        wait_for_probe(&sy_client, -2, limit).await?;
+        let sy_lat = latency(
+            &pg,
+            &src,
+            &sy_client,
+            accounts,
+            1i64 << 40,
+            rate,
+            lat_seconds,
+            lat_writers,
+        )
+        .await;
+        cancel.cancel();
+        daemon.await??;
+        let sy_lat = sy_lat?;
+        print_latency(
+            "switchyard",
+            rate,
+            lat_writers,
+            lat_seconds,
+            &sy_lat,
+            &format!("; peak RSS {:.0} MiB", peak_rss_mib()),
+        );
+        let sy_p99 = percentile(&sy_lat.ms, 0.99);
+        println!(
+            "latency at {rate:.0} changes/s ({why}): switchyard / native p50 = {:.2}, p99 = {:.2}; switchyard p99 {sy_p99:.1} ms, {} the 100 ms aim",
+            percentile(&sy_lat.ms, 0.50) / percentile(&native_lat.ms, 0.50),
+            sy_p99 / percentile(&native_lat.ms, 0.99),
+            if sy_p99 < 100.0 { "within" } else { "over" }
+        );
+    }
 
     // Clean up the cluster.
     nat.batch_execute(

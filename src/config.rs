@@ -24,6 +24,10 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    /// Where rows that do not fit go (from `pipeline.reject_dir`), shared by
+    /// the source and the sink of a run.
+    #[serde(skip)]
+    pub rejects: std::sync::Arc<crate::reject::Rejects>,
 }
 
 /// The HTTP endpoints: `/healthz`, `/readyz`, `/status`, `/metrics`.
@@ -156,6 +160,10 @@ pub struct PipelineConfig {
     /// `snapshot_workers` block ranges at once (0: never split).
     #[serde(default = "default_snapshot_split_mb")]
     pub snapshot_split_mb: u64,
+    /// Rows whose values do not fit the target are written to
+    /// `<reject_dir>/<table>.jsonl` and counted, instead of stopping the run.
+    #[serde(default)]
+    pub reject_dir: Option<PathBuf>,
 }
 
 impl Default for PipelineConfig {
@@ -169,6 +177,7 @@ impl Default for PipelineConfig {
             retry_max_delay_ms: default_retry_max_delay_ms(),
             snapshot_workers: default_snapshot_workers(),
             snapshot_split_mb: default_snapshot_split_mb(),
+            reject_dir: None,
         }
     }
 }
@@ -267,11 +276,23 @@ impl Config {
         if !problems.is_empty() {
             return Err(Error::config(problems.join("; ")));
         }
-        let config: Config = toml::Value::Table(raw)
+        let mut config: Config = toml::Value::Table(raw)
             .try_into()
             .map_err(|e: toml::de::Error| Error::config(e.message().to_string()))?;
         config.validate()?;
+        config.rejects = std::sync::Arc::new(crate::reject::Rejects::new(
+            config.pipeline.reject_dir.clone(),
+        ));
         Ok(config)
+    }
+
+    /// The configuration for reading the source again (`verify`): rows the
+    /// run sets aside are skipped and counted, and no reject file is written.
+    pub fn for_verify(mut self) -> Self {
+        if self.rejects.enabled() {
+            self.rejects = std::sync::Arc::new(crate::reject::Rejects::count_only());
+        }
+        self
     }
 
     /// Every problem at once, each naming its key.
@@ -340,6 +361,15 @@ impl Config {
             if v == 0 {
                 problems.push(format!("pipeline.{key}: must be at least 1"));
             }
+        }
+        if p.reject_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().to_string_lossy().trim().is_empty())
+        {
+            problems.push(
+                "pipeline.reject_dir: must not be empty (leave it out to stop on values that do not fit)"
+                    .into(),
+            );
         }
         if let Some(a) = &self.http.address {
             if a.parse::<std::net::SocketAddr>().is_err() {

@@ -11,6 +11,7 @@ pub mod model;
 pub mod observe;
 pub mod pipeline;
 pub mod plan;
+pub mod reject;
 pub mod sample;
 pub mod schema;
 pub mod sink;

@@ -138,6 +138,17 @@ impl fmt::Display for Value {
     }
 }
 
+/// Bytes as PostgreSQL's `\\x…` hex text.
+pub fn hex_text(b: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(2 + 2 * b.len());
+    s.push_str("\\x");
+    for byte in b {
+        let _ = write!(s, "{byte:02x}");
+    }
+    s
+}
+
 /// A row: one value per column, in the table's column order.
 pub type Row = Vec<Value>;
 

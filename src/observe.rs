@@ -38,8 +38,10 @@ pub mod names {
     pub const ERRORS: &str = "switchyard_errors_total";
     pub const CONNECTION_UP: &str = "switchyard_connection_up";
     pub const CHECKPOINT: &str = "switchyard_checkpoint_position";
+    /// Rows set aside in `pipeline.reject_dir`, by table.
+    pub const ROWS_REJECTED: &str = "switchyard_rows_rejected_total";
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         PHASE,
         LAG_BYTES,
         LAG_SECONDS,
@@ -54,6 +56,7 @@ pub mod names {
         ERRORS,
         CONNECTION_UP,
         CHECKPOINT,
+        ROWS_REJECTED,
     ];
 }
 
@@ -105,6 +108,13 @@ pub struct TableView {
     /// The copy's duration and rate, once copied by this run.
     pub seconds: Option<f64>,
     pub rows_per_second: Option<f64>,
+    /// Rows set aside in the table's reject file by this run.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rejected: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The daemon's picture of itself: what `/status` answers.
@@ -148,10 +158,11 @@ struct Board {
 /// The status board the pipeline writes and the endpoints read.
 pub struct Observer {
     board: Mutex<Board>,
+    rejects: Arc<crate::reject::Rejects>,
 }
 
 impl Observer {
-    pub fn new(source: String, target: String) -> Arc<Self> {
+    pub fn new(source: String, target: String, rejects: Arc<crate::reject::Rejects>) -> Arc<Self> {
         let view = StatusView {
             phase: Phase::Starting,
             source,
@@ -176,6 +187,7 @@ impl Observer {
                 backlog: false,
                 caught_up_at: None,
             }),
+            rejects,
         });
         o.publish_phase(Phase::Starting);
         // Every gauge exists from the start, so that scrapes and alert rules
@@ -382,7 +394,11 @@ impl Observer {
     }
 
     pub fn view(&self) -> StatusView {
-        self.with(|b| b.view.clone())
+        let mut v = self.with(|b| b.view.clone());
+        for (table, n) in self.rejects.counts() {
+            v.tables.entry(table).or_default().rejected = n;
+        }
+        v
     }
 
     /// Streaming with at most `max_lag` seconds of lag.

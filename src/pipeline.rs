@@ -56,10 +56,17 @@ pub struct TableReport {
     /// Copied as the source's COPY text, without decoding rows.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub pass_through: bool,
+    /// Rows set aside in the table's reject file (`pipeline.reject_dir`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rejected: u64,
     /// The snapshot position `Ct`, as text (an LSN for PostgreSQL).
     pub position: String,
     #[serde(skip)]
     pub at: Position,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -120,6 +127,7 @@ impl Pipeline {
         let observer = Observer::new(
             crate::config::redact_url(&config.source.url),
             crate::config::redact_url(&config.target.url),
+            config.rejects.clone(),
         );
         Self {
             config,
@@ -167,6 +175,9 @@ impl Pipeline {
     }
 
     async fn run_inner(&self, mode: Mode, cancel: CancellationToken) -> Result<Report> {
+        if let Some(dir) = &self.config.pipeline.reject_dir {
+            crate::reject::prepare(dir)?;
+        }
         let tables = self.tables().await?;
         let cfg = &self.config.pipeline;
         retry(cfg, "creating the target schema", || {
@@ -267,6 +278,7 @@ impl Pipeline {
                         rows_per_second: 0.0,
                         already_copied: true,
                         pass_through: false,
+                        rejected: 0,
                         position: s.position.to_string(),
                         at: s.position,
                     });
@@ -354,6 +366,7 @@ impl Pipeline {
     ) -> Result<TableReport> {
         let cfg = &self.config.pipeline;
         let started = Instant::now();
+        let rejected_before = self.config.rejects.count(&table.name);
         // Empty first: rows deleted in the source while we were down must not survive.
         retry(cfg, "emptying the target table", || {
             self.sink.begin_table(&table)
@@ -399,7 +412,7 @@ impl Pipeline {
             let rows = loaded?;
             self.observer.table_rows(&table.name, rows);
             return self
-                .finish_copy(&table, at, rows, started, progress, true)
+                .finish_copy(&table, at, rows, started, progress, true, 0)
                 .await;
         }
         let (tx, rx) = mpsc::channel(cfg.queue_size);
@@ -424,14 +437,13 @@ impl Pipeline {
                     if table.whole_row {
                         // Counted rows: a load retried after a lost reply could
                         // count twice, so a failure copies the table again.
-                        self.sink.load(table, &batch).await?;
+                        self.sink.load(table, &batch).await
                     } else {
                         retry(cfg, "loading snapshot rows", || {
                             self.sink.load(table, &batch)
                         })
-                        .await?;
+                        .await
                     }
-                    Ok::<u64, Error>(batch.len() as u64)
                 }
             })
             .buffer_unordered(loaders);
@@ -462,7 +474,8 @@ impl Pipeline {
                 )))
             }
         };
-        self.finish_copy(&table, at, rows, started, progress, false)
+        let rejected = self.config.rejects.count(&table.name) - rejected_before;
+        self.finish_copy(&table, at, rows, started, progress, false, rejected)
             .await
     }
 
@@ -475,6 +488,7 @@ impl Pipeline {
         started: Instant,
         progress: Progress,
         pass_through: bool,
+        rejected: u64,
     ) -> Result<TableReport> {
         let cfg = &self.config.pipeline;
         retry(cfg, "recording the copied table", || {
@@ -497,6 +511,7 @@ impl Pipeline {
             },
             already_copied: false,
             pass_through,
+            rejected,
             position: at.to_string(),
             at,
         })
@@ -701,6 +716,9 @@ fn log_report(report: &Report) {
                 seconds = format!("{:.2}", t.seconds), rows_per_second = format!("{:.0}", t.rows_per_second),
                 position = %t.position, "table copied"
             );
+            if t.rejected > 0 {
+                warn!(table = %t.table, rejected = t.rejected, "rows set aside in the reject file (pipeline.reject_dir)");
+            }
         }
     }
 }

@@ -93,20 +93,19 @@ pub fn column_type(col: &Column, source_is_postgres: bool) -> String {
     }
 }
 
-/// The target type of column `i` of `table`: an enum of a PostgreSQL source
-/// keeps its type (created in the target), else [`column_type`].
+/// The target type of column `i` of `table`: an enum of a PostgreSQL source,
+/// or an array of one, keeps its type (created in the target), else
+/// [`column_type`].
 pub fn table_column_type(
     table: &crate::model::TableSchema,
     i: usize,
     source_is_postgres: bool,
 ) -> String {
     let col = &table.columns[i];
-    if source_is_postgres
-        && table
-            .enum_types
-            .iter()
-            .any(|(name, _)| *name == col.source_type)
-    {
+    // An enum, or an array of one (`mood[]`, `mood[][]` as format_type
+    // writes every array: `mood[]`).
+    let element = col.source_type.trim_end_matches("[]");
+    if source_is_postgres && table.enum_types.iter().any(|(name, _)| name == element) {
         return col.source_type.clone();
     }
     column_type(col, source_is_postgres)
@@ -190,14 +189,7 @@ pub fn to_text(v: &Value, target_type: &str) -> Option<String> {
         Value::Float(x) => format!("{x:?}"),
         Value::Decimal(d) => d.clone(),
         Value::Text(s) => s.clone(),
-        Value::Bytes(b) => {
-            let mut s = String::with_capacity(2 + 2 * b.len());
-            s.push_str("\\x");
-            for byte in b {
-                s.push_str(&format!("{byte:02x}"));
-            }
-            s
-        }
+        Value::Bytes(b) => crate::model::hex_text(b),
         Value::Json(j) if is_array(target_type) => {
             match serde_json::from_str::<&serde_json::value::RawValue>(j) {
                 Ok(v) => array_literal(v),

@@ -55,10 +55,10 @@ impl Sink for DiscardSink {
         Ok(())
     }
 
-    async fn load(&self, _table: &TableSchema, rows: &[Row]) -> Result<()> {
+    async fn load(&self, _table: &TableSchema, rows: &[Row]) -> Result<u64> {
         self.rows_loaded
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(rows.len() as u64)
     }
 
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {

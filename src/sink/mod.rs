@@ -85,8 +85,10 @@ pub trait Sink: Send + Sync {
     /// Empties the table in the target and marks it as being copied.
     async fn begin_table(&self, table: &TableSchema) -> Result<()>;
 
-    /// Inserts snapshot rows (committed on return).
-    async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<()>;
+    /// Inserts snapshot rows (committed on return); the number stored. Rows
+    /// whose values the target refuses go to the reject files where
+    /// `pipeline.reject_dir` is set, and are not counted.
+    async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<u64>;
 
     /// Marks the table as copied at `position` with `rows` rows.
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()>;

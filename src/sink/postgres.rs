@@ -18,6 +18,7 @@ use super::{Durable, Sink, SinkState, TableState, TableStatus};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::{Change, Op, Position, Row, TableSchema, Value};
+use crate::reject::{row_json, Rejected, Rejects};
 use crate::schema::postgres::{cast_type, copy_field, holds, table_column_type, to_text};
 use crate::source::postgres::conn::{pg_error, PgEndpoint};
 use crate::source::postgres::replication::{quote_ident, quote_literal};
@@ -47,6 +48,8 @@ pub struct PgSink {
     pool: Mutex<Vec<tokio_postgres::Client>>,
     /// Target column types per table, as prepared.
     types: Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// Where rows whose values the target refuses go (`pipeline.reject_dir`).
+    rejects: Arc<Rejects>,
 }
 
 fn qualified(name: &str) -> String {
@@ -78,6 +81,7 @@ impl PgSink {
             ),
             pool: Mutex::new(Vec::new()),
             types: Mutex::new(Default::default()),
+            rejects: config.rejects.clone(),
         };
         let c = sink.take().await.map_err(|e| match e.kind() {
             crate::error::ErrorKind::Transient => Error::connect(e.to_string()),
@@ -125,6 +129,69 @@ impl PgSink {
         if !c.is_closed() {
             self.pool.lock().await.push(c);
         }
+    }
+
+    /// One `COPY … FROM STDIN` of COPY text.
+    async fn copy_in(
+        c: &tokio_postgres::Client,
+        table: &TableSchema,
+        data: String,
+    ) -> std::result::Result<(), tokio_postgres::Error> {
+        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let sql = format!(
+            "COPY {} ({}) FROM STDIN",
+            qualified(&table.target_name),
+            cols.join(", ")
+        );
+        let sink = c.copy_in::<_, bytes::Bytes>(sql.as_str()).await?;
+        futures::pin_mut!(sink);
+        sink.send(bytes::Bytes::from(data)).await?;
+        sink.finish().await?;
+        Ok(())
+    }
+
+    /// A row whose value the target refuses: to the reject file where
+    /// `pipeline.reject_dir` is set, else the error that stops the run,
+    /// naming table, key, column and value.
+    fn refuse(
+        &self,
+        table: &TableSchema,
+        row: &Row,
+        column: Option<usize>,
+        e: &tokio_postgres::Error,
+        phase: &'static str,
+        position: Option<Position>,
+    ) -> Result<()> {
+        let reason = match e.as_db_error() {
+            Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+            None => e.to_string(),
+        };
+        let key = if table.whole_row {
+            "(no key: the whole row)".to_string()
+        } else {
+            table.describe_key(&table.key_of(row))
+        };
+        let col_name = column.map(|i| table.columns[i].name.clone());
+        let value = column.map(|i| row[i].to_string());
+        if !self.rejects.enabled() {
+            return Err(Error::definite(format!(
+                "table {:?}, key {key}{}: the target refuses {}: {reason}; fix the value in the source, give the target column a type that holds it, \
+                 or set pipeline.reject_dir to set such rows aside",
+                table.name,
+                col_name.as_deref().map(|c| format!(", column {c:?}")).unwrap_or_default(),
+                value.as_deref().map(|v| format!("the value {v}")).unwrap_or_else(|| "the row".into()),
+            )));
+        }
+        self.rejects.record(&Rejected {
+            table: table.name.clone(),
+            key,
+            column: col_name,
+            value,
+            reason,
+            phase,
+            position: position.map(|p| p.to_string()).unwrap_or_default(),
+            row: row_json(&table.columns, row),
+        })
     }
 
     /// Applies `migrations/` that the target has not seen, each in its own
@@ -840,39 +907,44 @@ impl Sink for PgSink {
         Ok(())
     }
 
-    async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<()> {
+    async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<u64> {
         let types = self.column_types(table).await;
-        let mut data = String::with_capacity(rows.len() * 64);
-        for row in rows {
-            for (i, v) in row.iter().enumerate() {
-                if i > 0 {
-                    data.push('\t');
+        // Rows still to load: a value the target refuses takes its row out
+        // (to the reject file) and the rest are loaded again.
+        let mut pending: Vec<&Row> = rows.iter().collect();
+        loop {
+            let mut data = String::with_capacity(pending.len() * 64);
+            for row in &pending {
+                for (i, v) in row.iter().enumerate() {
+                    if i > 0 {
+                        data.push('\t');
+                    }
+                    copy_field(&mut data, to_text(v, &types[i]).as_deref());
                 }
-                copy_field(&mut data, to_text(v, &types[i]).as_deref());
+                data.push('\n');
             }
-            data.push('\n');
+            let what = format!("loading {} rows into {}", pending.len(), table.target_name);
+            let c = self.take().await?;
+            let e = match Self::copy_in(&c, table, data).await {
+                Ok(()) => {
+                    self.give(c).await;
+                    return Ok(pending.len() as u64);
+                }
+                Err(e) => e,
+            };
+            // After a refused COPY the session is ready for the next one.
+            self.give(c).await;
+            let line = misfit_code(&e)
+                .then(|| copy_line(&e))
+                .flatten()
+                .filter(|l| (1..=pending.len()).contains(l));
+            let Some(line) = line else {
+                return Err(row_error(&self.ep, table, &what, e));
+            };
+            let row = pending.remove(line - 1);
+            let column = copy_column(&e, table).or_else(|| nul_column(row));
+            self.refuse(table, row, column, &e, "snapshot", None)?;
         }
-        let c = self.take().await?;
-        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let sql = format!(
-            "COPY {} ({}) FROM STDIN",
-            qualified(&table.target_name),
-            cols.join(", ")
-        );
-        let what = format!("loading {} rows into {}", rows.len(), table.target_name);
-        let sink = c
-            .copy_in::<_, bytes::Bytes>(sql.as_str())
-            .await
-            .map_err(self.pg(&what))?;
-        futures::pin_mut!(sink);
-        sink.send(bytes::Bytes::from(data))
-            .await
-            .map_err(self.pg(&what))?;
-        sink.finish()
-            .await
-            .map_err(|e| row_error(&self.ep, table, &what, e))?;
-        self.give(c).await;
-        Ok(())
     }
 
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {
@@ -983,43 +1055,26 @@ impl Sink for PgSink {
         rows: &[Row],
     ) -> Result<Vec<crate::verify::Record>> {
         let types = self.column_types(table).await;
-        let n = table.columns.len();
-        let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows.len()); n];
-        for row in rows {
-            for (i, v) in row.iter().enumerate() {
-                columns[i].push(to_text(v, &types[i]));
-            }
-        }
-        // The column's full type, as storing pads or rounds (a value that
-        // does not fit never reaches the target: its apply fails).
-        let cast = |i: usize| format!("u.c{i}::{}", types[i]);
-        let key_idx: Vec<usize> = if table.whole_row {
-            (0..n).collect()
-        } else {
-            table.key.clone()
-        };
-        let sql = format!(
-            "SELECT ROW({})::text, ROW({})::text FROM {}",
-            key_idx
-                .iter()
-                .map(|&i| cast(i))
-                .collect::<Vec<_>>()
-                .join(", "),
-            (0..n).map(cast).collect::<Vec<_>>().join(", "),
-            unnest_columns(n)
-        );
-        let refs = sql_params(&columns);
         let c = self.take().await?;
-        let out = c
-            .query(sql.as_str(), &refs)
-            .await
-            .map_err(self.pg(&format!(
-                "rendering rows of {} for verify",
-                table.target_name
-            )))?
-            .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-            .collect();
+        let what = format!("rendering rows of {} for verify", table.target_name);
+        let out = match render(&c, table, &types, rows).await {
+            Ok(out) => out,
+            // Rows the run sets aside are not expected in the target.
+            Err(e) if misfit_code(&e) && self.rejects.enabled() => {
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    match render(&c, table, &types, std::slice::from_ref(row)).await {
+                        Ok(r) => out.extend(r),
+                        Err(e) if misfit_code(&e) => {
+                            self.refuse(table, row, nul_column(row), &e, "verify", None)?
+                        }
+                        Err(e) => return Err(pg_error(&self.ep, &what, e)),
+                    }
+                }
+                out
+            }
+            Err(e) => return Err(pg_error(&self.ep, &what, e)),
+        };
         self.give(c).await;
         Ok(out)
     }
@@ -1117,115 +1172,317 @@ impl Sink for PgSink {
     }
 
     async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable> {
-        let mut c = self.take().await?;
-        let outcome = async {
-            let tx = c.transaction().await.map_err(self.pg("beginning"))?;
-            let cp = tx
-                .query_opt("SELECT commit, ordinal FROM switchyard.checkpoint WHERE id = 1 FOR UPDATE", &[])
-                .await
-                .map_err(self.pg("reading the checkpoint"))?
-                .map(|r| Position::new(r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64));
-            if cp.is_some_and(|cp| cp > checkpoint) {
-                return Err(Error::definite(format!(
-                    "refusing to move the checkpoint backwards from {} to {checkpoint}",
-                    cp.expect("checked")
-                )));
-            }
-            if cp == Some(checkpoint) && !changes.is_empty() {
-                // Committed before a lost reply: not applied again.
-                info!(checkpoint = %checkpoint, "the batch was committed before the connection was lost; not applying it again");
-                return Ok(());
-            }
-            let mut types_of: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
-            let mut i = 0;
-            while i < changes.len() {
-                let ch = &changes[i];
-                let t = &ch.table;
-                if upsert_row(ch).is_some() {
-                    // A run of whole-row upserts of one table: one statement.
-                    let mut j = i + 1;
-                    while j < changes.len() && j - i < 5_000 && changes[j].table.name == t.name && upsert_row(&changes[j]).is_some() {
-                        j += 1;
-                    }
-                    if j - i > 1 {
-                        if !types_of.contains_key(&t.target_name) {
-                            types_of.insert(t.target_name.clone(), self.column_types(t).await);
-                        }
-                        let (sql, params) = grouped_upsert(t, &types_of[&t.target_name], &changes[i..j]);
-                        let refs = sql_params(&params);
-                        tx.execute(sql.as_str(), &refs).await.map_err(|e| {
-                            let what = format!(
-                                "applying {} upserts of table {:?} (keys {} … {})",
-                                j - i,
-                                t.name,
-                                t.describe_key(&ch.key()),
-                                t.describe_key(&changes[j - 1].key())
-                            );
-                            row_error(&self.ep, t, &what, e)
-                        })?;
-                        i = j;
-                        continue;
+        match self.apply_batch(changes, checkpoint, false).await {
+            Ok(()) => Ok(Durable::committed(checkpoint)),
+            // A value the target refuses: once more change by change, to
+            // name the change (and set it aside where that is configured).
+            Err(f) if f.misfit => {
+                info!(error = %f.error.report(), "a value of the batch does not fit the target; applying it change by change");
+                match self.apply_batch(changes, checkpoint, true).await {
+                    Ok(()) => Ok(Durable::committed(checkpoint)),
+                    Err(f) => {
+                        warn!(error = %f.error.report(), "applying a batch to PostgreSQL failed");
+                        Err(f.error)
                     }
                 }
-                if matches!(ch.op, Op::Truncate) {
-                    // One TRUNCATE of a source transaction's tables together,
-                    // as the source ran it (foreign keys between them).
-                    let mut names = vec![qualified(&t.target_name)];
-                    while i + 1 < changes.len()
-                        && matches!(changes[i + 1].op, Op::Truncate)
-                        && changes[i + 1].position.commit == ch.position.commit
-                    {
-                        i += 1;
-                        names.push(qualified(&changes[i].table.target_name));
-                    }
-                    tx.batch_execute(&format!("TRUNCATE {}", names.join(", ")))
-                        .await
-                        .map_err(|e| row_error(&self.ep, t, "applying a truncate", e))?;
-                    i += 1;
-                    continue;
-                }
-                if !types_of.contains_key(&t.target_name) {
-                    types_of.insert(t.target_name.clone(), self.column_types(t).await);
-                }
-                let types = &types_of[&t.target_name];
-                for st in statements(t, types, &ch.op) {
-                    let refs = sql_params(&st.params);
-                    let n = tx.execute(st.sql.as_str(), &refs).await.map_err(|e| {
-                        let what = format!("applying a {} of table {:?}, key {}", ch.kind(), t.name, t.describe_key(&ch.key()));
-                        row_error(&self.ep, t, &what, e)
-                    })?;
-                    if st.must_touch && n == 0 {
-                        return Err(Error::definite(format!(
-                            "table {:?}: the target has no row for the {} of {}; the target's copy is out of step: copy the table again (run once with it in tables.exclude, then without)",
-                            t.name,
-                            ch.kind(),
-                            t.describe_key(&ch.key())
-                        )));
-                    }
-                }
-                i += 1;
             }
-            tx.execute(
-                "INSERT INTO switchyard.checkpoint (id, commit, ordinal) VALUES (1, $1, $2)
-                 ON CONFLICT (id) DO UPDATE SET commit = $1, ordinal = $2, updated_at = now()",
-                &[&(checkpoint.commit as i64), &(checkpoint.ordinal as i64)],
-            )
-            .await
-            .map_err(self.pg("moving the checkpoint"))?;
-            tx.commit().await.map_err(self.pg("committing the batch"))
-        }
-        .await;
-        match outcome {
-            Ok(()) => {
-                self.give(c).await;
-                Ok(Durable::committed(checkpoint))
-            }
-            Err(e) => {
-                warn!(error = %e.report(), "applying a batch to PostgreSQL failed");
-                Err(e)
+            Err(f) => {
+                warn!(error = %f.error.report(), "applying a batch to PostgreSQL failed");
+                Err(f.error)
             }
         }
     }
+}
+
+/// Why a batch failed, and whether a value did not fit a column's type.
+struct Failure {
+    error: Error,
+    misfit: bool,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Self {
+            error,
+            misfit: false,
+        }
+    }
+}
+
+impl PgSink {
+    /// One transaction: the changes in order, then the checkpoint. `careful`:
+    /// one statement per change, and where `pipeline.reject_dir` is set each
+    /// change under a savepoint, so that a change whose value the target
+    /// refuses is rolled back, written to the reject file and its row's
+    /// old version deleted, and the rest commits.
+    async fn apply_batch(
+        &self,
+        changes: &[Change],
+        checkpoint: Position,
+        careful: bool,
+    ) -> std::result::Result<(), Failure> {
+        let failed = |table: &TableSchema, what: &str, e: tokio_postgres::Error| Failure {
+            misfit: misfit_code(&e),
+            error: row_error(&self.ep, table, what, e),
+        };
+        let set_aside = careful && self.rejects.enabled();
+        let mut c = self.take().await?;
+        let tx = c.transaction().await.map_err(self.pg("beginning"))?;
+        let cp = tx
+            .query_opt(
+                "SELECT commit, ordinal FROM switchyard.checkpoint WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(self.pg("reading the checkpoint"))?
+            .map(|r| Position::new(r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64));
+        if cp.is_some_and(|cp| cp > checkpoint) {
+            return Err(Error::definite(format!(
+                "refusing to move the checkpoint backwards from {} to {checkpoint}",
+                cp.expect("checked")
+            ))
+            .into());
+        }
+        if cp == Some(checkpoint) && !changes.is_empty() {
+            // Committed before a lost reply: not applied again.
+            info!(checkpoint = %checkpoint, "the batch was committed before the connection was lost; not applying it again");
+            drop(tx);
+            self.give(c).await;
+            return Ok(());
+        }
+        let mut types_of: std::collections::HashMap<String, Vec<String>> =
+            std::collections::HashMap::new();
+        let mut i = 0;
+        while i < changes.len() {
+            let ch = &changes[i];
+            let t = &ch.table;
+            if !careful && upsert_row(ch).is_some() {
+                // A run of whole-row upserts of one table: one statement.
+                let mut j = i + 1;
+                while j < changes.len()
+                    && j - i < 5_000
+                    && changes[j].table.name == t.name
+                    && upsert_row(&changes[j]).is_some()
+                {
+                    j += 1;
+                }
+                if j - i > 1 {
+                    if !types_of.contains_key(&t.target_name) {
+                        types_of.insert(t.target_name.clone(), self.column_types(t).await);
+                    }
+                    let (sql, params) =
+                        grouped_upsert(t, &types_of[&t.target_name], &changes[i..j]);
+                    let refs = sql_params(&params);
+                    tx.execute(sql.as_str(), &refs).await.map_err(|e| {
+                        let what = format!(
+                            "applying {} upserts of table {:?} (keys {} … {})",
+                            j - i,
+                            t.name,
+                            t.describe_key(&ch.key()),
+                            t.describe_key(&changes[j - 1].key())
+                        );
+                        failed(t, &what, e)
+                    })?;
+                    i = j;
+                    continue;
+                }
+            }
+            if matches!(ch.op, Op::Truncate) {
+                // One TRUNCATE of a source transaction's tables together,
+                // as the source ran it (foreign keys between them).
+                let mut names = vec![qualified(&t.target_name)];
+                while i + 1 < changes.len()
+                    && matches!(changes[i + 1].op, Op::Truncate)
+                    && changes[i + 1].position.commit == ch.position.commit
+                {
+                    i += 1;
+                    names.push(qualified(&changes[i].table.target_name));
+                }
+                tx.batch_execute(&format!("TRUNCATE {}", names.join(", ")))
+                    .await
+                    .map_err(|e| failed(t, "applying a truncate", e))?;
+                i += 1;
+                continue;
+            }
+            if !types_of.contains_key(&t.target_name) {
+                types_of.insert(t.target_name.clone(), self.column_types(t).await);
+            }
+            let types = &types_of[&t.target_name];
+            if set_aside {
+                tx.batch_execute("SAVEPOINT switchyard_change")
+                    .await
+                    .map_err(self.pg("setting a savepoint"))?;
+            }
+            for st in statements(t, types, &ch.op) {
+                let refs = sql_params(&st.params);
+                let n = match tx.execute(st.sql.as_str(), &refs).await {
+                    Ok(n) => n,
+                    Err(e) if set_aside && misfit_code(&e) => {
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT switchyard_change")
+                            .await
+                            .map_err(self.pg("rolling back to the savepoint"))?;
+                        self.set_aside_change(&tx, ch, types, &e).await?;
+                        break;
+                    }
+                    Err(e) => {
+                        let what = format!(
+                            "applying a {} of table {:?}, key {}",
+                            ch.kind(),
+                            t.name,
+                            t.describe_key(&ch.key())
+                        );
+                        return Err(failed(t, &what, e));
+                    }
+                };
+                if st.must_touch && n == 0 {
+                    return Err(Error::definite(format!(
+                        "table {:?}: the target has no row for the {} of {}; the target's copy is out of step: copy the table again (run once with it in tables.exclude, then without)",
+                        t.name,
+                        ch.kind(),
+                        t.describe_key(&ch.key())
+                    ))
+                    .into());
+                }
+            }
+            i += 1;
+        }
+        tx.execute(
+            "INSERT INTO switchyard.checkpoint (id, commit, ordinal) VALUES (1, $1, $2)
+             ON CONFLICT (id) DO UPDATE SET commit = $1, ordinal = $2, updated_at = now()",
+            &[&(checkpoint.commit as i64), &(checkpoint.ordinal as i64)],
+        )
+        .await
+        .map_err(self.pg("moving the checkpoint"))?;
+        tx.commit().await.map_err(self.pg("committing the batch"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    /// A change whose new values the target refuses: written to the reject
+    /// file (synced before the batch commits), and the row's old version
+    /// deleted, so that the target holds no version of a rejected row.
+    async fn set_aside_change(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        ch: &Change,
+        types: &[String],
+        e: &tokio_postgres::Error,
+    ) -> Result<()> {
+        let t = &ch.table;
+        let (row, old_key) = match &ch.op {
+            Op::Insert { row } => (row, None),
+            Op::Update { old_key, row } => (row, old_key.clone()),
+            _ => {
+                return Err(Error::definite(format!(
+                    "table {:?}: the target refuses the {} of {}",
+                    t.name,
+                    ch.kind(),
+                    t.describe_key(&ch.key())
+                )))
+            }
+        };
+        let column = nul_column(row);
+        self.refuse(t, row, column, e, "stream", Some(ch.position))?;
+        // Counted rows (no key): an insert leaves nothing behind; an update
+        // removes one copy of the old row.
+        let gone: Vec<Vec<Value>> = if t.whole_row {
+            old_key.into_iter().collect()
+        } else {
+            std::iter::once(t.key_of(row)).chain(old_key).collect()
+        };
+        for key in gone {
+            for st in statements(t, types, &Op::Delete { key }) {
+                let refs = sql_params(&st.params);
+                tx.execute(st.sql.as_str(), &refs).await.map_err(|e| {
+                    row_error(&self.ep, t, "deleting the old version of a rejected row", e)
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows as the target renders them once stored: the key and the row as
+/// `ROW(…)::text`, cast to the columns' full types (storing pads or rounds).
+async fn render(
+    c: &tokio_postgres::Client,
+    table: &TableSchema,
+    types: &[String],
+    rows: &[Row],
+) -> std::result::Result<Vec<crate::verify::Record>, tokio_postgres::Error> {
+    let n = table.columns.len();
+    let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows.len()); n];
+    for row in rows {
+        for (i, v) in row.iter().enumerate() {
+            columns[i].push(to_text(v, &types[i]));
+        }
+    }
+    let cast = |i: usize| format!("u.c{i}::{}", types[i]);
+    let key_idx: Vec<usize> = if table.whole_row {
+        (0..n).collect()
+    } else {
+        table.key.clone()
+    };
+    let sql = format!(
+        "SELECT ROW({})::text, ROW({})::text FROM {}",
+        key_idx
+            .iter()
+            .map(|&i| cast(i))
+            .collect::<Vec<_>>()
+            .join(", "),
+        (0..n).map(cast).collect::<Vec<_>>().join(", "),
+        unnest_columns(n)
+    );
+    let refs = sql_params(&columns);
+    Ok(c.query(sql.as_str(), &refs)
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// A value the column's type cannot hold (SQLSTATE class 22, data
+/// exception), as opposed to a constraint, a lost connection or a bug of
+/// ours in the COPY format (22P04).
+fn misfit_code(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .map(|c| c.code())
+        .is_some_and(|c| c.starts_with("22") && c != "22P04")
+}
+
+/// The input line of a failed `COPY … FROM STDIN` (1-based), from the
+/// error's context `COPY t, line 3, column n: "…"`.
+fn copy_line(e: &tokio_postgres::Error) -> Option<usize> {
+    let at = e.as_db_error()?.where_()?;
+    let rest = &at[at.find(", line ")? + ", line ".len()..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// The column named by a failed COPY's context, as an index into the table's
+/// columns (the longest name that fits, for names holding `:`).
+fn copy_column(e: &tokio_postgres::Error, table: &TableSchema) -> Option<usize> {
+    let at = e.as_db_error()?.where_()?;
+    let rest = &at[at.find(", column ")? + ", column ".len()..];
+    table
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| {
+            rest.strip_prefix(c.name.as_str())
+                .is_some_and(|r| r.is_empty() || r.starts_with(':'))
+        })
+        .max_by_key(|(_, c)| c.name.len())
+        .map(|(i, _)| i)
+}
+
+/// PostgreSQL text holds no NUL character, and its error names no column:
+/// the first column whose text has one.
+fn nul_column(row: &Row) -> Option<usize> {
+    row.iter().position(|v| match v {
+        Value::Text(s) | Value::Json(s) => s.contains('\0'),
+        _ => false,
+    })
 }
 
 /// A failed statement on a row: the server's words with the table and key.

@@ -605,9 +605,10 @@ impl Sink for SurrealSink {
         Ok(())
     }
 
-    async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<()> {
+    async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<u64> {
         if table.whole_row {
-            return self.load_counted(table, rows).await;
+            self.load_counted(table, rows).await?;
+            return Ok(rows.len() as u64);
         }
         let mut items = Vec::with_capacity(rows.len());
         for row in rows {
@@ -626,7 +627,7 @@ impl Sink for SurrealSink {
             vars,
         )
         .await?;
-        Ok(())
+        Ok(rows.len() as u64)
     }
 
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {

@@ -33,6 +33,7 @@ use super::{Batch, Discovery, Installed, Problem, Source};
 use crate::config::{Config, TableFilter};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Change, Column, LogicalType, Op, Position, Row, TableSchema, Value};
+use crate::reject::{Rejected, Rejects};
 use crate::sink::Durable;
 
 const CHANGES: &str = "_switchyard_changes";
@@ -52,6 +53,8 @@ pub struct SqliteSource {
     poll_interval: Duration,
     retry_attempts: usize,
     retry_max_delay: Duration,
+    /// Where rows whose values do not fit go (`pipeline.reject_dir`).
+    rejects: Arc<Rejects>,
     /// The last trim, so the log is trimmed every few seconds at most.
     last_trim: Mutex<Option<(Instant, Position)>>,
 }
@@ -93,6 +96,7 @@ impl SqliteSource {
             poll_interval: Duration::from_millis(config.source.poll_interval_ms),
             retry_attempts: config.pipeline.retry_attempts,
             retry_max_delay: Duration::from_millis(config.pipeline.retry_max_delay_ms),
+            rejects: config.rejects.clone(),
             last_trim: Mutex::new(None),
         })
     }
@@ -385,35 +389,107 @@ fn convert(raw: Raw, col: &Column) -> std::result::Result<Value, String> {
     })
 }
 
-/// Converts a row of raw cells; an error names table, key, column and value.
-fn convert_row(table: &TableSchema, raws: Vec<Raw>, cols: &[usize]) -> Result<Vec<Value>> {
+/// A row holding a value its column's type cannot carry.
+struct Misfit {
+    column: usize,
+    message: String,
+    value: String,
+    /// The row's key as far as it converts (`(id = 3)`).
+    key: String,
+    /// The cells as stored, by column name.
+    row: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Misfit {
+    fn error(&self, table: &TableSchema) -> Error {
+        Error::definite(format!(
+            "table {:?}, key {}, column {:?}: {}; fix the value in the source, set pipeline.reject_dir to set such rows aside, or exclude the table with tables.exclude",
+            table.name, self.key, table.columns[self.column].name, self.message
+        ))
+    }
+}
+
+/// Writes a misfit row to its table's reject file, or, without
+/// `pipeline.reject_dir`, returns the error that stops the run.
+fn set_aside(
+    rejects: &Rejects,
+    table: &TableSchema,
+    m: Misfit,
+    phase: &'static str,
+    at: Position,
+) -> Result<()> {
+    if !rejects.enabled() {
+        return Err(m.error(table));
+    }
+    rejects.record(&Rejected {
+        table: table.name.clone(),
+        key: m.key,
+        column: Some(table.columns[m.column].name.clone()),
+        value: Some(m.value),
+        reason: m.message,
+        phase,
+        position: at.to_string(),
+        row: m.row,
+    })
+}
+
+impl Raw {
+    fn json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        match self {
+            Raw::Null => J::Null,
+            Raw::Integer(i) => J::from(*i),
+            Raw::Real(x) => serde_json::Number::from_f64(*x)
+                .map(J::Number)
+                .unwrap_or_else(|| J::String(format!("{x:?}"))),
+            Raw::Text(s) => J::String(s.clone()),
+            Raw::Blob(b) => J::String(crate::model::hex_text(b)),
+        }
+    }
+}
+
+/// Converts a row of raw cells (of columns `cols`); a misfit names the
+/// column, the value and the row's key.
+fn convert_row(
+    table: &TableSchema,
+    raws: Vec<Raw>,
+    cols: &[usize],
+) -> std::result::Result<Vec<Value>, Misfit> {
     let mut out = Vec::with_capacity(raws.len());
     let mut failure = None;
-    for (raw, &ci) in raws.into_iter().zip(cols) {
+    for (raw, &ci) in raws.iter().zip(cols) {
         match convert(raw.clone(), &table.columns[ci]) {
             Ok(v) => out.push(v),
             Err(msg) => {
-                failure.get_or_insert((ci, msg));
+                failure.get_or_insert((ci, msg, raw.shown()));
                 out.push(match raw {
-                    Raw::Integer(i) => Value::Int(i),
-                    Raw::Text(s) => Value::Text(s),
+                    Raw::Integer(i) => Value::Int(*i),
+                    Raw::Text(s) => Value::Text(s.clone()),
                     _ => Value::Null,
                 });
             }
         }
     }
-    if let Some((ci, msg)) = failure {
-        let key = if cols.len() == table.columns.len() {
-            table.describe_key(&table.key_of(&out))
-        } else {
-            table.describe_key(&out[..table.key.len().min(out.len())])
-        };
-        return Err(Error::definite(format!(
-            "table {:?}, key {key}, column {:?}: {msg}; fix the value in the source, or exclude the table with tables.exclude",
-            table.name, table.columns[ci].name
-        )));
-    }
-    Ok(out)
+    let Some((column, message, value)) = failure else {
+        return Ok(out);
+    };
+    let key = if cols.len() == table.columns.len() {
+        table.describe_key(&table.key_of(&out))
+    } else {
+        table.describe_key(&out[..table.key.len().min(out.len())])
+    };
+    let row = raws
+        .iter()
+        .zip(cols)
+        .map(|(r, &ci)| (table.columns[ci].name.clone(), r.json()))
+        .collect();
+    Err(Misfit {
+        column,
+        message,
+        value,
+        key,
+        row,
+    })
 }
 
 fn select_list(table: &TableSchema) -> String {
@@ -876,7 +952,10 @@ impl Source for SqliteSource {
             let raws = (0..all.len())
                 .map(|i| read_raw(&r, i))
                 .collect::<Result<Vec<_>>>()?;
-            batch.push(convert_row(&table, raws, &all)?);
+            match convert_row(&table, raws, &all) {
+                Ok(row) => batch.push(row),
+                Err(m) => set_aside(&self.rejects, &table, m, "snapshot", at)?,
+            }
             if batch.len() >= batch_rows {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
                 if rows.send(full).await.is_err() {
@@ -941,7 +1020,7 @@ impl Source for SqliteSource {
                 }
                 Ok(Some((
                     version,
-                    poll(&mut conn, &by_id, last, max_batch).await?,
+                    poll(&mut conn, &by_id, last, max_batch, &self.rejects).await?,
                 )))
             }
             .await;
@@ -1123,6 +1202,7 @@ async fn poll(
     tables: &HashMap<i64, Arc<TableSchema>>,
     after: i64,
     limit: usize,
+    rejects: &Rejects,
 ) -> Result<Polled> {
     let mut tx = conn.begin().await?;
     let trimmed = trimmed_upto(&mut tx).await?;
@@ -1195,29 +1275,56 @@ async fn poll(
         };
         let position = Position::new(*seq as u64, 0);
         let ctx = |e: Error| e.context(format!("change log entry {seq}"));
+        let aside = |m: Misfit| set_aside(rejects, table, m, "stream", position).map_err(ctx);
         let all: Vec<usize> = (0..nc).collect();
         let op = match (op.as_str(), here) {
             // Inserted, then deleted before our trigger read it back.
             ("I", false) => continue,
-            ("I", true) => Op::Insert {
-                row: convert_row(table, read(2 + nk, nc)?, &all).map_err(ctx)?,
+            ("I", true) => match convert_row(table, read(2 + nk, nc)?, &all) {
+                Ok(row) => Op::Insert { row },
+                Err(m) => {
+                    aside(m)?;
+                    continue;
+                }
             },
-            ("U", false) => Op::Delete {
-                key: convert_row(table, read(2, nk)?, &table.key).map_err(ctx)?,
+            ("U", false) | ("D", _) => match convert_row(table, read(2, nk)?, &table.key) {
+                Ok(key) => Op::Delete { key },
+                Err(m) => {
+                    aside(m)?;
+                    continue;
+                }
             },
             ("U", true) => {
-                let old = convert_row(table, read(2, nk)?, &table.key).map_err(ctx)?;
-                let row = convert_row(table, read(2 + nk, nc)?, &all).map_err(ctx)?;
-                let old_key = if table.key_of(&row) == old {
-                    None
-                } else {
-                    Some(old)
-                };
-                Op::Update { old_key, row }
+                let old = convert_row(table, read(2, nk)?, &table.key);
+                let row = convert_row(table, read(2 + nk, nc)?, &all);
+                match (old, row) {
+                    (Ok(old), Ok(row)) => {
+                        let old_key = if table.key_of(&row) == old {
+                            None
+                        } else {
+                            Some(old)
+                        };
+                        Op::Update { old_key, row }
+                    }
+                    // The new version is set aside: the old one leaves the
+                    // target, which holds no row the source no longer has.
+                    (Ok(old), Err(m)) => {
+                        aside(m)?;
+                        Op::Delete { key: old }
+                    }
+                    // The old key never reached the target; the row fits now.
+                    (Err(m), Ok(row)) => {
+                        if !rejects.enabled() {
+                            return Err(ctx(m.error(table)));
+                        }
+                        Op::Update { old_key: None, row }
+                    }
+                    (Err(_), Err(m)) => {
+                        aside(m)?;
+                        continue;
+                    }
+                }
             }
-            ("D", _) => Op::Delete {
-                key: convert_row(table, read(2, nk)?, &table.key).map_err(ctx)?,
-            },
             (other, _) => {
                 return Err(Error::definite(format!(
                     "change log entry {seq}: unknown operation {other:?}"

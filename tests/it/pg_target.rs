@@ -71,7 +71,13 @@ async fn wait_same(
 }
 
 fn target_config(source_text: &str, target: &PgDb) -> Arc<Config> {
-    let text = source_text
+    let text = target_config_text(source_text, target);
+    Arc::new(Config::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+}
+
+/// A source's config text with the test database as the target.
+fn target_config_text(source_text: &str, target: &PgDb) -> String {
+    source_text
         .replace(
             "url = \"mem://\"",
             &format!(
@@ -81,8 +87,7 @@ fn target_config(source_text: &str, target: &PgDb) -> Arc<Config> {
             ),
         )
         .replace("namespace = \"test\"\n", "")
-        .replace("database = \"test\"\n", "");
-    Arc::new(Config::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+        .replace("database = \"test\"\n", "")
 }
 
 struct Running {
@@ -115,12 +120,63 @@ const TABLES: [&str; 5] = [
     "every_type",
 ];
 
+/// Rounds of writes over the M5 schema until `stop`: updates of every kind of
+/// value in `every_type`, upserts of `lines` (some large enough for TOAST),
+/// deletes, and inserts of `order` rows with arrays.
+async fn m5_writer(
+    client: tokio_postgres::Client,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    let mut k: i64 = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        k += 1;
+        client
+            .batch_execute(&format!(
+                "UPDATE every_type SET i4 = i4 - 1, f8 = {k}.25, n2 = n2 + 0.0000000001, jb = jsonb_build_object('k', {k}, 'a', ARRAY[{k}, null]),
+                        ts = ts + interval '1 second', tz = tz + interval '1 minute', iv = iv + interval '1.5 seconds',
+                        m = (enum_range(null::mood))[{k} % 3 + 1], moods = ARRAY[(enum_range(null::mood))[{k} % 3 + 1], 'ok'], t = E'round\\t{k}\\n', ar = ARRAY[[{k}, 2], [3, NULL]]
+                  WHERE id = 1;
+                 INSERT INTO lines VALUES (100 + {k} % 50, {k} % 7, {k}, repeat(md5({k}::text), {k} % 200))
+                   ON CONFLICT (order_id, n) DO UPDATE SET qty = excluded.qty, note = excluded.note;
+                 DELETE FROM lines WHERE order_id = 100 + ({k} * 7) % 50 AND n = {k} % 3;
+                 INSERT INTO \"order\" (id, \"select\", total, tags, doc) VALUES (1000 + {k}, 'w', {k} * 1.25, ARRAY['x', '{k}'], '{{\"k\": {k}}}');"
+            ))
+            .await
+            .expect("application write");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    k as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn m5_every_built_in_type_round_trips_postgres_to_postgres() {
     let source = PgDb::new(SCHEMA).await;
+    // An array of an enum keeps its type too.
+    source
+        .exec(
+            "ALTER TABLE every_type ADD COLUMN moods mood[];
+               UPDATE every_type SET moods = ARRAY['happy', NULL, 'sad']::mood[] WHERE id = 1;",
+        )
+        .await;
     let target = PgDb::new("").await;
     let config = target_config(&source.config_text("mem://", ""), &target);
+    // An application writes every kind of value while the snapshot runs and
+    // after it: the copy and the stream must meet exactly.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(m5_writer(
+        crate::pg_surreal::connect(&source.cluster, &source.name).await,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let r = run(config.clone()).await;
+    wait_until("the copy", Duration::from_secs(60), || async {
+        rows(&target.client, "every_type").await.len() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 50, "the writer barely ran ({writes} rounds)");
     wait_same(&source.client, &target.client, &TABLES).await;
 
     // Built-in types are kept exactly; the enum and the domain become their base.
@@ -757,4 +813,211 @@ async fn identities_and_portable_defaults_are_kept() {
         .unwrap()
         .get(0);
     assert_eq!(next, 6);
+}
+
+/// The lines of a reject file, parsed.
+fn reject_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+const MIXED: &str = "CREATE TABLE reading (id INTEGER PRIMARY KEY, n INTEGER, note TEXT, price DECIMAL(5, 2), raw);
+     INSERT INTO reading VALUES (1, 10, 'one', 1.5, 1), (2, 'abc', 'two', 2, 2.5), (3, 30, 'three', 12345.678, 'text'),
+                                (4, 40, 'a' || char(0) || 'b', 4, x'00ff'), (5, 50, 'five', 5, NULL);";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m6_values_that_do_not_fit_stop_the_load_naming_table_key_column_and_value() {
+    let s = Scratch::new();
+    let pool = s.source(MIXED).await;
+    let target = PgDb::new("").await;
+    let config = target_config(&s.config_text("mem://", ""), &target);
+    let snapshot = |config: Arc<Config>| async move {
+        Pipeline::open(config)
+            .await
+            .unwrap()
+            .run(Mode::SnapshotOnly, CancellationToken::new())
+            .await
+    };
+    // A TEXT in an INTEGER column: refused by the source's conversion.
+    let e = snapshot(config.clone()).await.unwrap_err().to_string();
+    for part in [
+        "\"reading\"",
+        "id = 2",
+        "column \"n\"",
+        "\"abc\"",
+        "reject_dir",
+    ] {
+        assert!(e.contains(part), "{part} missing from: {e}");
+    }
+    // Fixed in the source; next a decimal past numeric(5,2), refused by the
+    // target, then a NUL character, which PostgreSQL text cannot hold.
+    sqlx::raw_sql("UPDATE reading SET n = 20 WHERE id = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let e = snapshot(config.clone()).await.unwrap_err().to_string();
+    for part in [
+        "\"reading\"",
+        "id = 3",
+        "column \"price\"",
+        "12345.678",
+        "22003",
+    ] {
+        assert!(e.contains(part), "{part} missing from: {e}");
+    }
+    sqlx::raw_sql("UPDATE reading SET price = 123.45 WHERE id = 3")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let e = snapshot(config.clone()).await.unwrap_err().to_string();
+    for part in ["\"reading\"", "id = 4", "column \"note\"", "22021"] {
+        assert!(e.contains(part), "{part} missing from: {e}");
+    }
+    sqlx::raw_sql("UPDATE reading SET note = 'four' WHERE id = 4")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = snapshot(config.clone()).await.unwrap();
+    assert_eq!(report.tables[0].rows, 5);
+    assert_eq!(report.tables[0].rejected, 0);
+    // The column without a declared type holds each storage class as text.
+    assert_eq!(
+        rows(&target.client, "reading").await,
+        [
+            "(1,10,one,1.50,1)",
+            "(2,20,two,2.00,2.5)",
+            "(3,30,three,123.45,text)",
+            "(4,40,four,4.00,\"\\\\x00ff\")",
+            "(5,50,five,5.00,)",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<BTreeSet<String>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m6_values_that_do_not_fit_go_to_the_reject_file_and_are_counted() {
+    let s = Scratch::new();
+    let pool = s.source(MIXED).await;
+    let target = PgDb::new("").await;
+    let dir = s.path("rejects");
+    let config = target_config(
+        &s.config_text("mem://", &format!("reject_dir = \"{}\"\n", dir.display())),
+        &target,
+    );
+    let file = dir.join("reading.jsonl");
+    let pipeline = Pipeline::open(config.clone()).await.unwrap();
+    let observer = pipeline.observer();
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let handle = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
+    wait_until("the copy", Duration::from_secs(60), || async {
+        rows(&target.client, "reading").await.len() == 2
+    })
+    .await;
+    let lines = reject_lines(&file);
+    let by_key = |key: &str| {
+        lines
+            .iter()
+            .find(|l| l["key"] == key)
+            .unwrap_or_else(|| panic!("{key} not in {lines:?}"))
+            .clone()
+    };
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let two = by_key("(id = 2)");
+    assert_eq!(two["column"], "n");
+    assert_eq!(two["value"], "\"abc\"");
+    assert_eq!(two["phase"], "snapshot");
+    assert_eq!(two["row"]["n"], "abc");
+    assert_eq!(two["row"]["raw"], 2.5);
+    let three = by_key("(id = 3)");
+    assert_eq!(three["column"], "price");
+    assert_eq!(three["value"], "12345.678");
+    assert!(
+        three["reason"].as_str().unwrap().contains("22003"),
+        "{three}"
+    );
+    let four = by_key("(id = 4)");
+    assert_eq!(four["column"], "note");
+    assert_eq!(four["row"]["raw"], "\\x00ff");
+    assert_eq!(observer.view().tables["reading"].rejected, 3);
+    // While streaming: a misfit of the source (id 6), one of the target in
+    // a batch with rows that fit (id 7), an update whose new value does not
+    // fit (id 1: its old version leaves the target), and a fixed source row
+    // (id 2) arriving by its next update.
+    sqlx::raw_sql(
+        "BEGIN;
+         INSERT INTO reading VALUES (6, 'six', 'six', 6, NULL);
+         INSERT INTO reading VALUES (7, 70, 'seven', 99999, NULL);
+         INSERT INTO reading VALUES (8, 80, 'eight', 8, NULL);
+         UPDATE reading SET price = 1000000 WHERE id = 1;
+         UPDATE reading SET n = 2 WHERE id = 2;
+         COMMIT;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let want: BTreeSet<String> = [
+        "(2,2,two,2.00,2.5)",
+        "(5,50,five,5.00,)",
+        "(8,80,eight,8.00,)",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    wait_until("the changes", Duration::from_secs(60), || async {
+        rows(&target.client, "reading").await == want
+    })
+    .await;
+    let lines = reject_lines(&file);
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let streamed: Vec<(String, String)> = lines
+        .iter()
+        .filter(|l| l["phase"] == "stream")
+        .map(|l| {
+            (
+                l["key"].as_str().unwrap().to_string(),
+                l["column"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        streamed,
+        [
+            ("(id = 6)".to_string(), "n".to_string()),
+            ("(id = 7)".to_string(), String::new()),
+            ("(id = 1)".to_string(), String::new()),
+        ]
+    );
+    assert_eq!(observer.view().tables["reading"].rejected, 6);
+    // verify expects every source row but the ones set aside, and reading
+    // the source again writes nothing to the reject file.
+    let text = s.config_text("mem://", &format!("reject_dir = \"{}\"\n", dir.display()));
+    let vconfig = Arc::new(
+        Config::parse(&target_config_text(&text, &target))
+            .unwrap()
+            .for_verify(),
+    );
+    let verdict = switchyard::verify::verify(
+        Arc::from(switchyard::source::open(&vconfig).await.unwrap()),
+        Arc::from(switchyard::sink::open(&vconfig).await.unwrap()),
+        &switchyard::verify::Options {
+            tables: Vec::new(),
+            wait: Duration::from_secs(30),
+            batch_rows: 500,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(verdict.identical, "{}", verdict.render());
+    assert_eq!(verdict.tables[0].target_rows, 3);
+    assert_eq!(reject_lines(&file).len(), 6);
+    cancel.cancel();
+    let report = handle.await.unwrap().unwrap();
+    assert_eq!(report.tables[0].rejected, 3);
+    assert_eq!(report.tables[0].rows, 2);
 }

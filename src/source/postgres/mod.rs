@@ -1111,7 +1111,8 @@ impl PgSource {
         Ok(out)
     }
 
-    /// The enum types of a table's (non-array) columns, with their labels.
+    /// The enum types of a table's columns and of its arrays' elements, with
+    /// their labels.
     async fn enum_types(
         &self,
         c: &tokio_postgres::Client,
@@ -1121,7 +1122,8 @@ impl PgSource {
             .query(
                 "SELECT DISTINCT format_type(t.oid, NULL),
                         (SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid)
-                   FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                   FROM pg_attribute a JOIN pg_type at ON at.oid = a.atttypid
+                   JOIN pg_type t ON t.oid = CASE WHEN at.typcategory = 'A' AND at.typelem <> 0 THEN at.typelem ELSE at.oid END
                   WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND t.typtype = 'e'",
                 &[&oid],
             )
