@@ -189,12 +189,20 @@ pub async fn check(config: &Config) -> Result<Plan> {
                     .cloned()
                     .map(std::sync::Arc::new)
                     .collect();
-                crate::sink::postgres::secondary_ddl(&shared)
-                    .into_iter()
-                    .map(|d| match d {
-                        Ok((_, sql)) => sql,
-                        Err(why) => format!("(skipped) {why}"),
-                    })
+                // Each table's primary key as its copy ends; then indexes and
+                // foreign keys once every table is in.
+                shared
+                    .iter()
+                    .filter(|t| !t.whole_row)
+                    .map(|t| crate::sink::postgres::primary_key_ddl(t))
+                    .chain(
+                        crate::sink::postgres::secondary_ddl(&shared)
+                            .into_iter()
+                            .map(|d| match d {
+                                Ok((_, sql)) => sql,
+                                Err(why) => format!("(skipped) {why}"),
+                            }),
+                    )
                     .collect()
             } else {
                 Vec::new()

@@ -35,10 +35,11 @@ pub struct Rejected {
     pub value: Option<String>,
     /// Why it does not fit.
     pub reason: String,
-    /// Where: `snapshot` or `stream`.
+    /// Where: `snapshot` or `stream` (`verify` counts without writing).
     pub phase: &'static str,
-    /// The change's position in the source (the snapshot position for a
-    /// copied row).
+    /// The change's position in the source: a streamed change's, or the
+    /// snapshot position of a row the source's conversion refused while
+    /// copying; empty for a copied row the target refused.
     pub position: String,
     /// The whole row as the source holds it, column by column.
     pub row: serde_json::Map<String, serde_json::Value>,
@@ -119,6 +120,12 @@ impl Rejects {
                 .append(true)
                 .open(&path)
                 .map_err(io)?;
+            // The file's name survives a crash too.
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io)?;
+            }
             inner.files.insert(r.table.clone(), f);
         }
         let f = inner.files.get_mut(&r.table).expect("opened above");

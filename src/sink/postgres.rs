@@ -150,6 +150,35 @@ impl PgSink {
         Ok(())
     }
 
+    /// Which column of a refused row holds the value the target cannot
+    /// take: each value cast on its own (on a connection of its own, as the
+    /// batch's transaction has failed). `None` where no single cast fails.
+    async fn refused_column(&self, types: &[String], row: &Row) -> Option<usize> {
+        if let Some(i) = nul_column(row) {
+            return Some(i);
+        }
+        let c = self.take().await.ok()?;
+        let mut found = None;
+        for (i, v) in row.iter().enumerate() {
+            let Some(text) = to_text(v, &types[i]) else {
+                continue;
+            };
+            match c
+                .query_one(&format!("SELECT $1::text::{}", types[i]), &[&text])
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if misfit_code(&e) => {
+                    found = Some(i);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.give(c).await;
+        found
+    }
+
     /// A row whose value the target refuses: to the reject file where
     /// `pipeline.reject_dir` is set, else the error that stops the run,
     /// naming table, key, column and value.
@@ -332,6 +361,20 @@ impl PgSink {
             .map(|i| table_column_type(table, i, self.source_is_postgres))
             .collect()
     }
+}
+
+/// The primary key of a table switchyard creates, built after its load.
+pub fn primary_key_ddl(table: &TableSchema) -> String {
+    let keys: Vec<String> = table
+        .key
+        .iter()
+        .map(|&i| quote_ident(&table.columns[i].name))
+        .collect();
+    format!(
+        "ALTER TABLE {} ADD PRIMARY KEY ({})",
+        qualified(&table.target_name),
+        keys.join(", ")
+    )
 }
 
 /// The statements that build the source's secondary indexes and foreign keys
@@ -723,7 +766,7 @@ impl Sink for PgSink {
                         if self.mode == SchemaMode::Existing { "existing".to_string() } else { "migrations:…".to_string() }
                     )));
                 }
-                let mut defs: Vec<String> = t
+                let defs: Vec<String> = t
                     .columns
                     .iter()
                     .zip(&want)
@@ -752,14 +795,9 @@ impl Sink for PgSink {
                         format!("{} {ty}{fills}{not_null}", quote_ident(&col.name))
                     })
                     .collect();
-                if !t.whole_row {
-                    let keys: Vec<String> = t
-                        .key
-                        .iter()
-                        .map(|&i| quote_ident(&t.columns[i].name))
-                        .collect();
-                    defs.push(format!("PRIMARY KEY ({})", keys.join(", ")));
-                }
+                // The primary key is built once the rows are in (finish_table),
+                // as pg_dump restores: a bulk load without an index to keep
+                // up is faster, and one sort builds the index.
                 c.batch_execute(&format!("CREATE TABLE {name} ({})", defs.join(", ")))
                     .await
                     .map_err(self.pg(&format!("creating table {}", t.target_name)))?;
@@ -935,7 +973,7 @@ impl Sink for PgSink {
             // After a refused COPY the session is ready for the next one.
             self.give(c).await;
             let line = misfit_code(&e)
-                .then(|| copy_line(&e))
+                .then(|| copy_line(&e, table))
                 .flatten()
                 .filter(|l| (1..=pending.len()).contains(l));
             let Some(line) = line else {
@@ -948,13 +986,45 @@ impl Sink for PgSink {
     }
 
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {
-        let c = self.take().await?;
-        c.execute(
+        let mut c = self.take().await?;
+        let tx = c.transaction().await.map_err(self.pg("beginning"))?;
+        if self.mode == SchemaMode::Create && !table.whole_row {
+            // The primary key of a table created without one, in the same
+            // transaction as its "copied" mark: streaming never meets a
+            // copied table without its key.
+            let name = qualified(&table.target_name);
+            let has_key = tx
+                .query_opt(
+                    "SELECT 1 FROM pg_index WHERE indrelid = to_regclass($1) AND indisprimary",
+                    &[&name],
+                )
+                .await
+                .map_err(self.pg("reading the target's primary key"))?
+                .is_some();
+            if !has_key {
+                tx.batch_execute(&primary_key_ddl(table))
+                    .await
+                    .map_err(|e| {
+                        if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                            pg_error(&self.ep, &format!("building the primary key of {}", table.target_name), e).context(format!(
+                                "table {:?}: the copy holds a key twice; if tables.keys names columns that are not unique in the source, name unique ones; \
+                                 else start again and the table is copied anew",
+                                table.name
+                            ))
+                        } else {
+                            pg_error(&self.ep, &format!("building the primary key of {}", table.target_name), e)
+                        }
+                    })?;
+                info!(table = %table.target_name, "primary key built after the load");
+            }
+        }
+        tx.execute(
             "UPDATE switchyard.table_state SET status = 'done', commit = $2, ordinal = $3, rows = $4, source_id = $5, updated_at = now() WHERE name = $1",
             &[&table.name, &(position.commit as i64), &(position.ordinal as i64), &(rows as i64), &table.source_id],
         )
         .await
         .map_err(self.pg("marking the table as copied"))?;
+        tx.commit().await.map_err(self.pg("committing"))?;
         self.give(c).await;
         Ok(())
     }
@@ -1324,6 +1394,33 @@ impl PgSink {
                         self.set_aside_change(&tx, ch, types, &e).await?;
                         break;
                     }
+                    Err(e) if careful && misfit_code(&e) => {
+                        // Without reject_dir: the change, its column where
+                        // known, and what to do.
+                        let refused = match &ch.op {
+                            Op::Insert { row } | Op::Update { row, .. } => {
+                                let column = self.refused_column(types, row).await;
+                                self.refuse(t, row, column, &e, "stream", Some(ch.position))
+                                    .err()
+                            }
+                            _ => None,
+                        };
+                        return Err(match refused {
+                            Some(error) => Failure {
+                                error,
+                                misfit: true,
+                            },
+                            None => {
+                                let what = format!(
+                                    "applying a {} of table {:?}, key {}",
+                                    ch.kind(),
+                                    t.name,
+                                    t.describe_key(&ch.key())
+                                );
+                                failed(t, &what, e)
+                            }
+                        });
+                    }
                     Err(e) => {
                         let what = format!(
                             "applying a {} of table {:?}, key {}",
@@ -1343,6 +1440,11 @@ impl PgSink {
                     ))
                     .into());
                 }
+            }
+            if set_aside {
+                tx.batch_execute("RELEASE SAVEPOINT switchyard_change")
+                    .await
+                    .map_err(self.pg("releasing a savepoint"))?;
             }
             i += 1;
         }
@@ -1372,16 +1474,13 @@ impl PgSink {
         let (row, old_key) = match &ch.op {
             Op::Insert { row } => (row, None),
             Op::Update { old_key, row } => (row, old_key.clone()),
+            // A key the target cannot hold: no such row is there to delete.
             _ => {
-                return Err(Error::definite(format!(
-                    "table {:?}: the target refuses the {} of {}",
-                    t.name,
-                    ch.kind(),
-                    t.describe_key(&ch.key())
-                )))
+                info!(table = %t.name, key = %t.describe_key(&ch.key()), "a delete of a key the target cannot hold: nothing to delete");
+                return Ok(());
             }
         };
-        let column = nul_column(row);
+        let column = self.refused_column(types, row).await;
         self.refuse(t, row, column, e, "stream", Some(ch.position))?;
         // Counted rows (no key): an insert leaves nothing behind; an update
         // removes one copy of the old row.
@@ -1393,9 +1492,29 @@ impl PgSink {
         for key in gone {
             for st in statements(t, types, &Op::Delete { key }) {
                 let refs = sql_params(&st.params);
-                tx.execute(st.sql.as_str(), &refs).await.map_err(|e| {
-                    row_error(&self.ep, t, "deleting the old version of a rejected row", e)
-                })?;
+                // A key the target cannot hold (the refused value is in the
+                // key) is not there: its delete alone is rolled back.
+                tx.batch_execute("SAVEPOINT switchyard_delete")
+                    .await
+                    .map_err(self.pg("setting a savepoint"))?;
+                match tx.execute(st.sql.as_str(), &refs).await {
+                    Ok(_) => {}
+                    Err(e) if misfit_code(&e) => tx
+                        .batch_execute("ROLLBACK TO SAVEPOINT switchyard_delete")
+                        .await
+                        .map_err(self.pg("rolling back to the savepoint"))?,
+                    Err(e) => {
+                        return Err(row_error(
+                            &self.ep,
+                            t,
+                            "deleting the old version of a rejected row",
+                            e,
+                        ))
+                    }
+                }
+                tx.batch_execute("RELEASE SAVEPOINT switchyard_delete")
+                    .await
+                    .map_err(self.pg("releasing a savepoint"))?;
             }
         }
         Ok(())
@@ -1452,9 +1571,12 @@ fn misfit_code(e: &tokio_postgres::Error) -> bool {
 
 /// The input line of a failed `COPY … FROM STDIN` (1-based), from the
 /// error's context `COPY t, line 3, column n: "…"`.
-fn copy_line(e: &tokio_postgres::Error) -> Option<usize> {
+fn copy_line(e: &tokio_postgres::Error, table: &TableSchema) -> Option<usize> {
     let at = e.as_db_error()?.where_()?;
-    let rest = &at[at.find(", line ")? + ", line ".len()..];
+    let rest = match at.strip_prefix(&format!("COPY {}, line ", table.target_name)) {
+        Some(rest) => rest,
+        None => &at[at.find(", line ")? + ", line ".len()..],
+    };
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
     digits.parse().ok()
 }

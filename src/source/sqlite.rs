@@ -396,6 +396,9 @@ struct Misfit {
     value: String,
     /// The row's key as far as it converts (`(id = 3)`).
     key: String,
+    /// The key's values, where the misfit is in another column of a whole
+    /// row: the row's old version can be deleted from the target.
+    key_values: Option<Vec<Value>>,
     /// The cells as stored, by column name.
     row: serde_json::Map<String, serde_json::Value>,
 }
@@ -483,11 +486,14 @@ fn convert_row(
         .zip(cols)
         .map(|(r, &ci)| (table.columns[ci].name.clone(), r.json()))
         .collect();
+    let key_values = (cols.len() == table.columns.len() && !table.key.contains(&column))
+        .then(|| table.key_of(&out));
     Err(Misfit {
         column,
         message,
         value,
         key,
+        key_values,
         row,
     })
 }
@@ -1280,19 +1286,24 @@ async fn poll(
         let op = match (op.as_str(), here) {
             // Inserted, then deleted before our trigger read it back.
             ("I", false) => continue,
+            // A row set aside: its old version (INSERT OR REPLACE logs no
+            // delete) leaves the target, which holds no rejected row.
             ("I", true) => match convert_row(table, read(2 + nk, nc)?, &all) {
                 Ok(row) => Op::Insert { row },
                 Err(m) => {
+                    let key = m.key_values.clone();
                     aside(m)?;
-                    continue;
+                    match key {
+                        Some(key) => Op::Delete { key },
+                        None => continue,
+                    }
                 }
             },
             ("U", false) | ("D", _) => match convert_row(table, read(2, nk)?, &table.key) {
                 Ok(key) => Op::Delete { key },
-                Err(m) => {
-                    aside(m)?;
-                    continue;
-                }
+                // A key that does not convert never reached the target.
+                Err(m) if !rejects.enabled() => return Err(ctx(m.error(table))),
+                Err(_) => continue,
             },
             ("U", true) => {
                 let old = convert_row(table, read(2, nk)?, &table.key);
@@ -1320,8 +1331,12 @@ async fn poll(
                         Op::Update { old_key: None, row }
                     }
                     (Err(_), Err(m)) => {
+                        let key = m.key_values.clone();
                         aside(m)?;
-                        continue;
+                        match key {
+                            Some(key) => Op::Delete { key },
+                            None => continue,
+                        }
                     }
                 }
             }

@@ -826,7 +826,9 @@ fn reject_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
 
 const MIXED: &str = "CREATE TABLE reading (id INTEGER PRIMARY KEY, n INTEGER, note TEXT, price DECIMAL(5, 2), raw);
      INSERT INTO reading VALUES (1, 10, 'one', 1.5, 1), (2, 'abc', 'two', 2, 2.5), (3, 30, 'three', 12345.678, 'text'),
-                                (4, 40, 'a' || char(0) || 'b', 4, x'00ff'), (5, 50, 'five', 5, NULL);";
+                                (4, 40, 'a' || char(0) || 'b', 4, x'00ff'), (5, 50, 'five', 5, NULL);
+     CREATE TABLE tag (name TEXT PRIMARY KEY, v INTEGER);
+     INSERT INTO tag VALUES ('ok', 1);";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn m6_values_that_do_not_fit_stop_the_load_naming_table_key_column_and_value() {
@@ -881,8 +883,38 @@ async fn m6_values_that_do_not_fit_stop_the_load_naming_table_key_column_and_val
         .await
         .unwrap();
     let report = snapshot(config.clone()).await.unwrap();
-    assert_eq!(report.tables[0].rows, 5);
-    assert_eq!(report.tables[0].rejected, 0);
+    let reading = report.tables.iter().find(|t| t.table == "reading").unwrap();
+    assert_eq!((reading.rows, reading.rejected), (5, 0), "{report:?}");
+    // While streaming, a value the target refuses stops the run the same
+    // way, in a batch with changes that fit, and the checkpoint stays.
+    let before = target_checkpoint_pg(&target).await;
+    let r = run(config.clone()).await;
+    sqlx::raw_sql(
+        "BEGIN;
+         INSERT INTO reading VALUES (6, 60, 'six', 6, NULL), (7, 70, 'seven', 99999, NULL);
+         COMMIT;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(60), r.handle)
+        .await
+        .expect("the run stops")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "\"reading\"",
+        "id = 7",
+        "column \"price\"",
+        "99999",
+        "22003",
+        "reject_dir",
+    ] {
+        assert!(e.contains(part), "{part} missing from: {e}");
+    }
+    assert_eq!(target_checkpoint_pg(&target).await, before);
+    assert_eq!(rows(&target.client, "reading").await.len(), 5);
     // The column without a declared type holds each storage class as text.
     assert_eq!(
         rows(&target.client, "reading").await,
@@ -917,6 +949,7 @@ async fn m6_values_that_do_not_fit_go_to_the_reject_file_and_are_counted() {
     let handle = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
     wait_until("the copy", Duration::from_secs(60), || async {
         rows(&target.client, "reading").await.len() == 2
+            && rows(&target.client, "tag").await.len() == 1
     })
     .await;
     let lines = reject_lines(&file);
@@ -947,8 +980,10 @@ async fn m6_values_that_do_not_fit_go_to_the_reject_file_and_are_counted() {
     assert_eq!(observer.view().tables["reading"].rejected, 3);
     // While streaming: a misfit of the source (id 6), one of the target in
     // a batch with rows that fit (id 7), an update whose new value does not
-    // fit (id 1: its old version leaves the target), and a fixed source row
-    // (id 2) arriving by its next update.
+    // fit (id 1: its old version leaves the target), a fixed source row
+    // (id 2) arriving by its next update, a replaced row whose new version
+    // does not fit (id 5: the old one leaves), and a key the target cannot
+    // hold (a NUL in a text key).
     sqlx::raw_sql(
         "BEGIN;
          INSERT INTO reading VALUES (6, 'six', 'six', 6, NULL);
@@ -956,25 +991,28 @@ async fn m6_values_that_do_not_fit_go_to_the_reject_file_and_are_counted() {
          INSERT INTO reading VALUES (8, 80, 'eight', 8, NULL);
          UPDATE reading SET price = 1000000 WHERE id = 1;
          UPDATE reading SET n = 2 WHERE id = 2;
+         INSERT OR REPLACE INTO reading VALUES (5, 'five', 'five', 5, NULL);
+         INSERT INTO tag VALUES ('b' || char(0), 2), ('c', 3);
          COMMIT;",
     )
     .execute(&pool)
     .await
     .unwrap();
-    let want: BTreeSet<String> = [
-        "(2,2,two,2.00,2.5)",
-        "(5,50,five,5.00,)",
-        "(8,80,eight,8.00,)",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let want: BTreeSet<String> = ["(2,2,two,2.00,2.5)", "(8,80,eight,8.00,)"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let tags: BTreeSet<String> = ["(c,3)", "(ok,1)"].iter().map(|s| s.to_string()).collect();
     wait_until("the changes", Duration::from_secs(60), || async {
-        rows(&target.client, "reading").await == want
+        rows(&target.client, "reading").await == want && rows(&target.client, "tag").await == tags
     })
     .await;
     let lines = reject_lines(&file);
-    assert_eq!(lines.len(), 6, "{lines:?}");
+    assert_eq!(lines.len(), 7, "{lines:?}");
+    let tag_lines = reject_lines(&dir.join("tag.jsonl"));
+    assert_eq!(tag_lines.len(), 1, "{tag_lines:?}");
+    assert_eq!(tag_lines[0]["column"], "name");
+    assert_eq!(tag_lines[0]["row"]["v"], 2);
     let streamed: Vec<(String, String)> = lines
         .iter()
         .filter(|l| l["phase"] == "stream")
@@ -989,11 +1027,12 @@ async fn m6_values_that_do_not_fit_go_to_the_reject_file_and_are_counted() {
         streamed,
         [
             ("(id = 6)".to_string(), "n".to_string()),
-            ("(id = 7)".to_string(), String::new()),
-            ("(id = 1)".to_string(), String::new()),
+            ("(id = 5)".to_string(), "n".to_string()),
+            ("(id = 7)".to_string(), "price".to_string()),
+            ("(id = 1)".to_string(), "price".to_string()),
         ]
     );
-    assert_eq!(observer.view().tables["reading"].rejected, 6);
+    assert_eq!(observer.view().tables["reading"].rejected, 7);
     // verify expects every source row but the ones set aside, and reading
     // the source again writes nothing to the reject file.
     let text = s.config_text("mem://", &format!("reject_dir = \"{}\"\n", dir.display()));
@@ -1014,10 +1053,10 @@ async fn m6_values_that_do_not_fit_go_to_the_reject_file_and_are_counted() {
     .await
     .unwrap();
     assert!(verdict.identical, "{}", verdict.render());
-    assert_eq!(verdict.tables[0].target_rows, 3);
-    assert_eq!(reject_lines(&file).len(), 6);
+    assert_eq!(verdict.tables.iter().map(|t| t.target_rows).sum::<u64>(), 4);
+    assert_eq!(reject_lines(&file).len(), 7);
     cancel.cancel();
     let report = handle.await.unwrap().unwrap();
-    assert_eq!(report.tables[0].rejected, 3);
-    assert_eq!(report.tables[0].rows, 2);
+    let reading = report.tables.iter().find(|t| t.table == "reading").unwrap();
+    assert_eq!((reading.rows, reading.rejected), (2, 3), "{report:?}");
 }
