@@ -221,7 +221,7 @@ fn default_batch_rows() -> usize {
     1_000
 }
 fn default_batch_delay_ms() -> u64 {
-    50
+    10
 }
 fn default_queue_size() -> usize {
     8

@@ -582,7 +582,12 @@ impl Pipeline {
         let mut summary = Summary::default();
         let mut open = true;
         while open {
+            // Idle: the first change waits up to batch_delay_ms for company.
+            // Behind (changes queued while the last batch was applied): what
+            // is queued goes in at once.
+            let mut idle = false;
             if pending.is_empty() {
+                idle = rx.is_empty();
                 tokio::select! {
                     b = rx.recv() => match b {
                         Some(b) => take(b, &mut pending, &mut pending_upto, &mut pending_committed_at),
@@ -591,8 +596,20 @@ impl Pipeline {
                     _ = cancel.cancelled() => open = false,
                 }
             }
+            while open && pending.len() < cfg.batch_rows {
+                match rx.try_recv() {
+                    Ok(b) => take(
+                        b,
+                        &mut pending,
+                        &mut pending_upto,
+                        &mut pending_committed_at,
+                    ),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
             let deadline = tokio::time::Instant::now() + delay;
-            while open && !pending.is_empty() && pending.len() < cfg.batch_rows {
+            while idle && open && !pending.is_empty() && pending.len() < cfg.batch_rows {
                 tokio::select! {
                     b = rx.recv() => match b {
                         Some(b) => take(b, &mut pending, &mut pending_upto, &mut pending_committed_at),

@@ -63,6 +63,18 @@ pub struct Batch {
     pub committed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+impl Batch {
+    /// Appends a later batch: its changes after these, its position and
+    /// commit time as the newest.
+    pub fn merge(&mut self, later: Batch) {
+        self.changes.extend(later.changes);
+        self.upto = self.upto.max(later.upto);
+        if later.committed_at.is_some() {
+            self.committed_at = later.committed_at;
+        }
+    }
+}
+
 /// Where the source is, against what the target has applied.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SourceLag {

@@ -908,9 +908,20 @@ impl PgSource {
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut received = start;
+        // Transactions the pipeline has no room for yet, gathered into one
+        // batch (with the WAL end it covers) while the stream is read on.
+        let mut held: Option<(Batch, u64)> = None;
         loop {
             let ready: Option<Batch> = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
+                permit = changes.reserve(), if held.is_some() => {
+                    let Ok(permit) = permit else { return Ok(()) };
+                    let (batch, end) = held.take().expect("guarded by the branch");
+                    let handed = (batch.upto, end);
+                    permit.send(batch);
+                    *self.handed.lock().await = handed;
+                    None
+                }
                 _ = tick.tick() => {
                     let flush = Lsn(*durable_rx.borrow());
                     stream.send_status(received, flush, false).await?;
@@ -954,12 +965,33 @@ impl PgSource {
                 }
             };
             if let Some(batch) = ready {
-                let handed = (batch.upto, state.last_end.0);
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    sent = changes.send(batch) => if sent.is_err() { return Ok(()) },
+                let end = state.last_end.0;
+                let batch = match held.take() {
+                    Some((mut h, _)) => {
+                        h.merge(batch);
+                        h
+                    }
+                    None => batch,
+                };
+                let handed = (batch.upto, end);
+                match changes.try_send(batch) {
+                    Ok(()) => *self.handed.lock().await = handed,
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                    // Full: read on and hand the gathered transactions over
+                    // at once when there is room, up to a batch's size.
+                    Err(mpsc::error::TrySendError::Full(batch))
+                        if batch.changes.len() < max_batch =>
+                    {
+                        held = Some((batch, end));
+                    }
+                    Err(mpsc::error::TrySendError::Full(batch)) => {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Ok(()),
+                            sent = changes.send(batch) => if sent.is_err() { return Ok(()) },
+                        }
+                        *self.handed.lock().await = handed;
+                    }
                 }
-                *self.handed.lock().await = handed;
             }
         }
     }
