@@ -505,14 +505,14 @@ fn unnest_columns(n: usize) -> String {
 fn grouped_upsert(
     table: &TableSchema,
     types: &[String],
-    run: &[Change],
+    run: &[&Change],
 ) -> (String, Vec<Vec<Option<String>>>) {
     let n = table.columns.len();
     let mut last: std::collections::HashMap<Vec<Option<String>>, usize> =
         std::collections::HashMap::new();
     let rows: Vec<Vec<Option<String>>> = run
         .iter()
-        .filter_map(upsert_row)
+        .filter_map(|c| upsert_row(c))
         .map(|row| {
             row.iter()
                 .enumerate()
@@ -1327,32 +1327,45 @@ impl PgSink {
             let ch = &changes[i];
             let t = &ch.table;
             if !careful && upsert_row(ch).is_some() {
-                // A run of whole-row upserts of one table: one statement.
+                // A run of whole-row upserts: one statement per table. With
+                // the replica role no trigger or foreign key fires on this
+                // session, so upserts of different tables commute and a run
+                // spans tables (each table's changes keep their order);
+                // without it a run stays within one table.
                 let mut j = i + 1;
                 while j < changes.len()
                     && j - i < 5_000
-                    && changes[j].table.name == t.name
+                    && (self.replica_role || changes[j].table.name == t.name)
                     && upsert_row(&changes[j]).is_some()
                 {
                     j += 1;
                 }
                 if j - i > 1 {
-                    if !types_of.contains_key(&t.target_name) {
-                        types_of.insert(t.target_name.clone(), self.column_types(t).await);
+                    let mut runs: Vec<Vec<&Change>> = Vec::new();
+                    for c in &changes[i..j] {
+                        match runs.iter_mut().find(|r| r[0].table.name == c.table.name) {
+                            Some(r) => r.push(c),
+                            None => runs.push(vec![c]),
+                        }
                     }
-                    let (sql, params) =
-                        grouped_upsert(t, &types_of[&t.target_name], &changes[i..j]);
-                    let refs = sql_params(&params);
-                    tx.execute(sql.as_str(), &refs).await.map_err(|e| {
-                        let what = format!(
-                            "applying {} upserts of table {:?} (keys {} … {})",
-                            j - i,
-                            t.name,
-                            t.describe_key(&ch.key()),
-                            t.describe_key(&changes[j - 1].key())
-                        );
-                        failed(t, &what, e)
-                    })?;
+                    for run in runs {
+                        let rt = &run[0].table;
+                        if !types_of.contains_key(&rt.target_name) {
+                            types_of.insert(rt.target_name.clone(), self.column_types(rt).await);
+                        }
+                        let (sql, params) = grouped_upsert(rt, &types_of[&rt.target_name], &run);
+                        let refs = sql_params(&params);
+                        tx.execute(sql.as_str(), &refs).await.map_err(|e| {
+                            let what = format!(
+                                "applying {} upserts of table {:?} (keys {} … {})",
+                                run.len(),
+                                rt.name,
+                                rt.describe_key(&run[0].key()),
+                                rt.describe_key(&run[run.len() - 1].key())
+                            );
+                            failed(rt, &what, e)
+                        })?;
+                    }
                     i = j;
                     continue;
                 }
