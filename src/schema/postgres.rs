@@ -52,7 +52,7 @@ const BUILT_IN: &[&str] = &[
 
 /// Whether a PostgreSQL declared type (`format_type` output) is built in: its
 /// base name, without `(…)` modifiers, array brackets or time precision.
-fn is_built_in(declared: &str) -> bool {
+pub fn is_built_in(declared: &str) -> bool {
     BUILT_IN.contains(&base_name(declared).as_str())
 }
 

@@ -134,7 +134,7 @@ async fn m5_writer(
             .batch_execute(&format!(
                 "UPDATE every_type SET i4 = i4 - 1, f8 = {k}.25, n2 = n2 + 0.0000000001, jb = jsonb_build_object('k', {k}, 'a', ARRAY[{k}, null]),
                         ts = ts + interval '1 second', tz = tz + interval '1 minute', iv = iv + interval '1.5 seconds',
-                        m = (enum_range(null::mood))[{k} % 3 + 1], moods = ARRAY[(enum_range(null::mood))[{k} % 3 + 1], 'ok'], t = E'round\\t{k}\\n', ar = ARRAY[[{k}, 2], [3, NULL]]
+                        m = (enum_range(null::mood))[{k} % 3 + 1], moods = ARRAY[(enum_range(null::mood))[{k} % 3 + 1], 'ok'], lb = '[-1:0]={{{k},1}}', t = E'round\\t{k}\\n', ar = ARRAY[[{k}, 2], [3, NULL]]
                   WHERE id = 1;
                  INSERT INTO lines VALUES (100 + {k} % 50, {k} % 7, {k}, repeat(md5({k}::text), {k} % 200))
                    ON CONFLICT (order_id, n) DO UPDATE SET qty = excluded.qty, note = excluded.note;
@@ -151,11 +151,11 @@ async fn m5_writer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn m5_every_built_in_type_round_trips_postgres_to_postgres() {
     let source = PgDb::new(SCHEMA).await;
-    // An array of an enum keeps its type too.
+    // An array of an enum keeps its type too, and an array its lower bound.
     source
         .exec(
-            "ALTER TABLE every_type ADD COLUMN moods mood[];
-               UPDATE every_type SET moods = ARRAY['happy', NULL, 'sad']::mood[] WHERE id = 1;",
+            "ALTER TABLE every_type ADD COLUMN moods mood[], ADD COLUMN lb int[];
+               UPDATE every_type SET moods = ARRAY['happy', NULL, 'sad']::mood[], lb = '[0:2]={7,8,9}' WHERE id = 1;",
         )
         .await;
     let target = PgDb::new("").await;

@@ -542,6 +542,20 @@ impl Source for PgSource {
             let secondary = self.secondary(&c, oid).await?;
             let enum_types = self.enum_types(&c, oid).await?;
             let column_defaults = self.column_defaults(&c, oid, &columns).await?;
+            if self.target_is_postgres {
+                // An array whose type the target keeps travels as its own
+                // text, lower bounds and all (`[0:1]={a,b}`), not as JSON.
+                for col in columns.iter_mut() {
+                    let element = col.source_type.trim_end_matches("[]");
+                    if col.logical == crate::model::LogicalType::Json
+                        && col.source_type.ends_with("[]")
+                        && (crate::schema::postgres::is_built_in(&col.source_type)
+                            || enum_types.iter().any(|(name, _)| name == element))
+                    {
+                        col.logical = crate::model::LogicalType::Text;
+                    }
+                }
+            }
             d.tables.push(TableSchema {
                 source_id: oid.to_string(),
                 secondary,
