@@ -1005,14 +1005,22 @@ impl Sink for PgSink {
                 tx.batch_execute(&primary_key_ddl(table))
                     .await
                     .map_err(|e| {
-                        if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                            pg_error(&self.ep, &format!("building the primary key of {}", table.target_name), e).context(format!(
-                                "table {:?}: the copy holds a key twice; if tables.keys names columns that are not unique in the source, name unique ones; \
-                                 else start again and the table is copied anew",
-                                table.name
-                            ))
-                        } else {
-                            pg_error(&self.ep, &format!("building the primary key of {}", table.target_name), e)
+                        use tokio_postgres::error::SqlState;
+                        let advice = match e.code() {
+                            Some(c) if *c == SqlState::UNIQUE_VIOLATION => Some(
+                                "the copy holds a key twice: tables.keys names columns that are not unique in the source, \
+                                 or two source keys became equal as target values (SQLite texts of one date-time, say), \
+                                 or a load was retried after a lost reply (start again: the table is copied anew)",
+                            ),
+                            Some(c) if *c == SqlState::NOT_NULL_VIOLATION => Some(
+                                "a key column holds NULL in the source: name key columns without NULLs in tables.keys",
+                            ),
+                            _ => None,
+                        };
+                        let e = pg_error(&self.ep, &format!("building the primary key of {}", table.target_name), e);
+                        match advice {
+                            Some(a) => e.context(format!("table {:?}: {a}", table.name)),
+                            None => e,
                         }
                     })?;
                 info!(table = %table.target_name, "primary key built after the load");
@@ -1247,7 +1255,7 @@ impl Sink for PgSink {
             // A value the target refuses: once more change by change, to
             // name the change (and set it aside where that is configured).
             Err(f) if f.misfit => {
-                info!(error = %f.error.report(), "a value of the batch does not fit the target; applying it change by change");
+                info!(error = %f.error.report(), "the batch failed on a value or a unique index; applying it change by change");
                 match self.apply_batch(changes, checkpoint, true).await {
                     Ok(()) => Ok(Durable::committed(checkpoint)),
                     Err(f) => {
@@ -1291,8 +1299,13 @@ impl PgSink {
         checkpoint: Position,
         careful: bool,
     ) -> std::result::Result<(), Failure> {
+        // A refused value, or a unique index meeting a grouped statement's
+        // order (the last change of each key, in the order of those last
+        // changes): the batch goes again change by change, in source order.
         let failed = |table: &TableSchema, what: &str, e: tokio_postgres::Error| Failure {
-            misfit: misfit_code(&e),
+            misfit: misfit_code(&e)
+                || (!careful
+                    && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)),
             error: row_error(&self.ep, table, what, e),
         };
         let set_aside = careful && self.rejects.enabled();
@@ -1320,7 +1333,9 @@ impl PgSink {
             self.give(c).await;
             return Ok(());
         }
-        let mut types_of: std::collections::HashMap<String, Vec<String>> =
+        // Target types per table and column count: a batch may hold a
+        // table's changes from before and after a column was added.
+        let mut types_of: std::collections::HashMap<(String, usize), Vec<String>> =
             std::collections::HashMap::new();
         let mut i = 0;
         while i < changes.len() {
@@ -1343,17 +1358,21 @@ impl PgSink {
                 if j - i > 1 {
                     let mut runs: Vec<Vec<&Change>> = Vec::new();
                     for c in &changes[i..j] {
-                        match runs.iter_mut().find(|r| r[0].table.name == c.table.name) {
+                        match runs.iter_mut().find(|r| {
+                            r[0].table.name == c.table.name
+                                && r[0].table.columns.len() == c.table.columns.len()
+                        }) {
                             Some(r) => r.push(c),
                             None => runs.push(vec![c]),
                         }
                     }
                     for run in runs {
                         let rt = &run[0].table;
-                        if !types_of.contains_key(&rt.target_name) {
-                            types_of.insert(rt.target_name.clone(), self.column_types(rt).await);
+                        let at = (rt.target_name.clone(), rt.columns.len());
+                        if !types_of.contains_key(&at) {
+                            types_of.insert(at.clone(), self.column_types(rt).await);
                         }
-                        let (sql, params) = grouped_upsert(rt, &types_of[&rt.target_name], &run);
+                        let (sql, params) = grouped_upsert(rt, &types_of[&at], &run);
                         let refs = sql_params(&params);
                         tx.execute(sql.as_str(), &refs).await.map_err(|e| {
                             let what = format!(
@@ -1387,10 +1406,11 @@ impl PgSink {
                 i += 1;
                 continue;
             }
-            if !types_of.contains_key(&t.target_name) {
-                types_of.insert(t.target_name.clone(), self.column_types(t).await);
+            let at = (t.target_name.clone(), t.columns.len());
+            if !types_of.contains_key(&at) {
+                types_of.insert(at.clone(), self.column_types(t).await);
             }
-            let types = &types_of[&t.target_name];
+            let types = &types_of[&at];
             if set_aside {
                 tx.batch_execute("SAVEPOINT switchyard_change")
                     .await

@@ -634,7 +634,7 @@ async fn unchanged_toast_values_are_left_as_they_are() {
 }
 
 /// Ends the walsender that serves the slot; returns whether one was running.
-async fn kill_walsender(db: &PgDb) -> bool {
+pub async fn kill_walsender(db: &PgDb) -> bool {
     let row = db
         .client
         .query_one(

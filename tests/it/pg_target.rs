@@ -1060,3 +1060,97 @@ async fn m6_values_that_do_not_fit_go_to_the_reject_file_and_are_counted() {
     let reading = report.tables.iter().find(|t| t.table == "reading").unwrap();
     assert_eq!((reading.rows, reading.rejected), (2, 3), "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_index_sees_the_sources_order_within_a_batch() {
+    // Codes swap places within one transaction: applied in the source's
+    // order the unique index holds at every step; the grouped statement's
+    // order (the last change of each key) would trip it.
+    let source = PgDb::new(
+        "CREATE TABLE badge (id int PRIMARY KEY, code text NOT NULL UNIQUE, n int);
+         INSERT INTO badge VALUES (1, 'a', 0), (2, 'b', 0);",
+    )
+    .await;
+    let target = PgDb::new("").await;
+    let config = target_config(&source.config_text("mem://", ""), &target);
+    let r = run(config.clone()).await;
+    wait_same(&source.client, &target.client, &["badge"]).await;
+    source
+        .exec(
+            "BEGIN;
+             UPDATE badge SET code = 'c', n = 1 WHERE id = 1;
+             UPDATE badge SET code = 'a', n = 2 WHERE id = 2;
+             UPDATE badge SET code = 'b', n = 3 WHERE id = 1;
+             COMMIT;",
+        )
+        .await;
+    wait_same(&source.client, &target.client, &["badge"]).await;
+    let report = r.stop().await;
+    assert!(report.changes_applied >= 3, "{report:?}");
+    let unique: i64 = target
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_index WHERE indrelid = 'badge'::regclass AND indisunique AND NOT indisprimary",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unique, 1, "the unique index was built in the target");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_connections_lost_under_a_writer_lose_nothing() {
+    // A queue of one batch: the source often holds transactions the pipeline
+    // has no room for, and the walsender is ended again and again meanwhile.
+    let source = PgDb::new(
+        "CREATE TABLE tick (id bigint PRIMARY KEY, v int NOT NULL); INSERT INTO tick VALUES (0, 0);",
+    )
+    .await;
+    let target = PgDb::new("").await;
+    let config = target_config(
+        &source.config_text("mem://", "queue_size = 1\nbatch_rows = 500\n"),
+        &target,
+    );
+    let r = run(config.clone()).await;
+    wait_same(&source.client, &target.client, &["tick"]).await;
+    // A slow target (a trigger that fires on the apply session too).
+    target
+        .exec(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.0005); RETURN NEW; END $$;
+             CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON tick FOR EACH ROW EXECUTE FUNCTION slow();
+             ALTER TABLE tick ENABLE ALWAYS TRIGGER slow;",
+        )
+        .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let client = crate::pg_surreal::connect(&source.cluster, &source.name).await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut k: i64 = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                k += 1;
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO tick VALUES ({k}, 0); UPDATE tick SET v = v + 1 WHERE id = {k} / 2 + 1"
+                    ))
+                    .await
+                    .expect("application write");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            k
+        })
+    };
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_until("the walsender to run", Duration::from_secs(30), || async {
+            crate::pg_surreal::kill_walsender(&source).await
+        })
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 200, "the writer barely ran ({writes} rounds)");
+    wait_same(&source.client, &target.client, &["tick"]).await;
+    r.stop().await;
+}

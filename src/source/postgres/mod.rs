@@ -760,6 +760,7 @@ impl Source for PgSource {
             })
             .collect();
         let mut state = StreamState {
+            held: None,
             relations: HashMap::new(),
             by_name,
             after,
@@ -922,15 +923,12 @@ impl PgSource {
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut received = start;
-        // Transactions the pipeline has no room for yet, gathered into one
-        // batch (with the WAL end it covers) while the stream is read on.
-        let mut held: Option<(Batch, u64)> = None;
         loop {
             let ready: Option<Batch> = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                permit = changes.reserve(), if held.is_some() => {
+                permit = changes.reserve(), if state.held.is_some() => {
                     let Ok(permit) = permit else { return Ok(()) };
-                    let (batch, end) = held.take().expect("guarded by the branch");
+                    let (batch, end) = state.held.take().expect("guarded by the branch");
                     let handed = (batch.upto, end);
                     permit.send(batch);
                     *self.handed.lock().await = handed;
@@ -980,7 +978,7 @@ impl PgSource {
             };
             if let Some(batch) = ready {
                 let end = state.last_end.0;
-                let batch = match held.take() {
+                let batch = match state.held.take() {
                     Some((mut h, _)) => {
                         h.merge(batch);
                         h
@@ -996,14 +994,28 @@ impl PgSource {
                     Err(mpsc::error::TrySendError::Full(batch))
                         if batch.changes.len() < max_batch =>
                     {
-                        held = Some((batch, end));
+                        state.held = Some((batch, end));
                     }
+                    // A full batch waits for room; the server still hears
+                    // from us meanwhile (wal_sender_timeout).
                     Err(mpsc::error::TrySendError::Full(batch)) => {
-                        tokio::select! {
-                            _ = cancel.cancelled() => return Ok(()),
-                            sent = changes.send(batch) => if sent.is_err() { return Ok(()) },
+                        state.held = Some((batch, end));
+                        loop {
+                            tokio::select! {
+                                _ = cancel.cancelled() => return Ok(()),
+                                permit = changes.reserve() => {
+                                    let Ok(permit) = permit else { return Ok(()) };
+                                    let (batch, _) = state.held.take().expect("held above");
+                                    permit.send(batch);
+                                    *self.handed.lock().await = handed;
+                                    break;
+                                }
+                                _ = tick.tick() => {
+                                    let flush = Lsn(*durable_rx.borrow());
+                                    stream.send_status(received, flush, false).await?;
+                                }
+                            }
                         }
-                        *self.handed.lock().await = handed;
                     }
                 }
             }
@@ -1426,6 +1438,10 @@ impl PgSource {
 }
 
 struct StreamState {
+    /// Transactions the pipeline has had no room for yet, gathered into one
+    /// batch (with the WAL end it covers) while the stream is read on. Kept
+    /// across reconnects: `sent_upto` already covers them.
+    held: Option<(Batch, u64)>,
     relations: HashMap<u32, Option<Replicated>>,
     /// The replicated tables by OID, with the schema and name they had when
     /// discovered.
