@@ -1109,7 +1109,11 @@ async fn replication_connections_lost_under_a_writer_lose_nothing() {
     .await;
     let target = PgDb::new("").await;
     let config = target_config(
-        &source.config_text("mem://", "queue_size = 1\nbatch_rows = 500\n"),
+        // Reconnects right after a walsender ends may find the slot still
+        // held by it for a while on a loaded machine: attempts enough.
+        &source
+            .config_text("mem://", "queue_size = 1\nbatch_rows = 500\n")
+            .replace("retry_attempts = 3", "retry_attempts = 30"),
         &target,
     );
     let r = run(config.clone()).await;
@@ -1151,6 +1155,13 @@ async fn replication_connections_lost_under_a_writer_lose_nothing() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.await.unwrap();
     assert!(writes > 200, "the writer barely ran ({writes} rounds)");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    if r.handle.is_finished() {
+        panic!(
+            "the daemon stopped: {:?}",
+            r.handle.await.unwrap().err().map(|e| e.report())
+        );
+    }
     wait_same(&source.client, &target.client, &["tick"]).await;
     r.stop().await;
 }
