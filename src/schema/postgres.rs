@@ -93,6 +93,13 @@ pub fn column_type(col: &Column, source_is_postgres: bool) -> String {
     }
 }
 
+/// Whether a declared type is one of `enum_types` or an array of one
+/// (`format_type` writes every array as `mood[]`).
+pub fn is_enum(enum_types: &[(String, Vec<String>)], declared: &str) -> bool {
+    let element = declared.trim_end_matches("[]");
+    enum_types.iter().any(|(name, _)| name == element)
+}
+
 /// The target type of column `i` of `table`: an enum of a PostgreSQL source,
 /// or an array of one, keeps its type (created in the target), else
 /// [`column_type`].
@@ -102,10 +109,7 @@ pub fn table_column_type(
     source_is_postgres: bool,
 ) -> String {
     let col = &table.columns[i];
-    // An enum, or an array of one (`mood[]`, `mood[][]` as format_type
-    // writes every array: `mood[]`).
-    let element = col.source_type.trim_end_matches("[]");
-    if source_is_postgres && table.enum_types.iter().any(|(name, _)| name == element) {
+    if source_is_postgres && is_enum(&table.enum_types, &col.source_type) {
         return col.source_type.clone();
     }
     column_type(col, source_is_postgres)

@@ -56,6 +56,36 @@ fn qualified(name: &str) -> String {
     quote_ident(name)
 }
 
+/// `COPY t (c1, …) FROM STDIN`: a table's rows as COPY text, every column.
+fn copy_sql(table: &TableSchema) -> String {
+    let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    format!(
+        "COPY {} ({}) FROM STDIN",
+        qualified(&table.target_name),
+        cols.join(", ")
+    )
+}
+
+/// `ON CONFLICT (key) DO UPDATE SET` every other column to the new row's
+/// value, or `DO NOTHING` for a table of key columns only; `cols` are the
+/// table's quoted column names.
+fn on_conflict(table: &TableSchema, cols: &[String]) -> String {
+    let keys: Vec<&str> = table.key.iter().map(|&i| cols[i].as_str()).collect();
+    let rest: Vec<String> = (0..cols.len())
+        .filter(|i| !table.key.contains(i))
+        .map(|i| format!("{0} = EXCLUDED.{0}", cols[i]))
+        .collect();
+    if rest.is_empty() {
+        format!("ON CONFLICT ({}) DO NOTHING", keys.join(", "))
+    } else {
+        format!(
+            "ON CONFLICT ({}) DO UPDATE SET {}",
+            keys.join(", "),
+            rest.join(", ")
+        )
+    }
+}
+
 impl PgSink {
     pub async fn connect(url: &str, config: &Config) -> Result<Self> {
         let ep = PgEndpoint::parse(url, config.target.password.clone(), "target.url")?;
@@ -137,13 +167,9 @@ impl PgSink {
         table: &TableSchema,
         data: String,
     ) -> std::result::Result<(), tokio_postgres::Error> {
-        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let sql = format!(
-            "COPY {} ({}) FROM STDIN",
-            qualified(&table.target_name),
-            cols.join(", ")
-        );
-        let sink = c.copy_in::<_, bytes::Bytes>(sql.as_str()).await?;
+        let sink = c
+            .copy_in::<_, bytes::Bytes>(copy_sql(table).as_str())
+            .await?;
         futures::pin_mut!(sink);
         sink.send(bytes::Bytes::from(data)).await?;
         sink.finish().await?;
@@ -533,29 +559,16 @@ fn grouped_upsert(
         }
     }
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let keys: Vec<&str> = table.key.iter().map(|&i| cols[i].as_str()).collect();
-    let rest: Vec<String> = (0..n)
-        .filter(|i| !table.key.contains(i))
-        .map(|i| format!("{0} = EXCLUDED.{0}", cols[i]))
-        .collect();
-    let on_conflict = if rest.is_empty() {
-        format!("ON CONFLICT ({}) DO NOTHING", keys.join(", "))
-    } else {
-        format!(
-            "ON CONFLICT ({}) DO UPDATE SET {}",
-            keys.join(", "),
-            rest.join(", ")
-        )
-    };
     let sql = format!(
-        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} {on_conflict}",
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} {}",
         qualified(&table.target_name),
         cols.join(", "),
         (0..n)
             .map(|i| format!("u.c{i}::{}", cast_type(&types[i])))
             .collect::<Vec<_>>()
             .join(", "),
-        unnest_columns(n)
+        unnest_columns(n),
+        on_conflict(table, &cols)
     );
     (sql, columns)
 }
@@ -577,23 +590,6 @@ fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<Statement> 
     };
     let all: Vec<usize> = (0..table.columns.len()).collect();
     let value = |n: usize, i: usize| format!("${n}::text::{}", cast_type(&types[i]));
-    let keys: Vec<&str> = table.key.iter().map(|&i| cols[i].as_str()).collect();
-    let conflict = || -> String {
-        let rest: Vec<String> = all
-            .iter()
-            .filter(|i| !table.key.contains(i))
-            .map(|&i| format!("{0} = EXCLUDED.{0}", cols[i]))
-            .collect();
-        if rest.is_empty() {
-            format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", "))
-        } else {
-            format!(
-                " ON CONFLICT ({}) DO UPDATE SET {}",
-                keys.join(", "),
-                rest.join(", ")
-            )
-        }
-    };
     let insert = |row: &Row| -> Statement {
         let values: Vec<String> = all.iter().map(|&i| value(i + 1, i)).collect();
         let mut sql = format!(
@@ -602,7 +598,8 @@ fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<Statement> 
             values.join(", ")
         );
         if !table.whole_row {
-            sql.push_str(&conflict());
+            sql.push(' ');
+            sql.push_str(&on_conflict(table, &cols));
         }
         Statement {
             sql,
@@ -705,12 +702,12 @@ fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<Statement> 
             vec![Statement {
                 sql: format!(
                     "WITH moved AS (UPDATE {name} SET {} WHERE {} RETURNING 1) \
-                     INSERT INTO {name} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE NOT EXISTS (SELECT 1 FROM moved){}",
+                     INSERT INTO {name} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE NOT EXISTS (SELECT 1 FROM moved) {}",
                     sets.join(", "),
                     matches(table, &table.key, types, n + 1, false),
                     cols.join(", "),
                     values.join(", "),
-                    conflict()
+                    on_conflict(table, &cols)
                 ),
                 params,
                 must_touch: false,
@@ -1097,15 +1094,9 @@ impl Sink for PgSink {
         mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     ) -> Result<u64> {
         let c = self.take().await?;
-        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let sql = format!(
-            "COPY {} ({}) FROM STDIN",
-            qualified(&table.target_name),
-            cols.join(", ")
-        );
         let what = format!("loading {} as COPY text", table.target_name);
         let sink = c
-            .copy_in::<_, bytes::Bytes>(sql.as_str())
+            .copy_in::<_, bytes::Bytes>(copy_sql(table).as_str())
             .await
             .map_err(self.pg(&what))?;
         futures::pin_mut!(sink);

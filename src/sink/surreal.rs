@@ -340,26 +340,7 @@ fn json_u64(v: &serde_json::Value, record: &str, key: &str) -> Result<u64> {
 impl SurrealSink {
     pub async fn connect(endpoint: &str, remote: bool, config: &Config) -> Result<Self> {
         let shown = redact_url(endpoint);
-        let db = surrealdb::engine::any::connect(endpoint)
-            .await
-            .map_err(|e| {
-                Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e)
-            })?;
-        if remote {
-            if let (Some(user), Some(pass)) = (&config.target.username, &config.target.password) {
-                db.signin(surrealdb::opt::auth::Root {
-                    username: user.clone(),
-                    password: pass.expose_secret().to_string(),
-                })
-                .await
-                .map_err(|e| {
-                    Error::connect(format!(
-                        "SurrealDB at {shown} refused to sign in user {user:?}: {}",
-                        e.message()
-                    ))
-                })?;
-            }
-        }
+        let db = signed_in(endpoint, remote, config).await?;
         let ns = config.target.namespace.clone().unwrap_or_default();
         let dbn = config.target.database.clone().unwrap_or_default();
         db.query(format!(
@@ -814,12 +795,21 @@ impl Sink for SurrealSink {
 
 /// Connects and signs in without defining or writing anything (for `check`).
 pub async fn probe(endpoint: &str, config: &Config) -> Result<()> {
+    signed_in(endpoint, true, config).await.map(|_| ())
+}
+
+/// A connection to `endpoint`, signed in as the configured root user where
+/// `sign_in` (a remote server) and credentials are given.
+async fn signed_in(endpoint: &str, sign_in: bool, config: &Config) -> Result<Surreal<Any>> {
     let shown = redact_url(endpoint);
     let db = surrealdb::engine::any::connect(endpoint)
         .await
         .map_err(|e| {
             Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e)
         })?;
+    if !sign_in {
+        return Ok(db);
+    }
     if let (Some(user), Some(pass)) = (&config.target.username, &config.target.password) {
         db.signin(surrealdb::opt::auth::Root {
             username: user.clone(),
@@ -833,7 +823,7 @@ pub async fn probe(endpoint: &str, config: &Config) -> Result<()> {
             ))
         })?;
     }
-    Ok(())
+    Ok(db)
 }
 
 #[cfg(test)]

@@ -488,6 +488,13 @@ impl Source for PgSource {
                 .get(&name)
                 .cloned()
                 .unwrap_or_else(|| name.replace('.', "_"));
+            let pg = PgTable {
+                oid,
+                only: relkind == "r",
+                schema,
+                name: table,
+                types,
+            };
             if key.is_empty() && replident == "f" {
                 // REPLICA IDENTITY FULL: the old row image identifies the row.
                 d.problems.push(Problem {
@@ -498,16 +505,7 @@ impl Source for PgSource {
                             .into(),
                     blocking: false,
                 });
-                catalog.insert(
-                    name.clone(),
-                    PgTable {
-                        oid,
-                        only: relkind == "r",
-                        schema,
-                        name: table,
-                        types,
-                    },
-                );
+                catalog.insert(name.clone(), pg);
                 d.tables.push(TableSchema {
                     source_id: oid.to_string(),
                     ..TableSchema::whole_row(name, target_name, columns)
@@ -520,7 +518,7 @@ impl Source for PgSource {
                     column: None,
                     message: format!(
                         "no primary key or replica identity index, so its UPDATEs and DELETEs cannot be matched to a row; add a primary key, or ALTER TABLE {q} REPLICA IDENTITY USING INDEX <unique index>, or ALTER TABLE {q} REPLICA IDENTITY FULL (rows identified by their whole value), or exclude the table",
-                        q = format_args!("{}.{}", quote_ident(&schema), quote_ident(&table))
+                        q = format_args!("{}.{}", quote_ident(&pg.schema), quote_ident(&pg.name))
                     ),
                     blocking: true,
                 });
@@ -529,16 +527,7 @@ impl Source for PgSource {
             for &k in &key {
                 columns[k].nullable = false;
             }
-            catalog.insert(
-                name.clone(),
-                PgTable {
-                    oid,
-                    only: relkind == "r",
-                    schema,
-                    name: table,
-                    types,
-                },
-            );
+            catalog.insert(name.clone(), pg);
             let secondary = self.secondary(&c, oid).await?;
             let enum_types = self.enum_types(&c, oid).await?;
             let column_defaults = self.column_defaults(&c, oid, &columns).await?;
@@ -546,11 +535,10 @@ impl Source for PgSource {
                 // An array whose type the target keeps travels as its own
                 // text, lower bounds and all (`[0:1]={a,b}`), not as JSON.
                 for col in columns.iter_mut() {
-                    let element = col.source_type.trim_end_matches("[]");
                     if col.logical == crate::model::LogicalType::Json
                         && col.source_type.ends_with("[]")
                         && (crate::schema::postgres::is_built_in(&col.source_type)
-                            || enum_types.iter().any(|(name, _)| name == element))
+                            || crate::schema::postgres::is_enum(&enum_types, &col.source_type))
                     {
                         col.logical = crate::model::LogicalType::Text;
                     }

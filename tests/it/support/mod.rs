@@ -429,3 +429,10 @@ pub async fn source_high_water(pool: &SqlitePool) -> i64 {
     .unwrap()
     .unwrap_or(0)
 }
+
+/// Asserts that `text` (an error message, say) names every one of `parts`.
+pub fn assert_names(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "{part} missing from: {text}");
+    }
+}
