@@ -440,21 +440,7 @@ async fn m4_own_migrations_are_checked_and_a_violation_stops_without_advancing()
     );
     let config = target_config(&text, &target);
     let cfg = s.path("m4.toml");
-    std::fs::write(&cfg, {
-        let t = text
-            .replace(
-                "url = \"mem://\"",
-                &format!(
-                    "url = \"{}\"\npassword = \"{}\"",
-                    target.url("postgres", "?sslmode=disable"),
-                    target.cluster.password
-                ),
-            )
-            .replace("namespace = \"test\"\n", "")
-            .replace("database = \"test\"\n", "");
-        t
-    })
-    .unwrap();
+    std::fs::write(&cfg, target_config_text(&text, &target)).unwrap();
 
     // Every mismatch is reported before anything is loaded.
     let (code, out, err) = run_cli(&["run", "--config", cfg.to_str().unwrap()]);
@@ -542,17 +528,7 @@ async fn sigkill_during_load_and_apply_into_postgres_converges() {
     let target = PgDb::new("").await;
     let s = Scratch::new();
     let text = source.config_text("mem://", "snapshot_batch_rows = 500\nbatch_rows = 200\n");
-    let text = text
-        .replace(
-            "url = \"mem://\"",
-            &format!(
-                "url = \"{}\"\npassword = \"{}\"",
-                target.url("postgres", "?sslmode=disable"),
-                target.cluster.password
-            ),
-        )
-        .replace("namespace = \"test\"\n", "")
-        .replace("database = \"test\"\n", "");
+    let text = target_config_text(&text, &target);
     let cfg = s.path("pg.toml");
     std::fs::write(&cfg, &text).unwrap();
     let cfg_s = cfg.to_str().unwrap().to_string();
@@ -652,18 +628,7 @@ async fn check_shows_each_columns_postgres_type_and_what_changes() {
     let target = PgDb::new("").await;
     let s = Scratch::new();
     let cfg = s.path("check.toml");
-    let text = source
-        .config_text("mem://", "")
-        .replace(
-            "url = \"mem://\"",
-            &format!(
-                "url = \"{}\"\npassword = \"{}\"",
-                target.url("postgres", "?sslmode=disable"),
-                target.cluster.password
-            ),
-        )
-        .replace("namespace = \"test\"\n", "")
-        .replace("database = \"test\"\n", "")
+    let text = target_config_text(&source.config_text("mem://", ""), &target)
         .replace("unmapped_as_text = true\n", "");
     std::fs::write(&cfg, text).unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
@@ -700,18 +665,7 @@ async fn indexes_and_foreign_keys_are_built_after_the_load() {
     let cfg = s.path("c.toml");
     std::fs::write(
         &cfg,
-        source
-            .config_text("mem://", "")
-            .replace(
-                "url = \"mem://\"",
-                &format!(
-                    "url = \"{}\"\npassword = \"{}\"",
-                    target.url("postgres", "?sslmode=disable"),
-                    target.cluster.password
-                ),
-            )
-            .replace("namespace = \"test\"\n", "")
-            .replace("database = \"test\"\n", ""),
+        target_config_text(&source.config_text("mem://", ""), &target),
     )
     .unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
