@@ -44,7 +44,7 @@ mod common;
 use anyhow::{bail, Result};
 use futures::{pin_mut, SinkExt, TryStreamExt};
 use switchyard::config::Config;
-use switchyard::pipeline::{Mode, Pipeline};
+use switchyard::pipeline::Mode;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
@@ -433,7 +433,7 @@ async fn main() -> Result<()> {
     let cfg = config(&pg, &src, &sy, &format!("sy_{id}"))?;
     reset_peak_rss();
     let t = Instant::now();
-    let report = Pipeline::open(cfg.clone())
+    let report = switchyard::connect::pipeline(&cfg.clone())
         .await?
         .run(Mode::SnapshotOnly, CancellationToken::new())
         .await?;
@@ -499,7 +499,7 @@ async fn main() -> Result<()> {
     reset_peak_rss();
     let t = Instant::now();
     let cancel = CancellationToken::new();
-    let pipeline = Pipeline::open(cfg.clone()).await?;
+    let pipeline = switchyard::connect::pipeline(&cfg.clone()).await?;
     let c = cancel.clone();
     let daemon = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
     wait_for_row(&sy_client, 1, -434343, Duration::from_secs(1800)).await?;
@@ -544,7 +544,7 @@ async fn main() -> Result<()> {
         wait_slot_inactive(&source, &format!("native_{id}"), Duration::from_secs(60)).await?;
         reset_peak_rss();
         let cancel = CancellationToken::new();
-        let pipeline = Pipeline::open(cfg.clone()).await?;
+        let pipeline = switchyard::connect::pipeline(&cfg.clone()).await?;
         let c = cancel.clone();
         let daemon = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
         source

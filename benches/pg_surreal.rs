@@ -91,9 +91,14 @@ async fn main() -> Result<()> {
     let source = Arc::new(PgSource::open(&config.source.url, &config).await?);
     let discard = Arc::new(DiscardSink::default());
     let t = Instant::now();
-    let report = Pipeline::new(config.clone(), source.clone(), discard.clone())
-        .run(Mode::SnapshotOnly, CancellationToken::new())
-        .await?;
+    let report = Pipeline::new(
+        config.clone(),
+        source.clone(),
+        discard.clone(),
+        Default::default(),
+    )
+    .run(Mode::SnapshotOnly, CancellationToken::new())
+    .await?;
     let disc_s = t.elapsed().as_secs_f64();
     let rows = discard.rows_loaded.load(Ordering::Relaxed);
     println!(
@@ -105,7 +110,12 @@ async fn main() -> Result<()> {
     // sink, so that the target's memory does not count.
     reset_peak_rss();
     let cancel = CancellationToken::new();
-    let pipeline = Pipeline::new(config.clone(), source.clone(), discard.clone());
+    let pipeline = Pipeline::new(
+        config.clone(),
+        source.clone(),
+        discard.clone(),
+        Default::default(),
+    );
     let c = cancel.clone();
     let daemon = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
     let big = Instant::now();
@@ -141,9 +151,14 @@ async fn main() -> Result<()> {
     let sink = Arc::new(SurrealSink::connect(&target, false, &config).await?);
     reset_peak_rss();
     let t = Instant::now();
-    let report = Pipeline::new(config.clone(), source.clone(), sink.clone())
-        .run(Mode::SnapshotOnly, CancellationToken::new())
-        .await?;
+    let report = Pipeline::new(
+        config.clone(),
+        source.clone(),
+        sink.clone(),
+        Default::default(),
+    )
+    .run(Mode::SnapshotOnly, CancellationToken::new())
+    .await?;
     let snap_s = t.elapsed().as_secs_f64();
     let copied: u64 = report.tables.iter().map(|r| r.rows).sum();
     println!(
@@ -157,7 +172,12 @@ async fn main() -> Result<()> {
     // Streaming under a pgbench write load.
     reset_peak_rss();
     let cancel = CancellationToken::new();
-    let pipeline = Pipeline::new(config.clone(), source.clone(), sink.clone());
+    let pipeline = Pipeline::new(
+        config.clone(),
+        source.clone(),
+        sink.clone(),
+        Default::default(),
+    );
     let c = cancel.clone();
     let daemon = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
     let lag_sql = "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'bench_surreal'";

@@ -168,8 +168,21 @@ async fn main() -> Result<()> {
     reset_peak_rss();
     let base_rss = peak_rss_mib();
     let sink = Arc::new(SurrealSink::connect(&target, false, &config).await?);
-    let source: Arc<dyn Source> = Arc::new(SqliteSource::open(&source_path, &config).await?);
-    let pipeline = Pipeline::new(config.clone(), source.clone(), sink.clone());
+    let source: Arc<dyn Source> = Arc::new(
+        SqliteSource::open(
+            &source_path,
+            &config,
+            Default::default(),
+            switchyard::source::Access::ReadWrite,
+        )
+        .await?,
+    );
+    let pipeline = Pipeline::new(
+        config.clone(),
+        source.clone(),
+        sink.clone(),
+        Default::default(),
+    );
     let t = Instant::now();
     let report = pipeline
         .run(Mode::SnapshotOnly, CancellationToken::new())
@@ -188,7 +201,12 @@ async fn main() -> Result<()> {
     // Stream: the daemon's pipeline in this process, the writer in another.
     reset_peak_rss();
     let cancel = CancellationToken::new();
-    let pipeline = Pipeline::new(config.clone(), source.clone(), sink.clone());
+    let pipeline = Pipeline::new(
+        config.clone(),
+        source.clone(),
+        sink.clone(),
+        Default::default(),
+    );
     let c = cancel.clone();
     let daemon = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
     let start_cp = checkpoint(&sink).await?;
@@ -288,7 +306,13 @@ async fn main() -> Result<()> {
     // Ceiling: the same rows, straight into another surrealkv directory.
     let ceiling_target = format!("surrealkv://{}", dir.path().join("ceiling").display());
     let cconfig = config_for(&source_path, &ceiling_target)?;
-    let csource = SqliteSource::open(&source_path, &cconfig).await?;
+    let csource = SqliteSource::open(
+        &source_path,
+        &cconfig,
+        Default::default(),
+        switchyard::source::Access::ReadWrite,
+    )
+    .await?;
     let table: Arc<TableSchema> = Arc::new(csource.discover().await?.tables.remove(0));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(1024);
     let reader = {

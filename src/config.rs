@@ -1,8 +1,9 @@
 //! The TOML configuration: parsing, `${VAR}` expansion and validation.
 //!
-//! Unknown keys are rejected; [`Config::validate`] reports every problem at
-//! once, each naming its key. Secrets are held in [`SecretString`], whose
-//! `Debug` prints nothing of the value.
+//! Every problem is reported at once, each with its key and line: unknown
+//! keys, values of the wrong type, and what [`Config::validate`] finds.
+//! Secrets are held in [`SecretString`], whose `Debug` prints nothing of the
+//! value.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::redact::{redact_url, url_has_password};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,10 +26,6 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub http: HttpConfig,
-    /// Where rows that do not fit go (from `pipeline.reject_dir`), shared by
-    /// the source and the sink of a run.
-    #[serde(skip)]
-    pub rejects: std::sync::Arc<crate::reject::Rejects>,
 }
 
 /// The HTTP endpoints: `/healthz`, `/readyz`, `/status`, `/metrics`.
@@ -273,30 +271,57 @@ impl Config {
         for (k, v) in raw.iter_mut() {
             expand_env(k, v, &mut problems);
         }
+        // Every key or type problem: each error names its key, which is then
+        // taken out (its default stands in) to find the next one.
+        let mut parsed = None;
+        for _ in 0..64 {
+            match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(raw.clone())) {
+                Ok(c) => {
+                    parsed = Some(c);
+                    break;
+                }
+                Err(e) => {
+                    let path: Vec<String> = e
+                        .path()
+                        .iter()
+                        .filter_map(|s| match s {
+                            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                            serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                            _ => None,
+                        })
+                        .collect();
+                    let message = e.inner().message().to_string();
+                    let (key, said, removable) = describe_serde_error(&path, &message);
+                    problems.push(Problem::new(key, said));
+                    if !removable || !remove_key(&mut raw, &path) {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(c) = &parsed {
+            problems.extend(c.problems());
+        }
         if !problems.is_empty() {
-            return Err(Error::config(problems.join("; ")));
+            let lines: Vec<String> = problems.iter().map(|p| p.render(text)).collect();
+            return Err(Error::config(lines.join("; ")));
         }
-        let mut config: Config = toml::Value::Table(raw)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::config(e.message().to_string()))?;
-        config.validate()?;
-        config.rejects = std::sync::Arc::new(crate::reject::Rejects::new(
-            config.pipeline.reject_dir.clone(),
-        ));
-        Ok(config)
-    }
-
-    /// The configuration for reading the source again (`verify`): rows the
-    /// run sets aside are skipped and counted, and no reject file is written.
-    pub fn for_verify(mut self) -> Self {
-        if self.rejects.enabled() {
-            self.rejects = std::sync::Arc::new(crate::reject::Rejects::count_only());
-        }
-        self
+        Ok(parsed.expect("no problems means parsed"))
     }
 
     /// Every problem at once, each naming its key.
     pub fn validate(&self) -> Result<()> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            let lines: Vec<String> = problems.iter().map(|p| p.render("")).collect();
+            Err(Error::config(lines.join("; ")))
+        }
+    }
+
+    /// What [`Config::validate`] finds, each with its key.
+    fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         match self.source_kind() {
             Err(e) => problems.push(e.to_string()),
@@ -413,11 +438,15 @@ impl Config {
                 problems.push(format!("tables.keys.{table}: name at least one key column"));
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::config(problems.join("; ")))
-        }
+        problems
+            .into_iter()
+            .map(|m: String| match m.split_once(": ") {
+                Some((key, said)) if !key.contains(' ') => {
+                    Problem::new(key.to_string(), said.to_string())
+                }
+                _ => Problem::new(String::new(), m),
+            })
+            .collect()
     }
 
     pub fn source_kind(&self) -> Result<SourceKind> {
@@ -471,7 +500,7 @@ impl Config {
                 Ok(TargetKind::Surreal { endpoint: url.to_string(), remote: true })
             }
             "postgres" | "postgresql" => {
-                crate::source::postgres::conn::PgEndpoint::parse(url, None, "target.url")?;
+                crate::pg::conn::PgEndpoint::parse(url, None, "target.url")?;
                 Ok(TargetKind::Postgres { url: url.to_string() })
             }
             _ => Err(Error::config(format!(
@@ -512,12 +541,13 @@ fn globs(patterns: &[String]) -> Result<GlobSet> {
         .map_err(|e| Error::config(format!("table patterns: {e}")))
 }
 
-fn expand_env(key: &str, value: &mut toml::Value, problems: &mut Vec<String>) {
+fn expand_env(key: &str, value: &mut toml::Value, problems: &mut Vec<Problem>) {
     match value {
         toml::Value::String(s) => match expand_str(s) {
             Ok(x) => *s = x,
-            Err(var) => problems.push(format!(
-                "{key}: environment variable {var} is not set (the value refers to ${{{var}}})"
+            Err(var) => problems.push(Problem::new(
+                key.to_string(),
+                format!("environment variable {var} is not set (the value refers to ${{{var}}})"),
             )),
         },
         toml::Value::Array(items) => {
@@ -562,45 +592,101 @@ fn expand_str(s: &str) -> std::result::Result<String, String> {
     Ok(out)
 }
 
-fn url_has_password(url: &str) -> bool {
-    let Some((_, rest)) = url.split_once("://") else {
-        return false;
-    };
-    let authority = rest.split('/').next().unwrap_or("");
-    authority
-        .rsplit_once('@')
-        .map(|(userinfo, _)| userinfo.contains(':'))
-        .unwrap_or(false)
+/// A problem of the config file: the key it concerns and what is wrong.
+#[derive(Debug, Clone)]
+struct Problem {
+    /// `section.key` (empty when the problem is not one key's).
+    key: String,
+    message: String,
 }
 
-/// The URL with any password in it replaced by `***`, for logs and messages.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    // The userinfo ends at the last '@': a password may hold '/', '?' or '@'
-    // itself, and hiding too much is better than showing a secret.
-    let (userinfo, hostpath) = match rest.rfind('@') {
-        Some(i) => (
-            match rest[..i].split_once(':') {
-                Some((user, _)) => format!("{user}:***@"),
-                None => format!("{}@", &rest[..i]),
-            },
-            &rest[i + 1..],
-        ),
-        None => (String::new(), rest),
-    };
-    // Query parameters may carry passwords too.
-    let mut out = String::with_capacity(hostpath.len());
-    let mut tail = hostpath;
-    while let Some(i) = tail.to_ascii_lowercase().find("password=") {
-        out.push_str(&tail[..i + "password=".len()]);
-        out.push_str("***");
-        tail = &tail[i + "password=".len()..];
-        tail = &tail[tail.find('&').unwrap_or(tail.len())..];
+impl Problem {
+    fn new(key: String, message: String) -> Self {
+        Self { key, message }
     }
-    out.push_str(tail);
-    format!("{scheme}://{userinfo}{out}")
+
+    /// `key: message (line N)`, the line found in `text` where it has the key.
+    fn render(&self, text: &str) -> String {
+        let line = (!self.key.is_empty())
+            .then(|| line_of(text, &self.key))
+            .flatten()
+            .map(|n| format!(" (line {n})"))
+            .unwrap_or_default();
+        if self.key.is_empty() {
+            format!("{}{line}", self.message)
+        } else {
+            format!("{}: {}{line}", self.key, self.message)
+        }
+    }
+}
+
+/// The key and the words for a deserialization error at `path`, and whether
+/// the key can be taken out to look for further problems.
+fn describe_serde_error(path: &[String], message: &str) -> (String, String, bool) {
+    let dotted = path.join(".");
+    let join = |field: &str| {
+        if dotted.is_empty() {
+            field.to_string()
+        } else if dotted.ends_with(&format!(".{field}")) || dotted == field {
+            dotted.clone()
+        } else {
+            format!("{dotted}.{field}")
+        }
+    };
+    let quoted = |m: &str| m.split('`').nth(1).map(str::to_string);
+    if let Some(field) = message
+        .strip_prefix("missing field ")
+        .and_then(|_| quoted(message))
+    {
+        return (join(&field), "required, and missing".into(), false);
+    }
+    if let Some(field) = message
+        .strip_prefix("unknown field ")
+        .and_then(|_| quoted(message))
+    {
+        let expected = message
+            .split_once(", expected ")
+            .map(|(_, e)| format!("; expected {e}"))
+            .unwrap_or_default();
+        return (join(&field), format!("unknown key{expected}"), true);
+    }
+    let mut said = message.to_string();
+    if message.contains("expected a sequence") {
+        said.push_str("; write a list, for example [\"*\"]");
+    }
+    (dotted, said, !path.is_empty())
+}
+
+/// Takes the key at `path` out of the table; false if it is not there.
+fn remove_key(table: &mut toml::Table, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut t = table;
+    for p in parents {
+        match t.get_mut(p) {
+            Some(toml::Value::Table(inner)) => t = inner,
+            _ => return false,
+        }
+    }
+    t.remove(last).is_some()
+}
+
+/// The 1-based line of a dotted key in the TOML text, where it is found.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut table: &toml::de::DeTable = doc.get_ref();
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut span = None;
+    for (i, part) in parts.iter().enumerate() {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == *part)?;
+        span = Some(k.span());
+        if i + 1 < parts.len() {
+            table = v.get_ref().as_table()?;
+        }
+    }
+    let start = span?.start.min(text.len());
+    Some(text[..start].matches('\n').count() + 1)
 }
 
 /// A TOML syntax error as line, column and message, without quoting the
@@ -707,30 +793,6 @@ mod tests {
 
     #[test]
     fn passwords_never_print() {
-        assert_eq!(
-            redact_url("ws://root:hunter2@h:8000/x"),
-            "ws://root:***@h:8000/x"
-        );
-        assert_eq!(
-            redact_url("postgres://u@h/db?password=hunter2&x=1"),
-            "postgres://u@h/db?password=***&x=1"
-        );
-        assert_eq!(
-            redact_url("postgres://app:pa/ss@db/shop"),
-            "postgres://app:***@db/shop"
-        );
-        assert_eq!(
-            redact_url("postgres://app:p?a@s@db/shop?sslmode=require"),
-            "postgres://app:***@db/shop?sslmode=require"
-        );
-        assert_eq!(
-            redact_url("postgres://db/shop?user=a@b&PASSWORD=x&y=1"),
-            "postgres://db/shop?user=a@b&PASSWORD=***&y=1"
-        );
-        assert_eq!(
-            redact_url("surrealkv://data/target"),
-            "surrealkv://data/target"
-        );
         let text = MIN.replace(
             "database = \"app\"",
             "database = \"app\"\npassword = \"hunter2\"",
@@ -740,6 +802,48 @@ mod tests {
         let e =
             Config::parse(&MIN.replace("mem://", "ws://root:hunter2@localhost:8000")).unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn every_key_and_type_problem_is_reported_with_its_key_and_line() {
+        let text = r#"
+[source]
+url = "sqlite://data/app.sqlite"
+poll_interval_ms = "fast"
+colour = "blue"
+[target]
+url = "mem://"
+namespace = "app"
+database = "app"
+flavour = 1
+[tables]
+include = "*"
+[pipeline]
+batch_rows = -5
+batch_rowz = 3
+"#;
+        let e = Config::parse(text).unwrap_err().to_string();
+        for needle in [
+            "source.poll_interval_ms: invalid type: string \"fast\"",
+            "(line 4)",
+            "source.colour: unknown key",
+            "(line 5)",
+            "target.flavour: unknown key",
+            "(line 10)",
+            "tables.include: invalid type: string \"*\", expected a sequence",
+            "(line 12)",
+            "pipeline.batch_rows: invalid value: integer `-5`",
+            "(line 14)",
+            "pipeline.batch_rowz: unknown key",
+            "(line 15)",
+        ] {
+            assert!(e.contains(needle), "{needle} missing in {e}");
+        }
+        let missing = Config::parse("[source]\n[target]\nurl = \"mem://\"\n").unwrap_err();
+        assert!(
+            missing.to_string().contains("source.url: required"),
+            "{missing}"
+        );
     }
 
     #[test]

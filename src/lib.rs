@@ -4,14 +4,26 @@
 //! creates the target schema, loads the rows and applies the changes together
 //! with a checkpoint; the pipeline between them is bounded and retries what is
 //! transient. See `pipeline` for the dataflow.
+//!
+//! Imports run one way: `commands` → `pipeline`, `verify`, `observe` →
+//! `connect` → `source`, `sink` → `schema`, `pg` and the leaves (`model`,
+//! `position`, `config`, `error`, `reject`, `retry`, `metric`, `redact`).
+//! Sources and sinks never import each other; a module's children never
+//! import their parent's items back (tests/it/layout.rs checks it).
 
+pub mod commands;
 pub mod config;
+pub mod connect;
 pub mod error;
+pub mod metric;
 pub mod model;
 pub mod observe;
+pub mod pg;
 pub mod pipeline;
-pub mod plan;
+pub mod position;
+pub mod redact;
 pub mod reject;
+pub mod retry;
 pub mod sample;
 pub mod schema;
 pub mod sink;

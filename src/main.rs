@@ -4,15 +4,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use switchyard::config::Config;
-use switchyard::pipeline::{Mode, Pipeline};
-use switchyard::{Error, ErrorKind};
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use switchyard::commands::{self, Exit};
+use tracing::error;
 
 #[derive(Parser)]
 #[command(
@@ -80,9 +75,11 @@ enum Command {
         tables: Vec<String>,
         #[arg(long)]
         json: bool,
-        /// How long to wait for the target to reach the source's position, in seconds.
-        #[arg(long, default_value_t = 60)]
-        wait: u64,
+        /// How long to wait for the target to reach the source's position, in
+        /// seconds (default: 60 while a daemon applies changes; without one,
+        /// pending changes end verify at once unless this is given).
+        #[arg(long)]
+        wait: Option<u64>,
     },
     /// Remove the change capture switchyard installed in the source (SQLite: triggers and change log; PostgreSQL: slot, and the publication if switchyard creates it).
     Uninstall {
@@ -115,16 +112,17 @@ fn main() -> ExitCode {
         outcome
     });
     match outcome {
-        Ok(code) => code,
+        Ok(exit) => ExitCode::from(exit.code()),
         Err(e) => {
-            let (code, kind) = match e.downcast_ref::<Error>().map(Error::kind) {
-                Some(ErrorKind::Definite) => (1, "definite"),
-                Some(ErrorKind::Transient) => (1, "transient"),
-                _ => (2, "cannot run"),
+            let exit = Exit::of(&e);
+            let kind = if exit == Exit::Problem {
+                "stopped"
+            } else {
+                "cannot run"
             };
-            error!(kind, "{e:#}");
-            eprintln!("error: {e:#}");
-            ExitCode::from(code)
+            error!(kind, "{}", e.report());
+            eprintln!("error: {}", e.report());
+            ExitCode::from(exit.code())
         }
     }
 }
@@ -141,205 +139,29 @@ fn init_logging(cli: &Cli) {
     }
 }
 
-fn load(path: &std::path::Path) -> anyhow::Result<Arc<Config>> {
-    Ok(Arc::new(Config::load(path)?))
-}
-
-/// Cancels the token on SIGINT or SIGTERM; a second signal exits at once.
-fn on_signal(cancel: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!("cannot listen for SIGTERM: {e}");
-                    return;
-                }
-            };
-        for round in 0..2 {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-            if round == 0 {
-                info!("signal received: finishing the batch in flight, then stopping (again to stop at once)");
-                cancel.cancel();
-            } else {
-                warn!("second signal: stopping now; the last batch is applied again on the next start");
-                std::process::exit(130);
-            }
-        }
-    });
-}
-
-async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+async fn dispatch(command: Command) -> switchyard::Result<Exit> {
     match command {
-        Command::Run { config } => {
-            let config = load(&config)?;
-            let cancel = CancellationToken::new();
-            on_signal(cancel.clone());
-            if config.http.address.is_some() {
-                // Before anything records a metric.
-                switchyard::observe::prometheus();
-            }
-            let pipeline = Pipeline::open(config.clone()).await?;
-            let http_stop = CancellationToken::new();
-            let _http_guard = http_stop.clone().drop_guard();
-            if let Some(address) = &config.http.address {
-                let listener = switchyard::observe::listen(address).await?;
-                let server = switchyard::observe::serve(
-                    listener,
-                    config.http.token.clone(),
-                    config.http.ready_max_lag_seconds,
-                    pipeline.observer(),
-                    http_stop.clone(),
-                );
-                tokio::spawn(async move {
-                    if let Err(e) = server.await {
-                        warn!(error = %e.report(), "the HTTP endpoint stopped");
-                    }
-                });
-            }
-            match pipeline.run(Mode::Run, cancel).await {
-                Ok(report) => {
-                    info!(
-                        changes = report.changes_applied,
-                        checkpoint = report.checkpoint.as_deref().unwrap_or("-"),
-                        "stopped"
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {
-                    info!("{e}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => Err(e.into()),
-            }
-        }
+        Command::Run { config } => commands::run::run(&config).await,
         Command::Snapshot { config, report } => {
-            let config = load(&config)?;
-            let cancel = CancellationToken::new();
-            on_signal(cancel.clone());
-            let config_rejects = config.rejects.clone();
-            let pipeline = Pipeline::open(config).await?;
-            let r = match pipeline.run(Mode::SnapshotOnly, cancel).await {
-                Ok(r) => r,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {
-                    info!("{e}");
-                    return Ok(ExitCode::SUCCESS);
-                }
-                Err(e) => return Err(e.into()),
-            };
-            println!(
-                "{:<24} {:>12} {:>10} {:>12}  note",
-                "table", "rows", "seconds", "rows/s"
-            );
-            for t in &r.tables {
-                let note = if t.already_copied {
-                    "copied earlier".to_string()
-                } else if t.rejected > 0 {
-                    format!(
-                        "{} rejected: {}",
-                        t.rejected,
-                        config_rejects
-                            .path(&t.table)
-                            .map(|p| p.display().to_string())
-                            .unwrap_or_default()
-                    )
-                } else {
-                    String::new()
-                };
-                println!(
-                    "{:<24} {:>12} {:>10.2} {:>12.0}  {note}",
-                    t.table, t.rows, t.seconds, t.rows_per_second
-                );
-            }
-            if let Some(path) = report {
-                let json = serde_json::to_string_pretty(&r)?;
-                std::fs::write(&path, json)
-                    .with_context(|| format!("writing the report to {}", path.display()))?;
-            }
-            Ok(ExitCode::SUCCESS)
+            commands::snapshot::run(&config, report.as_deref()).await
         }
-        Command::Check { config, json } => {
-            let config = load(&config)?;
-            let plan = switchyard::plan::check(&config).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&plan)?);
-            } else {
-                print!("{}", plan.render());
-            }
-            Ok(if plan.blocking() > 0 {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
-        Command::Status { config, json } => {
-            let config = load(&config)?;
-            let status = switchyard::observe::status(&config).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", status.render());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Check { config, json } => commands::check::run(&config, json).await,
+        Command::Status { config, json } => commands::status::run(&config, json).await,
         Command::Verify {
             config,
             tables,
             json,
             wait,
-        } => {
-            let run = async {
-                // Rows the run sets aside are not expected in the target;
-                // reading the source again adds nothing to the reject files.
-                let config = Arc::new(Config::load(&config)?.for_verify());
-                let source: Arc<dyn switchyard::source::Source> =
-                    Arc::from(switchyard::source::open(&config).await?);
-                let sink: Arc<dyn switchyard::sink::Sink> =
-                    Arc::from(switchyard::sink::open(&config).await?);
-                let options = switchyard::verify::Options {
-                    tables,
-                    wait: std::time::Duration::from_secs(wait),
-                    batch_rows: config.pipeline.snapshot_batch_rows,
-                };
-                anyhow::Ok(switchyard::verify::verify(source, sink, &options).await?)
-            };
-            match run.await {
-                Ok(verdict) => {
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&verdict)?);
-                    } else {
-                        print!("{}", verdict.render());
-                    }
-                    Ok(if verdict.identical {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    })
-                }
-                Err(e) => {
-                    error!("{e:#}");
-                    eprintln!("error: verify could not run: {e:#}");
-                    Ok(ExitCode::from(2))
-                }
+        } => match commands::verify::run(&config, tables, json, wait).await {
+            // Whatever stops verify means it could not compare.
+            Err(e) => {
+                error!("{}", e.report());
+                eprintln!("error: verify could not run: {}", e.report());
+                Ok(Exit::CannotRun)
             }
-        }
-        Command::Uninstall { config } => {
-            let config = load(&config)?;
-            let source = switchyard::source::open(&config).await?;
-            source.uninstall().await?;
-            println!(
-                "removed switchyard's change capture from {}",
-                switchyard::config::redact_url(&config.source.url)
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::DemoSource { path } => {
-            switchyard::sample::create_shop(&path).await?;
-            println!("created the demo shop database at {}", path.display());
-            Ok(ExitCode::SUCCESS)
-        }
+            ok => ok,
+        },
+        Command::Uninstall { config } => commands::uninstall::run(&config).await,
+        Command::DemoSource { path } => commands::demo::run(&path).await,
     }
 }

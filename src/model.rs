@@ -9,43 +9,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-/// A position in the source's change stream.
-///
-/// Ordered by `(commit, ordinal)`: `commit` is the commit position of a
-/// transaction (a PostgreSQL commit LSN, a SQLite change-log sequence number),
-/// `ordinal` a change's place inside it, so that a transaction applied in
-/// chunks can be resumed in the middle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Position {
-    pub commit: u64,
-    pub ordinal: u64,
-}
-
-impl Position {
-    pub const ZERO: Position = Position {
-        commit: 0,
-        ordinal: 0,
-    };
-    /// The ordinal that stands for "the whole commit": after every change of it.
-    /// (Within `i64`, because targets store positions as signed integers.)
-    pub const WHOLE: u64 = i64::MAX as u64;
-
-    pub fn new(commit: u64, ordinal: u64) -> Self {
-        Self { commit, ordinal }
-    }
-}
-
-impl fmt::Display for Position {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.ordinal == 0 {
-            write!(f, "{}", self.commit)
-        } else if self.ordinal == Self::WHOLE {
-            write!(f, "{}.end", self.commit)
-        } else {
-            write!(f, "{}.{}", self.commit, self.ordinal)
-        }
-    }
-}
+use crate::position::Position;
 
 /// The type of a column, independent of source and target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

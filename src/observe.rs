@@ -2,9 +2,10 @@
 //! per-table state, last error), the Prometheus metrics, and the HTTP
 //! endpoints `/healthz`, `/readyz`, `/status` and `/metrics`.
 //!
-//! The pipeline writes to an [`Observer`]; the HTTP server and `switchyard
-//! status` read a [`StatusView`] from it. Metrics go through the `metrics`
-//! facade; [`prometheus`] installs the recorder once per process.
+//! The pipeline writes to an [`Observer`]; the HTTP server (and through it
+//! `switchyard status`) reads a [`StatusView`] from it. Metrics go through
+//! the `metrics` facade, named in [`crate::metric`]; [`prometheus`] installs
+//! the recorder once per process.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,46 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::error::{Error, Result};
-use crate::model::{Change, Position};
+use crate::metric;
+use crate::model::Change;
+use crate::position::Position;
 use crate::source::SourceLag;
-
-/// The names of the metrics the daemon exports (the deploy/ files use them).
-pub mod names {
-    pub const PHASE: &str = "switchyard_phase";
-    pub const LAG_BYTES: &str = "switchyard_lag_bytes";
-    pub const LAG_SECONDS: &str = "switchyard_lag_seconds";
-    pub const SLOT_RETAINED_BYTES: &str = "switchyard_slot_retained_bytes";
-    pub const CHANGES_APPLIED: &str = "switchyard_changes_applied_total";
-    pub const TRANSACTIONS_APPLIED: &str = "switchyard_transactions_applied_total";
-    pub const BATCH_CHANGES: &str = "switchyard_batch_changes";
-    pub const APPLY_DURATION: &str = "switchyard_apply_duration_seconds";
-    pub const SNAPSHOT_ROWS: &str = "switchyard_snapshot_rows_total";
-    pub const SNAPSHOT_PROGRESS: &str = "switchyard_snapshot_progress_ratio";
-    pub const RETRIES: &str = "switchyard_retries_total";
-    pub const ERRORS: &str = "switchyard_errors_total";
-    pub const CONNECTION_UP: &str = "switchyard_connection_up";
-    pub const CHECKPOINT: &str = "switchyard_checkpoint_position";
-    /// Rows set aside in `pipeline.reject_dir`, by table.
-    pub const ROWS_REJECTED: &str = "switchyard_rows_rejected_total";
-
-    pub const ALL: [&str; 15] = [
-        PHASE,
-        LAG_BYTES,
-        LAG_SECONDS,
-        SLOT_RETAINED_BYTES,
-        CHANGES_APPLIED,
-        TRANSACTIONS_APPLIED,
-        BATCH_CHANGES,
-        APPLY_DURATION,
-        SNAPSHOT_ROWS,
-        SNAPSHOT_PROGRESS,
-        RETRIES,
-        ERRORS,
-        CONNECTION_UP,
-        CHECKPOINT,
-        ROWS_REJECTED,
-    ];
-}
 
 /// Where the daemon is in its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +109,8 @@ pub struct StatusView {
 
 struct Board {
     view: StatusView,
+    /// When a flip between catching up and streaming was last logged.
+    flip_logged: Option<std::time::Instant>,
     checkpoint: Option<Position>,
     /// When the source committed what the target applied last.
     applied_commit_time: Option<DateTime<Utc>>,
@@ -181,6 +148,7 @@ impl Observer {
         let o = Arc::new(Self {
             board: Mutex::new(Board {
                 view,
+                flip_logged: None,
                 checkpoint: None,
                 applied_commit_time: None,
                 stream_started: None,
@@ -193,7 +161,7 @@ impl Observer {
         // Every gauge exists from the start, so that scrapes and alert rules
         // see them before the first change.
         for side in ["source", "target"] {
-            gauge!(names::CONNECTION_UP, "side" => side).set(0.0);
+            gauge!(metric::CONNECTION_UP, "side" => side).set(0.0);
         }
         o
     }
@@ -207,7 +175,7 @@ impl Observer {
 
     fn publish_phase(&self, phase: Phase) {
         for p in Phase::ALL {
-            gauge!(names::PHASE, "phase" => p.as_str()).set(if p == phase { 1.0 } else { 0.0 });
+            gauge!(metric::PHASE, "phase" => p.as_str()).set(if p == phase { 1.0 } else { 0.0 });
         }
     }
 
@@ -215,18 +183,35 @@ impl Observer {
         self.with(|b| b.view.phase)
     }
 
+    /// Sets the phase. A change is logged; flips between catching up and
+    /// streaming (which follow the source's every burst) at most every
+    /// [`FLIP_LOG_EVERY`], the rest at debug level.
     pub fn set_phase(&self, phase: Phase) {
-        let changed = self.with(|b| {
-            let changed = b.view.phase != phase;
+        let (changed, log) = self.with(|b| {
+            let was = b.view.phase;
+            let changed = was != phase;
             b.view.phase = phase;
             if matches!(phase, Phase::CatchUp | Phase::Streaming) && b.stream_started.is_none() {
                 b.stream_started = Some(Utc::now());
             }
-            changed
+            let flip = matches!(
+                (was, phase),
+                (Phase::CatchUp, Phase::Streaming) | (Phase::Streaming, Phase::CatchUp)
+            );
+            let log =
+                changed && (!flip || b.flip_logged.is_none_or(|t| t.elapsed() >= FLIP_LOG_EVERY));
+            if log && flip {
+                b.flip_logged = Some(std::time::Instant::now());
+            }
+            (changed, log)
         });
         if changed {
             self.publish_phase(phase);
-            info!(phase = phase.as_str(), "phase");
+            if log {
+                info!(phase = phase.as_str(), "phase");
+            } else {
+                tracing::debug!(phase = phase.as_str(), "phase");
+            }
         }
     }
 
@@ -241,7 +226,7 @@ impl Observer {
             b.checkpoint = Some(p);
             b.view.checkpoint = Some(p.to_string());
         });
-        gauge!(names::CHECKPOINT).set(p.commit as f64);
+        gauge!(metric::CHECKPOINT).set(p.commit as f64);
     }
 
     pub fn checkpoint(&self) -> Option<Position> {
@@ -260,7 +245,7 @@ impl Observer {
                 },
             );
         });
-        gauge!(names::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(0.0);
+        gauge!(metric::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(0.0);
     }
 
     pub fn table_rows(&self, table: &str, added: u64) {
@@ -271,9 +256,9 @@ impl Observer {
                 .filter(|n| *n > 0)
                 .map(|n| (t.rows as f64 / n as f64).min(1.0))
         });
-        counter!(names::SNAPSHOT_ROWS, "table" => table.to_string()).increment(added);
+        counter!(metric::SNAPSHOT_ROWS, "table" => table.to_string()).increment(added);
         if let Some(r) = ratio {
-            gauge!(names::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(r);
+            gauge!(metric::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(r);
         }
     }
 
@@ -286,7 +271,7 @@ impl Observer {
             t.seconds = seconds;
             t.rows_per_second = seconds.filter(|s| *s > 0.0).map(|s| rows as f64 / s);
         });
-        gauge!(names::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(1.0);
+        gauge!(metric::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(1.0);
     }
 
     /// A batch is durable in the target.
@@ -301,19 +286,19 @@ impl Observer {
         let mut transactions = 0u64;
         let mut last_commit = None;
         for c in changes {
-            counter!(names::CHANGES_APPLIED, "table" => c.table.name.clone(), "op" => c.kind())
+            counter!(metric::CHANGES_APPLIED, "table" => c.table.name.clone(), "op" => c.kind())
                 .increment(1);
             if last_commit != Some(c.position.commit) {
                 transactions += 1;
                 last_commit = Some(c.position.commit);
             }
         }
-        counter!(names::TRANSACTIONS_APPLIED).increment(transactions);
+        counter!(metric::TRANSACTIONS_APPLIED).increment(transactions);
         if !changes.is_empty() {
-            histogram!(names::BATCH_CHANGES).record(changes.len() as f64);
-            histogram!(names::APPLY_DURATION).record(took.as_secs_f64());
+            histogram!(metric::BATCH_CHANGES).record(changes.len() as f64);
+            histogram!(metric::APPLY_DURATION).record(took.as_secs_f64());
         }
-        gauge!(names::CONNECTION_UP, "side" => "target").set(1.0);
+        gauge!(metric::CONNECTION_UP, "side" => "target").set(1.0);
         self.with(|b| {
             b.view.changes_applied += changes.len() as u64;
             for c in changes {
@@ -362,29 +347,23 @@ impl Observer {
             b.view.lag_seconds = Some(seconds);
             seconds
         });
-        gauge!(names::LAG_BYTES).set(lag.bytes as f64);
-        gauge!(names::LAG_SECONDS).set(seconds);
+        gauge!(metric::LAG_BYTES).set(lag.bytes as f64);
+        gauge!(metric::LAG_SECONDS).set(seconds);
         if let Some(r) = lag.slot_retained_bytes {
-            gauge!(names::SLOT_RETAINED_BYTES).set(r as f64);
+            gauge!(metric::SLOT_RETAINED_BYTES).set(r as f64);
         }
-        gauge!(names::CONNECTION_UP, "side" => "source").set(1.0);
+        gauge!(metric::CONNECTION_UP, "side" => "source").set(1.0);
     }
 
     /// The source could not be asked for its position.
     pub fn source_unreachable(&self) {
-        gauge!(names::CONNECTION_UP, "side" => "source").set(0.0);
-    }
-
-    /// An operation failed and is tried again.
-    pub fn retry(operation: &str, e: &Error) {
-        counter!(names::RETRIES, "operation" => operation.to_string()).increment(1);
-        counter!(names::ERRORS, "kind" => kind_name(e)).increment(1);
+        gauge!(metric::CONNECTION_UP, "side" => "source").set(0.0);
     }
 
     /// The run failed.
     pub fn failed(&self, e: &Error) {
-        counter!(names::ERRORS, "kind" => kind_name(e)).increment(1);
-        gauge!(names::CONNECTION_UP, "side" => "target").set(0.0);
+        counter!(metric::ERRORS, "kind" => metric::error_kind(e)).increment(1);
+        gauge!(metric::CONNECTION_UP, "side" => "target").set(0.0);
         self.with(|b| b.view.last_error = Some(e.report()));
         self.set_phase(Phase::Stopped);
     }
@@ -409,30 +388,20 @@ impl Observer {
     }
 }
 
-fn kind_name(e: &Error) -> &'static str {
-    match e.kind() {
-        crate::error::ErrorKind::Config => "config",
-        crate::error::ErrorKind::Connect => "connect",
-        crate::error::ErrorKind::Transient => "transient",
-        crate::error::ErrorKind::Definite => "definite",
-        crate::error::ErrorKind::Interrupted => "interrupted",
-    }
-}
-
 /// The process's Prometheus recorder, installed on first use.
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(
-                metrics_exporter_prometheus::Matcher::Full(names::APPLY_DURATION.into()),
+                metrics_exporter_prometheus::Matcher::Full(metric::APPLY_DURATION.into()),
                 &[
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 ],
             )
             .and_then(|b| {
                 b.set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full(names::BATCH_CHANGES.into()),
+                    metrics_exporter_prometheus::Matcher::Full(metric::BATCH_CHANGES.into()),
                     &[
                         1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0,
                     ],
@@ -523,14 +492,13 @@ fn authorized(state: &HttpState, headers: &axum::http::HeaderMap) -> bool {
         return false;
     };
     // Compared in constant time.
-    let want = token.expose_secret().as_bytes();
-    let given = given.trim().as_bytes();
-    want.len() == given.len()
-        && want
-            .iter()
-            .zip(given)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    use subtle::ConstantTimeEq;
+    bool::from(
+        token
+            .expose_secret()
+            .as_bytes()
+            .ct_eq(given.trim().as_bytes()),
+    )
 }
 
 fn unauthorized() -> Reply {
@@ -581,241 +549,8 @@ async fn metrics_text(
     )
 }
 
+/// How often a flip between catching up and streaming is logged at most.
+pub const FLIP_LOG_EVERY: Duration = Duration::from_secs(30);
+
 /// How often the pipeline asks the source for its position while streaming.
 pub const LAG_INTERVAL: Duration = Duration::from_secs(2);
-
-/// What `switchyard status` prints: read from the target and the source
-/// directly, whether or not the daemon runs; and the daemon's own view when
-/// its HTTP endpoint answers.
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    /// `not_started`, `copying`, `caught_up` or `behind`.
-    pub state: String,
-    pub source: String,
-    pub target: String,
-    pub checkpoint: Option<String>,
-    pub checkpoint_updated_at: Option<String>,
-    pub source_position: Option<String>,
-    pub lag_bytes: Option<u64>,
-    pub lag_seconds: Option<f64>,
-    pub slot_retained_bytes: Option<u64>,
-    pub slot_warning: Option<String>,
-    pub tables: BTreeMap<String, TableStatusLine>,
-    /// The running daemon's `/status`, when `http.address` is set and answers.
-    pub daemon: Option<StatusView>,
-    /// Why parts of the picture are missing.
-    pub notes: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TableStatusLine {
-    pub state: String,
-    pub rows: u64,
-    pub snapshot_position: String,
-}
-
-/// Gathers [`Status`] for `config`. The daemon's endpoint is asked first:
-/// an embedded target is locked by a running daemon and cannot be opened
-/// beside it.
-pub async fn status(config: &crate::config::Config) -> Result<Status> {
-    use crate::config::redact_url;
-    let mut out = Status {
-        state: "not_started".into(),
-        source: redact_url(&config.source.url),
-        target: redact_url(&config.target.url),
-        checkpoint: None,
-        checkpoint_updated_at: None,
-        source_position: None,
-        lag_bytes: None,
-        lag_seconds: None,
-        slot_retained_bytes: None,
-        slot_warning: None,
-        tables: BTreeMap::new(),
-        daemon: None,
-        notes: Vec::new(),
-    };
-    if let Some(address) = &config.http.address {
-        match fetch_status(address, config.http.token.as_ref()).await {
-            Ok(view) => out.daemon = Some(view),
-            Err(e) => out.notes.push(format!(
-                "the daemon's endpoint {address} did not answer: {e}"
-            )),
-        }
-    }
-    let sink = match crate::sink::open(config).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            out.notes.push(format!(
-                "cannot open the target ({}); a running daemon holds an embedded target",
-                e.report()
-            ));
-            None
-        }
-    };
-    let state = match &sink {
-        Some(s) => match s.state().await {
-            Ok(st) => Some(st),
-            Err(e) if e.report().contains("does not exist") => Some(Default::default()),
-            Err(e) => return Err(e.context("reading the target's checkpoint")),
-        },
-        None => None,
-    };
-    drop(sink);
-    let Some(state) = state else {
-        if let Some(d) = &out.daemon {
-            out.state = d.phase.as_str().into();
-        }
-        return Ok(out);
-    };
-    for (name, t) in &state.tables {
-        out.tables.insert(
-            name.clone(),
-            TableStatusLine {
-                state: match t.status {
-                    crate::sink::TableStatus::Done => "copied".into(),
-                    crate::sink::TableStatus::Copying => "copying".into(),
-                },
-                rows: t.rows,
-                snapshot_position: t.position.to_string(),
-            },
-        );
-    }
-    out.checkpoint = state.checkpoint.map(|p| p.to_string());
-    out.checkpoint_updated_at = state.checkpoint_updated_at.clone();
-    let Some(checkpoint) = state.checkpoint else {
-        return Ok(out);
-    };
-    let source = crate::source::open(config).await?;
-    let lag = source.lag(checkpoint).await?;
-    let behind = lag.bytes > 0;
-    let updated = state
-        .checkpoint_updated_at
-        .as_deref()
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
-    out.lag_seconds = Some(match (behind, updated) {
-        (false, _) => 0.0,
-        (true, Some(t)) => {
-            (Utc::now() - t.with_timezone(&Utc))
-                .num_milliseconds()
-                .max(0) as f64
-                / 1000.0
-        }
-        (true, None) => f64::NAN,
-    })
-    .filter(|s| !s.is_nan());
-    out.source_position = Some(lag.head);
-    out.lag_bytes = Some(lag.bytes);
-    out.slot_retained_bytes = lag.slot_retained_bytes;
-    out.slot_warning = lag.slot_warning.clone();
-    out.state = if state
-        .tables
-        .values()
-        .any(|t| t.status == crate::sink::TableStatus::Copying)
-    {
-        "copying".into()
-    } else if behind {
-        "behind".into()
-    } else {
-        "caught_up".into()
-    };
-    Ok(out)
-}
-
-/// GET /status from the daemon (plain HTTP/1.1 on loopback or the
-/// configured address).
-async fn fetch_status(
-    address: &str,
-    token: Option<&SecretString>,
-) -> std::result::Result<StatusView, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let connect = tokio::net::TcpStream::connect(address);
-    let mut conn = tokio::time::timeout(Duration::from_secs(2), connect)
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {}\r\n", t.expose_secret()))
-        .unwrap_or_default();
-    let request =
-        format!("GET /status HTTP/1.1\r\nHost: {address}\r\n{auth}Connection: close\r\n\r\n");
-    conn.write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut body = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut body))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&body);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("not an HTTP answer")?;
-    let code = head.split_whitespace().nth(1).unwrap_or("");
-    if code != "200" {
-        return Err(format!("HTTP {code}"));
-    }
-    serde_json::from_str(body).map_err(|e| format!("unreadable /status: {e}"))
-}
-
-impl Status {
-    /// The text `switchyard status` prints.
-    pub fn render(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-        let _ = writeln!(s, "state              {}", self.state);
-        let _ = writeln!(s, "source             {}", self.source);
-        let _ = writeln!(s, "target             {}", self.target);
-        let _ = writeln!(
-            s,
-            "checkpoint         {} (moved {})",
-            opt(&self.checkpoint),
-            opt(&self.checkpoint_updated_at)
-        );
-        let _ = writeln!(s, "source position    {}", opt(&self.source_position));
-        let _ = writeln!(
-            s,
-            "lag                {} bytes/rows, {} s",
-            self.lag_bytes.map_or("-".into(), |b| b.to_string()),
-            self.lag_seconds.map_or("-".into(), |x| format!("{x:.1}"))
-        );
-        if let Some(r) = self.slot_retained_bytes {
-            let _ = writeln!(
-                s,
-                "slot retains       {:.1} MiB of WAL",
-                r as f64 / (1 << 20) as f64
-            );
-        }
-        if let Some(w) = &self.slot_warning {
-            let _ = writeln!(s, "warning            {w}");
-        }
-        if let Some(d) = &self.daemon {
-            let _ = writeln!(
-                s,
-                "daemon             {} ({} changes applied since start{})",
-                d.phase.as_str(),
-                d.changes_applied,
-                d.last_error
-                    .as_ref()
-                    .map(|e| format!("; last error: {e}"))
-                    .unwrap_or_default()
-            );
-        }
-        if !self.tables.is_empty() {
-            let _ = writeln!(
-                s,
-                "\n{:<32} {:>8} {:>12}  copied at",
-                "table", "state", "rows"
-            );
-            for (name, t) in &self.tables {
-                let _ = writeln!(
-                    s,
-                    "{name:<32} {:>8} {:>12}  {}",
-                    t.state, t.rows, t.snapshot_position
-                );
-            }
-        }
-        for n in &self.notes {
-            let _ = writeln!(s, "note: {n}");
-        }
-        s
-    }
-}

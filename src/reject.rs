@@ -132,8 +132,7 @@ impl Rejects {
         f.write_all(&line).map_err(io)?;
         f.sync_data().map_err(io)?;
         *inner.counts.entry(r.table.clone()).or_default() += 1;
-        metrics::counter!(crate::observe::names::ROWS_REJECTED, "table" => r.table.clone())
-            .increment(1);
+        metrics::counter!(crate::metric::ROWS_REJECTED, "table" => r.table.clone()).increment(1);
         tracing::warn!(
             table = %r.table,
             key = %r.key,

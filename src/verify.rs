@@ -9,11 +9,14 @@
 //! missing, extra or different, with both values.
 //!
 //! Verify runs while replication runs: the source is read in a consistent
-//! snapshot at position P, and the target is read only once its checkpoint
-//! has reached P. Chunks that still differ are compared again (a fresh
-//! snapshot, the target caught up to it) up to three times, and a key is
-//! reported only if it differed every time: lag alone, or a row the source
-//! changed while it was read, is never reported.
+//! snapshot at position P, and the target is read only once it holds
+//! everything up to P: its checkpoint has reached P, or nothing of the table
+//! lies between the checkpoint and P in the source's change stream (read
+//! without consuming it: verify answers at once with no daemon running).
+//! Chunks that still differ are compared again (a fresh snapshot, the target
+//! caught up to it) up to three times, and a key is reported only if it
+//! differed every time: lag alone, or a row the source changed while it was
+//! read, is never reported.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,9 +28,10 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::error::{Error, Result};
-use crate::model::{Position, TableSchema};
-use crate::sink::Sink;
-use crate::source::Source;
+use crate::model::TableSchema;
+use crate::position::Position;
+use crate::sink::{Cursor, Record, Sink};
+use crate::source::{Pending, Source};
 
 /// How a target record differs from the source.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -81,14 +85,21 @@ pub const MAX_LISTED: usize = 100;
 pub struct Options {
     /// Only these source tables (all replicated ones when empty).
     pub tables: Vec<String>,
-    /// How long to wait for the target to reach the source's position.
-    pub wait: Duration,
+    /// How long to wait for the target to reach the source's position:
+    /// given, also for changes nothing seems to apply; else
+    /// [`DEFAULT_WAIT`] while a daemon applies them, and not at all when
+    /// nothing does.
+    pub wait: Option<Duration>,
     /// Rows per read from either side.
     pub batch_rows: usize,
 }
 
-/// One record: its key and its canonical encoding.
-pub type Record = (String, String);
+/// How long verify waits for a running daemon to apply what is pending.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+
+/// How long verify watches for a daemon applying changes whose reader the
+/// source cannot name (SQLite's change log) before it says nothing does.
+const GRACE: Duration = Duration::from_secs(5);
 
 fn digest(record: &Record) -> (u64, u128) {
     let mut h = Sha256::new();
@@ -171,18 +182,51 @@ async fn read_target(
     }
 }
 
-/// Waits until the target's checkpoint has reached `position`; false if it
-/// did not within `wait`.
-async fn wait_for_target(sink: &Arc<dyn Sink>, position: Position, wait: Duration) -> Result<bool> {
-    let deadline = Instant::now() + wait;
+/// Waits until the target holds everything of `table` up to `position`:
+/// its checkpoint has reached it, or the changes in between are none of the
+/// table's. False if that did not happen within the wait; an error when
+/// changes wait that nothing applies (no daemon runs) and no wait was given.
+async fn wait_for_target(
+    source: &Arc<dyn Source>,
+    sink: &Arc<dyn Sink>,
+    table: &Arc<TableSchema>,
+    position: Position,
+    wait: Option<Duration>,
+) -> Result<bool> {
+    let started = Instant::now();
+    let deadline = started + wait.unwrap_or(DEFAULT_WAIT);
+    let mut first_seen: Option<(Instant, Position)> = None;
     loop {
-        if sink
+        let checkpoint = sink
             .state()
             .await?
-            .checkpoint
-            .is_some_and(|c| c >= position)
-        {
+            .and_then(|s| s.checkpoint)
+            .ok_or_else(never_replicated)?;
+        if checkpoint >= position {
             return Ok(true);
+        }
+        let unread = match source
+            .pending(std::slice::from_ref(table), checkpoint, position)
+            .await?
+        {
+            Pending::Waiting(0) => return Ok(true),
+            Pending::Waiting(n) => Some((n, true)),
+            Pending::Unknown(n) => Some((n, false)),
+            Pending::BeingRead => None,
+        };
+        if let Some((n, certain)) = unread {
+            // Nothing applies them: at once where the source knows that,
+            // else once the checkpoint stood still for a moment.
+            let (since, at) = *first_seen.get_or_insert((Instant::now(), checkpoint));
+            if at != checkpoint {
+                first_seen = Some((Instant::now(), checkpoint));
+            } else if wait.is_none() && (certain || since.elapsed() >= GRACE) {
+                return Err(Error::definite(format!(
+                    "{n} change(s) of table {:?} wait in the source's change stream after the target's checkpoint {checkpoint}, \
+                     and no switchyard applies them; start `switchyard run`, or pass --wait SECONDS",
+                    table.name
+                )));
+            }
         }
         if Instant::now() >= deadline {
             return Ok(false);
@@ -191,12 +235,20 @@ async fn wait_for_target(sink: &Arc<dyn Sink>, position: Position, wait: Duratio
     }
 }
 
+fn never_replicated() -> Error {
+    Error::config(
+        "the target holds no replication state: switchyard never replicated into it \
+         (run `switchyard snapshot` or `switchyard run` first, or check target.url, namespace and database)",
+    )
+}
+
 /// Compares every selected table.
 pub async fn verify(
     source: Arc<dyn Source>,
     sink: Arc<dyn Sink>,
     options: &Options,
 ) -> Result<Verdict> {
+    sink.state().await?.ok_or_else(never_replicated)?;
     let discovered = source.discover().await?;
     let mut tables: Vec<Arc<TableSchema>> = discovered.tables.into_iter().map(Arc::new).collect();
     if !options.tables.is_empty() {
@@ -234,10 +286,10 @@ async fn verify_table(
     })
     .await?;
     let mut note = None;
-    if !wait_for_target(sink, at, options.wait).await? {
+    if !wait_for_target(source, sink, table, at, options.wait).await? {
         note = Some(format!(
             "the target had not applied the source's position {at} after {} s (is replication running?): differences may be lag",
-            options.wait.as_secs()
+            options.wait.unwrap_or(DEFAULT_WAIT).as_secs()
         ));
     }
     let mut tgt = vec![Chunk::default(); n];
@@ -266,11 +318,11 @@ async fn verify_table(
             }
         })
         .await?;
-        let caught_up = wait_for_target(sink, at, options.wait).await?;
+        let caught_up = wait_for_target(source, sink, table, at, options.wait).await?;
         if !caught_up && note.is_none() {
             note = Some(format!(
                 "the target had not applied the source's position {at} after {} s",
-                options.wait.as_secs()
+                options.wait.unwrap_or(DEFAULT_WAIT).as_secs()
             ));
         }
         let mut t_rows: HashMap<String, Vec<String>> = HashMap::new();
@@ -353,93 +405,6 @@ fn diff(
     }
     out
 }
-
-impl Verdict {
-    /// The text `switchyard verify` prints.
-    pub fn render(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "{:<32} {:>10} {:>10} {:>8} {:>10}  verdict",
-            "table", "source", "target", "chunks", "differing"
-        );
-        for t in &self.tables {
-            let _ = writeln!(
-                s,
-                "{:<32} {:>10} {:>10} {:>8} {:>10}  {}",
-                t.table,
-                t.source_rows,
-                t.target_rows,
-                t.chunks,
-                t.differing_chunks,
-                if t.identical {
-                    "identical".to_string()
-                } else {
-                    format!("{} differences", t.differences_found)
-                }
-            );
-            if let Some(n) = &t.note {
-                let _ = writeln!(s, "  note: {n}");
-            }
-            for d in &t.differences {
-                let what = match d.kind {
-                    DifferenceKind::Missing => "missing in the target",
-                    DifferenceKind::Extra => "extra in the target",
-                    DifferenceKind::Different => "different",
-                };
-                let _ = writeln!(s, "  {what}: {}", d.key);
-                if let Some(v) = &d.source {
-                    let _ = writeln!(s, "    source: {}", cut(v));
-                }
-                if let Some(v) = &d.target {
-                    let _ = writeln!(s, "    target: {}", cut(v));
-                }
-            }
-            if t.differences_found > t.differences.len() {
-                let _ = writeln!(
-                    s,
-                    "  … and {} more",
-                    t.differences_found - t.differences.len()
-                );
-            }
-        }
-        let _ = writeln!(
-            s,
-            "{}",
-            if self.identical {
-                "identical"
-            } else {
-                "DIFFERENT"
-            }
-        );
-        s
-    }
-}
-
-fn cut(s: &str) -> String {
-    if s.chars().count() > 300 {
-        format!(
-            "{}… ({} bytes)",
-            s.chars().take(300).collect::<String>(),
-            s.len()
-        )
-    } else {
-        s.to_string()
-    }
-}
-
-/// A page of target records (see [`Sink::records`]).
-pub struct Page {
-    pub records: Vec<Record>,
-    /// Stored records read (a record counting several identical rows is one).
-    pub stored: usize,
-    /// Where the next page starts (the sink's own key of the last record).
-    pub next: Option<Cursor>,
-}
-
-/// A sink's position in a table's key order, opaque to verify.
-pub struct Cursor(pub Box<dyn std::any::Any + Send + Sync>);
 
 #[cfg(test)]
 mod tests {

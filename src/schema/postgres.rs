@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Datelike, Utc};
 
-use crate::model::{Column, LogicalType, Value};
+use crate::model::{Column, LogicalType, TableSchema, Value};
+use crate::pg::quote_ident;
 
 /// PostgreSQL's built-in types that a PostgreSQL source's declared type may
 /// name; such a column keeps its type exactly in a PostgreSQL target.
@@ -268,6 +269,74 @@ pub fn copy_field(out: &mut String, text: Option<&str>) {
             }
         }
     }
+}
+
+/// The primary key of a table switchyard creates, built after its load.
+pub fn primary_key_ddl(table: &TableSchema) -> String {
+    let keys: Vec<String> = table
+        .key
+        .iter()
+        .map(|&i| quote_ident(&table.columns[i].name))
+        .collect();
+    format!(
+        "ALTER TABLE {} ADD PRIMARY KEY ({})",
+        quote_ident(&table.target_name),
+        keys.join(", ")
+    )
+}
+
+/// The statements that build the source's secondary indexes and foreign keys
+/// on the target tables, in order (indexes first), each with the name it
+/// creates; a foreign key to a table that is not replicated is skipped.
+pub fn secondary_ddl(
+    tables: &[std::sync::Arc<TableSchema>],
+) -> Vec<std::result::Result<(String, String), String>> {
+    use crate::model::Secondary;
+    let target_of = |source: &str| {
+        tables
+            .iter()
+            .find(|t| t.name == source)
+            .map(|t| t.target_name.clone())
+    };
+    let mut indexes = Vec::new();
+    let mut fks = Vec::new();
+    for t in tables {
+        for s in &t.secondary {
+            match s {
+                Secondary::Index { name, unique, using } => indexes.push(Ok((
+                    name.clone(),
+                    format!(
+                        "CREATE {}INDEX IF NOT EXISTS {} ON {} {using}",
+                        if *unique { "UNIQUE " } else { "" },
+                        quote_ident(name),
+                        quote_ident(&t.target_name)
+                    ),
+                ))),
+                Secondary::ForeignKey { name, columns, references, ref_columns, actions } => match target_of(references) {
+                    Some(target) => {
+                        let q = |v: &[String]| v.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+                        fks.push(Ok((
+                            name.clone(),
+                            format!(
+                                "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) {actions}",
+                                quote_ident(&t.target_name),
+                                quote_ident(name),
+                                q(columns),
+                                quote_ident(&target),
+                                q(ref_columns)
+                            ),
+                        )))
+                    }
+                    None => fks.push(Err(format!(
+                        "table {:?}: foreign key {name:?} references {references:?}, which is not replicated; it is not built in the target",
+                        t.name
+                    ))),
+                },
+            }
+        }
+    }
+    indexes.extend(fks);
+    indexes
 }
 
 #[cfg(test)]

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
-use super::{Durable, Sink, SinkState, TableState, TableStatus};
+use super::{Sink, SinkState, TableState, TableStatus};
 use crate::error::Result;
-use crate::model::{Change, Position, Row, TableSchema};
+use crate::model::{Change, Row, TableSchema};
+use crate::position::{Durable, Position};
 
 #[derive(Default)]
 pub struct DiscardSink {
@@ -24,8 +25,8 @@ impl Sink for DiscardSink {
         Ok(())
     }
 
-    async fn state(&self) -> Result<SinkState> {
-        Ok(self.state.lock().await.clone())
+    async fn state(&self) -> Result<Option<SinkState>> {
+        Ok(Some(self.state.lock().await.clone()))
     }
 
     async fn start(&self, position: Position, origin: &str) -> Result<()> {

@@ -15,25 +15,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::{Config, TargetKind};
-#[allow(unused_imports)]
 use crate::error::{Error, Result};
-use crate::model::{Change, Position, Row, TableSchema};
-
-/// A position the target has committed. Only a sink creates one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Durable(Position);
-
-impl Durable {
-    /// For sink implementations: call only after the commit succeeded.
-    pub(crate) fn committed(position: Position) -> Self {
-        Durable(position)
-    }
-
-    pub fn position(&self) -> Position {
-        self.0
-    }
-}
+use crate::model::{Change, Row, TableSchema};
+use crate::position::{Durable, Position};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,10 +53,13 @@ pub struct SinkState {
 
 #[async_trait]
 pub trait Sink: Send + Sync {
-    /// Creates what is missing of the target schema and the state records.
+    /// Creates what is missing of the target schema and the state records
+    /// (the first write a run makes; opening a sink writes nothing).
     async fn prepare(&self, tables: &[Arc<TableSchema>]) -> Result<()>;
 
-    async fn state(&self) -> Result<SinkState>;
+    /// What the target remembers; `None` for a target switchyard never
+    /// replicated into (no state records: nothing is created to read them).
+    async fn state(&self) -> Result<Option<SinkState>>;
 
     /// Records the position the first snapshot starts from (no checkpoint yet)
     /// and the source capture installation it belongs to.
@@ -124,11 +111,7 @@ pub trait Sink: Send + Sync {
 
     /// Verify: the records source rows become in this target, each as its
     /// key and a canonical encoding (one per row, also for identical rows).
-    async fn expected_records(
-        &self,
-        table: &TableSchema,
-        rows: &[Row],
-    ) -> Result<Vec<crate::verify::Record>> {
+    async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<Record>> {
         let _ = (table, rows);
         Err(Error::config("this target cannot be verified"))
     }
@@ -139,26 +122,25 @@ pub trait Sink: Send + Sync {
     async fn records(
         &self,
         table: &TableSchema,
-        after: Option<&crate::verify::Cursor>,
+        after: Option<&Cursor>,
         limit: usize,
-    ) -> Result<crate::verify::Page> {
+    ) -> Result<Page> {
         let _ = (table, after, limit);
         Err(Error::config("this target cannot be verified"))
     }
 }
 
-pub async fn open(config: &Config) -> Result<Box<dyn Sink>> {
-    match config.target_kind()? {
-        #[cfg(feature = "surrealdb")]
-        TargetKind::Surreal { endpoint, remote } => Ok(Box::new(
-            surreal::SurrealSink::connect(&endpoint, remote, config).await?,
-        )),
-        #[cfg(not(feature = "surrealdb"))]
-        TargetKind::Surreal { .. } => Err(Error::config(
-            "target.url: this switchyard was built without the surrealdb feature",
-        )),
-        TargetKind::Postgres { url } => {
-            Ok(Box::new(postgres::PgSink::connect(&url, config).await?))
-        }
-    }
+/// One record as verify compares it: its key and its canonical encoding.
+pub type Record = (String, String);
+
+/// A page of target records (see [`Sink::records`]).
+pub struct Page {
+    pub records: Vec<Record>,
+    /// Stored records read (a record counting several identical rows is one).
+    pub stored: usize,
+    /// Where the next page starts (the sink's own key of the last record).
+    pub next: Option<Cursor>,
 }
+
+/// A sink's position in a table's key order, opaque to verify.
+pub struct Cursor(pub Box<dyn std::any::Any + Send + Sync>);

@@ -16,10 +16,12 @@ use surrealdb::types::{
 use surrealdb::Surreal;
 use tracing::info;
 
-use super::{Durable, Sink, SinkState, TableState, TableStatus};
-use crate::config::{redact_url, Config};
+use super::{Cursor, Page, Record, Sink, SinkState, TableState, TableStatus};
+use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{Change, Op, Position, Row, TableSchema, Value};
+use crate::model::{Change, Op, Row, TableSchema, Value};
+use crate::position::{Durable, Position};
+use crate::redact::redact_url;
 use crate::schema::surreal::{field_name, field_type, COPIES_FIELD};
 
 const CHECKPOINT_TABLE: &str = "_switchyard_checkpoint";
@@ -33,6 +35,8 @@ pub struct SurrealSink {
     uncertain: std::sync::atomic::AtomicBool,
     schemafull: bool,
     endpoint: String,
+    namespace: String,
+    database: String,
 }
 
 /// Quotes a SurrealQL identifier with backticks.
@@ -262,7 +266,7 @@ fn fields(table: &TableSchema, row: &Row, merge: bool) -> Result<Object> {
 }
 
 impl SurrealSink {
-    fn encode(&self, table: &TableSchema, row: &Row) -> Result<crate::verify::Record> {
+    fn encode(&self, table: &TableSchema, row: &Row) -> Result<Record> {
         use surrealdb::types::ToSql;
         let id = record_id(table, &table.key_of(row))?;
         let mut obj = content(table, row)?;
@@ -338,35 +342,67 @@ fn json_u64(v: &serde_json::Value, record: &str, key: &str) -> Result<u64> {
 }
 
 impl SurrealSink {
+    /// Connects and signs in; writes nothing (the namespace and database
+    /// are defined by the first `prepare`).
     pub async fn connect(endpoint: &str, remote: bool, config: &Config) -> Result<Self> {
         let shown = redact_url(endpoint);
         let db = signed_in(endpoint, remote, config).await?;
-        let ns = config.target.namespace.clone().unwrap_or_default();
-        let dbn = config.target.database.clone().unwrap_or_default();
-        db.query(format!(
-            "DEFINE NAMESPACE IF NOT EXISTS {ns}; USE NS {ns}; DEFINE DATABASE IF NOT EXISTS {dbn};",
-            ns = ident(&ns),
-            dbn = ident(&dbn)
-        ))
-        .await
-        .and_then(|r| r.check())
-        .map_err(|e| surreal_error(format!("defining namespace {ns:?} and database {dbn:?} on {shown}"), e))?;
-        db.use_ns(ns.clone())
-            .use_db(dbn.clone())
-            .await
-            .map_err(|e| {
-                surreal_error(
-                    format!("using namespace {ns:?}, database {dbn:?} on {shown}"),
+        let namespace = config.target.namespace.clone().unwrap_or_default();
+        let database = config.target.database.clone().unwrap_or_default();
+        if let Err(e) = db.use_ns(namespace.clone()).use_db(database.clone()).await {
+            // Not defined yet: `prepare` defines them, `state` says so.
+            if !e.message().contains("does not exist") {
+                return Err(surreal_error(
+                    format!("using namespace {namespace:?}, database {database:?} on {shown}"),
                     e,
-                )
-            })?;
-        info!(endpoint = %shown, namespace = %ns, database = %dbn, "connected to SurrealDB");
+                ));
+            }
+        }
+        info!(endpoint = %shown, namespace = %namespace, database = %database, "connected to SurrealDB");
         Ok(Self {
             db,
             uncertain: Default::default(),
             schemafull: config.target.schemafull,
             endpoint: shown,
+            namespace,
+            database,
         })
+    }
+
+    /// Defines the namespace and the database where they are missing.
+    async fn define_namespace(&self) -> Result<()> {
+        let (ns, dbn) = (&self.namespace, &self.database);
+        self.db
+            .query(format!(
+                "DEFINE NAMESPACE IF NOT EXISTS {ns}; USE NS {ns}; DEFINE DATABASE IF NOT EXISTS {dbn};",
+                ns = ident(ns),
+                dbn = ident(dbn)
+            ))
+            .await
+            .and_then(|r| r.check())
+            .map_err(|e| {
+                surreal_error(
+                    format!(
+                        "defining namespace {ns:?} and database {dbn:?} on {}",
+                        self.endpoint
+                    ),
+                    e,
+                )
+            })?;
+        self.db
+            .use_ns(ns.clone())
+            .use_db(dbn.clone())
+            .await
+            .map_err(|e| {
+                surreal_error(
+                    format!(
+                        "using namespace {ns:?}, database {dbn:?} on {}",
+                        self.endpoint
+                    ),
+                    e,
+                )
+            })?;
+        Ok(())
     }
 
     /// Snapshot rows of a table identified by its whole row: identical rows
@@ -450,6 +486,7 @@ impl SurrealSink {
 #[async_trait]
 impl Sink for SurrealSink {
     async fn prepare(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
+        self.define_namespace().await?;
         let mut sql = format!(
             "DEFINE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {TABLE_STATE} SCHEMALESS;\n"
         );
@@ -484,8 +521,8 @@ impl Sink for SurrealSink {
         Ok(())
     }
 
-    async fn state(&self) -> Result<SinkState> {
-        let mut resp = self
+    async fn state(&self) -> Result<Option<SinkState>> {
+        let read = self
             .run(
                 "reading the checkpoint",
                 format!(
@@ -493,7 +530,13 @@ impl Sink for SurrealSink {
                 ),
                 Variables::new(),
             )
-            .await?;
+            .await;
+        let mut resp = match read {
+            Ok(r) => r,
+            // No namespace, database or state table: never replicated into.
+            Err(e) if e.report().contains("does not exist") => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let cp: Vec<serde_json::Value> = resp
             .take(0)
             .map_err(|e| surreal_error("reading the checkpoint", e))?;
@@ -539,7 +582,7 @@ impl Sink for SurrealSink {
                 },
             );
         }
-        Ok(state)
+        Ok(Some(state))
     }
 
     async fn start(&self, position: Position, origin: &str) -> Result<()> {
@@ -628,20 +671,16 @@ impl Sink for SurrealSink {
         Ok(())
     }
 
-    async fn expected_records(
-        &self,
-        table: &TableSchema,
-        rows: &[Row],
-    ) -> Result<Vec<crate::verify::Record>> {
+    async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<Record>> {
         rows.iter().map(|r| self.encode(table, r)).collect()
     }
 
     async fn records(
         &self,
         table: &TableSchema,
-        after: Option<&crate::verify::Cursor>,
+        after: Option<&Cursor>,
         limit: usize,
-    ) -> Result<crate::verify::Page> {
+    ) -> Result<Page> {
         use surrealdb::types::ToSql;
         let mut vars = Variables::new();
         vars.insert("l", limit as i64);
@@ -665,7 +704,7 @@ impl Sink for SurrealSink {
         {
             Ok(r) => r,
             Err(e) if e.report().contains("does not exist") => {
-                return Ok(crate::verify::Page {
+                return Ok(Page {
                     records: Vec::new(),
                     stored: 0,
                     next: None,
@@ -676,7 +715,7 @@ impl Sink for SurrealSink {
         let rows: Vec<SValue> = resp
             .take(0)
             .map_err(|e| surreal_error(format!("reading table {:?}", table.target_name), e))?;
-        let mut page = crate::verify::Page {
+        let mut page = Page {
             records: Vec::with_capacity(rows.len()),
             stored: rows.len(),
             next: None,
@@ -684,7 +723,7 @@ impl Sink for SurrealSink {
         for r in rows {
             let SValue::Object(mut obj) = r else { continue };
             if let Some(SValue::RecordId(id)) = obj.get("id") {
-                page.next = Some(crate::verify::Cursor(Box::new(id.clone())));
+                page.next = Some(Cursor(Box::new(id.clone())));
             }
             let key = obj.get("id").map(|id| id.to_sql()).unwrap_or_default();
             let copies = if table.whole_row {
@@ -706,7 +745,7 @@ impl Sink for SurrealSink {
     async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable> {
         use std::sync::atomic::Ordering;
         if self.uncertain.load(Ordering::SeqCst) {
-            let now = self.state().await?.checkpoint;
+            let now = self.state().await?.and_then(|s| s.checkpoint);
             self.uncertain.store(false, Ordering::SeqCst);
             if now == Some(checkpoint) && !changes.is_empty() {
                 info!(checkpoint = %checkpoint, "the batch was committed before the connection was lost; not applying it again");
@@ -791,11 +830,6 @@ impl Sink for SurrealSink {
         }
         Ok(Durable::committed(checkpoint))
     }
-}
-
-/// Connects and signs in without defining or writing anything (for `check`).
-pub async fn probe(endpoint: &str, config: &Config) -> Result<()> {
-    signed_in(endpoint, true, config).await.map(|_| ())
 }
 
 /// A connection to `endpoint`, signed in as the configured root user where

@@ -15,10 +15,17 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SourceKind};
 use crate::error::Result;
-use crate::model::{Change, Position, Row, TableSchema};
-use crate::sink::Durable;
+use crate::model::{Change, Row, TableSchema};
+use crate::position::{Durable, Position, PositionKind};
+
+/// How a command opens the source: a read-only command (`check`, `status`,
+/// `verify`) changes nothing in it, not even a SQLite journal mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
 
 /// Something `check` reports about a table or column.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -88,6 +95,20 @@ pub struct SourceLag {
     /// PostgreSQL: set when that passes `source.slot_warn_mb`.
     #[serde(default)]
     pub slot_warning: Option<String>,
+}
+
+/// Changes of the replicated tables between two positions that the target
+/// has not applied (see [`Source::pending`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// This many changes wait, and nothing reads them now.
+    Waiting(u64),
+    /// This many changes wait; whether a running daemon reads them the
+    /// source cannot tell (SQLite's change log).
+    Unknown(u64),
+    /// A consumer (a running daemon) reads the change stream now; how many
+    /// wait is not known without disturbing it.
+    BeingRead,
 }
 
 /// What `install` found and did.
@@ -166,13 +187,21 @@ pub trait Source: Send + Sync {
 
     /// How far the source is ahead of `applied`. Reads only.
     async fn lag(&self, applied: Position) -> Result<SourceLag>;
-}
 
-pub async fn open(config: &Config) -> Result<Box<dyn Source>> {
-    match config.source_kind()? {
-        SourceKind::Sqlite { path } => {
-            Ok(Box::new(sqlite::SqliteSource::open(&path, config).await?))
-        }
-        SourceKind::Postgres { url } => Ok(Box::new(postgres::PgSource::open(&url, config).await?)),
-    }
+    /// How this source's positions are shown to users.
+    fn position_kind(&self) -> PositionKind;
+
+    /// The changes of `tables` after `after` and at or before `upto` that
+    /// wait in the change stream, read without consuming them (for verify
+    /// with no daemon running). Reads only.
+    async fn pending(
+        &self,
+        tables: &[Arc<TableSchema>],
+        after: Position,
+        upto: Position,
+    ) -> Result<Pending>;
+
+    /// Whether change capture is installed in the source (a read-only
+    /// command says "not installed" instead of failing on what is missing).
+    async fn capture_installed(&self) -> Result<bool>;
 }

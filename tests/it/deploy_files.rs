@@ -14,7 +14,7 @@ use yaml_rust2::{Yaml, YamlLoader};
 /// The metrics the daemon exports, histograms by their base name (without
 /// `_bucket`, `_sum`, `_count`) (the scrape test in `observe.rs` checks
 /// that a running daemon serves them).
-pub const EXPORTED: [&str; 15] = switchyard::observe::names::ALL;
+pub const EXPORTED: [&str; 15] = switchyard::metric::ALL;
 
 /// The port of the HTTP endpoints in every deployment file.
 const HTTP_PORT: i64 = 9650;

@@ -5,6 +5,7 @@ mod support;
 
 mod config_examples;
 mod deploy_files;
+mod layout;
 mod observe;
 mod pg_crash;
 mod pg_surreal;

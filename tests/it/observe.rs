@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchyard::model::{Change, Position, Row, TableSchema};
-use switchyard::observe::{self, names};
+use switchyard::metric as names;
+use switchyard::model::{Change, Row, TableSchema};
+use switchyard::observe;
 use switchyard::pipeline::{Mode, Pipeline};
+use switchyard::position::{Durable, Position};
 use switchyard::sink::surreal::SurrealSink;
-use switchyard::sink::{Durable, Sink, SinkState};
+use switchyard::sink::{Sink, SinkState};
 use switchyard::source::postgres::PgSource;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +31,7 @@ impl Sink for GatedSink {
     async fn prepare(&self, tables: &[Arc<TableSchema>]) -> switchyard::Result<()> {
         self.inner.prepare(tables).await
     }
-    async fn state(&self) -> switchyard::Result<SinkState> {
+    async fn state(&self) -> switchyard::Result<Option<SinkState>> {
         self.inner.state().await
     }
     async fn start(&self, position: Position, origin: &str) -> switchyard::Result<()> {
@@ -138,6 +140,7 @@ async fn serve(db: &PgDb, extra_source: &str) -> Served {
             inner: sink.clone(),
             open,
         }),
+        Default::default(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();

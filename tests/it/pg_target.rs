@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard::config::Config;
-use switchyard::pipeline::{Mode, Pipeline};
+use switchyard::pipeline::Mode;
 use tokio_util::sync::CancellationToken;
 
 use crate::pg_surreal::{PgDb, LIVE_CHANGES, SCHEMA};
@@ -96,7 +96,7 @@ struct Running {
 }
 
 async fn run(config: Arc<Config>) -> Running {
-    let pipeline = Pipeline::open(config).await.unwrap();
+    let pipeline = switchyard::connect::pipeline(&config).await.unwrap();
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     Running {
@@ -367,17 +367,24 @@ async fn verify_on_a_postgres_target_finds_each_difference_by_key() {
             .await
             .unwrap(),
     );
-    let sink: Arc<dyn switchyard::sink::Sink> =
-        Arc::from(switchyard::sink::open(&config).await.unwrap());
+    let sink: Arc<dyn switchyard::sink::Sink> = Arc::from(
+        switchyard::connect::sink(&config, Default::default())
+            .await
+            .unwrap(),
+    );
     let options = switchyard::verify::Options {
         tables: Vec::new(),
-        wait: Duration::from_secs(30),
+        wait: Some(Duration::from_secs(30)),
         batch_rows: 500,
     };
     let verdict = switchyard::verify::verify(src.clone(), sink.clone(), &options)
         .await
         .unwrap();
-    assert!(verdict.identical, "{}", verdict.render());
+    assert!(
+        verdict.identical,
+        "{}",
+        switchyard::commands::verify::render(&verdict)
+    );
     assert_eq!(
         verdict.tables.iter().map(|t| t.target_rows).sum::<u64>(),
         1203
@@ -408,7 +415,7 @@ async fn verify_on_a_postgres_target_finds_each_difference_by_key() {
             ("log".into(), Different, "(same,1)".into()),
         ],
         "{}",
-        verdict.render()
+        switchyard::commands::verify::render(&verdict)
     );
     r.stop().await;
 }
@@ -476,11 +483,12 @@ async fn m4_own_migrations_are_checked_and_a_violation_stops_without_advancing()
 
     // A row the stricter target refuses stops the daemon with its key, and
     // the checkpoint stays before it.
-    let before = switchyard::sink::open(&config)
+    let before = switchyard::connect::sink(&config, Default::default())
         .await
         .unwrap()
         .state()
         .await
+        .unwrap()
         .unwrap()
         .checkpoint;
     sqlx::raw_sql("INSERT INTO product VALUES (3, 'bad', -1, NULL)")
@@ -498,11 +506,12 @@ async fn m4_own_migrations_are_checked_and_a_violation_stops_without_advancing()
         "{err}"
     );
     assert_eq!(
-        switchyard::sink::open(&config)
+        switchyard::connect::sink(&config, Default::default())
             .await
             .unwrap()
             .state()
             .await
+            .unwrap()
             .unwrap()
             .checkpoint,
         before
@@ -678,7 +687,7 @@ async fn indexes_and_foreign_keys_are_built_after_the_load() {
     );
     assert!(out.contains("after the load") && i < f, "{out}");
 
-    let report = Pipeline::open(config.clone())
+    let report = switchyard::connect::pipeline(&config.clone())
         .await
         .unwrap()
         .run(Mode::SnapshotOnly, CancellationToken::new())
@@ -718,7 +727,7 @@ async fn indexes_and_foreign_keys_are_built_after_the_load() {
         "FOREIGN KEY (parent_id) REFERENCES parent(id) ON DELETE CASCADE"
     );
     // A second run finds them built and changes nothing.
-    Pipeline::open(config)
+    switchyard::connect::pipeline(&config)
         .await
         .unwrap()
         .run(Mode::SnapshotOnly, CancellationToken::new())
@@ -738,7 +747,7 @@ async fn identities_and_portable_defaults_are_kept() {
     .await;
     let target = PgDb::new("").await;
     let config = target_config(&source.config_text("mem://", ""), &target);
-    Pipeline::open(config)
+    switchyard::connect::pipeline(&config)
         .await
         .unwrap()
         .run(Mode::SnapshotOnly, CancellationToken::new())
@@ -791,7 +800,7 @@ async fn m6_values_that_do_not_fit_stop_the_load_naming_table_key_column_and_val
     let target = PgDb::new("").await;
     let config = target_config(&s.config_text("mem://", ""), &target);
     let snapshot = |config: Arc<Config>| async move {
-        Pipeline::open(config)
+        switchyard::connect::pipeline(&config)
             .await
             .unwrap()
             .run(Mode::SnapshotOnly, CancellationToken::new())
@@ -897,7 +906,9 @@ async fn m6_values_that_do_not_fit_go_to_the_reject_file_and_are_counted() {
         &target,
     );
     let file = dir.join("reading.jsonl");
-    let pipeline = Pipeline::open(config.clone()).await.unwrap();
+    let pipeline = switchyard::connect::pipeline(&config.clone())
+        .await
+        .unwrap();
     let observer = pipeline.observer();
     let cancel = CancellationToken::new();
     let c = cancel.clone();
@@ -991,23 +1002,38 @@ async fn m6_values_that_do_not_fit_go_to_the_reject_file_and_are_counted() {
     // verify expects every source row but the ones set aside, and reading
     // the source again writes nothing to the reject file.
     let text = s.config_text("mem://", &format!("reject_dir = \"{}\"\n", dir.display()));
-    let vconfig = Arc::new(
-        Config::parse(&target_config_text(&text, &target))
-            .unwrap()
-            .for_verify(),
-    );
+    let vconfig = Arc::new(Config::parse(&target_config_text(&text, &target)).unwrap());
     let verdict = switchyard::verify::verify(
-        Arc::from(switchyard::source::open(&vconfig).await.unwrap()),
-        Arc::from(switchyard::sink::open(&vconfig).await.unwrap()),
+        Arc::from(
+            switchyard::connect::source(
+                &vconfig,
+                std::sync::Arc::new(switchyard::reject::Rejects::count_only()),
+                switchyard::source::Access::ReadOnly,
+            )
+            .await
+            .unwrap(),
+        ),
+        Arc::from(
+            switchyard::connect::sink(
+                &vconfig,
+                std::sync::Arc::new(switchyard::reject::Rejects::count_only()),
+            )
+            .await
+            .unwrap(),
+        ),
         &switchyard::verify::Options {
             tables: Vec::new(),
-            wait: Duration::from_secs(30),
+            wait: Some(Duration::from_secs(30)),
             batch_rows: 500,
         },
     )
     .await
     .unwrap();
-    assert!(verdict.identical, "{}", verdict.render());
+    assert!(
+        verdict.identical,
+        "{}",
+        switchyard::commands::verify::render(&verdict)
+    );
     assert_eq!(verdict.tables.iter().map(|t| t.target_rows).sum::<u64>(), 4);
     assert_eq!(reject_lines(&file).len(), 7);
     cancel.cancel();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use surrealdb::types::Value as SValue;
 use switchyard::config::Config;
-use switchyard::model::Position;
+use switchyard::position::Position;
 use switchyard::sink::surreal::SurrealSink;
 use switchyard::sink::Sink;
 use switchyard::source::sqlite::SqliteSource;
@@ -56,7 +56,16 @@ pub async fn start(config: Arc<Config>, sink: Option<Arc<SurrealSink>>) -> Runni
         switchyard::config::SourceKind::Sqlite { path } => path,
         other => panic!("not a SQLite source: {other:?}"),
     };
-    let source = Arc::new(SqliteSource::open(&path, &config).await.unwrap());
+    let source = Arc::new(
+        SqliteSource::open(
+            &path,
+            &config,
+            Default::default(),
+            switchyard::source::Access::ReadWrite,
+        )
+        .await
+        .unwrap(),
+    );
     run_pipeline(config, source, sink).await
 }
 
@@ -225,7 +234,7 @@ async fn restart_resumes_after_the_checkpoint_and_trims_the_log() {
     wait_converged(&pool, &config, &run.sink).await;
     let sink = run.sink.clone();
     run.stop().await;
-    let cp1 = sink.state().await.unwrap().checkpoint.unwrap();
+    let cp1 = sink.state().await.unwrap().unwrap().checkpoint.unwrap();
     assert_eq!(cp1.commit as i64, source_high_water(&pool).await);
 
     // Changes while the daemon is down, including deletes of copied rows.
@@ -247,7 +256,14 @@ async fn restart_resumes_after_the_checkpoint_and_trims_the_log() {
             let pool = pool.clone();
             let sink = sink.clone();
             async move {
-                let cp = sink.state().await.unwrap().checkpoint.unwrap().commit as i64;
+                let cp = sink
+                    .state()
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .checkpoint
+                    .unwrap()
+                    .commit as i64;
                 let left: i64 =
                     sqlx::query_scalar("SELECT count(*) FROM _switchyard_changes WHERE seq <= ?")
                         .bind(cp)
@@ -264,7 +280,7 @@ async fn restart_resumes_after_the_checkpoint_and_trims_the_log() {
         report.tables.iter().all(|t| t.already_copied),
         "no table is copied twice: {report:?}"
     );
-    assert!(sink.state().await.unwrap().checkpoint.unwrap() > cp1);
+    assert!(sink.state().await.unwrap().unwrap().checkpoint.unwrap() > cp1);
 }
 
 #[tokio::test]
@@ -280,13 +296,13 @@ async fn the_checkpoint_never_moves_backwards() {
     let err = sink.apply(&[], Position::new(9, 0)).await.unwrap_err();
     assert!(err.report().contains("backwards"), "{}", err.report());
     assert_eq!(
-        sink.state().await.unwrap().checkpoint,
+        sink.state().await.unwrap().unwrap().checkpoint,
         Some(Position::new(10, 0))
     );
     sink.apply(&[], Position::new(10, 3)).await.unwrap();
     assert!(sink.apply(&[], Position::new(10, 2)).await.is_err());
     assert_eq!(
-        sink.state().await.unwrap().checkpoint,
+        sink.state().await.unwrap().unwrap().checkpoint,
         Some(Position::new(10, 3))
     );
 }
@@ -317,7 +333,14 @@ async fn a_value_that_cannot_be_carried_stops_without_advancing() {
     assert_eq!(err.kind(), ErrorKind::Definite);
     let msg = err.report();
     assert_names(&msg, &["\"edge\"", "id = 51", "\"i\"", "lots", "INTEGER"]);
-    let cp = sink.state().await.unwrap().checkpoint.unwrap().commit as i64;
+    let cp = sink
+        .state()
+        .await
+        .unwrap()
+        .unwrap()
+        .checkpoint
+        .unwrap()
+        .commit as i64;
     assert!(
         cp <= good,
         "checkpoint {cp} passed the bad change (good changes end at {good})"

@@ -17,7 +17,7 @@ use crate::support::*;
 fn options() -> Options {
     Options {
         tables: Vec::new(),
-        wait: Duration::from_secs(30),
+        wait: Some(Duration::from_secs(30)),
         batch_rows: 500,
     }
 }
@@ -72,7 +72,11 @@ async fn verify_finds_each_injected_difference_by_key_and_not_lag_under_a_writer
     stop.store(true, Ordering::Relaxed);
     let writes = writer.await.unwrap();
     assert!(writes > 10, "the writer barely ran ({writes} updates)");
-    assert!(verdict.identical, "{}", verdict.render());
+    assert!(
+        verdict.identical,
+        "{}",
+        switchyard::commands::verify::render(&verdict)
+    );
     let acct = verdict.tables.iter().find(|t| t.table == "acct").unwrap();
     assert_eq!((acct.source_rows, acct.target_rows), (3000, 3000));
     let log = verdict.tables.iter().find(|t| t.table == "log").unwrap();
@@ -109,7 +113,7 @@ async fn verify_finds_each_injected_difference_by_key_and_not_lag_under_a_writer
             (DifferenceKind::Extra, "acct:9999".to_string())
         ],
         "{}",
-        verdict.render()
+        switchyard::commands::verify::render(&verdict)
     );
     let changed = &acct.differences[0];
     assert!(

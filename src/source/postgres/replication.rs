@@ -23,22 +23,13 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::conn::{is_transient_sqlstate, PgEndpoint, SslMode};
-use super::pgoutput::{standby_status_update, Lsn, ReplicationMessage};
+use super::pgoutput::{standby_status_update, ReplicationMessage, PG_EPOCH_OFFSET_MICROS};
 use crate::error::{Error, ErrorKind, Result};
+use crate::pg::conn::{PgEndpoint, SslMode};
+use crate::pg::{quote_ident, quote_literal, sqlstate_kind, Lsn, SESSION_SETTINGS};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// The session settings every connection of ours uses, so that text values
-/// have one format whatever the server's defaults are.
-pub const SESSION_SETTINGS: [(&str, &str); 5] = [
-    ("DateStyle", "ISO, MDY"),
-    ("TimeZone", "UTC"),
-    ("IntervalStyle", "iso_8601"),
-    ("extra_float_digits", "3"),
-    ("bytea_output", "hex"),
-];
 
 /// `IDENTIFY_SYSTEM`'s answer.
 #[derive(Debug, Clone)]
@@ -73,16 +64,6 @@ enum Backend {
 
 fn io_error(shown: &str, what: &str, e: std::io::Error) -> Error {
     Error::transient(format!("{what} ({shown}): {e}"))
-}
-
-/// Quotes an identifier for a replication command.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes a string literal for a replication command.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 impl ReplicationConn {
@@ -232,13 +213,7 @@ impl ReplicationConn {
                 _ => {}
             }
         }
-        let kind = if is_transient_sqlstate(&code) {
-            ErrorKind::Transient
-        } else if code.starts_with("28") {
-            ErrorKind::Connect
-        } else {
-            ErrorKind::Definite
-        };
+        let kind = sqlstate_kind(&code);
         // The server's words are scrubbed of the password; our own context
         // (the URL as shown) never holds it.
         let mut said = format!("{message} (SQLSTATE {code})");
@@ -495,7 +470,7 @@ impl ReplicationStream {
     /// Sends a standby status update: `flush` is what the target has made
     /// durable; the server may recycle WAL up to it.
     pub async fn send_status(&mut self, received: Lsn, flush: Lsn, reply: bool) -> Result<()> {
-        let now = chrono::Utc::now().timestamp_micros() - super::pgoutput::PG_EPOCH_OFFSET_MICROS;
+        let now = chrono::Utc::now().timestamp_micros() - PG_EPOCH_OFFSET_MICROS;
         let msg = standby_status_update(received, flush, flush, now, reply);
         frontend::CopyData::new(msg)
             .map_err(|e| Error::definite(format!("building a status update: {e}")))?

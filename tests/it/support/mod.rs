@@ -108,7 +108,14 @@ pub async fn source_tables(config: &Config) -> Vec<Arc<TableSchema>> {
         switchyard::config::SourceKind::Sqlite { path } => path,
         other => panic!("not a SQLite source: {other:?}"),
     };
-    let src = SqliteSource::open(&path, config).await.unwrap();
+    let src = SqliteSource::open(
+        &path,
+        config,
+        Default::default(),
+        switchyard::source::Access::ReadWrite,
+    )
+    .await
+    .unwrap();
     let d = src.discover().await.unwrap();
     d.tables.into_iter().map(Arc::new).collect()
 }
@@ -125,7 +132,14 @@ pub async fn source_image(pool: &SqlitePool, config: &Config) -> Image {
         switchyard::config::SourceKind::Sqlite { path } => path,
         other => panic!("not a SQLite source: {other:?}"),
     };
-    let src = SqliteSource::open(&path, config).await.unwrap();
+    let src = SqliteSource::open(
+        &path,
+        config,
+        Default::default(),
+        switchyard::source::Access::ReadWrite,
+    )
+    .await
+    .unwrap();
     let image = image_via(&src).await;
     for t in source_tables(config).await {
         let n: i64 = sqlx::query(&format!(
@@ -203,7 +217,7 @@ pub async fn run_pipeline(
                 .unwrap(),
         ),
     };
-    let pipeline = Pipeline::new(config, source, sink.clone());
+    let pipeline = Pipeline::new(config, source, sink.clone(), Default::default());
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     let handle = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
@@ -421,13 +435,11 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
 
 /// The source change log's current high-water mark.
 pub async fn source_high_water(pool: &SqlitePool) -> i64 {
-    sqlx::query_scalar::<_, i64>(
-        "SELECT seq FROM sqlite_sequence WHERE name = '_switchyard_changes'",
-    )
-    .fetch_optional(pool)
-    .await
-    .unwrap()
-    .unwrap_or(0)
+    sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM _switchyard_changes")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .unwrap_or(0)
 }
 
 /// Asserts that `text` (an error message, say) names every one of `parts`.

@@ -1,13 +1,37 @@
-//! `switchyard check`: validate, connect, and show the plan without writing.
+//! `switchyard check`: validate, connect to every endpoint the run will
+//! need, and show the plan without writing anything anywhere.
 
 use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{redact_url, Config, TargetKind};
+use super::Exit;
+use crate::config::{Config, TargetKind};
 use crate::error::Result;
+use crate::redact::redact_url;
+use crate::reject::Rejects;
 use crate::schema;
-use crate::source::{self, Problem};
+use crate::source::{Access, Problem};
+
+pub async fn run(config: &Path, json: bool) -> Result<Exit> {
+    let config = super::load(config)?;
+    let plan = check(&config).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).unwrap_or_else(|_| "{}".into())
+        );
+    } else {
+        print!("{}", plan.render());
+    }
+    Ok(if plan.blocking() > 0 {
+        Exit::Problem
+    } else {
+        Exit::Ok
+    })
+}
 
 #[derive(Debug, Serialize)]
 pub struct PlanColumn {
@@ -114,9 +138,11 @@ impl Plan {
 
 /// Builds the plan. Reads the source's catalog; writes nothing anywhere.
 pub async fn check(config: &Config) -> Result<Plan> {
-    let source = source::open(config).await?;
+    let source =
+        crate::connect::source(config, Arc::new(Rejects::default()), Access::ReadOnly).await?;
     let discovery = source.discover().await?;
     let mut problems = discovery.problems;
+    problems.extend(target_problems(config).await?);
     /// Each table with its key, its target identity and each column's target.
     fn plan_tables(
         tables: &[crate::model::TableSchema],
@@ -194,9 +220,9 @@ pub async fn check(config: &Config) -> Result<Plan> {
                 shared
                     .iter()
                     .filter(|t| !t.whole_row)
-                    .map(|t| crate::sink::postgres::primary_key_ddl(t))
+                    .map(|t| schema::postgres::primary_key_ddl(t))
                     .chain(
-                        crate::sink::postgres::secondary_ddl(&shared)
+                        schema::postgres::secondary_ddl(&shared)
                             .into_iter()
                             .map(|d| match d {
                                 Ok((_, sql)) => sql,
@@ -209,21 +235,10 @@ pub async fn check(config: &Config) -> Result<Plan> {
             },
         });
     }
-    let TargetKind::Surreal { endpoint, remote } = config.target_kind()? else {
+    let TargetKind::Surreal { endpoint, .. } = config.target_kind()? else {
         unreachable!("handled above")
     };
     let schemafull = config.target.schemafull;
-    if remote {
-        #[cfg(feature = "surrealdb")]
-        if let Err(e) = crate::sink::surreal::probe(&endpoint, config).await {
-            problems.push(Problem {
-                table: "(target)".into(),
-                column: None,
-                message: e.report(),
-                blocking: true,
-            });
-        }
-    }
     let target = format!(
         "{}  namespace {:?}, database {:?}, {}",
         redact_url(&endpoint),
@@ -245,5 +260,52 @@ pub async fn check(config: &Config) -> Result<Plan> {
         problems,
         identity: "record id",
         after_load: Vec::new(),
+    })
+}
+
+/// Whether the target can be reached and what it holds, without writing:
+/// a target that cannot be reached is a blocking problem; one switchyard
+/// never replicated into, or an embedded store not created yet, a note.
+async fn target_problems(config: &Config) -> Result<Vec<Problem>> {
+    let problem = |message: String, blocking: bool| Problem {
+        table: "(target)".into(),
+        column: None,
+        message,
+        blocking,
+    };
+    if let Some(path) = crate::connect::embedded_path(config)? {
+        // Opening an embedded store would write to it: only say whether it exists.
+        return Ok(if path.exists() {
+            Vec::new()
+        } else {
+            vec![problem(
+                format!("{} does not exist yet: `run` creates it", path.display()),
+                false,
+            )]
+        });
+    }
+    if matches!(
+        config.target_kind()?,
+        TargetKind::Surreal { remote: false, .. }
+    ) {
+        return Ok(Vec::new());
+    }
+    let sink = match crate::connect::sink(config, Arc::new(Rejects::default())).await {
+        Ok(s) => s,
+        Err(e) => return Ok(vec![problem(e.report(), true)]),
+    };
+    Ok(match sink.state().await {
+        Ok(None) => vec![problem(
+            "switchyard never replicated into this target: `run` creates its state and copies every table".into(),
+            false,
+        )],
+        Ok(Some(s)) => match s.checkpoint {
+            Some(p) => vec![problem(
+                format!("the target holds a checkpoint ({p}): `run` resumes after it and copies only tables not copied yet"),
+                false,
+            )],
+            None => Vec::new(),
+        },
+        Err(e) => vec![problem(e.report(), true)],
     })
 }

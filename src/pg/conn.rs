@@ -1,12 +1,13 @@
 //! Where a PostgreSQL server is and how to reach it: the URL, the password,
 //! TLS (`sslmode` disable / prefer / require / verify-ca / verify-full with a
-//! CA file), for both the ordinary connections (tokio-postgres) and the
-//! replication connection (our own, see `replication`).
+//! CA file), for the ordinary connections (tokio-postgres) and the
+//! replication connection of the source.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use percent_encoding::percent_decode_str;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -16,8 +17,9 @@ use rustls::{
 use secrecy::{ExposeSecret, SecretString};
 use tracing::warn;
 
-use crate::config::redact_url;
+use super::{session_settings_sql, sqlstate_kind};
 use crate::error::{Error, ErrorKind, Result};
+use crate::redact::{redact_url, url_has_password};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
@@ -38,6 +40,8 @@ pub struct PgEndpoint {
     password: Option<SecretString>,
     pub sslmode: SslMode,
     pub sslrootcert: Option<PathBuf>,
+    /// The config key the URL came from, for messages.
+    key: String,
     shown: String,
 }
 
@@ -47,63 +51,42 @@ impl std::fmt::Debug for PgEndpoint {
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            if let (Some(h), Some(l)) = (
-                b.get(i + 1).and_then(|c| (*c as char).to_digit(16)),
-                b.get(i + 2).and_then(|c| (*c as char).to_digit(16)),
-            ) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn decoded(s: &str) -> String {
+    percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 impl PgEndpoint {
-    /// Parses `postgres://user@host:port/db?sslmode=…&sslrootcert=…`.
+    /// Parses `postgres://user@host:port/db?sslmode=…&sslrootcert=…`;
+    /// `key` is the config key it comes from (`source.url`), for messages.
     pub fn parse(url: &str, password: Option<SecretString>, key: &str) -> Result<Self> {
         let shown = redact_url(url);
         let bad = |what: &str| Error::config(format!("{key}: {what} in {shown}"));
-        let rest = url
-            .strip_prefix("postgres://")
-            .or_else(|| url.strip_prefix("postgresql://"))
-            .ok_or_else(|| bad("expected postgres://USER@HOST:PORT/DATABASE"))?;
-        let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (authority, db) = main.split_once('/').unwrap_or((main, ""));
-        let (userinfo, hostport) = authority
-            .rsplit_once('@')
-            .ok_or_else(|| bad("a user name is required (postgres://USER@HOST/DB)"))?;
-        if userinfo.contains(':') {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(bad("expected postgres://USER@HOST:PORT/DATABASE"));
+        }
+        if url_has_password(url) {
             return Err(bad(
                 "put the password in the password key (\"${VAR}\"), not in the URL",
             ));
         }
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (
-                h.trim_matches(['[', ']']).to_string(),
-                p.parse::<u16>().map_err(|_| bad("invalid port"))?,
-            ),
-            _ => (hostport.trim_matches(['[', ']']).to_string(), 5432),
+        let parsed = url::Url::parse(url).map_err(|e| bad(&format!("not a URL ({e})")))?;
+        if parsed.username().is_empty() {
+            return Err(bad("a user name is required (postgres://USER@HOST/DB)"));
+        }
+        let host = match parsed.host() {
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            Some(h) => decoded(&h.to_string()),
+            None => return Err(bad("a host is required")),
         };
         if host.is_empty() {
             return Err(bad("a host is required"));
         }
         let mut sslmode = SslMode::Prefer;
         let mut sslrootcert = None;
-        for kv in query.split('&').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            match k {
+        for (k, v) in parsed.query_pairs() {
+            match k.as_ref() {
                 "sslmode" => {
-                    sslmode = match v {
+                    sslmode = match v.as_ref() {
                         "disable" => SslMode::Disable,
                         "prefer" | "allow" => SslMode::Prefer,
                         "require" => SslMode::Require,
@@ -114,7 +97,7 @@ impl PgEndpoint {
                         )),
                     }
                 }
-                "sslrootcert" => sslrootcert = Some(PathBuf::from(percent_decode(v))),
+                "sslrootcert" => sslrootcert = Some(PathBuf::from(v.as_ref())),
                 "application_name" | "connect_timeout" => {}
                 other => {
                     return Err(bad(&format!(
@@ -123,19 +106,17 @@ impl PgEndpoint {
                 }
             }
         }
-        let dbname = if db.is_empty() {
-            percent_decode(userinfo)
-        } else {
-            percent_decode(db)
-        };
+        let user = decoded(parsed.username());
+        let db = decoded(parsed.path().trim_start_matches('/'));
         Ok(Self {
             host,
-            port,
-            user: percent_decode(userinfo),
-            dbname,
+            port: parsed.port().unwrap_or(5432),
+            dbname: if db.is_empty() { user.clone() } else { db },
+            user,
             password,
             sslmode,
             sslrootcert,
+            key: key.to_string(),
             shown,
         })
     }
@@ -146,6 +127,24 @@ impl PgEndpoint {
 
     pub fn password(&self) -> Option<&str> {
         self.password.as_ref().map(|p| p.expose_secret())
+    }
+
+    /// `text` with the password, wherever a server echoed it, hidden.
+    pub fn scrub(&self, text: &str) -> String {
+        match self.password() {
+            Some(p) if !p.is_empty() => text.replace(p, "***"),
+            _ => text.to_string(),
+        }
+    }
+
+    /// The same server, another database.
+    pub fn with_dbname(&self, dbname: &str) -> Self {
+        let mut e = self.clone();
+        e.shown = e
+            .shown
+            .replacen(&format!("/{}", self.dbname), &format!("/{dbname}"), 1);
+        e.dbname = dbname.to_string();
+        e
     }
 
     /// The rustls configuration for the sslmode, or None for `disable`.
@@ -166,7 +165,8 @@ impl PgEndpoint {
                     Some(path) => {
                         let pem = std::fs::read(path).map_err(|e| {
                             Error::config(format!(
-                                "source.url: cannot read sslrootcert {}",
+                                "{}: cannot read sslrootcert {}",
+                                self.key,
                                 path.display()
                             ))
                             .with_source(e)
@@ -248,6 +248,16 @@ impl PgEndpoint {
         };
         Ok(client)
     }
+
+    /// A connection with switchyard's session settings (see
+    /// [`super::SESSION_SETTINGS`]).
+    pub async fn session(&self) -> Result<tokio_postgres::Client> {
+        let c = self.connect().await?;
+        c.batch_execute(&session_settings_sql())
+            .await
+            .map_err(|e| pg_error(self, "session settings", e))?;
+        Ok(c)
+    }
 }
 
 fn spawn_driver<T>(conn: T)
@@ -263,35 +273,17 @@ where
     });
 }
 
-/// SQLSTATE classes that are worth retrying: connection exceptions (08),
-/// insufficient resources (53), operator intervention (57P), serialization
-/// failures and deadlocks (40001, 40P01).
-pub fn is_transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08")
-        || code.starts_with("53")
-        || code.starts_with("57P")
-        || code == "40001"
-        || code == "40P01"
-}
-
 /// Converts a tokio-postgres error, classifying it and naming the endpoint
 /// (never its password).
 pub fn pg_error(ep: &PgEndpoint, what: &str, e: tokio_postgres::Error) -> Error {
     let (kind, detail) = match e.as_db_error() {
         Some(db) => {
             let code = db.code().code();
-            let kind = if is_transient_sqlstate(code) {
-                ErrorKind::Transient
-            } else if code.starts_with("28") {
-                ErrorKind::Connect
-            } else {
-                ErrorKind::Definite
-            };
             let mut d = format!("{} (SQLSTATE {code})", db.message());
             if let Some(h) = db.hint() {
                 d.push_str(&format!("; hint: {h}"));
             }
-            (kind, d)
+            (sqlstate_kind(code), d)
         }
         None if e.is_closed() => (ErrorKind::Transient, "connection closed".to_string()),
         None => {
@@ -306,13 +298,18 @@ pub fn pg_error(ep: &PgEndpoint, what: &str, e: tokio_postgres::Error) -> Error 
             (ErrorKind::Transient, msg)
         }
     };
-    let mut detail = detail;
-    if let Some(p) = ep.password() {
-        if !p.is_empty() {
-            detail = detail.replace(p, "***");
-        }
-    }
-    Error::new(kind, format!("{what} ({}): {detail}", ep.shown()))
+    Error::new(
+        kind,
+        format!("{what} ({}): {}", ep.shown(), ep.scrub(&detail)),
+    )
+}
+
+/// `pg_error` for `map_err`: the endpoint and what was being done.
+pub fn pg_err<'a>(
+    ep: &'a PgEndpoint,
+    what: &'a str,
+) -> impl Fn(tokio_postgres::Error) -> Error + 'a {
+    move |e| pg_error(ep, what, e)
 }
 
 /// `sslmode=require` / `prefer`: encrypt, but do not verify the certificate
@@ -435,16 +432,35 @@ mod tests {
             Some(std::path::Path::new("/etc/ca.pem"))
         );
         assert!(!format!("{e:?}").contains("hunter2"));
+        assert_eq!(e.scrub("password hunter2 refused"), "password *** refused");
         let d = PgEndpoint::parse("postgres://u@h/db", None, "k").unwrap();
         assert_eq!((d.port, d.sslmode), (5432, SslMode::Prefer));
-        let err = PgEndpoint::parse("postgres://u:hunter2@h/db", None, "source.url")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("source.url") && !err.contains("hunter2"),
-            "{err}"
+        let v6 = PgEndpoint::parse("postgres://u@[::1]:5433/d%20b", None, "k").unwrap();
+        assert_eq!(
+            (v6.host.as_str(), v6.port, v6.dbname.as_str()),
+            ("::1", 5433, "d b")
         );
+        let no_db = PgEndpoint::parse("postgres://app%40corp@h", None, "k").unwrap();
+        assert_eq!(
+            (no_db.user.as_str(), no_db.dbname.as_str()),
+            ("app@corp", "app@corp")
+        );
+        for bad in ["postgres://u:hunter2@h/db", "postgres://u:pa/ss@h/db"] {
+            let err = PgEndpoint::parse(bad, None, "source.url")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("source.url") && !err.contains("hunter2") && !err.contains("pa/ss"),
+                "{err}"
+            );
+        }
         assert!(PgEndpoint::parse("postgres://u@h/db?sslmode=bogus", None, "k").is_err());
+        assert!(PgEndpoint::parse("postgres://h/db", None, "k").is_err());
         assert!(PgEndpoint::parse("mysql://u@h/db", None, "k").is_err());
+        let other = d.with_dbname("postgres");
+        assert_eq!(
+            (other.dbname.as_str(), other.shown()),
+            ("postgres", "postgres://u@h/postgres")
+        );
     }
 }

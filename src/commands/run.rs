@@ -1,0 +1,53 @@
+//! `switchyard run`: copy what is not copied yet, then stream until SIGINT
+//! or SIGTERM, with the HTTP endpoints where `[http]` asks for them.
+
+use std::path::Path;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Exit;
+use crate::error::{ErrorKind, Result};
+use crate::pipeline::Mode;
+
+pub async fn run(config: &Path) -> Result<Exit> {
+    let config = super::load(config)?;
+    let cancel = super::cancel_on_signal();
+    if config.http.address.is_some() {
+        // Before anything records a metric.
+        crate::observe::prometheus();
+    }
+    let pipeline = crate::connect::pipeline(&config).await?;
+    let http_stop = CancellationToken::new();
+    let _http_guard = http_stop.clone().drop_guard();
+    if let Some(address) = &config.http.address {
+        let listener = crate::observe::listen(address).await?;
+        let server = crate::observe::serve(
+            listener,
+            config.http.token.clone(),
+            config.http.ready_max_lag_seconds,
+            pipeline.observer(),
+            http_stop.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                warn!(error = %e.report(), "the HTTP endpoint stopped");
+            }
+        });
+    }
+    match pipeline.run(Mode::Run, cancel).await {
+        Ok(report) => {
+            info!(
+                changes = report.changes_applied,
+                checkpoint = report.checkpoint.as_deref().unwrap_or("-"),
+                "stopped"
+            );
+            Ok(Exit::Ok)
+        }
+        Err(e) if e.kind() == ErrorKind::Interrupted => {
+            info!("{e}");
+            Ok(Exit::Ok)
+        }
+        Err(e) => Err(e),
+    }
+}

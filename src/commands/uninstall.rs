@@ -1,0 +1,23 @@
+//! `switchyard uninstall`: remove what switchyard installed in the source
+//! (SQLite: triggers, change log, and the journal mode back to what it was;
+//! PostgreSQL: the slot, and the publication where switchyard created it).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::Exit;
+use crate::error::Result;
+use crate::reject::Rejects;
+use crate::source::Access;
+
+pub async fn run(config: &Path) -> Result<Exit> {
+    let config = super::load(config)?;
+    let source =
+        crate::connect::source(&config, Arc::new(Rejects::default()), Access::ReadWrite).await?;
+    source.uninstall().await?;
+    println!(
+        "removed switchyard's change capture from {}",
+        crate::redact::redact_url(&config.source.url)
+    );
+    Ok(Exit::Ok)
+}

@@ -1,0 +1,69 @@
+//! What the PostgreSQL source and the PostgreSQL sink share: where a server
+//! is and how to reach it ([`conn`]), quoting, the session settings that fix
+//! the text form of values, the classification of server errors, and the
+//! WAL position type.
+
+pub mod conn;
+
+use crate::error::ErrorKind;
+
+/// A WAL position (XLogRecPtr), shown as PostgreSQL does (`0/16B3748`).
+pub type Lsn = postgres_types::PgLsn;
+
+/// The session settings every connection of ours uses, so that text values
+/// have one format whatever the server's defaults are.
+pub const SESSION_SETTINGS: [(&str, &str); 5] = [
+    ("DateStyle", "ISO, MDY"),
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "iso_8601"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+];
+
+/// The session settings as `SET` statements.
+pub fn session_settings_sql() -> String {
+    SESSION_SETTINGS
+        .iter()
+        .map(|(k, v)| format!("SET {k} = {}", quote_literal(v)))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Quotes an identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes a string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `schema.table`, each part quoted.
+pub fn quote_qualified(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
+/// SQLSTATE classes that are worth retrying: connection exceptions (08),
+/// insufficient resources (53), operator intervention (57P), serialization
+/// failures and deadlocks (40001, 40P01).
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code == "40001"
+        || code == "40P01"
+}
+
+/// The kind of a server error by its SQLSTATE: transient, a refused
+/// connection (authentication, 28; a database that does not exist, 3D000),
+/// or definite.
+pub fn sqlstate_kind(code: &str) -> ErrorKind {
+    if is_transient_sqlstate(code) {
+        ErrorKind::Transient
+    } else if code.starts_with("28") || code == "3D000" {
+        ErrorKind::Connect
+    } else {
+        ErrorKind::Definite
+    }
+}

@@ -1,0 +1,338 @@
+//! The pipeline: snapshot, then stream, with bounded queues and retries.
+//!
+//! ```text
+//!            install capture (before any position is read)
+//!                   │
+//!  snapshot:  source.snapshot(T) ──[queue: Vec<Row>]──▶ sink.load(T)       per table, at its Ct
+//!             (snapshot.rs)                              sink.finish_table(T, Ct)
+//!  stream:    source.stream(after checkpoint) ──[queue: Batch]──▶ Batcher (batcher.rs)
+//!             (stream.rs)                          cut at transaction boundaries,
+//!                                                  changes of T at or below Ct dropped
+//!                                                            ▼
+//!                                 sink.apply(chunk, its position) ── one target transaction,
+//!                                                            │         checkpoint included
+//!                                 source.ack(Durable) ◀──────┘   (trim the log / flush the slot)
+//! ```
+//!
+//! A position means, at each stage: in a `Batch`, what the source has read
+//! up to; in a chunk, the checkpoint its transaction records; in a
+//! `Durable`, what the target has committed (the only thing a source is
+//! told). Every queue is bounded, so a slow sink slows the source and memory
+//! stays bounded whatever the size of a table or of the stream.
+
+pub mod batcher;
+pub mod snapshot;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use self::snapshot::{log_report, TableCopier, TableReport};
+use self::stream::Streamer;
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::TableSchema;
+use crate::observe::{Observer, Phase};
+use crate::position::Position;
+use crate::reject::Rejects;
+use crate::retry::Retry;
+use crate::sink::{Sink, SinkState, TableStatus};
+use crate::source::{Installed, Problem, Source};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Copy what is not copied yet, then stream until cancelled.
+    Run,
+    /// Copy what is not copied yet, then return.
+    SnapshotOnly,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub tables: Vec<TableReport>,
+    pub changes_applied: u64,
+    pub checkpoint: Option<String>,
+}
+
+pub struct Pipeline {
+    config: Arc<Config>,
+    source: Arc<dyn Source>,
+    sink: Arc<dyn Sink>,
+    rejects: Arc<Rejects>,
+    /// The progress bars of tables copied at the same time.
+    bars: indicatif::MultiProgress,
+    observer: Arc<Observer>,
+    retry: Retry,
+}
+
+/// What the target holds when the copy starts: the checkpoint to stream
+/// after, and its state (the tables copied earlier).
+struct Start {
+    checkpoint: Position,
+    state: SinkState,
+}
+
+impl Pipeline {
+    /// A pipeline over a source and sink opened by the caller (see
+    /// [`crate::connect`]); rows that do not fit go to `rejects`.
+    pub fn new(
+        config: Arc<Config>,
+        source: Arc<dyn Source>,
+        sink: Arc<dyn Sink>,
+        rejects: Arc<Rejects>,
+    ) -> Self {
+        let observer = Observer::new(
+            crate::redact::redact_url(&config.source.url),
+            crate::redact::redact_url(&config.target.url),
+            rejects.clone(),
+        );
+        let retry = Retry::new(
+            config.pipeline.retry_attempts,
+            Duration::from_millis(config.pipeline.retry_max_delay_ms),
+        );
+        Self {
+            config,
+            source,
+            sink,
+            rejects,
+            bars: indicatif::MultiProgress::new(),
+            observer,
+            retry,
+        }
+    }
+
+    /// The status board this pipeline writes (for the HTTP endpoints).
+    pub fn observer(&self) -> Arc<Observer> {
+        self.observer.clone()
+    }
+
+    /// The selected tables, or every blocking problem at once.
+    pub async fn tables(&self) -> Result<Vec<Arc<TableSchema>>> {
+        let d = self.source.discover().await?;
+        for p in d.problems.iter().filter(|p| !p.blocking) {
+            warn!(table = %p.table, column = p.column.as_deref().unwrap_or(""), "{}", p.message);
+        }
+        let blocking: Vec<&Problem> = d.problems.iter().filter(|p| p.blocking).collect();
+        if !blocking.is_empty() {
+            let list: Vec<String> = blocking.iter().map(|p| p.to_string()).collect();
+            return Err(Error::definite(format!(
+                "cannot replicate: {}",
+                list.join("; ")
+            )));
+        }
+        if d.tables.is_empty() {
+            return Err(Error::config(
+                "no source table matches tables.include / tables.exclude; nothing to replicate",
+            ));
+        }
+        Ok(d.tables.into_iter().map(Arc::new).collect())
+    }
+
+    pub async fn run(&self, mode: Mode, cancel: CancellationToken) -> Result<Report> {
+        let outcome = self.run_inner(mode, cancel).await;
+        match &outcome {
+            Err(e) if e.kind() != ErrorKind::Interrupted => self.observer.failed(e),
+            _ => self.observer.stopped(),
+        }
+        outcome
+    }
+
+    async fn run_inner(&self, mode: Mode, cancel: CancellationToken) -> Result<Report> {
+        if let Some(dir) = &self.config.pipeline.reject_dir {
+            crate::reject::prepare(dir)?;
+        }
+        let tables = self.tables().await?;
+        self.retry
+            .run("creating the target schema", || self.sink.prepare(&tables))
+            .await?;
+        // Capture first: a change made after this point is in the log, so
+        // every position read later (Ct) has the log behind it.
+        let installed = self
+            .retry
+            .run("installing change capture", || self.source.install(&tables))
+            .await?;
+        let Start {
+            checkpoint,
+            mut state,
+        } = self.start(&installed).await?;
+        self.forget_stale(&tables, &installed, &mut state).await?;
+        let mut report = Report::default();
+        let mut skip: HashMap<String, Position> = HashMap::new();
+        let mut to_copy = Vec::new();
+        for t in &tables {
+            match state.tables.get(&t.name) {
+                Some(s) if s.status == TableStatus::Done => {
+                    self.observer.table_copied(&t.name, s.rows, None);
+                    report.tables.push(TableReport::copied_earlier(t, s));
+                    if s.position > checkpoint {
+                        skip.insert(t.name.clone(), s.position);
+                    }
+                }
+                _ => to_copy.push(t.clone()),
+            }
+        }
+        if !to_copy.is_empty() && cancel.is_cancelled() {
+            return Err(Error::new(
+                ErrorKind::Interrupted,
+                "stopped before the snapshot finished",
+            ));
+        }
+        self.observer.set_checkpoint(checkpoint);
+        if !to_copy.is_empty() {
+            self.observer.set_phase(Phase::Snapshot);
+        }
+        // Several tables at once; the first failure stops the others.
+        let copier = TableCopier {
+            config: self.config.clone(),
+            source: self.source.clone(),
+            sink: self.sink.clone(),
+            observer: self.observer.clone(),
+            rejects: self.rejects.clone(),
+            bars: self.bars.clone(),
+            retry: self.retry,
+        };
+        let workers = self.config.pipeline.snapshot_workers.max(1);
+        let mut copies =
+            futures::stream::iter(to_copy.into_iter().map(|t| copier.copy(t, &cancel)))
+                .buffer_unordered(workers);
+        while let Some(r) = copies.next().await {
+            let r = r?;
+            if r.at > checkpoint {
+                skip.insert(r.table.clone(), r.at);
+            }
+            report.tables.push(r);
+        }
+        drop(copies);
+        self.retry
+            .run("building indexes and foreign keys", || {
+                self.sink.after_snapshot(&tables)
+            })
+            .await?;
+        let order: HashMap<&str, usize> = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        report
+            .tables
+            .sort_by_key(|r| order.get(r.table.as_str()).copied().unwrap_or(usize::MAX));
+        log_report(&report.tables);
+        if mode == Mode::SnapshotOnly {
+            report.checkpoint = Some(checkpoint.to_string());
+            return Ok(report);
+        }
+        let streamer = Streamer {
+            config: self.config.clone(),
+            source: self.source.clone(),
+            sink: self.sink.clone(),
+            observer: self.observer.clone(),
+            retry: self.retry,
+        };
+        let (applied, last) = streamer.run(tables, checkpoint, skip, cancel).await?;
+        report.changes_applied = applied;
+        report.checkpoint = Some(last.to_string());
+        Ok(report)
+    }
+
+    /// The target's checkpoint to resume after (refused where the source
+    /// cannot deliver every change after it), or the source's position
+    /// recorded as the start of a first copy.
+    async fn start(&self, installed: &Installed) -> Result<Start> {
+        let state = self
+            .retry
+            .run("reading the target state", || self.sink.state())
+            .await?
+            .unwrap_or_default();
+        let checkpoint = match state.checkpoint {
+            Some(p) => {
+                if let Some(origin) = &state.origin {
+                    if origin != &installed.origin {
+                        return Err(Error::definite(format!(
+                            "the target was filled from another change capture ({origin}) than the source has now ({}): \
+                             `switchyard uninstall` was run or the source was replaced, so changes may be missing. \
+                             Replicate into an empty target (a new namespace or database)",
+                            installed.origin
+                        )));
+                    }
+                }
+                self.source.verify_resume(p).await?;
+                if let Some(t) = state
+                    .checkpoint_updated_at
+                    .as_deref()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                {
+                    self.observer.resumed_from(t.with_timezone(&chrono::Utc));
+                }
+                info!(checkpoint = %p, "resuming after the target's checkpoint");
+                p
+            }
+            None => {
+                let p = self
+                    .retry
+                    .run("reading the source position", || {
+                        self.source.current_position()
+                    })
+                    .await?;
+                self.retry
+                    .run("recording the start position", || {
+                        self.sink.start(p, &installed.origin)
+                    })
+                    .await?;
+                info!(position = %p, "no checkpoint in the target: copying from scratch");
+                p
+            }
+        };
+        Ok(Start { checkpoint, state })
+    }
+
+    /// Forgets the copy of a table that is stale: its capture had to be
+    /// created again, it was left out of a run (its changes went
+    /// unapplied), or it was dropped and created again under its name.
+    async fn forget_stale(
+        &self,
+        tables: &[Arc<TableSchema>],
+        installed: &Installed,
+        state: &mut SinkState,
+    ) -> Result<()> {
+        let selected: HashMap<&str, &TableSchema> = tables
+            .iter()
+            .map(|t| (t.name.as_str(), t.as_ref()))
+            .collect();
+        let recreated = |name: &str, copied: &str| {
+            selected.get(name).is_some_and(|t| {
+                !t.source_id.is_empty() && !copied.is_empty() && t.source_id != copied
+            })
+        };
+        let stale: Vec<String> = state
+            .tables
+            .iter()
+            .filter(|(name, s)| {
+                !selected.contains_key(name.as_str())
+                    || installed.recaptured.contains(*name)
+                    || recreated(name, &s.source_id)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if recreated(&name, &state.tables[&name].source_id) {
+                warn!(table = %name, "this is not the table that was copied (it was dropped and created again): copying it again");
+            } else if selected.contains_key(name.as_str()) {
+                warn!(table = %name, "change capture of this table was missing (dropped or rebuilt?): copying it again");
+            } else {
+                info!(table = %name, "table is no longer selected: its copy in the target stops following the source");
+            }
+            self.retry
+                .run("forgetting a table's copy state", || {
+                    self.sink.forget_table(&name)
+                })
+                .await?;
+            state.tables.remove(&name);
+        }
+        Ok(())
+    }
+}

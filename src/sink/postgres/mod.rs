@@ -1,0 +1,804 @@
+//! PostgreSQL sink: the target schema generated from the source (or checked
+//! against tables that exist), snapshot rows loaded with `COPY … FROM STDIN`,
+//! and each batch of changes applied in one transaction together with the
+//! checkpoint row in the `switchyard` schema (created from `migrations/` by
+//! the first `prepare`; opening a sink writes nothing).
+//!
+//! Values travel as PostgreSQL text: COPY's text format for the snapshot,
+//! `$n::text::type` parameters for changes, so every type reads its own input
+//! syntax and nothing passes through a float. A batch is planned first
+//! (plan.rs: what statements), then executed here in one transaction.
+
+pub mod compare;
+pub mod plan;
+pub mod refusal;
+pub mod state;
+pub mod tables;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::SinkExt;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use self::plan::{copy_sql, sql_params, statements, Statement, Step};
+use self::refusal::{copy_column, copy_line, misfit_code, nul_column, row_error};
+use self::tables::SchemaMode;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::model::{Change, Op, Row, TableSchema, Value};
+use crate::pg::conn::{pg_error, PgEndpoint};
+use crate::pg::quote_ident;
+use crate::position::{Durable, Position};
+use crate::reject::{row_json, Rejected, Rejects};
+use crate::schema::postgres::{
+    copy_field, primary_key_ddl, secondary_ddl, table_column_type, to_text,
+};
+use crate::sink::{Cursor, Page, Record, Sink, SinkState};
+
+pub struct PgSink {
+    ep: PgEndpoint,
+    /// The state schema and the user's migrations are in place (done once,
+    /// by the first `prepare`: opening a sink writes nothing).
+    migrated: tokio::sync::OnceCell<()>,
+    mode: SchemaMode,
+    /// `SET session_replication_role = replica` on the writing sessions.
+    replica_role: bool,
+    source_is_postgres: bool,
+    /// Idle connections for loads and applies.
+    pool: Mutex<Vec<tokio_postgres::Client>>,
+    /// Target column types per table, as prepared.
+    types: Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// Where rows whose values the target refuses go (`pipeline.reject_dir`).
+    rejects: Arc<Rejects>,
+}
+
+impl PgSink {
+    /// Connects (and checks that the server answers); writes nothing.
+    pub async fn connect(url: &str, config: &Config, rejects: Arc<Rejects>) -> Result<Self> {
+        let ep = PgEndpoint::parse(url, config.target.password.clone(), "target.url")?;
+        let mode = match config.target.schema.as_deref().unwrap_or("create") {
+            "create" => SchemaMode::Create,
+            "existing" => SchemaMode::Existing,
+            other => match other.strip_prefix("migrations:") {
+                Some(dir) if !dir.is_empty() => SchemaMode::Migrations(dir.into()),
+                _ => {
+                    return Err(Error::config(format!(
+                        "target.schema: {other:?} is not supported; use \"create\", \"existing\" or \"migrations:DIR\""
+                    )))
+                }
+            },
+        };
+        let sink = Self {
+            ep,
+            migrated: tokio::sync::OnceCell::new(),
+            mode,
+            replica_role: config.target.replica_role,
+            source_is_postgres: matches!(
+                config.source_kind()?,
+                crate::config::SourceKind::Postgres { .. }
+            ),
+            pool: Mutex::new(Vec::new()),
+            types: Mutex::new(Default::default()),
+            rejects,
+        };
+        let c = sink.take().await.map_err(|e| match e.kind() {
+            crate::error::ErrorKind::Transient => Error::connect(e.to_string()),
+            _ => e,
+        })?;
+        sink.give(c).await;
+        info!(target = %sink.ep.shown(), "connected to PostgreSQL");
+        Ok(sink)
+    }
+
+    fn pg(&self, what: &str) -> impl Fn(tokio_postgres::Error) -> Error + '_ {
+        let what = what.to_string();
+        move |e| pg_error(&self.ep, &what, e)
+    }
+
+    /// A connection with the session settings of a writer.
+    async fn take(&self) -> Result<tokio_postgres::Client> {
+        while let Some(c) = self.pool.lock().await.pop() {
+            if !c.is_closed() {
+                return Ok(c);
+            }
+        }
+        let c = self.ep.session().await?;
+        if self.replica_role {
+            c.batch_execute("SET session_replication_role = replica").await.map_err(|e| {
+                Error::config(format!(
+                    "target.replica_role: {} may not SET session_replication_role = replica (it needs a superuser, or on PostgreSQL 15 the role's SET privilege on it); \
+                     grant it, or set target.replica_role = false (target triggers and foreign keys then fire for replicated rows)",
+                    self.ep.shown()
+                ))
+                .with_source(e)
+            })?;
+        }
+        Ok(c)
+    }
+
+    async fn give(&self, c: tokio_postgres::Client) {
+        if !c.is_closed() {
+            self.pool.lock().await.push(c);
+        }
+    }
+
+    /// One `COPY … FROM STDIN` of COPY text.
+    async fn copy_in(
+        c: &tokio_postgres::Client,
+        table: &TableSchema,
+        data: String,
+    ) -> std::result::Result<(), tokio_postgres::Error> {
+        let sink = c
+            .copy_in::<_, bytes::Bytes>(copy_sql(table).as_str())
+            .await?;
+        futures::pin_mut!(sink);
+        sink.send(bytes::Bytes::from(data)).await?;
+        sink.finish().await?;
+        Ok(())
+    }
+
+    /// Which column of a refused row holds the value the target cannot
+    /// take: each value cast on its own (on a connection of its own, as the
+    /// batch's transaction has failed). `None` where no single cast fails.
+    async fn refused_column(&self, types: &[String], row: &Row) -> Option<usize> {
+        if let Some(i) = nul_column(row) {
+            return Some(i);
+        }
+        let c = self.take().await.ok()?;
+        let mut found = None;
+        for (i, v) in row.iter().enumerate() {
+            let Some(text) = to_text(v, &types[i]) else {
+                continue;
+            };
+            match c
+                .query_one(&format!("SELECT $1::text::{}", types[i]), &[&text])
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if misfit_code(&e) => {
+                    found = Some(i);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.give(c).await;
+        found
+    }
+
+    /// A row whose value the target refuses: to the reject file where
+    /// `pipeline.reject_dir` is set, else the error that stops the run,
+    /// naming table, key, column and value.
+    fn refuse(
+        &self,
+        table: &TableSchema,
+        row: &Row,
+        column: Option<usize>,
+        e: &tokio_postgres::Error,
+        phase: &'static str,
+        position: Option<Position>,
+    ) -> Result<()> {
+        let reason = match e.as_db_error() {
+            Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+            None => e.to_string(),
+        };
+        let key = if table.whole_row {
+            "(no key: the whole row)".to_string()
+        } else {
+            table.describe_key(&table.key_of(row))
+        };
+        let col_name = column.map(|i| table.columns[i].name.clone());
+        let value = column.map(|i| row[i].to_string());
+        if !self.rejects.enabled() {
+            return Err(Error::definite(format!(
+                "table {:?}, key {key}{}: the target refuses {}: {reason}; fix the value in the source, give the target column a type that holds it, \
+                 or set pipeline.reject_dir to set such rows aside",
+                table.name,
+                col_name.as_deref().map(|c| format!(", column {c:?}")).unwrap_or_default(),
+                value.as_deref().map(|v| format!("the value {v}")).unwrap_or_else(|| "the row".into()),
+            )));
+        }
+        self.rejects.record(&Rejected {
+            table: table.name.clone(),
+            key,
+            column: col_name,
+            value,
+            reason,
+            phase,
+            position: position.map(|p| p.to_string()).unwrap_or_default(),
+            row: row_json(&table.columns, row),
+        })
+    }
+
+    /// The state schema, then the user's migration files, once.
+    async fn migrated(&self, c: &tokio_postgres::Client) -> Result<()> {
+        self.migrated
+            .get_or_try_init(|| async {
+                state::migrate(&self.ep, c).await?;
+                if let SchemaMode::Migrations(dir) = &self.mode {
+                    state::user_migrations(&self.ep, c, dir).await?;
+                }
+                Ok::<(), Error>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn column_types(&self, table: &TableSchema) -> Vec<String> {
+        if let Some(t) = self.types.lock().await.get(&table.target_name) {
+            if t.len() == table.columns.len() {
+                return t.clone();
+            }
+        }
+        (0..table.columns.len())
+            .map(|i| table_column_type(table, i, self.source_is_postgres))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Sink for PgSink {
+    async fn prepare(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
+        let c = self.take().await?;
+        self.migrated(&c).await?;
+        for t in tables {
+            let types =
+                tables::prepare(&c, &self.ep, &self.mode, self.source_is_postgres, t).await?;
+            self.types.lock().await.insert(t.target_name.clone(), types);
+        }
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn state(&self) -> Result<Option<SinkState>> {
+        let c = self.take().await?;
+        let state = state::read(&self.ep, &c).await?;
+        self.give(c).await;
+        Ok(state)
+    }
+
+    async fn start(&self, position: Position, origin: &str) -> Result<()> {
+        let c = self.take().await?;
+        c.execute(
+            "INSERT INTO switchyard.checkpoint (id, commit, ordinal, origin) VALUES (1, $1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET commit = $1, ordinal = $2, origin = $3, updated_at = now()",
+            &[&(position.commit as i64), &(position.ordinal as i64), &origin],
+        )
+        .await
+        .map_err(self.pg("recording the start position"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn forget_table(&self, name: &str) -> Result<()> {
+        let c = self.take().await?;
+        c.execute(
+            "DELETE FROM switchyard.table_state WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(self.pg("forgetting a table's copy state"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn begin_table(&self, table: &TableSchema) -> Result<()> {
+        let mut c = self.take().await?;
+        let tx = c.transaction().await.map_err(self.pg("beginning"))?;
+        tx.batch_execute(&format!("TRUNCATE {}", quote_ident(&table.target_name)))
+            .await
+            .map_err(self.pg(&format!("emptying {}", table.target_name)))?;
+        tx.execute(
+            "INSERT INTO switchyard.table_state (name, status) VALUES ($1, 'copying')
+             ON CONFLICT (name) DO UPDATE SET status = 'copying', commit = 0, ordinal = 0, rows = 0, updated_at = now()",
+            &[&table.name],
+        )
+        .await
+        .map_err(self.pg("recording the copy state"))?;
+        tx.commit().await.map_err(self.pg("committing"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<u64> {
+        let types = self.column_types(table).await;
+        // Rows still to load: a value the target refuses takes its row out
+        // (to the reject file) and the rest are loaded again.
+        let mut pending: Vec<&Row> = rows.iter().collect();
+        loop {
+            let mut data = String::with_capacity(pending.len() * 64);
+            for row in &pending {
+                for (i, v) in row.iter().enumerate() {
+                    if i > 0 {
+                        data.push('\t');
+                    }
+                    copy_field(&mut data, to_text(v, &types[i]).as_deref());
+                }
+                data.push('\n');
+            }
+            let what = format!("loading {} rows into {}", pending.len(), table.target_name);
+            let c = self.take().await?;
+            let e = match Self::copy_in(&c, table, data).await {
+                Ok(()) => {
+                    self.give(c).await;
+                    return Ok(pending.len() as u64);
+                }
+                Err(e) => e,
+            };
+            // After a refused COPY the session is ready for the next one.
+            self.give(c).await;
+            let line = misfit_code(&e)
+                .then(|| copy_line(&e, table))
+                .flatten()
+                .filter(|l| (1..=pending.len()).contains(l));
+            let Some(line) = line else {
+                return Err(row_error(&self.ep, table, &what, e));
+            };
+            let row = pending.remove(line - 1);
+            let column = copy_column(&e, table).or_else(|| nul_column(row));
+            self.refuse(table, row, column, &e, "snapshot", None)?;
+        }
+    }
+
+    async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {
+        let mut c = self.take().await?;
+        let tx = c.transaction().await.map_err(self.pg("beginning"))?;
+        if self.mode == SchemaMode::Create && !table.whole_row {
+            // The primary key of a table created without one, in the same
+            // transaction as its "copied" mark: streaming never meets a
+            // copied table without its key.
+            let name = quote_ident(&table.target_name);
+            let has_key = tx
+                .query_opt(
+                    "SELECT 1 FROM pg_index WHERE indrelid = to_regclass($1) AND indisprimary",
+                    &[&name],
+                )
+                .await
+                .map_err(self.pg("reading the target's primary key"))?
+                .is_some();
+            if !has_key {
+                tx.batch_execute(&primary_key_ddl(table))
+                    .await
+                    .map_err(|e| {
+                        use tokio_postgres::error::SqlState;
+                        let advice = match e.code() {
+                            Some(c) if *c == SqlState::UNIQUE_VIOLATION => Some(
+                                "the copy holds a key twice: tables.keys names columns that are not unique in the source, \
+                                 or two source keys became equal as target values (SQLite texts of one date-time, say), \
+                                 or a load was retried after a lost reply (start again: the table is copied anew)",
+                            ),
+                            Some(c) if *c == SqlState::NOT_NULL_VIOLATION => Some(
+                                "a key column holds NULL in the source: name key columns without NULLs in tables.keys",
+                            ),
+                            _ => None,
+                        };
+                        let e = pg_error(&self.ep, &format!("building the primary key of {}", table.target_name), e);
+                        match advice {
+                            Some(a) => e.context(format!("table {:?}: {a}", table.name)),
+                            None => e,
+                        }
+                    })?;
+                info!(table = %table.target_name, "primary key built after the load");
+            }
+        }
+        tx.execute(
+            "UPDATE switchyard.table_state SET status = 'done', commit = $2, ordinal = $3, rows = $4, source_id = $5, updated_at = now() WHERE name = $1",
+            &[&table.name, &(position.commit as i64), &(position.ordinal as i64), &(rows as i64), &table.source_id],
+        )
+        .await
+        .map_err(self.pg("marking the table as copied"))?;
+        tx.commit().await.map_err(self.pg("committing"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn after_snapshot(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
+        if self.mode != SchemaMode::Create {
+            return Ok(());
+        }
+        let c = self.take().await?;
+        // Identity columns continue past the highest value copied.
+        for t in tables {
+            for d in t.column_defaults.iter().filter(|d| d.identity) {
+                let col = &t.columns[d.column].name;
+                c.execute(
+                    &format!(
+                        "SELECT setval(s, GREATEST((SELECT max({}) FROM {}), 1)) FROM pg_get_serial_sequence($1, $2) AS s WHERE s IS NOT NULL",
+                        quote_ident(col),
+                        quote_ident(&t.target_name)
+                    ),
+                    &[&quote_ident(&t.target_name), col],
+                )
+                .await
+                .map_err(self.pg(&format!("moving the identity of {}.{col}", t.target_name)))?;
+            }
+        }
+        for ddl in secondary_ddl(tables) {
+            match ddl {
+                Ok((name, sql)) => {
+                    let exists = c
+                        .query_opt("SELECT 1 FROM pg_class WHERE relname = $1 UNION ALL SELECT 1 FROM pg_constraint WHERE conname = $1", &[&name])
+                        .await
+                        .map_err(self.pg("reading the target catalog"))?;
+                    if exists.is_none() {
+                        c.batch_execute(&sql)
+                            .await
+                            .map_err(self.pg(&format!("building {name}")))?;
+                        info!(name = %name, "built after the load");
+                    }
+                }
+                Err(why) => warn!("{why}"),
+            }
+        }
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn takes_copy_text(&self, table: &TableSchema) -> bool {
+        if !self.source_is_postgres {
+            return false;
+        }
+        let types = self.column_types(table).await;
+        table
+            .columns
+            .iter()
+            .zip(&types)
+            .all(|(c, t)| &c.source_type == t)
+    }
+
+    async fn load_copy_text(
+        &self,
+        table: &TableSchema,
+        mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> Result<u64> {
+        let c = self.take().await?;
+        let what = format!("loading {} as COPY text", table.target_name);
+        let sink = c
+            .copy_in::<_, bytes::Bytes>(copy_sql(table).as_str())
+            .await
+            .map_err(self.pg(&what))?;
+        futures::pin_mut!(sink);
+        let mut rows = 0u64;
+        while let Some(chunk) = chunks.recv().await {
+            // COPY text escapes newlines inside values: each one ends a row.
+            rows += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+            sink.send(chunk)
+                .await
+                .map_err(|e| row_error(&self.ep, table, &what, e))?;
+        }
+        sink.finish()
+            .await
+            .map_err(|e| row_error(&self.ep, table, &what, e))?;
+        self.give(c).await;
+        Ok(rows)
+    }
+
+    /// Rendered by the target itself: the rows' values, cast to the target's
+    /// column types, as `ROW(…)::text` (how `SELECT t::text` shows a stored
+    /// row), and the key likewise; one query per batch.
+    async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<Record>> {
+        let types = self.column_types(table).await;
+        let c = self.take().await?;
+        let what = format!("rendering rows of {} for verify", table.target_name);
+        let out = match compare::render(&c, table, &types, rows).await {
+            Ok(out) => out,
+            // Rows the run sets aside are not expected in the target.
+            Err(e) if misfit_code(&e) && self.rejects.enabled() => {
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    match compare::render(&c, table, &types, std::slice::from_ref(row)).await {
+                        Ok(r) => out.extend(r),
+                        Err(e) if misfit_code(&e) => {
+                            self.refuse(table, row, nul_column(row), &e, "verify", None)?
+                        }
+                        Err(e) => return Err(pg_error(&self.ep, &what, e)),
+                    }
+                }
+                out
+            }
+            Err(e) => return Err(pg_error(&self.ep, &what, e)),
+        };
+        self.give(c).await;
+        Ok(out)
+    }
+
+    /// Pages in key order (tables without a key: in `ctid` order).
+    async fn records(
+        &self,
+        table: &TableSchema,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page> {
+        let types = self.column_types(table).await;
+        let c = self.take().await?;
+        let page = compare::records(&c, &self.ep, table, &types, after, limit).await?;
+        self.give(c).await;
+        Ok(page)
+    }
+
+    async fn apply(&self, changes: &[Change], checkpoint: Position) -> Result<Durable> {
+        match self.apply_batch(changes, checkpoint, false).await {
+            Ok(()) => Ok(Durable::committed(checkpoint)),
+            // A value the target refuses: once more change by change, to
+            // name the change (and set it aside where that is configured).
+            Err(f) if f.misfit => {
+                info!(error = %f.error.report(), "the batch failed on a value or a unique index; applying it change by change");
+                match self.apply_batch(changes, checkpoint, true).await {
+                    Ok(()) => Ok(Durable::committed(checkpoint)),
+                    Err(f) => {
+                        warn!(error = %f.error.report(), "applying a batch to PostgreSQL failed");
+                        Err(f.error)
+                    }
+                }
+            }
+            Err(f) => {
+                warn!(error = %f.error.report(), "applying a batch to PostgreSQL failed");
+                Err(f.error)
+            }
+        }
+    }
+}
+
+/// Why a batch failed, and whether a value did not fit a column's type.
+struct Failure {
+    error: Error,
+    misfit: bool,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Self {
+            error,
+            misfit: false,
+        }
+    }
+}
+
+impl PgSink {
+    /// One transaction: the changes in order, then the checkpoint. `careful`:
+    /// one statement per change, and where `pipeline.reject_dir` is set each
+    /// change under a savepoint, so that a change whose value the target
+    /// refuses is rolled back, written to the reject file and its row's
+    /// old version deleted, and the rest commits.
+    async fn apply_batch(
+        &self,
+        changes: &[Change],
+        checkpoint: Position,
+        careful: bool,
+    ) -> std::result::Result<(), Failure> {
+        // A refused value, or a unique index meeting a grouped statement's
+        // order (the last change of each key, in the order of those last
+        // changes): the batch goes again change by change, in source order.
+        let failed = |table: &TableSchema, what: &str, e: tokio_postgres::Error| Failure {
+            misfit: misfit_code(&e)
+                || (!careful
+                    && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)),
+            error: row_error(&self.ep, table, what, e),
+        };
+        let mut c = self.take().await?;
+        let tx = c.transaction().await.map_err(self.pg("beginning"))?;
+        let cp = tx
+            .query_opt(
+                "SELECT commit, ordinal FROM switchyard.checkpoint WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(self.pg("reading the checkpoint"))?
+            .map(|r| Position::new(r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64));
+        if cp.is_some_and(|cp| cp > checkpoint) {
+            return Err(Error::definite(format!(
+                "refusing to move the checkpoint backwards from {} to {checkpoint}",
+                cp.expect("checked")
+            ))
+            .into());
+        }
+        if cp == Some(checkpoint) && !changes.is_empty() {
+            // Committed before a lost reply: not applied again.
+            info!(checkpoint = %checkpoint, "the batch was committed before the connection was lost; not applying it again");
+            drop(tx);
+            self.give(c).await;
+            return Ok(());
+        }
+        // Target types per table shape: a batch may hold a table's changes
+        // from before and after a column was added.
+        let mut types = plan::Types::new();
+        for ch in changes {
+            let at = plan::shape(&ch.table);
+            if !types.contains_key(&at) {
+                types.insert(at, self.column_types(&ch.table).await);
+            }
+        }
+        for step in plan::plan(changes, &types, careful, self.replica_role) {
+            match step {
+                Step::Grouped {
+                    table,
+                    sql,
+                    params,
+                    run,
+                } => {
+                    let refs = sql_params(&params);
+                    tx.execute(sql.as_str(), &refs).await.map_err(|e| {
+                        let what = format!(
+                            "applying {} upserts of table {:?} (keys {} … {})",
+                            run.len(),
+                            table.name,
+                            table.describe_key(&run[0].key()),
+                            table.describe_key(&run[run.len() - 1].key())
+                        );
+                        failed(table, &what, e)
+                    })?;
+                }
+                Step::Truncate { table, sql } => {
+                    tx.batch_execute(&sql)
+                        .await
+                        .map_err(|e| failed(table, "applying a truncate", e))?;
+                }
+                Step::Change { change, statements } => {
+                    let types = &types[&plan::shape(&change.table)];
+                    self.apply_change(&tx, change, statements, types, careful)
+                        .await?;
+                }
+            }
+        }
+        tx.execute(
+            "INSERT INTO switchyard.checkpoint (id, commit, ordinal) VALUES (1, $1, $2)
+             ON CONFLICT (id) DO UPDATE SET commit = $1, ordinal = $2, updated_at = now()",
+            &[&(checkpoint.commit as i64), &(checkpoint.ordinal as i64)],
+        )
+        .await
+        .map_err(self.pg("moving the checkpoint"))?;
+        tx.commit().await.map_err(self.pg("committing the batch"))?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    /// One change's statements inside the batch's transaction. `careful`
+    /// with `pipeline.reject_dir`: under a savepoint, so that a change whose
+    /// value the target refuses is rolled back and set aside.
+    async fn apply_change(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        ch: &Change,
+        statements: Vec<Statement>,
+        types: &[String],
+        careful: bool,
+    ) -> std::result::Result<(), Failure> {
+        let t = &ch.table;
+        let set_aside = careful && self.rejects.enabled();
+        let failed = |what: &str, e: tokio_postgres::Error| Failure {
+            misfit: misfit_code(&e),
+            error: row_error(&self.ep, t, what, e),
+        };
+        if set_aside {
+            tx.batch_execute("SAVEPOINT switchyard_change")
+                .await
+                .map_err(self.pg("setting a savepoint"))?;
+        }
+        for st in statements {
+            let refs = sql_params(&st.params);
+            let n = match tx.execute(st.sql.as_str(), &refs).await {
+                Ok(n) => n,
+                Err(e) if set_aside && misfit_code(&e) => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT switchyard_change")
+                        .await
+                        .map_err(self.pg("rolling back to the savepoint"))?;
+                    self.set_aside_change(tx, ch, types, &e).await?;
+                    break;
+                }
+                Err(e) if careful && misfit_code(&e) => {
+                    // Without reject_dir: the change, its column where
+                    // known, and what to do.
+                    let refused = match &ch.op {
+                        Op::Insert { row } | Op::Update { row, .. } => {
+                            let column = self.refused_column(types, row).await;
+                            self.refuse(t, row, column, &e, "stream", Some(ch.position))
+                                .err()
+                        }
+                        _ => None,
+                    };
+                    return Err(match refused {
+                        Some(error) => Failure {
+                            error,
+                            misfit: true,
+                        },
+                        None => {
+                            let what = format!(
+                                "applying a {} of table {:?}, key {}",
+                                ch.kind(),
+                                t.name,
+                                t.describe_key(&ch.key())
+                            );
+                            failed(&what, e)
+                        }
+                    });
+                }
+                Err(e) => {
+                    let what = format!(
+                        "applying a {} of table {:?}, key {}",
+                        ch.kind(),
+                        t.name,
+                        t.describe_key(&ch.key())
+                    );
+                    return Err(failed(&what, e));
+                }
+            };
+            if st.must_touch && n == 0 {
+                return Err(Error::definite(format!(
+                    "table {:?}: the target has no row for the {} of {}; the target's copy is out of step: copy the table again (run once with it in tables.exclude, then without)",
+                    t.name,
+                    ch.kind(),
+                    t.describe_key(&ch.key())
+                ))
+                .into());
+            }
+        }
+        if set_aside {
+            tx.batch_execute("RELEASE SAVEPOINT switchyard_change")
+                .await
+                .map_err(self.pg("releasing a savepoint"))?;
+        }
+        Ok(())
+    }
+
+    /// A change whose new values the target refuses: written to the reject
+    /// file (synced before the batch commits), and the row's old version
+    /// deleted, so that the target holds no version of a rejected row.
+    async fn set_aside_change(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        ch: &Change,
+        types: &[String],
+        e: &tokio_postgres::Error,
+    ) -> Result<()> {
+        let t = &ch.table;
+        let (row, old_key) = match &ch.op {
+            Op::Insert { row } => (row, None),
+            Op::Update { old_key, row } => (row, old_key.clone()),
+            // A key the target cannot hold: no such row is there to delete.
+            _ => {
+                info!(table = %t.name, key = %t.describe_key(&ch.key()), "a delete of a key the target cannot hold: nothing to delete");
+                return Ok(());
+            }
+        };
+        let column = self.refused_column(types, row).await;
+        self.refuse(t, row, column, e, "stream", Some(ch.position))?;
+        // Counted rows (no key): an insert leaves nothing behind; an update
+        // removes one copy of the old row.
+        let gone: Vec<Vec<Value>> = if t.whole_row {
+            old_key.into_iter().collect()
+        } else {
+            std::iter::once(t.key_of(row)).chain(old_key).collect()
+        };
+        for key in gone {
+            for st in statements(t, types, &Op::Delete { key }) {
+                let refs = sql_params(&st.params);
+                // A key the target cannot hold (the refused value is in the
+                // key) is not there: its delete alone is rolled back.
+                tx.batch_execute("SAVEPOINT switchyard_delete")
+                    .await
+                    .map_err(self.pg("setting a savepoint"))?;
+                match tx.execute(st.sql.as_str(), &refs).await {
+                    Ok(_) => {}
+                    Err(e) if misfit_code(&e) => tx
+                        .batch_execute("ROLLBACK TO SAVEPOINT switchyard_delete")
+                        .await
+                        .map_err(self.pg("rolling back to the savepoint"))?,
+                    Err(e) => {
+                        return Err(row_error(
+                            &self.ep,
+                            t,
+                            "deleting the old version of a rejected row",
+                            e,
+                        ))
+                    }
+                }
+                tx.batch_execute("RELEASE SAVEPOINT switchyard_delete")
+                    .await
+                    .map_err(self.pg("releasing a savepoint"))?;
+            }
+        }
+        Ok(())
+    }
+}

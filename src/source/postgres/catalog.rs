@@ -1,0 +1,576 @@
+//! What the catalog says about the replicated tables: discovery (columns,
+//! keys, types, indexes, foreign keys, enums, defaults, the server's and the
+//! role's fitness for logical replication), and the type of a column added
+//! while streaming. Reads only.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tokio_postgres::Client;
+
+use crate::config::TableFilter;
+use crate::error::Result;
+use crate::model::{Column, ColumnDefault, LogicalType, Secondary, TableSchema};
+use crate::pg::conn::{pg_error, PgEndpoint};
+use crate::pg::{quote_ident, quote_qualified};
+use crate::source::{Discovery, Problem};
+
+/// A table as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct PgTable {
+    /// The table's OID: pgoutput names relations by it.
+    pub oid: u32,
+    /// A plain table (not a partitioned root): read with `ONLY`, without
+    /// the rows of inheritance children (their changes are not its own).
+    pub only: bool,
+    pub schema: String,
+    pub name: String,
+    /// Column type OIDs (domains resolved to their base type; an array's
+    /// element type).
+    pub types: Vec<u32>,
+}
+
+impl PgTable {
+    pub fn qualified(&self) -> String {
+        quote_qualified(&self.schema, &self.name)
+    }
+}
+
+/// The name switchyard uses for a table: `table` in `public`, else `schema.table`.
+pub fn display_name(schema: &str, table: &str) -> String {
+    if schema == "public" {
+        table.to_string()
+    } else {
+        format!("{schema}.{table}")
+    }
+}
+
+/// What discovery needs to know of the config.
+pub struct Selection<'a> {
+    pub filter: &'a TableFilter,
+    pub renames: &'a BTreeMap<String, String>,
+    pub publication: &'a str,
+    /// The publication exists: its tables are the candidates.
+    pub published: bool,
+    /// Switchyard may create the publication when it is missing.
+    pub create_publication: bool,
+    /// Columns without a mapping for the target travel as text.
+    pub unmapped_as_text: bool,
+    /// A PostgreSQL target reads every type's text form as that type.
+    pub target_is_postgres: bool,
+}
+
+/// The selected tables and what stands in their way, with their catalog
+/// entries by switchyard's name.
+pub async fn discover(
+    c: &Client,
+    ep: &PgEndpoint,
+    sel: &Selection<'_>,
+) -> Result<(Discovery, HashMap<String, PgTable>)> {
+    let pg = |what: &'static str| move |e| pg_error(ep, what, e);
+    let mut d = Discovery::default();
+    d.problems.extend(server_problems(c, ep).await?);
+    let candidates = if sel.published {
+        c.query(
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text FROM pg_publication_tables pt
+               JOIN pg_namespace n ON n.nspname = pt.schemaname
+               JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+              WHERE pt.pubname = $1 ORDER BY 2, 3",
+            &[&sel.publication],
+        )
+        .await
+        .map_err(pg("reading the publication's tables"))?
+    } else {
+        if !sel.create_publication {
+            d.problems.push(Problem {
+                table: String::new(),
+                column: None,
+                message: format!(
+                    "publication {:?} does not exist and source.create_publication is false; create it (CREATE PUBLICATION {} FOR TABLE …) or let switchyard create it",
+                    sel.publication,
+                    quote_ident(sel.publication)
+                ),
+                blocking: true,
+            });
+            return Ok((d, HashMap::new()));
+        }
+        c.query(
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+              ORDER BY 2, 3",
+            &[],
+        )
+        .await
+        .map_err(pg("listing tables"))?
+    };
+    let mut catalog = HashMap::new();
+    for r in candidates {
+        let (schema, table): (String, String) = (r.get(1), r.get(2));
+        let name = display_name(&schema, &table);
+        if !sel.filter.matches(&name) {
+            continue;
+        }
+        let entry = PgTable {
+            oid: r.get(0),
+            only: r.get::<_, String>(4) == "r",
+            schema,
+            name: table,
+            types: Vec::new(),
+        };
+        let replident: String = r.get(3);
+        if let Some((t, pg)) = describe(c, ep, sel, entry, &replident, &mut d.problems).await? {
+            catalog.insert(t.name.clone(), pg);
+            d.tables.push(t);
+        }
+    }
+    Ok((d, catalog))
+}
+
+/// What logical replication needs of the server and the role.
+async fn server_problems(c: &Client, ep: &PgEndpoint) -> Result<Vec<Problem>> {
+    let row = c
+        .query_one(
+            "SELECT current_setting('wal_level'), current_user::text,
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading wal_level and the role", e))?;
+    let (wal_level, user, can_replicate): (String, String, Option<bool>) =
+        (row.get(0), row.get(1), row.get(2));
+    let problem = |message: String| Problem {
+        table: "(source)".into(),
+        column: None,
+        message,
+        blocking: true,
+    };
+    let mut out = Vec::new();
+    if wal_level != "logical" {
+        out.push(problem(format!(
+            "the server runs with wal_level = {wal_level}; logical replication needs wal_level = logical (ALTER SYSTEM SET wal_level = logical, then restart the server)"
+        )));
+    }
+    if can_replicate != Some(true) {
+        out.push(problem(format!(
+            "role {user:?} may not start replication; ALTER ROLE {} REPLICATION (or use a role that has it)",
+            quote_ident(&user)
+        )));
+    }
+    Ok(out)
+}
+
+/// One candidate table as the pipeline sees it, with its catalog entry; or
+/// `None` with the blocking problem that keeps it out.
+async fn describe(
+    c: &Client,
+    ep: &PgEndpoint,
+    sel: &Selection<'_>,
+    mut pg: PgTable,
+    replident: &str,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<(TableSchema, PgTable)>> {
+    let name = display_name(&pg.schema, &pg.name);
+    let (mut columns, types) = columns(c, ep, sel, pg.oid, &name, problems).await?;
+    pg.types = types;
+    let key = key_columns(c, ep, pg.oid, &columns).await?;
+    let target_name = sel
+        .renames
+        .get(&name)
+        .cloned()
+        .unwrap_or_else(|| name.replace('.', "_"));
+    let source_id = pg.oid.to_string();
+    if key.is_empty() && replident == "f" {
+        // REPLICA IDENTITY FULL: the old row image identifies the row.
+        problems.push(Problem {
+            table: name.clone(),
+            column: None,
+            message: "no key: rows are identified by their whole value (REPLICA IDENTITY FULL)"
+                .into(),
+            blocking: false,
+        });
+        let t = TableSchema {
+            source_id,
+            ..TableSchema::whole_row(name, target_name, columns)
+        };
+        return Ok(Some((t, pg)));
+    }
+    if key.is_empty() {
+        problems.push(Problem {
+            table: name.clone(),
+            column: None,
+            message: format!(
+                "no primary key or replica identity index, so its UPDATEs and DELETEs cannot be matched to a row; add a primary key, or ALTER TABLE {q} REPLICA IDENTITY USING INDEX <unique index>, or ALTER TABLE {q} REPLICA IDENTITY FULL (rows identified by their whole value), or exclude the table",
+                q = pg.qualified()
+            ),
+            blocking: true,
+        });
+        return Ok(None);
+    }
+    for &k in &key {
+        columns[k].nullable = false;
+    }
+    let secondary = secondary(c, ep, pg.oid).await?;
+    let enum_types = enum_types(c, ep, pg.oid).await?;
+    let column_defaults = column_defaults(c, ep, pg.oid, &columns).await?;
+    if sel.target_is_postgres {
+        // An array whose type the target keeps travels as its own text,
+        // lower bounds and all (`[0:1]={a,b}`), not as JSON.
+        for col in columns.iter_mut() {
+            if col.logical == LogicalType::Json
+                && col.source_type.ends_with("[]")
+                && (crate::schema::postgres::is_built_in(&col.source_type)
+                    || crate::schema::postgres::is_enum(&enum_types, &col.source_type))
+            {
+                col.logical = LogicalType::Text;
+            }
+        }
+    }
+    let t = TableSchema {
+        source_id,
+        secondary,
+        enum_types,
+        column_defaults,
+        ..TableSchema::keyed(name, target_name, columns, key)
+    };
+    Ok(Some((t, pg)))
+}
+
+/// A table's replicated columns (generated ones are computed, not
+/// replicated) and their type OIDs; a type the target has no mapping for
+/// is a problem.
+async fn columns(
+    c: &Client,
+    ep: &PgEndpoint,
+    sel: &Selection<'_>,
+    oid: u32,
+    table: &str,
+    problems: &mut Vec<Problem>,
+) -> Result<(Vec<Column>, Vec<u32>)> {
+    let rows = c
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END,
+                    a.attnotnull, t.typtype::text,
+                    CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+              ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading columns", e))?;
+    let mut columns = Vec::new();
+    let mut types = Vec::new();
+    for col in &rows {
+        let cname: String = col.get(0);
+        let declared: String = col.get(1);
+        let typtype: String = col.get(4);
+        let (logical, native, base) = column_type(col.get(2), col.get(5));
+        if !native && typtype != "e" && !sel.target_is_postgres {
+            problems.push(Problem {
+                table: table.to_string(),
+                column: Some(cname.clone()),
+                message: if sel.unmapped_as_text {
+                    format!("type {declared} is carried as its PostgreSQL text form")
+                } else {
+                    format!(
+                        "type {declared} has no mapping for the target; set source.unmapped_as_text = true to carry it as its PostgreSQL text form, or exclude the table"
+                    )
+                },
+                blocking: !sel.unmapped_as_text,
+            });
+        }
+        types.push(base);
+        columns.push(Column {
+            name: cname,
+            source_type: declared,
+            logical,
+            nullable: !col.get::<_, bool>(3),
+        });
+    }
+    Ok((columns, types))
+}
+
+/// A column's logical type, whether it maps natively, and the type OID its
+/// values are read as: an array travels as a JSON array of its elements
+/// (read as the element type).
+fn column_type(base: u32, element: u32) -> (LogicalType, bool, u32) {
+    if element != 0 {
+        (LogicalType::Json, true, element)
+    } else {
+        let (l, n) = logical_for(base);
+        (l, n, base)
+    }
+}
+
+/// The key: the replica identity index if there is one (its columns are
+/// what the old key image holds), else the primary key.
+async fn key_columns(
+    c: &Client,
+    ep: &PgEndpoint,
+    oid: u32,
+    columns: &[Column],
+) -> Result<Vec<usize>> {
+    let rows = c
+        .query(
+            "SELECT a.attname::text
+               FROM (SELECT indrelid, indkey FROM pg_index
+                      WHERE indrelid = $1 AND (indisprimary OR indisreplident)
+                      ORDER BY indisreplident DESC, indisprimary DESC LIMIT 1) i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+              ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading the key", e))?;
+    let mut key = Vec::new();
+    for k in rows {
+        let kname: String = k.get(0);
+        if let Some(i) = columns.iter().position(|c| c.name == kname) {
+            if !key.contains(&i) {
+                key.push(i);
+            }
+        }
+    }
+    Ok(key)
+}
+
+/// Whether a default expression means the same in another database: a
+/// literal (with its cast), a number, a boolean, or a clock or uuid function.
+fn portable_default(e: &str) -> bool {
+    let e = e.trim();
+    const FUNCTIONS: &[&str] = &[
+        "now()",
+        "CURRENT_TIMESTAMP",
+        "CURRENT_DATE",
+        "CURRENT_TIME",
+        "LOCALTIMESTAMP",
+        "LOCALTIME",
+        "gen_random_uuid()",
+        "true",
+        "false",
+        "NULL",
+    ];
+    if FUNCTIONS.contains(&e) {
+        return true;
+    }
+    if e.parse::<f64>().is_ok()
+        || (e.starts_with('(') && e.ends_with(')') && e[1..e.len() - 1].parse::<f64>().is_ok())
+    {
+        return true;
+    }
+    // 'text'::type, without anything after the cast's type name.
+    if let Some(rest) = e.strip_prefix('\'') {
+        if let Some(end) = rest.rfind("'::") {
+            let ty = &rest[end + 3..];
+            return !rest[..end].contains("'::")
+                && ty
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || " _()[],\"".contains(c));
+        }
+        return rest.ends_with('\'');
+    }
+    false
+}
+
+/// Logical type for a PostgreSQL type OID, and whether it maps natively.
+pub fn logical_for(oid: u32) -> (LogicalType, bool) {
+    use LogicalType as L;
+    match oid {
+        16 => (L::Bool, true),
+        20 | 21 | 23 | 26 => (L::Int, true),
+        700 | 701 => (L::Float, true),
+        1700 => (L::Decimal, true),
+        25 | 1043 | 1042 | 19 | 18 => (L::Text, true),
+        17 => (L::Bytes, true),
+        114 | 3802 => (L::Json, true),
+        1114 | 1184 => (L::Timestamp, true),
+        _ => (L::Text, false),
+    }
+}
+
+/// Identity (and serial) columns, and defaults that mean the same in any
+/// database: constants, `now()` and its kin, `gen_random_uuid()`.
+async fn column_defaults(
+    c: &Client,
+    ep: &PgEndpoint,
+    oid: u32,
+    columns: &[Column],
+) -> Result<Vec<ColumnDefault>> {
+    let rows = c
+        .query(
+            "SELECT a.attname::text, a.attidentity::text, pg_get_expr(d.adbin, d.adrelid)
+               FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                AND (a.attidentity <> '' OR d.adbin IS NOT NULL)",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading the table's defaults", e))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let name: String = r.get(0);
+        let Some(column) = columns.iter().position(|c| c.name == name) else {
+            continue;
+        };
+        let identity_kind: String = r.get(1);
+        let expr: Option<String> = r.get(2);
+        let serial = expr.as_deref().is_some_and(|e| e.starts_with("nextval("));
+        let default = expr.filter(|e| !serial && portable_default(e));
+        if !identity_kind.is_empty() || serial || default.is_some() {
+            out.push(ColumnDefault {
+                column,
+                identity: !identity_kind.is_empty() || serial,
+                default,
+            });
+        }
+    }
+    out.sort_by_key(|d| d.column);
+    Ok(out)
+}
+
+/// The enum types of a table's columns and of its arrays' elements, with
+/// their labels.
+async fn enum_types(c: &Client, ep: &PgEndpoint, oid: u32) -> Result<Vec<(String, Vec<String>)>> {
+    let rows = c
+        .query(
+            "SELECT DISTINCT format_type(t.oid, NULL),
+                    (SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid)
+               FROM pg_attribute a JOIN pg_type at ON at.oid = a.atttypid
+               JOIN pg_type t ON t.oid = CASE WHEN at.typcategory = 'A' AND at.typelem <> 0 THEN at.typelem ELSE at.oid END
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND t.typtype = 'e'",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading the table's enum types", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get::<_, Option<Vec<String>>>(1).unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+/// A table's secondary indexes (not the primary key, not exclusion
+/// constraints) and foreign keys, from the catalog.
+async fn secondary(c: &Client, ep: &PgEndpoint, oid: u32) -> Result<Vec<Secondary>> {
+    let mut out = Vec::new();
+    for r in c
+        .query(
+            "SELECT ic.relname::text, i.indisunique, substring(pg_get_indexdef(i.indexrelid) from ' USING .*$')
+               FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+              WHERE i.indrelid = $1 AND NOT i.indisprimary
+                AND NOT EXISTS (SELECT 1 FROM pg_constraint x WHERE x.conindid = i.indexrelid AND x.contype = 'x')
+              ORDER BY 1",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading the table's indexes", e))?
+    {
+        let using: Option<String> = r.get(2);
+        if let Some(using) = using {
+            out.push(Secondary::Index {
+                name: r.get(0),
+                unique: r.get(1),
+                using: using.trim().to_string(),
+            });
+        }
+    }
+    for r in c
+        .query(
+            "SELECT c.conname::text,
+                    (SELECT array_agg(a.attname::text ORDER BY k.n) FROM unnest(c.conkey) WITH ORDINALITY k(attnum, n)
+                       JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum),
+                    rn.nspname::text, rc.relname::text,
+                    (SELECT array_agg(a.attname::text ORDER BY k.n) FROM unnest(c.confkey) WITH ORDINALITY k(attnum, n)
+                       JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum),
+                    c.confupdtype::text, c.confdeltype::text
+               FROM pg_constraint c JOIN pg_class rc ON rc.oid = c.confrelid JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+              WHERE c.conrelid = $1 AND c.contype = 'f' ORDER BY 1",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading the table's foreign keys", e))?
+    {
+        let action = |code: String| match code.as_str() {
+            "r" => "RESTRICT",
+            "c" => "CASCADE",
+            "n" => "SET NULL",
+            "d" => "SET DEFAULT",
+            _ => "NO ACTION",
+        };
+        let (ns, rel): (String, String) = (r.get(2), r.get(3));
+        out.push(Secondary::ForeignKey {
+            name: r.get(0),
+            columns: r.get(1),
+            references: display_name(&ns, &rel),
+            ref_columns: r.get(4),
+            actions: format!(
+                "ON UPDATE {} ON DELETE {}",
+                action(r.get(5)),
+                action(r.get(6))
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// A column that a Relation message shows and the replicated table lacks.
+pub struct AddedColumn {
+    pub column: Column,
+    /// The OID its values are read as.
+    pub read_as: u32,
+    /// Rows that existed before hold a default the stream never sent.
+    pub has_missing_default: bool,
+}
+
+/// The type of a column added while streaming, from its type OID and
+/// modifier as the Relation message gives them.
+pub async fn added_column(
+    c: &Client,
+    ep: &PgEndpoint,
+    table_oid: u32,
+    name: &str,
+    type_oid: u32,
+    type_modifier: i32,
+) -> Result<AddedColumn> {
+    let row = c
+        .query_one(
+            "SELECT format_type(t.oid, $2), CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END,
+                    (SELECT a.atthasmissing FROM pg_attribute a WHERE a.attrelid = $3 AND a.attname = $4),
+                    CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END
+               FROM pg_type t WHERE t.oid = $1",
+            &[&type_oid, &type_modifier, &table_oid, &name],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading the type of an added column", e))?;
+    let (logical, _, read_as) = column_type(row.get(1), row.get(3));
+    Ok(AddedColumn {
+        column: Column {
+            name: name.to_string(),
+            source_type: row.get(0),
+            logical,
+            nullable: true,
+        },
+        read_as,
+        has_missing_default: row.get::<_, Option<bool>>(2) == Some(true),
+    })
+}
+
+/// The row count the planner estimates for a table (progress only).
+pub async fn estimated_rows(c: &Client, ep: &PgEndpoint, t: &PgTable) -> Result<Option<u64>> {
+    let row = c
+        .query_one(
+            "SELECT reltuples::int8 FROM pg_class WHERE oid = $1",
+            &[&t.oid],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "estimating the row count", e))?;
+    let n: i64 = row.get(0);
+    Ok((n >= 0).then_some(n as u64))
+}

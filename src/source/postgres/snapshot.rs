@@ -1,0 +1,193 @@
+//! The snapshot: a table's rows read in the slot's exported snapshot with
+//! `COPY (SELECT …) TO STDOUT`, as decoded rows or as the COPY text itself,
+//! a large table in block ranges read at once in the same snapshot.
+
+use std::sync::Arc;
+
+use futures::{pin_mut, TryStreamExt};
+use tokio::sync::mpsc;
+
+use super::catalog::PgTable;
+use super::values;
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{Row, TableSchema};
+use crate::pg::conn::{pg_error, PgEndpoint};
+use crate::pg::{quote_ident, quote_literal};
+
+/// Where a COPY part goes: decoded rows in batches, or the COPY text itself.
+#[derive(Clone)]
+pub enum CopyOut {
+    Rows(mpsc::Sender<Vec<Row>>, usize),
+    Text(mpsc::Sender<bytes::Bytes>),
+}
+
+/// A part of a table's heap, in blocks: `[from, to)`, `to` open for the last.
+type BlockRange = Option<(u32, Option<u32>)>;
+
+/// Copies tables, several COPY readers at once at most.
+pub struct Copier {
+    pub ep: PgEndpoint,
+    /// COPY readers running at once, over all tables (`snapshot_workers`).
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// Ranges a large table is read in at once.
+    pub split_parts: usize,
+    /// Tables at least this large (bytes of heap) are read in ranges.
+    pub split_bytes: u64,
+}
+
+impl Copier {
+    fn pg(&self, what: &str) -> impl Fn(tokio_postgres::Error) -> Error + '_ {
+        let what = what.to_string();
+        move |e| pg_error(&self.ep, &what, e)
+    }
+
+    /// Copies a whole table in the exported `snapshot`, in block ranges at
+    /// once where it is large.
+    pub async fn copy(
+        &self,
+        table: &Arc<TableSchema>,
+        pg: &PgTable,
+        snapshot: &str,
+        out: CopyOut,
+    ) -> Result<()> {
+        let ranges = self.ranges(pg).await?;
+        if ranges.len() > 1 {
+            tracing::info!(table = %table.name, parts = ranges.len(), "copying the table in block ranges at once");
+        }
+        let parts = ranges
+            .into_iter()
+            .map(|r| self.copy_part(table, pg, snapshot, r, out.clone()));
+        futures::future::try_join_all(parts).await?;
+        Ok(())
+    }
+
+    /// The parts a table is copied in: the whole table, or for a table of at
+    /// least `split_bytes`, `split_parts` ranges of its blocks (TID range
+    /// scans, PostgreSQL 14 and later), read at once in the same snapshot.
+    async fn ranges(&self, pg: &PgTable) -> Result<Vec<BlockRange>> {
+        if self.split_parts < 2 || self.split_bytes == 0 {
+            return Ok(vec![None]);
+        }
+        let c = self.ep.session().await?;
+        let row = c
+            .query_one(
+                "SELECT pg_relation_size($1::oid), current_setting('block_size')::int8, current_setting('server_version_num')::int4",
+                &[&pg.oid],
+            )
+            .await
+            .map_err(self.pg("reading the table's size"))?;
+        let (bytes, block, version): (i64, i64, i32) = (row.get(0), row.get(1), row.get(2));
+        if version < 140000 || (bytes as u64) < self.split_bytes || block <= 0 {
+            return Ok(vec![None]);
+        }
+        let blocks = (bytes / block) as u32;
+        let step = blocks.div_ceil(self.split_parts as u32).max(1);
+        let mut out = Vec::new();
+        let mut from = 0u32;
+        while from < blocks {
+            let to = from.saturating_add(step);
+            out.push(Some((from, (to < blocks).then_some(to))));
+            from = to;
+        }
+        Ok(out)
+    }
+
+    /// Copies one part of a table in the exported snapshot into `rows`.
+    async fn copy_part(
+        &self,
+        table: &Arc<TableSchema>,
+        pg: &PgTable,
+        snapshot: &str,
+        range: BlockRange,
+        out: CopyOut,
+    ) -> Result<()> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Error::new(ErrorKind::Interrupted, "snapshot stopped"))?;
+        let mut c = self.ep.session().await?;
+        let tx = c
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(self.pg("starting the snapshot transaction"))?;
+        tx.batch_execute(&format!(
+            "SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await
+        .map_err(self.pg("importing the exported snapshot"))?;
+        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let filter = match range {
+            None => String::new(),
+            Some((from, Some(to))) => {
+                format!(" WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid")
+            }
+            Some((from, None)) => format!(" WHERE ctid >= '({from},0)'::tid"),
+        };
+        let only = if pg.only { "ONLY " } else { "" };
+        let sql = format!(
+            "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT",
+            cols.join(", "),
+            pg.qualified()
+        );
+        let stream = tx
+            .copy_out(sql.as_str())
+            .await
+            .map_err(self.pg(&format!("copying {}", table.name)))?;
+        pin_mut!(stream);
+        let (rows, batch_rows) = match out {
+            CopyOut::Rows(rows, n) => (rows, n),
+            CopyOut::Text(text) => {
+                // Whole rows (one per CopyData message) gathered into 1 MiB chunks.
+                let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+                while let Some(chunk) = stream
+                    .try_next()
+                    .await
+                    .map_err(self.pg(&format!("copying {}", table.name)))?
+                {
+                    buf.extend_from_slice(&chunk);
+                    if buf.len() >= 1 << 20 && text.send(buf.split().freeze()).await.is_err() {
+                        return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+                    }
+                }
+                if !buf.is_empty() && text.send(buf.freeze()).await.is_err() {
+                    return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+                }
+                tx.commit()
+                    .await
+                    .map_err(self.pg("ending the snapshot transaction"))?;
+                return Ok(());
+            }
+        };
+        let mut parser = values::CopyTextParser::new(table.columns.len());
+        let mut batch = Vec::with_capacity(batch_rows);
+        let ctx = |e: String| Error::definite(format!("table {:?}: {e}", table.name));
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(self.pg(&format!("copying {}", table.name)))?
+        {
+            for fields in parser.feed(&chunk).map_err(ctx)? {
+                batch.push(values::decode_row(table, &pg.types, fields)?);
+                if batch.len() >= batch_rows {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
+                    if rows.send(full).await.is_err() {
+                        return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+                    }
+                }
+            }
+        }
+        parser.finish().map_err(ctx)?;
+        if !batch.is_empty() && rows.send(batch).await.is_err() {
+            return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+        }
+        tx.commit()
+            .await
+            .map_err(self.pg("ending the snapshot transaction"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,545 @@
+//! SQLite source: triggers feed a change log inside the source database.
+//!
+//! ```text
+//!  install:     log tables and triggers (capture.rs); journal mode → WAL
+//!  snapshot(T): one read transaction reads the log's high water Ct and every row of T
+//!  stream:      poll seq > P in one read transaction, in seq order (poll.rs)   position = seq
+//!  ack(P):      delete log entries with seq <= P (the target has committed them)
+//! ```
+//!
+//! The log columns carry no declared type, so SQLite keeps every value's
+//! storage class exactly (no affinity conversion, see convert.rs). The source
+//! stays usable by its application: WAL mode, a busy timeout, short read
+//! transactions. Opened for a read-only command, nothing is written, not even
+//! the journal mode.
+
+pub mod capture;
+pub mod catalog;
+pub mod convert;
+pub mod poll;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor, SqliteConnection};
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::capture::{
+    capture_ddl, check_capture, existing_triggers, high_water, log_ddl, meta, quote, registry,
+    trigger_names, trimmed_upto, write_tx, CHANGES, META, REGISTRY,
+};
+use self::convert::{convert_row, read_raw, set_aside};
+use self::poll::{poll, Polled};
+use crate::config::{Config, TableFilter};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{Row, TableSchema};
+use crate::position::{Durable, Position, PositionKind};
+use crate::reject::Rejects;
+use crate::retry::Retry;
+use crate::source::{Access, Batch, Discovery, Installed, Pending, Problem, Source, SourceLag};
+
+pub use self::capture::PREFIX;
+
+pub struct SqliteSource {
+    path: PathBuf,
+    pool: SqlitePool,
+    options: SqliteConnectOptions,
+    filter: TableFilter,
+    renames: BTreeMap<String, String>,
+    keys: BTreeMap<String, Vec<String>>,
+    poll_interval: Duration,
+    retry: Retry,
+    /// Where rows whose values do not fit go (`pipeline.reject_dir`).
+    rejects: Arc<Rejects>,
+    /// The last trim, so the log is trimmed every few seconds at most.
+    last_trim: Mutex<Option<(Instant, Position)>>,
+}
+
+impl SqliteSource {
+    /// Opens the database; `ReadOnly` opens it read-only and changes nothing.
+    pub async fn open(
+        path: &Path,
+        config: &Config,
+        rejects: Arc<Rejects>,
+        access: Access,
+    ) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::connect(format!(
+                "SQLite source {} does not exist; check source.url (a relative path is taken from the working directory {})",
+                path.display(),
+                std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default()
+            )));
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(false)
+            .read_only(access == Access::ReadOnly)
+            .busy_timeout(Duration::from_millis(config.source.busy_timeout_ms));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| {
+                Error::connect(format!("cannot open SQLite source {}", path.display()))
+                    .with_source(e)
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            pool,
+            options,
+            filter: config.table_filter()?,
+            renames: config.tables.rename.clone(),
+            keys: config.tables.keys.clone(),
+            poll_interval: Duration::from_millis(config.source.poll_interval_ms),
+            retry: Retry::new(
+                config.pipeline.retry_attempts,
+                Duration::from_millis(config.pipeline.retry_max_delay_ms),
+            ),
+            rejects,
+            last_trim: Mutex::new(None),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn journal_mode(&self) -> Result<String> {
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(mode.to_ascii_lowercase())
+    }
+
+    /// Sets the journal mode on a connection of its own, once every pooled
+    /// connection is closed (leaving WAL needs the only connection).
+    async fn set_journal_mode(&self, mode: &str) -> Result<String> {
+        let mut conn = self.options.connect().await?;
+        let now: String = sqlx::query_scalar(&format!("PRAGMA journal_mode = {mode}"))
+            .fetch_one(&mut conn)
+            .await?;
+        conn.close().await?;
+        Ok(now.to_ascii_lowercase())
+    }
+}
+
+#[async_trait]
+impl Source for SqliteSource {
+    async fn discover(&self) -> Result<Discovery> {
+        let selection = catalog::Selection {
+            filter: &self.filter,
+            renames: &self.renames,
+            keys: &self.keys,
+        };
+        let mut d = catalog::discover(&self.pool, &selection).await?;
+        let mode = self.journal_mode().await?;
+        if mode != "wal" && mode != "memory" {
+            d.problems.push(Problem {
+                table: "(source)".into(),
+                column: None,
+                message: format!(
+                    "journal_mode is {mode}: `switchyard run` switches the database to WAL, so that it reads beside the application's writes; `switchyard uninstall` puts {mode} back"
+                ),
+                blocking: false,
+            });
+        }
+        Ok(d)
+    }
+
+    async fn install(&self, tables: &[Arc<TableSchema>]) -> Result<Installed> {
+        let registry = registry(&self.pool).await?;
+        let mut problems = Vec::new();
+        for t in tables {
+            let now: Vec<String> = t.columns.iter().map(|c| c.name.clone()).collect();
+            if let Some((_, cols)) = registry.get(&t.name) {
+                if cols != &now {
+                    problems.push(format!(
+                        "table {:?} changed its columns since switchyard installed its triggers (then {cols:?}, now {now:?}); run `switchyard uninstall` and copy again into an empty target",
+                        t.name
+                    ));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::definite(problems.join("; ")));
+        }
+        let mode = self.journal_mode().await?;
+        let count = tables.len();
+        let tables = tables.to_vec();
+        let was = mode.clone();
+        let installed = write_tx(&self.pool, move |conn| {
+            Box::pin(async move {
+                conn.execute(log_ddl().as_str()).await?;
+                sqlx::query(&format!(
+                    "INSERT INTO {META} (key, value) VALUES ('journal_mode', ?) ON CONFLICT (key) DO NOTHING"
+                ))
+                .bind(&was)
+                .execute(&mut *conn)
+                .await?;
+                let origin: String =
+                    sqlx::query_scalar(&format!("SELECT value FROM {META} WHERE key = 'origin'"))
+                        .fetch_one(&mut *conn)
+                        .await?;
+                let present = existing_triggers(conn).await?;
+                let mut recaptured = Vec::new();
+                for t in &tables {
+                    let cols: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+                    sqlx::query(&format!(
+                        "INSERT INTO {REGISTRY} (name, columns, key) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING"
+                    ))
+                    .bind(&t.name)
+                    .bind(serde_json::to_string(&cols).unwrap_or_default())
+                    .bind(serde_json::to_string(&t.key_names()).unwrap_or_default())
+                    .execute(&mut *conn)
+                    .await?;
+                    let id: i64 =
+                        sqlx::query_scalar(&format!("SELECT id FROM {REGISTRY} WHERE name = ?"))
+                            .bind(&t.name)
+                            .fetch_one(&mut *conn)
+                            .await?;
+                    if trigger_names(id).iter().any(|n| !present.contains(n)) {
+                        recaptured.push(t.name.clone());
+                    }
+                    for ddl in capture_ddl(t, id) {
+                        conn.execute(ddl.as_str()).await?;
+                    }
+                }
+                Ok(Installed {
+                    origin: format!("sqlite:{origin}"),
+                    recaptured,
+                })
+            })
+        })
+        .await
+        .map_err(|e| {
+            e.context(format!(
+                "installing change capture in {}",
+                self.path.display()
+            ))
+        })?;
+        if mode != "wal" && mode != "memory" {
+            let now = self.set_journal_mode("WAL").await?;
+            info!(was = %mode, now = %now, "switched the source database to WAL journal mode, so that switchyard reads beside the application's writes; `switchyard uninstall` puts it back");
+        }
+        info!(
+            tables = count,
+            new = installed.recaptured.len(),
+            "change capture installed"
+        );
+        Ok(installed)
+    }
+
+    async fn verify_resume(&self, checkpoint: Position) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let high = high_water(&mut tx).await?;
+        let trimmed = trimmed_upto(&mut tx).await?;
+        tx.commit().await?;
+        if high.commit < checkpoint.commit {
+            return Err(Error::definite(format!(
+                "the source's change log ends at {high}, before the target's checkpoint {checkpoint}: \
+                 the source was restored from a backup or replaced. The target holds changes the source no longer has; \
+                 replicate into an empty target (a new namespace or database)"
+            )));
+        }
+        if trimmed > checkpoint.commit as i64 {
+            return Err(Error::definite(format!(
+                "the source's change log was trimmed up to {trimmed}, past the target's checkpoint {checkpoint}: \
+                 another switchyard with another target consumes this source, and the changes in between are gone. \
+                 Give each target its own copy of the source, and replicate into an empty target"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn uninstall(&self) -> Result<()> {
+        let registry = registry(&self.pool).await?;
+        let was = {
+            let mut conn = self.pool.acquire().await?;
+            meta(&mut conn, "journal_mode").await?
+        };
+        let objects: Vec<(String, String)> = sqlx::query_as(
+            "SELECT type, name FROM sqlite_master WHERE name LIKE '\\_switchyard\\_%' ESCAPE '\\' AND type IN ('trigger', 'table')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        write_tx(&self.pool, move |conn| {
+            Box::pin(async move {
+                for (_, name) in objects.iter().filter(|(k, _)| k == "trigger") {
+                    conn.execute(format!("DROP TRIGGER IF EXISTS {}", quote(name)).as_str())
+                        .await?;
+                }
+                for (_, name) in objects.iter().filter(|(k, _)| k == "table") {
+                    conn.execute(format!("DROP TABLE IF EXISTS {}", quote(name)).as_str())
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+        // A log made by an earlier switchyard used AUTOINCREMENT.
+        let _ = sqlx::query("DELETE FROM sqlite_sequence WHERE name = ?")
+            .bind(CHANGES)
+            .execute(&self.pool)
+            .await;
+        self.pool.close().await;
+        if let Some(was) = was.filter(|m| m != "wal") {
+            let now = self.set_journal_mode(&was).await?;
+            info!(journal_mode = %now, "the source's journal mode is back to what it was before switchyard");
+        }
+        info!(
+            tables = registry.len(),
+            "change capture removed from the source"
+        );
+        Ok(())
+    }
+
+    async fn count_rows(&self, table: &TableSchema) -> Result<Option<u64>> {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", quote(&table.name)))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Some(n.max(0) as u64))
+    }
+
+    async fn current_position(&self) -> Result<Position> {
+        let mut conn = self.pool.acquire().await?;
+        high_water(&mut conn).await
+    }
+
+    async fn snapshot(
+        &self,
+        table: Arc<TableSchema>,
+        batch_rows: usize,
+        rows: mpsc::Sender<Vec<Row>>,
+    ) -> Result<Position> {
+        let mut tx = self.pool.begin().await?;
+        // The first read starts the read transaction: the position and the rows
+        // come from the same database state (invariant 3).
+        let at = high_water(&mut tx).await?;
+        let select: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
+        let sql = format!("SELECT {} FROM {}", select.join(", "), quote(&table.name));
+        let all: Vec<usize> = (0..table.columns.len()).collect();
+        let mut stream = sqlx::query(&sql).fetch(&mut *tx);
+        let mut batch = Vec::with_capacity(batch_rows);
+        while let Some(r) = stream.try_next().await? {
+            let raws = (0..all.len())
+                .map(|i| read_raw(&r, i))
+                .collect::<Result<Vec<_>>>()?;
+            match convert_row(&table, raws, &all) {
+                Ok(row) => batch.push(row),
+                Err(m) => set_aside(&self.rejects, &table, m, "snapshot", at)?,
+            }
+            if batch.len() >= batch_rows {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
+                if rows.send(full).await.is_err() {
+                    return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+                }
+            }
+        }
+        drop(stream);
+        if !batch.is_empty() && rows.send(batch).await.is_err() {
+            return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+        }
+        tx.commit().await?;
+        Ok(at)
+    }
+
+    async fn stream(
+        &self,
+        tables: Vec<Arc<TableSchema>>,
+        after: Position,
+        max_batch: usize,
+        changes: mpsc::Sender<Batch>,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        let registry = registry(&self.pool).await?;
+        let mut by_id: HashMap<i64, Arc<TableSchema>> = HashMap::new();
+        for t in &tables {
+            let (id, _) = registry.get(&t.name).ok_or_else(|| {
+                Error::definite(format!(
+                    "table {:?} has no change capture installed",
+                    t.name
+                ))
+            })?;
+            by_id.insert(*id, t.clone());
+        }
+        let mut conn = self.options.connect().await.map_err(|e| {
+            Error::connect(format!("cannot open SQLite source {}", self.path.display()))
+                .with_source(e)
+        })?;
+        let mut last = after.commit as i64;
+        let mut last_version: Option<i64> = None;
+        let mut schema_version: Option<i64> = None;
+        let mut drained = true;
+        let mut backoff = self.retry.backoff();
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let step = self
+                .poll_once(
+                    &mut conn,
+                    &by_id,
+                    last,
+                    max_batch,
+                    drained,
+                    &mut last_version,
+                    &mut schema_version,
+                )
+                .await;
+            let wait = match step {
+                Ok(None) => self.poll_interval,
+                Ok(Some(polled)) => {
+                    backoff = self.retry.backoff();
+                    drained = polled.seen < max_batch;
+                    let Some(end) = polled.end else { continue };
+                    last = end;
+                    let out = Batch {
+                        changes: polled.changes,
+                        upto: Position::new(end as u64, 0),
+                        // The change log has no commit times; lag in seconds
+                        // counts from the last time nothing was behind.
+                        committed_at: None,
+                    };
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        sent = changes.send(out) => if sent.is_err() { return Ok(()) },
+                    }
+                    continue;
+                }
+                Err(e) if e.is_transient() => {
+                    let Some(wait) = backoff.next() else {
+                        return Err(e.context(format!(
+                            "polling the change log of {}",
+                            self.path.display()
+                        )));
+                    };
+                    crate::retry::counted("polling the change log", &e);
+                    warn!(error = %e.report(), retry_in_ms = wait.as_millis() as u64, "polling the change log failed, retrying");
+                    wait
+                }
+                Err(e) => {
+                    return Err(
+                        e.context(format!("polling the change log of {}", self.path.display()))
+                    );
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn ack(&self, durable: Durable) -> Result<()> {
+        let upto = durable.position();
+        {
+            let mut last = self.last_trim.lock().await;
+            if let Some((at, pos)) = *last {
+                if pos >= upto || at.elapsed() < Duration::from_secs(2) {
+                    return Ok(());
+                }
+            }
+            *last = Some((Instant::now(), upto));
+        }
+        let ids: Vec<i64> = registry(&self.pool)
+            .await?
+            .values()
+            .map(|(id, _)| *id)
+            .collect();
+        let seq = upto.commit as i64;
+        write_tx(&self.pool, move |conn| {
+            Box::pin(async move { capture::trim(conn, &ids, seq).await })
+        })
+        .await?;
+        debug!(upto = %upto, "change log trimmed");
+        Ok(())
+    }
+
+    async fn lag(&self, applied: Position) -> Result<SourceLag> {
+        let (rows, head): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*), coalesce(max(seq), ?) FROM {CHANGES} WHERE seq > ?"
+        ))
+        .bind(applied.commit as i64)
+        .bind(applied.commit as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(SourceLag {
+            head: head.to_string(),
+            bytes: rows.max(0) as u64,
+            ..Default::default()
+        })
+    }
+
+    fn position_kind(&self) -> PositionKind {
+        PositionKind::Sequence
+    }
+
+    async fn pending(
+        &self,
+        tables: &[Arc<TableSchema>],
+        after: Position,
+        upto: Position,
+    ) -> Result<Pending> {
+        let registry = registry(&self.pool).await?;
+        let ids: Vec<i64> = tables
+            .iter()
+            .filter_map(|t| registry.get(&t.name).map(|(id, _)| *id))
+            .collect();
+        let mut conn = self.pool.acquire().await?;
+        let n = capture::count_between(&mut conn, &ids, after.commit as i64, upto.commit as i64)
+            .await?;
+        Ok(if n == 0 {
+            Pending::Waiting(0)
+        } else {
+            Pending::Unknown(n)
+        })
+    }
+
+    async fn capture_installed(&self) -> Result<bool> {
+        let mut conn = self.pool.acquire().await?;
+        capture::table_exists(&mut conn, REGISTRY).await
+    }
+}
+
+impl SqliteSource {
+    /// One look at the change log: nothing when no other connection
+    /// committed since the last look and the log was drained; else the
+    /// entries after `last` (the capture checked first after any DDL).
+    #[allow(clippy::too_many_arguments)]
+    async fn poll_once(
+        &self,
+        conn: &mut SqliteConnection,
+        by_id: &HashMap<i64, Arc<TableSchema>>,
+        last: i64,
+        max_batch: usize,
+        drained: bool,
+        last_version: &mut Option<i64>,
+        schema_version: &mut Option<i64>,
+    ) -> Result<Option<Polled>> {
+        // data_version moves when another connection commits.
+        let version: i64 = sqlx::query_scalar("PRAGMA data_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        if drained && *last_version == Some(version) {
+            return Ok(None);
+        }
+        let schema: i64 = sqlx::query_scalar("PRAGMA schema_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        if *schema_version != Some(schema) {
+            check_capture(conn, by_id).await?;
+            *schema_version = Some(schema);
+        }
+        let polled = poll(conn, by_id, last, max_batch, &self.rejects).await?;
+        *last_version = Some(version);
+        Ok(Some(polled))
+    }
+}
