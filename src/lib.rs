@@ -5,8 +5,8 @@
 //! with a checkpoint; the pipeline between them is bounded and retries what is
 //! transient. See `pipeline` for the dataflow.
 //!
-//! Imports run one way: `commands` → `pipeline`, `verify`, `observe` →
-//! `connect` → `source`, `sink` → `schema`, `pg` and the leaves (`model`,
+//! Imports run one way: `commands` → `connect`, `pipeline`, `verify`,
+//! `observe` → `source`, `sink` → `schema`, `pg` and the leaves (`model`,
 //! `position`, `config`, `error`, `reject`, `retry`, `metric`, `redact`).
 //! Sources and sinks never import each other; a module's children never
 //! import their parent's items back (tests/it/layout.rs checks it).

@@ -37,6 +37,8 @@ pub struct SurrealSink {
     endpoint: String,
     namespace: String,
     database: String,
+    /// The namespace and database exist (selected by the connection).
+    defined: std::sync::atomic::AtomicBool,
 }
 
 /// Quotes a SurrealQL identifier with backticks.
@@ -349,14 +351,22 @@ impl SurrealSink {
         let db = signed_in(endpoint, remote, config).await?;
         let namespace = config.target.namespace.clone().unwrap_or_default();
         let database = config.target.database.clone().unwrap_or_default();
-        if let Err(e) = db.use_ns(namespace.clone()).use_db(database.clone()).await {
-            // Not defined yet: `prepare` defines them, `state` says so.
-            if !e.message().contains("does not exist") {
-                return Err(surreal_error(
-                    format!("using namespace {namespace:?}, database {database:?} on {shown}"),
-                    e,
-                ));
-            }
+        // `USE` creates a missing namespace or database: select them only
+        // where they exist (`prepare` defines them; `state` says "never
+        // replicated into" meanwhile).
+        let exists = defined(&db, &namespace, &database)
+            .await
+            .map_err(|e| surreal_error(format!("reading the namespaces of {shown}"), e))?;
+        if exists {
+            db.use_ns(namespace.clone())
+                .use_db(database.clone())
+                .await
+                .map_err(|e| {
+                    surreal_error(
+                        format!("using namespace {namespace:?}, database {database:?} on {shown}"),
+                        e,
+                    )
+                })?;
         }
         info!(endpoint = %shown, namespace = %namespace, database = %database, "connected to SurrealDB");
         Ok(Self {
@@ -366,6 +376,7 @@ impl SurrealSink {
             endpoint: shown,
             namespace,
             database,
+            defined: std::sync::atomic::AtomicBool::new(exists),
         })
     }
 
@@ -402,6 +413,8 @@ impl SurrealSink {
                     e,
                 )
             })?;
+        self.defined
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -522,6 +535,9 @@ impl Sink for SurrealSink {
     }
 
     async fn state(&self) -> Result<Option<SinkState>> {
+        if !self.defined.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
         let read = self
             .run(
                 "reading the checkpoint",
@@ -830,6 +846,28 @@ impl Sink for SurrealSink {
         }
         Ok(Durable::committed(checkpoint))
     }
+}
+
+/// Whether `namespace` and its `database` are defined, read without
+/// selecting (and so creating) either.
+async fn defined(
+    db: &Surreal<Any>,
+    namespace: &str,
+    database: &str,
+) -> std::result::Result<bool, surrealdb::Error> {
+    let names = |info: Option<serde_json::Value>, key: &str| -> Vec<String> {
+        info.and_then(|v| v.get(key).and_then(|m| m.as_object().cloned()))
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let root: Option<serde_json::Value> = db.query("INFO FOR ROOT").await?.take(0)?;
+    if !names(root, "namespaces").iter().any(|n| n == namespace) {
+        return Ok(false);
+    }
+    // The namespace exists: selecting it creates nothing.
+    db.use_ns(namespace.to_string()).await?;
+    let ns: Option<serde_json::Value> = db.query("INFO FOR NS").await?.take(0)?;
+    Ok(names(ns, "databases").iter().any(|d| d == database))
 }
 
 /// A connection to `endpoint`, signed in as the configured root user where

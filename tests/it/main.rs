@@ -10,6 +10,7 @@ mod observe;
 mod pg_crash;
 mod pg_surreal;
 mod pg_target;
+mod readonly;
 mod sqlite_capture;
 mod sqlite_crash;
 mod sqlite_surreal;

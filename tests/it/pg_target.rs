@@ -30,7 +30,7 @@ async fn column_fills(client: &tokio_postgres::Client) -> Vec<(String, Option<St
 }
 
 /// Every row of `table` as PostgreSQL's text of the whole row.
-async fn rows(client: &tokio_postgres::Client, table: &str) -> BTreeSet<String> {
+pub async fn rows(client: &tokio_postgres::Client, table: &str) -> BTreeSet<String> {
     match client
         .query(&format!("SELECT zz_row::text FROM {table} zz_row"), &[])
         .await
@@ -42,7 +42,7 @@ async fn rows(client: &tokio_postgres::Client, table: &str) -> BTreeSet<String> 
     }
 }
 
-async fn wait_same(
+pub async fn wait_same(
     source: &tokio_postgres::Client,
     target: &tokio_postgres::Client,
     tables: &[&str],
@@ -70,13 +70,13 @@ async fn wait_same(
     }
 }
 
-fn target_config(source_text: &str, target: &PgDb) -> Arc<Config> {
+pub fn target_config(source_text: &str, target: &PgDb) -> Arc<Config> {
     let text = target_config_text(source_text, target);
     Arc::new(Config::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
 }
 
 /// A source's config text with the test database as the target.
-fn target_config_text(source_text: &str, target: &PgDb) -> String {
+pub fn target_config_text(source_text: &str, target: &PgDb) -> String {
     source_text
         .replace(
             "url = \"mem://\"",
