@@ -26,6 +26,42 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    #[serde(default)]
+    pub schema_changes: SchemaChangesConfig,
+}
+
+/// What the target does when the source's schema changes while streaming.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaChangesConfig {
+    /// A column dropped in the source: `keep` it in the target (default;
+    /// it stops being filled, and is made nullable), or `drop` it.
+    #[serde(default)]
+    pub drop_column: OnDrop,
+    /// A table dropped in the source: `keep` its copy in the target
+    /// (default; it stops being followed), or `drop` it.
+    #[serde(default)]
+    pub drop_table: OnDrop,
+    /// A table renamed in the source: `follow` (default: the target table
+    /// is renamed), or `keep` the target table's name.
+    #[serde(default)]
+    pub rename_table: OnRename,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDrop {
+    #[default]
+    Keep,
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRename {
+    #[default]
+    Follow,
+    Keep,
 }
 
 /// The HTTP endpoints: `/healthz`, `/readyz`, `/status`, `/metrics`.
@@ -519,6 +555,7 @@ impl Config {
     }
 }
 
+#[derive(Clone)]
 pub struct TableFilter {
     include: GlobSet,
     exclude: GlobSet,

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use crate::position::Position;
 
 /// The type of a column, independent of source and target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogicalType {
     Bool,
@@ -116,7 +116,7 @@ pub fn hex_text(b: &[u8]) -> String {
 /// A row: one value per column, in the table's column order.
 pub type Row = Vec<Value>;
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Column {
     pub name: String,
     /// The type as the source declares it (`VARCHAR(20)`, `int8`, or empty).
@@ -125,8 +125,9 @@ pub struct Column {
     pub nullable: bool,
 }
 
-/// A replicated table as the pipeline sees it.
-#[derive(Debug, Clone, serde::Serialize)]
+/// A replicated table as the pipeline sees it. Serialized with the target's
+/// state: the shape the target holds (see [`TableSchema::same_shape`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TableSchema {
     /// The name in the source.
     pub name: String,
@@ -138,29 +139,38 @@ pub struct TableSchema {
     pub key: Vec<usize>,
     /// The table has no key: a row is identified by all of its values
     /// (PostgreSQL `REPLICA IDENTITY FULL`), and identical rows are counted.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub whole_row: bool,
     /// What identifies this incarnation of the table in the source
     /// (PostgreSQL: its OID), so that a table dropped and created again
     /// under the same name is copied again. Empty where the source has none.
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub source_id: String,
+    /// What identifies each column in the source whatever its name
+    /// (PostgreSQL: its attribute number), parallel to `columns`; empty
+    /// where the source has none (columns are then known by name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub column_ids: Vec<i32>,
+    /// PostgreSQL: the type OID each column's text is read as (a domain's
+    /// base type, an array's element type), parallel to `columns`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_as: Vec<u32>,
     /// Secondary indexes and foreign keys of the source table (PostgreSQL),
     /// which a target that creates its schema builds after the bulk load.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secondary: Vec<Secondary>,
     /// The enum types of the table's columns (PostgreSQL): the type's name as
     /// the source writes it, and its labels in order.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enum_types: Vec<(String, Vec<String>)>,
     /// Identity columns and portable defaults of the source (PostgreSQL), for
     /// a target that creates its schema.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub column_defaults: Vec<ColumnDefault>,
 }
 
 /// How a source column fills itself.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ColumnDefault {
     /// Index into the table's columns.
     pub column: usize,
@@ -170,10 +180,15 @@ pub struct ColumnDefault {
     /// A default expression that means the same in any PostgreSQL database
     /// (a constant, `now()`, …).
     pub default: Option<String>,
+    /// For a column added to a table that had rows: the value those rows
+    /// hold (PostgreSQL's `attmissingval`, as its text), which no row change
+    /// carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub existing: Option<String>,
 }
 
 /// A secondary index or a foreign key of a source table.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Secondary {
     Index {
         name: String,
@@ -201,6 +216,8 @@ impl TableSchema {
             key,
             whole_row: false,
             source_id: String::new(),
+            column_ids: Vec::new(),
+            read_as: Vec::new(),
             secondary: Vec::new(),
             enum_types: Vec::new(),
             column_defaults: Vec::new(),
@@ -217,9 +234,30 @@ impl TableSchema {
             key,
             whole_row: true,
             source_id: String::new(),
+            column_ids: Vec::new(),
+            read_as: Vec::new(),
             secondary: Vec::new(),
             enum_types: Vec::new(),
             column_defaults: Vec::new(),
+        }
+    }
+
+    /// Whether `other` has the same columns (names, types, nullability,
+    /// identities and defaults) and key: no DDL between them.
+    pub fn same_shape(&self, other: &TableSchema) -> bool {
+        self.target_name == other.target_name
+            && self.columns == other.columns
+            && self.key == other.key
+            && self.whole_row == other.whole_row
+            && self.column_ids == other.column_ids
+            && self.column_defaults == other.column_defaults
+    }
+
+    /// The identity of column `i`: its source id where known, else its name.
+    pub fn column_identity(&self, i: usize) -> ColumnIdentity<'_> {
+        match self.column_ids.get(i) {
+            Some(id) => ColumnIdentity::Id(*id),
+            None => ColumnIdentity::Name(&self.columns[i].name),
         }
     }
 
@@ -289,6 +327,31 @@ impl TableSchema {
     }
 }
 
+/// What a column is known by across schema changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnIdentity<'a> {
+    Id(i32),
+    Name(&'a str),
+}
+
+/// A change of a table's definition, in stream order with its rows. The
+/// change's table is the table as it is after it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ddl {
+    /// The table's columns (names, types, nullability, defaults) changed;
+    /// the target brings its table to the change's shape in place.
+    Alter,
+    /// The table must be copied now, at a snapshot of its own: it is new,
+    /// or its rows changed without row changes in the stream (a rewrite, a
+    /// type change the target cannot follow in place, a partition attached,
+    /// detached or truncated).
+    Copy { reason: String },
+    /// The table is gone from the source.
+    Drop,
+    /// The table was renamed in the source: its old source name.
+    Rename { from: String },
+}
+
 /// A row operation, with everything a sink needs to apply it by key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -305,6 +368,8 @@ pub enum Op {
     },
     /// Every row of the table is removed (PostgreSQL `TRUNCATE`).
     Truncate,
+    /// The table's definition changed.
+    Ddl(Ddl),
 }
 
 /// One change of one table, with its source position.
@@ -315,21 +380,32 @@ pub struct Change {
     pub position: Position,
 }
 
-impl Change {
-    pub fn kind(&self) -> &'static str {
-        match self.op {
+impl Op {
+    /// What the operation is, in words (for metrics and messages).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
             Op::Insert { .. } => "insert",
             Op::Update { .. } => "update",
             Op::Delete { .. } => "delete",
             Op::Truncate => "truncate",
+            Op::Ddl(Ddl::Alter) => "alter",
+            Op::Ddl(Ddl::Copy { .. }) => "copy",
+            Op::Ddl(Ddl::Drop) => "drop",
+            Op::Ddl(Ddl::Rename { .. }) => "rename",
         }
+    }
+}
+
+impl Change {
+    pub fn kind(&self) -> &'static str {
+        self.op.kind_name()
     }
 
     pub fn key(&self) -> Vec<Value> {
         match &self.op {
             Op::Insert { row } | Op::Update { row, .. } => self.table.key_of(row),
             Op::Delete { key } => key.clone(),
-            Op::Truncate => Vec::new(),
+            Op::Truncate | Op::Ddl(_) => Vec::new(),
         }
     }
 }

@@ -250,7 +250,8 @@ pub async fn verify(
 ) -> Result<Verdict> {
     sink.state().await?.ok_or_else(never_replicated)?;
     let discovered = source.discover().await?;
-    let mut tables: Vec<Arc<TableSchema>> = discovered.tables.into_iter().map(Arc::new).collect();
+    let mut tables: Vec<Arc<TableSchema>> =
+        discovered.tables.iter().cloned().map(Arc::new).collect();
     if !options.tables.is_empty() {
         for want in &options.tables {
             if !tables.iter().any(|t| &t.name == want) {
@@ -264,6 +265,29 @@ pub async fn verify(
     let mut verdicts = Vec::new();
     for table in &tables {
         verdicts.push(verify_table(&source, &sink, table, options).await?);
+    }
+    // Selected tables the source does not publish are not replicated at
+    // all: a difference, not silence.
+    if options.tables.is_empty() {
+        for p in discovered
+            .problems
+            .iter()
+            .filter(|p| p.message.contains("is not in publication"))
+        {
+            verdicts.push(TableVerdict {
+                table: p.table.clone(),
+                target: String::new(),
+                source_rows: 0,
+                target_rows: 0,
+                chunks: 0,
+                differing_chunks: 0,
+                identical: false,
+                differences_found: 0,
+                differences: Vec::new(),
+                seconds: 0.0,
+                note: Some(p.message.clone()),
+            });
+        }
     }
     Ok(Verdict {
         identical: verdicts.iter().all(|v| v.identical),

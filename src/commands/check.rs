@@ -140,7 +140,8 @@ impl Plan {
 pub async fn check(config: &Config) -> Result<Plan> {
     let source =
         crate::connect::source(config, Arc::new(Rejects::default()), Access::ReadOnly).await?;
-    let discovery = source.discover().await?;
+    let mut discovery = source.discover().await?;
+    discovery.refuse_shared_targets();
     let mut problems = discovery.problems;
     problems.extend(target_problems(config).await?);
     /// Each table with its key, its target identity and each column's target.

@@ -160,6 +160,15 @@ pub async fn status(config: &Config) -> Result<Status> {
         );
         return Ok(out);
     }
+    if let Ok(d) = source.discover().await {
+        for p in d
+            .problems
+            .iter()
+            .filter(|p| p.message.contains("is not in publication"))
+        {
+            out.notes.push(p.to_string());
+        }
+    }
     let lag = source.lag(checkpoint).await?;
     let behind = lag.bytes > 0;
     let updated = state

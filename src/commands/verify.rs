@@ -73,6 +73,8 @@ pub fn render(verdict: &Verdict) -> String {
             t.differing_chunks,
             if t.identical {
                 "identical".to_string()
+            } else if t.differences_found == 0 {
+                "not replicated".to_string()
             } else {
                 format!("{} differences", t.differences_found)
             }

@@ -288,14 +288,22 @@ pub fn pg_error(ep: &PgEndpoint, what: &str, e: tokio_postgres::Error) -> Error 
         None if e.is_closed() => (ErrorKind::Transient, "connection closed".to_string()),
         None => {
             let mut msg = e.to_string();
+            let mut io = false;
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
                 msg.push_str(&format!(": {s}"));
+                io |= s.is::<std::io::Error>();
                 src = s.source();
             }
             // I/O errors (refused, reset) are transient once we were connected;
-            // at startup the caller decides.
-            (ErrorKind::Transient, msg)
+            // at startup the caller decides. Anything else (a parameter that
+            // does not encode, a row that does not decode) is a bug to report.
+            let kind = if io || msg.contains("timed out") {
+                ErrorKind::Transient
+            } else {
+                ErrorKind::Definite
+            };
+            (kind, msg)
         }
     };
     Error::new(

@@ -20,10 +20,13 @@ use crate::model::Change;
 use crate::position::Position;
 use crate::source::Batch;
 
-/// Changes for one target transaction and the checkpoint it carries.
+/// Changes for one target transaction and the checkpoint it carries; or a
+/// table to copy now (a `Ddl::Copy` marker: the stream cuts before it).
 #[derive(Debug)]
 pub struct Chunk {
     pub changes: Vec<Change>,
+    /// A table to copy at a snapshot of its own before anything after it.
+    pub copy: Option<Change>,
     pub upto: Position,
     /// When the source committed what `upto` covers, where the chunk ends
     /// at what was received.
@@ -104,14 +107,29 @@ impl Batcher {
             self.moved_at = Some(now);
             return Some(Chunk {
                 changes: Vec::new(),
+                copy: None,
                 upto: self.upto,
                 committed_at: self.committed_at,
                 more: false,
             });
         }
+        if is_copy(&self.pending[0]) {
+            let marker = self.pending.pop_front().expect("not empty");
+            let skipped = self
+                .skip
+                .get(&marker.table.name)
+                .is_some_and(|ct| marker.position <= *ct);
+            return Some(Chunk {
+                changes: Vec::new(),
+                upto: self.applied,
+                committed_at: None,
+                more: !self.pending.is_empty(),
+                copy: (!skipped).then_some(marker),
+            });
+        }
         let n = self.cut_point();
         let chunk: Vec<Change> = self.pending.drain(..n).collect();
-        let (upto, committed_at) = if self.pending.is_empty() {
+        let (upto, committed_at) = if self.pending.is_empty() && n > 0 {
             (self.upto, self.committed_at)
         } else {
             (
@@ -130,6 +148,7 @@ impl Batcher {
         self.moved_at = Some(now);
         Some(Chunk {
             changes,
+            copy: None,
             upto,
             committed_at,
             more: !self.pending.is_empty(),
@@ -154,17 +173,23 @@ impl Batcher {
 
     /// How many of the pending changes go into the next chunk: all of them
     /// if they fit, else up to the last transaction boundary within `max`;
-    /// a transaction larger than `max` alone is split.
+    /// a transaction larger than `max` alone is split. Never past a table
+    /// to copy.
     fn cut_point(&self) -> usize {
         let p = &self.pending;
-        if p.len() <= self.max {
-            return p.len();
+        let copy = p.iter().position(is_copy).unwrap_or(p.len());
+        if copy <= self.max {
+            return copy;
         }
         (1..=self.max)
             .rev()
             .find(|&i| p[i - 1].position.commit != p[i].position.commit)
             .unwrap_or(self.max)
     }
+}
+
+fn is_copy(c: &Change) -> bool {
+    matches!(c.op, crate::model::Op::Ddl(crate::model::Ddl::Copy { .. }))
 }
 
 #[cfg(test)]

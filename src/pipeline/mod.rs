@@ -113,7 +113,8 @@ impl Pipeline {
 
     /// The selected tables, or every blocking problem at once.
     pub async fn tables(&self) -> Result<Vec<Arc<TableSchema>>> {
-        let d = self.source.discover().await?;
+        let mut d = self.source.discover().await?;
+        d.refuse_shared_targets();
         for p in d.problems.iter().filter(|p| !p.blocking) {
             warn!(table = %p.table, column = p.column.as_deref().unwrap_or(""), "{}", p.message);
         }
@@ -146,7 +147,7 @@ impl Pipeline {
         if let Some(dir) = &self.config.pipeline.reject_dir {
             crate::reject::prepare(dir)?;
         }
-        let tables = self.tables().await?;
+        let tables = self.baseline(self.tables().await?).await?;
         self.retry
             .run("creating the target schema", || self.sink.prepare(&tables))
             .await?;
@@ -232,11 +233,63 @@ impl Pipeline {
             sink: self.sink.clone(),
             observer: self.observer.clone(),
             retry: self.retry,
+            copier,
         };
         let (applied, last) = streamer.run(tables, checkpoint, skip, cancel).await?;
         report.changes_applied = applied;
         report.checkpoint = Some(last.to_string());
         Ok(report)
+    }
+
+    /// The tables as the stream starts from them: a table copied earlier in
+    /// the shape the target holds (schema changes made since reach the
+    /// target in stream order, from there), the others as the source has
+    /// them now.
+    async fn baseline(&self, discovered: Vec<Arc<TableSchema>>) -> Result<Vec<Arc<TableSchema>>> {
+        let held = self
+            .retry
+            .run("reading the target state", || self.sink.state())
+            .await?
+            .unwrap_or_default();
+        // By the source's identity where it has one: a table renamed while
+        // switchyard was stopped is the table the target holds under its
+        // old name, and the stream renames it where the rename happened.
+        let held_shape = |t: &TableSchema| {
+            held.tables.values().find_map(|s| {
+                let shape = s.shape.as_ref().filter(|_| s.status == TableStatus::Done)?;
+                let same = if t.source_id.is_empty() || shape.source_id.is_empty() {
+                    shape.name == t.name
+                } else {
+                    shape.source_id == t.source_id
+                };
+                same.then(|| shape.clone())
+            })
+        };
+        let mut tables: Vec<Arc<TableSchema>> = discovered
+            .into_iter()
+            .map(|t| match held_shape(&t) {
+                Some(shape) => Arc::new(shape),
+                None => t,
+            })
+            .collect();
+        // A table the target holds that the source no longer shows (dropped,
+        // or changed beyond replicating, while switchyard was stopped) is
+        // streamed from its shape too: the stream meets its drop (or the
+        // change) where it happened.
+        let filter = self.config.table_filter()?;
+        for s in held.tables.values() {
+            let Some(shape) = s.shape.as_ref().filter(|_| s.status == TableStatus::Done) else {
+                continue;
+            };
+            let known = tables.iter().any(|t| {
+                t.name == shape.name
+                    || (!shape.source_id.is_empty() && t.source_id == shape.source_id)
+            });
+            if !known && filter.matches(&shape.name) {
+                tables.push(Arc::new(shape.clone()));
+            }
+        }
+        Ok(tables)
     }
 
     /// The target's checkpoint to resume after (refused where the source

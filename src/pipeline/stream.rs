@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use super::batcher::{Batcher, Chunk};
+use super::snapshot::TableCopier;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::{Change, TableSchema};
@@ -31,6 +32,8 @@ pub struct Streamer {
     pub sink: Arc<dyn Sink>,
     pub observer: Arc<Observer>,
     pub retry: Retry,
+    /// Copies tables that appear or must be copied again while streaming.
+    pub copier: TableCopier,
 }
 
 impl Streamer {
@@ -44,12 +47,9 @@ impl Streamer {
         cancel: CancellationToken,
     ) -> Result<(u64, Position)> {
         let cfg = &self.config.pipeline;
-        // Column counts the target was prepared for; a source may hand over a
-        // wider table (a column added while streaming).
-        let mut prepared: HashMap<String, usize> = tables
-            .iter()
-            .map(|t| (t.name.clone(), t.columns.len()))
-            .collect();
+        // Every table streamed, for the indexes and foreign keys of a table
+        // copied while streaming.
+        let mut known = tables.clone();
         let (tx, mut rx) = mpsc::channel::<Batch>(cfg.queue_size);
         let reader_cancel = cancel.child_token();
         // On any return (an apply that failed included) the reader stops and
@@ -116,8 +116,13 @@ impl Streamer {
             }
             // On the way out, what was received is applied and recorded.
             while let Some(chunk) = batcher.next(Instant::now(), !open) {
+                if let Some(marker) = &chunk.copy {
+                    let at = self.copy(marker, &mut known, &cancel).await?;
+                    batcher.copied(&marker.table.name, at);
+                    continue;
+                }
                 let backlog = chunk.more || full;
-                last = self.apply(&chunk, &mut prepared, backlog).await?;
+                last = self.apply(&chunk, backlog).await?;
                 batcher.applied(last);
                 applied += chunk.changes.len() as u64;
                 if !chunk.changes.is_empty() {
@@ -131,33 +136,9 @@ impl Streamer {
         Ok((applied, last))
     }
 
-    /// Applies one chunk with its checkpoint (widening the target first for
-    /// a table that gained columns), then acknowledges it to the source.
-    async fn apply(
-        &self,
-        chunk: &Chunk,
-        prepared: &mut HashMap<String, usize>,
-        backlog: bool,
-    ) -> Result<Position> {
-        let mut wider: Vec<Arc<TableSchema>> = Vec::new();
-        for c in &chunk.changes {
-            if prepared
-                .get(&c.table.name)
-                .is_some_and(|n| *n != c.table.columns.len())
-                && !wider.iter().any(|t| t.name == c.table.name)
-            {
-                wider.push(c.table.clone());
-            }
-        }
-        if !wider.is_empty() {
-            self.retry
-                .run("widening the target schema", || self.sink.prepare(&wider))
-                .await?;
-            for t in &wider {
-                info!(table = %t.name, columns = t.columns.len(), "target schema widened");
-                prepared.insert(t.name.clone(), t.columns.len());
-            }
-        }
+    /// Applies one chunk with its checkpoint (the target follows the schema
+    /// changes it holds), then acknowledges it to the source.
+    async fn apply(&self, chunk: &Chunk, backlog: bool) -> Result<Position> {
         let started = Instant::now();
         let changes: &[Change] = &chunk.changes;
         let durable = self
@@ -183,6 +164,36 @@ impl Streamer {
             warn!(error = %e.report(), "could not acknowledge the applied position to the source; retried with the next batch");
         }
         Ok(last)
+    }
+
+    /// Copies a table while streaming, at a snapshot of its own (its
+    /// changes at or below that position are then dropped from the stream):
+    /// a table created in the source, or one whose rows changed without row
+    /// changes in the stream. The stream waits meanwhile; the source's
+    /// reader goes on filling its bounded queue.
+    async fn copy(
+        &self,
+        marker: &Change,
+        known: &mut Vec<Arc<TableSchema>>,
+        cancel: &CancellationToken,
+    ) -> Result<Position> {
+        let table = marker.table.clone();
+        if let crate::model::Op::Ddl(crate::model::Ddl::Copy { reason }) = &marker.op {
+            info!(table = %table.name, reason = %reason, "copying the table while streaming");
+        }
+        let report = self.copier.copy(table.clone(), cancel).await;
+        // The next copy reads the source as it is then.
+        self.source.release_snapshot().await;
+        let report = report?;
+        known.retain(|t| t.name != table.name);
+        known.push(table);
+        self.retry
+            .run("building indexes and foreign keys", || {
+                self.sink.after_snapshot(known)
+            })
+            .await?;
+        info!(table = %report.table, rows = report.rows, position = %report.position, "table copied while streaming");
+        Ok(report.at)
     }
 
     /// Samples the source's position against the applied one, until the

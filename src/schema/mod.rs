@@ -1,5 +1,6 @@
 //! Type mapping per target, free of any client library so that `check` can
 //! show it without connecting.
 
+pub mod diff;
 pub mod postgres;
 pub mod surreal;

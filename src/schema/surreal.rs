@@ -1,6 +1,96 @@
-//! Source columns → SurrealDB fields.
+//! Source columns → SurrealDB fields, and the SurrealQL that defines and
+//! changes them.
 
 use crate::model::{Column, LogicalType, TableSchema};
+
+/// Quotes a SurrealQL identifier with backticks.
+pub fn ident(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('`');
+    for c in name.chars() {
+        match c {
+            '`' => out.push_str("\\`"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => out.push_str("\\0"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('`');
+    out
+}
+
+/// The statements that define a table and its fields where missing.
+pub fn define_table(t: &TableSchema, schemafull: bool) -> String {
+    let tn = ident(&t.target_name);
+    if !schemafull {
+        return format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMALESS;\n");
+    }
+    let mut sql = format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMAFULL;\n");
+    for (i, c) in t.columns.iter().enumerate() {
+        if let Some(f) = field_name(t, i) {
+            sql.push_str(&format!(
+                "DEFINE FIELD IF NOT EXISTS {} ON TABLE {tn} TYPE {};\n",
+                ident(&f),
+                field_type(c)
+            ));
+        }
+    }
+    if t.whole_row {
+        sql.push_str(&format!(
+            "DEFINE FIELD IF NOT EXISTS {COPIES_FIELD} ON TABLE {tn} TYPE int;\n"
+        ));
+    }
+    sql
+}
+
+/// The statements that bring a table from shape `old` to `new`: fields
+/// added, retyped and dropped (records are written whole here, so a dropped
+/// column's values go), renamed (values moved to the new field).
+pub fn alter_ql(old: &TableSchema, new: &TableSchema, schemafull: bool) -> Vec<String> {
+    use crate::schema::diff::{diff, AlterStep};
+    let tn = ident(&new.target_name);
+    let field = |t: &TableSchema, i: usize| field_name(t, i).map(|f| ident(&f));
+    let mut out = Vec::new();
+    let define = |t: &TableSchema, i: usize| {
+        field(t, i).filter(|_| schemafull).map(|f| {
+            format!(
+                "DEFINE FIELD OVERWRITE {f} ON TABLE {tn} TYPE {};",
+                field_type(&t.columns[i])
+            )
+        })
+    };
+    for step in diff(old, new) {
+        match step {
+            AlterStep::Rename { from, column } => {
+                let Some(to) = field(new, column) else {
+                    continue;
+                };
+                let from = ident(if from == "id" { "source_id" } else { &from });
+                out.extend(define(new, column));
+                out.push(format!("UPDATE {tn} SET {to} = {from} RETURN NONE;"));
+                out.push(format!("UPDATE {tn} UNSET {from} RETURN NONE;"));
+                if schemafull {
+                    out.push(format!("REMOVE FIELD IF EXISTS {from} ON TABLE {tn};"));
+                }
+            }
+            AlterStep::Drop { name } => {
+                let f = ident(if name == "id" { "source_id" } else { &name });
+                out.push(format!("UPDATE {tn} UNSET {f} RETURN NONE;"));
+                if schemafull {
+                    out.push(format!("REMOVE FIELD IF EXISTS {f} ON TABLE {tn};"));
+                }
+            }
+            AlterStep::Type { column, .. }
+            | AlterStep::Add { column }
+            | AlterStep::Nullable { column } => out.extend(define(new, column)),
+            AlterStep::Default { .. } => {}
+        }
+    }
+    out
+}
 
 /// The field a column is stored in, or `None` when the record id carries it
 /// (a single key column named `id`). Another column named `id` is stored as

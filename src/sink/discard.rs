@@ -47,6 +47,7 @@ impl Sink for DiscardSink {
             position: Position::ZERO,
             rows: 0,
             source_id: String::new(),
+            shape: None,
         };
         self.state
             .lock()
@@ -68,6 +69,7 @@ impl Sink for DiscardSink {
             position,
             rows,
             source_id: table.source_id.clone(),
+            shape: Some(table.clone()),
         };
         self.state
             .lock()

@@ -28,7 +28,7 @@ pub enum TableStatus {
     Done,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct TableState {
     pub status: TableStatus,
     pub position: Position,
@@ -36,6 +36,9 @@ pub struct TableState {
     /// The source's identity of the table that was copied (see
     /// [`crate::model::TableSchema::source_id`]); empty if it has none.
     pub source_id: String,
+    /// The shape the table has in the target (recorded by targets that
+    /// follow schema changes), where recorded.
+    pub shape: Option<TableSchema>,
 }
 
 /// What the target remembers of the replication.

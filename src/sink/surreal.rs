@@ -19,10 +19,11 @@ use tracing::info;
 use super::{Cursor, Page, Record, Sink, SinkState, TableState, TableStatus};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{Change, Op, Row, TableSchema, Value};
+use crate::model::{Change, Ddl, Op, Row, TableSchema, Value};
 use crate::position::{Durable, Position};
 use crate::redact::redact_url;
-use crate::schema::surreal::{field_name, field_type, COPIES_FIELD};
+pub use crate::schema::surreal::ident;
+use crate::schema::surreal::{alter_ql, define_table, field_name, COPIES_FIELD};
 
 const CHECKPOINT_TABLE: &str = "_switchyard_checkpoint";
 const TABLE_STATE: &str = "_switchyard_table";
@@ -39,25 +40,11 @@ pub struct SurrealSink {
     database: String,
     /// The namespace and database exist (selected by the connection).
     defined: std::sync::atomic::AtomicBool,
-}
-
-/// Quotes a SurrealQL identifier with backticks.
-pub fn ident(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    out.push('`');
-    for c in name.chars() {
-        match c {
-            '`' => out.push_str("\\`"),
-            '\\' => out.push_str("\\\\"),
-            '\0' => out.push_str("\\0"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c => out.push(c),
-        }
-    }
-    out.push('`');
-    out
+    /// The shape each table has in the target (by source table name), which
+    /// a schema change starts from; recorded with the copy state.
+    shapes: tokio::sync::Mutex<std::collections::HashMap<String, Arc<TableSchema>>>,
+    /// A table dropped in the source is removed here too (else kept).
+    drop_tables: bool,
 }
 
 fn surreal_error(context: impl std::fmt::Display, e: surrealdb::Error) -> Error {
@@ -327,6 +314,99 @@ fn counted_change(sql: &mut String, vars: &mut Variables, i: usize, ch: &Change)
             sql.push_str(&format!("DELETE {} RETURN NONE;\n", ident(&t.target_name)));
             Ok(())
         }
+        Op::Ddl(_) => Ok(()),
+    }
+}
+
+/// A table's shape as recorded with its copy state.
+fn shape_text(table: &TableSchema) -> Result<String> {
+    serde_json::to_string(table)
+        .map_err(|e| Error::definite("cannot encode a table's shape").with_source(e))
+}
+
+impl SurrealSink {
+    /// Appends to the batch the statements that bring the target table
+    /// from the shape it has (under the source name `from`) to `table`'s,
+    /// and the shape recorded with its copy state.
+    fn follow(
+        &self,
+        sql: &mut String,
+        vars: &mut Variables,
+        shapes: &mut std::collections::HashMap<String, Arc<TableSchema>>,
+        i: usize,
+        from: &str,
+        table: &Arc<TableSchema>,
+    ) -> Result<()> {
+        let Some(old) = shapes.get(from).cloned() else {
+            shapes.insert(table.name.clone(), table.clone());
+            return Ok(());
+        };
+        if old.same_shape(table) && from == table.name {
+            return Ok(());
+        }
+        for statement in alter_ql(&old, table, self.schemafull) {
+            sql.push_str(&statement);
+            sql.push('\n');
+        }
+        vars.insert(
+            format!("ss{i}"),
+            RecordId::new(TABLE_STATE, from.to_string()),
+        );
+        vars.insert(format!("sh{i}"), shape_text(table)?);
+        sql.push_str(&format!("UPDATE $ss{i} SET shape = $sh{i} RETURN NONE;\n"));
+        shapes.remove(from);
+        shapes.insert(table.name.clone(), table.clone());
+        Ok(())
+    }
+
+    /// A change of a table's definition in the batch (after [`Self::follow`]).
+    fn apply_ddl(
+        &self,
+        sql: &mut String,
+        vars: &mut Variables,
+        shapes: &mut std::collections::HashMap<String, Arc<TableSchema>>,
+        i: usize,
+        t: &TableSchema,
+        ddl: &Ddl,
+    ) -> Result<()> {
+        match ddl {
+            Ddl::Alter => Ok(()),
+            Ddl::Drop => {
+                if self.drop_tables {
+                    sql.push_str(&format!(
+                        "REMOVE TABLE IF EXISTS {};\n",
+                        ident(&t.target_name)
+                    ));
+                    info!(table = %t.target_name, "table dropped in the source: removed from the target");
+                } else {
+                    info!(table = %t.target_name, "table dropped in the source: its copy in the target stays and is no longer followed");
+                }
+                vars.insert(format!("ds{i}"), RecordId::new(TABLE_STATE, t.name.clone()));
+                sql.push_str(&format!("DELETE $ds{i} RETURN NONE;\n"));
+                shapes.remove(&t.name);
+                Ok(())
+            }
+            // Renamed in the source, kept under its name in the target
+            // (`rename_table = "keep"`): its state moves to the new name. (A
+            // rename that moves the target table reaches SurrealDB, which has
+            // no rename, as a copy under the new name and a drop of the old.)
+            Ddl::Rename { from } if from != &t.name => {
+                vars.insert(format!("rf{i}"), RecordId::new(TABLE_STATE, from.clone()));
+                vars.insert(format!("rt{i}"), RecordId::new(TABLE_STATE, t.name.clone()));
+                vars.insert(format!("rn{i}"), t.name.clone());
+                sql.push_str(&format!(
+                    "LET $rs{i} = (SELECT * OMIT id FROM ONLY $rf{i}); DELETE $rf{i} RETURN NONE; \
+                     IF $rs{i} != NONE {{ CREATE $rt{i} CONTENT $rs{i} RETURN NONE; UPDATE $rt{i} SET name = $rn{i} RETURN NONE; }};\n"
+                ));
+                Ok(())
+            }
+            Ddl::Rename { .. } => Ok(()),
+            Ddl::Copy { .. } => Err(Error::definite(format!(
+                "a {} of table {:?} reached the target's apply (a bug: the pipeline copies tables)",
+                Op::Ddl(ddl.clone()).kind_name(),
+                t.name
+            ))),
+        }
     }
 }
 
@@ -377,6 +457,8 @@ impl SurrealSink {
             namespace,
             database,
             defined: std::sync::atomic::AtomicBool::new(exists),
+            shapes: Default::default(),
+            drop_tables: config.schema_changes.drop_table == crate::config::OnDrop::Drop,
         })
     }
 
@@ -504,26 +586,8 @@ impl Sink for SurrealSink {
             "DEFINE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {TABLE_STATE} SCHEMALESS;\n"
         );
         for t in tables {
-            let tn = ident(&t.target_name);
-            if self.schemafull {
-                sql.push_str(&format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMAFULL;\n"));
-                for (i, c) in t.columns.iter().enumerate() {
-                    if let Some(f) = field_name(t, i) {
-                        sql.push_str(&format!(
-                            "DEFINE FIELD IF NOT EXISTS {} ON TABLE {tn} TYPE {};\n",
-                            ident(&f),
-                            field_type(c)
-                        ));
-                    }
-                }
-                if t.whole_row {
-                    sql.push_str(&format!(
-                        "DEFINE FIELD IF NOT EXISTS {COPIES_FIELD} ON TABLE {tn} TYPE int;\n"
-                    ));
-                }
-            } else {
-                sql.push_str(&format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMALESS;\n"));
-            }
+            sql.push_str(&define_table(t, self.schemafull));
+            self.shapes.lock().await.insert(t.name.clone(), t.clone());
         }
         self.run(
             format!("creating the target schema on {}", self.endpoint),
@@ -542,7 +606,7 @@ impl Sink for SurrealSink {
             .run(
                 "reading the checkpoint",
                 format!(
-                    "SELECT commit, ordinal, origin, <string>updated_at AS updated_at FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows, source_id FROM {TABLE_STATE};"
+                    "SELECT commit, ordinal, origin, <string>updated_at AS updated_at FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows, source_id, shape FROM {TABLE_STATE};"
                 ),
                 Variables::new(),
             )
@@ -595,6 +659,10 @@ impl Sink for SurrealSink {
                         .and_then(|s| s.as_str())
                         .unwrap_or_default()
                         .to_string(),
+                    shape: t
+                        .get("shape")
+                        .and_then(|s| s.as_str())
+                        .and_then(|s| serde_json::from_str(s).ok()),
                 },
             );
         }
@@ -633,10 +701,21 @@ impl Sink for SurrealSink {
         let mut vars = Variables::new();
         vars.insert("sid", RecordId::new(TABLE_STATE, table.name.clone()));
         vars.insert("name", table.name.clone());
+        let old = self.shapes.lock().await.get(&table.name).cloned();
+        // Copied again after a change it could not follow in place: defined
+        // anew in the shape the copy has; a table new to the target defined.
+        let anew = match old.filter(|o| !o.same_shape(table)) {
+            Some(_) => format!(
+                "REMOVE TABLE IF EXISTS {}; {}",
+                ident(&table.target_name),
+                define_table(table, self.schemafull)
+            ),
+            None => define_table(table, self.schemafull),
+        };
         self.run(
             format!("emptying table {:?} before copying it", table.target_name),
             format!(
-                "BEGIN TRANSACTION; DELETE {}; UPSERT $sid CONTENT {{ name: $name, status: 'copying', commit: 0, ordinal: 0, rows: 0, updated_at: time::now() }}; COMMIT TRANSACTION;",
+                "BEGIN TRANSACTION; {anew} DELETE {}; UPSERT $sid CONTENT {{ name: $name, status: 'copying', commit: 0, ordinal: 0, rows: 0, updated_at: time::now() }}; COMMIT TRANSACTION;",
                 ident(&table.target_name)
             ),
             vars,
@@ -678,12 +757,17 @@ impl Sink for SurrealSink {
         vars.insert("po", position.ordinal as i64);
         vars.insert("rows", rows as i64);
         vars.insert("source_id", table.source_id.clone());
+        vars.insert("shape", shape_text(table)?);
         self.run(
             format!("marking table {:?} as copied", table.name),
-            "UPSERT $sid CONTENT { name: $name, status: 'done', commit: $pc, ordinal: $po, rows: $rows, source_id: $source_id, updated_at: time::now() };".into(),
+            "UPSERT $sid CONTENT { name: $name, status: 'done', commit: $pc, ordinal: $po, rows: $rows, source_id: $source_id, shape: $shape, updated_at: time::now() };".into(),
             vars,
         )
         .await?;
+        self.shapes
+            .lock()
+            .await
+            .insert(table.name.clone(), Arc::new(table.clone()));
         Ok(())
     }
 
@@ -777,8 +861,18 @@ impl Sink for SurrealSink {
         ));
         vars.insert("pc", checkpoint.commit as i64);
         vars.insert("po", checkpoint.ordinal as i64);
+        let mut shapes = self.shapes.lock().await.clone();
         for (i, ch) in changes.iter().enumerate() {
             let t = &ch.table;
+            let from = match &ch.op {
+                Op::Ddl(Ddl::Rename { from }) => from.as_str(),
+                _ => t.name.as_str(),
+            };
+            self.follow(&mut sql, &mut vars, &mut shapes, i, from, t)?;
+            if let Op::Ddl(ddl) = &ch.op {
+                self.apply_ddl(&mut sql, &mut vars, &mut shapes, i, t, ddl)?;
+                continue;
+            }
             if t.whole_row {
                 counted_change(&mut sql, &mut vars, i, ch)?;
                 continue;
@@ -821,6 +915,7 @@ impl Sink for SurrealSink {
                 Op::Truncate => {
                     sql.push_str(&format!("DELETE {} RETURN NONE;\n", ident(&t.target_name)));
                 }
+                Op::Ddl(_) => {}
             }
         }
         sql.push_str(&format!(
@@ -844,6 +939,7 @@ impl Sink for SurrealSink {
             }
             return Err(e);
         }
+        *self.shapes.lock().await = shapes;
         Ok(Durable::committed(checkpoint))
     }
 }

@@ -57,6 +57,42 @@ pub struct Discovery {
     pub problems: Vec<Problem>,
 }
 
+impl Discovery {
+    /// Two source tables that would land in one target table (`audit.log`
+    /// and `public.audit_log` both become `audit_log`) are refused, with
+    /// both names and the fix; neither is replicated.
+    pub fn refuse_shared_targets(&mut self) {
+        let mut by_target: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for t in &self.tables {
+            by_target.entry(&t.target_name).or_default().push(&t.name);
+        }
+        let shared: Vec<(String, Vec<String>)> = by_target
+            .into_iter()
+            .filter(|(_, sources)| sources.len() > 1)
+            .map(|(t, s)| (t.to_string(), s.iter().map(|n| n.to_string()).collect()))
+            .collect();
+        for (target, sources) in &shared {
+            self.problems.push(Problem {
+                table: sources.join(", "),
+                column: None,
+                message: format!(
+                    "tables {} would all land in target table {target:?}; give them target names of their own in [tables.rename] (for example {:?} = {:?}), or exclude all but one",
+                    sources
+                        .iter()
+                        .map(|s| format!("{s:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                    sources[0],
+                    sources[0].replace('.', "__")
+                ),
+                blocking: true,
+            });
+        }
+        self.tables
+            .retain(|t| !shared.iter().any(|(target, _)| *target == t.target_name));
+    }
+}
+
 /// Changes in source order, and the position the stream has read up to: at
 /// or after the last change's, so that positions with nothing to replicate
 /// (other tables, an idle server's WAL) still move the checkpoint on.

@@ -11,6 +11,7 @@ mod pg_crash;
 mod pg_surreal;
 mod pg_target;
 mod readonly;
+mod schema_changes;
 mod sqlite_capture;
 mod sqlite_crash;
 mod sqlite_surreal;

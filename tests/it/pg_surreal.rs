@@ -455,39 +455,51 @@ async fn a_large_table_is_read_in_block_ranges_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_table_renamed_or_recreated_while_streaming_stops_the_stream() {
+async fn a_table_renamed_or_recreated_while_streaming_is_followed() {
+    // (change, the target's tables and their records afterwards)
     for (change, expected) in [
-        ("ALTER TABLE t RENAME TO t2; INSERT INTO t2 VALUES (2)", "was renamed to \"t2\""),
-        ("DROP TABLE t; CREATE TABLE t (id int PRIMARY KEY); ALTER PUBLICATION switchyard ADD TABLE t; INSERT INTO t VALUES (3)", "dropped and created again"),
+        (
+            "ALTER TABLE t RENAME TO t2; INSERT INTO t2 VALUES (2)",
+            // SurrealDB has no rename: a copy under the new name; the old
+            // copy stays (drop_table = "keep", the default).
+            vec![("t", 1), ("t2", 2)],
+        ),
+        (
+            "DROP TABLE t; CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (3)",
+            vec![("t", 1)],
+        ),
     ] {
         let db = PgDb::new("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);").await;
         let config = db.config("mem://", "");
         let run = start(config.clone(), None).await;
         wait_converged(&config, &run.sink).await;
-        let sink = run.sink.clone();
-        let copied = |s: switchyard::sink::SinkState| -> Vec<(String, String)> {
-            let done = s.tables.into_iter().filter(|(_, t)| t.status == switchyard::sink::TableStatus::Done);
-            let mut v: Vec<_> = done.map(|(n, t)| (n, t.source_id)).collect();
-            v.sort();
-            v
-        };
-        let first = copied(sink.state().await.unwrap().unwrap());
         db.exec(change).await;
-        let err = tokio::time::timeout(Duration::from_secs(30), run.handle).await.unwrap().unwrap().unwrap_err().to_string();
-        assert!(err.contains(expected) && err.contains("not acknowledged"), "{err}");
-        // A restart copies the table under its new name, or the new table,
-        // and follows it from there.
-        let again = start(config.clone(), Some(sink.clone())).await;
-        // (Compared once the copy is done: the comparison's own snapshots
-        // would hold up the creation of the copy's temporary slot.)
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while copied(sink.state().await.unwrap().unwrap()).iter().all(|t| first.contains(t)) {
-            assert!(!again.handle.is_finished() && std::time::Instant::now() < deadline, "the table was not copied again");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        wait_converged(&config, &again.sink).await;
-        let report = again.stop().await;
-        assert!(report.tables.iter().any(|t| !t.already_copied), "{report:?}");
+        let sink = run.sink.clone();
+        wait_until(
+            "the change to reach the target",
+            Duration::from_secs(60),
+            || async {
+                let mut got = Vec::new();
+                for (table, _) in &expected {
+                    // (A table not created yet is an error in strict mode.)
+                    let n: Option<i64> = match sink
+                        .client()
+                        .query("SELECT count() AS n FROM type::table($t) GROUP ALL")
+                        .bind(("t", table.to_string()))
+                        .await
+                    {
+                        Ok(mut r) => r.take((0, "n")).unwrap_or(None),
+                        Err(_) => None,
+                    };
+                    got.push((*table, n.unwrap_or(0)));
+                }
+                got == expected
+            },
+        )
+        .await;
+        wait_converged(&config, &run.sink).await;
+        assert!(!run.handle.is_finished(), "{change}: the daemon stopped");
+        run.stop().await;
     }
 }
 
@@ -706,38 +718,6 @@ async fn a_slot_dropped_behind_the_daemons_back_stops_it_with_the_reason() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_column_added_while_streaming_is_replicated_and_other_changes_stop() {
-    let db = PgDb::new(SCHEMA).await;
-    let config = db.config("mem://", "");
-    let run = start(config.clone(), None).await;
-    wait_converged(&config, &run.sink).await;
-    // Without a default, rows that existed keep NULL in the new column.
-    db.exec(
-        "ALTER TABLE lines ADD COLUMN extra jsonb; ALTER TABLE lines ADD COLUMN flag boolean;
-             INSERT INTO lines VALUES (9, 9, 9, 'nine', '{\"x\": 9}', true);
-             UPDATE lines SET extra = '[1]' WHERE order_id = 1 AND n = 1;",
-    )
-    .await;
-    wait_converged(&config, &run.sink).await;
-    // A dropped column cannot be followed: the stream stops and says so.
-    db.exec("ALTER TABLE lines DROP COLUMN note; INSERT INTO lines VALUES (10, 1, 1, NULL, NULL);")
-        .await;
-    let r = tokio::time::timeout(Duration::from_secs(60), run.handle)
-        .await
-        .expect("the daemon kept running")
-        .unwrap();
-    let err = r
-        .expect_err("a dropped column must stop the stream")
-        .report();
-    assert!(
-        err.contains("\"lines\"")
-            && err.contains("cannot follow")
-            && err.contains("tables.exclude"),
-        "{err}"
-    );
-}
-
 /// A cluster of a test's own (scripts/pg-cluster on another port), for tests
 /// that restart the server; stopped and removed on drop.
 pub struct OwnCluster {
@@ -811,7 +791,7 @@ async fn the_source_server_restarting_during_streaming_loses_nothing() {
     let config = Arc::new(
         Config::parse(
             &db.config_text("mem://", "")
-                .replace("retry_attempts = 3", "retry_attempts = 30"),
+                .replace("retry_attempts = 3", "retry_attempts = 200"),
         )
         .unwrap(),
     );
@@ -826,6 +806,21 @@ async fn the_source_server_restarting_during_streaming_loses_nothing() {
         .batch_execute("INSERT INTO lines VALUES (50, 2, 2, 'after the restart'); UPDATE \"order\" SET small = 7 WHERE id = 1;")
         .await
         .unwrap();
+    let sink = run.sink.clone();
+    wait_until(
+        "both rows in the target, or the daemon stopping",
+        Duration::from_secs(120),
+        || async {
+            let got = target_image(sink.client(), &["lines".to_string()]).await;
+            run.handle.is_finished() || got.get("lines").is_some_and(|l| l.len() >= 14)
+        },
+    )
+    .await;
+    assert!(
+        !run.handle.is_finished(),
+        "the daemon stopped: {:?}",
+        run.handle.await
+    );
     wait_converged(&config, &run.sink).await;
     let report = run.stop().await;
     assert!(report.changes_applied >= 3, "{report:?}");

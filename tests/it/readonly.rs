@@ -33,8 +33,7 @@ async fn sqlite_in_delete_mode(path: &Path, sql: &str) {
         .await
         .unwrap();
     sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
-    use sqlx::Connection;
-    conn.close().await.unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
 }
 
 /// Everything a read-only command must leave alone in a SQLite database:
@@ -70,6 +69,7 @@ async fn sqlite_schema(path: &Path) -> (Vec<String>, String) {
         .fetch_one(&mut conn)
         .await
         .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
     (
         schema
             .into_iter()

@@ -98,21 +98,21 @@ async fn a_table_rebuilt_between_runs_is_copied_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_table_rebuilt_while_streaming_stops_the_daemon_and_a_restart_recovers() {
+async fn a_table_rebuilt_while_streaming_is_captured_again_and_copied() {
     let s = Scratch::new();
     let pool = s.source(SCHEMA).await;
     let config = s.config("mem://", "");
     let run = start(config.clone(), None).await;
     wait_converged(&pool, &config, &run.sink).await;
-    let sink = run.sink.clone();
+    // Rebuilt as migration tools do: a new table under the old name, the
+    // old one's rows gone with it; then changes to the new one.
     exec(&pool, "DROP TABLE b; CREATE TABLE b (id INTEGER PRIMARY KEY, v TEXT); INSERT INTO b VALUES (9, 'nueve');").await;
-    let err = failure(run).await;
-    assert!(
-        err.contains("\"b\"") && err.contains("lost its change-capture triggers"),
-        "{err}"
-    );
-
-    let run = start(config.clone(), Some(sink)).await;
+    wait_converged(&pool, &config, &run.sink).await;
+    exec(
+        &pool,
+        "UPDATE b SET v = 'nine' WHERE id = 9; INSERT INTO b VALUES (10, 'diez');",
+    )
+    .await;
     wait_converged(&pool, &config, &run.sink).await;
     run.stop().await;
 }

@@ -15,6 +15,7 @@ pub mod refusal;
 pub mod state;
 pub mod tables;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -27,13 +28,13 @@ use self::refusal::{copy_column, copy_line, misfit_code, nul_column, row_error};
 use self::tables::SchemaMode;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::model::{Change, Op, Row, TableSchema, Value};
+use crate::model::{Change, Ddl, Op, Row, TableSchema, Value};
 use crate::pg::conn::{pg_error, PgEndpoint};
 use crate::pg::quote_ident;
 use crate::position::{Durable, Position};
 use crate::reject::{row_json, Rejected, Rejects};
 use crate::schema::postgres::{
-    copy_field, primary_key_ddl, secondary_ddl, table_column_type, to_text,
+    alter_ddl, copy_field, primary_key_ddl, secondary_ddl, table_column_type, to_text,
 };
 use crate::sink::{Cursor, Page, Record, Sink, SinkState};
 
@@ -48,8 +49,15 @@ pub struct PgSink {
     source_is_postgres: bool,
     /// Idle connections for loads and applies.
     pool: Mutex<Vec<tokio_postgres::Client>>,
-    /// Target column types per table, as prepared.
-    types: Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// Target column types per target table and column, as prepared.
+    types: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// The shape each table has in the target (by source table name): what
+    /// the DDL of a schema change starts from. Persisted with the copy state.
+    shapes: Mutex<HashMap<String, Arc<TableSchema>>>,
+    /// A column dropped in the source is dropped here too (else kept).
+    drop_columns: bool,
+    /// A table dropped in the source is dropped here too (else kept).
+    drop_tables: bool,
     /// Where rows whose values the target refuses go (`pipeline.reject_dir`).
     rejects: Arc<Rejects>,
 }
@@ -81,6 +89,9 @@ impl PgSink {
             ),
             pool: Mutex::new(Vec::new()),
             types: Mutex::new(Default::default()),
+            shapes: Mutex::new(Default::default()),
+            drop_columns: config.schema_changes.drop_column == crate::config::OnDrop::Drop,
+            drop_tables: config.schema_changes.drop_table == crate::config::OnDrop::Drop,
             rejects,
         };
         let c = sink.take().await.map_err(|e| match e.kind() {
@@ -227,14 +238,104 @@ impl PgSink {
     }
 
     async fn column_types(&self, table: &TableSchema) -> Vec<String> {
-        if let Some(t) = self.types.lock().await.get(&table.target_name) {
-            if t.len() == table.columns.len() {
-                return t.clone();
+        let cache = self.types.lock().await;
+        let known = cache.get(&table.target_name);
+        table
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                known
+                    .and_then(|m| m.get(&c.name))
+                    .cloned()
+                    .unwrap_or_else(|| table_column_type(table, i, self.source_is_postgres))
+            })
+            .collect()
+    }
+
+    /// Records the target column types of a table's columns.
+    async fn remember_types(&self, table: &TableSchema, types: Vec<String>) {
+        let by_name = table
+            .columns
+            .iter()
+            .map(|c| c.name.clone())
+            .zip(types)
+            .collect();
+        self.types
+            .lock()
+            .await
+            .insert(table.target_name.clone(), by_name);
+    }
+
+    /// Brings the target table from the shape it has to `table`'s, inside
+    /// the batch's transaction: the DDL (switchyard's own tables), or for
+    /// tables of the user's schema a check that the user's migration has
+    /// done it; and the shape recorded with the table's copy state.
+    async fn follow(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        shapes: &mut HashMap<String, Arc<TableSchema>>,
+        from: &str,
+        table: &Arc<TableSchema>,
+    ) -> Result<()> {
+        let Some(old) = shapes.get(from).cloned() else {
+            shapes.insert(table.name.clone(), table.clone());
+            return Ok(());
+        };
+        if old.same_shape(table) && from == table.name {
+            return Ok(());
+        }
+        if self.mode == SchemaMode::Create {
+            for sql in alter_ddl(&old, table, self.source_is_postgres, self.drop_columns) {
+                tx.batch_execute(&sql)
+                    .await
+                    .map_err(|e| {
+                        pg_error(
+                            &self.ep,
+                            &format!("changing table {} as the source did", table.target_name),
+                            e,
+                        )
+                    })
+                    .map_err(|e| e.context(format!("statement {sql}")))?;
+            }
+            info!(table = %table.target_name, "target table changed as the source's");
+        } else {
+            let have: Vec<String> = tx
+                .query(
+                    "SELECT a.attname::text FROM pg_attribute a
+                      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                    &[&quote_ident(&table.target_name)],
+                )
+                .await
+                .map_err(self.pg("reading the target table"))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let missing: Vec<&str> = table
+                .columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .filter(|c| !have.iter().any(|h| h == c))
+                .collect();
+            if !missing.is_empty() {
+                return Err(Error::definite(format!(
+                    "table {:?} changed in the source and target table {} (your own schema, target.schema) lacks column(s) {missing:?}; \
+                     change the target as the source was (a migration), then start switchyard again",
+                    table.name, table.target_name
+                )));
             }
         }
-        (0..table.columns.len())
-            .map(|i| table_column_type(table, i, self.source_is_postgres))
-            .collect()
+        let shape = serde_json::to_string(&**table)
+            .map_err(|e| Error::definite("cannot encode a table's shape").with_source(e))?;
+        tx.execute(
+            "UPDATE switchyard.table_state SET name = $2, shape = $3, updated_at = now() WHERE name = $1",
+            &[&from, &table.name, &shape],
+        )
+        .await
+        .map_err(self.pg("recording the table's shape"))?;
+        shapes.remove(from);
+        shapes.insert(table.name.clone(), table.clone());
+        Ok(())
     }
 }
 
@@ -246,7 +347,8 @@ impl Sink for PgSink {
         for t in tables {
             let types =
                 tables::prepare(&c, &self.ep, &self.mode, self.source_is_postgres, t).await?;
-            self.types.lock().await.insert(t.target_name.clone(), types);
+            self.remember_types(t, types).await;
+            self.shapes.lock().await.insert(t.name.clone(), t.clone());
         }
         self.give(c).await;
         Ok(())
@@ -287,6 +389,32 @@ impl Sink for PgSink {
     async fn begin_table(&self, table: &TableSchema) -> Result<()> {
         let mut c = self.take().await?;
         let tx = c.transaction().await.map_err(self.pg("beginning"))?;
+        let old = self.shapes.lock().await.get(&table.name).cloned();
+        let exists = tx
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&quote_ident(&table.target_name)],
+            )
+            .await
+            .map_err(self.pg("reading the target catalog"))?
+            .get::<_, bool>(0);
+        let changed = old.is_some_and(|o| !o.same_shape(table));
+        if self.mode == SchemaMode::Create && (changed || !exists) {
+            // Copied again after a change it could not follow in place:
+            // made anew in the shape the copy has (a table created in the
+            // source while streaming: made).
+            if changed {
+                tx.batch_execute(&format!(
+                    "DROP TABLE IF EXISTS {} CASCADE",
+                    quote_ident(&table.target_name)
+                ))
+                .await
+                .map_err(self.pg(&format!("dropping {} to make it anew", table.target_name)))?;
+            }
+            let types =
+                tables::prepare(&tx, &self.ep, &self.mode, self.source_is_postgres, table).await?;
+            self.remember_types(table, types).await;
+        }
         tx.batch_execute(&format!("TRUNCATE {}", quote_ident(&table.target_name)))
             .await
             .map_err(self.pg(&format!("emptying {}", table.target_name)))?;
@@ -383,13 +511,19 @@ impl Sink for PgSink {
                 info!(table = %table.target_name, "primary key built after the load");
             }
         }
+        let shape = serde_json::to_string(table)
+            .map_err(|e| Error::definite("cannot encode a table's shape").with_source(e))?;
         tx.execute(
-            "UPDATE switchyard.table_state SET status = 'done', commit = $2, ordinal = $3, rows = $4, source_id = $5, updated_at = now() WHERE name = $1",
-            &[&table.name, &(position.commit as i64), &(position.ordinal as i64), &(rows as i64), &table.source_id],
+            "UPDATE switchyard.table_state SET status = 'done', commit = $2, ordinal = $3, rows = $4, source_id = $5, shape = $6, updated_at = now() WHERE name = $1",
+            &[&table.name, &(position.commit as i64), &(position.ordinal as i64), &(rows as i64), &table.source_id, &shape],
         )
         .await
         .map_err(self.pg("marking the table as copied"))?;
         tx.commit().await.map_err(self.pg("committing"))?;
+        self.shapes
+            .lock()
+            .await
+            .insert(table.name.clone(), Arc::new(table.clone()));
         self.give(c).await;
         Ok(())
     }
@@ -601,6 +735,8 @@ impl PgSink {
             self.give(c).await;
             return Ok(());
         }
+        // The shapes the target tables have: a batch may change them.
+        let mut shapes = self.shapes.lock().await.clone();
         // Target types per table shape: a batch may hold a table's changes
         // from before and after a column was added.
         let mut types = plan::Types::new();
@@ -618,6 +754,8 @@ impl PgSink {
                     params,
                     run,
                 } => {
+                    self.follow(&tx, &mut shapes, &table.name, &run[0].table)
+                        .await?;
                     let refs = sql_params(&params);
                     tx.execute(sql.as_str(), &refs).await.map_err(|e| {
                         let what = format!(
@@ -635,7 +773,12 @@ impl PgSink {
                         .await
                         .map_err(|e| failed(table, "applying a truncate", e))?;
                 }
+                Step::Change { change, .. } if matches!(change.op, Op::Ddl(_)) => {
+                    self.apply_ddl(&tx, &mut shapes, change).await?;
+                }
                 Step::Change { change, statements } => {
+                    self.follow(&tx, &mut shapes, &change.table.name, &change.table)
+                        .await?;
                     let types = &types[&plan::shape(&change.table)];
                     self.apply_change(&tx, change, statements, types, careful)
                         .await?;
@@ -651,7 +794,62 @@ impl PgSink {
         .map_err(self.pg("moving the checkpoint"))?;
         tx.commit().await.map_err(self.pg("committing the batch"))?;
         self.give(c).await;
+        let mut kept = self.shapes.lock().await;
+        for (name, t) in &shapes {
+            if kept.get(name).is_none_or(|k| !Arc::ptr_eq(k, t)) {
+                let types = (0..t.columns.len())
+                    .map(|i| table_column_type(t, i, self.source_is_postgres))
+                    .collect();
+                if self.mode == SchemaMode::Create {
+                    self.remember_types(t, types).await;
+                }
+            }
+        }
+        *kept = shapes;
         Ok(())
+    }
+
+    /// A change of a table's definition, in the batch's transaction.
+    async fn apply_ddl(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        shapes: &mut HashMap<String, Arc<TableSchema>>,
+        change: &Change,
+    ) -> Result<()> {
+        let t = &change.table;
+        match &change.op {
+            Op::Ddl(Ddl::Alter) => self.follow(tx, shapes, &t.name, t).await,
+            Op::Ddl(Ddl::Rename { from }) => {
+                info!(table = %from, now = %t.name, "table renamed in the source");
+                self.follow(tx, shapes, from, t).await
+            }
+            Op::Ddl(Ddl::Drop) => {
+                if self.drop_tables && self.mode == SchemaMode::Create {
+                    tx.batch_execute(&format!(
+                        "DROP TABLE IF EXISTS {}",
+                        quote_ident(&t.target_name)
+                    ))
+                    .await
+                    .map_err(self.pg(&format!("dropping {}", t.target_name)))?;
+                    info!(table = %t.target_name, "table dropped in the source: dropped in the target");
+                } else {
+                    info!(table = %t.target_name, "table dropped in the source: its copy in the target stays and is no longer followed");
+                }
+                tx.execute(
+                    "DELETE FROM switchyard.table_state WHERE name = $1",
+                    &[&t.name],
+                )
+                .await
+                .map_err(self.pg("forgetting a dropped table"))?;
+                shapes.remove(&t.name);
+                Ok(())
+            }
+            _ => Err(Error::definite(format!(
+                "a {} of table {:?} reached the target's apply (a bug: the pipeline copies tables)",
+                change.kind(),
+                t.name
+            ))),
+        }
     }
 
     /// One change's statements inside the batch's transaction. `careful`

@@ -309,6 +309,8 @@ pub fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<Stateme
             params: Vec::new(),
             must_touch: false,
         }],
+        // The executor changes the table itself.
+        Op::Ddl(_) => Vec::new(),
     }
 }
 
@@ -368,8 +370,7 @@ pub fn plan<'a>(
                 let mut runs: Vec<Vec<&Change>> = Vec::new();
                 for c in &changes[i..j] {
                     match runs.iter_mut().find(|r| {
-                        r[0].table.name == c.table.name
-                            && r[0].table.columns.len() == c.table.columns.len()
+                        r[0].table.name == c.table.name && r[0].table.same_shape(&c.table)
                     }) {
                         Some(r) => r.push(c),
                         None => runs.push(vec![c]),

@@ -168,7 +168,7 @@ pub async fn read(ep: &PgEndpoint, c: &Client) -> Result<Option<SinkState>> {
     }
     for r in c
         .query(
-            "SELECT name, status, commit, ordinal, rows, source_id FROM switchyard.table_state",
+            "SELECT name, status, commit, ordinal, rows, source_id, shape FROM switchyard.table_state",
             &[],
         )
         .await
@@ -185,6 +185,9 @@ pub async fn read(ep: &PgEndpoint, c: &Client) -> Result<Option<SinkState>> {
                 position: Position::new(r.get::<_, i64>(2) as u64, r.get::<_, i64>(3) as u64),
                 rows: r.get::<_, i64>(4) as u64,
                 source_id: r.get(5),
+                shape: r
+                    .get::<_, Option<String>>(6)
+                    .and_then(|s| serde_json::from_str(&s).ok()),
             },
         );
     }

@@ -44,6 +44,48 @@ pub fn display_name(schema: &str, table: &str) -> String {
     }
 }
 
+/// Which tables are replicated and how, from the config (owned, for the
+/// stream, which meets tables created while it runs).
+#[derive(Clone)]
+pub struct Selector {
+    pub filter: TableFilter,
+    pub renames: BTreeMap<String, String>,
+    pub publication: String,
+    pub create_publication: bool,
+    pub unmapped_as_text: bool,
+    pub target_is_postgres: bool,
+    /// A table renamed in the source is renamed in the target
+    /// (`schema_changes.rename_table = "follow"`).
+    pub follow_renames: bool,
+}
+
+impl Selector {
+    pub fn selection(&self, published: bool) -> Selection<'_> {
+        Selection {
+            filter: &self.filter,
+            renames: &self.renames,
+            publication: &self.publication,
+            published,
+            create_publication: self.create_publication,
+            unmapped_as_text: self.unmapped_as_text,
+            target_is_postgres: self.target_is_postgres,
+        }
+    }
+
+    /// The target name of a table renamed in the source to `name`: its own
+    /// (`tables.rename`, else the default), or the one it had where renames
+    /// are not followed.
+    pub fn target_name(&self, name: &str, before: &TableSchema) -> String {
+        if !self.follow_renames {
+            return before.target_name.clone();
+        }
+        self.renames
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| name.replace('.', "_"))
+    }
+}
+
 /// What discovery needs to know of the config.
 pub struct Selection<'a> {
     pub filter: &'a TableFilter,
@@ -97,7 +139,7 @@ pub async fn discover(
             "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-                AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_switchyard')
                 AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
               ORDER BY 2, 3",
             &[],
@@ -126,6 +168,177 @@ pub async fn discover(
         }
     }
     Ok((d, catalog))
+}
+
+/// One table by OID as the catalog describes it now (a table created or
+/// changed while streaming), or `None` with the problems that keep it out.
+pub async fn describe_oid(
+    c: &Client,
+    ep: &PgEndpoint,
+    sel: &Selection<'_>,
+    oid: u32,
+) -> Result<(Option<(TableSchema, PgTable)>, Vec<Problem>)> {
+    let row = c
+        .query_opt(
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading a table", e))?;
+    let mut problems = Vec::new();
+    let Some(r) = row else {
+        return Ok((None, problems));
+    };
+    let entry = PgTable {
+        oid,
+        only: r.get::<_, String>(4) == "r",
+        schema: r.get(1),
+        name: r.get(2),
+        types: Vec::new(),
+    };
+    let replident: String = r.get(3);
+    let described = describe(c, ep, sel, entry, &replident, &mut problems).await?;
+    Ok((described, problems))
+}
+
+/// The partitions (at every level) of the partitioned tables `roots`, each
+/// with its root.
+pub async fn partitions_of(
+    c: &Client,
+    ep: &PgEndpoint,
+    roots: &[u32],
+) -> Result<HashMap<u32, u32>> {
+    let mut out = HashMap::new();
+    for &root in roots {
+        for r in c
+            .query(
+                "SELECT relid::oid FROM pg_partition_tree($1::oid::regclass) WHERE relid <> $1::oid::regclass",
+                &[&root],
+            )
+            .await
+            .map_err(|e| pg_error(ep, "reading a table's partitions", e))?
+        {
+            out.insert(r.get::<_, u32>(0), root);
+        }
+    }
+    Ok(out)
+}
+
+/// A replicated table's shape after a DDL, from the definition the event
+/// trigger wrote at that point of the stream; `prev` is its shape before
+/// (secondary indexes, which no DDL of the table changes here, are kept).
+pub fn definition_shape(
+    def: &super::ddl::Definition,
+    prev: &TableSchema,
+    sel: &Selection<'_>,
+) -> std::result::Result<TableSchema, String> {
+    let name = display_name(&def.schema, &def.name);
+    let mut columns = Vec::new();
+    let mut read_as = Vec::new();
+    let mut ids = Vec::new();
+    let mut defaults = Vec::new();
+    let mut enum_types: Vec<(String, Vec<String>)> = Vec::new();
+    for c in def.columns.iter().filter(|c| c.generated.is_empty()) {
+        let (mut logical, native, base) = column_type(c.base, c.elem);
+        if let Some(p) = unmapped(sel, &name, &c.name, &c.declared, native, &c.typtype) {
+            if p.blocking {
+                return Err(format!("column {:?}: {}", c.name, p.message));
+            }
+        }
+        if let (Some(t), Some(labels)) = (&c.enumtype, &c.labels) {
+            if !enum_types.iter().any(|(n, _)| n == t) {
+                enum_types.push((t.clone(), labels.clone()));
+            }
+        }
+        if sel.target_is_postgres
+            && logical == LogicalType::Json
+            && c.declared.ends_with("[]")
+            && (crate::schema::postgres::is_built_in(&c.declared) || c.enumtype.is_some())
+        {
+            logical = LogicalType::Text;
+        }
+        let serial = c
+            .default
+            .as_deref()
+            .is_some_and(|e| e.starts_with("nextval("));
+        let default = c.default.clone().filter(|e| !serial && portable_default(e));
+        let identity = !c.identity.is_empty() || serial;
+        if identity || default.is_some() || c.hasmissing {
+            defaults.push(ColumnDefault {
+                column: columns.len(),
+                identity,
+                default,
+                existing: c.missing.clone().filter(|_| c.hasmissing),
+            });
+        }
+        read_as.push(base);
+        ids.push(c.attnum);
+        columns.push(Column {
+            name: c.name.clone(),
+            source_type: c.declared.clone(),
+            logical,
+            nullable: !c.notnull,
+        });
+    }
+    let key: Vec<usize> = def
+        .key
+        .iter()
+        .filter_map(|k| ids.iter().position(|i| i == k))
+        .collect();
+    let whole_row = key.is_empty();
+    if whole_row && def.replident != "f" {
+        return Err(
+            "it has no primary key or replica identity index any more, so its UPDATEs and DELETEs cannot be matched to a row".into(),
+        );
+    }
+    let target_name = if prev.name == name {
+        prev.target_name.clone()
+    } else {
+        sel.renames
+            .get(&name)
+            .cloned()
+            .unwrap_or_else(|| name.replace('.', "_"))
+    };
+    let mut t = if whole_row {
+        TableSchema::whole_row(name, target_name, columns)
+    } else {
+        let mut t = TableSchema::keyed(name, target_name, columns, key);
+        for &k in &t.key.clone() {
+            t.columns[k].nullable = false;
+        }
+        t
+    };
+    t.source_id = def.oid.to_string();
+    t.column_ids = ids;
+    t.read_as = read_as;
+    t.column_defaults = defaults;
+    t.enum_types = enum_types;
+    t.secondary = prev.secondary.clone();
+    Ok(t)
+}
+
+/// Tables `tables.include` selects that the (user's) publication leaves out.
+pub async fn unpublished(c: &Client, ep: &PgEndpoint, sel: &Selection<'_>) -> Result<Vec<String>> {
+    let rows = c
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_switchyard')
+                AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+                AND NOT EXISTS (SELECT 1 FROM pg_publication_tables pt
+                                 WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
+              ORDER BY 1, 2",
+            &[&sel.publication],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "listing tables", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| display_name(&r.get::<_, String>(0), &r.get::<_, String>(1)))
+        .filter(|n| sel.filter.matches(n))
+        .collect())
 }
 
 /// What logical replication needs of the server and the role.
@@ -172,8 +385,8 @@ async fn describe(
     problems: &mut Vec<Problem>,
 ) -> Result<Option<(TableSchema, PgTable)>> {
     let name = display_name(&pg.schema, &pg.name);
-    let (mut columns, types) = columns(c, ep, sel, pg.oid, &name, problems).await?;
-    pg.types = types;
+    let (mut columns, types, attnums) = columns(c, ep, sel, pg.oid, &name, problems).await?;
+    pg.types = types.clone();
     let key = key_columns(c, ep, pg.oid, &columns).await?;
     let target_name = sel
         .renames
@@ -181,6 +394,12 @@ async fn describe(
         .cloned()
         .unwrap_or_else(|| name.replace('.', "_"));
     let source_id = pg.oid.to_string();
+    let identify = |t: TableSchema| TableSchema {
+        source_id: source_id.clone(),
+        column_ids: attnums.clone(),
+        read_as: types.clone(),
+        ..t
+    };
     if key.is_empty() && replident == "f" {
         // REPLICA IDENTITY FULL: the old row image identifies the row.
         problems.push(Problem {
@@ -190,10 +409,7 @@ async fn describe(
                 .into(),
             blocking: false,
         });
-        let t = TableSchema {
-            source_id,
-            ..TableSchema::whole_row(name, target_name, columns)
-        };
+        let t = identify(TableSchema::whole_row(name, target_name, columns));
         return Ok(Some((t, pg)));
     }
     if key.is_empty() {
@@ -227,19 +443,18 @@ async fn describe(
             }
         }
     }
-    let t = TableSchema {
-        source_id,
+    let t = identify(TableSchema {
         secondary,
         enum_types,
         column_defaults,
         ..TableSchema::keyed(name, target_name, columns, key)
-    };
+    });
     Ok(Some((t, pg)))
 }
 
 /// A table's replicated columns (generated ones are computed, not
-/// replicated) and their type OIDs; a type the target has no mapping for
-/// is a problem.
+/// replicated), their type OIDs and attribute numbers; a type the target
+/// has no mapping for is a problem.
 async fn columns(
     c: &Client,
     ep: &PgEndpoint,
@@ -247,13 +462,14 @@ async fn columns(
     oid: u32,
     table: &str,
     problems: &mut Vec<Problem>,
-) -> Result<(Vec<Column>, Vec<u32>)> {
+) -> Result<(Vec<Column>, Vec<u32>, Vec<i32>)> {
     let rows = c
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
                     CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END,
                     a.attnotnull, t.typtype::text,
-                    CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END
+                    CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END,
+                    a.attnum::int4
                FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
               WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
               ORDER BY a.attnum",
@@ -263,26 +479,17 @@ async fn columns(
         .map_err(|e| pg_error(ep, "reading columns", e))?;
     let mut columns = Vec::new();
     let mut types = Vec::new();
+    let mut attnums = Vec::new();
     for col in &rows {
         let cname: String = col.get(0);
         let declared: String = col.get(1);
         let typtype: String = col.get(4);
         let (logical, native, base) = column_type(col.get(2), col.get(5));
-        if !native && typtype != "e" && !sel.target_is_postgres {
-            problems.push(Problem {
-                table: table.to_string(),
-                column: Some(cname.clone()),
-                message: if sel.unmapped_as_text {
-                    format!("type {declared} is carried as its PostgreSQL text form")
-                } else {
-                    format!(
-                        "type {declared} has no mapping for the target; set source.unmapped_as_text = true to carry it as its PostgreSQL text form, or exclude the table"
-                    )
-                },
-                blocking: !sel.unmapped_as_text,
-            });
+        if let Some(p) = unmapped(sel, table, &cname, &declared, native, &typtype) {
+            problems.push(p);
         }
         types.push(base);
+        attnums.push(col.get(6));
         columns.push(Column {
             name: cname,
             source_type: declared,
@@ -290,7 +497,33 @@ async fn columns(
             nullable: !col.get::<_, bool>(3),
         });
     }
-    Ok((columns, types))
+    Ok((columns, types, attnums))
+}
+
+/// The problem of a column whose type has no mapping for the target.
+fn unmapped(
+    sel: &Selection<'_>,
+    table: &str,
+    column: &str,
+    declared: &str,
+    native: bool,
+    typtype: &str,
+) -> Option<Problem> {
+    if native || typtype == "e" || sel.target_is_postgres {
+        return None;
+    }
+    Some(Problem {
+        table: table.to_string(),
+        column: Some(column.to_string()),
+        message: if sel.unmapped_as_text {
+            format!("type {declared} is carried as its PostgreSQL text form")
+        } else {
+            format!(
+                "type {declared} has no mapping for the target; set source.unmapped_as_text = true to carry it as its PostgreSQL text form, or exclude the table"
+            )
+        },
+        blocking: !sel.unmapped_as_text,
+    })
 }
 
 /// A column's logical type, whether it maps natively, and the type OID its
@@ -401,10 +634,11 @@ async fn column_defaults(
 ) -> Result<Vec<ColumnDefault>> {
     let rows = c
         .query(
-            "SELECT a.attname::text, a.attidentity::text, pg_get_expr(d.adbin, d.adrelid)
+            "SELECT a.attname::text, a.attidentity::text, pg_get_expr(d.adbin, d.adrelid),
+                    CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END
                FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
               WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-                AND (a.attidentity <> '' OR d.adbin IS NOT NULL)",
+                AND (a.attidentity <> '' OR d.adbin IS NOT NULL OR a.atthasmissing)",
             &[&oid],
         )
         .await
@@ -417,13 +651,15 @@ async fn column_defaults(
         };
         let identity_kind: String = r.get(1);
         let expr: Option<String> = r.get(2);
+        let existing: Option<String> = r.get(3);
         let serial = expr.as_deref().is_some_and(|e| e.starts_with("nextval("));
         let default = expr.filter(|e| !serial && portable_default(e));
-        if !identity_kind.is_empty() || serial || default.is_some() {
+        if !identity_kind.is_empty() || serial || default.is_some() || existing.is_some() {
             out.push(ColumnDefault {
                 column,
                 identity: !identity_kind.is_empty() || serial,
                 default,
+                existing,
             });
         }
     }
@@ -518,48 +754,6 @@ async fn secondary(c: &Client, ep: &PgEndpoint, oid: u32) -> Result<Vec<Secondar
         });
     }
     Ok(out)
-}
-
-/// A column that a Relation message shows and the replicated table lacks.
-pub struct AddedColumn {
-    pub column: Column,
-    /// The OID its values are read as.
-    pub read_as: u32,
-    /// Rows that existed before hold a default the stream never sent.
-    pub has_missing_default: bool,
-}
-
-/// The type of a column added while streaming, from its type OID and
-/// modifier as the Relation message gives them.
-pub async fn added_column(
-    c: &Client,
-    ep: &PgEndpoint,
-    table_oid: u32,
-    name: &str,
-    type_oid: u32,
-    type_modifier: i32,
-) -> Result<AddedColumn> {
-    let row = c
-        .query_one(
-            "SELECT format_type(t.oid, $2), CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END,
-                    (SELECT a.atthasmissing FROM pg_attribute a WHERE a.attrelid = $3 AND a.attname = $4),
-                    CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END
-               FROM pg_type t WHERE t.oid = $1",
-            &[&type_oid, &type_modifier, &table_oid, &name],
-        )
-        .await
-        .map_err(|e| pg_error(ep, "reading the type of an added column", e))?;
-    let (logical, _, read_as) = column_type(row.get(1), row.get(3));
-    Ok(AddedColumn {
-        column: Column {
-            name: name.to_string(),
-            source_type: row.get(0),
-            logical,
-            nullable: true,
-        },
-        read_as,
-        has_missing_default: row.get::<_, Option<bool>>(2) == Some(true),
-    })
 }
 
 /// The row count the planner estimates for a table (progress only).

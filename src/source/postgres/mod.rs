@@ -16,6 +16,7 @@
 //! one decoder (values.rs) serves both.
 
 pub mod catalog;
+pub mod ddl;
 pub mod pgoutput;
 pub mod replication;
 pub mod slot;
@@ -23,7 +24,7 @@ pub mod snapshot;
 pub mod stream;
 pub mod values;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,11 +33,11 @@ use tokio::sync::{mpsc, watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use self::catalog::{PgTable, Selection};
+use self::catalog::{PgTable, Selector};
 use self::slot::{flush_lsn, snapshot_position, Capture, Export};
 use self::snapshot::{Copier, CopyOut};
 use self::stream::Streamer;
-use crate::config::{Config, TableFilter};
+use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Row, TableSchema};
 use crate::pg::conn::PgEndpoint;
@@ -47,10 +48,7 @@ use crate::source::{Batch, Discovery, Installed, Pending, Source, SourceLag};
 
 pub struct PgSource {
     capture: Capture,
-    unmapped_as_text: bool,
-    target_is_postgres: bool,
-    filter: TableFilter,
-    renames: BTreeMap<String, String>,
+    selector: Arc<Selector>,
     catalog: Arc<Mutex<HashMap<String, PgTable>>>,
     export: Mutex<Option<Export>>,
     copier: Copier,
@@ -75,23 +73,32 @@ impl PgSource {
             ErrorKind::Transient => Error::connect(e.to_string()),
             _ => e,
         })?;
+        let mut capture = Capture {
+            ep: ep.clone(),
+            slot: config.source.slot.clone(),
+            publication: config.source.publication.clone(),
+            create_publication: config.source.create_publication,
+            ddl_capture: false,
+        };
+        capture.ddl_capture = capture.may_capture_ddl(&client).await?;
         drop(client);
         let workers = config.pipeline.snapshot_workers.max(1);
         Ok(Self {
-            capture: Capture {
-                ep: ep.clone(),
-                slot: config.source.slot.clone(),
+            capture,
+            selector: Arc::new(Selector {
+                filter: config.table_filter()?,
+                renames: config.tables.rename.clone(),
                 publication: config.source.publication.clone(),
                 create_publication: config.source.create_publication,
-            },
-            unmapped_as_text: config.source.unmapped_as_text,
-            // A PostgreSQL target reads every type's text form as that type.
-            target_is_postgres: matches!(
-                config.target_kind(),
-                Ok(crate::config::TargetKind::Postgres { .. })
-            ),
-            filter: config.table_filter()?,
-            renames: config.tables.rename.clone(),
+                unmapped_as_text: config.source.unmapped_as_text,
+                // A PostgreSQL target reads every type's text form as that type.
+                target_is_postgres: matches!(
+                    config.target_kind(),
+                    Ok(crate::config::TargetKind::Postgres { .. })
+                ),
+                follow_renames: config.schema_changes.rename_table
+                    == crate::config::OnRename::Follow,
+            }),
             catalog: Arc::new(Mutex::new(HashMap::new())),
             export: Mutex::new(None),
             copier: Copier {
@@ -149,16 +156,32 @@ impl Source for PgSource {
     async fn discover(&self) -> Result<Discovery> {
         let c = self.capture.client().await?;
         let published = self.capture.publication_exists(&c).await?;
-        let selection = Selection {
-            filter: &self.filter,
-            renames: &self.renames,
-            publication: &self.capture.publication,
-            published,
-            create_publication: self.capture.create_publication,
-            unmapped_as_text: self.unmapped_as_text,
-            target_is_postgres: self.target_is_postgres,
-        };
-        let (d, catalog) = catalog::discover(&c, &self.capture.ep, &selection).await?;
+        let selection = self.selector.selection(published);
+        let (mut d, catalog) = catalog::discover(&c, &self.capture.ep, &selection).await?;
+        if !self.capture.ddl_capture {
+            d.problems.push(crate::source::Problem {
+                table: "(source)".into(),
+                column: None,
+                message: "the role is no superuser, so switchyard cannot install its DDL event triggers: columns changed while streaming are followed from the catalog when the table's next change arrives; tables created, partitions attached, detached or truncated, and defaults changed while streaming are not followed".into(),
+                blocking: false,
+            });
+        }
+        if published && !(self.capture.create_publication && self.capture.ddl_capture) {
+            // Tables the publication leaves out are not replicated (unless
+            // the stream adds the ones created to switchyard's publication).
+            for t in catalog::unpublished(&c, &self.capture.ep, &selection).await? {
+                d.problems.push(crate::source::Problem {
+                    table: t.clone(),
+                    column: None,
+                    message: format!(
+                        "matches tables.include but is not in publication {:?}, so it is not replicated; add it (ALTER PUBLICATION {} ADD TABLE …)",
+                        self.capture.publication,
+                        crate::pg::quote_ident(&self.capture.publication)
+                    ),
+                    blocking: false,
+                });
+            }
+        }
         *self.catalog.lock().await = catalog;
         Ok(d)
     }
@@ -171,6 +194,26 @@ impl Source for PgSource {
             .map(PgTable::qualified)
             .collect();
         let (origin, export) = self.capture.install(&qualified).await?;
+        if self.capture.ddl_capture {
+            let c = self.capture.client().await?;
+            let roots: Vec<u32> = catalog
+                .values()
+                .filter(|pg| !pg.only)
+                .map(|pg| pg.oid)
+                .collect();
+            let mut partitions = Vec::new();
+            for p in catalog::partitions_of(&c, &self.capture.ep, &roots)
+                .await?
+                .into_keys()
+            {
+                let row = c
+                    .query_one("SELECT $1::oid::regclass::text", &[&p])
+                    .await
+                    .map_err(self.capture.pg("naming a partition"))?;
+                partitions.push(row.get::<_, String>(0));
+            }
+            self.capture.install_ddl_capture(&c, &partitions).await?;
+        }
         let mut recaptured = Vec::new();
         if let Some(export) = export {
             // Everything copied before this slot existed is stale.
@@ -238,6 +281,7 @@ impl Source for PgSource {
             catalog: self.catalog.clone(),
             retry: self.retry,
             heartbeat_interval: self.heartbeat_interval,
+            selector: self.selector.clone(),
         };
         streamer
             .run(tables, after, max_batch, changes, cancel)

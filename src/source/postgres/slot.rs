@@ -65,6 +65,9 @@ pub struct Capture {
     pub publication: String,
     /// The publication is switchyard's own (created and dropped by it).
     pub create_publication: bool,
+    /// DDL reaches the stream as messages from event triggers (installed
+    /// where the role is a superuser).
+    pub ddl_capture: bool,
 }
 
 impl Capture {
@@ -76,6 +79,48 @@ impl Capture {
     /// An ordinary connection with our session settings.
     pub async fn client(&self) -> Result<Client> {
         self.ep.session().await
+    }
+
+    /// Whether the publication publishes the table (directly, through a
+    /// schema or for all tables).
+    pub async fn publishes(&self, c: &Client, oid: u32) -> Result<bool> {
+        let row = c
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables pt
+                   JOIN pg_namespace n ON n.nspname = pt.schemaname
+                   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+                  WHERE pt.pubname = $1 AND c.oid = $2",
+                &[&self.publication, &oid],
+            )
+            .await
+            .map_err(self.pg("reading the publication's tables"))?;
+        Ok(row.is_some())
+    }
+
+    /// Whether the role may install the DDL event triggers (a superuser).
+    pub async fn may_capture_ddl(&self, c: &Client) -> Result<bool> {
+        let row = c
+            .query_one(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(self.pg("reading the role"))?;
+        Ok(row.get(0))
+    }
+
+    /// Installs the event triggers that write DDL into the WAL, and the
+    /// TRUNCATE triggers of the partitions of `roots` (qualified names).
+    pub async fn install_ddl_capture(&self, c: &Client, partitions: &[String]) -> Result<()> {
+        c.batch_execute(&super::ddl::install_sql())
+            .await
+            .map_err(self.pg("installing the DDL event triggers"))?;
+        for p in partitions {
+            c.batch_execute(&super::ddl::truncate_trigger_sql(p))
+                .await
+                .map_err(self.pg("watching a partition's TRUNCATE"))?;
+        }
+        Ok(())
     }
 
     pub async fn publication_exists(&self, c: &Client) -> Result<bool> {
@@ -249,6 +294,23 @@ impl Capture {
                     self.pg("dropping the replication slot (stop the running switchyard first)"),
                 )?;
             info!(slot = %self.slot, "replication slot dropped");
+        }
+        if self.ddl_capture {
+            // Other switchyards of this database (other slots) keep theirs.
+            let others: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE database = current_database() AND plugin = 'pgoutput'",
+                    &[],
+                )
+                .await
+                .map_err(self.pg("reading pg_replication_slots"))?
+                .get(0);
+            if others == 0 {
+                c.batch_execute(super::ddl::UNINSTALL_SQL)
+                    .await
+                    .map_err(self.pg("removing the DDL event triggers"))?;
+                info!("DDL event triggers removed");
+            }
         }
         if self.create_publication && self.publication_exists(&c).await? {
             c.batch_execute(&format!(

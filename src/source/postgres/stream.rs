@@ -10,7 +10,7 @@
 //!  status update: flush = the LSN after the target's durable checkpoint
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::catalog::{self, display_name, PgTable};
+use super::ddl;
 use super::pgoutput::{
     self, DecodeCtx, LogicalMessage, OldTuple, RelationBody, ReplicationMessage, TupleData,
     TupleValue,
@@ -27,7 +28,7 @@ use super::replication::ReplicationConn;
 use super::slot::{flush_lsn, snapshot_position, Capture};
 use super::values;
 use crate::error::{Error, Result};
-use crate::model::{Change, Op, Row, TableSchema, Value};
+use crate::model::{Change, ColumnDefault, Ddl, Op, Row, TableSchema, Value};
 use crate::pg::conn::pg_error;
 use crate::pg::Lsn;
 use crate::position::Position;
@@ -38,9 +39,6 @@ use crate::source::Batch;
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// The prefix of switchyard's heartbeat messages in the WAL.
 pub const HEARTBEAT_PREFIX: &str = "switchyard_heartbeat";
-
-/// A replicated table and its column type OIDs.
-type Replicated = (Arc<TableSchema>, Vec<u32>);
 
 /// What the stream needs of the source.
 pub struct Streamer {
@@ -56,6 +54,8 @@ pub struct Streamer {
     pub catalog: Arc<Mutex<HashMap<String, PgTable>>>,
     pub retry: Retry,
     pub heartbeat_interval: Duration,
+    /// Which tables are replicated, and how (new tables while streaming).
+    pub selector: Arc<catalog::Selector>,
 }
 
 impl Streamer {
@@ -70,25 +70,76 @@ impl Streamer {
         cancel: CancellationToken,
     ) -> Result<()> {
         let catalog = self.catalog.lock().await.clone();
-        let by_name: HashMap<u32, (String, String, Replicated)> = tables
+        let tracked: HashMap<u32, Tracked> = tables
             .iter()
             .filter_map(|t| {
-                catalog.get(&t.name).map(|pg| {
+                // By name, or for a table renamed since the target copied it
+                // (it starts from the shape the target holds) by its OID.
+                let by_oid = || {
+                    catalog
+                        .values()
+                        .find(|pg| pg.oid.to_string() == t.source_id)
+                };
+                let gone;
+                let pg = match catalog.get(&t.name).or_else(by_oid) {
+                    Some(pg) => pg,
+                    // Not in the catalog now (dropped while switchyard was
+                    // stopped): followed by its OID until its drop is met.
+                    None => {
+                        let oid: u32 = t.source_id.parse().ok()?;
+                        gone = PgTable {
+                            oid,
+                            only: true,
+                            schema: String::new(),
+                            name: String::new(),
+                            types: t.read_as.clone(),
+                        };
+                        &gone
+                    }
+                };
+                Some(pg).map(|pg| {
+                    let mut table = (**t).clone();
+                    if table.read_as.len() != table.columns.len() {
+                        table.read_as = pg.types.clone();
+                    }
+                    // The schema and name the shape says (a rename ahead in the
+                    // stream is met there).
+                    let (schema, name) = if table.name == display_name(&pg.schema, &pg.name) {
+                        (pg.schema.clone(), pg.name.clone())
+                    } else {
+                        match table.name.split_once('.') {
+                            Some((s, n)) => (s.to_string(), n.to_string()),
+                            None => ("public".to_string(), table.name.clone()),
+                        }
+                    };
                     (
                         pg.oid,
-                        (
-                            pg.schema.clone(),
-                            pg.name.clone(),
-                            (t.clone(), pg.types.clone()),
-                        ),
+                        Tracked {
+                            schema,
+                            name,
+                            table: Arc::new(table),
+                        },
                     )
                 })
             })
             .collect();
+        let roots: Vec<u32> = catalog
+            .values()
+            .filter(|pg| !pg.only && tracked.contains_key(&pg.oid))
+            .map(|pg| pg.oid)
+            .collect();
+        let partitions = {
+            let c = self.capture.client().await?;
+            catalog::partitions_of(&c, &self.capture.ep, &roots).await?
+        };
         let mut state = StreamState {
             held: None,
             relations: HashMap::new(),
-            by_name,
+            tracked_sent: tracked.clone(),
+            tracked,
+            partitions_sent: partitions.clone(),
+            partitions,
+            rewrites: HashMap::new(),
             after,
             commit: None,
             ordinal: 0,
@@ -228,6 +279,13 @@ impl Streamer {
                                     self.on_relation(state, r).await?;
                                     None
                                 }
+                                LogicalMessage::Message(m) if m.prefix == ddl::PREFIX => {
+                                    let event: ddl::Event = serde_json::from_slice(&m.content).map_err(|e| {
+                                        Error::definite(format!("unreadable DDL message from the source's event trigger: {e}"))
+                                    })?;
+                                    self.on_ddl(state, event).await?;
+                                    None
+                                }
                                 m => state.on_message(m, max_batch)?,
                             }
                         }
@@ -290,92 +348,496 @@ impl Streamer {
         }
     }
 
-    /// A Relation message: which table an OID is, and whether its columns
-    /// still are the ones replicated. Columns added at the end are followed
-    /// (the changes carry the wider table; the pipeline widens the target);
-    /// any other change stops the stream without acknowledging it.
+    /// A Relation message: which table an OID is, and the shape its next
+    /// changes are decoded with. It agrees with the tracked shape, which the
+    /// DDL messages keep up to date; where they did not (no event trigger:
+    /// the role is no superuser), the change is followed from the catalog.
     async fn on_relation(&self, state: &mut StreamState, r: RelationBody) -> Result<()> {
-        let Some((schema, name, (table, types))) = state.by_name.get(&r.oid).cloned() else {
+        let Some(tracked) = state.tracked.get(&r.oid).cloned() else {
             // Not replicated, unless it stands in for a replicated table of
             // the same name that was dropped and created again.
-            if let Some((_, _, (t, _))) = state
-                .by_name
+            if let Some(t) = state
+                .tracked
                 .values()
-                .find(|(s, n, _)| *s == r.namespace && *n == r.name)
+                .find(|t| t.schema == r.namespace && t.name == r.name)
             {
                 return Err(Error::definite(format!(
                     "table {:?} was dropped and created again while streaming (a new table under the same name); \
                      its changes are not acknowledged. Copy the table again: run once with it in tables.exclude, then without",
-                    t.name
+                    t.table.name
                 )));
             }
             state.relations.insert(r.oid, None);
             return Ok(());
         };
-        if (schema.as_str(), name.as_str()) != (r.namespace.as_str(), r.name.as_str()) {
-            return Err(Error::definite(format!(
-                "table {:?} was renamed to {:?} while streaming; its changes are not acknowledged. \
-                 Rename it back, or replicate it under its new name (the publication follows the table; copy it again: run once with the new name in tables.exclude, then without)",
-                table.name,
-                display_name(&r.namespace, &r.name)
-            )));
-        }
+        let table = tracked.table.clone();
         let now: Vec<&str> = r.columns.iter().map(|c| c.name.as_str()).collect();
         let then: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
-        if now == then {
-            state.relations.insert(r.oid, Some((table, types)));
+        let renamed = (tracked.schema.as_str(), tracked.name.as_str())
+            != (r.namespace.as_str(), r.name.as_str());
+        if now == then && !renamed {
+            state.relations.insert(r.oid, Some(table));
             return Ok(());
         }
-        if now.len() <= then.len() || now[..then.len()] != then[..] {
-            return Err(Error::definite(format!(
-                "table {:?} changed its columns in a way switchyard cannot follow (then {then:?}, now {now:?}); \
+        // No DDL message told of this change: read the catalog as it is now
+        // and take the Relation's columns from it by name.
+        let c = self.capture.client().await?;
+        let (described, _) =
+            catalog::describe_oid(&c, &self.capture.ep, &self.selector.selection(true), r.oid)
+                .await?;
+        let cannot = |why: String| {
+            Error::definite(format!(
+                "table {:?} changed ({why}) and switchyard has no record of the DDL (its event trigger needs a superuser to be installed); \
                  the change is not acknowledged. Copy the table again: run once with it in tables.exclude, then without",
                 table.name
-            )));
-        }
-        let client = self.capture.client().await?;
-        let mut wider = (*table).clone();
-        let mut types = types.clone();
-        let mut added = Vec::new();
-        for c in &r.columns[then.len()..] {
-            let a = catalog::added_column(
-                &client,
-                &self.capture.ep,
-                r.oid,
-                &c.name,
-                c.type_oid,
-                c.type_modifier,
-            )
-            .await?;
-            if a.has_missing_default && table.whole_row {
-                return Err(Error::definite(format!(
-                    "table {:?} has no key and gained column {:?} with a default: the rows it identifies by their whole value changed in the source but not in the target; \
-                     the change is not acknowledged. Copy the table again: run once with it in tables.exclude, then without",
-                    table.name, c.name
+            ))
+        };
+        let Some((now_shape, _)) = described else {
+            return Err(cannot("the table is gone".into()));
+        };
+        let mut shape = (*table).clone();
+        shape.columns.clear();
+        shape.column_ids.clear();
+        shape.read_as.clear();
+        for col in &r.columns {
+            let Some(i) = now_shape.columns.iter().position(|c| c.name == col.name) else {
+                return Err(cannot(format!(
+                    "column {:?} is not in the catalog now",
+                    col.name
                 )));
-            }
-            if a.has_missing_default {
-                warn!(table = %table.name, column = %c.name,
-                    "column added with a default: rows that existed before hold it in the source but not in the target; copy the table again to carry it");
-            }
-            wider.columns.push(a.column);
-            if wider.whole_row {
-                wider.key.push(wider.columns.len() - 1);
-            }
-            types.push(a.read_as);
-            added.push(c.name.clone());
+            };
+            shape.columns.push(now_shape.columns[i].clone());
+            shape
+                .column_ids
+                .push(now_shape.column_ids.get(i).copied().unwrap_or_default());
+            shape
+                .read_as
+                .push(now_shape.read_as.get(i).copied().unwrap_or_default());
         }
-        info!(table = %table.name, added = ?added, "table gained columns; replicating them from now on");
-        if let Some(pg) = self.catalog.lock().await.get_mut(&table.name) {
-            pg.types = types.clone();
+        let ids = shape.column_ids.clone();
+        let key: Vec<usize> = table
+            .key
+            .iter()
+            .filter_map(|&k| table.column_ids.get(k))
+            .filter_map(|id| ids.iter().position(|i| i == id))
+            .collect();
+        if key.len() != table.key.len() {
+            return Err(cannot("its key changed".into()));
         }
-        let wider = Arc::new(wider);
-        state
-            .by_name
-            .insert(r.oid, (schema, name, (wider.clone(), types.clone())));
-        state.relations.insert(r.oid, Some((wider, types)));
+        shape.key = key;
+        shape.column_defaults = now_shape
+            .column_defaults
+            .iter()
+            .filter_map(|d| {
+                let id = now_shape.column_ids.get(d.column)?;
+                let at = ids.iter().position(|i| i == id)?;
+                Some(ColumnDefault {
+                    column: at,
+                    ..d.clone()
+                })
+            })
+            .collect();
+        shape.name = display_name(&r.namespace, &r.name);
+        if renamed {
+            shape.target_name = self.selector.target_name(&shape.name, &table);
+        }
+        let shape = Arc::new(shape);
+        info!(table = %table.name, columns = ?now, "table changed without a DDL record; following its columns from the catalog");
+        state.tracked.insert(
+            r.oid,
+            Tracked {
+                schema: r.namespace.clone(),
+                name: r.name.clone(),
+                table: shape.clone(),
+            },
+        );
+        state.relations.insert(r.oid, Some(shape.clone()));
+        if renamed && self.renamed(state, r.oid, &table, &shape).await? {
+            return Ok(());
+        }
+        state.push_ddl(shape, Ddl::Alter);
         Ok(())
     }
+
+    /// A DDL message: the target follows the replicated tables' changes,
+    /// copies tables that appeared, and copies again what changed its rows
+    /// without row changes in the stream.
+    async fn on_ddl(&self, state: &mut StreamState, event: ddl::Event) -> Result<()> {
+        match event {
+            ddl::Event::Rewrite {
+                oid,
+                reason,
+                computed,
+            } => {
+                *state.rewrites.entry(oid).or_default() |=
+                    reason | if computed { COMPUTED } else { 0 };
+            }
+            ddl::Event::Ddl { tables } => {
+                for def in tables {
+                    self.on_definition(state, def).await?;
+                }
+            }
+            ddl::Event::Drop { tables } => {
+                for d in tables {
+                    if let Some(t) = state.tracked.remove(&d.oid) {
+                        info!(table = %t.table.name, "table dropped in the source");
+                        self.catalog.lock().await.remove(&t.table.name);
+                        state.push_ddl(t.table.clone(), Ddl::Drop);
+                    } else if let Some(root) = state.partitions.remove(&d.oid) {
+                        self.copy_again(
+                            state,
+                            root,
+                            format!("partition {} was dropped", display_name(&d.schema, &d.name)),
+                        )
+                        .await?;
+                    }
+                }
+            }
+            ddl::Event::Truncate { oid } => {
+                if let Some(&root) = state.partitions.get(&oid) {
+                    self.copy_again(state, root, "one of its partitions was truncated".into())
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A table as it is after a DDL.
+    async fn on_definition(&self, state: &mut StreamState, def: ddl::Definition) -> Result<()> {
+        if let Some(tracked) = state.tracked.get(&def.oid).cloned() {
+            let prev = tracked.table.clone();
+            let sel = self.selector.selection(true);
+            let mut shape = catalog::definition_shape(&def, &prev, &sel).map_err(|why| {
+                Error::definite(format!(
+                    "table {:?} changed in a way switchyard cannot follow: {why}; the change is not acknowledged. \
+                     Undo the change, or exclude the table",
+                    prev.name
+                ))
+            })?;
+            if shape.name != prev.name && !self.selector.follow_renames {
+                shape.target_name = prev.target_name.clone();
+            }
+            let shape = Arc::new(shape);
+            let rewrite = state.rewrites.get(&def.oid).copied().unwrap_or(0);
+            let known: BTreeSet<u32> = state
+                .partitions
+                .iter()
+                .filter(|(_, r)| **r == def.oid)
+                .map(|(p, _)| *p)
+                .collect();
+            let now: BTreeSet<u32> = def.partitions.iter().copied().collect();
+            if def.kind == "p" && known != now {
+                // Attached or detached: rows came or went without row changes.
+                let c = self.capture.client().await?;
+                for p in now.difference(&known) {
+                    self.watch_partition(&c, *p).await?;
+                }
+                state.partitions.retain(|_, r| *r != def.oid);
+                for p in catalog::partitions_of(&c, &self.capture.ep, &[def.oid])
+                    .await?
+                    .into_keys()
+                {
+                    state.partitions.insert(p, def.oid);
+                }
+            }
+            let why = copy_reason(
+                &prev,
+                &shape,
+                rewrite,
+                known != now,
+                self.selector.target_is_postgres,
+            );
+            state.tracked.insert(
+                def.oid,
+                Tracked {
+                    schema: def.schema.clone(),
+                    name: def.name.clone(),
+                    table: shape.clone(),
+                },
+            );
+            if shape.name != prev.name && self.renamed(state, def.oid, &prev, &shape).await? {
+                return Ok(());
+            }
+            match why {
+                Some(reason) => self.copy_again(state, def.oid, reason).await?,
+                None if !shape.same_shape(&prev) => {
+                    info!(table = %shape.name, "table changed in the source; the target follows");
+                    state.push_ddl(shape, Ddl::Alter);
+                }
+                None => {}
+            }
+            return Ok(());
+        }
+        if def.ispartition {
+            // A partition created under a replicated partitioned table: its
+            // rows are published through the root; its TRUNCATE is watched.
+            let root = def
+                .parent
+                .and_then(|p| state.partitions.get(&p).copied().or(Some(p)))
+                .filter(|r| state.tracked.contains_key(r));
+            if let Some(root) = root {
+                let c = self.capture.client().await?;
+                self.watch_partition(&c, def.oid).await?;
+                state.partitions.insert(def.oid, root);
+            }
+            return Ok(());
+        }
+        self.adopt(state, def.oid).await
+    }
+
+    /// A table created while streaming: replicated from now on (added to
+    /// switchyard's publication) and copied at a snapshot of its own, if
+    /// `tables.include` selects it.
+    async fn adopt(&self, state: &mut StreamState, oid: u32) -> Result<()> {
+        let c = self.capture.client().await?;
+        let sel = self.selector.selection(true);
+        let (described, problems) = catalog::describe_oid(&c, &self.capture.ep, &sel, oid).await?;
+        let Some((table, pg)) = described else {
+            for p in problems.iter().filter(|p| sel.filter.matches(&p.table)) {
+                warn!(table = %p.table, "a table created in the source cannot be replicated: {}", p.message);
+            }
+            return Ok(());
+        };
+        if !sel.filter.matches(&table.name) {
+            return Ok(());
+        }
+        if self.capture.create_publication {
+            let added = c
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    crate::pg::quote_ident(&self.capture.publication),
+                    pg.qualified()
+                ))
+                .await;
+            if let Err(e) = added {
+                if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) {
+                    return Err(pg_error(
+                        &self.capture.ep,
+                        "adding a new table to the publication",
+                        e,
+                    ));
+                }
+            }
+        } else if !self.capture.publishes(&c, oid).await? {
+            warn!(table = %table.name, publication = %self.capture.publication,
+                "a table created in the source matches tables.include but is not in the publication: it is not replicated; add it (ALTER PUBLICATION … ADD TABLE …)");
+            return Ok(());
+        }
+        info!(table = %table.name, "table created in the source: copying it, then following it");
+        if !pg.only {
+            for (p, _) in catalog::partitions_of(&c, &self.capture.ep, &[oid]).await? {
+                self.watch_partition(&c, p).await?;
+                state.partitions.insert(p, oid);
+            }
+        }
+        let table = Arc::new(table);
+        self.catalog
+            .lock()
+            .await
+            .insert(table.name.clone(), pg.clone());
+        state.tracked.insert(
+            oid,
+            Tracked {
+                schema: pg.schema,
+                name: pg.name,
+                table: table.clone(),
+            },
+        );
+        state.push_ddl(
+            table,
+            Ddl::Copy {
+                reason: "it was created in the source".into(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Asks the pipeline to copy a replicated table again, in the shape the
+    /// catalog gives it now (the copy reads the table as it is now).
+    async fn copy_again(&self, state: &mut StreamState, oid: u32, reason: String) -> Result<()> {
+        let Some(t) = state.tracked.get(&oid).cloned() else {
+            return Ok(());
+        };
+        let c = self.capture.client().await?;
+        let (described, problems) =
+            catalog::describe_oid(&c, &self.capture.ep, &self.selector.selection(true), oid)
+                .await?;
+        let Some((mut now, pg)) = described else {
+            return Err(Error::definite(format!(
+                "table {:?} must be copied again ({reason}) but cannot be replicated now: {}; the change is not acknowledged",
+                t.table.name,
+                problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
+        };
+        // Under the name the stream knows it by: a rename still ahead in
+        // the stream follows.
+        now.name = t.table.name.clone();
+        now.target_name = t.table.target_name.clone();
+        self.catalog.lock().await.insert(now.name.clone(), pg);
+        info!(table = %t.table.name, reason = %reason, "the table is copied again");
+        state.push_ddl(Arc::new(now), Ddl::Copy { reason });
+        Ok(())
+    }
+
+    /// A partition's TRUNCATE becomes a DDL message (pgoutput does not send
+    /// it when partitions are published through their root).
+    async fn watch_partition(&self, c: &tokio_postgres::Client, oid: u32) -> Result<()> {
+        if !self.capture.ddl_capture {
+            return Ok(());
+        }
+        let row = c
+            .query_one("SELECT $1::oid::regclass::text", &[&oid])
+            .await
+            .map_err(|e| pg_error(&self.capture.ep, "naming a partition", e))?;
+        let name: String = row.get(0);
+        c.batch_execute(&ddl::truncate_trigger_sql(&name))
+            .await
+            .map_err(|e| pg_error(&self.capture.ep, "watching a partition's TRUNCATE", e))
+    }
+
+    /// The catalog entry of a renamed table under its new name.
+    /// A table renamed in the source (`state.tracked` already holds it
+    /// under its new name): a PostgreSQL target renames its copy; a
+    /// SurrealDB target, which has no rename, gets a copy under the new
+    /// name and a drop of the old one (after `[schema_changes]`). True when
+    /// the table is copied again.
+    async fn renamed(
+        &self,
+        state: &mut StreamState,
+        oid: u32,
+        prev: &Arc<TableSchema>,
+        now: &Arc<TableSchema>,
+    ) -> Result<bool> {
+        info!(table = %prev.name, now = %now.name, "table renamed in the source");
+        self.renamed_in_catalog(&prev.name, &now.name).await;
+        if self.selector.target_is_postgres || now.target_name == prev.target_name {
+            state.push_ddl(
+                now.clone(),
+                Ddl::Rename {
+                    from: prev.name.clone(),
+                },
+            );
+            return Ok(false);
+        }
+        self.copy_again(state, oid, format!("it was renamed from {:?}", prev.name))
+            .await?;
+        state.push_ddl(prev.clone(), Ddl::Drop);
+        Ok(true)
+    }
+
+    async fn renamed_in_catalog(&self, from: &str, to: &str) {
+        let mut catalog = self.catalog.lock().await;
+        if let Some(mut pg) = catalog.remove(from) {
+            if let Some((schema, name)) = to.split_once('.') {
+                pg.schema = schema.to_string();
+                pg.name = name.to_string();
+            } else {
+                pg.name = to.to_string();
+            }
+            catalog.insert(to.to_string(), pg);
+        }
+    }
+}
+
+/// Why a table that changed must be copied again rather than followed in
+/// place, if it must: a column added with a volatile default (the rewrite
+/// gave existing rows values no row change carries), partitions attached
+/// or detached, a key that changed, or a column whose new type the target
+/// cannot take in place without changing values.
+fn copy_reason(
+    prev: &TableSchema,
+    now: &TableSchema,
+    rewrite: i32,
+    partitions_changed: bool,
+    target_is_postgres: bool,
+) -> Option<String> {
+    use crate::schema::diff::{diff, AlterStep};
+    if partitions_changed {
+        return Some("partitions were attached or detached".into());
+    }
+    if prev.whole_row != now.whole_row
+        || prev.key_names() != now.key_names()
+            && prev
+                .key
+                .iter()
+                .map(|&k| prev.column_ids.get(k))
+                .collect::<Vec<_>>()
+                != now
+                    .key
+                    .iter()
+                    .map(|&k| now.column_ids.get(k))
+                    .collect::<Vec<_>>()
+    {
+        return Some("its key changed".into());
+    }
+    // AT_REWRITE_COLUMN_REWRITE with USING: values computed in the source,
+    // which a cast in the target would not reproduce.
+    if rewrite & 4 != 0 && rewrite & COMPUTED != 0 {
+        return Some("a column's type changed with a USING expression: its values were computed in the source".into());
+    }
+    for step in diff(prev, now) {
+        match step {
+            AlterStep::Add { column } if rewrite & 2 != 0 => {
+                return Some(format!(
+                    "column {:?} was added with a volatile default: the table was rewritten and existing rows got values no row change carries",
+                    now.columns[column].name
+                ))
+            }
+            AlterStep::Add { column }
+                if !target_is_postgres
+                    && now
+                        .column_defaults
+                        .iter()
+                        .any(|d| d.column == column && d.existing.is_some()) =>
+            {
+                return Some(format!(
+                    "column {:?} was added with a default that existing rows hold",
+                    now.columns[column].name
+                ))
+            }
+            AlterStep::Type { column, from } => {
+                let to = &now.columns[column];
+                let in_place = if target_is_postgres {
+                    crate::schema::postgres::holds(&from, &to.source_type)
+                } else {
+                    let before = prev.columns.iter().find(|c| c.source_type == from);
+                    before.is_some_and(|b| b.logical == to.logical)
+                        && numeric_scale(&from) == numeric_scale(&to.source_type)
+                };
+                if !in_place {
+                    return Some(format!(
+                        "column {:?} changed its type from {from} to {}, which the target cannot take in place without changing values",
+                        to.name, to.source_type
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A rewrite bit of switchyard's own (PostgreSQL's `AT_REWRITE_*` bits are
+/// below it): the statement computed values with `USING`.
+const COMPUTED: i32 = 1 << 16;
+
+/// The scale of `numeric(p,s)`, if declared.
+fn numeric_scale(declared: &str) -> Option<u32> {
+    let inner = declared.split_once('(')?.1.split_once(')')?.0;
+    inner.split(',').nth(1)?.trim().parse().ok()
+}
+
+/// A replicated table: its shape at the stream's position.
+#[derive(Clone)]
+struct Tracked {
+    schema: String,
+    name: String,
+    table: Arc<TableSchema>,
 }
 
 struct StreamState {
@@ -383,10 +845,21 @@ struct StreamState {
     /// batch (with the WAL end it covers) while the stream is read on. Kept
     /// across reconnects: `sent_upto` already covers them.
     held: Option<(Batch, u64)>,
-    relations: HashMap<u32, Option<Replicated>>,
-    /// The replicated tables by OID, with the schema and name they had when
-    /// discovered.
-    by_name: HashMap<u32, (String, String, Replicated)>,
+    /// The shape each relation's changes are decoded with (from its last
+    /// Relation message); `None` for a relation that is not replicated.
+    relations: HashMap<u32, Option<Arc<TableSchema>>>,
+    /// The replicated tables by OID, with their shape at this point of the
+    /// stream (DDL messages keep it up to date).
+    tracked: HashMap<u32, Tracked>,
+    /// `tracked` as of the last batch handed to the pipeline: a reconnect
+    /// reads the stream again from there.
+    tracked_sent: HashMap<u32, Tracked>,
+    /// The partitions (at any level) of replicated partitioned tables,
+    /// each with its root; as of the last batch handed over.
+    partitions: HashMap<u32, u32>,
+    partitions_sent: HashMap<u32, u32>,
+    /// Table rewrites announced in the open transaction (OID → reason bits).
+    rewrites: HashMap<u32, i32>,
     after: Position,
     /// The commit LSN of the transaction being received.
     commit: Option<Lsn>,
@@ -420,6 +893,9 @@ impl StreamState {
         self.ordinal = 0;
         self.pending.clear();
         self.relations.clear();
+        self.rewrites.clear();
+        self.tracked = self.tracked_sent.clone();
+        self.partitions = self.partitions_sent.clone();
     }
 
     /// A batch that moves the checkpoint to the server's position when no
@@ -446,6 +922,8 @@ impl StreamState {
 
     fn take(&mut self, upto: Position) -> Batch {
         self.sent_upto = self.sent_upto.max(upto).max(self.advance);
+        self.tracked_sent = self.tracked.clone();
+        self.partitions_sent = self.partitions.clone();
         Batch {
             changes: std::mem::take(&mut self.pending),
             upto: self.sent_upto,
@@ -453,7 +931,7 @@ impl StreamState {
         }
     }
 
-    fn table(&self, oid: u32) -> Result<Option<Replicated>> {
+    fn table(&self, oid: u32) -> Result<Option<Arc<TableSchema>>> {
         match self.relations.get(&oid) {
             Some(t) => Ok(t.clone()),
             None => Err(Error::definite(format!(
@@ -467,6 +945,18 @@ impl StreamState {
     /// means the same whatever `tables.include` selects.
     fn count(&mut self) {
         self.ordinal += 1;
+    }
+
+    /// A change of a table's definition, where it happened in the open
+    /// transaction. Never dropped as "applied before a restart": whether
+    /// the target has it is its state (the shape it holds), not a position.
+    fn push_ddl(&mut self, table: Arc<TableSchema>, ddl: Ddl) {
+        let commit = self.commit.map(u64::from).unwrap_or(0);
+        self.pending.push(Change {
+            table,
+            op: Op::Ddl(ddl),
+            position: Position::new(commit, self.ordinal),
+        });
     }
 
     fn push(&mut self, table: Arc<TableSchema>, op: Op) {
@@ -490,6 +980,7 @@ impl StreamState {
             }
             LogicalMessage::Commit(c) => {
                 self.commit = None;
+                self.rewrites.clear();
                 self.last_end = self.last_end.max(c.end_lsn);
                 self.last_commit = pg_time(c.timestamp.0);
                 // The whole transaction is behind this position.
@@ -512,14 +1003,15 @@ impl StreamState {
             LogicalMessage::Relation(_) => {} // handled by PgSource::on_relation
             LogicalMessage::Insert(i) => {
                 self.count();
-                if let Some((t, types)) = self.table(i.oid)? {
-                    let row = tuple_row(&t, &types, &i.new)?;
+                if let Some(t) = self.table(i.oid)? {
+                    let row = tuple_row(&t, &t.read_as, &i.new)?;
                     self.push(t, Op::Insert { row });
                 }
             }
             LogicalMessage::Update(u) => {
                 self.count();
-                if let Some((t, types)) = self.table(u.oid)? {
+                if let Some(t) = self.table(u.oid)? {
+                    let types = t.read_as.clone();
                     let mut row = tuple_row(&t, &types, &u.new)?;
                     if t.whole_row {
                         let old = whole_old_row(&t, &types, u.old.as_ref())?;
@@ -550,7 +1042,8 @@ impl StreamState {
             }
             LogicalMessage::Delete(d) => {
                 self.count();
-                if let Some((t, types)) = self.table(d.oid)? {
+                if let Some(t) = self.table(d.oid)? {
+                    let types = t.read_as.clone();
                     let key = if t.whole_row {
                         whole_old_row(&t, &types, Some(&d.old))?
                     } else {
@@ -562,7 +1055,7 @@ impl StreamState {
             LogicalMessage::Truncate(tr) => {
                 for oid in tr.oids.clone() {
                     self.count();
-                    if let Some((t, _)) = self.table(oid)? {
+                    if let Some(t) = self.table(oid)? {
                         self.push(t, Op::Truncate);
                     }
                 }

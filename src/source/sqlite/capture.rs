@@ -12,7 +12,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Executor, Row as _, SqliteConnection};
@@ -219,61 +218,84 @@ pub fn trigger_names(id: i64) -> [String; 3] {
 
 /// The DDL of the log table and the three triggers of one table.
 ///
-/// INSERT and UPDATE log the row as it is when our trigger runs, read back by
-/// key, not `NEW.*`: an application trigger that fires before ours and changes
-/// the same row would otherwise leave a stale image as the last word. `h` is
-/// NULL when the row is gone by then (a later trigger deleted it): the insert
-/// is skipped and the update becomes a delete of the old key, and the DELETE
-/// that removed the row is logged as well.
+/// The triggers log the operation and the row's key, nothing else: the
+/// values are read from the table when the log is polled (in the same read
+/// transaction), so that no trigger names a column other than the key. The
+/// application's `ALTER TABLE … DROP COLUMN` then works while switchyard
+/// captures the table (SQLite refuses to drop a column a trigger names),
+/// and a column added later is read without touching the triggers. Reading
+/// the row at poll time also gives the row as the application's own
+/// triggers left it.
 pub fn capture_ddl(table: &TableSchema, id: i64) -> Vec<String> {
     let log = quote(&log_table(id));
     let nk = table.key.len();
-    let nc = table.columns.len();
     let o: Vec<String> = (0..nk).map(|i| format!("o{i}")).collect();
-    let n: Vec<String> = (0..nc).map(|i| format!("n{i}")).collect();
-    let cols: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
-    let cur_vals: Vec<String> = cols.iter().map(|c| format!("cur.{c}")).collect();
-    let old_keys: Vec<String> = table
-        .key
-        .iter()
-        .map(|&i| format!("OLD.{}", quote(&table.columns[i].name)))
-        .collect();
-    let by_new_key: Vec<String> = table
-        .key
-        .iter()
-        .map(|&i| {
-            let c = quote(&table.columns[i].name);
-            format!("{c} IS NEW.{c}")
-        })
-        .collect();
+    let k: Vec<String> = (0..nk).map(|i| format!("k{i}")).collect();
+    let keys = |side: &str| -> Vec<String> {
+        table
+            .key
+            .iter()
+            .map(|&i| format!("{side}.{}", quote(&table.columns[i].name)))
+            .collect()
+    };
     let t = quote(&table.name);
-    let here = quote(&format!("{PREFIX}here"));
-    let current = format!(
-        "FROM (SELECT 1) LEFT JOIN (SELECT 1 AS {here}, {} FROM {t} WHERE {} LIMIT 1) AS cur",
-        cols.join(", "),
-        by_new_key.join(" AND ")
-    );
     let [ti, tu, td] = trigger_names(id);
     let head = |op: &str| format!("INSERT INTO {CHANGES} (table_id, op) VALUES ({id}, '{op}');");
     vec![
         format!(
-            "CREATE TABLE IF NOT EXISTS {log} (seq INTEGER PRIMARY KEY, h, {}, {})",
+            "CREATE TABLE IF NOT EXISTS {log} (seq INTEGER PRIMARY KEY, {}, {})",
             o.join(", "),
-            n.join(", ")
+            k.join(", ")
         ),
         format!(
-            "CREATE TRIGGER IF NOT EXISTS {} AFTER INSERT ON {t} BEGIN {} INSERT INTO {log} (seq, h, {}) SELECT last_insert_rowid(), cur.{here}, {} {current}; END",
-            quote(&ti), head("I"), n.join(", "), cur_vals.join(", ")
+            "CREATE TRIGGER IF NOT EXISTS {} AFTER INSERT ON {t} BEGIN {} INSERT INTO {log} (seq, {}) VALUES (last_insert_rowid(), {}); END",
+            quote(&ti), head("I"), k.join(", "), keys("NEW").join(", ")
         ),
         format!(
-            "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {t} BEGIN {} INSERT INTO {log} (seq, h, {}, {}) SELECT last_insert_rowid(), cur.{here}, {}, {} {current}; END",
-            quote(&tu), head("U"), o.join(", "), n.join(", "), old_keys.join(", "), cur_vals.join(", ")
+            "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {t} BEGIN {} INSERT INTO {log} (seq, {}, {}) VALUES (last_insert_rowid(), {}, {}); END",
+            quote(&tu), head("U"), o.join(", "), k.join(", "), keys("OLD").join(", "), keys("NEW").join(", ")
         ),
         format!(
-            "CREATE TRIGGER IF NOT EXISTS {} AFTER DELETE ON {t} BEGIN {} INSERT INTO {log} (seq, h, {}) VALUES (last_insert_rowid(), 1, {}); END",
-            quote(&td), head("D"), o.join(", "), old_keys.join(", ")
+            "CREATE TRIGGER IF NOT EXISTS {} AFTER DELETE ON {t} BEGIN {} INSERT INTO {log} (seq, {}) VALUES (last_insert_rowid(), {}); END",
+            quote(&td), head("D"), o.join(", "), keys("OLD").join(", ")
         ),
     ]
+}
+
+/// The DDL that drops the capture of one table (its triggers and log).
+pub fn drop_capture_ddl(id: i64) -> Vec<String> {
+    let mut out: Vec<String> = trigger_names(id)
+        .iter()
+        .map(|n| format!("DROP TRIGGER IF EXISTS {}", quote(n)))
+        .collect();
+    out.push(format!("DROP TABLE IF EXISTS {}", quote(&log_table(id))));
+    out
+}
+
+/// Whether the log tables are of an earlier switchyard (values in the log).
+pub async fn earlier_format(conn: &mut SqliteConnection) -> Result<bool> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master m, pragma_table_info(m.name) p
+          WHERE m.type = 'table' AND m.name LIKE '\\_switchyard\\_log\\_%' ESCAPE '\\' AND p.name = 'h'",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(n > 0)
+}
+
+/// The table each capture trigger of `id` is on now (a renamed table takes
+/// its triggers along), if they exist.
+pub async fn captured_table(conn: &mut SqliteConnection, id: i64) -> Result<Option<String>> {
+    let [ti, tu, td] = trigger_names(id);
+    let on: Vec<String> = sqlx::query_scalar(
+        "SELECT tbl_name FROM sqlite_master WHERE type = 'trigger' AND name IN (?, ?, ?)",
+    )
+    .bind(ti)
+    .bind(tu)
+    .bind(td)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok((on.len() == 3 && on.iter().all(|t| t == &on[0])).then(|| on[0].clone()))
 }
 
 /// The names of the capture triggers that exist now, among `names`.
@@ -286,45 +308,6 @@ pub async fn existing_triggers(
     .fetch_all(&mut *conn)
     .await?;
     Ok(names.into_iter().collect())
-}
-
-/// The column names of `table` as the source has them now.
-pub async fn current_columns(conn: &mut SqliteConnection, table: &str) -> Result<Vec<String>> {
-    Ok(
-        sqlx::query_scalar("SELECT name FROM pragma_table_xinfo(?) WHERE hidden = 0 ORDER BY cid")
-            .bind(table)
-            .fetch_all(&mut *conn)
-            .await?,
-    )
-}
-
-/// Stops the stream when a replicated table lost its triggers (dropped and
-/// created again, or rebuilt by a migration tool) or changed its columns:
-/// changes would be missed or carry the wrong columns from here on.
-pub async fn check_capture(
-    conn: &mut SqliteConnection,
-    tables: &HashMap<i64, Arc<TableSchema>>,
-) -> Result<()> {
-    let present = existing_triggers(conn).await?;
-    for (id, t) in tables {
-        if trigger_names(*id).iter().any(|n| !present.contains(n)) {
-            return Err(Error::definite(format!(
-                "table {:?} lost its change-capture triggers while streaming (was it dropped, or rebuilt by a migration?); \
-                 changes to it are no longer captured. Start switchyard again: it installs capture again and copies the table anew",
-                t.name
-            )));
-        }
-        let now = current_columns(conn, &t.name).await?;
-        let then: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
-        if now != then {
-            return Err(Error::definite(format!(
-                "table {:?} changed its columns while streaming (then {then:?}, now {now:?}); \
-                 run `switchyard uninstall` and copy again into an empty target",
-                t.name
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// The highest sequence number trimmed from the log so far.

@@ -279,6 +279,7 @@ async fn column_defaults(
                 column,
                 identity,
                 default,
+                existing: None,
             });
         }
     }

@@ -16,6 +16,7 @@
 pub mod capture;
 pub mod catalog;
 pub mod convert;
+pub mod follow;
 pub mod poll;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,13 +33,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::capture::{
-    capture_ddl, check_capture, existing_triggers, high_water, log_ddl, meta, quote, registry,
+    capture_ddl, earlier_format, existing_triggers, high_water, log_ddl, meta, quote, registry,
     trigger_names, trimmed_upto, write_tx, CHANGES, META, REGISTRY,
 };
 use self::convert::{convert_row, read_raw, set_aside};
 use self::poll::{poll, Polled};
 use crate::config::{Config, TableFilter};
 use crate::error::{Error, ErrorKind, Result};
+use crate::model::Change;
 use crate::model::{Row, TableSchema};
 use crate::position::{Durable, Position, PositionKind};
 use crate::reject::Rejects;
@@ -56,6 +58,8 @@ pub struct SqliteSource {
     keys: BTreeMap<String, Vec<String>>,
     poll_interval: Duration,
     retry: Retry,
+    /// How schema changes are followed.
+    policy: follow::Policy,
     /// Where rows whose values do not fit go (`pipeline.reject_dir`).
     rejects: Arc<Rejects>,
     /// The last trim, so the log is trimmed every few seconds at most.
@@ -104,11 +108,27 @@ impl SqliteSource {
             ),
             rejects,
             last_trim: Mutex::new(None),
+            policy: follow::Policy {
+                follow_renames: config.schema_changes.rename_table
+                    == crate::config::OnRename::Follow,
+                target_is_postgres: matches!(
+                    config.target_kind(),
+                    Ok(crate::config::TargetKind::Postgres { .. })
+                ),
+            },
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn selection(&self) -> catalog::Selection<'_> {
+        catalog::Selection {
+            filter: &self.filter,
+            renames: &self.renames,
+            keys: &self.keys,
+        }
     }
 
     async fn journal_mode(&self) -> Result<String> {
@@ -133,12 +153,24 @@ impl SqliteSource {
 #[async_trait]
 impl Source for SqliteSource {
     async fn discover(&self) -> Result<Discovery> {
-        let selection = catalog::Selection {
-            filter: &self.filter,
-            renames: &self.renames,
-            keys: &self.keys,
-        };
-        let mut d = catalog::discover(&self.pool, &selection).await?;
+        let mut d = catalog::discover(&self.pool, &self.selection()).await?;
+        // A captured table is known by its capture id, which its triggers
+        // carry through a rename.
+        let ids: Vec<i64> = registry(&self.pool)
+            .await?
+            .values()
+            .map(|(id, _)| *id)
+            .collect();
+        if !ids.is_empty() {
+            let mut conn = self.pool.acquire().await?;
+            for id in ids {
+                if let Some(on) = capture::captured_table(&mut conn, id).await? {
+                    if let Some(t) = d.tables.iter_mut().find(|t| t.name == on) {
+                        t.source_id = id.to_string();
+                    }
+                }
+            }
+        }
         let mode = self.journal_mode().await?;
         if mode != "wal" && mode != "memory" {
             d.problems.push(Problem {
@@ -154,21 +186,14 @@ impl Source for SqliteSource {
     }
 
     async fn install(&self, tables: &[Arc<TableSchema>]) -> Result<Installed> {
-        let registry = registry(&self.pool).await?;
-        let mut problems = Vec::new();
-        for t in tables {
-            let now: Vec<String> = t.columns.iter().map(|c| c.name.clone()).collect();
-            if let Some((_, cols)) = registry.get(&t.name) {
-                if cols != &now {
-                    problems.push(format!(
-                        "table {:?} changed its columns since switchyard installed its triggers (then {cols:?}, now {now:?}); run `switchyard uninstall` and copy again into an empty target",
-                        t.name
-                    ));
-                }
+        {
+            let mut conn = self.pool.acquire().await?;
+            if earlier_format(&mut conn).await? {
+                return Err(Error::definite(format!(
+                    "{} holds change capture installed by an earlier switchyard (values in the log); run `switchyard uninstall`, then replicate into an empty target",
+                    self.path.display()
+                )));
             }
-        }
-        if !problems.is_empty() {
-            return Err(Error::definite(problems.join("; ")));
         }
         let mode = self.journal_mode().await?;
         let count = tables.len();
@@ -291,7 +316,28 @@ impl Source for SqliteSource {
             .await;
         self.pool.close().await;
         if let Some(was) = was.filter(|m| m != "wal") {
-            let now = self.set_journal_mode(&was).await?;
+            // Leaving WAL needs the only connection: another one (the
+            // application's) may close in a moment.
+            let mut tries = 0;
+            let now = loop {
+                let r = self.set_journal_mode(&was).await;
+                match r {
+                    Ok(now) if now == was => break now,
+                    _ if tries < 20 => tries += 1,
+                    r => {
+                        let why = match r {
+                            Ok(now) => format!("it stayed {now}"),
+                            Err(e) => e.report(),
+                        };
+                        return Err(Error::definite(format!(
+                            "the change capture is removed, but the source's journal mode could not be set back to {was} \
+                             ({why}): another connection holds the database open. Run `switchyard uninstall` again, or \
+                             `PRAGMA journal_mode = {was}` yourself, once the application is stopped"
+                        )));
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            };
             info!(journal_mode = %now, "the source's journal mode is back to what it was before switchyard");
         }
         info!(
@@ -362,13 +408,16 @@ impl Source for SqliteSource {
         let registry = registry(&self.pool).await?;
         let mut by_id: HashMap<i64, Arc<TableSchema>> = HashMap::new();
         for t in &tables {
-            let (id, _) = registry.get(&t.name).ok_or_else(|| {
-                Error::definite(format!(
-                    "table {:?} has no change capture installed",
-                    t.name
-                ))
-            })?;
-            by_id.insert(*id, t.clone());
+            let id = match registry.get(&t.name) {
+                Some((id, _)) => *id,
+                None => t.source_id.parse().map_err(|_| {
+                    Error::definite(format!(
+                        "table {:?} has no change capture installed",
+                        t.name
+                    ))
+                })?,
+            };
+            by_id.insert(id, t.clone());
         }
         let mut conn = self.options.connect().await.map_err(|e| {
             Error::connect(format!("cannot open SQLite source {}", self.path.display()))
@@ -386,7 +435,7 @@ impl Source for SqliteSource {
             let step = self
                 .poll_once(
                     &mut conn,
-                    &by_id,
+                    &mut by_id,
                     last,
                     max_batch,
                     drained,
@@ -396,13 +445,18 @@ impl Source for SqliteSource {
                 .await;
             let wait = match step {
                 Ok(None) => self.poll_interval,
-                Ok(Some(polled)) => {
+                Ok(Some((ddl, polled))) => {
                     backoff = self.retry.backoff();
-                    drained = polled.seen < max_batch;
-                    let Some(end) = polled.end else { continue };
+                    drained = polled.seen < max_batch && ddl.is_empty();
+                    let end = polled.end.unwrap_or(last);
+                    if ddl.is_empty() && polled.end.is_none() {
+                        continue;
+                    }
                     last = end;
+                    let mut changes_out = ddl;
+                    changes_out.extend(polled.changes);
                     let out = Batch {
-                        changes: polled.changes,
+                        changes: changes_out,
                         upto: Position::new(end as u64, 0),
                         // The change log has no commit times; lag in seconds
                         // counts from the last time nothing was behind.
@@ -512,18 +566,20 @@ impl Source for SqliteSource {
 impl SqliteSource {
     /// One look at the change log: nothing when no other connection
     /// committed since the last look and the log was drained; else the
-    /// entries after `last` (the capture checked first after any DDL).
+    /// changes of definition the schema went through (the tables are
+    /// described again whenever `schema_version` moved) and the entries
+    /// after `last`.
     #[allow(clippy::too_many_arguments)]
     async fn poll_once(
         &self,
         conn: &mut SqliteConnection,
-        by_id: &HashMap<i64, Arc<TableSchema>>,
+        by_id: &mut HashMap<i64, Arc<TableSchema>>,
         last: i64,
         max_batch: usize,
         drained: bool,
         last_version: &mut Option<i64>,
         schema_version: &mut Option<i64>,
-    ) -> Result<Option<Polled>> {
+    ) -> Result<Option<(Vec<Change>, Polled)>> {
         // data_version moves when another connection commits.
         let version: i64 = sqlx::query_scalar("PRAGMA data_version")
             .fetch_one(&mut *conn)
@@ -531,15 +587,20 @@ impl SqliteSource {
         if drained && *last_version == Some(version) {
             return Ok(None);
         }
-        let schema: i64 = sqlx::query_scalar("PRAGMA schema_version")
-            .fetch_one(&mut *conn)
-            .await?;
-        if *schema_version != Some(schema) {
-            check_capture(conn, by_id).await?;
-            *schema_version = Some(schema);
+        let mut ddl = Vec::new();
+        loop {
+            let polled = poll(conn, by_id, last, max_batch, &self.rejects, *schema_version).await?;
+            let Some(now) = polled.schema_changed else {
+                *last_version = Some(version);
+                return Ok(Some((ddl, polled)));
+            };
+            // The schema moved: the tables as they are now, before any entry
+            // is read with their columns.
+            let at = Position::new(last.max(0) as u64, 0);
+            ddl.extend(
+                follow::reconcile(&self.pool, &self.selection(), &self.policy, by_id, at).await?,
+            );
+            *schema_version = Some(now);
         }
-        let polled = poll(conn, by_id, last, max_batch, &self.rejects).await?;
-        *last_version = Some(version);
-        Ok(Some(polled))
     }
 }
