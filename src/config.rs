@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::redact::{redact_url, url_has_password};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub source: SourceConfig,
@@ -31,7 +31,7 @@ pub struct Config {
 }
 
 /// What the target does when the source's schema changes while streaming.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct SchemaChangesConfig {
     /// A column dropped in the source: `keep` it in the target (default;
@@ -65,7 +65,7 @@ pub enum OnRename {
 }
 
 /// The HTTP endpoints: `/healthz`, `/readyz`, `/status`, `/metrics`.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Where to listen, e.g. `127.0.0.1:9650`; no HTTP unless set.
@@ -78,7 +78,7 @@ pub struct HttpConfig {
     pub ready_max_lag_seconds: f64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// `sqlite://PATH` (relative to the working directory) or `sqlite:///ABS/PATH`.
@@ -116,7 +116,7 @@ pub struct SourceConfig {
     pub slot_warn_mb: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// `mem://`, `surrealkv://PATH`, `ws://host:port`, `wss://host:port`.
@@ -138,7 +138,7 @@ pub struct TargetConfig {
     pub replica_role: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TablesConfig {
     /// Glob patterns of source table names to replicate.
@@ -165,7 +165,7 @@ impl Default for TablesConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     /// Changes applied in one target transaction, at most.
@@ -483,6 +483,64 @@ impl Config {
                 _ => Problem::new(String::new(), m),
             })
             .collect()
+    }
+
+    /// The configuration of the reverse replica a cutover leaves behind:
+    /// the target becomes the source (its own slot and publication, named
+    /// after the forward ones with `_reverse`), the old source the target,
+    /// whose tables exist already (`schema = "existing"`). `tables`: each
+    /// replicated table's (source name, target name).
+    pub fn reversed(&self, tables: &[(String, String)]) -> Result<Config> {
+        match (self.source_kind()?, self.target_kind()?) {
+            (SourceKind::Postgres { .. }, TargetKind::Postgres { .. }) => {}
+            _ => {
+                return Err(Error::config(
+                    "a reverse replica needs a PostgreSQL source and a PostgreSQL target",
+                ))
+            }
+        }
+        let mut keys = BTreeMap::new();
+        let mut rename = BTreeMap::new();
+        for (source, target) in tables {
+            if let Some(k) = self.tables.keys.get(source) {
+                keys.insert(target.clone(), k.clone());
+            }
+            if source != target {
+                rename.insert(target.clone(), source.clone());
+            }
+        }
+        Ok(Config {
+            source: SourceConfig {
+                url: self.target.url.clone(),
+                password: self.target.password.clone(),
+                slot: format!("{}_reverse", self.source.slot),
+                publication: format!("{}_reverse", self.source.publication),
+                create_publication: true,
+                ..self.source.clone()
+            },
+            target: TargetConfig {
+                url: self.source.url.clone(),
+                password: self.source.password.clone(),
+                namespace: None,
+                database: None,
+                username: None,
+                schemafull: true,
+                schema: Some("existing".into()),
+                replica_role: self.target.replica_role,
+            },
+            tables: TablesConfig {
+                include: tables.iter().map(|(_, t)| globset::escape(t)).collect(),
+                exclude: Vec::new(),
+                rename,
+                keys,
+            },
+            pipeline: PipelineConfig {
+                reject_dir: None,
+                ..self.pipeline.clone()
+            },
+            http: self.http.clone(),
+            schema_changes: self.schema_changes.clone(),
+        })
     }
 
     pub fn source_kind(&self) -> Result<SourceKind> {

@@ -79,11 +79,23 @@ pub fn embedded_path(config: &Config) -> Result<Option<PathBuf>> {
 pub async fn pipeline(config: &Arc<Config>) -> Result<crate::pipeline::Pipeline> {
     let rejects = Arc::new(Rejects::new(config.pipeline.reject_dir.clone()));
     let source = source(config, rejects.clone(), Access::ReadWrite).await?;
+    // An embedded target is this process's while it runs: its lock tells
+    // `cutover` which process holds it.
+    let lock = match embedded_path(config)? {
+        Some(path) => {
+            if let Some(pid) = crate::lockfile::holder(&path)? {
+                return Err(crate::error::Error::definite(format!(
+                    "switchyard process {pid} holds the embedded target {}; one process at a time opens it",
+                    path.display()
+                )));
+            }
+            crate::lockfile::DaemonLock::acquire(&path)?
+        }
+        None => None,
+    };
     let sink = sink(config, rejects.clone()).await?;
-    Ok(crate::pipeline::Pipeline::new(
-        config.clone(),
-        Arc::from(source),
-        Arc::from(sink),
-        rejects,
-    ))
+    Ok(
+        crate::pipeline::Pipeline::new(config.clone(), Arc::from(source), Arc::from(sink), rejects)
+            .holding(lock),
+    )
 }

@@ -14,7 +14,9 @@
 pub mod commands;
 pub mod config;
 pub mod connect;
+pub mod cutover;
 pub mod error;
+pub mod lockfile;
 pub mod metric;
 pub mod model;
 pub mod observe;

@@ -43,6 +43,24 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Run the reverse replica a `cutover --reverse` left behind (the new
+        /// primary into the old one), from the same config.
+        #[arg(long)]
+        reverse: bool,
+    },
+    /// Switch the application to the target: fence the source, drain, set sequences, verify, and say "safe to switch" (exit 0); on any failure the fence is lifted (exit 1).
+    Cutover {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        opts: CutoverArgs,
+    },
+    /// Switch the application back to the old source over the reverse replica (after `cutover --reverse`).
+    Rollback {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        opts: CutoverArgs,
     },
     /// Copy the tables not copied yet, print a per-table report, and exit.
     Snapshot {
@@ -93,6 +111,50 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct CutoverArgs {
+    /// The most lag (a marker's round trip) at which the fence goes up.
+    #[arg(long, default_value = "1s", value_parser = commands::cutover::parse_duration)]
+    max_lag: std::time::Duration,
+    /// How the source stops taking writes: none (you stopped the writers), read-only, revoke.
+    #[arg(long, default_value = "read-only")]
+    fence: switchyard::source::FenceMode,
+    /// The application roles to fence (default: every login role but switchyard's own and superusers).
+    #[arg(long, value_delimiter = ',')]
+    roles: Option<Vec<String>>,
+    /// The most the write freeze may last; also the most cutover waits to catch up first.
+    #[arg(long, default_value = "60s", value_parser = commands::cutover::parse_duration)]
+    timeout: std::time::Duration,
+    /// How the fenced source and the target are compared: none, counts, full.
+    #[arg(long, default_value = "counts")]
+    verify: switchyard::cutover::VerifyMode,
+    /// Leave a reverse replica from the target back into the source (PostgreSQL → PostgreSQL).
+    #[arg(long)]
+    reverse: bool,
+    /// Preflight only: go (exit 0) or no-go (exit 1) with the reasons; writes nothing.
+    #[arg(long)]
+    check: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+impl CutoverArgs {
+    fn split(self) -> (switchyard::cutover::Options, bool) {
+        (
+            switchyard::cutover::Options {
+                max_lag: self.max_lag,
+                fence: self.fence,
+                roles: self.roles,
+                timeout: self.timeout,
+                verify: self.verify,
+                reverse: self.reverse,
+                check: self.check,
+            },
+            self.json,
+        )
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
@@ -141,7 +203,22 @@ fn init_logging(cli: &Cli) {
 
 async fn dispatch(command: Command) -> switchyard::Result<Exit> {
     match command {
-        Command::Run { config } => commands::run::run(&config).await,
+        Command::Run { config, reverse } => commands::run::run(&config, reverse).await,
+        Command::Cutover { config, opts } => {
+            let (opts, json) = opts.split();
+            commands::cutover::run(&config, switchyard::cutover::Direction::Forward, opts, json)
+                .await
+        }
+        Command::Rollback { config, opts } => {
+            let (opts, json) = opts.split();
+            commands::cutover::run(
+                &config,
+                switchyard::cutover::Direction::Rollback,
+                opts,
+                json,
+            )
+            .await
+        }
         Command::Snapshot { config, report } => {
             commands::snapshot::run(&config, report.as_deref()).await
         }

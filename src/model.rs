@@ -372,6 +372,40 @@ pub enum Op {
     Ddl(Ddl),
 }
 
+/// A marker that `cutover` writes into the source's change stream: once
+/// the target has applied everything before it, the target records it (so
+/// that whoever wrote it knows the target holds every change up to there);
+/// with `stop`, the stream ends at it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Marker {
+    pub id: String,
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// A sequence of the source as `cutover` reads it after the fence, to set
+/// the target's to the same value.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SequenceValue {
+    pub schema: String,
+    pub name: String,
+    /// The replicated table (switchyard's name for it) and column that own
+    /// it (serial and identity columns).
+    pub owned_by: Option<(String, String)>,
+    /// Replicated columns whose default draws from it (table, column).
+    #[serde(default)]
+    pub used_by: Vec<(String, String)>,
+    /// `pg_sequences.last_value`: none before the first `nextval`.
+    pub last_value: Option<i64>,
+    /// `bigint`, `integer` or `smallint`.
+    pub data_type: String,
+    pub start: i64,
+    pub increment: i64,
+    pub min: i64,
+    pub max: i64,
+    pub cycle: bool,
+}
+
 /// One change of one table, with its source position.
 #[derive(Debug, Clone)]
 pub struct Change {

@@ -126,9 +126,22 @@ struct Board {
 pub struct Observer {
     board: Mutex<Board>,
     rejects: Arc<crate::reject::Rejects>,
+    /// The cutover preflight `/readyz?cutover` asks (set by `run`).
+    cutover_check: Mutex<Option<CutoverCheck>>,
 }
 
+/// A cutover preflight: the reasons not to cut over now (none: go).
+pub type CutoverCheck =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Vec<String>>> + Send + Sync>;
+
 impl Observer {
+    /// What `/readyz?cutover` asks.
+    pub fn set_cutover_check(&self, check: CutoverCheck) {
+        if let Ok(mut c) = self.cutover_check.lock() {
+            *c = Some(check);
+        }
+    }
+
     pub fn new(source: String, target: String, rejects: Arc<crate::reject::Rejects>) -> Arc<Self> {
         let view = StatusView {
             phase: Phase::Starting,
@@ -156,6 +169,7 @@ impl Observer {
                 caught_up_at: None,
             }),
             rejects,
+            cutover_check: Mutex::new(None),
         });
         o.publish_phase(Phase::Starting);
         // Every gauge exists from the start, so that scrapes and alert rules
@@ -509,7 +523,17 @@ fn unauthorized() -> Reply {
     )
 }
 
-async fn readyz(axum::extract::State(state): axum::extract::State<Arc<HttpState>>) -> Reply {
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<Arc<HttpState>>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> Reply {
+    if uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "cutover" || p.starts_with("cutover="))
+    }) {
+        return ready_for_cutover(&state, &headers).await;
+    }
     let v = state.observer.view();
     if state.observer.ready(state.max_lag) {
         reply(200, "text/plain; charset=utf-8", "ready\n".into())
@@ -522,6 +546,44 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<HttpState>
         };
         reply(503, "text/plain; charset=utf-8", why)
     }
+}
+
+/// `/readyz?cutover`: the cutover preflight's go (200) or no-go (503);
+/// the reasons only with the token, where one is configured.
+async fn ready_for_cutover(state: &HttpState, headers: &axum::http::HeaderMap) -> Reply {
+    let check = state
+        .observer
+        .cutover_check
+        .lock()
+        .ok()
+        .and_then(|c| c.clone());
+    let Some(check) = check else {
+        return reply(
+            503,
+            "text/plain; charset=utf-8",
+            "no-go: the daemon is not streaming yet\n".into(),
+        );
+    };
+    let reasons = match check().await {
+        Ok(r) => r,
+        Err(e) => vec![format!("the preflight could not run: {}", e.report())],
+    };
+    let detail = authorized(state, headers);
+    if reasons.is_empty() {
+        return reply(200, "text/plain; charset=utf-8", "go\n".into());
+    }
+    let body = if detail {
+        format!(
+            "no-go:\n{}",
+            reasons
+                .iter()
+                .map(|r| format!("- {r}\n"))
+                .collect::<String>()
+        )
+    } else {
+        "no-go\n".into()
+    };
+    reply(503, "text/plain; charset=utf-8", body)
 }
 
 async fn status_handler(
@@ -554,3 +616,49 @@ pub const FLIP_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// How often the pipeline asks the source for its position while streaming.
 pub const LAG_INTERVAL: Duration = Duration::from_secs(2);
+
+/// GET /status from the daemon's HTTP endpoint.
+pub async fn fetch_status(
+    address: &str,
+    token: Option<&SecretString>,
+) -> std::result::Result<StatusView, String> {
+    use http_body_util::{BodyExt, Empty};
+    let fetch = async {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut request = hyper::Request::get("/status").header(hyper::header::HOST, address);
+        if let Some(t) = token {
+            request = request.header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", t.expose_secret()),
+            );
+        }
+        let request = request
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let code = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if code != hyper::StatusCode::OK {
+            return Err(format!("HTTP {}", code.as_u16()));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("unreadable /status: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}

@@ -7,6 +7,7 @@
 //! change it cannot apply); 2 it could not run (usage, config, connection).
 
 pub mod check;
+pub mod cutover;
 pub mod demo;
 pub mod run;
 pub mod snapshot;

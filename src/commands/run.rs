@@ -2,6 +2,7 @@
 //! or SIGTERM, with the HTTP endpoints where `[http]` asks for them.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -10,14 +11,21 @@ use super::Exit;
 use crate::error::{ErrorKind, Result};
 use crate::pipeline::Mode;
 
-pub async fn run(config: &Path) -> Result<Exit> {
-    let config = super::load(config)?;
+pub async fn run(config: &Path, reverse: bool) -> Result<Exit> {
+    let mut config = super::load(config)?;
+    if reverse {
+        config = crate::cutover::reverse::reversed(&config).await?;
+        info!(source = %crate::redact::redact_url(&config.source.url), target = %crate::redact::redact_url(&config.target.url), "the reverse replica: the new primary into the old one");
+    }
     let cancel = super::cancel_on_signal();
     if config.http.address.is_some() {
         // Before anything records a metric.
         crate::observe::prometheus();
     }
-    let pipeline = crate::connect::pipeline(&config).await?;
+    let pipeline = Arc::new(crate::connect::pipeline(&config).await?);
+    pipeline
+        .observer()
+        .set_cutover_check(crate::cutover::preflight::check(pipeline.clone()));
     let http_stop = CancellationToken::new();
     let _http_guard = http_stop.clone().drop_guard();
     if let Some(address) = &config.http.address {
@@ -37,6 +45,9 @@ pub async fn run(config: &Path) -> Result<Exit> {
     }
     match pipeline.run(Mode::Run, cancel).await {
         Ok(report) => {
+            if let Some(cutover) = &report.stopped_by {
+                info!(cutover = %cutover, "a cutover ended forward replication: the application moves to the target");
+            }
             info!(
                 changes = report.changes_applied,
                 checkpoint = report.checkpoint.as_deref().unwrap_or("-"),

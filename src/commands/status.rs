@@ -6,10 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use super::Exit;
@@ -90,7 +88,7 @@ pub async fn status(config: &Config) -> Result<Status> {
         notes: Vec::new(),
     };
     if let Some(address) = &config.http.address {
-        match fetch_status(address, config.http.token.as_ref()).await {
+        match crate::observe::fetch_status(address, config.http.token.as_ref()).await {
             Ok(view) => out.daemon = Some(view),
             Err(e) => out.notes.push(format!(
                 "the daemon's endpoint {address} did not answer: {e}"
@@ -202,52 +200,6 @@ pub async fn status(config: &Config) -> Result<Status> {
         "caught_up".into()
     };
     Ok(out)
-}
-
-/// GET /status from the daemon's HTTP endpoint.
-async fn fetch_status(
-    address: &str,
-    token: Option<&SecretString>,
-) -> std::result::Result<StatusView, String> {
-    use http_body_util::{BodyExt, Empty};
-    let fetch = async {
-        let stream = tokio::net::TcpStream::connect(address)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let mut request = hyper::Request::get("/status").header(hyper::header::HOST, address);
-        if let Some(t) = token {
-            request = request.header(
-                hyper::header::AUTHORIZATION,
-                format!("Bearer {}", t.expose_secret()),
-            );
-        }
-        let request = request
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let code = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        if code != hyper::StatusCode::OK {
-            return Err(format!("HTTP {}", code.as_u16()));
-        }
-        serde_json::from_slice(&body).map_err(|e| format!("unreadable /status: {e}"))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fetch)
-        .await
-        .map_err(|_| "timed out".to_string())?
 }
 
 impl Status {

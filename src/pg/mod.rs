@@ -12,12 +12,15 @@ pub type Lsn = postgres_types::PgLsn;
 
 /// The session settings every connection of ours uses, so that text values
 /// have one format whatever the server's defaults are.
-pub const SESSION_SETTINGS: [(&str, &str); 5] = [
+pub const SESSION_SETTINGS: [(&str, &str); 6] = [
     ("DateStyle", "ISO, MDY"),
     ("TimeZone", "UTC"),
     ("IntervalStyle", "iso_8601"),
     ("extra_float_digits", "3"),
     ("bytea_output", "hex"),
+    // Switchyard's own sessions write through a cutover's read-only fence
+    // (a reverse replica applies into the fenced old source).
+    ("default_transaction_read_only", "off"),
 ];
 
 /// The session settings as `SET` statements.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use crate::model::Change;
+use crate::model::{Change, Marker};
 use crate::position::Position;
 use crate::source::Batch;
 
@@ -33,6 +33,9 @@ pub struct Chunk {
     pub committed_at: Option<DateTime<Utc>>,
     /// Changes were received and remain after this chunk.
     pub more: bool,
+    /// A marker the target records with this chunk's checkpoint (the
+    /// chunk holds no changes then): everything before it is applied.
+    pub marker: Option<Marker>,
 }
 
 pub struct Batcher {
@@ -48,6 +51,8 @@ pub struct Batcher {
     moved_at: Option<Instant>,
     /// Tables copied at a snapshot position after the checkpoint.
     skip: HashMap<String, Position>,
+    /// Markers received, in position order.
+    markers: VecDeque<(Position, Marker)>,
 }
 
 impl Batcher {
@@ -66,12 +71,14 @@ impl Batcher {
             applied,
             moved_at: None,
             skip,
+            markers: VecDeque::new(),
         }
     }
 
     /// Adds what the stream sent.
     pub fn push(&mut self, batch: Batch) {
         self.pending.extend(batch.changes);
+        self.markers.extend(batch.markers);
         self.upto = self.upto.max(batch.upto);
         if batch.committed_at.is_some() {
             self.committed_at = batch.committed_at;
@@ -84,9 +91,9 @@ impl Batcher {
         self.skip.insert(table.to_string(), at);
     }
 
-    /// Changes waiting.
+    /// Changes (and markers) waiting.
     pub fn waiting(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.markers.len()
     }
 
     /// As many changes wait as one chunk holds.
@@ -97,6 +104,21 @@ impl Batcher {
     /// The next chunk to apply at `now`: changes, or a move of the
     /// checkpoint alone once it is due (at once with `flush`).
     pub fn next(&mut self, now: Instant, flush: bool) -> Option<Chunk> {
+        // A marker goes as soon as every change before it is applied.
+        if let Some((at, _)) = self.markers.front() {
+            if self.pending.front().is_none_or(|c| c.position > *at) {
+                let (at, marker) = self.markers.pop_front().expect("just seen");
+                self.moved_at = Some(now);
+                return Some(Chunk {
+                    changes: Vec::new(),
+                    copy: None,
+                    upto: at.max(self.applied),
+                    committed_at: None,
+                    more: !self.pending.is_empty(),
+                    marker: Some(marker),
+                });
+            }
+        }
         if self.pending.is_empty() {
             if self.upto <= self.applied {
                 return None;
@@ -111,6 +133,7 @@ impl Batcher {
                 upto: self.upto,
                 committed_at: self.committed_at,
                 more: false,
+                marker: None,
             });
         }
         if is_copy(&self.pending[0]) {
@@ -125,11 +148,12 @@ impl Batcher {
                 committed_at: None,
                 more: !self.pending.is_empty(),
                 copy: (!skipped).then_some(marker),
+                marker: None,
             });
         }
         let n = self.cut_point();
         let chunk: Vec<Change> = self.pending.drain(..n).collect();
-        let (upto, committed_at) = if self.pending.is_empty() && n > 0 {
+        let (upto, committed_at) = if self.pending.is_empty() && self.markers.is_empty() && n > 0 {
             (self.upto, self.committed_at)
         } else {
             (
@@ -151,12 +175,16 @@ impl Batcher {
             copy: None,
             upto,
             committed_at,
-            more: !self.pending.is_empty(),
+            more: !self.pending.is_empty() || !self.markers.is_empty(),
+            marker: None,
         })
     }
 
     /// When a move of the checkpoint alone becomes due, if one waits.
     pub fn due(&self) -> Option<Instant> {
+        if !self.markers.is_empty() {
+            return Some(Instant::now());
+        }
         if !self.pending.is_empty() || self.upto <= self.applied {
             return None;
         }
@@ -177,7 +205,11 @@ impl Batcher {
     /// to copy.
     fn cut_point(&self) -> usize {
         let p = &self.pending;
-        let copy = p.iter().position(is_copy).unwrap_or(p.len());
+        let marker = self.markers.front().map(|(at, _)| *at);
+        let copy = p
+            .iter()
+            .position(|c| is_copy(c) || marker.is_some_and(|at| c.position > at))
+            .unwrap_or(p.len());
         if copy <= self.max {
             return copy;
         }
@@ -239,6 +271,7 @@ mod tests {
             changes,
             upto,
             committed_at: None,
+            markers: Vec::new(),
         }
     }
 
@@ -281,6 +314,44 @@ mod tests {
         assert_eq!(
             sizes(&mut b),
             vec![(3, Position::new(3, 1)), (1, Position::new(4, 0))]
+        );
+    }
+
+    #[test]
+    fn a_marker_goes_alone_after_every_change_before_it_and_at_once() {
+        let idle = Duration::from_secs(1);
+        let mut b = Batcher::new(whole(1), 10, idle, HashMap::new());
+        let t0 = Instant::now();
+        // An idle checkpoint just moved: a marker does not wait for the interval.
+        b.push(batch(&[], whole(2)));
+        let idle = b.next(t0, false).unwrap().upto;
+        b.applied(idle);
+        let mut with_marker = batch(&[3, 3, 5], whole(5));
+        let m = Marker {
+            id: "m1".into(),
+            stop: false,
+        };
+        with_marker.markers.push((Position::new(4, 1), m.clone()));
+        b.push(with_marker);
+        assert!(b.due().is_some_and(|d| d <= Instant::now()));
+        let first = b.next(t0, false).unwrap();
+        assert_eq!(
+            (first.changes.len(), first.upto, first.marker.is_none()),
+            (2, Position::new(3, 2), true)
+        );
+        b.applied(first.upto);
+        let marker = b.next(t0, false).unwrap();
+        assert_eq!(
+            (marker.changes.len(), marker.upto),
+            (0, Position::new(4, 1))
+        );
+        assert_eq!(marker.marker, Some(m));
+        assert!(marker.more);
+        b.applied(marker.upto);
+        let last = b.next(t0, false).unwrap();
+        assert_eq!(
+            (last.changes.len(), last.upto, last.marker),
+            (1, whole(5), None)
         );
     }
 

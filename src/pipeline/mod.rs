@@ -57,6 +57,8 @@ pub struct Report {
     pub tables: Vec<TableReport>,
     pub changes_applied: u64,
     pub checkpoint: Option<String>,
+    /// The cutover whose stop marker ended the stream.
+    pub stopped_by: Option<String>,
 }
 
 pub struct Pipeline {
@@ -68,6 +70,9 @@ pub struct Pipeline {
     bars: indicatif::MultiProgress,
     observer: Arc<Observer>,
     retry: Retry,
+    /// Held while this pipeline owns an embedded target (see
+    /// [`crate::lockfile`]).
+    lock: Option<crate::lockfile::DaemonLock>,
 }
 
 /// What the target holds when the copy starts: the checkpoint to stream
@@ -103,7 +108,26 @@ impl Pipeline {
             bars: indicatif::MultiProgress::new(),
             observer,
             retry,
+            lock: None,
         }
+    }
+
+    /// Holds `lock` as long as the pipeline lives.
+    pub fn holding(mut self, lock: Option<crate::lockfile::DaemonLock>) -> Self {
+        self.lock = lock;
+        self
+    }
+
+    pub fn source(&self) -> Arc<dyn Source> {
+        self.source.clone()
+    }
+
+    pub fn sink(&self) -> Arc<dyn Sink> {
+        self.sink.clone()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.clone()
     }
 
     /// The status board this pipeline writes (for the HTTP endpoints).
@@ -147,6 +171,7 @@ impl Pipeline {
         if let Some(dir) = &self.config.pipeline.reject_dir {
             crate::reject::prepare(dir)?;
         }
+        self.refuse_after_cutover().await?;
         let tables = self.baseline(self.tables().await?).await?;
         self.retry
             .run("creating the target schema", || self.sink.prepare(&tables))
@@ -235,10 +260,30 @@ impl Pipeline {
             retry: self.retry,
             copier,
         };
-        let (applied, last) = streamer.run(tables, checkpoint, skip, cancel).await?;
-        report.changes_applied = applied;
-        report.checkpoint = Some(last.to_string());
+        let streamed = streamer.run(tables, checkpoint, skip, cancel).await?;
+        report.changes_applied = streamed.applied;
+        report.checkpoint = Some(streamed.last.to_string());
+        report.stopped_by = streamed.stopped_by.map(|m| m.id);
         Ok(report)
+    }
+
+    /// A target that a cutover switched to takes the application's writes:
+    /// replicating into it again would overwrite them.
+    async fn refuse_after_cutover(&self) -> Result<()> {
+        let record = self
+            .retry
+            .run("reading the target state", || self.sink.cutover_record())
+            .await?;
+        let Some(r) = record.filter(|r| r["status"] == "switched") else {
+            return Ok(());
+        };
+        Err(Error::definite(format!(
+            "cutover {} switched the application to this target at {}: forward replication into it has ended. \
+             The reverse replica is `switchyard run --reverse`; to replicate into this target again, start over \
+             with an empty target",
+            r["id"].as_str().unwrap_or("?"),
+            r["finished_at"].as_str().unwrap_or("?")
+        )))
     }
 
     /// The tables as the stream starts from them: a table copied earlier in

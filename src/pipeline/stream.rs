@@ -25,6 +25,16 @@ use crate::source::{Batch, Source};
 /// source) move the checkpoint, at most.
 pub const IDLE_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// How streaming ended.
+pub struct Streamed {
+    /// Changes applied.
+    pub applied: u64,
+    /// The last durable position.
+    pub last: Position,
+    /// The stop marker that ended it, if one did.
+    pub stopped_by: Option<crate::model::Marker>,
+}
+
 /// What streaming needs of the pipeline.
 pub struct Streamer {
     pub config: Arc<Config>,
@@ -37,15 +47,15 @@ pub struct Streamer {
 }
 
 impl Streamer {
-    /// Streams after `checkpoint` until cancelled (or the source ends);
-    /// the changes applied and the last durable position.
+    /// Streams after `checkpoint` until cancelled, the source ends, or a
+    /// stop marker (`cutover`) is reached.
     pub async fn run(
         &self,
         tables: Vec<Arc<TableSchema>>,
         checkpoint: Position,
         skip: HashMap<String, Position>,
         cancel: CancellationToken,
-    ) -> Result<(u64, Position)> {
+    ) -> Result<Streamed> {
         let cfg = &self.config.pipeline;
         // Every table streamed, for the indexes and foreign keys of a table
         // copied while streaming.
@@ -55,6 +65,7 @@ impl Streamer {
         // On any return (an apply that failed included) the reader stops and
         // its replication connection closes.
         let _reader_guard = reader_cancel.clone().drop_guard();
+        let reader_stop = reader_cancel.clone();
         let source = self.source.clone();
         let max = cfg.batch_rows;
         let reader = tokio::spawn(
@@ -73,6 +84,7 @@ impl Streamer {
         let mut applied = 0u64;
         let mut last = checkpoint;
         let mut summary = Summary::default();
+        let mut stopped_by = None;
         let mut open = true;
         while open {
             // Idle: the first change waits up to batch_delay_ms for company.
@@ -121,6 +133,22 @@ impl Streamer {
                     batcher.copied(&marker.table.name, at);
                     continue;
                 }
+                if let Some(marker) = chunk.marker.clone() {
+                    last = self.apply(&chunk, false).await?;
+                    batcher.applied(last);
+                    self.retry
+                        .run("recording a cutover marker", || {
+                            self.sink.mark(&marker, last, applied)
+                        })
+                        .await?;
+                    info!(marker = %marker.id, checkpoint = %last, stop = marker.stop, "cutover marker reached the target");
+                    if marker.stop {
+                        stopped_by = Some(marker);
+                        open = false;
+                        break;
+                    }
+                    continue;
+                }
                 let backlog = chunk.more || full;
                 last = self.apply(&chunk, backlog).await?;
                 batcher.applied(last);
@@ -131,9 +159,19 @@ impl Streamer {
             }
         }
         summary.flush(last);
-        reader_cancel_and_wait(reader, &cancel).await?;
-        info!(checkpoint = %last, changes = applied, "streaming stopped");
-        Ok((applied, last))
+        if let Some(marker) = &stopped_by {
+            reader_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+            info!(checkpoint = %last, changes = applied, cutover = %marker.id, "streaming stopped: the cutover ended forward replication here");
+        } else {
+            reader_cancel_and_wait(reader, &cancel).await?;
+            info!(checkpoint = %last, changes = applied, "streaming stopped");
+        }
+        Ok(Streamed {
+            applied,
+            last,
+            stopped_by,
+        })
     }
 
     /// Applies one chunk with its checkpoint (the target follows the schema

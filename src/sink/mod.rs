@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
-use crate::model::{Change, Row, TableSchema};
+use crate::model::{Change, Marker, Row, SequenceValue, TableSchema};
 use crate::position::{Durable, Position};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -52,6 +52,19 @@ pub struct SinkState {
     pub checkpoint_updated_at: Option<String>,
     /// Per source table name.
     pub tables: BTreeMap<String, TableState>,
+    /// The last marker the stream met (see [`Marker`]), where recorded.
+    pub marker: Option<MarkerState>,
+}
+
+/// A marker as the target recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MarkerState {
+    pub id: String,
+    /// Changes the stream that met it had applied before it (counted from
+    /// that stream's start).
+    pub applied: u64,
+    /// The checkpoint it was recorded with.
+    pub position: Position,
 }
 
 #[async_trait]
@@ -110,6 +123,59 @@ pub trait Sink: Send + Sync {
     ) -> Result<u64> {
         let _ = (table, chunks);
         Err(Error::config("this target does not take COPY text"))
+    }
+
+    /// Records a marker met in the stream once everything before it is
+    /// applied (the checkpoint is at `at`); `applied`: the changes this
+    /// stream applied before it.
+    async fn mark(&self, marker: &Marker, at: Position, applied: u64) -> Result<()> {
+        let _ = (marker, at, applied);
+        Err(Error::config("this target does not record cutover markers"))
+    }
+
+    /// The newest cutover record (see `crate::cutover`), if any.
+    async fn cutover_record(&self) -> Result<Option<serde_json::Value>> {
+        Ok(None)
+    }
+
+    /// Stores a cutover record (replacing the one with the same id).
+    async fn save_cutover_record(&self, id: &str, record: &serde_json::Value) -> Result<()> {
+        let _ = (id, record);
+        Err(Error::config("this target cannot record a cutover"))
+    }
+
+    /// The rows the target holds of `table` (identical rows counted each).
+    async fn count(&self, table: &TableSchema) -> Result<u64> {
+        let _ = table;
+        Err(Error::config("this target cannot count rows"))
+    }
+
+    /// Cutover: sets the target's sequences to the source's values (read
+    /// after the source was fenced); for a source without sequences, moves
+    /// identity columns past their largest value. What was done, one line
+    /// per sequence.
+    async fn set_sequences(
+        &self,
+        tables: &[Arc<TableSchema>],
+        sequences: &[SequenceValue],
+    ) -> Result<Vec<String>> {
+        let _ = (tables, sequences);
+        Ok(Vec::new())
+    }
+
+    /// Cutover: what keeps the target from taking the application's
+    /// traffic (keys, indexes or constraints not built).
+    async fn cutover_problems(&self, tables: &[Arc<TableSchema>]) -> Result<Vec<String>> {
+        let _ = tables;
+        Ok(Vec::new())
+    }
+
+    /// A reverse replica: the target already holds `tables` as the source
+    /// has them at `at` (identical at a cutover), so they are marked copied
+    /// there and streaming starts after `at`, with capture `origin`.
+    async fn adopt(&self, tables: &[Arc<TableSchema>], at: Position, origin: &str) -> Result<()> {
+        let _ = (tables, at, origin);
+        Err(Error::config("this target cannot take a reverse replica"))
     }
 
     /// Verify: the records source rows become in this target, each as its

@@ -19,7 +19,7 @@ use tracing::info;
 use super::{Cursor, Page, Record, Sink, SinkState, TableState, TableStatus};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{Change, Ddl, Op, Row, TableSchema, Value};
+use crate::model::{Change, Ddl, Marker, Op, Row, TableSchema, Value};
 use crate::position::{Durable, Position};
 use crate::redact::redact_url;
 pub use crate::schema::surreal::ident;
@@ -27,6 +27,8 @@ use crate::schema::surreal::{alter_ql, define_table, field_name, COPIES_FIELD};
 
 const CHECKPOINT_TABLE: &str = "_switchyard_checkpoint";
 const TABLE_STATE: &str = "_switchyard_table";
+/// One record per cutover (its steps, what its fence changed), as JSON text.
+const CUTOVER_TABLE: &str = "_switchyard_cutover";
 
 pub struct SurrealSink {
     db: Surreal<Any>,
@@ -583,7 +585,7 @@ impl Sink for SurrealSink {
     async fn prepare(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
         self.define_namespace().await?;
         let mut sql = format!(
-            "DEFINE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {TABLE_STATE} SCHEMALESS;\n"
+            "DEFINE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {TABLE_STATE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {CUTOVER_TABLE} SCHEMALESS;\n"
         );
         for t in tables {
             sql.push_str(&define_table(t, self.schemafull));
@@ -606,7 +608,7 @@ impl Sink for SurrealSink {
             .run(
                 "reading the checkpoint",
                 format!(
-                    "SELECT commit, ordinal, origin, <string>updated_at AS updated_at FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows, source_id, shape FROM {TABLE_STATE};"
+                    "SELECT commit, ordinal, origin, <string>updated_at AS updated_at, marker FROM {CHECKPOINT_TABLE} WHERE id = {CHECKPOINT_TABLE}:main; SELECT name, status, commit, ordinal, rows, source_id, shape FROM {TABLE_STATE};"
                 ),
                 Variables::new(),
             )
@@ -635,6 +637,10 @@ impl Sink for SurrealSink {
                 .get("updated_at")
                 .and_then(|o| o.as_str())
                 .map(str::to_string);
+            state.marker = c
+                .get("marker")
+                .and_then(|m| m.as_str())
+                .and_then(|m| serde_json::from_str(m).ok());
         }
         for t in tables {
             let Some(name) = t.get("name").and_then(|n| n.as_str()) else {
@@ -683,6 +689,94 @@ impl Sink for SurrealSink {
         )
         .await?;
         Ok(())
+    }
+
+    async fn mark(&self, marker: &Marker, at: Position, applied: u64) -> Result<()> {
+        let state = crate::sink::MarkerState {
+            id: marker.id.clone(),
+            applied,
+            position: at,
+        };
+        let mut vars = Variables::new();
+        vars.insert(
+            "m",
+            serde_json::to_string(&state)
+                .map_err(|e| Error::definite("cannot encode a marker").with_source(e))?,
+        );
+        self.run(
+            "recording a cutover marker",
+            format!("UPDATE {CHECKPOINT_TABLE}:main SET marker = $m RETURN NONE;"),
+            vars,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn cutover_record(&self) -> Result<Option<serde_json::Value>> {
+        if !self.defined.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let read = self
+            .run(
+                "reading the cutover record",
+                format!("SELECT record, updated_at FROM {CUTOVER_TABLE} ORDER BY updated_at DESC LIMIT 1;"),
+                Variables::new(),
+            )
+            .await;
+        let mut resp = match read {
+            Ok(r) => r,
+            Err(e) if e.report().contains("does not exist") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let rows: Vec<serde_json::Value> = resp
+            .take(0)
+            .map_err(|e| surreal_error("reading the cutover record", e))?;
+        rows.first()
+            .and_then(|r| r.get("record"))
+            .and_then(|r| r.as_str())
+            .map(|text| {
+                serde_json::from_str(text).map_err(|e| {
+                    Error::definite(format!("{CUTOVER_TABLE} holds a record that is not JSON"))
+                        .with_source(e)
+                })
+            })
+            .transpose()
+    }
+
+    async fn save_cutover_record(&self, id: &str, record: &serde_json::Value) -> Result<()> {
+        let mut vars = Variables::new();
+        vars.insert("id", RecordId::new(CUTOVER_TABLE, id.to_string()));
+        vars.insert("r", record.to_string());
+        self.run(
+            "recording the cutover",
+            format!(
+                "DEFINE TABLE IF NOT EXISTS {CUTOVER_TABLE} SCHEMALESS; UPSERT $id SET record = $r, updated_at = time::now() RETURN NONE;"
+            ),
+            vars,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn count(&self, table: &TableSchema) -> Result<u64> {
+        let mut vars = Variables::new();
+        vars.insert("t", table.target_name.clone());
+        let sql = if table.whole_row {
+            format!("RETURN math::sum((SELECT VALUE {COPIES_FIELD} FROM type::table($t))) ?? 0;")
+        } else {
+            "RETURN (SELECT count() AS n FROM type::table($t) GROUP ALL)[0].n ?? 0;".to_string()
+        };
+        let mut resp = self
+            .run(
+                format!("counting the records of {}", table.target_name),
+                sql,
+                vars,
+            )
+            .await?;
+        let n: Option<i64> = resp
+            .take(0)
+            .map_err(|e| surreal_error("counting records", e))?;
+        Ok(n.unwrap_or(0).max(0) as u64)
     }
 
     async fn forget_table(&self, name: &str) -> Result<()> {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
-use crate::model::{Change, Row, TableSchema};
+use crate::model::{Change, Marker, Row, SequenceValue, TableSchema};
 use crate::position::{Durable, Position, PositionKind};
 
 /// How a command opens the source: a read-only command (`check`, `status`,
@@ -104,6 +104,9 @@ pub struct Batch {
     /// transaction's commit time, or the server's clock on an idle keepalive;
     /// SQLite: when the change log was read), for lag in seconds.
     pub committed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Markers met in the stream (see [`crate::model::Marker`]), each at
+    /// its position among the changes.
+    pub markers: Vec<(Position, Marker)>,
 }
 
 impl Batch {
@@ -111,6 +114,7 @@ impl Batch {
     /// commit time as the newest.
     pub fn merge(&mut self, later: Batch) {
         self.changes.extend(later.changes);
+        self.markers.extend(later.markers);
         self.upto = self.upto.max(later.upto);
         if later.committed_at.is_some() {
             self.committed_at = later.committed_at;
@@ -145,6 +149,58 @@ pub enum Pending {
     /// A consumer (a running daemon) reads the change stream now; how many
     /// wait is not known without disturbing it.
     BeingRead,
+}
+
+/// How `cutover` stops the application's writes to the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FenceMode {
+    /// The operator stopped the writers; switchyard checks that none write.
+    None,
+    /// `default_transaction_read_only` for the fenced roles and the
+    /// database, their sessions ended (SQLite: triggers that refuse writes).
+    ReadOnly,
+    /// INSERT, UPDATE, DELETE and TRUNCATE revoked from the fenced roles on
+    /// the replicated tables, their sessions ended.
+    Revoke,
+}
+
+impl std::str::FromStr for FenceMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "read-only" => Ok(Self::ReadOnly),
+            "revoke" => Ok(Self::Revoke),
+            other => Err(format!(
+                "unknown fence {other:?}: none, read-only or revoke"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for FenceMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::ReadOnly => "read-only",
+            Self::Revoke => "revoke",
+        })
+    }
+}
+
+/// A fence as planned, before anything is changed: what it changes and
+/// what was there, so that it can be undone exactly (recorded in the
+/// target before it is applied).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Fence {
+    pub mode: FenceMode,
+    /// The application roles it applies to (PostgreSQL).
+    pub roles: Vec<String>,
+    /// What the source changes and what it held before (its own format).
+    pub plan: serde_json::Value,
+    /// In words, one line per change.
+    pub summary: Vec<String>,
 }
 
 /// What `install` found and did.
@@ -240,4 +296,75 @@ pub trait Source: Send + Sync {
     /// Whether change capture is installed in the source (a read-only
     /// command says "not installed" instead of failing on what is missing).
     async fn capture_installed(&self) -> Result<bool>;
+
+    /// Cutover: writes `marker` into the change stream after every change
+    /// committed so far.
+    async fn mark(&self, marker: &Marker) -> Result<()> {
+        let _ = marker;
+        Err(crate::error::Error::config(
+            "this source cannot be cut over",
+        ))
+    }
+
+    /// Cutover: another process (a running daemon) reads the change stream.
+    async fn stream_in_use(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Cutover preflight: what the source side stands in the way of a
+    /// fence of `mode` on `roles` (all application roles when `None`) and,
+    /// with `reverse`, of a reverse replica into it. Reads only.
+    async fn cutover_problems(
+        &self,
+        mode: FenceMode,
+        roles: Option<&[String]>,
+        tables: &[Arc<TableSchema>],
+        reverse: bool,
+    ) -> Result<Vec<String>> {
+        let _ = (mode, roles, tables, reverse);
+        Ok(vec!["this source cannot be cut over".into()])
+    }
+
+    /// Plans a fence (reads only): what it will change and what is there.
+    async fn plan_fence(
+        &self,
+        mode: FenceMode,
+        roles: Option<&[String]>,
+        tables: &[Arc<TableSchema>],
+    ) -> Result<Fence> {
+        let _ = (mode, roles, tables);
+        Err(crate::error::Error::config("this source cannot be fenced"))
+    }
+
+    /// Applies a planned fence; what it did beyond the plan (sessions
+    /// ended). Idempotent.
+    async fn apply_fence(&self, fence: &Fence) -> Result<Vec<String>> {
+        let _ = fence;
+        Err(crate::error::Error::config("this source cannot be fenced"))
+    }
+
+    /// Undoes a fence (idempotent: parts not applied are left alone).
+    async fn lift_fence(&self, fence: &Fence) -> Result<()> {
+        let _ = fence;
+        Ok(())
+    }
+
+    /// Cutover: the source's sequences, read after the fence.
+    async fn sequences(&self, tables: &[Arc<TableSchema>]) -> Result<Vec<SequenceValue>> {
+        let _ = tables;
+        Ok(Vec::new())
+    }
+
+    /// Cutover: the exact number of rows of `table`.
+    async fn exact_count(&self, table: &TableSchema) -> Result<u64> {
+        let _ = table;
+        Err(crate::error::Error::config("this source cannot count rows"))
+    }
+
+    /// After a cutover switched: releases what forward replication holds in
+    /// the source (PostgreSQL: the slot, which would keep WAL forever); what
+    /// was done.
+    async fn end_replication(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }

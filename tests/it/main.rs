@@ -4,6 +4,7 @@
 mod support;
 
 mod config_examples;
+mod cutover;
 mod deploy_files;
 mod layout;
 mod observe;

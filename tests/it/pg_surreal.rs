@@ -17,6 +17,7 @@ use switchyard::source::postgres::PgSource;
 use crate::support::*;
 
 /// The test cluster, as `scripts/pg-cluster start` describes it.
+#[derive(Clone)]
 pub struct Cluster {
     pub host: String,
     pub port: u16,

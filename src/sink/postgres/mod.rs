@@ -10,6 +10,7 @@
 //! (plan.rs: what statements), then executed here in one transaction.
 
 pub mod compare;
+pub mod cutover;
 pub mod plan;
 pub mod refusal;
 pub mod state;
@@ -28,7 +29,7 @@ use self::refusal::{copy_column, copy_line, misfit_code, nul_column, row_error};
 use self::tables::SchemaMode;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::model::{Change, Ddl, Op, Row, TableSchema, Value};
+use crate::model::{Change, Ddl, Marker, Op, Row, SequenceValue, TableSchema, Value};
 use crate::pg::conn::{pg_error, PgEndpoint};
 use crate::pg::quote_ident;
 use crate::position::{Durable, Position};
@@ -567,6 +568,63 @@ impl Sink for PgSink {
             }
         }
         self.give(c).await;
+        Ok(())
+    }
+
+    async fn mark(&self, marker: &Marker, at: Position, applied: u64) -> Result<()> {
+        let c = self.take().await?;
+        cutover::mark(&c, &self.ep, marker, at, applied).await?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn cutover_record(&self) -> Result<Option<serde_json::Value>> {
+        let c = self.take().await?;
+        let r = cutover::record(&c, &self.ep).await?;
+        self.give(c).await;
+        Ok(r)
+    }
+
+    async fn save_cutover_record(&self, id: &str, record: &serde_json::Value) -> Result<()> {
+        let c = self.take().await?;
+        cutover::save_record(&c, &self.ep, id, record).await?;
+        self.give(c).await;
+        Ok(())
+    }
+
+    async fn count(&self, table: &TableSchema) -> Result<u64> {
+        let c = self.take().await?;
+        let n = cutover::count(&c, &self.ep, table).await?;
+        self.give(c).await;
+        Ok(n)
+    }
+
+    async fn set_sequences(
+        &self,
+        tables: &[Arc<TableSchema>],
+        sequences: &[SequenceValue],
+    ) -> Result<Vec<String>> {
+        let c = self.take().await?;
+        let done = cutover::set_sequences(&c, &self.ep, tables, sequences).await?;
+        self.give(c).await;
+        Ok(done)
+    }
+
+    async fn cutover_problems(&self, tables: &[Arc<TableSchema>]) -> Result<Vec<String>> {
+        let c = self.take().await?;
+        let problems = cutover::problems(&c, &self.ep, tables).await?;
+        self.give(c).await;
+        Ok(problems)
+    }
+
+    async fn adopt(&self, tables: &[Arc<TableSchema>], at: Position, origin: &str) -> Result<()> {
+        let mut c = self.take().await?;
+        cutover::adopt(&mut c, &self.ep, tables, at, origin).await?;
+        self.give(c).await;
+        let mut shapes = self.shapes.lock().await;
+        for t in tables {
+            shapes.insert(t.name.clone(), t.clone());
+        }
         Ok(())
     }
 

@@ -156,7 +156,8 @@ pub async fn read(ep: &PgEndpoint, c: &Client) -> Result<Option<SinkState>> {
     let mut state = SinkState::default();
     if let Some(r) = c
         .query_opt(
-            "SELECT commit, ordinal, origin, to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM switchyard.checkpoint WHERE id = 1",
+            "SELECT commit, ordinal, origin, to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), (to_jsonb(c) -> 'marker')::text
+               FROM switchyard.checkpoint c WHERE id = 1",
             &[],
         )
         .await
@@ -165,6 +166,10 @@ pub async fn read(ep: &PgEndpoint, c: &Client) -> Result<Option<SinkState>> {
         state.checkpoint = Some(Position::new(r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64));
         state.origin = r.get(2);
         state.checkpoint_updated_at = r.get(3);
+        // (A column of a later migration: absent until a run applies it.)
+        state.marker = r
+            .get::<_, Option<String>>(4)
+            .and_then(|m| serde_json::from_str(&m).ok());
     }
     for r in c
         .query(

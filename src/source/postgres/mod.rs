@@ -17,6 +17,7 @@
 
 pub mod catalog;
 pub mod ddl;
+pub mod fence;
 pub mod pgoutput;
 pub mod replication;
 pub mod slot;
@@ -39,12 +40,12 @@ use self::snapshot::{Copier, CopyOut};
 use self::stream::Streamer;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{Row, TableSchema};
+use crate::model::{Marker, Row, SequenceValue, TableSchema};
 use crate::pg::conn::PgEndpoint;
 use crate::pg::Lsn;
 use crate::position::{Durable, Position, PositionKind};
 use crate::retry::Retry;
-use crate::source::{Batch, Discovery, Installed, Pending, Source, SourceLag};
+use crate::source::{Batch, Discovery, Fence, FenceMode, Installed, Pending, Source, SourceLag};
 
 pub struct PgSource {
     capture: Capture,
@@ -360,5 +361,96 @@ impl Source for PgSource {
     async fn capture_installed(&self) -> Result<bool> {
         let c = self.capture.client().await?;
         Ok(self.capture.slot_state(&c).await?.is_some())
+    }
+
+    async fn mark(&self, marker: &Marker) -> Result<()> {
+        let c = self.capture.client().await?;
+        fence::mark(&c, &self.capture.ep, marker).await
+    }
+
+    async fn stream_in_use(&self) -> Result<bool> {
+        let c = self.capture.client().await?;
+        fence::slot_active(&c, &self.capture.ep, &self.capture.slot).await
+    }
+
+    async fn cutover_problems(
+        &self,
+        mode: FenceMode,
+        roles: Option<&[String]>,
+        tables: &[Arc<TableSchema>],
+        reverse: bool,
+    ) -> Result<Vec<String>> {
+        let c = self.capture.client().await?;
+        let roles = match fence::roles(&c, &self.capture.ep, roles).await {
+            Ok(r) => r,
+            Err(e) => return Ok(vec![e.to_string()]),
+        };
+        let pg = self.pg_tables(tables).await?;
+        fence::problems(&c, &self.capture.ep, mode, &roles, &pg, reverse).await
+    }
+
+    async fn plan_fence(
+        &self,
+        mode: FenceMode,
+        roles: Option<&[String]>,
+        tables: &[Arc<TableSchema>],
+    ) -> Result<Fence> {
+        let c = self.capture.client().await?;
+        let roles = fence::roles(&c, &self.capture.ep, roles).await?;
+        let pg = self.pg_tables(tables).await?;
+        fence::plan(&c, &self.capture.ep, mode, roles, &pg).await
+    }
+
+    async fn apply_fence(&self, f: &Fence) -> Result<Vec<String>> {
+        let c = self.capture.client().await?;
+        fence::apply(&c, &self.capture.ep, f).await
+    }
+
+    async fn lift_fence(&self, f: &Fence) -> Result<()> {
+        let c = self.capture.client().await?;
+        fence::lift(&c, &self.capture.ep, f).await
+    }
+
+    async fn sequences(&self, tables: &[Arc<TableSchema>]) -> Result<Vec<SequenceValue>> {
+        let c = self.capture.client().await?;
+        let by_oid = self
+            .pg_tables(tables)
+            .await?
+            .into_iter()
+            .zip(tables)
+            .map(|(pg, t)| (pg.oid, t.name.clone()))
+            .collect();
+        let filter = &self.selector.filter;
+        fence::sequences(&c, &self.capture.ep, &by_oid, |name| filter.matches(name)).await
+    }
+
+    async fn exact_count(&self, table: &TableSchema) -> Result<u64> {
+        let t = self.pg_table(&table.name).await?;
+        let c = self.capture.client().await?;
+        fence::count(&c, &self.capture.ep, &t).await
+    }
+
+    async fn end_replication(&self) -> Result<Vec<String>> {
+        let c = self.capture.client().await?;
+        fence::drop_slot(&c, &self.capture.ep, &self.capture.slot).await
+    }
+}
+
+impl PgSource {
+    /// The catalog entry of a discovered table.
+    async fn pg_table(&self, name: &str) -> Result<PgTable> {
+        self.catalog.lock().await.get(name).cloned().ok_or_else(|| {
+            Error::definite(format!(
+                "table {name:?} is not in the source's catalog (discover the tables first)"
+            ))
+        })
+    }
+
+    async fn pg_tables(&self, tables: &[Arc<TableSchema>]) -> Result<Vec<PgTable>> {
+        let mut out = Vec::with_capacity(tables.len());
+        for t in tables {
+            out.push(self.pg_table(&t.name).await?);
+        }
+        Ok(out)
     }
 }

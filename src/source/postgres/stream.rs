@@ -39,6 +39,9 @@ use crate::source::Batch;
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// The prefix of switchyard's heartbeat messages in the WAL.
 pub const HEARTBEAT_PREFIX: &str = "switchyard_heartbeat";
+/// The prefix of the markers `cutover` writes into the WAL (JSON of a
+/// [`crate::model::Marker`]).
+pub const MARKER_PREFIX: &str = "switchyard_marker";
 
 /// What the stream needs of the source.
 pub struct Streamer {
@@ -149,6 +152,7 @@ impl Streamer {
             progressed: false,
             last_commit: None,
             heartbeat_seen: false,
+            markers: Vec::new(),
             last_end: Lsn::from(flush_lsn(after)),
         };
         // Heartbeats: a small transaction in the source's WAL at an interval,
@@ -876,6 +880,8 @@ struct StreamState {
     last_commit: Option<chrono::DateTime<chrono::Utc>>,
     /// The open transaction carries switchyard's heartbeat message.
     heartbeat_seen: bool,
+    /// Markers of the open transaction and of those not handed over yet.
+    markers: Vec<(Position, crate::model::Marker)>,
     /// The end of the WAL received so far (a commit's end, an idle keepalive's position).
     last_end: Lsn,
 }
@@ -892,6 +898,7 @@ impl StreamState {
         self.commit = None;
         self.ordinal = 0;
         self.pending.clear();
+        self.markers.clear();
         self.relations.clear();
         self.rewrites.clear();
         self.tracked = self.tracked_sent.clone();
@@ -917,6 +924,7 @@ impl StreamState {
             changes: Vec::new(),
             upto,
             committed_at: server_time,
+            markers: Vec::new(),
         })
     }
 
@@ -928,6 +936,7 @@ impl StreamState {
             changes: std::mem::take(&mut self.pending),
             upto: self.sent_upto,
             committed_at: self.last_commit,
+            markers: std::mem::take(&mut self.markers),
         }
     }
 
@@ -988,7 +997,7 @@ impl StreamState {
                 if upto <= self.after {
                     return Ok(None);
                 }
-                if self.pending.is_empty() {
+                if self.pending.is_empty() && self.markers.is_empty() {
                     if std::mem::take(&mut self.heartbeat_seen) {
                         // Our heartbeat: the target records how far it is.
                         return Ok(Some(self.take(upto)));
@@ -1071,6 +1080,18 @@ impl StreamState {
             LogicalMessage::Message(m) => {
                 if m.prefix == HEARTBEAT_PREFIX {
                     self.heartbeat_seen = true;
+                }
+                if m.prefix == MARKER_PREFIX {
+                    self.count();
+                    let marker: crate::model::Marker =
+                        serde_json::from_slice(&m.content).map_err(|e| {
+                            Error::definite(format!("unreadable cutover marker in the WAL: {e}"))
+                        })?;
+                    let commit = self.commit.map(u64::from).unwrap_or(0);
+                    let position = Position::new(commit, self.ordinal);
+                    if position > self.after {
+                        self.markers.push((position, marker));
+                    }
                 }
             }
             LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}

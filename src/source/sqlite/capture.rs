@@ -24,6 +24,11 @@ pub const CHANGES: &str = "_switchyard_changes";
 pub const REGISTRY: &str = "_switchyard_tables";
 /// One row per setting; `origin` identifies this capture installation.
 pub const META: &str = "_switchyard_meta";
+/// Markers `cutover` writes into the log (their entry has table id
+/// [`MARK_TABLE`] and operation `M`).
+pub const MARKS: &str = "_switchyard_marks";
+/// The table id of a marker's log entry (no table has it).
+pub const MARK_TABLE: i64 = 0;
 /// Prefix of every object switchyard creates in the source.
 pub const PREFIX: &str = "_switchyard_";
 
@@ -41,6 +46,7 @@ pub fn log_ddl() -> String {
         "CREATE TABLE IF NOT EXISTS {CHANGES} (seq INTEGER PRIMARY KEY, table_id INTEGER NOT NULL, op TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS {REGISTRY} (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, columns TEXT NOT NULL, key TEXT NOT NULL, installed_at TEXT NOT NULL DEFAULT (datetime('now')));
          CREATE TABLE IF NOT EXISTS {META} (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS {MARKS} (seq INTEGER PRIMARY KEY, marker TEXT NOT NULL);
          INSERT INTO {META} (key, value) VALUES ('origin', lower(hex(randomblob(16)))) ON CONFLICT (key) DO NOTHING;
          INSERT INTO {META} (key, value) VALUES ('trimmed', '0') ON CONFLICT (key) DO NOTHING;"
     )
@@ -115,6 +121,12 @@ pub async fn trim(conn: &mut SqliteConnection, ids: &[i64], upto: i64) -> Result
     .bind(upto)
     .execute(&mut *conn)
     .await?;
+    if table_exists(conn, MARKS).await? {
+        sqlx::query(&format!("DELETE FROM {MARKS} WHERE seq <= ?"))
+            .bind(upto)
+            .execute(&mut *conn)
+            .await?;
+    }
     for id in ids {
         sqlx::query(&format!(
             "DELETE FROM {} WHERE seq <= ?",

@@ -16,6 +16,7 @@
 pub mod capture;
 pub mod catalog;
 pub mod convert;
+pub mod fence;
 pub mod follow;
 pub mod poll;
 
@@ -41,11 +42,13 @@ use self::poll::{poll, Polled};
 use crate::config::{Config, TableFilter};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::Change;
-use crate::model::{Row, TableSchema};
+use crate::model::{Marker, Row, TableSchema};
 use crate::position::{Durable, Position, PositionKind};
 use crate::reject::Rejects;
 use crate::retry::Retry;
-use crate::source::{Access, Batch, Discovery, Installed, Pending, Problem, Source, SourceLag};
+use crate::source::{
+    Access, Batch, Discovery, Fence, FenceMode, Installed, Pending, Problem, Source, SourceLag,
+};
 
 pub use self::capture::PREFIX;
 
@@ -64,6 +67,8 @@ pub struct SqliteSource {
     rejects: Arc<Rejects>,
     /// The last trim, so the log is trimmed every few seconds at most.
     last_trim: Mutex<Option<(Instant, Position)>>,
+    /// Held from `install` on: one process streams from this source.
+    lock: std::sync::Mutex<Option<crate::lockfile::DaemonLock>>,
 }
 
 impl SqliteSource {
@@ -108,6 +113,7 @@ impl SqliteSource {
             ),
             rejects,
             last_trim: Mutex::new(None),
+            lock: std::sync::Mutex::new(None),
             policy: follow::Policy {
                 follow_renames: config.schema_changes.rename_table
                     == crate::config::OnRename::Follow,
@@ -195,6 +201,7 @@ impl Source for SqliteSource {
                 )));
             }
         }
+        self.lock()?;
         let mode = self.journal_mode().await?;
         let count = tables.len();
         let tables = tables.to_vec();
@@ -340,6 +347,7 @@ impl Source for SqliteSource {
             };
             info!(journal_mode = %now, "the source's journal mode is back to what it was before switchyard");
         }
+        crate::lockfile::remove(&self.path)?;
         info!(
             tables = registry.len(),
             "change capture removed from the source"
@@ -461,6 +469,7 @@ impl Source for SqliteSource {
                         // The change log has no commit times; lag in seconds
                         // counts from the last time nothing was behind.
                         committed_at: None,
+                        markers: polled.markers,
                     };
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
@@ -561,9 +570,82 @@ impl Source for SqliteSource {
         let mut conn = self.pool.acquire().await?;
         capture::table_exists(&mut conn, REGISTRY).await
     }
+
+    async fn mark(&self, marker: &Marker) -> Result<()> {
+        fence::mark(&self.pool, marker).await
+    }
+
+    async fn stream_in_use(&self) -> Result<bool> {
+        if self.lock.lock().map(|l| l.is_some()).unwrap_or(false) {
+            return Ok(false); // this process streams
+        }
+        Ok(crate::lockfile::holder(&self.path)?.is_some())
+    }
+
+    async fn cutover_problems(
+        &self,
+        mode: FenceMode,
+        roles: Option<&[String]>,
+        _tables: &[Arc<TableSchema>],
+        reverse: bool,
+    ) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        if roles.is_some_and(|r| !r.is_empty()) && mode != FenceMode::None {
+            out.push("--roles: a SQLite source has no roles; its fence refuses every write to the replicated tables".into());
+        }
+        if reverse {
+            out.push("--reverse needs a PostgreSQL source and target: a SQLite source takes no reverse replica".into());
+        }
+        Ok(out)
+    }
+
+    async fn plan_fence(
+        &self,
+        mode: FenceMode,
+        _roles: Option<&[String]>,
+        tables: &[Arc<TableSchema>],
+    ) -> Result<Fence> {
+        Ok(fence::plan(mode, tables))
+    }
+
+    async fn apply_fence(&self, f: &Fence) -> Result<Vec<String>> {
+        fence::apply(&self.pool, f).await?;
+        Ok(Vec::new())
+    }
+
+    async fn lift_fence(&self, f: &Fence) -> Result<()> {
+        fence::lift(&self.pool, f).await
+    }
+
+    async fn exact_count(&self, table: &TableSchema) -> Result<u64> {
+        Ok(self.count_rows(table).await?.unwrap_or(0))
+    }
 }
 
 impl SqliteSource {
+    /// Takes the source's lock (once per process), or says which process
+    /// streams from it already.
+    fn lock(&self) -> Result<()> {
+        let mut held = self
+            .lock
+            .lock()
+            .map_err(|_| Error::definite("the source's lock was poisoned"))?;
+        if held.is_some() {
+            return Ok(());
+        }
+        match crate::lockfile::DaemonLock::acquire(&self.path)? {
+            Some(l) => {
+                *held = Some(l);
+                Ok(())
+            }
+            None => Err(Error::definite(format!(
+                "another switchyard process (pid {}) streams from {}: stop it first (one process reads a source's change log)",
+                crate::lockfile::holder(&self.path)?.unwrap_or(0),
+                self.path.display()
+            ))),
+        }
+    }
+
     /// One look at the change log: nothing when no other connection
     /// committed since the last look and the log was drained; else the
     /// changes of definition the schema went through (the tables are

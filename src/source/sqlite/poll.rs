@@ -11,10 +11,10 @@ use std::sync::Arc;
 use sqlx::sqlite::{Sqlite, SqliteRow};
 use sqlx::{Connection, Row as _, SqliteConnection};
 
-use super::capture::{log_table, quote, trimmed_upto, CHANGES};
+use super::capture::{log_table, quote, trimmed_upto, CHANGES, MARKS, MARK_TABLE};
 use super::convert::{convert_row, read_raw, set_aside, Misfit, Raw};
 use crate::error::{Error, Result};
-use crate::model::{Change, Op, TableSchema};
+use crate::model::{Change, Marker, Op, TableSchema};
 use crate::position::Position;
 use crate::reject::Rejects;
 
@@ -30,6 +30,8 @@ pub struct Polled {
     /// The schema changed since `schema` (its version now): nothing was
     /// read; the tables are described again first.
     pub schema_changed: Option<i64>,
+    /// Markers `cutover` wrote into the log, at their positions.
+    pub markers: Vec<(Position, Marker)>,
 }
 
 /// One log entry of a replicated table.
@@ -61,6 +63,7 @@ pub async fn poll(
             seen: 0,
             end: None,
             schema_changed: Some(version),
+            markers: Vec::new(),
         });
     }
     let trimmed = trimmed_upto(&mut tx).await?;
@@ -84,6 +87,7 @@ pub async fn poll(
             seen: 0,
             end: None,
             schema_changed: None,
+            markers: Vec::new(),
         });
     };
     // The entries' keys, per table.
@@ -131,6 +135,22 @@ pub async fn poll(
         }
         images.insert(id, read_rows(&mut tx, t, wanted).await?);
     }
+    let mut markers = Vec::new();
+    if heads.iter().any(|h| h.1 == MARK_TABLE) {
+        let marks: Vec<(i64, String)> = sqlx::query_as(&format!(
+            "SELECT seq, marker FROM {MARKS} WHERE seq > ? AND seq <= ? ORDER BY seq"
+        ))
+        .bind(after)
+        .bind(end)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (seq, text) in marks {
+            let marker: Marker = serde_json::from_str(&text).map_err(|e| {
+                Error::definite(format!("unreadable cutover marker {seq} in {MARKS}: {e}"))
+            })?;
+            markers.push((Position::new(seq as u64, 0), marker));
+        }
+    }
     tx.commit().await?;
     let mut changes = Vec::with_capacity(heads.len());
     for (seq, id, op) in &heads {
@@ -162,6 +182,7 @@ pub async fn poll(
         seen: heads.len(),
         end: Some(end),
         schema_changed: None,
+        markers,
     })
 }
 
