@@ -136,6 +136,16 @@ pub struct TargetConfig {
     /// for replicated rows.
     #[serde(default = "default_true")]
     pub replica_role: bool,
+    /// PostgreSQL → PostgreSQL (`schema = "create"`): restore the source's
+    /// owners and grants with its schema (the roles must exist in the
+    /// target); by default they are left out.
+    #[serde(default)]
+    pub keep_owners: bool,
+    /// PostgreSQL → PostgreSQL with `replica_role = false`: accept that the
+    /// source's triggers and rules, restored in the target, fire for
+    /// replicated rows (otherwise `run` refuses).
+    #[serde(default)]
+    pub fire_triggers: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -527,6 +537,8 @@ impl Config {
                 schemafull: true,
                 schema: Some("existing".into()),
                 replica_role: self.target.replica_role,
+                keep_owners: false,
+                fire_triggers: self.target.fire_triggers,
             },
             tables: TablesConfig {
                 include: tables.iter().map(|(_, t)| globset::escape(t)).collect(),

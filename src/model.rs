@@ -167,6 +167,19 @@ pub struct TableSchema {
     /// a target that creates its schema.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub column_defaults: Vec<ColumnDefault>,
+    /// A partitioned table's partitions (PostgreSQL), which a partitioned
+    /// target table follows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<Partition>,
+}
+
+/// A partition of a partitioned table.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Partition {
+    /// Its name (`table` in `public`, else `schema.table`).
+    pub name: String,
+    /// `FOR VALUES …` or `DEFAULT`.
+    pub bound: String,
 }
 
 /// How a source column fills itself.
@@ -221,6 +234,7 @@ impl TableSchema {
             secondary: Vec::new(),
             enum_types: Vec::new(),
             column_defaults: Vec::new(),
+            partitions: Vec::new(),
         }
     }
 
@@ -239,6 +253,7 @@ impl TableSchema {
             secondary: Vec::new(),
             enum_types: Vec::new(),
             column_defaults: Vec::new(),
+            partitions: Vec::new(),
         }
     }
 

@@ -61,6 +61,13 @@ pub struct Plan {
     /// What is built after the bulk load, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub after_load: Vec<String>,
+    /// PostgreSQL → PostgreSQL: the source's schema as pg_dump takes it,
+    /// what is created before the load, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub before_load: Vec<String>,
+    /// What the schema leaves out, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
 }
 
 impl Plan {
@@ -110,6 +117,21 @@ impl Plan {
                     w = w,
                     wt = wt + 2
                 );
+            }
+        }
+        if !self.before_load.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nthe source's schema (pg_dump), before the load, in this order:"
+            );
+            for s in &self.before_load {
+                let _ = writeln!(out, "  {s}");
+            }
+        }
+        if !self.left_out.is_empty() {
+            let _ = writeln!(out, "\nleft out of the schema:");
+            for s in &self.left_out {
+                let _ = writeln!(out, "  {s}");
             }
         }
         if !self.after_load.is_empty() {
@@ -186,6 +208,45 @@ pub async fn check(config: &Config) -> Result<Plan> {
             },
             |t, i| schema::postgres::table_column_type(t, i, pg_source),
         );
+        let mode = config.target.schema.as_deref().unwrap_or("create");
+        if pg_source && mode == "create" {
+            let shared: Vec<std::sync::Arc<crate::model::TableSchema>> = discovery
+                .tables
+                .iter()
+                .cloned()
+                .map(std::sync::Arc::new)
+                .collect();
+            let (before_load, after_load, left_out) =
+                match source.schema_dump(&shared, config.target.keep_owners).await {
+                    Ok(Some(d)) => dump_plan(config, &d, &mut problems),
+                    Ok(None) => (Vec::new(), Vec::new(), Vec::new()),
+                    Err(e) => {
+                        problems.push(Problem {
+                            table: "(schema)".into(),
+                            column: None,
+                            message: format!(
+                                "the source's schema cannot be taken with pg_dump: {}",
+                                e.report()
+                            ),
+                            blocking: true,
+                        });
+                        (Vec::new(), Vec::new(), Vec::new())
+                    }
+                };
+            return Ok(Plan {
+                source: redact_url(&config.source.url),
+                target: format!(
+                    "{}  schema create (the source's, with pg_dump)",
+                    redact_url(&url)
+                ),
+                tables,
+                problems,
+                identity: "target:",
+                after_load,
+                before_load,
+                left_out,
+            });
+        }
         // Types that do not stay the same: enums and domains of a PostgreSQL source.
         if pg_source {
             for t in &discovery.tables {
@@ -202,10 +263,11 @@ pub async fn check(config: &Config) -> Result<Plan> {
                 }
             }
         }
-        let mode = config.target.schema.as_deref().unwrap_or("create");
         return Ok(Plan {
             source: redact_url(&config.source.url),
             target: format!("{}  schema {mode}", redact_url(&url)),
+            before_load: Vec::new(),
+            left_out: Vec::new(),
             tables,
             problems,
             identity: "target:",
@@ -261,7 +323,84 @@ pub async fn check(config: &Config) -> Result<Plan> {
         problems,
         identity: "record id",
         after_load: Vec::new(),
+        before_load: Vec::new(),
+        left_out: Vec::new(),
     })
+}
+
+/// The schema a pg_dump restores, by part, and what it leaves out; notes
+/// on owners, extensions and triggers go to `problems`.
+fn dump_plan(
+    config: &Config,
+    d: &crate::schema::dump::SchemaDump,
+    problems: &mut Vec<Problem>,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    use crate::schema::dump::Section;
+    let note = |message: String, blocking: bool| Problem {
+        table: "(schema)".into(),
+        column: None,
+        message,
+        blocking,
+    };
+    let mut before: Vec<String> = d
+        .extensions
+        .iter()
+        .map(|(e, s)| {
+            format!("EXTENSION {e} (in schema {s}; it must be available on the target server)")
+        })
+        .collect();
+    before.extend(
+        d.entries
+            .iter()
+            .filter(|e| e.section() == Section::PreData)
+            .map(|e| e.shown()),
+    );
+    let after: Vec<String> = d
+        .entries
+        .iter()
+        .filter(|e| e.section() == Section::PostData)
+        .map(|e| e.shown())
+        .chain(
+            d.entries
+                .iter()
+                .filter(|e| e.desc == "MATERIALIZED VIEW")
+                .map(|e| format!("REFRESH MATERIALIZED VIEW {}.{}", e.schema, e.tag)),
+        )
+        .collect();
+    problems.push(note(
+        if d.owners {
+            "owners and grants are restored with the schema (target.keep_owners = true): their roles must exist in the target".into()
+        } else {
+            "owners and grants are left out (target.keep_owners = false): the target's objects belong to switchyard's role".into()
+        },
+        false,
+    ));
+    let firing = d.firing();
+    if !firing.is_empty() {
+        if config.target.replica_role {
+            problems.push(note(
+                format!(
+                    "triggers and rules are restored but do not fire for replicated rows (session_replication_role = replica): {}",
+                    firing.join(", ")
+                ),
+                false,
+            ));
+        } else {
+            problems.push(note(
+                format!(
+                    "target.replica_role = false: these triggers and rules would fire for every replicated row: {}{}",
+                    firing.join(", "),
+                    if config.target.fire_triggers {
+                        " (accepted: target.fire_triggers = true)"
+                    } else {
+                        "; set target.replica_role = true, or accept it with target.fire_triggers = true"
+                    }
+                ),
+                !config.target.fire_triggers,
+            ));
+        }
+    }
+    (before, after, d.left_out.clone())
 }
 
 /// Whether the target can be reached and what it holds, without writing:

@@ -172,14 +172,6 @@ async fn reverse_problems(config: &Config, tables: &[Arc<TableSchema>]) -> Vec<S
         Err(e) => return vec![format!("--reverse: {e}")],
     };
     let mut out = Vec::new();
-    for (source, target) in &pairs {
-        if source.contains('.') {
-            out.push(format!(
-                "--reverse: table {source:?} is outside the public schema, which the reverse replica does not write into yet"
-            ));
-        }
-        let _ = target;
-    }
     let rejects = Arc::new(crate::reject::Rejects::default());
     let reversed = match crate::connect::source(&rc, rejects, crate::source::Access::ReadOnly).await
     {

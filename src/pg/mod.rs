@@ -4,6 +4,7 @@
 //! WAL position type.
 
 pub mod conn;
+pub mod tools;
 
 use crate::error::ErrorKind;
 
@@ -35,6 +36,15 @@ pub fn session_settings_sql() -> String {
 /// Quotes an identifier.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes a table name: `schema.table` as two identifiers, `table` as one
+/// (found on the search path: `public`).
+pub fn quote_table(s: &str) -> String {
+    match s.split_once('.') {
+        Some((schema, table)) => format!("{}.{}", quote_ident(schema), quote_ident(table)),
+        None => quote_ident(s),
+    }
 }
 
 /// Quotes a string literal.

@@ -173,6 +173,7 @@ impl Pipeline {
         }
         self.refuse_after_cutover().await?;
         let tables = self.baseline(self.tables().await?).await?;
+        let dump = self.schema_before_load(&tables).await?;
         self.retry
             .run("creating the target schema", || self.sink.prepare(&tables))
             .await?;
@@ -234,6 +235,15 @@ impl Pipeline {
             report.tables.push(r);
         }
         drop(copies);
+        if let Some(d) = &dump {
+            for line in self
+                .sink
+                .restore_schema(d, crate::schema::dump::Section::PostData)
+                .await?
+            {
+                info!("{line}");
+            }
+        }
         self.retry
             .run("building indexes and foreign keys", || {
                 self.sink.after_snapshot(&tables)
@@ -265,6 +275,36 @@ impl Pipeline {
         report.checkpoint = Some(streamed.last.to_string());
         report.stopped_by = streamed.stopped_by.map(|m| m.id);
         Ok(report)
+    }
+
+    /// A PostgreSQL target of a PostgreSQL source takes the source's schema
+    /// as `pg_dump` takes it: its pre-data part now, before the tables are
+    /// prepared and loaded; the dump is kept for the post-data part.
+    async fn schema_before_load(
+        &self,
+        tables: &[Arc<TableSchema>],
+    ) -> Result<Option<crate::schema::dump::SchemaDump>> {
+        if !self.sink.wants_schema_dump().await? {
+            return Ok(None);
+        }
+        let Some(dump) = self
+            .source
+            .schema_dump(tables, self.config.target.keep_owners)
+            .await?
+        else {
+            return Ok(None);
+        };
+        for why in &dump.left_out {
+            info!("schema: left out {why}");
+        }
+        for line in self
+            .sink
+            .restore_schema(&dump, crate::schema::dump::Section::PreData)
+            .await?
+        {
+            info!("{line}");
+        }
+        Ok(Some(dump))
     }
 
     /// A target that a cutover switched to takes the application's writes:

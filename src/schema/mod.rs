@@ -2,5 +2,6 @@
 //! show it without connecting.
 
 pub mod diff;
+pub mod dump;
 pub mod postgres;
 pub mod surreal;

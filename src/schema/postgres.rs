@@ -4,7 +4,7 @@
 use chrono::{DateTime, Datelike, Utc};
 
 use crate::model::{Column, LogicalType, TableSchema, Value};
-use crate::pg::quote_ident;
+use crate::pg::{quote_ident, quote_table};
 
 /// PostgreSQL's built-in types that a PostgreSQL source's declared type may
 /// name; such a column keeps its type exactly in a PostgreSQL target.
@@ -323,13 +323,30 @@ pub fn alter_ddl(
     drop_columns: bool,
 ) -> Vec<String> {
     use crate::schema::diff::{diff, AlterStep};
-    let t = quote_ident(&new.target_name);
+    let t = quote_table(&new.target_name);
     let mut out = enum_ddl(new);
     if old.target_name != new.target_name {
-        out.push(format!(
-            "ALTER TABLE {} RENAME TO {t}",
-            quote_ident(&old.target_name)
-        ));
+        // RENAME TO takes a bare name; another schema is SET SCHEMA.
+        let split = |n: &str| match n.split_once('.') {
+            Some((s, t)) => (Some(s.to_string()), t.to_string()),
+            None => (None, n.to_string()),
+        };
+        let ((from_schema, from), (to_schema, to)) =
+            (split(&old.target_name), split(&new.target_name));
+        let mut at = quote_table(&old.target_name);
+        if from != to {
+            out.push(format!("ALTER TABLE {at} RENAME TO {}", quote_ident(&to)));
+            at = match &from_schema {
+                Some(s) => format!("{}.{}", quote_ident(s), quote_ident(&to)),
+                None => quote_ident(&to),
+            };
+        }
+        if from_schema != to_schema {
+            out.push(format!(
+                "ALTER TABLE {at} SET SCHEMA {}",
+                quote_ident(to_schema.as_deref().unwrap_or("public"))
+            ));
+        }
     }
     for step in diff(old, new) {
         match step {
@@ -420,7 +437,7 @@ pub fn primary_key_ddl(table: &TableSchema) -> String {
         .collect();
     format!(
         "ALTER TABLE {} ADD PRIMARY KEY ({})",
-        quote_ident(&table.target_name),
+        quote_table(&table.target_name),
         keys.join(", ")
     )
 }
@@ -449,7 +466,7 @@ pub fn secondary_ddl(
                         "CREATE {}INDEX IF NOT EXISTS {} ON {} {using}",
                         if *unique { "UNIQUE " } else { "" },
                         quote_ident(name),
-                        quote_ident(&t.target_name)
+                        quote_table(&t.target_name)
                     ),
                 ))),
                 Secondary::ForeignKey { name, columns, references, ref_columns, actions } => match target_of(references) {
@@ -459,10 +476,10 @@ pub fn secondary_ddl(
                             name.clone(),
                             format!(
                                 "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) {actions}",
-                                quote_ident(&t.target_name),
+                                quote_table(&t.target_name),
                                 quote_ident(name),
                                 q(columns),
-                                quote_ident(&target),
+                                quote_table(&target),
                                 q(ref_columns)
                             ),
                         )))

@@ -125,6 +125,25 @@ pub trait Sink: Send + Sync {
         Err(Error::config("this target does not take COPY text"))
     }
 
+    /// Whether the target takes the source's schema as `pg_dump` takes it
+    /// (a PostgreSQL target that creates its tables, from a PostgreSQL
+    /// source) instead of making its own tables, and has not taken all of
+    /// it yet.
+    async fn wants_schema_dump(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Restores one part of the source's schema (see
+    /// [`crate::schema::dump`]); what was done.
+    async fn restore_schema(
+        &self,
+        dump: &crate::schema::dump::SchemaDump,
+        section: crate::schema::dump::Section,
+    ) -> Result<Vec<String>> {
+        let _ = (dump, section);
+        Err(Error::config("this target does not take a pg_dump schema"))
+    }
+
     /// Records a marker met in the stream once everything before it is
     /// applied (the checkpoint is at `at`); `applied`: the changes this
     /// stream applied before it.

@@ -297,6 +297,19 @@ pub trait Source: Send + Sync {
     /// command says "not installed" instead of failing on what is missing).
     async fn capture_installed(&self) -> Result<bool>;
 
+    /// The schema of `tables` and what they depend on, as the source's own
+    /// dump tool takes it (PostgreSQL: `pg_dump`), for a target that
+    /// restores it; `None` where the source has none. `owners`: with owners
+    /// and grants.
+    async fn schema_dump(
+        &self,
+        tables: &[Arc<TableSchema>],
+        owners: bool,
+    ) -> Result<Option<crate::schema::dump::SchemaDump>> {
+        let _ = (tables, owners);
+        Ok(None)
+    }
+
     /// Cutover: writes `marker` into the change stream after every change
     /// committed so far.
     async fn mark(&self, marker: &Marker) -> Result<()> {

@@ -9,6 +9,7 @@ mod deploy_files;
 mod layout;
 mod observe;
 mod pg_crash;
+mod pg_schema;
 mod pg_surreal;
 mod pg_target;
 mod readonly;

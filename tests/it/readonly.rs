@@ -421,6 +421,23 @@ async fn an_idle_source_costs_the_target_a_handful_of_transactions_a_second() {
         rows(&target.client, "item").await.len() == 1
     })
     .await;
+    // (The source's schema is restored around the copy: its post-data part
+    // ends the snapshot.)
+    wait_until(
+        "the schema's post-data part",
+        Duration::from_secs(60),
+        || async {
+            target
+                .client
+                .query_opt(
+                    "SELECT 1 FROM switchyard.schema_restore WHERE section = 'post-data'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|r| r.is_some())
+        },
+    )
+    .await;
     let commits = || async {
         target
             .client
@@ -435,7 +452,10 @@ async fn an_idle_source_costs_the_target_a_handful_of_transactions_a_second() {
     // Another database writes all the time; the replicated table is idle.
     let client = crate::pg_surreal::connect(&other.cluster, &other.name).await;
     let window = Duration::from_secs(6);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A backend that went idle reports its transactions to pg_stat_database
+    // up to 10 s later (PostgreSQL's idle stats interval): the copy's
+    // sessions are heard from before the window opens.
+    tokio::time::sleep(Duration::from_secs(11)).await;
     let first = commits().await;
     let started = Instant::now();
     let mut n = 0;

@@ -9,7 +9,7 @@ use super::plan::{sql_params, unnest_columns};
 use crate::error::Result;
 use crate::model::{Row, TableSchema};
 use crate::pg::conn::{pg_error, PgEndpoint};
-use crate::pg::quote_ident;
+use crate::pg::{quote_ident, quote_table};
 use crate::schema::postgres::{cast_type, to_text};
 use crate::sink::{Cursor, Page, Record};
 
@@ -61,7 +61,7 @@ pub async fn records(
     after: Option<&Cursor>,
     limit: usize,
 ) -> Result<Page> {
-    let name = quote_ident(&table.target_name);
+    let name = quote_table(&table.target_name);
     let cols: Vec<String> = table
         .columns
         .iter()

@@ -11,7 +11,7 @@ use tokio_postgres::GenericClient;
 use crate::error::{Error, Result};
 use crate::model::{Marker, SequenceValue, TableSchema};
 use crate::pg::conn::{pg_err, PgEndpoint};
-use crate::pg::quote_ident;
+use crate::pg::{quote_ident, quote_table};
 use crate::position::Position;
 use crate::sink::MarkerState;
 
@@ -89,7 +89,7 @@ pub async fn save_record(
 pub async fn count(c: &impl GenericClient, ep: &PgEndpoint, table: &TableSchema) -> Result<u64> {
     let n: i64 = c
         .query_one(
-            &format!("SELECT count(*) FROM {}", quote_ident(&table.target_name)),
+            &format!("SELECT count(*) FROM {}", quote_table(&table.target_name)),
             &[],
         )
         .await
@@ -120,7 +120,7 @@ async fn column_sequence(
                        JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
                       WHERE ad.adrelid = to_regclass($1) AND a.attname = $2
                       LIMIT 1))",
-            &[&quote_ident(table), &column],
+            &[&quote_table(table), &column],
         )
         .await
         .map_err(pg_err(
@@ -152,7 +152,7 @@ pub async fn set_sequences(
                         &format!(
                             "SELECT max({col})::bigint, setval($1::text::regclass, GREATEST(max({col})::bigint, 1), max({col}) IS NOT NULL) FROM {t}",
                             col = quote_ident(&col.name),
-                            t = quote_ident(&t.target_name)
+                            t = quote_table(&t.target_name)
                         ),
                         &[&seq],
                     )
@@ -268,7 +268,7 @@ pub async fn problems(
 ) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for t in tables {
-        let name = quote_ident(&t.target_name);
+        let name = quote_table(&t.target_name);
         let row = c
             .query_one(
                 "SELECT to_regclass($1)::oid,

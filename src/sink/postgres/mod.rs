@@ -13,6 +13,7 @@ pub mod compare;
 pub mod cutover;
 pub mod plan;
 pub mod refusal;
+pub mod restore;
 pub mod state;
 pub mod tables;
 
@@ -31,7 +32,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::{Change, Ddl, Marker, Op, Row, SequenceValue, TableSchema, Value};
 use crate::pg::conn::{pg_error, PgEndpoint};
-use crate::pg::quote_ident;
+use crate::pg::{quote_ident, quote_table};
 use crate::position::{Durable, Position};
 use crate::reject::{row_json, Rejected, Rejects};
 use crate::schema::postgres::{
@@ -61,6 +62,11 @@ pub struct PgSink {
     drop_tables: bool,
     /// Where rows whose values the target refuses go (`pipeline.reject_dir`).
     rejects: Arc<Rejects>,
+    /// The tables a restored pg_dump schema makes (their keys come with its
+    /// post-data part, not from `finish_table`).
+    dumped: Mutex<std::collections::HashSet<String>>,
+    /// `target.fire_triggers`: accepted that triggers fire (no replica role).
+    fire_triggers: bool,
 }
 
 impl PgSink {
@@ -94,6 +100,8 @@ impl PgSink {
             drop_columns: config.schema_changes.drop_column == crate::config::OnDrop::Drop,
             drop_tables: config.schema_changes.drop_table == crate::config::OnDrop::Drop,
             rejects,
+            dumped: Mutex::new(Default::default()),
+            fire_triggers: config.target.fire_triggers,
         };
         let c = sink.take().await.map_err(|e| match e.kind() {
             crate::error::ErrorKind::Transient => Error::connect(e.to_string()),
@@ -283,10 +291,11 @@ impl PgSink {
             shapes.insert(table.name.clone(), table.clone());
             return Ok(());
         };
-        if old.same_shape(table) && from == table.name {
+        if old.same_shape(table) && from == table.name && old.partitions == table.partitions {
             return Ok(());
         }
         if self.mode == SchemaMode::Create {
+            tables::sync_partitions(tx, &self.ep, table).await?;
             for sql in alter_ddl(&old, table, self.source_is_postgres, self.drop_columns) {
                 tx.batch_execute(&sql)
                     .await
@@ -305,7 +314,7 @@ impl PgSink {
                 .query(
                     "SELECT a.attname::text FROM pg_attribute a
                       WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-                    &[&quote_ident(&table.target_name)],
+                    &[&quote_table(&table.target_name)],
                 )
                 .await
                 .map_err(self.pg("reading the target table"))?
@@ -394,7 +403,7 @@ impl Sink for PgSink {
         let exists = tx
             .query_one(
                 "SELECT to_regclass($1) IS NOT NULL",
-                &[&quote_ident(&table.target_name)],
+                &[&quote_table(&table.target_name)],
             )
             .await
             .map_err(self.pg("reading the target catalog"))?
@@ -405,9 +414,17 @@ impl Sink for PgSink {
             // made anew in the shape the copy has (a table created in the
             // source while streaming: made).
             if changed {
+                if self.dumped.lock().await.contains(&table.name) {
+                    warn!(
+                        table = %table.target_name,
+                        "the table is made anew by switchyard's rules after a change it could not follow in place: \
+                         what the source's schema (pg_dump) gave it beyond columns and keys (triggers, policies, \
+                         CHECKs, views that read it) is dropped with it; restore them by hand or copy the whole schema again"
+                    );
+                }
                 tx.batch_execute(&format!(
                     "DROP TABLE IF EXISTS {} CASCADE",
-                    quote_ident(&table.target_name)
+                    quote_table(&table.target_name)
                 ))
                 .await
                 .map_err(self.pg(&format!("dropping {} to make it anew", table.target_name)))?;
@@ -416,7 +433,10 @@ impl Sink for PgSink {
                 tables::prepare(&tx, &self.ep, &self.mode, self.source_is_postgres, table).await?;
             self.remember_types(table, types).await;
         }
-        tx.batch_execute(&format!("TRUNCATE {}", quote_ident(&table.target_name)))
+        if self.mode == SchemaMode::Create {
+            tables::sync_partitions(&tx, &self.ep, table).await?;
+        }
+        tx.batch_execute(&format!("TRUNCATE {}", quote_table(&table.target_name)))
             .await
             .map_err(self.pg(&format!("emptying {}", table.target_name)))?;
         tx.execute(
@@ -474,11 +494,13 @@ impl Sink for PgSink {
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {
         let mut c = self.take().await?;
         let tx = c.transaction().await.map_err(self.pg("beginning"))?;
-        if self.mode == SchemaMode::Create && !table.whole_row {
+        let dumped = self.dumped.lock().await.contains(&table.name)
+            && !restore::restored(&tx, &self.ep, crate::schema::dump::Section::PostData).await?;
+        if self.mode == SchemaMode::Create && !table.whole_row && !dumped {
             // The primary key of a table created without one, in the same
             // transaction as its "copied" mark: streaming never meets a
             // copied table without its key.
-            let name = quote_ident(&table.target_name);
+            let name = quote_table(&table.target_name);
             let has_key = tx
                 .query_opt(
                     "SELECT 1 FROM pg_index WHERE indrelid = to_regclass($1) AND indisprimary",
@@ -542,9 +564,9 @@ impl Sink for PgSink {
                     &format!(
                         "SELECT setval(s, GREATEST((SELECT max({}) FROM {}), 1)) FROM pg_get_serial_sequence($1, $2) AS s WHERE s IS NOT NULL",
                         quote_ident(col),
-                        quote_ident(&t.target_name)
+                        quote_table(&t.target_name)
                     ),
-                    &[&quote_ident(&t.target_name), col],
+                    &[&quote_table(&t.target_name), col],
                 )
                 .await
                 .map_err(self.pg(&format!("moving the identity of {}.{col}", t.target_name)))?;
@@ -553,11 +575,15 @@ impl Sink for PgSink {
         for ddl in secondary_ddl(tables) {
             match ddl {
                 Ok((name, sql)) => {
-                    let exists = c
-                        .query_opt("SELECT 1 FROM pg_class WHERE relname = $1 UNION ALL SELECT 1 FROM pg_constraint WHERE conname = $1", &[&name])
+                    let exists: bool = c
+                        .query_one(
+                            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relname = $1) OR EXISTS (SELECT 1 FROM pg_constraint WHERE conname = $1)",
+                            &[&name],
+                        )
                         .await
-                        .map_err(self.pg("reading the target catalog"))?;
-                    if exists.is_none() {
+                        .map_err(self.pg("reading the target catalog"))?
+                        .get(0);
+                    if !exists {
                         c.batch_execute(&sql)
                             .await
                             .map_err(self.pg(&format!("building {name}")))?;
@@ -569,6 +595,39 @@ impl Sink for PgSink {
         }
         self.give(c).await;
         Ok(())
+    }
+
+    async fn wants_schema_dump(&self) -> Result<bool> {
+        if self.mode != SchemaMode::Create || !self.source_is_postgres {
+            return Ok(false);
+        }
+        let c = self.take().await?;
+        let done = restore::restored(&c, &self.ep, crate::schema::dump::Section::PostData).await;
+        self.give(c).await;
+        Ok(!done?)
+    }
+
+    async fn restore_schema(
+        &self,
+        dump: &crate::schema::dump::SchemaDump,
+        section: crate::schema::dump::Section,
+    ) -> Result<Vec<String>> {
+        if !self.replica_role && !self.fire_triggers {
+            let firing = dump.firing();
+            if !firing.is_empty() {
+                return Err(Error::config(format!(
+                    "target.replica_role = false: the source's triggers and rules restored in the target would fire for every replicated row ({}); \
+                     let switchyard SET session_replication_role = replica (target.replica_role = true), or accept it with target.fire_triggers = true",
+                    firing.join(", ")
+                )));
+            }
+        }
+        let c = self.take().await?;
+        self.migrated(&c).await?;
+        let done = restore::restore(&c, &self.ep, dump, section).await;
+        self.give(c).await;
+        self.dumped.lock().await.extend(dump.tables.iter().cloned());
+        done
     }
 
     async fn mark(&self, marker: &Marker, at: Position, applied: u64) -> Result<()> {
@@ -885,7 +944,7 @@ impl PgSink {
                 if self.drop_tables && self.mode == SchemaMode::Create {
                     tx.batch_execute(&format!(
                         "DROP TABLE IF EXISTS {}",
-                        quote_ident(&t.target_name)
+                        quote_table(&t.target_name)
                     ))
                     .await
                     .map_err(self.pg(&format!("dropping {}", t.target_name)))?;

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use crate::model::{Change, Op, Row, TableSchema, Value};
-use crate::pg::quote_ident;
+use crate::pg::{quote_ident, quote_table};
 use crate::schema::postgres::{cast_type, to_text};
 
 /// `COPY t (c1, …) FROM STDIN`: a table's rows as COPY text, every column.
@@ -22,7 +22,7 @@ pub fn copy_sql(table: &TableSchema) -> String {
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
     format!(
         "COPY {} ({}) FROM STDIN",
-        quote_ident(&table.target_name),
+        quote_table(&table.target_name),
         cols.join(", ")
     )
 }
@@ -151,7 +151,7 @@ fn grouped_upsert(
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let sql = format!(
         "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} {}",
-        quote_ident(&table.target_name),
+        quote_table(&table.target_name),
         cols.join(", "),
         (0..n)
             .map(|i| format!("u.c{i}::{}", cast_type(&types[i])))
@@ -173,7 +173,7 @@ pub struct Statement {
 
 /// One change as statements with text parameters.
 pub fn statements(table: &TableSchema, types: &[String], op: &Op) -> Vec<Statement> {
-    let name = quote_ident(&table.target_name);
+    let name = quote_table(&table.target_name);
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let text = |row: &[Value], idx: &[usize]| -> Vec<Option<String>> {
         idx.iter().map(|&i| to_text(&row[i], &types[i])).collect()
@@ -391,13 +391,13 @@ pub fn plan<'a>(
             }
         }
         if matches!(ch.op, Op::Truncate) {
-            let mut names = vec![quote_ident(&t.target_name)];
+            let mut names = vec![quote_table(&t.target_name)];
             while i + 1 < changes.len()
                 && matches!(changes[i + 1].op, Op::Truncate)
                 && changes[i + 1].position.commit == ch.position.commit
             {
                 i += 1;
-                names.push(quote_ident(&changes[i].table.target_name));
+                names.push(quote_table(&changes[i].table.target_name));
             }
             steps.push(Step::Truncate {
                 table: t,

@@ -7,7 +7,7 @@ use tracing::info;
 use crate::error::{Error, Result};
 use crate::model::TableSchema;
 use crate::pg::conn::{pg_err, pg_error, PgEndpoint};
-use crate::pg::quote_ident;
+use crate::pg::{quote_ident, quote_table};
 use crate::schema::postgres::{column_definition, enum_ddl, holds, table_column_type};
 
 /// How the target tables come to exist.
@@ -31,7 +31,7 @@ pub async fn prepare(
     source_is_postgres: bool,
     t: &TableSchema,
 ) -> Result<Vec<String>> {
-    let name = quote_ident(&t.target_name);
+    let name = quote_table(&t.target_name);
     let want: Vec<String> = (0..t.columns.len())
         .map(|i| table_column_type(t, i, source_is_postgres))
         .collect();
@@ -43,14 +43,20 @@ pub async fn prepare(
                 .map_err(pg_err(ep, "creating an enum type"))?;
         }
     }
+    // Each column's type, and for a domain its base type (what it holds).
     let have = c
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod)
+                         ELSE format_type(a.atttypid, a.atttypmod) END
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
               WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             &[&name],
         )
         .await
         .map_err(pg_err(ep, "reading the target table"))?;
+    let base: std::collections::HashMap<String, String> =
+        have.iter().map(|r| (r.get(0), r.get(2))).collect();
     let have: std::collections::HashMap<String, String> =
         have.iter().map(|r| (r.get(0), r.get(1))).collect();
     let checked = *mode != SchemaMode::Create;
@@ -69,6 +75,14 @@ pub async fn prepare(
         // The primary key is built once the rows are in (finish_table),
         // as pg_dump restores: a bulk load without an index to keep
         // up is faster, and one sort builds the index.
+        if let Some((schema, _)) = t.target_name.split_once('.') {
+            c.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote_ident(schema)
+            ))
+            .await
+            .map_err(pg_err(ep, &format!("creating schema {schema}")))?;
+        }
         c.batch_execute(&format!("CREATE TABLE {name} ({})", defs.join(", ")))
             .await
             .map_err(pg_err(ep, &format!("creating table {}", t.target_name)))?;
@@ -78,7 +92,10 @@ pub async fn prepare(
         let mut problems = Vec::new();
         for (col, ty) in t.columns.iter().zip(&want) {
             match have.get(&col.name) {
-                Some(h) if !holds(ty, h) => {
+                // The source's own type (a domain, a composite or enum type
+                // restored from its schema): its text form reads back as is.
+                Some(h) if source_is_postgres && *h == col.source_type => types.push(h.clone()),
+                Some(h) if !holds(ty, h) && !holds(ty, &base[&col.name]) => {
                     problems.push(format!(
                         "column {:?} is {h} in the target, which does not hold {} values ({ty})",
                         col.name, col.source_type
@@ -133,4 +150,84 @@ pub async fn prepare(
         }
     }
     Ok(types)
+}
+
+/// A partitioned target table's partitions made to match the source's:
+/// missing ones created (or attached, where a table of that name is
+/// there), those the source no longer has detached (kept as tables, as the
+/// source keeps them). A target table that is not partitioned is left
+/// alone. What was done.
+pub async fn sync_partitions(
+    c: &impl tokio_postgres::GenericClient,
+    ep: &PgEndpoint,
+    t: &TableSchema,
+) -> Result<Vec<String>> {
+    let name = quote_table(&t.target_name);
+    let partitioned = c
+        .query_one(
+            "SELECT coalesce((SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)), false)",
+            &[&name],
+        )
+        .await
+        .map_err(pg_err(ep, "reading the target table"))?
+        .get::<_, bool>(0);
+    if !partitioned {
+        return Ok(Vec::new());
+    }
+    let have: Vec<String> = c
+        .query(
+            "SELECT CASE WHEN n.nspname = 'public' THEN p.relname::text ELSE n.nspname || '.' || p.relname END
+               FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid
+               JOIN pg_namespace n ON n.oid = p.relnamespace
+              WHERE i.inhparent = to_regclass($1)",
+            &[&name],
+        )
+        .await
+        .map_err(pg_err(ep, "reading the target's partitions"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut done = Vec::new();
+    for p in t.partitions.iter().filter(|p| !have.contains(&p.name)) {
+        let exists = c
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&quote_table(&p.name)],
+            )
+            .await
+            .map_err(pg_err(ep, "reading the target catalog"))?
+            .get::<_, bool>(0);
+        let sql = if exists {
+            format!(
+                "ALTER TABLE {name} ATTACH PARTITION {} {}",
+                quote_table(&p.name),
+                p.bound
+            )
+        } else {
+            format!(
+                "CREATE TABLE {} PARTITION OF {name} {}",
+                quote_table(&p.name),
+                p.bound
+            )
+        };
+        c.batch_execute(&sql).await.map_err(pg_err(
+            ep,
+            &format!("adding partition {} to {}", p.name, t.target_name),
+        ))?;
+        info!(table = %t.target_name, partition = %p.name, "partition added as in the source");
+        done.push(sql);
+    }
+    for h in have
+        .iter()
+        .filter(|h| !t.partitions.iter().any(|p| &p.name == *h))
+    {
+        let sql = format!("ALTER TABLE {name} DETACH PARTITION {}", quote_table(h));
+        c.batch_execute(&sql).await.map_err(pg_err(
+            ep,
+            &format!("detaching partition {h} from {}", t.target_name),
+        ))?;
+        info!(table = %t.target_name, partition = %h, "partition detached as in the source");
+        done.push(sql);
+    }
+    Ok(done)
 }

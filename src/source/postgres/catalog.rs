@@ -82,7 +82,17 @@ impl Selector {
         self.renames
             .get(name)
             .cloned()
-            .unwrap_or_else(|| name.replace('.', "_"))
+            .unwrap_or_else(|| default_target_name(name, self.target_is_postgres))
+    }
+}
+
+/// A table's name in the target unless renamed: the same, schema and all,
+/// in PostgreSQL; `schema_table` elsewhere (SurrealDB has no schemas).
+pub fn default_target_name(name: &str, target_is_postgres: bool) -> String {
+    if target_is_postgres {
+        name.to_string()
+    } else {
+        name.replace('.', "_")
     }
 }
 
@@ -204,6 +214,29 @@ pub async fn describe_oid(
 
 /// The partitions (at every level) of the partitioned tables `roots`, each
 /// with its root.
+/// The partitions of a partitioned table, with their bounds.
+pub async fn partition_bounds(
+    c: &Client,
+    ep: &PgEndpoint,
+    oid: u32,
+) -> Result<Vec<crate::model::Partition>> {
+    Ok(c.query(
+        "SELECT n.nspname::text, p.relname::text, pg_get_expr(p.relpartbound, p.oid)
+               FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid
+               JOIN pg_namespace n ON n.oid = p.relnamespace
+              WHERE i.inhparent = $1 AND p.relispartition ORDER BY 1, 2",
+        &[&oid],
+    )
+    .await
+    .map_err(|e| pg_error(ep, "reading a table's partitions", e))?
+    .iter()
+    .map(|r| crate::model::Partition {
+        name: display_name(r.get(0), r.get(1)),
+        bound: r.get(2),
+    })
+    .collect())
+}
+
 pub async fn partitions_of(
     c: &Client,
     ep: &PgEndpoint,
@@ -298,7 +331,7 @@ pub fn definition_shape(
         sel.renames
             .get(&name)
             .cloned()
-            .unwrap_or_else(|| name.replace('.', "_"))
+            .unwrap_or_else(|| default_target_name(&name, sel.target_is_postgres))
     };
     let mut t = if whole_row {
         TableSchema::whole_row(name, target_name, columns)
@@ -315,6 +348,9 @@ pub fn definition_shape(
     t.column_defaults = defaults;
     t.enum_types = enum_types;
     t.secondary = prev.secondary.clone();
+    // Partitions change by ATTACH and DETACH, which copy the table again
+    // (read from the catalog then), or by a partition created under it.
+    t.partitions = prev.partitions.clone();
     Ok(t)
 }
 
@@ -392,12 +428,18 @@ async fn describe(
         .renames
         .get(&name)
         .cloned()
-        .unwrap_or_else(|| name.replace('.', "_"));
+        .unwrap_or_else(|| default_target_name(&name, sel.target_is_postgres));
     let source_id = pg.oid.to_string();
+    let partitions = if pg.only {
+        Vec::new()
+    } else {
+        partition_bounds(c, ep, pg.oid).await?
+    };
     let identify = |t: TableSchema| TableSchema {
         source_id: source_id.clone(),
         column_ids: attnums.clone(),
         read_as: types.clone(),
+        partitions: partitions.clone(),
         ..t
     };
     if key.is_empty() && replident == "f" {

@@ -17,6 +17,7 @@
 
 pub mod catalog;
 pub mod ddl;
+pub mod dump;
 pub mod fence;
 pub mod pgoutput;
 pub mod replication;
@@ -361,6 +362,24 @@ impl Source for PgSource {
     async fn capture_installed(&self) -> Result<bool> {
         let c = self.capture.client().await?;
         Ok(self.capture.slot_state(&c).await?.is_some())
+    }
+
+    async fn schema_dump(
+        &self,
+        tables: &[Arc<TableSchema>],
+        owners: bool,
+    ) -> Result<Option<crate::schema::dump::SchemaDump>> {
+        let pairs: Vec<(String, PgTable)> = self
+            .pg_tables(tables)
+            .await?
+            .into_iter()
+            .zip(tables)
+            .map(|(pg, t)| (t.name.clone(), pg))
+            .collect();
+        let c = self.capture.client().await?;
+        dump::dump(&c, &self.capture.ep, &pairs, &self.selector.filter, owners)
+            .await
+            .map(Some)
     }
 
     async fn mark(&self, marker: &Marker) -> Result<()> {

@@ -131,10 +131,14 @@ impl Streamer {
             .filter(|pg| !pg.only && tracked.contains_key(&pg.oid))
             .map(|pg| pg.oid)
             .collect();
-        let partitions = {
-            let c = self.capture.client().await?;
-            catalog::partitions_of(&c, &self.capture.ep, &roots).await?
-        };
+        // (Retried: the source may be restarting as streaming starts.)
+        let partitions = self
+            .retry
+            .run("reading the source's partitions", || async {
+                let c = self.capture.client().await?;
+                catalog::partitions_of(&c, &self.capture.ep, &roots).await
+            })
+            .await?;
         let mut state = StreamState {
             held: None,
             relations: HashMap::new(),
@@ -522,7 +526,6 @@ impl Streamer {
             if shape.name != prev.name && !self.selector.follow_renames {
                 shape.target_name = prev.target_name.clone();
             }
-            let shape = Arc::new(shape);
             let rewrite = state.rewrites.get(&def.oid).copied().unwrap_or(0);
             let known: BTreeSet<u32> = state
                 .partitions
@@ -544,7 +547,11 @@ impl Streamer {
                 {
                     state.partitions.insert(p, def.oid);
                 }
+                // The shape the stream carries on names the partitions the
+                // table is copied again with.
+                shape.partitions = catalog::partition_bounds(&c, &self.capture.ep, def.oid).await?;
             }
+            let shape = Arc::new(shape);
             let why = copy_reason(
                 &prev,
                 &shape,
@@ -584,6 +591,26 @@ impl Streamer {
                 let c = self.capture.client().await?;
                 self.watch_partition(&c, def.oid).await?;
                 state.partitions.insert(def.oid, root);
+                // A partitioned target table gets the partition too.
+                if let Some(t) = state.tracked.get(&root).cloned() {
+                    let partitions = catalog::partition_bounds(&c, &self.capture.ep, root).await?;
+                    if partitions != t.table.partitions {
+                        let shape = Arc::new(TableSchema {
+                            partitions,
+                            ..(*t.table).clone()
+                        });
+                        info!(table = %shape.name, partition = %def.name, "partition created in the source");
+                        state.tracked.insert(
+                            root,
+                            Tracked {
+                                table: shape.clone(),
+                                ..t
+                            },
+                        );
+                        state.relations.insert(root, Some(shape.clone()));
+                        state.push_ddl(shape, Ddl::Alter);
+                    }
+                }
             }
             return Ok(());
         }

@@ -1,0 +1,163 @@
+//! Restoring a PostgreSQL source's schema (see [`crate::schema::dump`])
+//! into the target with `pg_restore`: each part in one transaction, the
+//! extensions it needs created first, recorded in
+//! `switchyard.schema_restore` so that a later run does not restore it
+//! again; materialized views refreshed once their tables are loaded.
+
+use tokio_postgres::Client;
+use tracing::info;
+
+use crate::error::{Error, Result};
+use crate::pg::conn::{pg_err, PgEndpoint};
+use crate::pg::{quote_ident, tools};
+use crate::schema::dump::{SchemaDump, Section};
+
+/// Whether `section` was restored into this target already.
+pub async fn restored(
+    c: &impl tokio_postgres::GenericClient,
+    ep: &PgEndpoint,
+    section: Section,
+) -> Result<bool> {
+    let exists = c
+        .query_opt(
+            "SELECT 1 FROM pg_class WHERE oid = to_regclass('switchyard.schema_restore')",
+            &[],
+        )
+        .await
+        .map_err(pg_err(ep, "reading the target's state schema"))?
+        .is_some();
+    if !exists {
+        return Ok(false);
+    }
+    Ok(c.query_opt(
+        "SELECT 1 FROM switchyard.schema_restore WHERE section = $1",
+        &[&section.arg()],
+    )
+    .await
+    .map_err(pg_err(ep, "reading switchyard.schema_restore"))?
+    .is_some())
+}
+
+/// Restores one part of `dump`; what was done.
+pub async fn restore(
+    c: &Client,
+    ep: &PgEndpoint,
+    dump: &SchemaDump,
+    section: Section,
+) -> Result<Vec<String>> {
+    if restored(c, ep, section).await? {
+        return Ok(vec![format!(
+            "{} restored by an earlier run",
+            section.arg()
+        )]);
+    }
+    let mut done = Vec::new();
+    if section == Section::PreData {
+        for (ext, schema) in &dump.extensions {
+            let available = c
+                .query_opt(
+                    "SELECT 1 FROM pg_available_extensions WHERE name = $1",
+                    &[ext],
+                )
+                .await
+                .map_err(pg_err(ep, "reading the target's extensions"))?
+                .is_some();
+            if !available {
+                return Err(Error::config(format!(
+                    "the replicated tables need extension {ext:?}, which the target server does not have: \
+                     install it there (its package for this PostgreSQL version), then run again"
+                )));
+            }
+            c.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {s}; CREATE EXTENSION IF NOT EXISTS {e} WITH SCHEMA {s}",
+                s = quote_ident(schema),
+                e = quote_ident(ext)
+            ))
+            .await
+            .map_err(pg_err(ep, &format!("creating extension {ext}")))?;
+            done.push(format!("extension {ext} created"));
+        }
+    }
+    // Schemas are made here (they may exist: `public`, or from a run that
+    // stopped), pg_restore makes the rest.
+    if section == Section::PreData {
+        for e in dump.entries.iter().filter(|e| e.desc == "SCHEMA") {
+            c.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote_ident(&e.tag)
+            ))
+            .await
+            .map_err(pg_err(ep, &format!("creating schema {}", e.tag)))?;
+        }
+    }
+    let entries: Vec<_> = dump
+        .entries
+        .iter()
+        .filter(|e| e.section() == section && e.desc != "SCHEMA")
+        .collect();
+    if !entries.is_empty() {
+        let list = dump
+            .archive
+            .with_extension(format!("{}.list", section.arg()));
+        let text: String = entries.iter().map(|e| format!("{};\n", e.id)).collect();
+        std::fs::write(&list, text).map_err(|e| {
+            Error::definite(format!("cannot write {}", list.display())).with_source(e)
+        })?;
+        let pg_restore = tools::find("pg_restore", dump.tool_major)?;
+        let mut cmd = tools::command(&pg_restore, ep);
+        cmd.arg(format!("--section={}", section.arg()))
+            .arg("--single-transaction")
+            .arg("--exit-on-error")
+            .arg(format!("--use-list={}", list.display()))
+            .arg(format!("--dbname={}", ep.dbname));
+        if !dump.owners {
+            cmd.arg("--no-owner").arg("--no-acl");
+        }
+        cmd.arg(&dump.archive);
+        let r = tools::run(cmd, ep, &format!("pg_restore --section={}", section.arg())).await;
+        let _ = std::fs::remove_file(&list);
+        r.map_err(|e| {
+            e.context(format!(
+                "restoring the source's schema ({}) into the target",
+                section.arg()
+            ))
+        })?;
+        done.push(format!(
+            "{}: {} object(s) restored with pg_restore",
+            section.arg(),
+            entries.len()
+        ));
+    }
+    if section == Section::PostData {
+        // Their data is not in a schema dump: filled now that the tables are.
+        for e in dump
+            .entries
+            .iter()
+            .filter(|e| e.desc == "MATERIALIZED VIEW")
+        {
+            c.batch_execute(&format!(
+                "REFRESH MATERIALIZED VIEW {}.{}",
+                quote_ident(&e.schema),
+                quote_ident(&e.tag)
+            ))
+            .await
+            .map_err(pg_err(ep, &format!("refreshing {}.{}", e.schema, e.tag)))?;
+            done.push(format!(
+                "materialized view {}.{} refreshed",
+                e.schema, e.tag
+            ));
+        }
+    }
+    c.execute(
+        "INSERT INTO switchyard.schema_restore (section, entries) VALUES ($1, $2) ON CONFLICT (section) DO NOTHING",
+        &[&section.arg(), &(entries.len() as i32)],
+    )
+    .await
+    .map_err(pg_err(ep, "recording the restored schema"))?;
+    info!(
+        section = section.arg(),
+        objects = entries.len(),
+        "source schema restored into the target"
+    );
+    Ok(done)
+}
