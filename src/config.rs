@@ -415,8 +415,11 @@ impl Config {
             }
             Ok(TargetKind::Postgres { .. }) => {
                 if let Some(m) = &self.target.schema {
-                    if m != "create" && m != "existing" && !m.starts_with("migrations:") {
-                        problems.push(format!("target.schema: {m:?} must be \"create\", \"existing\" or \"migrations:DIR\""));
+                    let dir = ["migrations:", "refinery:", "sqlx:"]
+                        .iter()
+                        .any(|p| m.strip_prefix(p).is_some_and(|d| !d.is_empty()));
+                    if m != "create" && m != "existing" && !dir {
+                        problems.push(format!("target.schema: {m:?} must be \"create\", \"existing\", \"migrations:DIR\", \"refinery:DIR\" or \"sqlx:DIR\""));
                     }
                 }
             }

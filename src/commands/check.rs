@@ -208,7 +208,20 @@ pub async fn check(config: &Config) -> Result<Plan> {
             },
             |t, i| schema::postgres::table_column_type(t, i, pg_source),
         );
+        let mut tables = tables;
         let mode = config.target.schema.as_deref().unwrap_or("create");
+        if mode != "create" {
+            target_fit(
+                config,
+                &*source,
+                &url,
+                &discovery.tables,
+                pg_source,
+                &mut tables,
+                &mut problems,
+            )
+            .await;
+        }
         if pg_source && mode == "create" {
             let shared: Vec<std::sync::Arc<crate::model::TableSchema>> = discovery
                 .tables
@@ -448,4 +461,194 @@ async fn target_problems(config: &Config) -> Result<Vec<Problem>> {
         },
         Err(e) => vec![problem(e.report(), true)],
     })
+}
+
+/// The team's own target tables (`existing`, `migrations:DIR`,
+/// `refinery:DIR`, `sqlx:DIR`), checked as `run` will: in a transaction
+/// that is rolled back, the migration files not applied yet are applied,
+/// each table read and checked column by column; then the source is read
+/// for every column narrower than its type, and the values that do not fit
+/// are named (up to ten keys per column). Each table's columns show the
+/// target's types.
+async fn target_fit(
+    config: &Config,
+    source: &dyn crate::source::Source,
+    url: &str,
+    discovered: &[crate::model::TableSchema],
+    pg_source: bool,
+    tables: &mut [PlanTable],
+    problems: &mut Vec<Problem>,
+) {
+    use crate::schema::narrow::{misfit, Narrow};
+    use crate::sink::postgres::migrations;
+    use crate::sink::postgres::tables::{prepare, SchemaMode};
+    let note = |table: &str, column: Option<String>, message: String, blocking: bool| Problem {
+        table: table.to_string(),
+        column,
+        message,
+        blocking,
+    };
+    let mode_text = config.target.schema.clone().unwrap_or_default();
+    let mode = if mode_text == "existing" {
+        SchemaMode::Existing
+    } else {
+        let Some((named, dir)) = migrations::parse(&mode_text) else {
+            return;
+        };
+        match migrations::layout_of(named, &dir) {
+            Ok(layout) => SchemaMode::Migrations(dir, layout),
+            Err(e) => {
+                problems.push(note("(target)", None, e.report(), true));
+                return;
+            }
+        }
+    };
+    let Ok(ep) =
+        crate::pg::conn::PgEndpoint::parse(url, config.target.password.clone(), "target.url")
+    else {
+        return;
+    };
+    // An unreachable target is reported by target_problems.
+    let Ok(mut client) = ep.connect().await else {
+        return;
+    };
+    let Ok(tx) = client.transaction().await else {
+        return;
+    };
+    if let SchemaMode::Migrations(dir, layout) = &mode {
+        match migrations::pending_sql(&tx, &ep, dir, *layout).await {
+            Ok(files) => {
+                let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+                problems.push(note(
+                    "(target)",
+                    None,
+                    format!(
+                        "migrations in {}: {} layout, applied by {} and recorded in {}; not applied yet: {}",
+                        dir.display(),
+                        match layout {
+                            migrations::Layout::Refinery => "refinery (V{n}__name.sql)",
+                            migrations::Layout::Sqlx => "sqlx ({version}_name.sql)",
+                            migrations::Layout::Own => "plain (*.sql in name order)",
+                        },
+                        layout.name(),
+                        layout.history(),
+                        if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                    ),
+                    false,
+                ));
+                for (name, sql) in &files {
+                    if let Err(e) = tx.batch_execute(sql).await {
+                        problems.push(note(
+                            "(target)",
+                            None,
+                            format!(
+                                "migration {name} fails on the target: {}",
+                                crate::pg::conn::pg_error(
+                                    &ep,
+                                    "applying it in a rolled-back transaction",
+                                    e
+                                )
+                                .report()
+                            ),
+                            true,
+                        ));
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                problems.push(note("(target)", None, e.report(), true));
+                return;
+            }
+        }
+    }
+    let mut narrowed: Vec<(crate::model::TableSchema, Vec<(usize, Narrow)>)> = Vec::new();
+    for (t, plan) in discovered.iter().zip(tables.iter_mut()) {
+        match prepare(&tx, &ep, &mode, pg_source, t).await {
+            Ok(p) => {
+                for (i, c) in plan.columns.iter_mut().enumerate() {
+                    c.target = p.types[i].clone();
+                    if let Some((_, n)) = p.narrow.iter().find(|(j, _)| *j == i) {
+                        c.target = format!("{}  ({})", c.target, n.describe());
+                    }
+                }
+                if !p.narrow.is_empty() {
+                    narrowed.push((t.clone(), p.narrow));
+                }
+            }
+            Err(e) => problems.push(note(&t.name, None, e.report(), true)),
+        }
+    }
+    drop(tx);
+    // Every current value of a narrower column, read from the source.
+    for (t, narrow) in narrowed {
+        let (tx_rows, mut rx) = tokio::sync::mpsc::channel(4);
+        let table = Arc::new(t.clone());
+        let read = source.snapshot(table, 1000, tx_rows);
+        let mut bad: Vec<(usize, Vec<String>, u64, String)> = Vec::new();
+        let mut rows = 0u64;
+        let collect = async {
+            while let Some(batch) = rx.recv().await {
+                for row in &batch {
+                    rows += 1;
+                    // Every narrower column of the row, not only the first.
+                    for (i, n) in &narrow {
+                        if let Some((_, why)) = misfit(&[(*i, n.clone())], row) {
+                            let key = t.describe_key(&t.key_of(row));
+                            match bad.iter_mut().find(|b| b.0 == *i) {
+                                Some(b) => {
+                                    b.2 += 1;
+                                    if b.1.len() < 10 {
+                                        b.1.push(key);
+                                    }
+                                }
+                                None => bad.push((*i, vec![key], 1, why)),
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let (read, ()) = tokio::join!(read, collect);
+        source.release_snapshot().await;
+        if let Err(e) = read {
+            problems.push(note(
+                &t.name,
+                None,
+                format!(
+                    "cannot read the source to check the narrower columns: {}",
+                    e.report()
+                ),
+                false,
+            ));
+            continue;
+        }
+        for (i, n) in &narrow {
+            let column = t.columns[*i].name.clone();
+            match bad.iter().find(|b| b.0 == *i) {
+                None => problems.push(note(
+                    &t.name,
+                    Some(column),
+                    format!("{}; every current value fits ({rows} rows read)", n.describe()),
+                    false,
+                )),
+                Some((_, keys, count, why)) => problems.push(note(
+                    &t.name,
+                    Some(column),
+                    format!(
+                        "{} of {rows} current values do not fit, for example: {why}; keys: {}{}; {}",
+                        count,
+                        keys.join(", "),
+                        if *count > keys.len() as u64 { ", …" } else { "" },
+                        if config.pipeline.reject_dir.is_some() {
+                            "run sets these rows aside in pipeline.reject_dir"
+                        } else {
+                            "run would stop at the first: fix the values in the source, widen the target column, or set pipeline.reject_dir"
+                        }
+                    ),
+                    config.pipeline.reject_dir.is_none(),
+                )),
+            }
+        }
+    }
 }

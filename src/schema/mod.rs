@@ -3,5 +3,6 @@
 
 pub mod diff;
 pub mod dump;
+pub mod narrow;
 pub mod postgres;
 pub mod surreal;

@@ -7,6 +7,7 @@ mod config_examples;
 mod cutover;
 mod deploy_files;
 mod layout;
+mod m4;
 mod observe;
 mod pg_crash;
 mod pg_schema;

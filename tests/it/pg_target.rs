@@ -435,7 +435,7 @@ async fn m4_own_migrations_are_checked_and_a_violation_stops_without_advancing()
     let dir = s.path("migrations");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(
-        dir.join("001_product.sql"),
+        dir.join("a_product.sql"),
         "CREATE TABLE product (id bigint PRIMARY KEY, name text NOT NULL, price numeric(10,2) CHECK (price >= 0),
                                weight text, sku text NOT NULL, created timestamptz DEFAULT now());",
     )
@@ -466,7 +466,7 @@ async fn m4_own_migrations_are_checked_and_a_violation_stops_without_advancing()
 
     // A second migration fixes the schema; the first is not applied again.
     std::fs::write(
-        dir.join("002_fix.sql"),
+        dir.join("b_fix.sql"),
         "ALTER TABLE product ALTER COLUMN sku SET DEFAULT 'n/a', ALTER COLUMN weight TYPE double precision USING weight::double precision;",
     )
     .unwrap();

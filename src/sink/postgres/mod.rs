@@ -11,6 +11,7 @@
 
 pub mod compare;
 pub mod cutover;
+pub mod migrations;
 pub mod plan;
 pub mod refusal;
 pub mod restore;
@@ -35,6 +36,7 @@ use crate::pg::conn::{pg_error, PgEndpoint};
 use crate::pg::{quote_ident, quote_table};
 use crate::position::{Durable, Position};
 use crate::reject::{row_json, Rejected, Rejects};
+use crate::schema::narrow::{misfit, Narrow};
 use crate::schema::postgres::{
     alter_ddl, copy_field, primary_key_ddl, secondary_ddl, table_column_type, to_text,
 };
@@ -67,6 +69,9 @@ pub struct PgSink {
     dumped: Mutex<std::collections::HashSet<String>>,
     /// `target.fire_triggers`: accepted that triggers fire (no replica role).
     fire_triggers: bool,
+    /// Per source table, its target columns narrower than the source's
+    /// type (by column name), whose values are checked as they go in.
+    narrow: Mutex<HashMap<String, Vec<(String, Narrow)>>>,
 }
 
 impl PgSink {
@@ -76,11 +81,14 @@ impl PgSink {
         let mode = match config.target.schema.as_deref().unwrap_or("create") {
             "create" => SchemaMode::Create,
             "existing" => SchemaMode::Existing,
-            other => match other.strip_prefix("migrations:") {
-                Some(dir) if !dir.is_empty() => SchemaMode::Migrations(dir.into()),
-                _ => {
+            other => match migrations::parse(other) {
+                Some((named, dir)) => {
+                    let layout = migrations::layout_of(named, &dir)?;
+                    SchemaMode::Migrations(dir, layout)
+                }
+                None => {
                     return Err(Error::config(format!(
-                        "target.schema: {other:?} is not supported; use \"create\", \"existing\" or \"migrations:DIR\""
+                        "target.schema: {other:?} is not supported; use \"create\", \"existing\", \"migrations:DIR\", \"refinery:DIR\" or \"sqlx:DIR\""
                     )))
                 }
             },
@@ -102,6 +110,7 @@ impl PgSink {
             rejects,
             dumped: Mutex::new(Default::default()),
             fire_triggers: config.target.fire_triggers,
+            narrow: Mutex::new(Default::default()),
         };
         let c = sink.take().await.map_err(|e| match e.kind() {
             crate::error::ErrorKind::Transient => Error::connect(e.to_string()),
@@ -204,6 +213,20 @@ impl PgSink {
             Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
             None => e.to_string(),
         };
+        self.refuse_because(table, row, column, reason, phase, position)
+    }
+
+    /// As [`Self::refuse`], for a reason in words (a value a narrower
+    /// column does not hold).
+    fn refuse_because(
+        &self,
+        table: &TableSchema,
+        row: &Row,
+        column: Option<usize>,
+        reason: String,
+        phase: &'static str,
+        position: Option<Position>,
+    ) -> Result<()> {
         let key = if table.whole_row {
             "(no key: the whole row)".to_string()
         } else {
@@ -237,8 +260,8 @@ impl PgSink {
         self.migrated
             .get_or_try_init(|| async {
                 state::migrate(&self.ep, c).await?;
-                if let SchemaMode::Migrations(dir) = &self.mode {
-                    state::user_migrations(&self.ep, c, dir).await?;
+                if let SchemaMode::Migrations(dir, layout) = &self.mode {
+                    migrations::apply(&self.ep, c, dir, *layout).await?;
                 }
                 Ok::<(), Error>(())
             })
@@ -260,6 +283,43 @@ impl PgSink {
                     .unwrap_or_else(|| table_column_type(table, i, self.source_is_postgres))
             })
             .collect()
+    }
+
+    /// Records the target columns of a table narrower than the source's types.
+    async fn remember_narrow(&self, table: &TableSchema, narrow: &[(usize, Narrow)]) {
+        let by_name = narrow
+            .iter()
+            .map(|(i, n)| (table.columns[*i].name.clone(), n.clone()))
+            .collect();
+        self.narrow.lock().await.insert(table.name.clone(), by_name);
+    }
+
+    /// The narrower columns of `table` as it is now (by column index).
+    async fn narrow_of(&self, table: &TableSchema) -> Vec<(usize, Narrow)> {
+        let narrow = self.narrow.lock().await;
+        let Some(cols) = narrow.get(&table.name) else {
+            return Vec::new();
+        };
+        cols.iter()
+            .filter_map(|(name, n)| {
+                table
+                    .columns
+                    .iter()
+                    .position(|c| &c.name == name)
+                    .map(|i| (i, n.clone()))
+            })
+            .collect()
+    }
+
+    /// The first value of a change's new row that a narrower column does
+    /// not hold, with why.
+    async fn change_misfit(&self, ch: &Change) -> Option<(usize, String)> {
+        match &ch.op {
+            Op::Insert { row } | Op::Update { row, .. } => {
+                misfit(&self.narrow_of(&ch.table).await, row)
+            }
+            _ => None,
+        }
     }
 
     /// Records the target column types of a table's columns.
@@ -355,9 +415,10 @@ impl Sink for PgSink {
         let c = self.take().await?;
         self.migrated(&c).await?;
         for t in tables {
-            let types =
+            let prepared =
                 tables::prepare(&c, &self.ep, &self.mode, self.source_is_postgres, t).await?;
-            self.remember_types(t, types).await;
+            self.remember_narrow(t, &prepared.narrow).await;
+            self.remember_types(t, prepared.types).await;
             self.shapes.lock().await.insert(t.name.clone(), t.clone());
         }
         self.give(c).await;
@@ -429,9 +490,10 @@ impl Sink for PgSink {
                 .await
                 .map_err(self.pg(&format!("dropping {} to make it anew", table.target_name)))?;
             }
-            let types =
+            let prepared =
                 tables::prepare(&tx, &self.ep, &self.mode, self.source_is_postgres, table).await?;
-            self.remember_types(table, types).await;
+            self.remember_narrow(table, &prepared.narrow).await;
+            self.remember_types(table, prepared.types).await;
         }
         if self.mode == SchemaMode::Create {
             tables::sync_partitions(&tx, &self.ep, table).await?;
@@ -456,6 +518,21 @@ impl Sink for PgSink {
         // Rows still to load: a value the target refuses takes its row out
         // (to the reject file) and the rest are loaded again.
         let mut pending: Vec<&Row> = rows.iter().collect();
+        // Values a narrower column does not hold, refused before the COPY
+        // (which would cut or round some of them without a word).
+        let narrow = self.narrow_of(table).await;
+        if !narrow.is_empty() {
+            let mut fitting = Vec::with_capacity(pending.len());
+            for row in pending {
+                match misfit(&narrow, row) {
+                    Some((i, why)) => {
+                        self.refuse_because(table, row, Some(i), why, "snapshot", None)?
+                    }
+                    None => fitting.push(row),
+                }
+            }
+            pending = fitting;
+        }
         loop {
             let mut data = String::with_capacity(pending.len() * 64);
             for row in &pending {
@@ -807,6 +884,14 @@ impl From<Error> for Failure {
     }
 }
 
+/// Why the target does not take a change's new row.
+enum Refused<'a> {
+    /// PostgreSQL refused a value (SQLSTATE class 22).
+    Pg(&'a tokio_postgres::Error),
+    /// A narrower column does not hold the value of `column`.
+    Value { column: usize, why: String },
+}
+
 impl PgSink {
     /// One transaction: the changes in order, then the checkpoint. `careful`:
     /// one statement per change, and where `pipeline.reject_dir` is set each
@@ -861,6 +946,23 @@ impl PgSink {
             let at = plan::shape(&ch.table);
             if !types.contains_key(&at) {
                 types.insert(at, self.column_types(&ch.table).await);
+            }
+        }
+        // A value a narrower column does not hold: the batch goes again
+        // change by change, where it is refused (or set aside).
+        if !careful {
+            for ch in changes {
+                if let Some((i, why)) = self.change_misfit(ch).await {
+                    return Err(Failure {
+                        misfit: true,
+                        error: Error::definite(format!(
+                            "table {:?}, key {}, column {:?}: {why}",
+                            ch.table.name,
+                            ch.table.describe_key(&ch.key()),
+                            ch.table.columns[i].name
+                        )),
+                    });
+                }
             }
         }
         for step in plan::plan(changes, &types, careful, self.replica_role) {
@@ -986,6 +1088,23 @@ impl PgSink {
             misfit: misfit_code(&e),
             error: row_error(&self.ep, t, what, e),
         };
+        if let Some((column, why)) = self.change_misfit(ch).await {
+            if set_aside {
+                self.set_aside_change(tx, ch, types, Refused::Value { column, why })
+                    .await?;
+                return Ok(());
+            }
+            let (Op::Insert { row } | Op::Update { row, .. }) = &ch.op else {
+                unreachable!("change_misfit reads inserts and updates only")
+            };
+            // Without reject_dir: the error that stops the run.
+            return self
+                .refuse_because(t, row, Some(column), why, "stream", Some(ch.position))
+                .map_err(|error| Failure {
+                    error,
+                    misfit: true,
+                });
+        }
         if set_aside {
             tx.batch_execute("SAVEPOINT switchyard_change")
                 .await
@@ -999,7 +1118,8 @@ impl PgSink {
                     tx.batch_execute("ROLLBACK TO SAVEPOINT switchyard_change")
                         .await
                         .map_err(self.pg("rolling back to the savepoint"))?;
-                    self.set_aside_change(tx, ch, types, &e).await?;
+                    self.set_aside_change(tx, ch, types, Refused::Pg(&e))
+                        .await?;
                     break;
                 }
                 Err(e) if careful && misfit_code(&e) => {
@@ -1065,7 +1185,7 @@ impl PgSink {
         tx: &tokio_postgres::Transaction<'_>,
         ch: &Change,
         types: &[String],
-        e: &tokio_postgres::Error,
+        refused: Refused<'_>,
     ) -> Result<()> {
         let t = &ch.table;
         let (row, old_key) = match &ch.op {
@@ -1077,8 +1197,15 @@ impl PgSink {
                 return Ok(());
             }
         };
-        let column = self.refused_column(types, row).await;
-        self.refuse(t, row, column, e, "stream", Some(ch.position))?;
+        match refused {
+            Refused::Pg(e) => {
+                let column = self.refused_column(types, row).await;
+                self.refuse(t, row, column, e, "stream", Some(ch.position))?;
+            }
+            Refused::Value { column, why } => {
+                self.refuse_because(t, row, Some(column), why, "stream", Some(ch.position))?;
+            }
+        }
         // Counted rows (no key): an insert leaves nothing behind; an update
         // removes one copy of the old row.
         let gone: Vec<Vec<Value>> = if t.whole_row {

@@ -65,7 +65,11 @@ pub async fn migrate(ep: &PgEndpoint, c: &Client) -> Result<()> {
 /// The user's migration files, each applied once in its own transaction
 /// and recorded with its checksum; a file changed after it was applied
 /// is an error.
-pub async fn user_migrations(ep: &PgEndpoint, c: &Client, dir: &std::path::Path) -> Result<()> {
+pub async fn user_migrations(
+    ep: &PgEndpoint,
+    c: &Client,
+    dir: &std::path::Path,
+) -> Result<Vec<String>> {
     use sha2::{Digest, Sha256};
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| {
@@ -91,6 +95,7 @@ pub async fn user_migrations(ep: &PgEndpoint, c: &Client, dir: &std::path::Path)
     )
     .await
     .map_err(pg_err(ep, "creating switchyard.user_migrations"))?;
+    let mut applied = Vec::new();
     for f in files {
         let name = f
             .file_name()
@@ -135,8 +140,9 @@ pub async fn user_migrations(ep: &PgEndpoint, c: &Client, dir: &std::path::Path)
             .await
             .map_err(|e| pg_error(ep, &format!("committing migration {name}"), e))?;
         info!(migration = %name, "target migration applied");
+        applied.push(name);
     }
-    Ok(())
+    Ok(applied)
 }
 
 /// The checkpoint and the tables' copy states; `None` where the state schema

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::TableSchema;
 use crate::pg::conn::{pg_err, pg_error, PgEndpoint};
 use crate::pg::{quote_ident, quote_table};
+use crate::schema::narrow::{narrowing, Narrow};
 use crate::schema::postgres::{column_definition, enum_ddl, holds, table_column_type};
 
 /// How the target tables come to exist.
@@ -17,20 +18,29 @@ pub enum SchemaMode {
     Create,
     /// They exist; their columns are checked.
     Existing,
-    /// The user's own migration files (`*.sql`, applied in name order, each
-    /// once) make them; then the columns are checked as for `Existing`.
-    Migrations(std::path::PathBuf),
+    /// The team's own migration files make them, applied as their layout's
+    /// tool does (see [`super::migrations`]); then the columns are checked
+    /// as for `Existing`.
+    Migrations(std::path::PathBuf, super::migrations::Layout),
 }
 
-/// Creates (or checks) the target table of `t`; its column types in the
-/// target, in the source's column order.
+/// A target table as switchyard writes it: each column's type, in the
+/// source's column order, and the columns narrower than the source's type
+/// (by source column index), whose values are checked as they go in.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub types: Vec<String>,
+    pub narrow: Vec<(usize, Narrow)>,
+}
+
+/// Creates (or checks) the target table of `t`.
 pub async fn prepare(
     c: &impl tokio_postgres::GenericClient,
     ep: &PgEndpoint,
     mode: &SchemaMode,
     source_is_postgres: bool,
     t: &TableSchema,
-) -> Result<Vec<String>> {
+) -> Result<Prepared> {
     let name = quote_table(&t.target_name);
     let want: Vec<String> = (0..t.columns.len())
         .map(|i| table_column_type(t, i, source_is_postgres))
@@ -43,24 +53,20 @@ pub async fn prepare(
                 .map_err(pg_err(ep, "creating an enum type"))?;
         }
     }
-    // Each column's type, and for a domain its base type (what it holds).
-    let have = c
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
-                    CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod)
-                         ELSE format_type(a.atttypid, a.atttypmod) END
-               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            &[&name],
-        )
-        .await
-        .map_err(pg_err(ep, "reading the target table"))?;
-    let base: std::collections::HashMap<String, String> =
-        have.iter().map(|r| (r.get(0), r.get(2))).collect();
+    let columns = target_columns(c, ep, &t.target_name).await?;
+    let base: std::collections::HashMap<String, String> = columns
+        .iter()
+        .map(|c| (c.name.clone(), c.base.clone()))
+        .collect();
+    let labels: std::collections::HashMap<String, Option<Vec<String>>> = columns
+        .iter()
+        .map(|c| (c.name.clone(), c.labels.clone()))
+        .collect();
     let have: std::collections::HashMap<String, String> =
-        have.iter().map(|r| (r.get(0), r.get(1))).collect();
+        columns.into_iter().map(|c| (c.name, c.ty)).collect();
     let checked = *mode != SchemaMode::Create;
     let mut types = Vec::new();
+    let mut narrow = Vec::new();
     if have.is_empty() {
         if checked {
             return Err(Error::definite(format!(
@@ -95,6 +101,17 @@ pub async fn prepare(
                 // The source's own type (a domain, a composite or enum type
                 // restored from its schema): its text form reads back as is.
                 Some(h) if source_is_postgres && *h == col.source_type => types.push(h.clone()),
+                // Narrower, of the same family: every value is checked.
+                Some(h)
+                    if checked
+                        && narrowing(ty, h, &base[&col.name], labels[&col.name].as_deref())
+                            .is_some() =>
+                {
+                    let n = narrowing(ty, h, &base[&col.name], labels[&col.name].as_deref())
+                        .expect("checked above");
+                    narrow.push((types.len(), n));
+                    types.push(h.clone());
+                }
                 Some(h) if !holds(ty, h) && !holds(ty, &base[&col.name]) => {
                     problems.push(format!(
                         "column {:?} is {h} in the target, which does not hold {} values ({ty})",
@@ -143,13 +160,55 @@ pub async fn prepare(
         }
         if !problems.is_empty() {
             return Err(Error::definite(format!(
-                "target table {} does not fit the source: {}; add the columns (or let switchyard create the table)",
+                "target table {} does not fit the source: {}; change the target's columns (or let switchyard create the table)",
                 t.target_name,
                 problems.join("; ")
             )));
         }
     }
-    Ok(types)
+    Ok(Prepared { types, narrow })
+}
+
+/// A column of a target table.
+#[derive(Debug, Clone)]
+pub struct TargetColumn {
+    pub name: String,
+    /// `format_type` of its type (`character varying(160)`, a domain's name).
+    pub ty: String,
+    /// For a domain, its base type; else `ty`.
+    pub base: String,
+    /// For an enum (or a domain over one), its labels in order.
+    pub labels: Option<Vec<String>>,
+}
+
+/// The columns of a target table, in order (none when it does not exist).
+pub async fn target_columns(
+    c: &impl tokio_postgres::GenericClient,
+    ep: &PgEndpoint,
+    target_name: &str,
+) -> Result<Vec<TargetColumn>> {
+    let rows = c
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod)
+                         ELSE format_type(a.atttypid, a.atttypmod) END,
+                    (SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) FROM pg_enum e
+                      WHERE e.enumtypid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END)
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&quote_table(target_name)],
+        )
+        .await
+        .map_err(pg_err(ep, "reading the target table"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TargetColumn {
+            name: r.get(0),
+            ty: r.get(1),
+            base: r.get(2),
+            labels: r.get(3),
+        })
+        .collect())
 }
 
 /// A partitioned target table's partitions made to match the source's:
