@@ -289,6 +289,8 @@ async fn sqlx_migrations_are_applied_by_sqlx_and_found_by_its_migrator() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(versions, (1..=10).collect::<Vec<i64>>());
+    let (code, out, err) = run_cli(&["verify", "--config", &cfg]);
+    assert_eq!(code, 0, "{out}{err}");
 
     // The application's own sqlx migrator with a new file applies it only.
     std::fs::write(
@@ -395,4 +397,11 @@ async fn values_a_narrower_column_does_not_hold_go_to_the_reject_file() {
     assert_eq!(lines[1]["key"], "(album_id = 3)");
     cancel.cancel();
     run.await.unwrap().unwrap();
+    // verify reads the team's column types and expects every row but the
+    // ones set aside.
+    let path = s.path("v.toml");
+    std::fs::write(&path, target_config_text(&text, &target)).unwrap();
+    let (code, out, err) = run_cli(&["verify", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("identical"), "{out}");
 }
