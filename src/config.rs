@@ -635,8 +635,15 @@ pub struct TableFilter {
 }
 
 impl TableFilter {
+    /// `table` as switchyard names it (`orders` for a table of PostgreSQL's
+    /// `public` schema or of SQLite, `sales.orders` otherwise); a pattern
+    /// may also name the `public` schema (`public.*`, `public.audit_*`).
     pub fn matches(&self, table: &str) -> bool {
-        self.include.is_match(table) && !self.exclude.is_match(table)
+        let qualified = (!table.contains('.')).then(|| format!("public.{table}"));
+        let hit = |set: &GlobSet| {
+            set.is_match(table) || qualified.as_ref().is_some_and(|q| set.is_match(q))
+        };
+        hit(&self.include) && !hit(&self.exclude)
     }
 }
 
@@ -965,5 +972,13 @@ batch_rowz = 3
         let f = c.table_filter().unwrap();
         assert!(f.matches("shop_orders") && f.matches("users"));
         assert!(!f.matches("shop_tmp1") && !f.matches("other"));
+        // The public schema may be named: its tables are `orders`, others `sales.orders`.
+        let c = Config::parse(&format!(
+            "{MIN}\n[tables]\ninclude = [\"public.*\", \"sales.orders\"]\nexclude = [\"public.audit_*\"]\n"
+        ))
+        .unwrap();
+        let f = c.table_filter().unwrap();
+        assert!(f.matches("orders") && f.matches("sales.orders"));
+        assert!(!f.matches("audit_log") && !f.matches("sales.items"));
     }
 }

@@ -164,6 +164,7 @@ pub async fn check(config: &Config) -> Result<Plan> {
         crate::connect::source(config, Arc::new(Rejects::default()), Access::ReadOnly).await?;
     let mut discovery = source.discover().await?;
     discovery.refuse_shared_targets();
+    discovery.refuse_nothing_selected();
     let mut problems = discovery.problems;
     problems.extend(target_problems(config).await?);
     /// Each table with its key, its target identity and each column's target.
@@ -222,7 +223,7 @@ pub async fn check(config: &Config) -> Result<Plan> {
             )
             .await;
         }
-        if pg_source && mode == "create" {
+        if pg_source && mode == "create" && !discovery.tables.is_empty() {
             let shared: Vec<std::sync::Arc<crate::model::TableSchema>> = discovery
                 .tables
                 .iter()

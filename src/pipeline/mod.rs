@@ -139,6 +139,7 @@ impl Pipeline {
     pub async fn tables(&self) -> Result<Vec<Arc<TableSchema>>> {
         let mut d = self.source.discover().await?;
         d.refuse_shared_targets();
+        d.refuse_nothing_selected();
         for p in d.problems.iter().filter(|p| !p.blocking) {
             warn!(table = %p.table, column = p.column.as_deref().unwrap_or(""), "{}", p.message);
         }

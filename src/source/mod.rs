@@ -91,6 +91,21 @@ impl Discovery {
         self.tables
             .retain(|t| !shared.iter().any(|(target, _)| *target == t.target_name));
     }
+
+    /// No table selected and nothing else said why: a blocking problem
+    /// (a pattern that matches nothing replicates nothing, silently).
+    pub fn refuse_nothing_selected(&mut self) {
+        if self.tables.is_empty() && !self.problems.iter().any(|p| p.blocking) {
+            self.problems.push(Problem {
+                table: "(source)".into(),
+                column: None,
+                message: "tables.include and tables.exclude select none of the source's tables: nothing would be replicated; \
+                          patterns match table names as `table` or `schema.table` (`public.*`, `sales.*`, `orders`), globs as in a shell"
+                    .into(),
+                blocking: true,
+            });
+        }
+    }
 }
 
 /// Changes in source order, and the position the stream has read up to: at

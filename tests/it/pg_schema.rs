@@ -406,3 +406,45 @@ async fn triggers_that_would_fire_stop_the_run_unless_accepted() {
     cancel.cancel();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_may_name_the_public_schema_and_a_pattern_that_selects_nothing_is_refused() {
+    let db = PgDb::new(
+        "CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE audit_log (id int PRIMARY KEY);",
+    )
+    .await;
+    let target = PgDb::new("").await;
+    let s = Scratch::new();
+    let path = s.path("c.toml");
+    let with = |tables: &str| {
+        target_config_text(&db.config_text("mem://", ""), &target)
+            .replace("[pipeline]", &format!("[tables]\n{tables}\n\n[pipeline]"))
+    };
+    std::fs::write(
+        &path,
+        with("include = [\"public.*\"]\nexclude = [\"public.audit_*\"]"),
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_names(&out, &["table \"orders\"", "1 table(s) ready"]);
+    assert!(!out.contains("table \"audit_log\""), "{out}");
+    // A pattern that matches nothing would replicate nothing: refused by
+    // check and by run, before anything is written.
+    std::fs::write(&path, with("include = [\"sales.*\"]")).unwrap();
+    for cmd in ["check", "run"] {
+        let (code, out, err) = run_cli(&[cmd, "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 1, "{cmd}: {out}{err}");
+        assert_names(
+            &format!("{out}{err}"),
+            &["select none of the source's tables", "public.*"],
+        );
+    }
+    let created: bool = target
+        .client
+        .query_one("SELECT to_regnamespace('switchyard') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!created, "nothing may be written when nothing is selected");
+}

@@ -21,6 +21,7 @@ use crate::support::*;
 /// Verifies `config`'s source against its target until identical (the
 /// daemon catches up meanwhile); panics with the verdict after a minute.
 async fn until_identical(config: &Arc<Config>, what: &str) {
+    capture_logs();
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         let source =
@@ -191,6 +192,7 @@ fn check_target_columns(cols: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn column_changes_while_streaming_are_followed_under_a_writer() {
+    capture_logs();
     let db = PgDb::new(ACCT).await;
     let target = PgDb::new("").await;
     let config = Arc::new(
@@ -316,6 +318,7 @@ async fn tables_created_dropped_and_renamed_while_streaming_are_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_attached_detached_dropped_and_truncated_are_followed() {
+    capture_logs();
     let db = PgDb::new(
         "CREATE TABLE events (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
          CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');

@@ -212,8 +212,6 @@ pub async fn describe_oid(
     Ok((described, problems))
 }
 
-/// The partitions (at every level) of the partitioned tables `roots`, each
-/// with its root.
 /// The partitions of a partitioned table, with their bounds.
 pub async fn partition_bounds(
     c: &Client,
@@ -237,6 +235,8 @@ pub async fn partition_bounds(
     .collect())
 }
 
+/// The partitions (at every level) of the partitioned tables `roots`, each
+/// with its root.
 pub async fn partitions_of(
     c: &Client,
     ep: &PgEndpoint,
@@ -248,6 +248,32 @@ pub async fn partitions_of(
             .query(
                 "SELECT relid::oid FROM pg_partition_tree($1::oid::regclass) WHERE relid <> $1::oid::regclass",
                 &[&root],
+            )
+            .await
+            .map_err(|e| pg_error(ep, "reading a table's partitions", e))?
+        {
+            out.insert(r.get::<_, u32>(0), root);
+        }
+    }
+    Ok(out)
+}
+
+/// The partitions (at every level) of `root` as a shape names its direct
+/// ones (`events_2024`, `sales.events_2024`): the partitions as of the
+/// shape's time, not the catalog's now. Names no longer in the catalog are
+/// left out.
+pub async fn partitions_named(
+    c: &Client,
+    ep: &PgEndpoint,
+    root: u32,
+    names: &[String],
+) -> Result<HashMap<u32, u32>> {
+    let mut out = HashMap::new();
+    for name in names {
+        for r in c
+            .query(
+                "SELECT relid::oid FROM pg_partition_tree(to_regclass($1))",
+                &[&crate::pg::quote_table(name)],
             )
             .await
             .map_err(|e| pg_error(ep, "reading a table's partitions", e))?

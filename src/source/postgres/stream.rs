@@ -131,12 +131,30 @@ impl Streamer {
             .filter(|pg| !pg.only && tracked.contains_key(&pg.oid))
             .map(|pg| pg.oid)
             .collect();
+        // The partitions each root had at the shape the stream starts from
+        // (the target's), not the catalog's now: an ATTACH or DETACH
+        // committed meanwhile is met in the stream, and followed there.
         // (Retried: the source may be restarting as streaming starts.)
         let partitions = self
             .retry
             .run("reading the source's partitions", || async {
                 let c = self.capture.client().await?;
-                catalog::partitions_of(&c, &self.capture.ep, &roots).await
+                let mut map = catalog::partitions_of(&c, &self.capture.ep, &roots).await?;
+                for root in &roots {
+                    let Some(t) = tracked.get(root) else {
+                        continue;
+                    };
+                    if t.table.partitions.is_empty() {
+                        continue;
+                    }
+                    let names: Vec<String> =
+                        t.table.partitions.iter().map(|p| p.name.clone()).collect();
+                    map.retain(|_, r| r != root);
+                    map.extend(
+                        catalog::partitions_named(&c, &self.capture.ep, *root, &names).await?,
+                    );
+                }
+                Ok(map)
             })
             .await?;
         let mut state = StreamState {

@@ -448,3 +448,12 @@ pub fn assert_names(text: &str, parts: &[&str]) {
         assert!(text.contains(part), "{part} missing from: {text}");
     }
 }
+
+/// The library's log in the test's captured output (shown when the test
+/// fails): what the daemon did before an assertion gave up.
+pub fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("switchyard=info")
+        .try_init();
+}
