@@ -69,7 +69,14 @@ pub async fn problems(
             .await?,
     );
     if let Some(lag) = daemon_lag {
-        // Asked of the daemon itself: its own measure.
+        // Asked of the daemon itself: its own measure, less the time a
+        // caught-up daemon on an idle source shows (until the next
+        // heartbeat). The catch-up step measures the real lag with a marker.
+        let lag = if lag.is_infinite() {
+            lag
+        } else {
+            (lag - idle_allowance(config)?).max(0.0)
+        };
         if lag.is_infinite() {
             out.push("the daemon is not streaming yet".into());
         } else if lag > opts.max_lag.as_secs_f64() {
@@ -114,9 +121,10 @@ async fn lag_seconds(
     source: &dyn Source,
     state: &crate::sink::SinkState,
 ) -> Result<Option<f64>> {
+    let allowance = idle_allowance(config)?;
     if let Some(address) = &config.http.address {
         if let Ok(view) = crate::observe::fetch_status(address, config.http.token.as_ref()).await {
-            return Ok(view.lag_seconds);
+            return Ok(view.lag_seconds.map(|l| (l - allowance).max(0.0)));
         }
     }
     let Some(cp) = state.checkpoint else {
@@ -125,11 +133,6 @@ async fn lag_seconds(
     if source.lag(cp).await?.bytes == 0 {
         return Ok(Some(0.0));
     }
-    let allowance = match config.source_kind()? {
-        crate::config::SourceKind::Postgres { .. } => config.source.heartbeat_interval_ms,
-        crate::config::SourceKind::Sqlite { .. } => config.source.poll_interval_ms,
-    } as f64
-        / 1000.0;
     Ok(state
         .checkpoint_updated_at
         .as_deref()
@@ -140,6 +143,17 @@ async fn lag_seconds(
                 / 1000.0;
             (age - allowance).max(0.0)
         }))
+}
+
+/// How far behind a caught-up daemon on an idle source may look: an idle
+/// PostgreSQL source moves the applied position with each heartbeat, a
+/// SQLite source with each poll.
+fn idle_allowance(config: &Config) -> Result<f64> {
+    Ok(match config.source_kind()? {
+        crate::config::SourceKind::Postgres { .. } => config.source.heartbeat_interval_ms,
+        crate::config::SourceKind::Sqlite { .. } => config.source.poll_interval_ms,
+    } as f64
+        / 1000.0)
 }
 
 /// Rows in the reject files.

@@ -839,3 +839,49 @@ async fn postgres_into_surrealdb_cutover_stops_the_daemon_that_holds_the_embedde
         keys(&db.client).await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_source_with_a_daemon_is_go_at_once() {
+    // The daemon's /status shows up to a heartbeat interval of lag while
+    // nothing is written; preflight allows for it (the catch-up step then
+    // measures the real lag with a marker).
+    let db = PgDb::new(APP).await;
+    let role = app_role(&db).await;
+    let target = PgDb::new("").await;
+    let s = Scratch::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = format!(
+        "{}\n[http]\naddress = \"127.0.0.1:{port}\"\n",
+        target_config_text(&db.config_text("mem://", ""), &target)
+    );
+    let path = s.path("c.toml");
+    std::fs::write(&path, &text).unwrap();
+    let p = path.to_str().unwrap().to_string();
+    let daemon = Daemon::start(&["run", "--config", &p], s.path("daemon.log"));
+    copied(&target).await;
+    wait_until("streaming", Duration::from_secs(60), || {
+        let t = daemon.log_text();
+        async move { t.contains("logical replication started") }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..4 {
+        let (code, out, err) = run_cli(&[
+            "cutover",
+            "--check",
+            "--max-lag",
+            "1s",
+            "--config",
+            &p,
+            "--roles",
+            &role,
+        ]);
+        assert_eq!(code, 0, "an idle, caught-up source must be go: {out}{err}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert!(daemon.interrupt().await.success());
+}
