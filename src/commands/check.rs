@@ -538,6 +538,18 @@ async fn target_fit(
                     false,
                 ));
                 for (name, sql) in &files {
+                    if migrations::manages_transaction(sql) {
+                        problems.push(note(
+                            "(target)",
+                            None,
+                            format!(
+                                "migration {name} manages its own transaction (BEGIN/COMMIT, or -- no-transaction), so check does not try it: \
+                                 the tables it and later files make are checked when run applies them"
+                            ),
+                            false,
+                        ));
+                        return;
+                    }
                     if let Err(e) = tx.batch_execute(sql).await {
                         problems.push(note(
                             "(target)",

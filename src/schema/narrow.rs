@@ -62,7 +62,7 @@ impl Narrow {
 }
 
 /// `character varying(160)` → `("character varying", [160])`.
-fn split_type(t: &str) -> (String, Vec<u32>) {
+fn split_type(t: &str) -> (String, Vec<i64>) {
     let t = t.trim();
     match (t.find('('), t.find(')')) {
         (Some(a), Some(b)) if a < b => {
@@ -134,6 +134,12 @@ pub fn narrowing(want: &str, have: &str, base: &str, labels: Option<&[String]>) 
     if b == "numeric" {
         if let Some(&p) = bargs.first() {
             let s = bargs.get(1).copied().unwrap_or(0);
+            // numeric(5,-2), numeric(3,5) (PostgreSQL 15): left to PostgreSQL.
+            if s < 0 || s > p {
+                return None;
+            }
+            let (p, s) = (p as u32, s as u32);
+            let wargs: Vec<u32> = wargs.iter().map(|&x| x.max(0) as u32).collect();
             let narrower = match w.as_str() {
                 "numeric" => match (wargs.first(), wargs.get(1).copied().unwrap_or(0)) {
                     (Some(&wp), ws) => wp.saturating_sub(ws) > p - s || ws > s,
@@ -149,13 +155,13 @@ pub fn narrowing(want: &str, have: &str, base: &str, labels: Option<&[String]>) 
     // Strings of a limited length.
     if (b == "character varying" || b == "character") && TEXTS.contains(&w.as_str()) {
         let max = match bargs.first() {
-            Some(&n) => n as usize,
+            Some(&n) => n.max(0) as usize,
             // character without a length is character(1); varchar without one holds any.
             None if b == "character" => 1,
             None => return None,
         };
         let wider = match wargs.first() {
-            Some(&m) => m as usize > max,
+            Some(&m) => m.max(0) as usize > max,
             None => true,
         };
         return wider.then(|| Narrow::Chars {
@@ -201,6 +207,42 @@ fn digits(text: &str) -> Option<(u32, u32)> {
     Some((before, after))
 }
 
+/// A whole number written as a decimal (`5.00`, `-1.2e3`) as integer
+/// text (`5`, `-1200`), which an integer column takes; `None` for anything
+/// else.
+pub fn whole_text(text: &str) -> Option<String> {
+    let t = text.trim();
+    let negative = t.starts_with('-');
+    let (before, after) = digits(t)?;
+    if after > 0 || before > 38 {
+        return None;
+    }
+    let unsigned = t.trim_start_matches(['+', '-']);
+    let (mantissa, exp) = match unsigned.find(['e', 'E']) {
+        Some(i) => (&unsigned[..i], unsigned[i + 1..].parse::<i64>().ok()?),
+        None => (unsigned, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all = format!("{int}{frac}");
+    let point = int.len() as i64 + exp;
+    let whole: String = if point <= 0 {
+        String::new()
+    } else if point as usize >= all.len() {
+        format!("{all}{}", "0".repeat(point as usize - all.len()))
+    } else {
+        all[..point as usize].to_string()
+    };
+    let whole = whole.trim_start_matches('0');
+    if whole.is_empty() {
+        return Some("0".into());
+    }
+    Some(if negative {
+        format!("-{whole}")
+    } else {
+        whole.to_string()
+    })
+}
+
 /// Whether `v` fits the narrower column; else why not, in words.
 pub fn fits(v: &Value, narrow: &Narrow) -> Result<(), String> {
     let text = match v {
@@ -236,6 +278,13 @@ pub fn fits(v: &Value, narrow: &Narrow) -> Result<(), String> {
             match digits(&text) {
                 Some((_, after)) if after > 0 => {
                     Err(format!("{text} is not a whole number; {ty} would round it"))
+                }
+                // 5.00, 1e3: a whole number, sent as one (see whole_text).
+                Some((before, _)) if before <= 18 => {
+                    match whole_text(&text).and_then(|w| w.parse::<i64>().ok()) {
+                        Some(i) if (*min..=*max).contains(&i) => Ok(()),
+                        _ => Err(format!("{text} is out of {ty}'s range ({min} to {max})")),
+                    }
                 }
                 Some(_) => Err(format!("{text} is out of {ty}'s range ({min} to {max})")),
                 // Not a number: PostgreSQL refuses it with its own words.
@@ -368,6 +417,23 @@ mod tests {
         assert!(fits(&Value::Int(2_147_483_647), &int).is_ok());
         let e = fits(&Value::Int(2_147_483_648), &int).unwrap_err();
         assert!(e.contains("2147483648") && e.contains("integer"), "{e}");
+        assert!(fits(&Value::Decimal("5.00".into()), &int).is_ok());
+        assert!(fits(&Value::Decimal("3e9".into()), &int)
+            .unwrap_err()
+            .contains("range"));
+        assert_eq!(whole_text("5.00").as_deref(), Some("5"));
+        assert_eq!(whole_text("-1.2e3").as_deref(), Some("-1200"));
+        assert_eq!(whole_text("0.0").as_deref(), Some("0"));
+        assert_eq!(whole_text("2.5"), None);
+        // numeric(5,-2) and numeric(3,5) are left to PostgreSQL.
+        assert_eq!(
+            narrowing("numeric", "numeric(5,-2)", "numeric(5,-2)", None),
+            None
+        );
+        assert_eq!(
+            narrowing("numeric", "numeric(3,5)", "numeric(3,5)", None),
+            None
+        );
         assert!(fits(&Value::Decimal("2.5".into()), &int)
             .unwrap_err()
             .contains("whole"));

@@ -191,6 +191,15 @@ pub fn to_text(v: &Value, target_type: &str) -> Option<String> {
         Value::Float(x) if x.is_infinite() => {
             if *x > 0.0 { "Infinity" } else { "-Infinity" }.into()
         }
+        // A whole number written as a decimal, for an integer column of
+        // the team's schema (narrower than the source's numeric).
+        Value::Float(x) if x.is_finite() && is_integer_type(target_type) => {
+            let text = format!("{x:?}");
+            crate::schema::narrow::whole_text(&text).unwrap_or(text)
+        }
+        Value::Decimal(d) if is_integer_type(target_type) => {
+            crate::schema::narrow::whole_text(d).unwrap_or_else(|| d.clone())
+        }
         Value::Float(x) => format!("{x:?}"),
         Value::Decimal(d) => d.clone(),
         Value::Text(s) => s.clone(),
@@ -204,6 +213,14 @@ pub fn to_text(v: &Value, target_type: &str) -> Option<String> {
         Value::Json(j) => j.clone(),
         Value::Timestamp(t) => timestamp_text(t),
     })
+}
+
+/// `smallint`, `integer`, `bigint` (or a domain's base named so).
+fn is_integer_type(target_type: &str) -> bool {
+    matches!(
+        cast_type(target_type).as_str(),
+        "smallint" | "integer" | "bigint"
+    )
 }
 
 /// A timestamp as PostgreSQL input: UTC, BC years as such, and the largest /

@@ -50,19 +50,25 @@ impl Layout {
     }
 }
 
-/// `V12__add_users.sql`, `U3__x.sql`.
+/// `V12__add_users.sql`, `U3__x.sql`, as refinery 0.8 reads them: a
+/// version that fits an `i32`, a name of word characters.
 fn is_refinery(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix(['V', 'U']) else {
-        return false;
-    };
-    let Some((version, tail)) = rest.split_once("__") else {
-        return false;
-    };
-    !version.is_empty()
-        && version
-            .split('.')
-            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
-        && tail.len() > ".sql".len()
+    refinery_version(name).is_some()
+}
+
+/// The version of a refinery file name.
+fn refinery_version(name: &str) -> Option<i64> {
+    let rest = name.strip_prefix(['V', 'U'])?;
+    let (version, tail) = rest.split_once("__")?;
+    let title = tail.strip_suffix(".sql")?;
+    let ok = !version.is_empty()
+        && version.chars().all(|c| c.is_ascii_digit())
+        && !title.is_empty()
+        && title.chars().all(|c| c.is_alphanumeric() || c == '_');
+    if !ok {
+        return None;
+    }
+    version.parse::<i32>().ok().map(i64::from)
 }
 
 /// `20240101120000_add_users.sql`, `2_x.up.sql`.
@@ -97,10 +103,26 @@ fn sql_files(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// The layout the file names of `dir` follow.
+/// The layout the file names of `dir` follow. Some but not all files named
+/// as refinery's is an error: refinery would skip the others.
 pub fn detect(dir: &Path) -> Result<Layout> {
     let names = sql_files(dir)?;
-    Ok(if names.iter().all(|n| is_refinery(n)) {
+    let refinery = names.iter().filter(|n| is_refinery(n)).count();
+    if refinery > 0 && refinery < names.len() {
+        let odd: Vec<&str> = names
+            .iter()
+            .filter(|n| !is_refinery(n))
+            .map(|n| n.as_str())
+            .take(5)
+            .collect();
+        return Err(Error::config(format!(
+            "target.schema: {} holds refinery migrations (V1__name.sql) and files refinery would skip: {}; \
+             rename them V{{n}}__name.sql (a version that fits an i32, a name of letters, digits and _), or move them out",
+            dir.display(),
+            odd.join(", ")
+        )));
+    }
+    Ok(if refinery == names.len() {
         Layout::Refinery
     } else if names.iter().all(|n| is_sqlx(n)) {
         Layout::Sqlx
@@ -162,6 +184,7 @@ pub async fn apply(
     dir: &Path,
     layout: Layout,
 ) -> Result<Vec<String>> {
+    let layout = effective(c, ep, layout).await?;
     let applied = match layout {
         Layout::Own => return state::user_migrations(ep, c, dir).await,
         Layout::Refinery => refinery_apply(ep, dir).await?,
@@ -171,6 +194,44 @@ pub async fn apply(
         info!(migration = %m, tool = layout.name(), "target migration applied");
     }
     Ok(applied)
+}
+
+/// A target whose files switchyard applied (before it knew the layout)
+/// keeps switchyard's bookkeeping: another tool would find no history of
+/// its own and apply every file again.
+async fn effective(
+    c: &impl tokio_postgres::GenericClient,
+    ep: &PgEndpoint,
+    layout: Layout,
+) -> Result<Layout> {
+    if layout == Layout::Own {
+        return Ok(layout);
+    }
+    let row = c
+        .query_one(
+            "SELECT to_regclass('switchyard.user_migrations') IS NOT NULL, to_regclass($1) IS NOT NULL",
+            &[&layout.history()],
+        )
+        .await
+        .map_err(pg_err(ep, "reading the target's migration history"))?;
+    let (own, theirs): (bool, bool) = (row.get(0), row.get(1));
+    if own && !theirs {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM switchyard.user_migrations", &[])
+            .await
+            .map_err(pg_err(ep, "reading switchyard.user_migrations"))?
+            .get(0);
+        if n > 0 {
+            tracing::warn!(
+                layout = layout.name(),
+                applied = n,
+                "the target's migrations were applied by switchyard (switchyard.user_migrations): \
+                 switchyard keeps applying them, so that none runs twice"
+            );
+            return Ok(Layout::Own);
+        }
+    }
+    Ok(layout)
 }
 
 async fn refinery_apply(ep: &PgEndpoint, dir: &Path) -> Result<Vec<String>> {
@@ -196,6 +257,7 @@ async fn refinery_apply(ep: &PgEndpoint, dir: &Path) -> Result<Vec<String>> {
 
 async fn sqlx_apply(ep: &PgEndpoint, dir: &Path) -> Result<Vec<String>> {
     use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+    use sqlx::ConnectOptions as _;
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         Error::definite(format!(
             "{what} ({ep:?}, {}): {}",
@@ -209,6 +271,9 @@ async fn sqlx_apply(ep: &PgEndpoint, dir: &Path) -> Result<Vec<String>> {
         .username(&ep.user)
         .database(&ep.dbname)
         .application_name("switchyard")
+        // The migrations' SQL (a CREATE ROLE … PASSWORD, say) stays out of the log.
+        .log_statements(tracing::log::LevelFilter::Off)
+        .log_slow_statements(tracing::log::LevelFilter::Off, std::time::Duration::ZERO)
         .ssl_mode(match ep.sslmode {
             SslMode::Disable => PgSslMode::Disable,
             SslMode::Prefer => PgSslMode::Prefer,
@@ -297,6 +362,7 @@ pub async fn pending_sql(
             .map(|r| r.get::<_, String>(0))
             .collect())
     };
+    let layout = effective(c, ep, layout).await?;
     let mut files = sql_files(dir)?;
     match layout {
         Layout::Own => {
@@ -305,18 +371,9 @@ pub async fn pending_sql(
         }
         Layout::Refinery => {
             let done = applied("SELECT version::text FROM refinery_schema_history").await?;
-            let version = |f: &str| -> (u64, String) {
-                let v = f[1..].split("__").next().unwrap_or_default().to_string();
-                (
-                    v.split('.')
-                        .next()
-                        .and_then(|x| x.parse().ok())
-                        .unwrap_or(0),
-                    v,
-                )
-            };
-            files.retain(|f| !done.contains(&version(f).1));
-            files.sort_by_key(|f| version(f).0);
+            let version = |f: &str| refinery_version(f).unwrap_or(0);
+            files.retain(|f| !done.contains(&version(f).to_string()));
+            files.sort_by_key(|f| version(f));
         }
         Layout::Sqlx => {
             let done = applied("SELECT version::text FROM _sqlx_migrations WHERE success").await?;
@@ -336,6 +393,55 @@ pub async fn pending_sql(
         .collect()
 }
 
+/// Whether a migration file manages its own transaction (a top-level
+/// `BEGIN`/`COMMIT`/`ROLLBACK`, or sqlx's `-- no-transaction`): `check`
+/// cannot try it in a transaction it rolls back.
+pub fn manages_transaction(sql: &str) -> bool {
+    if sql.trim_start().starts_with("-- no-transaction") {
+        return true;
+    }
+    // Dollar-quoted bodies (functions, DO blocks) hold BEGIN and END of
+    // their own: left out.
+    let mut top = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        top.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let tag_len = after
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        if !after[tag_len..].starts_with('$') {
+            // `$1` and the like.
+            top.push('$');
+            rest = after;
+            continue;
+        }
+        let tag = format!("${}$", &after[..tag_len]);
+        let body = &after[tag_len + 1..];
+        match body.find(&tag) {
+            Some(end) => rest = &body[end + tag.len()..],
+            None => {
+                rest = "";
+            }
+        }
+    }
+    top.push_str(rest);
+    top.split(';').any(|statement| {
+        let words: Vec<String> = statement
+            .lines()
+            .map(|l| l.split("--").next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(" ")
+            .split_whitespace()
+            .map(|w| w.to_ascii_lowercase())
+            .collect();
+        matches!(
+            words.first().map(String::as_str),
+            Some("begin" | "commit" | "end" | "rollback" | "abort")
+        ) || words.starts_with(&["start".to_string(), "transaction".to_string()])
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,7 +451,10 @@ mod tests {
         assert!(is_refinery("V1__initial_schema.sql"));
         assert!(is_refinery("V10__more.sql"));
         assert!(is_refinery("U3__unversioned.sql"));
-        assert!(is_refinery("V1.2__x.sql"));
+        assert!(!is_refinery("V1.2__x.sql"));
+        assert!(!is_refinery("V2__add-users.sql"));
+        assert!(!is_refinery("V20240101120000__too_big.sql"));
+        assert_eq!(refinery_version("V001__init.sql"), Some(1));
         assert!(!is_refinery("V__x.sql"));
         assert!(!is_refinery("1_init.sql"));
         assert!(is_sqlx("20240101120000_create_users.sql"));
@@ -359,5 +468,24 @@ mod tests {
         assert_eq!(parse("migrations:m"), Some((None, "m".into())));
         assert_eq!(parse("sqlx:"), None);
         assert_eq!(parse("existing"), None);
+    }
+
+    #[test]
+    fn files_that_manage_their_own_transaction_are_told_apart() {
+        assert!(manages_transaction(
+            "BEGIN;\nCREATE TABLE t (id int);\nCOMMIT;"
+        ));
+        assert!(manages_transaction(
+            "-- no-transaction\nCREATE INDEX CONCURRENTLY i ON t (x);"
+        ));
+        assert!(!manages_transaction(
+            "CREATE TABLE t (id int); INSERT INTO t VALUES ($1);"
+        ));
+        assert!(!manages_transaction(
+            "CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.x := 1; RETURN NEW; END; $$;"
+        ));
+        assert!(!manages_transaction(
+            "DO $body$ BEGIN PERFORM 1; END $body$;"
+        ));
     }
 }

@@ -334,6 +334,28 @@ impl PgSink {
         self.narrow.lock().await.insert(table.name.clone(), by_name);
     }
 
+    /// The narrower columns of a table of the team's own schema, read again
+    /// from the target (after a change of the table's shape).
+    async fn refresh_narrow(
+        &self,
+        c: &impl tokio_postgres::GenericClient,
+        table: &TableSchema,
+    ) -> Result<()> {
+        let have = tables::target_columns(c, &self.ep, &table.target_name).await?;
+        let narrow: Vec<(usize, Narrow)> = table
+            .columns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, col)| {
+                let h = have.iter().find(|h| h.name == col.name)?;
+                let want = table_column_type(table, i, self.source_is_postgres);
+                narrowing(&want, &h.ty, &h.base, h.labels.as_deref()).map(|n| (i, n))
+            })
+            .collect();
+        self.remember_narrow(table, &narrow).await;
+        Ok(())
+    }
+
     /// The narrower columns of `table` as it is now (by column index).
     async fn narrow_of(&self, table: &TableSchema) -> Vec<(usize, Narrow)> {
         let narrow = self.narrow.lock().await;
@@ -1002,6 +1024,20 @@ impl PgSink {
             let at = plan::shape(&ch.table);
             if !types.contains_key(&at) {
                 types.insert(at, self.column_types(&ch.table).await);
+            }
+        }
+        // The team's own tables whose shape changed (a column added or
+        // renamed, the table renamed): their narrower columns read again.
+        if self.mode != SchemaMode::Create {
+            let mut seen = std::collections::HashSet::new();
+            for ch in changes {
+                let t = &ch.table;
+                let known = shapes
+                    .get(&t.name)
+                    .is_some_and(|k| k.same_shape(t) && k.name == t.name);
+                if !known && !matches!(ch.op, Op::Ddl(_)) && seen.insert(plan::shape(t)) {
+                    self.refresh_narrow(&tx, t).await?;
+                }
             }
         }
         // A value a narrower column does not hold: the batch goes again

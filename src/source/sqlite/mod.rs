@@ -330,7 +330,7 @@ impl Source for SqliteSource {
                 let r = self.set_journal_mode(&was).await;
                 match r {
                     Ok(now) if now == was => break now,
-                    _ if tries < 40 => tries += 1,
+                    _ if tries < 120 => tries += 1,
                     r => {
                         let why = match r {
                             Ok(now) => format!("it stayed {now}"),
