@@ -57,176 +57,21 @@ pub async fn dump(
     let pg_dump = tools::find("pg_dump", major)?;
     let pg_restore = tools::find("pg_restore", major)?;
     let schemas: BTreeSet<String> = tables.iter().map(|(_, t)| t.schema.clone()).collect();
-    let schema_list: Vec<String> = schemas.iter().cloned().collect();
-    let relations: Vec<Relation> = c
-        .query(
-            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = ANY($1) AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-                AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                                 AND d.objid = c.oid AND d.deptype = 'e')
-              ORDER BY 2, 3",
-            &[&schema_list],
-        )
-        .await
-        .map_err(pg_err(ep, "listing the source's relations"))?
-        .iter()
-        .map(|r| Relation {
-            oid: r.get(0),
-            schema: r.get(1),
-            name: r.get(2),
-            kind: r.get(3),
-        })
-        .collect();
-    // Replicated tables and their partitions.
-    let mut keep: BTreeSet<u32> = BTreeSet::new();
-    for (_, t) in tables {
-        keep.insert(t.oid);
-        if !t.only {
-            for r in c
-                .query(
-                    "SELECT relid::oid FROM pg_partition_tree($1::oid::regclass)",
-                    &[&t.oid],
-                )
-                .await
-                .map_err(pg_err(ep, "reading a table's partitions"))?
-            {
-                keep.insert(r.get(0));
-            }
-        }
-    }
-    let tables_kept = keep.clone();
-    // Sequences owned by, or drawn by defaults of, kept tables.
-    let used: BTreeSet<u32> = c
-        .query(
-            "SELECT DISTINCT d.objid::oid FROM pg_depend d
-              WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-                AND d.deptype IN ('a', 'i') AND d.refobjid = ANY($1)
-             UNION
-             SELECT DISTINCT d.refobjid::oid FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
-              WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
-                AND ad.adrelid = ANY($1)",
-            &[&tables_kept.iter().copied().collect::<Vec<u32>>()],
-        )
-        .await
-        .map_err(pg_err(ep, "reading the tables' sequences"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut left_out = Vec::new();
-    let mut exclude = Vec::new();
+    let relations = relations(c, ep, &schemas).await?;
+    let tables_kept = with_partitions(c, ep, tables).await?;
+    let mut keep = tables_kept.clone();
+    let used = used_sequences(c, ep, &tables_kept).await?;
     for r in relations.iter().filter(|r| r.kind == "S") {
         if used.contains(&r.oid) || filter.matches(&display_name(&r.schema, &r.name)) {
             keep.insert(r.oid);
         }
     }
-    // Views: kept when tables.include names them and everything they read
-    // is kept (views on views: until nothing changes).
-    let reads: BTreeMap<u32, BTreeSet<u32>> = {
-        let mut m: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
-        for r in c
-            .query(
-                "SELECT rw.ev_class::oid, d.refobjid::oid FROM pg_rewrite rw
-                   JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid
-                    AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> rw.ev_class
-                   JOIN pg_class c2 ON c2.oid = d.refobjid
-                   JOIN pg_namespace n2 ON n2.oid = c2.relnamespace
-                  WHERE rw.ev_class = ANY($1) AND n2.nspname NOT IN ('pg_catalog', 'information_schema')",
-                &[&relations
-                    .iter()
-                    .filter(|r| r.kind == "v" || r.kind == "m")
-                    .map(|r| r.oid)
-                    .collect::<Vec<u32>>()],
-            )
-            .await
-            .map_err(pg_err(ep, "reading what views read"))?
-        {
-            m.entry(r.get(0)).or_default().insert(r.get(1));
-        }
-        m
-    };
-    let views: Vec<&Relation> = relations
-        .iter()
-        .filter(|r| r.kind == "v" || r.kind == "m")
-        .collect();
-    loop {
-        let before = keep.len();
-        for v in &views {
-            if keep.contains(&v.oid) || !filter.matches(&display_name(&v.schema, &v.name)) {
-                continue;
-            }
-            if reads
-                .get(&v.oid)
-                .is_none_or(|deps| deps.iter().all(|d| keep.contains(d)))
-            {
-                keep.insert(v.oid);
-            }
-        }
-        if keep.len() == before {
-            break;
-        }
-    }
-    for r in &relations {
-        if keep.contains(&r.oid) {
-            continue;
-        }
-        let shown = display_name(&r.schema, &r.name);
-        let why = match r.kind.as_str() {
-            "r" | "p" | "f" => "a table that is not replicated",
-            "S" => "a sequence no replicated column uses, and tables.include does not name it",
-            _ if !filter.matches(&shown) => "a view tables.include does not name",
-            _ => "a view that reads a relation that is not replicated",
-        };
-        left_out.push(format!("{shown}: {why}"));
-        exclude.push(format!(
-            "{}.{}",
-            quote_ident(&r.schema),
-            quote_ident(&r.name)
-        ));
-    }
-    // Foreign keys of kept tables to tables that are not kept.
-    let mut skip = Vec::new();
-    for r in c
-        .query(
-            "SELECT n.nspname::text, cl.relname::text, co.conname::text, co.confrelid::regclass::text
-               FROM pg_constraint co JOIN pg_class cl ON cl.oid = co.conrelid
-               JOIN pg_namespace n ON n.oid = cl.relnamespace
-              WHERE co.contype = 'f' AND co.conrelid = ANY($1) AND NOT co.confrelid = ANY($2)",
-            &[
-                &tables_kept.iter().copied().collect::<Vec<u32>>(),
-                &keep.iter().copied().collect::<Vec<u32>>(),
-            ],
-        )
-        .await
-        .map_err(pg_err(ep, "reading foreign keys"))?
-    {
-        let (schema, table, name, to): (String, String, String, String) =
-            (r.get(0), r.get(1), r.get(2), r.get(3));
-        left_out.push(format!(
-            "foreign key {name} of {}: it references {to}, which is not replicated",
-            display_name(&schema, &table)
-        ));
-        skip.push(("FK CONSTRAINT".to_string(), schema, format!("{table} {name}")));
-    }
-    // Extensions the kept tables' column types belong to.
-    let extensions: Vec<(String, String)> = c
-        .query(
-            "SELECT DISTINCT e.extname::text, n.nspname::text
-               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-               JOIN pg_depend d ON d.classid = 'pg_type'::regclass
-                AND d.objid = CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE coalesce(nullif(t.typbasetype, 0), t.oid) END
-                AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
-               JOIN pg_extension e ON e.oid = d.refobjid
-               JOIN pg_namespace n ON n.oid = e.extnamespace
-              WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
-              ORDER BY 1",
-            &[&tables_kept.iter().copied().collect::<Vec<u32>>()],
-        )
-        .await
-        .map_err(pg_err(ep, "reading the extensions the tables need"))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let reads = view_reads(c, ep, &relations).await?;
+    keep_views(&relations, &reads, filter, &mut keep);
+    let (mut left_out, exclude) = left_out(&relations, &keep, filter);
+    let (fk_left_out, skip) = dangling_foreign_keys(c, ep, &tables_kept, &keep).await?;
+    left_out.extend(fk_left_out);
+    let extensions = extensions(c, ep, &tables_kept).await?;
     let archive = std::env::temp_dir().join(format!(
         "switchyard-schema-{}-{}.dump",
         std::process::id(),
@@ -250,8 +95,7 @@ pub async fn dump(
         cmd.arg(format!("--exclude-table={x}"));
     }
     tools::run(cmd, ep, "pg_dump --schema-only").await?;
-    let dump_toc = tools::command(&pg_restore, ep);
-    let mut list = dump_toc;
+    let mut list = tools::command(&pg_restore, ep);
     list.arg("--list").arg(&archive);
     let toc = match tools::run(list, ep, "pg_restore --list").await {
         Ok(t) => t,
@@ -282,6 +126,231 @@ pub async fn dump(
         tables: tables.iter().map(|(n, _)| n.clone()).collect(),
         owners,
     })
+}
+
+/// Every table, view, materialized view, sequence and foreign table of
+/// `schemas` (not an extension's).
+async fn relations(
+    c: &Client,
+    ep: &PgEndpoint,
+    schemas: &BTreeSet<String>,
+) -> Result<Vec<Relation>> {
+    let schema_list: Vec<String> = schemas.iter().cloned().collect();
+    Ok(c.query(
+        "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = ANY($1) AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                             AND d.objid = c.oid AND d.deptype = 'e')
+          ORDER BY 2, 3",
+        &[&schema_list],
+    )
+    .await
+    .map_err(pg_err(ep, "listing the source's relations"))?
+    .iter()
+    .map(|r| Relation {
+        oid: r.get(0),
+        schema: r.get(1),
+        name: r.get(2),
+        kind: r.get(3),
+    })
+    .collect())
+}
+
+/// The replicated tables and their partitions.
+async fn with_partitions(
+    c: &Client,
+    ep: &PgEndpoint,
+    tables: &[(String, PgTable)],
+) -> Result<BTreeSet<u32>> {
+    let mut keep = BTreeSet::new();
+    for (_, t) in tables {
+        keep.insert(t.oid);
+        if !t.only {
+            for r in c
+                .query(
+                    "SELECT relid::oid FROM pg_partition_tree($1::oid::regclass)",
+                    &[&t.oid],
+                )
+                .await
+                .map_err(pg_err(ep, "reading a table's partitions"))?
+            {
+                keep.insert(r.get(0));
+            }
+        }
+    }
+    Ok(keep)
+}
+
+/// Sequences owned by, or drawn by defaults of, `tables`.
+async fn used_sequences(
+    c: &Client,
+    ep: &PgEndpoint,
+    tables: &BTreeSet<u32>,
+) -> Result<BTreeSet<u32>> {
+    Ok(c.query(
+        "SELECT DISTINCT d.objid::oid FROM pg_depend d
+          WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+            AND d.deptype IN ('a', 'i') AND d.refobjid = ANY($1)
+         UNION
+         SELECT DISTINCT d.refobjid::oid FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
+          WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
+            AND ad.adrelid = ANY($1)",
+        &[&tables.iter().copied().collect::<Vec<u32>>()],
+    )
+    .await
+    .map_err(pg_err(ep, "reading the tables' sequences"))?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
+/// What each view and materialized view reads.
+async fn view_reads(
+    c: &Client,
+    ep: &PgEndpoint,
+    relations: &[Relation],
+) -> Result<BTreeMap<u32, BTreeSet<u32>>> {
+    let views: Vec<u32> = relations
+        .iter()
+        .filter(|r| r.kind == "v" || r.kind == "m")
+        .map(|r| r.oid)
+        .collect();
+    let mut m: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+    for r in c
+        .query(
+            "SELECT rw.ev_class::oid, d.refobjid::oid FROM pg_rewrite rw
+               JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid
+                AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> rw.ev_class
+               JOIN pg_class c2 ON c2.oid = d.refobjid
+               JOIN pg_namespace n2 ON n2.oid = c2.relnamespace
+              WHERE rw.ev_class = ANY($1) AND n2.nspname NOT IN ('pg_catalog', 'information_schema')",
+            &[&views],
+        )
+        .await
+        .map_err(pg_err(ep, "reading what views read"))?
+    {
+        m.entry(r.get(0)).or_default().insert(r.get(1));
+    }
+    Ok(m)
+}
+
+/// Views kept: `tables.include` names them and everything they read is
+/// kept (views on views: until nothing changes).
+fn keep_views(
+    relations: &[Relation],
+    reads: &BTreeMap<u32, BTreeSet<u32>>,
+    filter: &TableFilter,
+    keep: &mut BTreeSet<u32>,
+) {
+    let views: Vec<&Relation> = relations
+        .iter()
+        .filter(|r| r.kind == "v" || r.kind == "m")
+        .collect();
+    loop {
+        let before = keep.len();
+        for v in &views {
+            if keep.contains(&v.oid) || !filter.matches(&display_name(&v.schema, &v.name)) {
+                continue;
+            }
+            if reads
+                .get(&v.oid)
+                .is_none_or(|deps| deps.iter().all(|d| keep.contains(d)))
+            {
+                keep.insert(v.oid);
+            }
+        }
+        if keep.len() == before {
+            break;
+        }
+    }
+}
+
+/// The relations not kept: each with why (for `check`), and as pg_dump's
+/// `--exclude-table` patterns.
+fn left_out(
+    relations: &[Relation],
+    keep: &BTreeSet<u32>,
+    filter: &TableFilter,
+) -> (Vec<String>, Vec<String>) {
+    let mut left_out = Vec::new();
+    let mut exclude = Vec::new();
+    for r in relations.iter().filter(|r| !keep.contains(&r.oid)) {
+        let shown = display_name(&r.schema, &r.name);
+        let why = match r.kind.as_str() {
+            "r" | "p" | "f" => "a table that is not replicated",
+            "S" => "a sequence no replicated column uses, and tables.include does not name it",
+            _ if !filter.matches(&shown) => "a view tables.include does not name",
+            _ => "a view that reads a relation that is not replicated",
+        };
+        left_out.push(format!("{shown}: {why}"));
+        exclude.push(format!(
+            "{}.{}",
+            quote_ident(&r.schema),
+            quote_ident(&r.name)
+        ));
+    }
+    (left_out, exclude)
+}
+
+/// Foreign keys of kept tables to relations that are not kept: each with
+/// why, and as archive entries to leave out.
+async fn dangling_foreign_keys(
+    c: &Client,
+    ep: &PgEndpoint,
+    tables: &BTreeSet<u32>,
+    keep: &BTreeSet<u32>,
+) -> Result<(Vec<String>, Vec<(String, String, String)>)> {
+    let mut left_out = Vec::new();
+    let mut skip = Vec::new();
+    for r in c
+        .query(
+            "SELECT n.nspname::text, cl.relname::text, co.conname::text, co.confrelid::regclass::text
+               FROM pg_constraint co JOIN pg_class cl ON cl.oid = co.conrelid
+               JOIN pg_namespace n ON n.oid = cl.relnamespace
+              WHERE co.contype = 'f' AND co.conrelid = ANY($1) AND NOT co.confrelid = ANY($2)",
+            &[
+                &tables.iter().copied().collect::<Vec<u32>>(),
+                &keep.iter().copied().collect::<Vec<u32>>(),
+            ],
+        )
+        .await
+        .map_err(pg_err(ep, "reading foreign keys"))?
+    {
+        let (schema, table, name, to): (String, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        left_out.push(format!(
+            "foreign key {name} of {}: it references {to}, which is not replicated",
+            display_name(&schema, &table)
+        ));
+        skip.push(("FK CONSTRAINT".to_string(), schema, format!("{table} {name}")));
+    }
+    Ok((left_out, skip))
+}
+
+/// Extensions the tables' column types belong to, with their schemas.
+async fn extensions(
+    c: &Client,
+    ep: &PgEndpoint,
+    tables: &BTreeSet<u32>,
+) -> Result<Vec<(String, String)>> {
+    Ok(c.query(
+        "SELECT DISTINCT e.extname::text, n.nspname::text
+           FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+           JOIN pg_depend d ON d.classid = 'pg_type'::regclass
+            AND d.objid = CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE coalesce(nullif(t.typbasetype, 0), t.oid) END
+            AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+           JOIN pg_extension e ON e.oid = d.refobjid
+           JOIN pg_namespace n ON n.oid = e.extnamespace
+          WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
+          ORDER BY 1",
+        &[&tables.iter().copied().collect::<Vec<u32>>()],
+    )
+    .await
+    .map_err(pg_err(ep, "reading the extensions the tables need"))?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
 }
 
 /// Dumps made by this process, for unique archive names.

@@ -250,8 +250,15 @@ pub async fn target_image(db: &Surreal<Any>, tables: &[String]) -> Image {
             .unwrap();
         let rows: Vec<SValue> = match resp.take(0) {
             Ok(rows) => rows,
-            // Not created yet: the pipeline may not have prepared the target.
-            Err(e) if e.to_string().contains("does not exist") => Vec::new(),
+            // Not created yet: the pipeline may not have prepared the target
+            // (nor selected its namespace and database on this connection).
+            Err(e)
+                if e.to_string().contains("does not exist")
+                    || e.to_string().contains("Specify a namespace")
+                    || e.to_string().contains("Specify a database") =>
+            {
+                Vec::new()
+            }
             Err(e) => panic!("reading table {t} of the target: {e}"),
         };
         let mut m = BTreeMap::new();
