@@ -517,62 +517,8 @@ async fn target_fit(
         return;
     };
     if let SchemaMode::Migrations(dir, layout) = &mode {
-        match migrations::pending_sql(&tx, &ep, dir, *layout).await {
-            Ok(files) => {
-                let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
-                problems.push(note(
-                    "(target)",
-                    None,
-                    format!(
-                        "migrations in {}: {} layout, applied by {} and recorded in {}; not applied yet: {}",
-                        dir.display(),
-                        match layout {
-                            migrations::Layout::Refinery => "refinery (V{n}__name.sql)",
-                            migrations::Layout::Sqlx => "sqlx ({version}_name.sql)",
-                            migrations::Layout::Own => "plain (*.sql in name order)",
-                        },
-                        layout.name(),
-                        layout.history(),
-                        if names.is_empty() { "none".to_string() } else { names.join(", ") }
-                    ),
-                    false,
-                ));
-                for (name, sql) in &files {
-                    if migrations::manages_transaction(sql) {
-                        problems.push(note(
-                            "(target)",
-                            None,
-                            format!(
-                                "migration {name} manages its own transaction (BEGIN/COMMIT, or -- no-transaction), so check does not try it: \
-                                 the tables it and later files make are checked when run applies them"
-                            ),
-                            false,
-                        ));
-                        return;
-                    }
-                    if let Err(e) = tx.batch_execute(sql).await {
-                        problems.push(note(
-                            "(target)",
-                            None,
-                            format!(
-                                "migration {name} fails on the target: {}",
-                                crate::pg::conn::pg_error(
-                                    &ep,
-                                    "applying it in a rolled-back transaction",
-                                    e
-                                )
-                                .report()
-                            ),
-                            true,
-                        ));
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                problems.push(note("(target)", None, e.report(), true));
-                return;
-            }
+        if !try_migrations(&tx, &ep, dir, *layout, problems).await {
+            return;
         }
     }
     let mut narrowed: Vec<(crate::model::TableSchema, Vec<(usize, Narrow)>)> = Vec::new();
@@ -664,4 +610,74 @@ async fn target_fit(
             }
         }
     }
+}
+
+/// The migration files not applied yet, tried in `tx` (which the caller
+/// rolls back); false when the tables cannot be checked after them.
+async fn try_migrations(
+    tx: &tokio_postgres::Transaction<'_>,
+    ep: &crate::pg::conn::PgEndpoint,
+    dir: &Path,
+    layout: crate::sink::postgres::migrations::Layout,
+    problems: &mut Vec<Problem>,
+) -> bool {
+    use crate::sink::postgres::migrations;
+    let note = |message: String, blocking: bool| Problem {
+        table: "(target)".into(),
+        column: None,
+        message,
+        blocking,
+    };
+    match migrations::pending_sql(tx, ep, dir, layout).await {
+        Ok(files) => {
+            let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+            problems.push(note(
+                format!(
+                    "migrations in {}: {} layout, applied by {} and recorded in {}; not applied yet: {}",
+                    dir.display(),
+                    match layout {
+                        migrations::Layout::Refinery => "refinery (V{n}__name.sql)",
+                        migrations::Layout::Sqlx => "sqlx ({version}_name.sql)",
+                        migrations::Layout::Own => "plain (*.sql in name order)",
+                    },
+                    layout.name(),
+                    layout.history(),
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                ),
+                false,
+            ));
+            for (name, sql) in &files {
+                if migrations::manages_transaction(sql) {
+                    problems.push(note(
+                        format!(
+                            "migration {name} manages its own transaction (BEGIN/COMMIT, or -- no-transaction), so check does not try it: \
+                             the tables it and later files make are checked when run applies them"
+                        ),
+                        false,
+                    ));
+                    return false;
+                }
+                if let Err(e) = tx.batch_execute(sql).await {
+                    problems.push(note(
+                        format!(
+                            "migration {name} fails on the target: {}",
+                            crate::pg::conn::pg_error(
+                                ep,
+                                "applying it in a rolled-back transaction",
+                                e
+                            )
+                            .report()
+                        ),
+                        true,
+                    ));
+                    return false;
+                }
+            }
+        }
+        Err(e) => {
+            problems.push(note(e.report(), true));
+            return false;
+        }
+    }
+    true
 }

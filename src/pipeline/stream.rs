@@ -13,7 +13,7 @@ use tracing::{info, warn, Instrument};
 use super::batcher::{Batcher, Chunk};
 use super::snapshot::TableCopier;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Change, TableSchema};
 use crate::observe::{Observer, Phase, LAG_INTERVAL};
 use crate::position::Position;
@@ -129,7 +129,18 @@ impl Streamer {
             // On the way out, what was received is applied and recorded.
             while let Some(chunk) = batcher.next(Instant::now(), !open) {
                 if let Some(marker) = &chunk.copy {
-                    let at = self.copy(marker, &mut known, &cancel).await?;
+                    let at = match self.copy(marker, &mut known, &cancel).await {
+                        Ok(at) => at,
+                        // Stopped as asked in the middle of a copy: the
+                        // table is copied again on the next start, and
+                        // nothing after it was applied.
+                        Err(e) if e.kind() == ErrorKind::Interrupted && cancel.is_cancelled() => {
+                            info!("{}", e.report());
+                            open = false;
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     batcher.copied(&marker.table.name, at);
                     continue;
                 }
