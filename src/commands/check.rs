@@ -480,7 +480,7 @@ async fn target_fit(
     tables: &mut [PlanTable],
     problems: &mut Vec<Problem>,
 ) {
-    use crate::schema::narrow::{misfit, Narrow};
+    use crate::schema::narrow::{fits, Narrow};
     use crate::sink::postgres::migrations;
     use crate::sink::postgres::tables::{prepare, SchemaMode};
     let note = |table: &str, column: Option<String>, message: String, blocking: bool| Problem {
@@ -552,7 +552,7 @@ async fn target_fit(
                     rows += 1;
                     // Every narrower column of the row, not only the first.
                     for (i, n) in &narrow {
-                        if let Some((_, why)) = misfit(&[(*i, n.clone())], row) {
+                        if let Some(why) = row.get(*i).and_then(|v| fits(v, n).err()) {
                             let key = t.describe_key(&t.key_of(row));
                             match bad.iter_mut().find(|b| b.0 == *i) {
                                 Some(b) => {

@@ -418,6 +418,20 @@ impl ServerCertVerifier for IgnoreHostname {
     }
 }
 
+/// Whether relation `name` (quoted as SQL writes it: `switchyard.checkpoint`,
+/// `"public"."orders"`) exists; `what` names the read in an error.
+pub async fn relation_exists(
+    c: &impl tokio_postgres::GenericClient,
+    ep: &PgEndpoint,
+    name: &str,
+    what: &str,
+) -> Result<bool> {
+    Ok(c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await
+        .map_err(pg_err(ep, what))?
+        .get(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -110,6 +110,26 @@ async fn schema_of(db: &PgDb) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the source schema's post-data part (keys, triggers,
+/// policies) is restored in `target`: the copy is done.
+pub async fn post_data_restored(target: &PgDb) {
+    wait_until(
+        "the schema's post-data part",
+        Duration::from_secs(60),
+        || async {
+            target
+                .client
+                .query_opt(
+                    "SELECT 1 FROM switchyard.schema_restore WHERE section = 'post-data'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|r| r.is_some())
+        },
+    )
+    .await;
+}
+
 /// A table's rows as PostgreSQL's text of each whole row, in order.
 async fn rows_as_text(db: &PgDb, table: &str) -> Vec<String> {
     db.client
@@ -160,17 +180,7 @@ async fn the_target_gets_the_whole_source_schema_with_pg_dump() {
     let run = tokio::spawn(async move { pipeline.run(switchyard::pipeline::Mode::Run, c).await });
     // A writer while streaming: inserts (the source's triggers fill tsv
     // and the audit), updates, deletes.
-    wait_until("the copy", Duration::from_secs(60), || async {
-        target
-            .client
-            .query_opt(
-                "SELECT 1 FROM switchyard.schema_restore WHERE section = 'post-data'",
-                &[],
-            )
-            .await
-            .is_ok_and(|r| r.is_some())
-    })
-    .await;
+    post_data_restored(&target).await;
     for i in 0..40 {
         db.exec(&format!(
             "INSERT INTO doc (qty, title, body, m) VALUES ({q}, 'new {i}', 'streamed', 'happy');
@@ -369,21 +379,7 @@ async fn triggers_that_would_fire_stop_the_run_unless_accepted() {
     let cancel = tokio_util::sync::CancellationToken::new();
     let c = cancel.clone();
     let run = tokio::spawn(async move { pipeline.run(switchyard::pipeline::Mode::Run, c).await });
-    wait_until(
-        "the schema's post-data part",
-        Duration::from_secs(60),
-        || async {
-            target
-                .client
-                .query_opt(
-                    "SELECT 1 FROM switchyard.schema_restore WHERE section = 'post-data'",
-                    &[],
-                )
-                .await
-                .is_ok_and(|r| r.is_some())
-        },
-    )
-    .await;
+    post_data_restored(&target).await;
     db.exec("INSERT INTO t VALUES (6, 6)").await;
     wait_until("the streamed row", Duration::from_secs(60), || async {
         target

@@ -423,21 +423,7 @@ async fn an_idle_source_costs_the_target_a_handful_of_transactions_a_second() {
     .await;
     // (The source's schema is restored around the copy: its post-data part
     // ends the snapshot.)
-    wait_until(
-        "the schema's post-data part",
-        Duration::from_secs(60),
-        || async {
-            target
-                .client
-                .query_opt(
-                    "SELECT 1 FROM switchyard.schema_restore WHERE section = 'post-data'",
-                    &[],
-                )
-                .await
-                .is_ok_and(|r| r.is_some())
-        },
-    )
-    .await;
+    crate::pg_schema::post_data_restored(&target).await;
     let commits = || async {
         target
             .client

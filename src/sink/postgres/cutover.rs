@@ -10,7 +10,7 @@ use tokio_postgres::GenericClient;
 
 use crate::error::{Error, Result};
 use crate::model::{Marker, SequenceValue, TableSchema};
-use crate::pg::conn::{pg_err, PgEndpoint};
+use crate::pg::conn::{pg_err, relation_exists, PgEndpoint};
 use crate::pg::{quote_ident, quote_table};
 use crate::position::Position;
 use crate::sink::MarkerState;
@@ -41,15 +41,14 @@ pub async fn mark(
 
 /// The newest cutover record, if the state schema has any.
 pub async fn record(c: &impl GenericClient, ep: &PgEndpoint) -> Result<Option<serde_json::Value>> {
-    let exists = c
-        .query_opt(
-            "SELECT 1 FROM pg_class WHERE oid = to_regclass('switchyard.cutover')",
-            &[],
-        )
-        .await
-        .map_err(pg_err(ep, "reading the target's state schema"))?
-        .is_some();
-    if !exists {
+    if !relation_exists(
+        c,
+        ep,
+        "switchyard.cutover",
+        "reading the target's state schema",
+    )
+    .await?
+    {
         return Ok(None);
     }
     let row = c
@@ -192,12 +191,7 @@ pub async fn set_sequences(
             }
             None => {
                 let name = format!("{}.{}", quote_ident(&s.schema), quote_ident(&s.name));
-                let exists = c
-                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-                    .await
-                    .map_err(pg_err(ep, "reading the target's sequences"))?
-                    .get::<_, bool>(0);
-                if !exists {
+                if !relation_exists(c, ep, &name, "reading the target's sequences").await? {
                     c.batch_execute(&format!(
                         "CREATE SCHEMA IF NOT EXISTS {}; CREATE SEQUENCE IF NOT EXISTS {name} AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} {}",
                         quote_ident(&s.schema),

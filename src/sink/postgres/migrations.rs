@@ -18,7 +18,7 @@ use tracing::info;
 
 use super::state;
 use crate::error::{Error, Result};
-use crate::pg::conn::{pg_err, PgEndpoint, SslMode};
+use crate::pg::conn::{pg_err, relation_exists, PgEndpoint, SslMode};
 
 /// How a directory of migration files is laid out, and so who applies it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,12 +347,14 @@ pub async fn pending_sql(
         })
     };
     let applied = |sql: &'static str| async move {
-        let exists: bool = c
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&layout.history()])
-            .await
-            .map_err(pg_err(ep, "reading the target's migration history"))?
-            .get(0);
-        if !exists {
+        if !relation_exists(
+            c,
+            ep,
+            layout.history(),
+            "reading the target's migration history",
+        )
+        .await?
+        {
             return Ok::<Vec<String>, Error>(Vec::new());
         }
         Ok(c.query(sql, &[])

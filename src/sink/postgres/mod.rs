@@ -32,11 +32,11 @@ use self::tables::SchemaMode;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::{Change, Ddl, Marker, Op, Row, SequenceValue, TableSchema, Value};
-use crate::pg::conn::{pg_error, PgEndpoint};
+use crate::pg::conn::{pg_error, relation_exists, PgEndpoint};
 use crate::pg::{quote_ident, quote_table};
 use crate::position::{Durable, Position};
 use crate::reject::{row_json, Rejected, Rejects};
-use crate::schema::narrow::{misfit, narrowing, Narrow};
+use crate::schema::narrow::{misfit, Narrow};
 use crate::schema::postgres::{
     alter_ddl, copy_field, primary_key_ddl, secondary_ddl, table_column_type, to_text,
 };
@@ -286,24 +286,16 @@ impl PgSink {
             if have.is_empty() {
                 return;
             }
-            let mut narrow = Vec::new();
             let types = table
                 .columns
                 .iter()
                 .enumerate()
-                .map(|(i, col)| {
-                    let want = table_column_type(table, i, self.source_is_postgres);
-                    match have.iter().find(|h| h.name == col.name) {
-                        Some(h) => {
-                            if let Some(n) = narrowing(&want, &h.ty, &h.base, h.labels.as_deref()) {
-                                narrow.push((i, n));
-                            }
-                            h.ty.clone()
-                        }
-                        None => want,
-                    }
+                .map(|(i, col)| match have.iter().find(|h| h.name == col.name) {
+                    Some(h) => h.ty.clone(),
+                    None => table_column_type(table, i, self.source_is_postgres),
                 })
                 .collect();
+            let narrow = tables::narrow_columns(table, &have, self.source_is_postgres);
             self.remember_narrow(table, &narrow).await;
             self.remember_types(table, types).await;
         }
@@ -342,16 +334,7 @@ impl PgSink {
         table: &TableSchema,
     ) -> Result<()> {
         let have = tables::target_columns(c, &self.ep, &table.target_name).await?;
-        let narrow: Vec<(usize, Narrow)> = table
-            .columns
-            .iter()
-            .enumerate()
-            .filter_map(|(i, col)| {
-                let h = have.iter().find(|h| h.name == col.name)?;
-                let want = table_column_type(table, i, self.source_is_postgres);
-                narrowing(&want, &h.ty, &h.base, h.labels.as_deref()).map(|n| (i, n))
-            })
-            .collect();
+        let narrow = tables::narrow_columns(table, &have, self.source_is_postgres);
         self.remember_narrow(table, &narrow).await;
         Ok(())
     }
@@ -523,14 +506,13 @@ impl Sink for PgSink {
         let mut c = self.take().await?;
         let tx = c.transaction().await.map_err(self.pg("beginning"))?;
         let old = self.shapes.lock().await.get(&table.name).cloned();
-        let exists = tx
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&quote_table(&table.target_name)],
-            )
-            .await
-            .map_err(self.pg("reading the target catalog"))?
-            .get::<_, bool>(0);
+        let exists = relation_exists(
+            &tx,
+            &self.ep,
+            &quote_table(&table.target_name),
+            "reading the target catalog",
+        )
+        .await?;
         let changed = old.is_some_and(|o| !o.same_shape(table));
         if self.mode == SchemaMode::Create && (changed || !exists) {
             // Copied again after a change it could not follow in place:
@@ -1041,8 +1023,9 @@ impl PgSink {
             }
         }
         // A value a narrower column does not hold: the batch goes again
-        // change by change, where it is refused (or set aside).
-        if !careful {
+        // change by change, where it is refused (or set aside). (Only the
+        // team's own tables have narrower columns.)
+        if !careful && self.mode != SchemaMode::Create {
             for ch in changes {
                 if let Some((i, why)) = self.change_misfit(ch).await {
                     return Err(Failure {

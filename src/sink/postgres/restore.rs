@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use crate::error::{Error, Result};
-use crate::pg::conn::{pg_err, PgEndpoint};
+use crate::pg::conn::{pg_err, relation_exists, PgEndpoint};
 use crate::pg::{quote_ident, tools};
 use crate::schema::dump::{SchemaDump, Section};
 
@@ -18,15 +18,14 @@ pub async fn restored(
     ep: &PgEndpoint,
     section: Section,
 ) -> Result<bool> {
-    let exists = c
-        .query_opt(
-            "SELECT 1 FROM pg_class WHERE oid = to_regclass('switchyard.schema_restore')",
-            &[],
-        )
-        .await
-        .map_err(pg_err(ep, "reading the target's state schema"))?
-        .is_some();
-    if !exists {
+    if !relation_exists(
+        c,
+        ep,
+        "switchyard.schema_restore",
+        "reading the target's state schema",
+    )
+    .await?
+    {
         return Ok(false);
     }
     Ok(c.query_opt(

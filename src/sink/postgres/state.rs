@@ -7,7 +7,7 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use crate::error::{Error, Result};
-use crate::pg::conn::{pg_err, pg_error, PgEndpoint};
+use crate::pg::conn::{pg_err, pg_error, relation_exists, PgEndpoint};
 use crate::pg::quote_literal;
 use crate::position::Position;
 use crate::sink::{SinkState, TableState, TableStatus};
@@ -148,15 +148,14 @@ pub async fn user_migrations(
 /// The checkpoint and the tables' copy states; `None` where the state schema
 /// does not exist (switchyard never replicated into this database).
 pub async fn read(ep: &PgEndpoint, c: &Client) -> Result<Option<SinkState>> {
-    let exists = c
-        .query_opt(
-            "SELECT 1 FROM pg_class WHERE oid = to_regclass('switchyard.checkpoint')",
-            &[],
-        )
-        .await
-        .map_err(pg_err(ep, "reading the target's state schema"))?
-        .is_some();
-    if !exists {
+    if !relation_exists(
+        c,
+        ep,
+        "switchyard.checkpoint",
+        "reading the target's state schema",
+    )
+    .await?
+    {
         return Ok(None);
     }
     let mut state = SinkState::default();

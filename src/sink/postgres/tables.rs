@@ -6,7 +6,7 @@ use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::model::TableSchema;
-use crate::pg::conn::{pg_err, pg_error, PgEndpoint};
+use crate::pg::conn::{pg_err, pg_error, relation_exists, PgEndpoint};
 use crate::pg::{quote_ident, quote_table};
 use crate::schema::narrow::{narrowing, Narrow};
 use crate::schema::postgres::{column_definition, enum_ddl, holds, table_column_type};
@@ -97,19 +97,17 @@ pub async fn prepare(
     } else {
         let mut problems = Vec::new();
         for (col, ty) in t.columns.iter().zip(&want) {
+            // Narrower, of the same family: every value is checked.
+            let narrower = have
+                .get(&col.name)
+                .filter(|_| checked)
+                .and_then(|h| narrowing(ty, h, &base[&col.name], labels[&col.name].as_deref()));
             match have.get(&col.name) {
                 // The source's own type (a domain, a composite or enum type
                 // restored from its schema): its text form reads back as is.
                 Some(h) if source_is_postgres && *h == col.source_type => types.push(h.clone()),
-                // Narrower, of the same family: every value is checked.
-                Some(h)
-                    if checked
-                        && narrowing(ty, h, &base[&col.name], labels[&col.name].as_deref())
-                            .is_some() =>
-                {
-                    let n = narrowing(ty, h, &base[&col.name], labels[&col.name].as_deref())
-                        .expect("checked above");
-                    narrow.push((types.len(), n));
+                Some(h) if narrower.is_some() => {
+                    narrow.extend(narrower.map(|n| (types.len(), n)));
                     types.push(h.clone());
                 }
                 Some(h) if !holds(ty, h) && !holds(ty, &base[&col.name]) => {
@@ -167,6 +165,24 @@ pub async fn prepare(
         }
     }
     Ok(Prepared { types, narrow })
+}
+
+/// The columns of `t` that target columns `have` hold narrower than
+/// switchyard's type for them (by source column index).
+pub fn narrow_columns(
+    t: &TableSchema,
+    have: &[TargetColumn],
+    source_is_postgres: bool,
+) -> Vec<(usize, Narrow)> {
+    t.columns
+        .iter()
+        .enumerate()
+        .filter_map(|(i, col)| {
+            let h = have.iter().find(|h| h.name == col.name)?;
+            let want = table_column_type(t, i, source_is_postgres);
+            narrowing(&want, &h.ty, &h.base, h.labels.as_deref()).map(|n| (i, n))
+        })
+        .collect()
 }
 
 /// A column of a target table.
@@ -248,14 +264,8 @@ pub async fn sync_partitions(
         .collect();
     let mut done = Vec::new();
     for p in t.partitions.iter().filter(|p| !have.contains(&p.name)) {
-        let exists = c
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&quote_table(&p.name)],
-            )
-            .await
-            .map_err(pg_err(ep, "reading the target catalog"))?
-            .get::<_, bool>(0);
+        let exists =
+            relation_exists(c, ep, &quote_table(&p.name), "reading the target catalog").await?;
         let sql = if exists {
             format!(
                 "ALTER TABLE {name} ATTACH PARTITION {} {}",

@@ -333,8 +333,7 @@ pub async fn apply(c: &Client, ep: &PgEndpoint, fence: &Fence) -> Result<Vec<Str
     match fence.mode {
         FenceMode::None => return Ok(done),
         FenceMode::ReadOnly => {
-            let p: ReadOnlyPlan = serde_json::from_value(fence.plan.clone())
-                .map_err(|e| Error::definite("unreadable fence plan").with_source(e))?;
+            let p: ReadOnlyPlan = plan_of(fence)?;
             let mut sql = String::new();
             for r in p.roles_before.keys() {
                 sql.push_str(&format!(
@@ -352,8 +351,7 @@ pub async fn apply(c: &Client, ep: &PgEndpoint, fence: &Fence) -> Result<Vec<Str
                 .map_err(pg_err(ep, "setting the read-only fence"))?;
         }
         FenceMode::Revoke => {
-            let grants: Vec<Grant> = serde_json::from_value(fence.plan.clone())
-                .map_err(|e| Error::definite("unreadable fence plan").with_source(e))?;
+            let grants: Vec<Grant> = plan_of(fence)?;
             let sql: String = grants
                 .iter()
                 .map(|g| {
@@ -375,6 +373,12 @@ pub async fn apply(c: &Client, ep: &PgEndpoint, fence: &Fence) -> Result<Vec<Str
     Ok(done)
 }
 
+/// A fence's recorded plan, as its mode wrote it.
+fn plan_of<T: serde::de::DeserializeOwned>(fence: &Fence) -> Result<T> {
+    serde_json::from_value(fence.plan.clone())
+        .map_err(|e| Error::definite("unreadable fence plan").with_source(e))
+}
+
 /// Undoes a fence.
 pub async fn lift(c: &Client, ep: &PgEndpoint, fence: &Fence) -> Result<()> {
     let set = |what: String, before: &Option<String>| match before {
@@ -387,8 +391,7 @@ pub async fn lift(c: &Client, ep: &PgEndpoint, fence: &Fence) -> Result<()> {
     match fence.mode {
         FenceMode::None => return Ok(()),
         FenceMode::ReadOnly => {
-            let p: ReadOnlyPlan = serde_json::from_value(fence.plan.clone())
-                .map_err(|e| Error::definite("unreadable fence plan").with_source(e))?;
+            let p: ReadOnlyPlan = plan_of(fence)?;
             let mut sql = set(
                 format!("ALTER DATABASE {}", quote_ident(&p.database)),
                 &p.database_before,
@@ -408,8 +411,7 @@ pub async fn lift(c: &Client, ep: &PgEndpoint, fence: &Fence) -> Result<()> {
                 .map_err(pg_err(ep, "lifting the read-only fence"))?;
         }
         FenceMode::Revoke => {
-            let grants: Vec<Grant> = serde_json::from_value(fence.plan.clone())
-                .map_err(|e| Error::definite("unreadable fence plan").with_source(e))?;
+            let grants: Vec<Grant> = plan_of(fence)?;
             let sql: String = grants
                 .iter()
                 .map(|g| {
