@@ -162,6 +162,14 @@ pub struct TablesConfig {
     /// Key columns for tables that have no primary key.
     #[serde(default)]
     pub keys: BTreeMap<String, Vec<String>>,
+    /// Type rules (SQLite source): `"table.column"` (patterns allowed) or
+    /// `"type:DECLARED"` → the target type (`jsonb`, `boolean`, …).
+    #[serde(default)]
+    pub types: BTreeMap<String, String>,
+    /// SQLite FTS tables over a replicated table become a `tsvector`
+    /// column with a GIN index in a PostgreSQL target.
+    #[serde(default)]
+    pub text_search: bool,
 }
 
 impl Default for TablesConfig {
@@ -171,6 +179,8 @@ impl Default for TablesConfig {
             exclude: Vec::new(),
             rename: BTreeMap::new(),
             keys: BTreeMap::new(),
+            types: BTreeMap::new(),
+            text_search: false,
         }
     }
 }
@@ -387,7 +397,19 @@ impl Config {
                     }
                 }
             }
-            Ok(SourceKind::Sqlite { .. }) => {}
+            Ok(SourceKind::Sqlite { .. }) => {
+                if let Err(e) = crate::schema::cast::TypeRules::compile(&self.tables.types) {
+                    problems.push(e);
+                }
+            }
+        }
+        if !matches!(self.source_kind(), Ok(SourceKind::Sqlite { .. })) {
+            if !self.tables.types.is_empty() {
+                problems.push("tables.types: type rules apply to a SQLite source; a PostgreSQL source's types are carried as they are".into());
+            }
+            if self.tables.text_search {
+                problems.push("tables.text_search: applies to a SQLite source's FTS tables".into());
+            }
         }
         match self.target_kind() {
             Err(e) => problems.push(e.to_string()),
@@ -548,6 +570,8 @@ impl Config {
                 exclude: Vec::new(),
                 rename,
                 keys,
+                types: BTreeMap::new(),
+                text_search: false,
             },
             pipeline: PipelineConfig {
                 reject_dir: None,

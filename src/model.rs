@@ -171,6 +171,94 @@ pub struct TableSchema {
     /// target table follows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub partitions: Vec<Partition>,
+    /// CHECK constraints of the source (SQLite) that mean the same in the
+    /// target, for a target that creates its schema.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Check>,
+    /// Columns whose target type is not the one their declared type gives:
+    /// a cast of `[tables.types]` or a rule that reads the column's default
+    /// or CHECK (SQLite), with the reason `check` and the report show.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conversions: Vec<Conversion>,
+    /// Full-text indexes of the source (SQLite FTS tables over this table)
+    /// that a PostgreSQL target builds as a `tsvector` column.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub text_search: Vec<TextSearch>,
+}
+
+/// A CHECK constraint, as a sequence of neutral tokens each target writes
+/// in its own language.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Check {
+    /// The constraint's name in the target.
+    pub name: String,
+    pub expr: Vec<CheckToken>,
+    /// How the source wrote it, for messages.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum CheckToken {
+    /// A column, by index into the table's columns.
+    Column(usize),
+    /// A string literal's value.
+    Text(String),
+    /// A number as written.
+    Number(String),
+    /// A keyword, operator, function name or punctuation, as the target
+    /// writes it (`IN`, `AND`, `(`, `=`, `lower`).
+    Word(String),
+}
+
+impl Check {
+    /// `column IN (literal, …)`: the column and the literals as JSON values.
+    pub fn allowed_values(&self) -> Option<(usize, Vec<serde_json::Value>)> {
+        use CheckToken as T;
+        let [T::Column(c), T::Word(kw), T::Word(open), rest @ ..] = self.expr.as_slice() else {
+            return None;
+        };
+        if !kw.eq_ignore_ascii_case("IN") || open != "(" {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut expect_value = true;
+        for (i, t) in rest.iter().enumerate() {
+            match (expect_value, t) {
+                (true, T::Text(s)) => out.push(serde_json::Value::String(s.clone())),
+                (true, T::Number(n)) => out.push(serde_json::from_str(n).ok()?),
+                (false, T::Word(w)) if w == "," => {}
+                (false, T::Word(w)) if w == ")" && i + 1 == rest.len() => return Some((*c, out)),
+                _ => return None,
+            }
+            expect_value = !expect_value;
+        }
+        None
+    }
+}
+
+/// A column whose type was chosen by a rule other than its declared type.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Conversion {
+    /// Index into the table's columns.
+    pub column: usize,
+    /// The PostgreSQL type a cast names (`numeric(12,2)`, `jsonb`), where it
+    /// says more than the logical type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_type: Option<String>,
+    /// Why: `[tables.types] "missions.meta"`, `its default is datetime('now')`.
+    pub reason: String,
+}
+
+/// A full-text index over some columns of a table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TextSearch {
+    /// The source's FTS table, and the name of the target's `tsvector` column.
+    pub name: String,
+    /// Indexes into the table's columns, in the index's order.
+    pub columns: Vec<usize>,
+    /// The text search configuration (`simple`; `english` for a porter
+    /// tokenizer).
+    pub config: String,
 }
 
 /// A partition of a partitioned table.
@@ -235,6 +323,9 @@ impl TableSchema {
             enum_types: Vec::new(),
             column_defaults: Vec::new(),
             partitions: Vec::new(),
+            checks: Vec::new(),
+            conversions: Vec::new(),
+            text_search: Vec::new(),
         }
     }
 
@@ -254,6 +345,9 @@ impl TableSchema {
             enum_types: Vec::new(),
             column_defaults: Vec::new(),
             partitions: Vec::new(),
+            checks: Vec::new(),
+            conversions: Vec::new(),
+            text_search: Vec::new(),
         }
     }
 
@@ -266,6 +360,7 @@ impl TableSchema {
             && self.whole_row == other.whole_row
             && self.column_ids == other.column_ids
             && self.column_defaults == other.column_defaults
+            && self.checks == other.checks
     }
 
     /// The identity of column `i`: its source id where known, else its name.

@@ -38,6 +38,10 @@ pub struct PlanColumn {
     pub name: String,
     pub source_type: String,
     pub target: String,
+    /// Why the target type is not the declared type's, and the default or
+    /// identity the target keeps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +51,9 @@ pub struct PlanTable {
     pub key: Vec<String>,
     pub record_id: String,
     pub columns: Vec<PlanColumn>,
+    /// The source's CHECKs as the target will hold them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -110,13 +117,20 @@ impl Plan {
                 };
                 let _ = writeln!(
                     out,
-                    "  {:<w$}  {:<wt$}  → {}",
+                    "  {:<w$}  {:<wt$}  → {}{}",
                     c.name,
                     st,
                     c.target,
+                    c.note
+                        .as_ref()
+                        .map(|n| format!("  ({n})"))
+                        .unwrap_or_default(),
                     w = w,
                     wt = wt + 2
                 );
+            }
+            for k in &t.checks {
+                let _ = writeln!(out, "  {k}");
             }
         }
         if !self.before_load.is_empty() {
@@ -188,11 +202,18 @@ pub async fn check(config: &Config) -> Result<Plan> {
                         name: c.name.clone(),
                         source_type: c.source_type.clone(),
                         target: target(t, i),
+                        note: t
+                            .conversions
+                            .iter()
+                            .find(|k| k.column == i)
+                            .map(|k| k.reason.clone()),
                     })
                     .collect(),
+                checks: Vec::new(),
             })
             .collect()
     }
+    let source_left_out = std::mem::take(&mut discovery.left_out);
     if let TargetKind::Postgres { url } = config.target_kind()? {
         let pg_source = matches!(
             config.source_kind()?,
@@ -277,11 +298,17 @@ pub async fn check(config: &Config) -> Result<Plan> {
                 }
             }
         }
+        if !pg_source && mode == "create" {
+            for (t, plan) in discovery.tables.iter().zip(tables.iter_mut()) {
+                postgres_notes(t, plan);
+            }
+        }
+        conversion_notes(config, &*source, &discovery.tables, &mut problems).await;
         return Ok(Plan {
             source: redact_url(&config.source.url),
             target: format!("{}  schema {mode}", redact_url(&url)),
             before_load: Vec::new(),
-            left_out: Vec::new(),
+            left_out: source_left_out,
             tables,
             problems,
             identity: "target:",
@@ -330,6 +357,38 @@ pub async fn check(config: &Config) -> Result<Plan> {
     let tables = plan_tables(&discovery.tables, schema::surreal::describe_id, |t, i| {
         schema::surreal::describe(t, i, schemafull)
     });
+    for t in &discovery.tables {
+        for k in &t.checks {
+            if k.allowed_values().is_none() || !schemafull {
+                problems.push(note(
+                    &t.name,
+                    None,
+                    format!(
+                        "{} has no SurrealDB form{}; it is not carried",
+                        k.source,
+                        if schemafull {
+                            ""
+                        } else {
+                            " in a SCHEMALESS table"
+                        }
+                    ),
+                    false,
+                ));
+            }
+        }
+        for ts in &t.text_search {
+            problems.push(note(
+                &t.name,
+                None,
+                format!(
+                    "full-text index {:?} is built only in a PostgreSQL target",
+                    ts.name
+                ),
+                false,
+            ));
+        }
+    }
+    conversion_notes(config, &*source, &discovery.tables, &mut problems).await;
     Ok(Plan {
         source: redact_url(&config.source.url),
         target,
@@ -338,8 +397,136 @@ pub async fn check(config: &Config) -> Result<Plan> {
         identity: "record id",
         after_load: Vec::new(),
         before_load: Vec::new(),
-        left_out: Vec::new(),
+        left_out: source_left_out,
     })
+}
+
+/// For a PostgreSQL target switchyard creates from a SQLite source: each
+/// column's identity or default beside its type, and the table's CHECKs
+/// and full-text columns as they will be built.
+fn postgres_notes(t: &crate::model::TableSchema, plan: &mut PlanTable) {
+    for (i, c) in plan.columns.iter_mut().enumerate() {
+        let fills = t
+            .column_defaults
+            .iter()
+            .find(|d| d.column == i)
+            .and_then(|d| {
+                if d.identity {
+                    Some("identity: SQLite's rowid alias".to_string())
+                } else {
+                    d.default.as_ref().map(|e| format!("DEFAULT {e}"))
+                }
+            });
+        c.note = match (c.note.take(), fills) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        };
+    }
+    plan.checks = t
+        .checks
+        .iter()
+        .map(|k| {
+            format!(
+                "CONSTRAINT {} CHECK ({})",
+                crate::pg::quote_ident(&k.name),
+                schema::postgres::check_expr(t, k)
+            )
+        })
+        .chain(t.text_search.iter().map(|ts| {
+            format!(
+                "{} tsvector over ({}), GIN index: the FTS table {:?}",
+                crate::pg::quote_ident(&ts.name),
+                ts.columns
+                    .iter()
+                    .map(|&c| t.columns[c].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                ts.name
+            )
+        }))
+        .collect();
+}
+
+/// A problem of `table` (and `column`), blocking or a note.
+fn note(table: &str, column: Option<String>, message: String, blocking: bool) -> Problem {
+    Problem {
+        table: table.to_string(),
+        column,
+        message,
+        blocking,
+    }
+}
+
+/// Whether each converted column's current values convert, read from the
+/// source: a note per cast, naming up to ten keys of values that do not.
+async fn conversion_notes(
+    config: &Config,
+    source: &dyn crate::source::Source,
+    tables: &[crate::model::TableSchema],
+    problems: &mut Vec<Problem>,
+) {
+    for t in tables.iter().filter(|t| !t.conversions.is_empty()) {
+        let found = match source.check_conversions(t).await {
+            Ok(f) => f,
+            Err(e) => {
+                problems.push(note(
+                    &t.name,
+                    None,
+                    format!("cannot read the source to check its casts: {}", e.report()),
+                    false,
+                ));
+                continue;
+            }
+        };
+        for f in found {
+            let c = &t.columns[f.column];
+            let reason = t
+                .conversions
+                .iter()
+                .find(|k| k.column == f.column)
+                .map(|k| k.reason.as_str())
+                .unwrap_or("");
+            let cast = format!(
+                "{} → {} ({reason})",
+                if c.source_type.is_empty() {
+                    "(no type)"
+                } else {
+                    &c.source_type
+                },
+                c.logical
+            );
+            if f.failed == 0 {
+                problems.push(note(
+                    &t.name,
+                    Some(c.name.clone()),
+                    format!(
+                        "{cast}: every current value converts ({} rows read)",
+                        f.rows
+                    ),
+                    false,
+                ));
+            } else {
+                problems.push(note(
+                    &t.name,
+                    Some(c.name.clone()),
+                    format!(
+                        "{cast}: {} of {} current values do not convert, for example: {}; keys: {}{}; {}",
+                        f.failed,
+                        f.rows,
+                        f.example.as_deref().unwrap_or(""),
+                        f.keys.join(", "),
+                        if f.failed > f.keys.len() as u64 { ", …" } else { "" },
+                        if config.pipeline.reject_dir.is_some() {
+                            "run sets these rows aside in pipeline.reject_dir"
+                        } else {
+                            "run would stop at the first: fix the values in the source, change the rule, or set pipeline.reject_dir"
+                        }
+                    ),
+                    config.pipeline.reject_dir.is_none(),
+                ));
+            }
+        }
+    }
 }
 
 /// The schema a pg_dump restores, by part, and what it leaves out; notes
@@ -483,12 +670,6 @@ async fn target_fit(
     use crate::schema::narrow::{fits, Narrow};
     use crate::sink::postgres::migrations;
     use crate::sink::postgres::tables::{prepare, SchemaMode};
-    let note = |table: &str, column: Option<String>, message: String, blocking: bool| Problem {
-        table: table.to_string(),
-        column,
-        message,
-        blocking,
-    };
     let mode_text = config.target.schema.clone().unwrap_or_default();
     let mode = if mode_text == "existing" {
         SchemaMode::Existing

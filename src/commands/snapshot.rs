@@ -62,6 +62,15 @@ pub fn render(r: &Report, rejects: &crate::reject::Rejects) -> String {
             "{:<24} {:>12} {:>10.2} {:>12.0}  {note}",
             t.table, t.rows, t.seconds, t.rows_per_second
         );
+        for c in &t.conversions {
+            let _ = writeln!(out, "    cast {c}");
+        }
+    }
+    if !r.left_out.is_empty() {
+        let _ = writeln!(out, "\nleft out:");
+        for l in &r.left_out {
+            let _ = writeln!(out, "  {l}");
+        }
     }
     out
 }

@@ -59,6 +59,9 @@ pub struct Report {
     pub checkpoint: Option<String>,
     /// The cutover whose stop marker ended the stream.
     pub stopped_by: Option<String>,
+    /// Source tables never copied (SQLite's virtual and shadow tables), with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
 }
 
 pub struct Pipeline {
@@ -73,6 +76,8 @@ pub struct Pipeline {
     /// Held while this pipeline owns an embedded target (see
     /// [`crate::lockfile`]).
     lock: Option<crate::lockfile::DaemonLock>,
+    /// What discovery left out, for the report.
+    left_out: std::sync::Mutex<Vec<String>>,
 }
 
 /// What the target holds when the copy starts: the checkpoint to stream
@@ -109,6 +114,7 @@ impl Pipeline {
             observer,
             retry,
             lock: None,
+            left_out: Default::default(),
         }
     }
 
@@ -142,6 +148,12 @@ impl Pipeline {
         d.refuse_nothing_selected();
         for p in d.problems.iter().filter(|p| !p.blocking) {
             warn!(table = %p.table, column = p.column.as_deref().unwrap_or(""), "{}", p.message);
+        }
+        for l in &d.left_out {
+            info!("left out: {l}");
+        }
+        if let Ok(mut left_out) = self.left_out.lock() {
+            *left_out = d.left_out.clone();
         }
         let blocking: Vec<&Problem> = d.problems.iter().filter(|p| p.blocking).collect();
         if !blocking.is_empty() {
@@ -189,7 +201,10 @@ impl Pipeline {
             mut state,
         } = self.start(&installed).await?;
         self.forget_stale(&tables, &installed, &mut state).await?;
-        let mut report = Report::default();
+        let mut report = Report {
+            left_out: self.left_out.lock().map(|l| l.clone()).unwrap_or_default(),
+            ..Report::default()
+        };
         let mut skip: HashMap<String, Position> = HashMap::new();
         let mut to_copy = Vec::new();
         for t in &tables {

@@ -39,6 +39,9 @@ pub struct TableReport {
     /// Rows set aside in the table's reject file (`pipeline.reject_dir`).
     #[serde(skip_serializing_if = "is_zero")]
     pub rejected: u64,
+    /// Columns whose type a rule chose: `meta: TEXT → json ([tables.types] "missions.meta")`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conversions: Vec<String>,
     /// The snapshot position `Ct`, as text (an LSN for PostgreSQL).
     pub position: String,
     #[serde(skip)]
@@ -61,6 +64,7 @@ impl TableReport {
             already_copied: true,
             pass_through: false,
             rejected: 0,
+            conversions: conversions(t),
             position: s.position.to_string(),
             at: s.position,
         }
@@ -261,10 +265,34 @@ impl TableCopier {
             already_copied: false,
             pass_through,
             rejected,
+            conversions: conversions(table),
             position: at.to_string(),
             at,
         })
     }
+}
+
+/// The table's columns whose type a rule chose, for the report.
+fn conversions(t: &TableSchema) -> Vec<String> {
+    t.conversions
+        .iter()
+        .map(|k| {
+            let c = &t.columns[k.column];
+            format!(
+                "{}: {} → {} ({})",
+                c.name,
+                if c.source_type.is_empty() {
+                    "(no type)"
+                } else {
+                    &c.source_type
+                },
+                k.postgres_type
+                    .clone()
+                    .unwrap_or_else(|| c.logical.to_string()),
+                k.reason
+            )
+        })
+        .collect()
 }
 
 /// Logs each table's line of the report.
@@ -278,6 +306,9 @@ pub fn log_report(tables: &[TableReport]) {
                 seconds = format!("{:.2}", t.seconds), rows_per_second = format!("{:.0}", t.rows_per_second),
                 position = %t.position, "table copied"
             );
+            for c in &t.conversions {
+                info!(table = %t.table, "cast {c}");
+            }
             if t.rejected > 0 {
                 warn!(table = %t.table, rejected = t.rejected, "rows set aside in the reject file (pipeline.reject_dir)");
             }

@@ -113,7 +113,90 @@ pub fn table_column_type(
     if source_is_postgres && is_enum(&table.enum_types, &col.source_type) {
         return col.source_type.clone();
     }
+    if !source_is_postgres {
+        if let Some(ty) = table
+            .conversions
+            .iter()
+            .find(|c| c.column == i)
+            .and_then(|c| c.postgres_type.clone())
+        {
+            return ty;
+        }
+    }
     column_type(col, source_is_postgres)
+}
+
+/// A CHECK's expression in PostgreSQL's SQL.
+pub fn check_expr(table: &TableSchema, check: &crate::model::Check) -> String {
+    use crate::model::CheckToken as T;
+    let mut out = String::new();
+    let mut prev: Option<&T> = None;
+    for t in &check.expr {
+        let word = |w: &str| matches!(t, T::Word(x) if x == w);
+        let after_open = matches!(prev, Some(T::Word(x)) if x == "(");
+        let call = word("(")
+            && matches!(prev, Some(T::Word(x)) if x.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+        if prev.is_some() && !(word(")") || word(",") || after_open || call) {
+            out.push(' ');
+        }
+        match t {
+            T::Column(c) => out.push_str(&quote_ident(&table.columns[*c].name)),
+            T::Text(s) => out.push_str(&crate::pg::quote_literal(s)),
+            T::Number(n) | T::Word(n) => out.push_str(n),
+        }
+        prev = Some(t);
+    }
+    out
+}
+
+/// `ALTER TABLE … ADD CONSTRAINT … CHECK (…)` for each CHECK the table
+/// carries, with the constraint's name.
+pub fn check_ddl(table: &TableSchema) -> Vec<(String, String)> {
+    table
+        .checks
+        .iter()
+        .map(|c| {
+            (
+                c.name.clone(),
+                format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {} CHECK ({})",
+                    quote_table(&table.target_name),
+                    quote_ident(&c.name),
+                    check_expr(table, c)
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The `tsvector` column and GIN index of each full-text index the table
+/// carries (a SQLite FTS table over it).
+pub fn text_search_ddl(table: &TableSchema) -> Vec<String> {
+    let name = quote_table(&table.target_name);
+    let mut out = Vec::new();
+    for ts in &table.text_search {
+        let parts: Vec<String> = ts
+            .columns
+            .iter()
+            .map(|&c| {
+                format!(
+                    "coalesce({}::text, '')",
+                    quote_ident(&table.columns[c].name)
+                )
+            })
+            .collect();
+        let column = quote_ident(&ts.name);
+        out.push(format!(
+            "ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} tsvector GENERATED ALWAYS AS (to_tsvector({}::regconfig, {})) STORED",
+            crate::pg::quote_literal(&ts.config),
+            parts.join(" || ' ' || ")
+        ));
+        out.push(format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {name} USING gin ({column})",
+            quote_ident(&format!("{}_gin", ts.name))
+        ));
+    }
+    out
 }
 
 /// `DECIMAL(12, 2)` → `numeric(12,2)`; no precision → `numeric`.
@@ -365,6 +448,17 @@ pub fn alter_ddl(
             ));
         }
     }
+    // CHECKs that changed: the old ones go before the columns change, the
+    // new ones are added once they have.
+    let checks_changed = old.checks != new.checks;
+    if checks_changed {
+        for c in &old.checks {
+            out.push(format!(
+                "ALTER TABLE {t} DROP CONSTRAINT IF EXISTS {}",
+                quote_ident(&c.name)
+            ));
+        }
+    }
     for step in diff(old, new) {
         match step {
             AlterStep::Rename { from, column } => out.push(format!(
@@ -441,6 +535,9 @@ pub fn alter_ddl(
                 )
             }
         }
+    }
+    if checks_changed {
+        out.extend(check_ddl(new).into_iter().map(|(_, sql)| sql));
     }
     out
 }

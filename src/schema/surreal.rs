@@ -29,12 +29,12 @@ pub fn define_table(t: &TableSchema, schemafull: bool) -> String {
         return format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMALESS;\n");
     }
     let mut sql = format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMAFULL;\n");
-    for (i, c) in t.columns.iter().enumerate() {
+    for i in 0..t.columns.len() {
         if let Some(f) = field_name(t, i) {
             sql.push_str(&format!(
-                "DEFINE FIELD IF NOT EXISTS {} ON TABLE {tn} TYPE {};\n",
+                "DEFINE FIELD IF NOT EXISTS {} ON TABLE {tn} {};\n",
                 ident(&f),
-                field_type(c)
+                field_clause(t, i)
             ));
         }
     }
@@ -57,8 +57,8 @@ pub fn alter_ql(old: &TableSchema, new: &TableSchema, schemafull: bool) -> Vec<S
     let define = |t: &TableSchema, i: usize| {
         field(t, i).filter(|_| schemafull).map(|f| {
             format!(
-                "DEFINE FIELD OVERWRITE {f} ON TABLE {tn} TYPE {};",
-                field_type(&t.columns[i])
+                "DEFINE FIELD OVERWRITE {f} ON TABLE {tn} {};",
+                field_clause(t, i)
             )
         })
     };
@@ -87,6 +87,44 @@ pub fn alter_ql(old: &TableSchema, new: &TableSchema, schemafull: bool) -> Vec<S
             | AlterStep::Add { column }
             | AlterStep::Nullable { column } => out.extend(define(new, column)),
             AlterStep::Default { .. } => {}
+        }
+    }
+    // A column whose list of allowed values changed.
+    if old.checks != new.checks {
+        for i in 0..new.columns.len() {
+            if asserted(old, &new.columns[i].name) != asserted(new, &new.columns[i].name) {
+                out.extend(define(new, i));
+            }
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// The values a CHECK of the table allows column `name`, where one lists
+/// them (`status IN ('draft', 'active')`).
+fn asserted(t: &TableSchema, name: &str) -> Option<Vec<serde_json::Value>> {
+    t.checks.iter().find_map(|c| {
+        c.allowed_values()
+            .filter(|(i, _)| t.columns[*i].name == name)
+            .map(|(_, v)| v)
+    })
+}
+
+/// `TYPE …` of column `i`'s field, with `ASSERT $value IN [...]` where a
+/// CHECK lists the values the column allows.
+pub fn field_clause(t: &TableSchema, i: usize) -> String {
+    let c = &t.columns[i];
+    let mut out = format!("TYPE {}", field_type(c));
+    if let Some(values) = asserted(t, &c.name) {
+        let list: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        if c.nullable {
+            out.push_str(&format!(
+                " ASSERT $value = NONE OR $value IN [{}]",
+                list.join(", ")
+            ));
+        } else {
+            out.push_str(&format!(" ASSERT $value IN [{}]", list.join(", ")));
         }
     }
     out
@@ -139,7 +177,10 @@ pub fn field_type(column: &Column) -> String {
 pub fn describe(table: &TableSchema, col: usize, schemafull: bool) -> String {
     match field_name(table, col) {
         None => "record id".into(),
-        Some(f) if schemafull => format!("{f}: {}", field_type(&table.columns[col])),
+        Some(f) if schemafull => format!(
+            "{f}: {}",
+            field_clause(table, col).trim_start_matches("TYPE ")
+        ),
         Some(f) => format!("{f} (schemaless)"),
     }
 }

@@ -55,6 +55,9 @@ impl std::fmt::Display for Problem {
 pub struct Discovery {
     pub tables: Vec<TableSchema>,
     pub problems: Vec<Problem>,
+    /// Source tables that are never copied (SQLite's virtual tables and
+    /// their shadow tables), each with why.
+    pub left_out: Vec<String>,
 }
 
 impl Discovery {
@@ -106,6 +109,20 @@ impl Discovery {
             });
         }
     }
+}
+
+/// What [`Source::check_conversions`] found for one column.
+#[derive(Debug, Clone, Default)]
+pub struct ConversionCheck {
+    pub column: usize,
+    /// Rows read.
+    pub rows: u64,
+    /// Values that do not convert.
+    pub failed: u64,
+    /// The keys of the first ten rows whose value does not convert.
+    pub keys: Vec<String>,
+    /// Why the first one does not.
+    pub example: Option<String>,
 }
 
 /// Changes in source order, and the position the stream has read up to: at
@@ -291,6 +308,14 @@ pub trait Source: Send + Sync {
     /// exported snapshot), so that the next `snapshot` reads the source as it
     /// is then.
     async fn release_snapshot(&self) {}
+
+    /// For each column of `table` whose type a rule chose (its
+    /// `conversions`), whether the source's current values convert: read
+    /// by `check` before anything is loaded. Sources without such rules
+    /// have nothing to check.
+    async fn check_conversions(&self, _table: &TableSchema) -> Result<Vec<ConversionCheck>> {
+        Ok(Vec::new())
+    }
 
     /// How far the source is ahead of `applied`. Reads only.
     async fn lag(&self, applied: Position) -> Result<SourceLag>;

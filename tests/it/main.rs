@@ -8,6 +8,7 @@ mod cutover;
 mod deploy_files;
 mod layout;
 mod m4;
+mod m6;
 mod observe;
 mod pg_crash;
 mod pg_schema;

@@ -9,7 +9,9 @@ use crate::model::TableSchema;
 use crate::pg::conn::{pg_err, pg_error, relation_exists, PgEndpoint};
 use crate::pg::{quote_ident, quote_table};
 use crate::schema::narrow::{narrowing, Narrow};
-use crate::schema::postgres::{column_definition, enum_ddl, holds, table_column_type};
+use crate::schema::postgres::{
+    check_ddl, column_definition, enum_ddl, holds, table_column_type, text_search_ddl,
+};
 
 /// How the target tables come to exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +94,28 @@ pub async fn prepare(
         c.batch_execute(&format!("CREATE TABLE {name} ({})", defs.join(", ")))
             .await
             .map_err(pg_err(ep, &format!("creating table {}", t.target_name)))?;
+        // The source's CHECKs that mean the same here, and the tsvector
+        // columns of its full-text indexes.
+        for (check, sql) in check_ddl(t) {
+            c.batch_execute(&sql).await.map_err(|e| {
+                pg_error(
+                    ep,
+                    &format!("adding CHECK {check} to table {}", t.target_name),
+                    e,
+                )
+                .context(format!("statement {sql}"))
+            })?;
+        }
+        for sql in text_search_ddl(t) {
+            c.batch_execute(&sql).await.map_err(|e| {
+                pg_error(
+                    ep,
+                    &format!("building the full-text index of table {}", t.target_name),
+                    e,
+                )
+                .context(format!("statement {sql}"))
+            })?;
+        }
         info!(table = %t.target_name, "target table created");
         types = want;
     } else {

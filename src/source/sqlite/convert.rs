@@ -186,6 +186,24 @@ pub fn convert(raw: Raw, col: &Column) -> std::result::Result<Value, String> {
         (L::Any, Raw::Blob(b)) | (L::Bytes, Raw::Blob(b)) => Value::Bytes(b),
         (L::Bool, Raw::Integer(0)) => Value::Bool(false),
         (L::Bool, Raw::Integer(1)) => Value::Bool(true),
+        (L::Bool, Raw::Real(x)) if x == 0.0 || x == 1.0 => Value::Bool(x == 1.0),
+        // Text a cast names boolean: the words SQLite applications write.
+        (L::Bool, Raw::Text(s)) => match s.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "t" | "yes" | "y" | "on" => Value::Bool(true),
+            "0" | "false" | "f" | "no" | "n" | "off" => Value::Bool(false),
+            _ => {
+                return Err(format!(
+                    "{} (a boolean is 0 or 1, true or false)",
+                    mismatch(&Raw::Text(s))
+                ))
+            }
+        },
+        (L::Int, Raw::Text(s)) if s.trim().parse::<i64>().is_ok() => {
+            Value::Int(s.trim().parse::<i64>().unwrap_or_default())
+        }
+        (L::Float, Raw::Text(s)) if s.trim().parse::<f64>().is_ok_and(f64::is_finite) => {
+            Value::Float(s.trim().parse::<f64>().unwrap_or_default())
+        }
         (L::Decimal, Raw::Integer(i)) => Value::Decimal(i.to_string()),
         (L::Decimal, Raw::Real(x)) if x.is_finite() => Value::Decimal(format!("{x:?}")),
         (L::Decimal, Raw::Text(s)) => match parse_decimal(&s) {

@@ -16,6 +16,7 @@
 pub mod capture;
 pub mod catalog;
 pub mod convert;
+pub mod ddl;
 pub mod fence;
 pub mod follow;
 pub mod poll;
@@ -59,6 +60,8 @@ pub struct SqliteSource {
     filter: TableFilter,
     renames: BTreeMap<String, String>,
     keys: BTreeMap<String, Vec<String>>,
+    types: crate::schema::cast::TypeRules,
+    text_search: bool,
     poll_interval: Duration,
     retry: Retry,
     /// How schema changes are followed.
@@ -106,6 +109,9 @@ impl SqliteSource {
             filter: config.table_filter()?,
             renames: config.tables.rename.clone(),
             keys: config.tables.keys.clone(),
+            types: crate::schema::cast::TypeRules::compile(&config.tables.types)
+                .map_err(Error::config)?,
+            text_search: config.tables.text_search,
             poll_interval: Duration::from_millis(config.source.poll_interval_ms),
             retry: Retry::new(
                 config.pipeline.retry_attempts,
@@ -134,6 +140,8 @@ impl SqliteSource {
             filter: &self.filter,
             renames: &self.renames,
             keys: &self.keys,
+            types: &self.types,
+            text_search: self.text_search,
         }
     }
 
@@ -154,6 +162,50 @@ impl SqliteSource {
         conn.close().await?;
         Ok(now.to_ascii_lowercase())
     }
+}
+
+/// The processes that have the database (or its WAL files) open, as
+/// `pid 123 (python3)`, where the system says (Linux's /proc); for the
+/// message of an uninstall that cannot leave WAL.
+fn holders_of(path: &Path) -> Vec<String> {
+    let Ok(db) = std::fs::canonicalize(path) else {
+        return Vec::new();
+    };
+    let names: Vec<PathBuf> = ["", "-wal", "-shm"]
+        .iter()
+        .map(|s| PathBuf::from(format!("{}{s}", db.display())))
+        .collect();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().to_string();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let open = fds
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter(|target| names.contains(target))
+            .count();
+        if open > 0 {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            let me = if pid == std::process::id().to_string() {
+                ", this process"
+            } else {
+                ""
+            };
+            out.push(format!(
+                "pid {pid} ({}{me}) with {open} file(s)",
+                comm.trim()
+            ));
+        }
+    }
+    out
 }
 
 #[async_trait]
@@ -336,10 +388,12 @@ impl Source for SqliteSource {
                             Ok(now) => format!("it stayed {now}"),
                             Err(e) => e.report(),
                         };
+                        let holders = holders_of(&self.path);
                         return Err(Error::definite(format!(
                             "the change capture is removed, but the source's journal mode could not be set back to {was} \
-                             ({why}): another connection holds the database open. Run `switchyard uninstall` again, or \
-                             `PRAGMA journal_mode = {was}` yourself, once the application is stopped"
+                             ({why}): another connection holds the database open{}. Run `switchyard uninstall` again, or \
+                             `PRAGMA journal_mode = {was}` yourself, once the application is stopped",
+                            if holders.is_empty() { String::new() } else { format!(" ({})", holders.join(", ")) }
                         )));
                     }
                 }
@@ -403,6 +457,50 @@ impl Source for SqliteSource {
         }
         tx.commit().await?;
         Ok(at)
+    }
+
+    async fn check_conversions(
+        &self,
+        table: &TableSchema,
+    ) -> Result<Vec<crate::source::ConversionCheck>> {
+        let mut out: Vec<crate::source::ConversionCheck> = table
+            .conversions
+            .iter()
+            .map(|c| crate::source::ConversionCheck {
+                column: c.column,
+                ..Default::default()
+            })
+            .collect();
+        if out.is_empty() {
+            return Ok(out);
+        }
+        let select: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
+        let sql = format!("SELECT {} FROM {}", select.join(", "), quote(&table.name));
+        let mut conn = self.pool.acquire().await?;
+        let mut rows = sqlx::query(&sql).fetch(&mut *conn);
+        while let Some(r) = rows.try_next().await? {
+            for check in &mut out {
+                check.rows += 1;
+                let raw = read_raw(&r, check.column)?;
+                if let Err(why) = convert::convert(raw, &table.columns[check.column]) {
+                    check.failed += 1;
+                    if check.keys.len() < 10 {
+                        let key: Vec<crate::model::Value> = table
+                            .key
+                            .iter()
+                            .map(|&k| {
+                                let raw = read_raw(&r, k)?;
+                                Ok(convert::convert(raw.clone(), &table.columns[k])
+                                    .unwrap_or(crate::model::Value::Text(raw.shown())))
+                            })
+                            .collect::<Result<_>>()?;
+                        check.keys.push(table.describe_key(&key));
+                    }
+                    check.example.get_or_insert(why);
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn stream(
