@@ -635,7 +635,11 @@ async fn target_problems(config: &Config) -> Result<Vec<Problem>> {
         Ok(s) => s,
         Err(e) => return Ok(vec![problem(e.report(), true)]),
     };
-    Ok(match sink.state().await {
+    let durability = match sink.durability_notes().await {
+        Ok(notes) => notes,
+        Err(e) => vec![(format!("cannot read the target's durability settings: {}", e.report()), false)],
+    };
+    let mut found = match sink.state().await {
         Ok(None) => vec![problem(
             "switchyard never replicated into this target: `run` creates its state and copies every table".into(),
             false,
@@ -648,7 +652,9 @@ async fn target_problems(config: &Config) -> Result<Vec<Problem>> {
             None => Vec::new(),
         },
         Err(e) => vec![problem(e.report(), true)],
-    })
+    };
+    found.extend(durability.into_iter().map(|(m, b)| problem(m, b)));
+    Ok(found)
 }
 
 /// The team's own target tables (`existing`, `migrations:DIR`,

@@ -77,6 +77,12 @@ pub trait Sink: Send + Sync {
     /// replicated into (no state records: nothing is created to read them).
     async fn state(&self) -> Result<Option<SinkState>>;
 
+    /// What `check` says of the target's durability (a PostgreSQL server
+    /// with `fsync = off`, the settings switchyard's own sessions use).
+    async fn durability_notes(&self) -> Result<Vec<(String, bool)>> {
+        Ok(Vec::new())
+    }
+
     /// Records the position the first snapshot starts from (no checkpoint yet)
     /// and the source capture installation it belongs to.
     async fn start(&self, position: Position, origin: &str) -> Result<()>;

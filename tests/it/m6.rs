@@ -457,3 +457,32 @@ async fn m6_rules_apply_to_a_surrealdb_target_with_assert_for_the_check_lists() 
         report.left_out
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_targets_durability_and_switchyard_commits_synchronously() {
+    // The test cluster runs with fsync, full_page_writes and
+    // synchronous_commit off; this database defaults to off as well.
+    let s = Scratch::new();
+    s.source(APP).await;
+    let target = PgDb::new("").await;
+    target
+        .client
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET synchronous_commit = off",
+            target.name
+        ))
+        .await
+        .unwrap();
+    let cfg = s.path("m6.toml");
+    std::fs::write(&cfg, target_config_text(&s.config_text("mem://", ""), &target)).unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_names(
+        &out,
+        &[
+            "switchyard's apply sessions commit with synchronous_commit = on (this role's sessions default to off",
+            "the target server runs with fsync = off",
+            "full_page_writes = off",
+        ],
+    );
+}

@@ -134,6 +134,11 @@ impl PgSink {
             }
         }
         let c = self.ep.session().await?;
+        // Each commit durable before the source is told it may forget the
+        // change (invariant 2), whatever the role's or database's default.
+        c.batch_execute("SET synchronous_commit = on")
+            .await
+            .map_err(self.pg("setting synchronous_commit = on"))?;
         if self.replica_role {
             c.batch_execute("SET session_replication_role = replica").await.map_err(|e| {
                 Error::config(format!(
@@ -456,6 +461,58 @@ impl PgSink {
 
 #[async_trait]
 impl Sink for PgSink {
+    async fn durability_notes(&self) -> Result<Vec<(String, bool)>> {
+        let c = self.take().await?;
+        let show = |name: &'static str| {
+            let c = &c;
+            async move {
+                c.query_one(&format!("SHOW {name}"), &[])
+                    .await
+                    .map(|r| r.get::<_, String>(0))
+                    .map_err(self.pg(&format!("reading {name}")))
+            }
+        };
+        let (fsync, pages, sync) = (
+            show("fsync").await?,
+            show("full_page_writes").await?,
+            show("synchronous_commit").await?,
+        );
+        self.give(c).await;
+        // What a session of the role gets without switchyard's SET.
+        let plain = self.ep.connect().await?;
+        let default_sync: String = plain
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .map_err(self.pg("reading synchronous_commit"))?
+            .get(0);
+        let mut out = vec![(
+            format!(
+                "switchyard's apply sessions commit with synchronous_commit = {sync}{}",
+                if default_sync != "on" {
+                    format!(" (this role's sessions default to {default_sync}: the application's commits are not durable until flushed)")
+                } else {
+                    String::new()
+                }
+            ),
+            false,
+        )];
+        if fsync != "on" {
+            out.push((
+                "the target server runs with fsync = off: a crash of its machine can lose commits the source was told are durable, \
+                 and the replica must then be copied again; set fsync = on for a migration"
+                    .into(),
+                false,
+            ));
+        }
+        if pages != "on" {
+            out.push((
+                "the target server runs with full_page_writes = off: a crash can leave torn pages; set it on for a migration".into(),
+                false,
+            ));
+        }
+        Ok(out)
+    }
+
     async fn prepare(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
         let c = self.take().await?;
         self.migrated(&c).await?;
