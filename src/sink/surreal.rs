@@ -243,14 +243,23 @@ fn fields(table: &TableSchema, row: &Row, merge: bool) -> Result<Object> {
         let Some(field) = field_name(table, i) else {
             continue;
         };
-        let sv = to_surreal(v).map_err(|m| {
+        let refused = |m: String| {
             Error::definite(format!(
                 "table {:?}, key {}, column {:?}: {m}",
                 table.name,
                 table.describe_key(&table.key_of(row)),
                 table.columns[i].name
             ))
-        })?;
+        };
+        if let (crate::model::LogicalType::Timestamp, Value::Text(t)) =
+            (table.columns[i].logical, v)
+        {
+            // A PostgreSQL timestamp past year 262142 (see the source's decode).
+            return Err(refused(format!(
+                "the timestamp {t:?} is past year 262142, which a SurrealDB datetime cannot hold; change the value in the source or exclude the table"
+            )));
+        }
+        let sv = to_surreal(v).map_err(refused)?;
         obj.insert(field, sv);
     }
     Ok(obj)

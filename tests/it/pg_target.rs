@@ -1154,3 +1154,39 @@ async fn replication_connections_lost_under_a_writer_lose_nothing() {
     wait_same(&source.client, &target.client, &["tick"]).await;
     r.stop().await;
 }
+
+/// The type system's extremes, as PostgreSQL writes them.
+const EXTREMES: &str = "
+  ('4713-01-01 00:00:00 BC', '4713-01-01 00:00:00+00 BC', '4713-01-01 BC', '00:00:00', '00:00:00+1559', '-178000000 years',
+   repeat('9', 1000)::numeric, '[-9223372036854775808,9223372036854775807)', tstzrange('-infinity', 'infinity'),
+   (SELECT array_agg(g) FROM generate_series(1, 100000) g)),
+  ('294276-12-31 23:59:59.999999', '294276-12-31 23:59:59.999999+00', '5874897-12-31', '24:00:00', '24:00:00-1559', '178000000 years',
+   ('-0.' || repeat('0', 998) || '1')::numeric, 'empty', tstzrange('294276-12-31 23:59:59+00', NULL),
+   ARRAY[[1, 2], [3, 4]]),
+  ('infinity', '-infinity', 'infinity', '12:00:00', '12:00:00+00', '0', 'NaN', NULL, NULL, '{}')";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_type_systems_extremes_reach_a_postgres_target_unchanged_in_snapshot_and_stream() {
+    let columns = "ts, tstz, d, t, ttz, iv, n, r, tr, arr";
+    let source = PgDb::new(&format!(
+        "CREATE TABLE extremes (id serial PRIMARY KEY, ts timestamp, tstz timestamptz, d date, t time, ttz timetz, iv interval,
+                                n numeric, r int8range, tr tstzrange, arr int[]);
+         INSERT INTO extremes ({columns}) VALUES {EXTREMES};"
+    ))
+    .await;
+    let target = PgDb::new("").await;
+    let r = run(target_config(&source.config_text("mem://", ""), &target)).await;
+    wait_same(&source.client, &target.client, &["extremes"]).await;
+    // The stream: the same values inserted, then updated into each other.
+    source
+        .client
+        .batch_execute(&format!(
+            "INSERT INTO extremes ({columns}) VALUES {EXTREMES};
+             UPDATE extremes SET ts = '294276-12-31 23:59:59', tstz = '294276-01-01 00:00:00+00' WHERE id = 4;"
+        ))
+        .await
+        .unwrap();
+    wait_same(&source.client, &target.client, &["extremes"]).await;
+    assert_eq!(rows(&target.client, "extremes").await.len(), 6);
+    r.stop().await;
+}

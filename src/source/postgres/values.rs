@@ -173,6 +173,13 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
     }
 }
 
+/// A timestamp text whose year (AD) has six digits: past what
+/// [`parse_timestamp`] holds, within what PostgreSQL does.
+pub fn beyond_model_years(s: &str) -> bool {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    digits >= 6 && s.as_bytes().get(digits) == Some(&b'-') && !s.ends_with(" BC")
+}
+
 fn hex_bytes(s: &str) -> Option<Vec<u8>> {
     let h = s.strip_prefix("\\x")?.as_bytes();
     if h.len() % 2 != 0 {
@@ -333,6 +340,10 @@ pub fn decode(col: &Column, oid: u32, s: &str) -> std::result::Result<Value, Str
         LogicalType::Json => Value::Json(s.to_string()),
         LogicalType::Timestamp => match parse_timestamp(s) {
             Some(t) => Value::Timestamp(t),
+            // PostgreSQL goes to year 294276, past the model's 262142: kept
+            // as PostgreSQL wrote it, which a PostgreSQL target reads back
+            // as it was and a target without such years refuses by name.
+            None if beyond_model_years(s) => Value::Text(s.to_string()),
             None => {
                 return Err(format!(
                     "the timestamp {s:?} (type {}) cannot be read (years past 262142 have no equivalent in the target); change the value or exclude the table",
@@ -377,6 +388,22 @@ pub fn decode_row(table: &TableSchema, types: &[u32], fields: Vec<Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn years_past_the_model_are_kept_as_postgresql_wrote_them() {
+        let col = Column {
+            name: "ts".into(),
+            source_type: "timestamp without time zone".into(),
+            logical: LogicalType::Timestamp,
+            nullable: true,
+        };
+        for s in ["294276-12-31 23:59:59.999999", "262143-01-01 00:00:00+00"] {
+            assert_eq!(decode(&col, 1114, s), Ok(Value::Text(s.into())), "{s}");
+        }
+        assert!(matches!(decode(&col, 1114, "262142-01-01 00:00:00"), Ok(Value::Timestamp(_))));
+        assert!(decode(&col, 1114, "12345-13-01 00:00:00").is_err());
+        assert!(decode(&col, 1114, "yesterday").is_err());
+    }
 
     #[test]
     fn copy_text_rows_split_across_chunks_and_unescape() {
