@@ -637,7 +637,13 @@ async fn target_problems(config: &Config) -> Result<Vec<Problem>> {
     };
     let durability = match sink.durability_notes().await {
         Ok(notes) => notes,
-        Err(e) => vec![(format!("cannot read the target's durability settings: {}", e.report()), false)],
+        Err(e) => vec![(
+            format!(
+                "cannot read the target's durability settings: {}",
+                e.report()
+            ),
+            false,
+        )],
     };
     let mut found = match sink.state().await {
         Ok(None) => vec![problem(

@@ -29,6 +29,9 @@ const CHECKPOINT_TABLE: &str = "_switchyard_checkpoint";
 const TABLE_STATE: &str = "_switchyard_table";
 /// One record per cutover (its steps, what its fence changed), as JSON text.
 const CUTOVER_TABLE: &str = "_switchyard_cutover";
+/// What the apply transaction throws for a batch whose checkpoint the
+/// target holds already.
+const ALREADY_APPLIED: &str = "switchyard: this batch is applied already";
 
 pub struct SurrealSink {
     db: Surreal<Any>,
@@ -964,6 +967,14 @@ impl Sink for SurrealSink {
         ));
         vars.insert("pc", checkpoint.commit as i64);
         vars.insert("po", checkpoint.ordinal as i64);
+        if !changes.is_empty() {
+            // Changes up to exactly this checkpoint are in already: a batch
+            // replayed (after a lost connection, or by a second process)
+            // is recognised in the transaction that would apply it again.
+            sql.push_str(&format!(
+                "IF $cp != NONE AND $cp.commit == $pc AND $cp.ordinal == $po {{ THROW '{ALREADY_APPLIED}'; }};\n"
+            ));
+        }
         let mut shapes = self.shapes.lock().await.clone();
         for (i, ch) in changes.iter().enumerate() {
             let t = &ch.table;
@@ -1036,6 +1047,10 @@ impl Sink for SurrealSink {
             _ => format!("moving the checkpoint to {checkpoint}"),
         };
         if let Err(e) = self.run(context, sql, vars).await {
+            if e.report().contains(ALREADY_APPLIED) {
+                info!(checkpoint = %checkpoint, "the batch is in the target already; not applying it again");
+                return Ok(Durable::committed(checkpoint));
+            }
             if e.is_transient() {
                 self.uncertain
                     .store(true, std::sync::atomic::Ordering::SeqCst);

@@ -474,7 +474,11 @@ async fn check_names_the_targets_durability_and_switchyard_commits_synchronously
         .await
         .unwrap();
     let cfg = s.path("m6.toml");
-    std::fs::write(&cfg, target_config_text(&s.config_text("mem://", ""), &target)).unwrap();
+    std::fs::write(
+        &cfg,
+        target_config_text(&s.config_text("mem://", ""), &target),
+    )
+    .unwrap();
     let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_names(

@@ -521,3 +521,49 @@ async fn demo_source_is_replicable() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_batch_replayed_at_the_checkpoint_the_target_holds_is_not_applied_twice() {
+    use switchyard::model::{Change, Column, LogicalType, Op, TableSchema, Value};
+    let s = Scratch::new();
+    let _pool = s.source(SCHEMA).await;
+    let config = s.config("mem://", "");
+    let sink = SurrealSink::connect("mem://", false, &config)
+        .await
+        .unwrap();
+    // A table without a key counts identical rows: an insert applied twice
+    // would count two.
+    let table = Arc::new(TableSchema::whole_row(
+        "log".into(),
+        "log".into(),
+        vec![Column {
+            name: "line".into(),
+            source_type: "TEXT".into(),
+            logical: LogicalType::Text,
+            nullable: true,
+        }],
+    ));
+    sink.prepare(std::slice::from_ref(&table)).await.unwrap();
+    let at = Position::new(10, 1);
+    let batch = vec![Change {
+        table: table.clone(),
+        op: Op::Insert {
+            row: vec![Value::Text("hello".into())],
+        },
+        position: at,
+    }];
+    sink.apply(&batch, at).await.unwrap();
+    // The same batch again (a second process, a replay after a lost
+    // connection the sink did not see), at the checkpoint it left.
+    let again = sink.apply(&batch, at).await.unwrap();
+    assert_eq!(again.position(), at);
+    let mut q = sink
+        .client()
+        .query("SELECT VALUE _switchyard_copies FROM log")
+        .await
+        .unwrap();
+    let copies: Vec<i64> = q.take(0).unwrap();
+    assert_eq!(copies, vec![1], "the replayed insert was counted again");
+    // An empty batch at the same checkpoint still just holds it.
+    sink.apply(&[], at).await.unwrap();
+}

@@ -400,7 +400,10 @@ mod tests {
         for s in ["294276-12-31 23:59:59.999999", "262143-01-01 00:00:00+00"] {
             assert_eq!(decode(&col, 1114, s), Ok(Value::Text(s.into())), "{s}");
         }
-        assert!(matches!(decode(&col, 1114, "262142-01-01 00:00:00"), Ok(Value::Timestamp(_))));
+        assert!(matches!(
+            decode(&col, 1114, "262142-01-01 00:00:00"),
+            Ok(Value::Timestamp(_))
+        ));
         assert!(decode(&col, 1114, "12345-13-01 00:00:00").is_err());
         assert!(decode(&col, 1114, "yesterday").is_err());
     }
