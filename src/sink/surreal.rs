@@ -29,6 +29,9 @@ const CHECKPOINT_TABLE: &str = "_switchyard_checkpoint";
 const TABLE_STATE: &str = "_switchyard_table";
 /// One record per cutover (its steps, what its fence changed), as JSON text.
 const CUTOVER_TABLE: &str = "_switchyard_cutover";
+/// Where a record displaced by a row moving onto its key waits for its own
+/// row to move away (two rows swapping keys in one source transaction).
+const STASH_TABLE: &str = "_switchyard_stash";
 /// What the apply transaction throws for a batch whose checkpoint the
 /// target holds already.
 const ALREADY_APPLIED: &str = "switchyard: this batch is applied already";
@@ -193,6 +196,44 @@ fn record_key(table: &TableSchema, key: &[Value]) -> Result<RecordIdKey> {
             key.iter().map(conv).collect::<Result<Vec<_>>>()?,
         ))),
     }
+}
+
+/// The stash record of `key` of `table` (see [`STASH_TABLE`]).
+fn stash_id(table: &TableSchema, key: &[Value]) -> Result<RecordId> {
+    let mut parts = vec![SValue::String(table.target_name.clone())];
+    for v in key {
+        parts.push(to_surreal(v).map_err(|m| {
+            Error::definite(format!("table {:?}, key {}: {m}", table.name, table.describe_key(key)))
+        })?);
+    }
+    Ok(RecordId::new(STASH_TABLE, RecordIdKey::Array(Array::from(parts))))
+}
+
+/// A row moving from key `$o{i}` to key `$r{i}`. A record at the new key
+/// belongs to another row that moves away later in the same source
+/// transaction (a deferrable unique key, two rows swapping keys): it waits
+/// in the stash. The old key's record is the stashed one where this row was
+/// displaced so, else the record at the old key. Leaves the old content in
+/// `$p{i}`.
+fn move_record(
+    sql: &mut String,
+    vars: &mut Variables,
+    i: usize,
+    t: &TableSchema,
+    old: &[Value],
+    new: &[Value],
+) -> Result<()> {
+    vars.insert(format!("o{i}"), record_id(t, old)?);
+    vars.insert(format!("sn{i}"), stash_id(t, new)?);
+    vars.insert(format!("so{i}"), stash_id(t, old)?);
+    sql.push_str(&format!(
+        "LET $x{i} = (SELECT * OMIT id FROM ONLY $r{i}); \
+         IF $x{i} != NONE {{ UPSERT $sn{i} CONTENT $x{i} RETURN NONE; DELETE $r{i} RETURN NONE; }}; \
+         LET $s{i} = (SELECT * OMIT id FROM ONLY $so{i}); \
+         LET $p{i} = $s{i} ?? (SELECT * OMIT id FROM ONLY $o{i}); \
+         IF $s{i} != NONE {{ DELETE $so{i} RETURN NONE; }} ELSE {{ DELETE $o{i} RETURN NONE; }};\n"
+    ));
+    Ok(())
 }
 
 pub fn record_id(table: &TableSchema, key: &[Value]) -> Result<RecordId> {
@@ -597,7 +638,7 @@ impl Sink for SurrealSink {
     async fn prepare(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
         self.define_namespace().await?;
         let mut sql = format!(
-            "DEFINE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {TABLE_STATE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {CUTOVER_TABLE} SCHEMALESS;\n"
+            "DEFINE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {TABLE_STATE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {CUTOVER_TABLE} SCHEMALESS; DEFINE TABLE IF NOT EXISTS {STASH_TABLE} SCHEMALESS;\n"
         );
         for t in tables {
             sql.push_str(&define_table(t, self.schemafull));
@@ -998,10 +1039,9 @@ impl Sink for SurrealSink {
                     vars.insert(format!("r{i}"), record_id(t, &t.key_of(row))?);
                     vars.insert(format!("c{i}"), changed_fields(t, row)?);
                     if let Some(old) = old_key {
-                        vars.insert(format!("o{i}"), record_id(t, old)?);
+                        move_record(&mut sql, &mut vars, i, t, old, &t.key_of(row))?;
                         sql.push_str(&format!(
-                            "LET $p{i} = (SELECT * OMIT id FROM ONLY $o{i}); DELETE $o{i} RETURN NONE; \
-                             IF $p{i} != NONE {{ UPSERT $r{i} CONTENT $p{i} RETURN NONE; }};\n"
+                            "IF $p{i} != NONE {{ UPSERT $r{i} CONTENT $p{i} RETURN NONE; }};\n"
                         ));
                     }
                     sql.push_str(&format!("UPSERT $r{i} MERGE $c{i} RETURN NONE;\n"));
@@ -1015,12 +1055,10 @@ impl Sink for SurrealSink {
                     old_key: Some(old),
                     row,
                 } => {
-                    vars.insert(format!("o{i}"), record_id(t, old)?);
                     vars.insert(format!("r{i}"), record_id(t, &t.key_of(row))?);
                     vars.insert(format!("c{i}"), content(t, row)?);
-                    sql.push_str(&format!(
-                        "DELETE $o{i} RETURN NONE; UPSERT $r{i} CONTENT $c{i} RETURN NONE;\n"
-                    ));
+                    move_record(&mut sql, &mut vars, i, t, old, &t.key_of(row))?;
+                    sql.push_str(&format!("UPSERT $r{i} CONTENT $c{i} RETURN NONE;\n"));
                 }
                 Op::Delete { key } => {
                     vars.insert(format!("r{i}"), record_id(t, key)?);

@@ -882,3 +882,39 @@ async fn a_role_without_replication_is_told_what_to_grant() {
     );
     assert!(!out.contains("norepl-pass") && !err.contains("norepl-pass"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_swapping_a_deferrable_key_in_one_transaction_lose_nothing() {
+    let db = PgDb::new(
+        "CREATE TABLE seat (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, guest text);
+         ALTER TABLE seat REPLICA IDENTITY FULL;
+         INSERT INTO seat VALUES (1, 'ada'), (2, 'bob'), (3, 'cy'), (4, 'dee');",
+    )
+    .await;
+    let config = db.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    wait_converged(&config, &run.sink).await;
+    // Two rows swap keys; three rotate; one moves twice.
+    db.exec(
+        "BEGIN;
+         UPDATE seat SET id = 2 WHERE guest = 'ada';
+         UPDATE seat SET id = 1 WHERE guest = 'bob';
+         COMMIT;
+         UPDATE seat SET id = CASE id WHEN 1 THEN 3 WHEN 3 THEN 4 WHEN 4 THEN 1 END WHERE id IN (1, 3, 4);
+         BEGIN;
+         UPDATE seat SET id = 10 WHERE guest = 'ada';
+         UPDATE seat SET id = 11 WHERE guest = 'ada';
+         COMMIT;",
+    )
+    .await;
+    wait_converged(&config, &run.sink).await;
+    let mut q = run
+        .sink
+        .client()
+        .query("SELECT * FROM seat")
+        .await
+        .unwrap();
+    let got: Vec<surrealdb::types::Value> = q.take(0).unwrap();
+    assert_eq!(got.len(), 4, "{got:?}");
+    run.stop().await;
+}
