@@ -32,4 +32,7 @@ pub mod sink;
 pub mod source;
 pub mod verify;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use error::{Error, ErrorKind, Result};

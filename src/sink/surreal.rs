@@ -203,10 +203,17 @@ fn stash_id(table: &TableSchema, key: &[Value]) -> Result<RecordId> {
     let mut parts = vec![SValue::String(table.target_name.clone())];
     for v in key {
         parts.push(to_surreal(v).map_err(|m| {
-            Error::definite(format!("table {:?}, key {}: {m}", table.name, table.describe_key(key)))
+            Error::definite(format!(
+                "table {:?}, key {}: {m}",
+                table.name,
+                table.describe_key(key)
+            ))
         })?);
     }
-    Ok(RecordId::new(STASH_TABLE, RecordIdKey::Array(Array::from(parts))))
+    Ok(RecordId::new(
+        STASH_TABLE,
+        RecordIdKey::Array(Array::from(parts)),
+    ))
 }
 
 /// A row moving from key `$o{i}` to key `$r{i}`. A record at the new key

@@ -908,12 +908,7 @@ async fn rows_swapping_a_deferrable_key_in_one_transaction_lose_nothing() {
     )
     .await;
     wait_converged(&config, &run.sink).await;
-    let mut q = run
-        .sink
-        .client()
-        .query("SELECT * FROM seat")
-        .await
-        .unwrap();
+    let mut q = run.sink.client().query("SELECT * FROM seat").await.unwrap();
     let got: Vec<surrealdb::types::Value> = q.take(0).unwrap();
     assert_eq!(got.len(), 4, "{got:?}");
     run.stop().await;

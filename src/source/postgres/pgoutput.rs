@@ -1924,4 +1924,51 @@ mod tests {
             PgTimestamp(i64::MIN)
         );
     }
+
+    proptest::proptest! {
+        /// Every sample message, cut, with bytes changed and bytes added,
+        /// decodes to a message or a definite error: never a panic.
+        #[test]
+        fn a_damaged_message_is_an_error_not_a_panic(
+            pick in 0usize..1000,
+            cut in proptest::option::of(0usize..4096),
+            flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 0..8),
+            extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..16),
+            stream in proptest::prelude::any::<bool>(),
+        ) {
+            let all = samples();
+            let (msg, ctx) = &all[pick % all.len()];
+            let mut bytes = enc(msg).to_vec();
+            for (at, b) in flips {
+                if !bytes.is_empty() {
+                    let n = bytes.len();
+                    bytes[at % n] = b;
+                }
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c % (bytes.len() + 1));
+            }
+            bytes.extend(extra);
+            let ctx = if stream { DecodeCtx::IN_STREAM } else { *ctx };
+            let _ = LogicalMessage::decode(Bytes::from(bytes.clone()), ctx);
+            // The same bytes as the data of an XLogData, and as a keepalive.
+            let mut w = vec![b'w'];
+            w.extend_from_slice(&bytes);
+            let _ = ReplicationMessage::decode(Bytes::from(w));
+            let mut k = vec![b'k'];
+            k.extend_from_slice(&bytes);
+            let _ = ReplicationMessage::decode(Bytes::from(k));
+        }
+
+        /// Any bytes at all.
+        #[test]
+        fn any_bytes_are_a_message_or_an_error(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            stream in proptest::prelude::any::<bool>(),
+        ) {
+            let ctx = if stream { DecodeCtx::IN_STREAM } else { DecodeCtx::TOP_LEVEL };
+            let _ = LogicalMessage::decode(Bytes::from(bytes.clone()), ctx);
+            let _ = ReplicationMessage::decode(Bytes::from(bytes));
+        }
+    }
 }

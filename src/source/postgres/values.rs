@@ -160,7 +160,7 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
             if z.len() == 3 {
                 z.push_str(":00");
             }
-            if z.len() == 9 {
+            if z.len() == 9 && z.is_char_boundary(6) {
                 z.truncate(6);
             }
             DateTime::parse_from_str(&format!("{body}{z}"), "%Y-%m-%d %H:%M:%S%.f%:z")
