@@ -381,8 +381,16 @@ async fn m6_rules_apply_to_a_surrealdb_target_with_assert_for_the_check_lists() 
     wait_until("the copy", Duration::from_secs(60), || {
         let db = db.clone();
         async move {
-            let mut q = db.client().query("SELECT * FROM missions").await.unwrap();
-            q.take::<Vec<SValue>>(0).is_ok_and(|rows| rows.len() == 3)
+            // Every table: they are copied at the same time.
+            let mut q = db
+                .client()
+                .query("SELECT * FROM missions; SELECT * FROM crew; SELECT * FROM tags;")
+                .await
+                .unwrap();
+            let n = |q: &mut surrealdb::IndexedResults, i: usize| {
+                q.take::<Vec<SValue>>(i).map(|r| r.len()).unwrap_or(0)
+            };
+            (n(&mut q, 0), n(&mut q, 1), n(&mut q, 2)) == (3, 2, 1)
         }
     })
     .await;
