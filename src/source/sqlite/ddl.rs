@@ -436,6 +436,27 @@ impl SourceCheck {
         if out.is_empty() {
             return Err("empty expression".into());
         }
+        // SQLite compares a TEXT column with a number by affinity;
+        // PostgreSQL refuses text = integer.
+        let text_column = |t: &CheckToken| matches!(t, CheckToken::Column(c) if columns[*c].logical == LogicalType::Text);
+        let compares = |t: &CheckToken| matches!(t, CheckToken::Word(w) if ["=", "<>", "!=", "<", ">", "<=", ">=", "IN", "BETWEEN"].contains(&w.as_str()));
+        let number = |t: Option<&CheckToken>| matches!(t, Some(CheckToken::Number(_)));
+        for (j, t) in out.iter().enumerate() {
+            let next = out.get(j + 1);
+            let compared_number = next.is_some_and(compares)
+                && (number(out.get(j + 2))
+                    || (matches!(out.get(j + 2), Some(CheckToken::Word(w)) if w == "(")
+                        && number(out.get(j + 3))));
+            let number_compared = j >= 2 && number(out.get(j - 2)) && compares(&out[j - 1]);
+            if text_column(t) && (compared_number || number_compared) {
+                if let CheckToken::Column(c) = t {
+                    return Err(format!(
+                        "column {:?} is text in the target, and PostgreSQL does not compare text with a number",
+                        columns[*c].name
+                    ));
+                }
+            }
+        }
         Ok(out)
     }
 }
@@ -552,6 +573,23 @@ mod tests {
             ]
         );
         assert!(carried[1].is_ok());
+        let text_cols = vec![col("active", LogicalType::Text)];
+        for sql in [
+            "CREATE TABLE t(active TEXT CHECK (active IN (0, 1)))",
+            "CREATE TABLE t(active TEXT CHECK (1 <= active))",
+            "CREATE TABLE t(active TEXT CHECK (active BETWEEN 0 AND 1))",
+        ] {
+            let e = checks(sql)[0].carry(&text_cols).unwrap_err();
+            assert!(
+                e.contains("does not compare text with a number"),
+                "{sql}: {e}"
+            );
+        }
+        assert!(
+            checks("CREATE TABLE t(active TEXT CHECK (length(active) > 0 AND active <> 'x'))")[0]
+                .carry(&text_cols)
+                .is_ok()
+        );
         assert!(carried[2].as_ref().unwrap_err().contains("timestamp"));
         assert!(carried[3].as_ref().unwrap_err().contains("typeof()"));
         assert!(carried[4].as_ref().unwrap_err().contains("LIKE"));
