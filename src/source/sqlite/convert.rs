@@ -104,6 +104,12 @@ pub fn read_raw(row: &SqliteRow, idx: usize) -> Result<Raw> {
 pub fn parse_timestamp(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
     use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
     let s = s.trim();
+    // SQLite's own datetime() text first: most values are that.
+    if s.len() == 19 && s.as_bytes()[10] == b' ' {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S") {
+            return Some(t.and_utc());
+        }
+    }
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.with_timezone(&Utc));
     }
@@ -218,7 +224,7 @@ pub fn convert(raw: Raw, col: &Column) -> std::result::Result<Value, String> {
         // JSON has NUMERIC affinity: a number written as JSON text is stored as a number.
         (L::Json, Raw::Integer(i)) => Value::Json(i.to_string()),
         (L::Json, Raw::Real(x)) if x.is_finite() => Value::Json(format!("{x:?}")),
-        (L::Json, Raw::Text(s)) => match serde_json::from_str::<serde_json::Value>(&s) {
+        (L::Json, Raw::Text(s)) => match serde_json::from_str::<serde::de::IgnoredAny>(&s) {
             Ok(_) => Value::Json(s),
             Err(e) => return Err(format!("{} (invalid JSON: {e})", mismatch(&Raw::Text(s)))),
         },
