@@ -152,14 +152,39 @@ impl SqliteSource {
         Ok(mode.to_ascii_lowercase())
     }
 
+    /// Closes every pooled connection. sqlx's `Pool::close` can finish
+    /// while a connection is still on its way back to the pool, which then
+    /// stays open (seen: two idle connections after it returned): each one
+    /// is taken out and closed here first.
+    async fn close_every_connection(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.pool.size() > 0 && Instant::now() < deadline {
+            if self.pool.num_idle() == 0 {
+                // Still in use or on its way back.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            if let Ok(c) = self.pool.acquire().await {
+                let _ = c.detach().close().await;
+            }
+        }
+        self.pool.close().await;
+    }
+
     /// Sets the journal mode on a connection of its own, once every pooled
     /// connection is closed (leaving WAL needs the only connection).
     async fn set_journal_mode(&self, mode: &str) -> Result<String> {
         let mut conn = self.options.connect().await?;
-        let now: String = sqlx::query_scalar(&format!("PRAGMA journal_mode = {mode}"))
-            .fetch_one(&mut conn)
-            .await?;
-        conn.close().await?;
+        let now: std::result::Result<String, _> =
+            sqlx::query_scalar(&format!("PRAGMA journal_mode = {mode}"))
+                .fetch_one(&mut conn)
+                .await;
+        // Closed whatever the answer: a connection only dropped closes on
+        // its own thread later, and until then it is the other connection
+        // that keeps the next try from leaving WAL.
+        let closed = conn.close().await;
+        let now = now?;
+        closed?;
         Ok(now.to_ascii_lowercase())
     }
 }
@@ -373,7 +398,7 @@ impl Source for SqliteSource {
             .bind(CHANGES)
             .execute(&self.pool)
             .await;
-        self.pool.close().await;
+        self.close_every_connection().await;
         if let Some(was) = was.filter(|m| m != "wal") {
             // Leaving WAL needs the only connection: another one (the
             // application's) may close in a moment.
