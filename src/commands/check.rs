@@ -457,6 +457,40 @@ fn note(table: &str, column: Option<String>, message: String, blocking: bool) ->
     }
 }
 
+/// The note for a column some of whose current values, read from the
+/// source, do not `verb` (convert, fit): how many of how many rows, the
+/// first reason, up to ten keys, and what `run` will do with them; blocking
+/// without `pipeline.reject_dir`.
+#[allow(clippy::too_many_arguments)]
+fn misfits_note(
+    config: &Config,
+    table: &str,
+    column: String,
+    prefix: &str,
+    verb: &str,
+    fix: &str,
+    (failed, rows): (u64, u64),
+    example: &str,
+    keys: &[String],
+) -> Problem {
+    let rejects = config.pipeline.reject_dir.is_some();
+    note(
+        table,
+        Some(column),
+        format!(
+            "{prefix}{failed} of {rows} current values do not {verb}, for example: {example}; keys: {}{}; {}",
+            keys.join(", "),
+            if failed > keys.len() as u64 { ", …" } else { "" },
+            if rejects {
+                "run sets these rows aside in pipeline.reject_dir".to_string()
+            } else {
+                format!("run would stop at the first: fix the values in the source, {fix}, or set pipeline.reject_dir")
+            }
+        ),
+        !rejects,
+    )
+}
+
 /// Whether each converted column's current values convert, read from the
 /// source: a note per cast, naming up to ten keys of values that do not.
 async fn conversion_notes(
@@ -506,23 +540,16 @@ async fn conversion_notes(
                     false,
                 ));
             } else {
-                problems.push(note(
+                problems.push(misfits_note(
+                    config,
                     &t.name,
-                    Some(c.name.clone()),
-                    format!(
-                        "{cast}: {} of {} current values do not convert, for example: {}; keys: {}{}; {}",
-                        f.failed,
-                        f.rows,
-                        f.example.as_deref().unwrap_or(""),
-                        f.keys.join(", "),
-                        if f.failed > f.keys.len() as u64 { ", …" } else { "" },
-                        if config.pipeline.reject_dir.is_some() {
-                            "run sets these rows aside in pipeline.reject_dir"
-                        } else {
-                            "run would stop at the first: fix the values in the source, change the rule, or set pipeline.reject_dir"
-                        }
-                    ),
-                    config.pipeline.reject_dir.is_none(),
+                    c.name.clone(),
+                    &format!("{cast}: "),
+                    "convert",
+                    "change the rule",
+                    (f.failed, f.rows),
+                    f.example.as_deref().unwrap_or(""),
+                    &f.keys,
                 ));
             }
         }
@@ -781,24 +808,22 @@ async fn target_fit(
                 None => problems.push(note(
                     &t.name,
                     Some(column),
-                    format!("{}; every current value fits ({rows} rows read)", n.describe()),
+                    format!(
+                        "{}; every current value fits ({rows} rows read)",
+                        n.describe()
+                    ),
                     false,
                 )),
-                Some((_, keys, count, why)) => problems.push(note(
+                Some((_, keys, count, why)) => problems.push(misfits_note(
+                    config,
                     &t.name,
-                    Some(column),
-                    format!(
-                        "{} of {rows} current values do not fit, for example: {why}; keys: {}{}; {}",
-                        count,
-                        keys.join(", "),
-                        if *count > keys.len() as u64 { ", …" } else { "" },
-                        if config.pipeline.reject_dir.is_some() {
-                            "run sets these rows aside in pipeline.reject_dir"
-                        } else {
-                            "run would stop at the first: fix the values in the source, widen the target column, or set pipeline.reject_dir"
-                        }
-                    ),
-                    config.pipeline.reject_dir.is_none(),
+                    column,
+                    "",
+                    "fit",
+                    "widen the target column",
+                    (*count, rows),
+                    why,
+                    keys,
                 )),
             }
         }

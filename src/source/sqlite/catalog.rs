@@ -56,6 +56,12 @@ pub async fn discover(pool: &SqlitePool, sel: &Selection<'_>) -> Result<Discover
     let mut found = std::collections::BTreeSet::new();
     let mut seen_columns = Vec::new();
     let virtuals: Vec<&Listed> = listed.iter().filter(|l| l.kind == "virtual").collect();
+    // Each FTS table with external content, read once: its content table
+    // and its index.
+    let fts: Vec<(String, FtsOver)> = virtuals
+        .iter()
+        .filter_map(|v| text_search_of(v, &listed))
+        .collect();
     for l in &listed {
         let name = &l.name;
         if name.starts_with(PREFIX) || !sel.filter.matches(name) {
@@ -69,7 +75,7 @@ pub async fn discover(pool: &SqlitePool, sel: &Selection<'_>) -> Result<Discover
                 d.left_out.push(format!(
                     "{name}: a virtual table ({}); its rows are not copied{}",
                     if module.is_empty() { "unknown module".to_string() } else { format!("USING {module}") },
-                    match text_search_of(l, &listed) {
+                    match fts.iter().find(|(_, f)| f.name == *name) {
                         Some(_) if sel.text_search => "; built in a PostgreSQL target as a tsvector column of its content table",
                         Some(_) => "; with tables.text_search = true a PostgreSQL target gets a tsvector column with a GIN index on its content table",
                         None => "",
@@ -202,10 +208,8 @@ pub async fn discover(pool: &SqlitePool, sel: &Selection<'_>) -> Result<Discover
         carry_checks(&mut t, &source_checks, &absorbed, &mut d.problems);
         t.column_defaults = column_defaults(&t, &l.sql, &defaults, &mut d.problems);
         if sel.text_search {
-            t.text_search = listed
+            t.text_search = fts
                 .iter()
-                .filter(|v| v.kind == "virtual")
-                .filter_map(|v| text_search_of(v, &listed))
                 .filter(|(content, _)| content == name)
                 .map(|(_, ts)| ts.resolve(&t))
                 .filter_map(|r| match r {
@@ -256,7 +260,7 @@ struct FtsOver {
 }
 
 impl FtsOver {
-    fn resolve(self, t: &TableSchema) -> std::result::Result<TextSearch, String> {
+    fn resolve(&self, t: &TableSchema) -> std::result::Result<TextSearch, String> {
         let mut columns = Vec::new();
         for c in &self.columns {
             match t.columns.iter().position(|x| x.name.eq_ignore_ascii_case(c)) {
@@ -270,9 +274,9 @@ impl FtsOver {
             }
         }
         Ok(TextSearch {
-            name: self.name,
+            name: self.name.clone(),
             columns,
-            config: self.config,
+            config: self.config.clone(),
         })
     }
 }
