@@ -1051,7 +1051,22 @@ impl Sink for SurrealSink {
                             "IF $p{i} != NONE {{ UPSERT $r{i} CONTENT $p{i} RETURN NONE; }};\n"
                         ));
                     }
-                    sql.push_str(&format!("UPSERT $r{i} MERGE $c{i} RETURN NONE;\n"));
+                    // UPDATE, not UPSERT: SurrealDB 3.3's `UPSERT … MERGE …
+                    // RETURN NONE` checks a SCHEMAFULL table's required
+                    // fields as if the record were new, and refuses an
+                    // existing one. A record that is not there cannot take
+                    // a change that leaves columns as they are.
+                    vars.insert(
+                        format!("m{i}"),
+                        format!(
+                            "table {:?}, key {}: an update that leaves columns unchanged (PostgreSQL sends a TOASTed value it did not change as \"unchanged\") found no row in the target to keep them from, so the target has drifted from the source; copy the table again",
+                            t.name,
+                            t.describe_key(&t.key_of(row))
+                        ),
+                    );
+                    sql.push_str(&format!(
+                        "IF record::exists($r{i}) {{ UPDATE $r{i} MERGE $c{i} RETURN NONE; }} ELSE {{ THROW $m{i}; }};\n"
+                    ));
                 }
                 Op::Insert { row } | Op::Update { old_key: None, row } => {
                     vars.insert(format!("r{i}"), record_id(t, &t.key_of(row))?);
