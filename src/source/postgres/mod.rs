@@ -148,7 +148,17 @@ impl PgSource {
     /// Copies a whole table in the exported snapshot; the snapshot position.
     async fn copy_table(&self, table: &Arc<TableSchema>, out: CopyOut) -> Result<Position> {
         let (pg, snapshot, cp) = self.snapshot_of(table).await?;
-        self.copier.copy(table, &pg, &snapshot, out).await?;
+        if let Err(e) = self.copier.copy(table, &pg, &snapshot, out).await {
+            if e.to_string().contains(snapshot::REWRITTEN) {
+                // The copy is tried again (a transient error) in a snapshot
+                // taken after the TRUNCATE; tables being copied keep theirs.
+                let mut export = self.export.lock().await;
+                if export.as_ref().is_some_and(|x| x.snapshot == snapshot) {
+                    *export = None;
+                }
+            }
+            return Err(e);
+        }
         Ok(snapshot_position(cp))
     }
 }

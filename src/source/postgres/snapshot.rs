@@ -14,6 +14,10 @@ use crate::model::{Row, TableSchema};
 use crate::pg::conn::{pg_error, PgEndpoint};
 use crate::pg::{quote_ident, quote_literal};
 
+/// How a copy names a table that TRUNCATE or a rewrite changed after its
+/// snapshot (the source then takes a new snapshot for it).
+pub const REWRITTEN: &str = "was truncated or rewritten after the snapshot was taken";
+
 /// Where a COPY part goes: decoded rows in batches, or the COPY text itself.
 #[derive(Clone)]
 pub enum CopyOut {
@@ -92,6 +96,45 @@ impl Copier {
         Ok(out)
     }
 
+    /// Holds off TRUNCATE and table rewrites until the copy ends (an ACCESS
+    /// SHARE lock, as pg_dump takes), and refuses a table that one of them
+    /// changed after the snapshot was taken: TRUNCATE is not MVCC-safe, so
+    /// an older snapshot reads such a table as empty, and the changes the
+    /// stream brings for its rows would then miss them.
+    async fn still_as_in(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        table: &TableSchema,
+        pg: &PgTable,
+    ) -> Result<()> {
+        tx.batch_execute(&format!(
+            "LOCK TABLE {} IN ACCESS SHARE MODE",
+            pg.qualified()
+        ))
+        .await
+        .map_err(self.pg(&format!("locking {} for its copy", table.name)))?;
+        // pg_class read in the snapshot holds the file the snapshot saw;
+        // pg_relation_filenode() the file the table has now. (A plain
+        // table is no partition tree of its own: named besides it.)
+        let row = tx
+            .query_one(
+                "SELECT coalesce(bool_and(c.relfilenode = pg_relation_filenode(c.oid)), true)
+                   FROM (SELECT $1::oid AS relid UNION SELECT relid FROM pg_partition_tree($1::oid)) p
+                   JOIN pg_class c ON c.oid = p.relid
+                  WHERE c.relkind IN ('r', 'm')",
+                &[&pg.oid],
+            )
+            .await
+            .map_err(self.pg(&format!("checking {} against the snapshot", table.name)))?;
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        Err(Error::transient(format!(
+            "table {:?} {REWRITTEN}; copying it again in a new snapshot",
+            table.name
+        )))
+    }
+
     /// Copies one part of a table in the exported snapshot into `rows`.
     async fn copy_part(
         &self,
@@ -120,6 +163,7 @@ impl Copier {
         ))
         .await
         .map_err(self.pg("importing the exported snapshot"))?;
+        self.still_as_in(&tx, table, pg).await?;
         let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let filter = match range {
             None => String::new(),
