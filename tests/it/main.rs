@@ -16,6 +16,7 @@ mod pg_surreal;
 mod pg_target;
 mod readonly;
 mod schema_changes;
+mod soak;
 mod sqlite_capture;
 mod sqlite_crash;
 mod sqlite_surreal;

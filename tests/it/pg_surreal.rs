@@ -653,8 +653,13 @@ async fn unchanged_toast_values_are_left_as_they_are() {
         .await
         .expect("the daemon kept running")
         .unwrap();
-    let err = r.expect_err("an unchanged value with no row to keep it from").report();
-    assert_names(&err, &["\"docs\"", "id = 3", "unchanged", "copy the table again"]);
+    let err = r
+        .expect_err("an unchanged value with no row to keep it from")
+        .report();
+    assert_names(
+        &err,
+        &["\"docs\"", "id = 3", "unchanged", "copy the table again"],
+    );
 }
 
 /// Ends the walsender that serves the slot; returns whether one was running.
@@ -966,19 +971,23 @@ async fn a_table_truncated_before_its_copy_starts_is_copied_in_a_new_snapshot() 
     let config = db.config("mem://", "snapshot_workers = 1\n");
     let run = start(config.clone(), None).await;
     let sink = run.sink.clone();
-    wait_until("a_big's copy to be under way", Duration::from_secs(120), || {
-        let sink = sink.clone();
-        async move {
-            let status: Vec<String> = sink
-                .client()
-                .query("SELECT VALUE status FROM _switchyard_table:a_big")
-                .await
-                .ok()
-                .and_then(|mut r| r.take(0).ok())
-                .unwrap_or_default();
-            status.first().is_some_and(|s| s == "copying")
-        }
-    })
+    wait_until(
+        "a_big's copy to be under way",
+        Duration::from_secs(120),
+        || {
+            let sink = sink.clone();
+            async move {
+                let status: Vec<String> = sink
+                    .client()
+                    .query("SELECT VALUE status FROM _switchyard_table:a_big")
+                    .await
+                    .ok()
+                    .and_then(|mut r| r.take(0).ok())
+                    .unwrap_or_default();
+                status.first().is_some_and(|s| s == "copying")
+            }
+        },
+    )
     .await;
     // After the snapshot was exported and before z_ev's copy: an old
     // snapshot reads a truncated table as empty (TRUNCATE is not
@@ -994,6 +1003,9 @@ async fn a_table_truncated_before_its_copy_starts_is_copied_in_a_new_snapshot() 
     let got = target_image(run.sink.client(), &["z_ev".to_string()]).await;
     // The two identical rows: one record counting two.
     let text = format!("{got:?}");
-    assert!(text.contains("after") && text.contains("Number(Int(2))"), "{text}");
+    assert!(
+        text.contains("after") && text.contains("Number(Int(2))"),
+        "{text}"
+    );
     run.stop().await;
 }

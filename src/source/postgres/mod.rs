@@ -149,9 +149,10 @@ impl PgSource {
     async fn copy_table(&self, table: &Arc<TableSchema>, out: CopyOut) -> Result<Position> {
         let (pg, snapshot, cp) = self.snapshot_of(table).await?;
         if let Err(e) = self.copier.copy(table, &pg, &snapshot, out).await {
-            if e.to_string().contains(snapshot::REWRITTEN) {
+            let m = e.to_string();
+            if m.contains(snapshot::REWRITTEN) || m.contains(snapshot::SNAPSHOT_GONE) {
                 // The copy is tried again (a transient error) in a snapshot
-                // taken after the TRUNCATE; tables being copied keep theirs.
+                // taken now; tables being copied keep the one they imported.
                 let mut export = self.export.lock().await;
                 if export.as_ref().is_some_and(|x| x.snapshot == snapshot) {
                     *export = None;

@@ -18,6 +18,9 @@ use crate::pg::{quote_ident, quote_literal};
 /// snapshot (the source then takes a new snapshot for it).
 pub const REWRITTEN: &str = "was truncated or rewritten after the snapshot was taken";
 
+/// How a copy says that the exported snapshot it was to read in is gone.
+pub const SNAPSHOT_GONE: &str = "the exported snapshot is no longer available";
+
 /// Where a COPY part goes: decoded rows in batches, or the COPY text itself.
 #[derive(Clone)]
 pub enum CopyOut {
@@ -162,7 +165,17 @@ impl Copier {
             quote_literal(snapshot)
         ))
         .await
-        .map_err(self.pg("importing the exported snapshot"))?;
+        .map_err(|e| {
+            if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) {
+                // The connection that exported it ended (cut, or the export
+                // dropped for a table copied again): a new one is taken.
+                return Error::transient(format!(
+                    "table {:?}: {SNAPSHOT_GONE}; copying it in a new snapshot",
+                    table.name
+                ));
+            }
+            pg_error(&self.ep, "importing the exported snapshot", e)
+        })?;
         self.still_as_in(&tx, table, pg).await?;
         let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let filter = match range {
