@@ -1925,9 +1925,37 @@ mod tests {
         );
     }
 
+    /// `bytes` with bytes changed, cut, and bytes added: what the properties
+    /// feed the decoder.
+    fn damaged(
+        mut bytes: Vec<u8>,
+        flips: Vec<(usize, u8)>,
+        cut: Option<usize>,
+        extra: Vec<u8>,
+    ) -> Vec<u8> {
+        for (at, b) in flips {
+            if !bytes.is_empty() {
+                let n = bytes.len();
+                bytes[at % n] = b;
+            }
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c % (bytes.len() + 1));
+        }
+        bytes.extend(extra);
+        bytes
+    }
+
     /// Messages a real PostgreSQL sent (tests/corpus/pgoutput.hex): every
-    /// kind the stream carries, the suite's every-type rows among them.
-    fn corpus() -> Vec<(Vec<u8>, DecodeCtx)> {
+    /// kind the stream carries, the suite's every-type rows among them,
+    /// parsed once.
+    fn corpus() -> &'static [(Vec<u8>, DecodeCtx)] {
+        static CORPUS: std::sync::LazyLock<Vec<(Vec<u8>, DecodeCtx)>> =
+            std::sync::LazyLock::new(parse_corpus);
+        &CORPUS
+    }
+
+    fn parse_corpus() -> Vec<(Vec<u8>, DecodeCtx)> {
         include_str!("../../../tests/corpus/pgoutput.hex")
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
@@ -1955,7 +1983,7 @@ mod tests {
         // Stream Start, Truncate, Update, Type, Stream Commit.
         assert_eq!(kinds.len(), 12, "{kinds:?}");
         for (bytes, ctx) in all {
-            if let Err(e) = LogicalMessage::decode(Bytes::from(bytes.clone()), ctx) {
+            if let Err(e) = LogicalMessage::decode(Bytes::from(bytes.clone()), *ctx) {
                 panic!("{:?} message: {e:?}", bytes[0] as char);
             }
         }
@@ -1973,15 +2001,7 @@ mod tests {
         ) {
             let all = corpus();
             let (bytes, ctx) = &all[pick % all.len()];
-            let mut bytes = bytes.clone();
-            for (at, b) in flips {
-                let n = bytes.len();
-                bytes[at % n] = b;
-            }
-            if let Some(c) = cut {
-                bytes.truncate(c % (bytes.len() + 1));
-            }
-            bytes.extend(extra);
+            let bytes = damaged(bytes.clone(), flips, cut, extra);
             let _ = LogicalMessage::decode(Bytes::from(bytes.clone()), *ctx);
             let mut w = vec![b'w'];
             w.extend_from_slice(&bytes);
@@ -2000,17 +2020,7 @@ mod tests {
         ) {
             let all = samples();
             let (msg, ctx) = &all[pick % all.len()];
-            let mut bytes = enc(msg).to_vec();
-            for (at, b) in flips {
-                if !bytes.is_empty() {
-                    let n = bytes.len();
-                    bytes[at % n] = b;
-                }
-            }
-            if let Some(c) = cut {
-                bytes.truncate(c % (bytes.len() + 1));
-            }
-            bytes.extend(extra);
+            let bytes = damaged(enc(msg).to_vec(), flips, cut, extra);
             let ctx = if stream { DecodeCtx::IN_STREAM } else { *ctx };
             let _ = LogicalMessage::decode(Bytes::from(bytes.clone()), ctx);
             // The same bytes as the data of an XLogData, and as a keepalive.
