@@ -102,8 +102,9 @@ pub struct SourceConfig {
     #[serde(default = "default_true")]
     pub create_publication: bool,
     /// PostgreSQL: carry columns whose type has no mapping for the target
-    /// (uuid, date, interval, inet, ranges, …) as their text form; when false
-    /// such a column stops `run` and `check` names it.
+    /// (user-defined types: composite types, base types of extensions, …)
+    /// as their text form; when false such a column stops `run` and `check`
+    /// names it.
     #[serde(default)]
     pub unmapped_as_text: bool,
     /// PostgreSQL: how often a heartbeat message is written to the source's
@@ -146,6 +147,11 @@ pub struct TargetConfig {
     /// replicated rows (otherwise `run` refuses).
     #[serde(default)]
     pub fire_triggers: bool,
+    /// SurrealDB target: a column whose (single-column) foreign key names
+    /// the referenced table's primary key is stored as a record link
+    /// (`record<customer>`), which SurrealQL traverses (`customer.name`).
+    #[serde(default)]
+    pub links: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -564,6 +570,7 @@ impl Config {
                 replica_role: self.target.replica_role,
                 keep_owners: false,
                 fire_triggers: self.target.fire_triggers,
+                links: false,
             },
             tables: TablesConfig {
                 include: tables.iter().map(|(_, t)| globset::escape(t)).collect(),

@@ -35,7 +35,9 @@ pub async fn sink(config: &Config, rejects: Arc<Rejects>) -> Result<Box<dyn Sink
     match config.target_kind()? {
         #[cfg(feature = "surrealdb")]
         TargetKind::Surreal { endpoint, remote } => Ok(Box::new(
-            crate::sink::surreal::SurrealSink::connect(&endpoint, remote, config).await?,
+            crate::sink::surreal::SurrealSink::connect(&endpoint, remote, config)
+                .await?
+                .with_rejects(rejects),
         )),
         #[cfg(not(feature = "surrealdb"))]
         TargetKind::Surreal { .. } => {

@@ -23,6 +23,13 @@ pub enum LogicalType {
     Bytes,
     Json,
     Timestamp,
+    /// A UUID, carried as its text (`a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11`).
+    Uuid,
+    /// A calendar date, carried as PostgreSQL's ISO text (`2024-02-29`,
+    /// `0044-03-15 BC`, `infinity`).
+    Date,
+    /// A time span, carried as PostgreSQL's ISO 8601 text (`P1Y2M3DT4H5M6S`).
+    Interval,
     /// No declared type: each value keeps its own storage class.
     Any,
 }
@@ -38,6 +45,9 @@ impl fmt::Display for LogicalType {
             LogicalType::Bytes => "bytes",
             LogicalType::Json => "json",
             LogicalType::Timestamp => "timestamp",
+            LogicalType::Uuid => "uuid",
+            LogicalType::Date => "date",
+            LogicalType::Interval => "interval",
             LogicalType::Any => "any",
         };
         f.write_str(s)
@@ -184,6 +194,20 @@ pub struct TableSchema {
     /// that a PostgreSQL target builds as a `tsvector` column.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub text_search: Vec<TextSearch>,
+    /// Columns stored as record links in a SurrealDB target
+    /// (`target.links`): their foreign key names the referenced table's
+    /// primary key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<Link>,
+}
+
+/// A column whose values are keys of another table's rows.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Link {
+    /// Index into the table's columns.
+    pub column: usize,
+    /// The referenced table's name in the target.
+    pub table: String,
 }
 
 /// A CHECK constraint, as a sequence of neutral tokens each target writes
@@ -296,6 +320,10 @@ pub enum Secondary {
         unique: bool,
         /// What follows `ON table` in its definition: `USING btree (a, b) WHERE …`.
         using: String,
+        /// A unique constraint checked at commit (`DEFERRABLE INITIALLY
+        /// DEFERRED`), which a target checking each statement cannot follow.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        deferred: bool,
     },
     ForeignKey {
         name: String,
@@ -326,6 +354,7 @@ impl TableSchema {
             checks: Vec::new(),
             conversions: Vec::new(),
             text_search: Vec::new(),
+            links: Vec::new(),
         }
     }
 
@@ -348,6 +377,7 @@ impl TableSchema {
             checks: Vec::new(),
             conversions: Vec::new(),
             text_search: Vec::new(),
+            links: Vec::new(),
         }
     }
 
@@ -361,6 +391,7 @@ impl TableSchema {
             && self.column_ids == other.column_ids
             && self.column_defaults == other.column_defaults
             && self.checks == other.checks
+            && self.links == other.links
     }
 
     /// The identity of column `i`: its source id where known, else its name.

@@ -357,6 +357,7 @@ pub async fn check(config: &Config) -> Result<Plan> {
     let tables = plan_tables(&discovery.tables, schema::surreal::describe_id, |t, i| {
         schema::surreal::describe(t, i, schemafull)
     });
+    let mut after_load = Vec::new();
     for t in &discovery.tables {
         for k in &t.checks {
             if k.allowed_values().is_none() || !schemafull {
@@ -387,6 +388,11 @@ pub async fn check(config: &Config) -> Result<Plan> {
                 false,
             ));
         }
+        let (ql, notes) = schema::surreal::index_ql(t);
+        after_load.extend(ql);
+        for n in notes {
+            problems.push(note(&t.name, None, n, false));
+        }
     }
     conversion_notes(config, &*source, &discovery.tables, &mut problems).await;
     Ok(Plan {
@@ -395,7 +401,7 @@ pub async fn check(config: &Config) -> Result<Plan> {
         tables,
         problems,
         identity: "record id",
-        after_load: Vec::new(),
+        after_load,
         before_load: Vec::new(),
         left_out: source_left_out,
     })

@@ -88,6 +88,9 @@ pub fn column_type(col: &Column, source_is_postgres: bool) -> String {
         LogicalType::Bytes => "bytea".into(),
         LogicalType::Json => "jsonb".into(),
         LogicalType::Timestamp => "timestamp with time zone".into(),
+        LogicalType::Uuid => "uuid".into(),
+        LogicalType::Date => "date".into(),
+        LogicalType::Interval => "interval".into(),
         // No declared type: each value keeps its own storage class; text
         // holds every one of them.
         LogicalType::Any => "text".into(),
@@ -574,7 +577,7 @@ pub fn secondary_ddl(
     for t in tables {
         for s in &t.secondary {
             match s {
-                Secondary::Index { name, unique, using } => indexes.push(Ok((
+                Secondary::Index { name, unique, using, .. } => indexes.push(Ok((
                     name.clone(),
                     format!(
                         "CREATE {}INDEX IF NOT EXISTS {} ON {} {using}",

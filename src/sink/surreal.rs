@@ -19,9 +19,10 @@ use tracing::info;
 use super::{Cursor, Page, Record, Sink, SinkState, TableState, TableStatus};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{Change, Ddl, Marker, Op, Row, TableSchema, Value};
+use crate::model::{Change, Column, Ddl, Marker, Op, Row, TableSchema, Value};
 use crate::position::{Durable, Position};
 use crate::redact::redact_url;
+use crate::reject::{row_json, Rejected, Rejects};
 pub use crate::schema::surreal::ident;
 use crate::schema::surreal::{alter_ql, define_table, field_name, COPIES_FIELD};
 
@@ -53,6 +54,8 @@ pub struct SurrealSink {
     shapes: tokio::sync::Mutex<std::collections::HashMap<String, Arc<TableSchema>>>,
     /// A table dropped in the source is removed here too (else kept).
     drop_tables: bool,
+    /// Where rows whose values do not fit go (`pipeline.reject_dir`).
+    rejects: Arc<Rejects>,
 }
 
 fn surreal_error(context: impl std::fmt::Display, e: surrealdb::Error) -> Error {
@@ -104,6 +107,130 @@ pub fn to_surreal(v: &Value) -> std::result::Result<SValue, String> {
         Value::Timestamp(t) => SValue::Datetime(Datetime::from(*t)),
         Value::Unchanged => return Err("an unchanged value has no content (a sink bug)".into()),
     })
+}
+
+/// A value of column `col` as the SurrealDB type the column maps to (see
+/// [`crate::schema::surreal::base_type`]): uuids, dates and intervals arrive
+/// as PostgreSQL's text.
+pub fn column_value(col: &Column, v: &Value) -> std::result::Result<SValue, String> {
+    use crate::model::LogicalType as L;
+    match (col.logical, v) {
+        (L::Uuid, Value::Text(s)) => s
+            .parse::<surrealdb::types::Uuid>()
+            .map(SValue::Uuid)
+            .map_err(|_| format!("{v} is not a uuid")),
+        (L::Date, Value::Text(s)) => date(s).map(|d| SValue::Datetime(Datetime::from(d))),
+        (L::Interval, Value::Text(s)) => Ok(match fixed_interval(s) {
+            Some(d) => SValue::Duration(surrealdb::types::Duration::from(d)),
+            None => SValue::String(s.clone()),
+        }),
+        // A PostgreSQL timestamp past year 262142 (see the source's decode).
+        (L::Timestamp, Value::Text(t)) => Err(format!(
+            "the timestamp {t:?} is past year 262142, which a SurrealDB datetime cannot hold; change the value in the source or exclude the table"
+        )),
+        (_, Value::Timestamp(t))
+            if *t == chrono::DateTime::<chrono::Utc>::MAX_UTC
+                || *t == chrono::DateTime::<chrono::Utc>::MIN_UTC =>
+        {
+            let which = if *t == chrono::DateTime::<chrono::Utc>::MAX_UTC {
+                "infinity"
+            } else {
+                "-infinity"
+            };
+            Err(format!(
+                "the timestamp {which} has no SurrealDB datetime; change the value in the source (a far date, or NULL) or exclude the column"
+            ))
+        }
+        _ => to_surreal(v),
+    }
+}
+
+/// A PostgreSQL date (`2024-02-29`, `0044-03-15 BC`) as midnight UTC.
+fn date(s: &str) -> std::result::Result<chrono::DateTime<chrono::Utc>, String> {
+    if s == "infinity" || s == "-infinity" {
+        return Err(format!(
+            "the date {s} has no SurrealDB datetime; change the value in the source (a far date, or NULL) or exclude the column"
+        ));
+    }
+    let (ymd, bc) = match s.strip_suffix(" BC") {
+        Some(d) => (d, true),
+        None => (s, false),
+    };
+    let mut parts = ymd.splitn(3, '-').map(|p| p.parse::<i32>().ok());
+    let (Some(Some(year)), Some(Some(month)), Some(Some(day))) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!("the date {s:?} cannot be read"));
+    };
+    // 1 BC is year 0.
+    let year = if bc { 1 - year } else { year };
+    chrono::NaiveDate::from_ymd_opt(year, month as u32, day as u32)
+        .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+        .ok_or_else(|| {
+            format!("the date {s:?} cannot be a SurrealDB datetime (years past 262142 have none); change the value in the source or exclude the column")
+        })
+}
+
+/// A PostgreSQL interval in ISO 8601 (`P3DT4H5M6.5S`) as a duration, where
+/// it has one: no years or months (their length varies) and no negative
+/// part (a SurrealDB duration is not negative). A day is 24 hours.
+pub fn fixed_interval(s: &str) -> Option<std::time::Duration> {
+    let rest = s.strip_prefix('P').filter(|r| !r.is_empty())?;
+    let (days_part, time_part) = match rest.split_once('T') {
+        Some((d, t)) => (d, Some(t)),
+        None => (rest, None),
+    };
+    let mut nanos: u128 = 0;
+    let mut add = |part: &str, units: &[(char, u128)]| -> Option<()> {
+        let mut number = String::new();
+        for c in part.chars() {
+            if c.is_ascii_digit() || c == '.' {
+                number.push(c);
+                continue;
+            }
+            let (_, scale) = units.iter().find(|(u, _)| *u == c)?;
+            let (whole, frac) = number.split_once('.').unwrap_or((&number, ""));
+            if whole.is_empty() && frac.is_empty() || frac.len() > 9 {
+                return None;
+            }
+            let whole: u128 = if whole.is_empty() {
+                0
+            } else {
+                whole.parse().ok()?
+            };
+            let frac_nanos: u128 = if frac.is_empty() {
+                0
+            } else {
+                format!("{frac:0<9}").parse().ok()?
+            };
+            if frac_nanos != 0 && *scale != 1_000_000_000 {
+                return None;
+            }
+            nanos = nanos.checked_add(whole.checked_mul(*scale)?.checked_add(frac_nanos)?)?;
+            number.clear();
+        }
+        number.is_empty().then_some(())
+    };
+    // A minus sign, years or months: no fixed, non-negative length.
+    add(days_part, &[('D', 86_400_000_000_000)])?;
+    if let Some(t) = time_part {
+        if t.is_empty() {
+            return None;
+        }
+        add(
+            t,
+            &[
+                ('H', 3_600_000_000_000),
+                ('M', 60_000_000_000),
+                ('S', 1_000_000_000),
+            ],
+        )?;
+    }
+    let secs = u64::try_from(nanos / 1_000_000_000).ok()?;
+    Some(std::time::Duration::new(
+        secs,
+        (nanos % 1_000_000_000) as u32,
+    ))
 }
 
 /// A JSON document as a SurrealDB value with its numbers kept exact (jsonb
@@ -179,37 +306,61 @@ fn json_number(text: &str) -> SValue {
     }
 }
 
-fn record_key(table: &TableSchema, key: &[Value]) -> Result<RecordIdKey> {
-    let conv = |v: &Value| {
-        to_surreal(v).map_err(|m| {
-            Error::definite(format!(
-                "table {:?}, key {}: {m}",
-                table.name,
-                table.describe_key(key)
-            ))
+/// The key's values as SurrealDB values of their columns' types.
+fn key_values(table: &TableSchema, key: &[Value]) -> Result<Vec<SValue>> {
+    key.iter()
+        .enumerate()
+        .map(|(k, v)| {
+            let col = table.key.get(k).map(|&i| &table.columns[i]);
+            match col {
+                Some(col) => column_value(col, v),
+                None => to_surreal(v),
+            }
+            .map_err(|m| {
+                Error::definite(format!(
+                    "table {:?}, key {}: {m}",
+                    table.name,
+                    table.describe_key(key)
+                ))
+            })
         })
-    };
-    match key {
-        [Value::Int(i)] => Ok(RecordIdKey::Number(*i)),
-        [Value::Text(s)] => Ok(RecordIdKey::String(s.clone())),
-        _ => Ok(RecordIdKey::Array(Array::from(
-            key.iter().map(conv).collect::<Result<Vec<_>>>()?,
-        ))),
+        .collect()
+}
+
+fn record_key(table: &TableSchema, key: &[Value]) -> Result<RecordIdKey> {
+    let mut values = key_values(table, key)?;
+    Ok(match values.len() {
+        1 => single_key(values.pop().unwrap_or_default()),
+        _ => RecordIdKey::Array(Array::from(values)),
+    })
+}
+
+/// The record id key of a one-column key: a number, string or uuid as
+/// itself, any other value in an array.
+fn single_key(v: SValue) -> RecordIdKey {
+    match v {
+        SValue::Number(Number::Int(i)) => RecordIdKey::Number(i),
+        SValue::String(s) => RecordIdKey::String(s),
+        SValue::Uuid(u) => RecordIdKey::Uuid(u),
+        v => RecordIdKey::Array(Array::from(vec![v])),
     }
+}
+
+/// Column `i`'s value in its field: a record link where the column is one
+/// (`target.links`), else [`column_value`].
+fn field_value(table: &TableSchema, i: usize, v: &Value) -> std::result::Result<SValue, String> {
+    let col = &table.columns[i];
+    let key = column_value(col, v)?;
+    Ok(match table.links.iter().find(|l| l.column == i) {
+        Some(l) => SValue::RecordId(RecordId::new(l.table.clone(), single_key(key))),
+        None => key,
+    })
 }
 
 /// The stash record of `key` of `table` (see [`STASH_TABLE`]).
 fn stash_id(table: &TableSchema, key: &[Value]) -> Result<RecordId> {
     let mut parts = vec![SValue::String(table.target_name.clone())];
-    for v in key {
-        parts.push(to_surreal(v).map_err(|m| {
-            Error::definite(format!(
-                "table {:?}, key {}: {m}",
-                table.name,
-                table.describe_key(key)
-            ))
-        })?);
-    }
+    parts.extend(key_values(table, key)?);
     Ok(RecordId::new(
         STASH_TABLE,
         RecordIdKey::Array(Array::from(parts)),
@@ -277,6 +428,17 @@ pub fn changed_fields(table: &TableSchema, row: &Row) -> Result<Object> {
     fields(table, row, true)
 }
 
+/// The first value of a row that its SurrealDB field cannot hold: the
+/// column, and why.
+pub fn misfit(table: &TableSchema, row: &Row) -> Option<(usize, String)> {
+    row.iter().enumerate().find_map(|(i, v)| {
+        if v.is_null() || v.is_unchanged() || field_name(table, i).is_none() {
+            return None;
+        }
+        field_value(table, i, v).err().map(|m| (i, m))
+    })
+}
+
 fn fields(table: &TableSchema, row: &Row, merge: bool) -> Result<Object> {
     let mut obj = Object::new();
     for (i, v) in row.iter().enumerate() {
@@ -296,27 +458,59 @@ fn fields(table: &TableSchema, row: &Row, merge: bool) -> Result<Object> {
         };
         let refused = |m: String| {
             Error::definite(format!(
-                "table {:?}, key {}, column {:?}: {m}",
+                "table {:?}, key {}, column {:?}: {m} (or set pipeline.reject_dir to set such rows aside)",
                 table.name,
                 table.describe_key(&table.key_of(row)),
                 table.columns[i].name
             ))
         };
-        if let (crate::model::LogicalType::Timestamp, Value::Text(t)) =
-            (table.columns[i].logical, v)
-        {
-            // A PostgreSQL timestamp past year 262142 (see the source's decode).
-            return Err(refused(format!(
-                "the timestamp {t:?} is past year 262142, which a SurrealDB datetime cannot hold; change the value in the source or exclude the table"
-            )));
-        }
-        let sv = to_surreal(v).map_err(refused)?;
+        let sv = field_value(table, i, v).map_err(refused)?;
         obj.insert(field, sv);
     }
     Ok(obj)
 }
 
 impl SurrealSink {
+    /// Sets rows whose values do not fit aside in `rejects` where it is
+    /// enabled (`pipeline.reject_dir`), instead of stopping.
+    pub fn with_rejects(mut self, rejects: Arc<Rejects>) -> Self {
+        self.rejects = rejects;
+        self
+    }
+
+    /// Whether `row` is set aside (written to its reject file) because a
+    /// value does not fit its field; never where rejects are off.
+    fn set_aside(
+        &self,
+        table: &TableSchema,
+        row: &Row,
+        phase: &'static str,
+        position: Option<Position>,
+    ) -> Result<bool> {
+        if !self.rejects.enabled() {
+            return Ok(false);
+        }
+        let Some((i, reason)) = misfit(table, row) else {
+            return Ok(false);
+        };
+        let key = if table.whole_row {
+            "(no key: the whole row)".to_string()
+        } else {
+            table.describe_key(&table.key_of(row))
+        };
+        self.rejects.record(&Rejected {
+            table: table.name.clone(),
+            key,
+            column: Some(table.columns[i].name.clone()),
+            value: Some(row[i].to_string()),
+            reason,
+            phase,
+            position: position.map(|p| p.to_string()).unwrap_or_default(),
+            row: row_json(&table.columns, row),
+        })?;
+        Ok(true)
+    }
+
     fn encode(&self, table: &TableSchema, row: &Row) -> Result<Record> {
         use surrealdb::types::ToSql;
         let id = record_id(table, &table.key_of(row))?;
@@ -521,6 +715,7 @@ impl SurrealSink {
             defined: std::sync::atomic::AtomicBool::new(exists),
             shapes: Default::default(),
             drop_tables: config.schema_changes.drop_table == crate::config::OnDrop::Drop,
+            rejects: Default::default(),
         })
     }
 
@@ -880,15 +1075,25 @@ impl Sink for SurrealSink {
 
     async fn load(&self, table: &TableSchema, rows: &[Row]) -> Result<u64> {
         if table.whole_row {
-            self.load_counted(table, rows).await?;
-            return Ok(rows.len() as u64);
+            let mut fitting = Vec::with_capacity(rows.len());
+            for row in rows {
+                if !self.set_aside(table, row, "snapshot", None)? {
+                    fitting.push(row.clone());
+                }
+            }
+            self.load_counted(table, &fitting).await?;
+            return Ok(fitting.len() as u64);
         }
         let mut items = Vec::with_capacity(rows.len());
         for row in rows {
+            if self.set_aside(table, row, "snapshot", None)? {
+                continue;
+            }
             let mut obj = content(table, row)?;
             obj.insert("id", record_id(table, &table.key_of(row))?);
             items.push(SValue::Object(obj));
         }
+        let n = items.len();
         let mut vars = Variables::new();
         vars.insert("rows", Array::from(items));
         self.run(
@@ -900,7 +1105,7 @@ impl Sink for SurrealSink {
             vars,
         )
         .await?;
-        Ok(rows.len() as u64)
+        Ok(n as u64)
     }
 
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {
@@ -925,8 +1130,30 @@ impl Sink for SurrealSink {
         Ok(())
     }
 
+    async fn after_snapshot(&self, tables: &[Arc<TableSchema>]) -> Result<()> {
+        for t in tables {
+            let (ql, _) = crate::schema::surreal::index_ql(t);
+            for q in ql {
+                self.run(
+                    format!("building an index of {:?}: {q}", t.target_name),
+                    q.clone(),
+                    Variables::new(),
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn expected_records(&self, table: &TableSchema, rows: &[Row]) -> Result<Vec<Record>> {
-        rows.iter().map(|r| self.encode(table, r)).collect()
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            // Rows the run sets aside are not expected in the target.
+            if !self.set_aside(table, r, "verify", None)? {
+                out.push(self.encode(table, r)?);
+            }
+        }
+        Ok(out)
     }
 
     async fn records(
@@ -1034,6 +1261,31 @@ impl Sink for SurrealSink {
             if let Op::Ddl(ddl) = &ch.op {
                 self.apply_ddl(&mut sql, &mut vars, &mut shapes, i, t, ddl)?;
                 continue;
+            }
+            if let Op::Insert { row } | Op::Update { row, .. } = &ch.op {
+                if self.set_aside(t, row, "stream", Some(ch.position))? {
+                    // The row's old version goes too: the target holds
+                    // every source row but the ones set aside.
+                    match &ch.op {
+                        Op::Update {
+                            old_key: Some(old), ..
+                        } if t.whole_row => {
+                            let gone = Change {
+                                table: t.clone(),
+                                op: Op::Delete { key: old.clone() },
+                                position: ch.position,
+                            };
+                            counted_change(&mut sql, &mut vars, i, &gone)?;
+                        }
+                        Op::Update { old_key, row } if !t.whole_row => {
+                            let old = old_key.clone().unwrap_or_else(|| t.key_of(row));
+                            vars.insert(format!("r{i}"), record_id(t, &old)?);
+                            sql.push_str(&format!("DELETE $r{i} RETURN NONE;\n"));
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
             }
             if t.whole_row {
                 counted_change(&mut sql, &mut vars, i, ch)?;
@@ -1230,5 +1482,96 @@ mod tests {
             to_surreal(&Value::Decimal(long.into())).unwrap(),
             SValue::String(long.into())
         );
+    }
+}
+
+#[cfg(test)]
+mod type_tests {
+    use super::*;
+
+    #[test]
+    fn an_interval_of_fixed_length_is_a_duration_and_no_other() {
+        let d = |s| fixed_interval(s);
+        assert_eq!(d("PT0S"), Some(std::time::Duration::ZERO));
+        assert_eq!(
+            d("P3DT4H5M6.5S"),
+            Some(std::time::Duration::new(
+                3 * 86400 + 4 * 3600 + 5 * 60 + 6,
+                500_000_000
+            ))
+        );
+        assert_eq!(d("PT0.000001S"), Some(std::time::Duration::from_micros(1)));
+        assert_eq!(d("P10D"), Some(std::time::Duration::from_secs(864_000)));
+        // Months and years have no fixed length; a negative part is no
+        // duration; malformed text is none either.
+        for s in [
+            "P1Y",
+            "P1M",
+            "P1Y2M3DT4H",
+            "P-1D",
+            "PT-1S",
+            "P1DT-2H",
+            "",
+            "P",
+            "PT",
+            "1 day",
+            "P1.5D",
+            "PT1.5H",
+        ] {
+            assert_eq!(d(s), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn uuids_dates_and_infinities_convert_or_say_why_not() {
+        let col = |logical| Column {
+            name: "c".into(),
+            source_type: String::new(),
+            logical,
+            nullable: true,
+        };
+        use crate::model::LogicalType as L;
+        let text = |s: &str| Value::Text(s.into());
+        assert!(matches!(
+            column_value(&col(L::Uuid), &text("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")),
+            Ok(SValue::Uuid(_))
+        ));
+        assert!(column_value(&col(L::Uuid), &text("nope")).is_err());
+        let SValue::Datetime(dt) = column_value(&col(L::Date), &text("2024-02-29")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            chrono::DateTime::<chrono::Utc>::from(dt).to_rfc3339(),
+            "2024-02-29T00:00:00+00:00"
+        );
+        let SValue::Datetime(bc) = column_value(&col(L::Date), &text("0044-03-15 BC")).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            chrono::Datelike::year(&chrono::DateTime::<chrono::Utc>::from(bc)),
+            -43
+        );
+        for (l, v) in [
+            (L::Date, text("infinity")),
+            (L::Date, text("-infinity")),
+            (L::Date, text("5874897-12-31")),
+            (
+                L::Timestamp,
+                Value::Timestamp(chrono::DateTime::<chrono::Utc>::MAX_UTC),
+            ),
+            (
+                L::Timestamp,
+                Value::Timestamp(chrono::DateTime::<chrono::Utc>::MIN_UTC),
+            ),
+            (L::Timestamp, text("294276-12-31 23:59:59")),
+        ] {
+            let e = column_value(&col(l), &v).unwrap_err();
+            assert!(e.contains("change the value in the source"), "{v:?}: {e}");
+        }
+        assert!(matches!(
+            column_value(&col(L::Interval), &text("P1M")),
+            Ok(SValue::String(s)) if s == "P1M"
+        ));
     }
 }

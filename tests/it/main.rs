@@ -21,4 +21,5 @@ mod sqlite_capture;
 mod sqlite_crash;
 mod sqlite_surreal;
 mod surreal_remote;
+mod surreal_types;
 mod verify;

@@ -12,7 +12,7 @@ use switchyard::sink::surreal::SurrealSink;
 use crate::sqlite_surreal::{start, wait_converged};
 use crate::support::*;
 
-const PASSWORD: &str = "s3rver-Secret";
+pub const PASSWORD: &str = "s3rver-Secret";
 
 pub struct SurrealServer {
     child: Child,

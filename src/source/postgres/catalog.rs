@@ -9,7 +9,9 @@ use tokio_postgres::Client;
 
 use crate::config::TableFilter;
 use crate::error::Result;
-use crate::model::{Column, ColumnDefault, LogicalType, Secondary, TableSchema};
+use crate::model::{
+    Check, CheckToken, Column, ColumnDefault, Link, LogicalType, Secondary, TableSchema,
+};
 use crate::pg::conn::{pg_error, PgEndpoint};
 use crate::pg::{quote_ident, quote_qualified};
 use crate::source::{Discovery, Problem};
@@ -57,6 +59,8 @@ pub struct Selector {
     /// A table renamed in the source is renamed in the target
     /// (`schema_changes.rename_table = "follow"`).
     pub follow_renames: bool,
+    /// Foreign keys become record links (`target.links`, SurrealDB).
+    pub links: bool,
 }
 
 impl Selector {
@@ -69,6 +73,7 @@ impl Selector {
             create_publication: self.create_publication,
             unmapped_as_text: self.unmapped_as_text,
             target_is_postgres: self.target_is_postgres,
+            links: self.links && !self.target_is_postgres,
         }
     }
 
@@ -109,6 +114,8 @@ pub struct Selection<'a> {
     pub unmapped_as_text: bool,
     /// A PostgreSQL target reads every type's text form as that type.
     pub target_is_postgres: bool,
+    /// Foreign keys become record links (`target.links`, SurrealDB).
+    pub links: bool,
 }
 
 /// The selected tables and what stands in their way, with their catalog
@@ -299,7 +306,8 @@ pub fn definition_shape(
     let mut defaults = Vec::new();
     let mut enum_types: Vec<(String, Vec<String>)> = Vec::new();
     for c in def.columns.iter().filter(|c| c.generated.is_empty()) {
-        let (mut logical, native, base) = column_type(c.base, c.elem);
+        let (logical, native, base) = column_type(c.base, c.elem);
+        let mut logical = for_target(logical, sel);
         if let Some(p) = unmapped(sel, &name, &c.name, &c.declared, native, &c.typtype) {
             if p.blocking {
                 return Err(format!("column {:?}: {}", c.name, p.message));
@@ -377,7 +385,233 @@ pub fn definition_shape(
     // Partitions change by ATTACH and DETACH, which copy the table again
     // (read from the catalog then), or by a partition created under it.
     t.partitions = prev.partitions.clone();
+    // Record links, for the columns still there.
+    t.links = prev
+        .links
+        .iter()
+        .filter_map(|l| {
+            let name = &prev.columns.get(l.column)?.name;
+            let column = t.columns.iter().position(|c| &c.name == name)?;
+            Some(Link {
+                column,
+                table: l.table.clone(),
+            })
+        })
+        .collect();
+    // The CHECKs that list a column's values, for the columns still there.
+    t.checks = prev
+        .checks
+        .iter()
+        .filter_map(|ch| {
+            let (i, _) = ch.allowed_values()?;
+            let j = t
+                .columns
+                .iter()
+                .position(|c| c.name == prev.columns[i].name)?;
+            let mut ch = ch.clone();
+            ch.expr[0] = CheckToken::Column(j);
+            Some(ch)
+        })
+        .collect();
     Ok(t)
+}
+
+/// The columns a single-column foreign key gives to the referenced table's
+/// primary key: stored as record links of that table (its target name).
+async fn links(
+    c: &Client,
+    ep: &PgEndpoint,
+    sel: &Selection<'_>,
+    oid: u32,
+    columns: &[Column],
+) -> Result<Vec<Link>> {
+    let rows = c
+        .query(
+            "SELECT a.attname::text, rn.nspname::text, rc.relname::text
+               FROM pg_constraint f
+               JOIN pg_attribute a ON a.attrelid = f.conrelid AND a.attnum = f.conkey[1]
+               JOIN pg_class rc ON rc.oid = f.confrelid JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+               JOIN pg_constraint p ON p.conrelid = f.confrelid AND p.contype = 'p'
+              WHERE f.conrelid = $1 AND f.contype = 'f'
+                AND cardinality(f.conkey) = 1 AND p.conkey = f.confkey
+              ORDER BY f.conname",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading the table's foreign keys", e))?;
+    let mut out: Vec<Link> = Vec::new();
+    for r in rows {
+        let column: String = r.get(0);
+        let name = display_name(&r.get::<_, String>(1), &r.get::<_, String>(2));
+        let Some(i) = columns.iter().position(|c| c.name == column) else {
+            continue;
+        };
+        if out.iter().any(|l| l.column == i) {
+            continue;
+        }
+        let table = sel
+            .renames
+            .get(&name)
+            .cloned()
+            .unwrap_or_else(|| default_target_name(&name, false));
+        out.push(Link { column: i, table });
+    }
+    Ok(out)
+}
+
+/// The table's CHECK constraints that list the values of one column
+/// (`status IN ('draft', 'active')`, which PostgreSQL keeps as
+/// `status = ANY (ARRAY[…])`).
+async fn listed_values(
+    c: &Client,
+    ep: &PgEndpoint,
+    oid: u32,
+    columns: &[Column],
+) -> Result<Vec<Check>> {
+    let rows = c
+        .query(
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
+              WHERE conrelid = $1 AND contype = 'c' AND convalidated ORDER BY conname",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_error(ep, "reading the table's CHECK constraints", e))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let def: String = r.get(1);
+            Some(Check {
+                name: r.get(0),
+                expr: in_list(&def, columns)?,
+                source: def,
+            })
+        })
+        .collect())
+}
+
+/// `CHECK ((col = ANY (ARRAY['a'::text, 'b'::text])))` (and its forms with
+/// casts) as the tokens of `col IN ('a', 'b')`; `None` for any other CHECK.
+pub fn in_list(def: &str, columns: &[Column]) -> Option<Vec<CheckToken>> {
+    fn unwrap(s: &str) -> &str {
+        let mut s = s.trim();
+        while s.starts_with('(') && s.ends_with(')') && balanced(&s[1..s.len() - 1]) {
+            s = s[1..s.len() - 1].trim();
+        }
+        s
+    }
+    fn balanced(s: &str) -> bool {
+        let mut depth = 0i32;
+        let mut quoted = false;
+        for c in s.chars() {
+            match c {
+                '\'' | '"' => quoted = !quoted,
+                '(' if !quoted => depth += 1,
+                ')' if !quoted => {
+                    depth -= 1;
+                    if depth < 0 {
+                        return false;
+                    }
+                }
+                _ => {}
+            }
+        }
+        depth == 0
+    }
+    /// `x::type` → `x`, where the cast is outside quotes and parentheses.
+    fn uncast(s: &str) -> &str {
+        let mut depth = 0i32;
+        let mut quoted = false;
+        for (i, c) in s.char_indices() {
+            match c {
+                '\'' | '"' => quoted = !quoted,
+                '(' | '[' if !quoted => depth += 1,
+                ')' | ']' if !quoted => depth -= 1,
+                ':' if !quoted && depth == 0 && s[i..].starts_with("::") => return s[..i].trim(),
+                _ => {}
+            }
+        }
+        s.trim()
+    }
+    let body = unwrap(def.strip_prefix("CHECK ")?);
+    let (lhs, rhs) = body.split_once(" = ANY ")?;
+    let col = unwrap(uncast(unwrap(lhs)));
+    let name = match col.strip_prefix('"').and_then(|c| c.strip_suffix('"')) {
+        Some(q) => q.replace("\"\"", "\""),
+        None if col
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') =>
+        {
+            col.to_string()
+        }
+        None => return None,
+    };
+    let column = columns.iter().position(|c| c.name == name)?;
+    let list = unwrap(uncast(unwrap(rhs)));
+    let items = list.strip_prefix("ARRAY[")?.strip_suffix(']')?;
+    let mut out = vec![
+        CheckToken::Column(column),
+        CheckToken::Word("IN".into()),
+        CheckToken::Word("(".into()),
+    ];
+    let mut rest = items.trim();
+    loop {
+        if let Some(q) = rest.strip_prefix('\'') {
+            // A quoted literal, '' for a quote, then its cast.
+            let mut text = String::new();
+            let mut chars = q.char_indices().peekable();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                if c == '\'' {
+                    if chars.peek().is_some_and(|(_, n)| *n == '\'') {
+                        chars.next();
+                        text.push('\'');
+                        continue;
+                    }
+                    end = Some(i + 1);
+                    break;
+                }
+                text.push(c);
+            }
+            rest = &q[end?..];
+            let mut numeric = false;
+            if let Some(cast) = rest.strip_prefix("::") {
+                let stop = cast.find(',').unwrap_or(cast.len());
+                numeric = [
+                    "integer",
+                    "bigint",
+                    "smallint",
+                    "numeric",
+                    "real",
+                    "double precision",
+                ]
+                .iter()
+                .any(|t| cast[..stop].trim().starts_with(t));
+                rest = &cast[stop..];
+            }
+            if numeric && text.parse::<f64>().is_ok() {
+                out.push(CheckToken::Number(text));
+            } else {
+                out.push(CheckToken::Text(text));
+            }
+        } else {
+            let stop = rest.find(',').unwrap_or(rest.len());
+            let number = unwrap(uncast(unwrap(&rest[..stop])));
+            number.parse::<f64>().ok()?;
+            out.push(CheckToken::Number(number.to_string()));
+            rest = &rest[stop..];
+        }
+        rest = rest.trim_start();
+        match rest.strip_prefix(',') {
+            Some(r) => {
+                out.push(CheckToken::Word(",".into()));
+                rest = r.trim_start();
+            }
+            None if rest.is_empty() => break,
+            None => return None,
+        }
+    }
+    out.push(CheckToken::Word(")".into()));
+    Some(out)
 }
 
 /// Tables `tables.include` selects that the (user's) publication leaves out.
@@ -498,6 +732,13 @@ async fn describe(
     let secondary = secondary(c, ep, pg.oid).await?;
     let enum_types = enum_types(c, ep, pg.oid).await?;
     let column_defaults = column_defaults(c, ep, pg.oid, &columns).await?;
+    // A target that is not PostgreSQL (which pg_dump gives every CHECK)
+    // asserts the values a CHECK lists.
+    let checks = if sel.target_is_postgres {
+        Vec::new()
+    } else {
+        listed_values(c, ep, pg.oid, &columns).await?
+    };
     if sel.target_is_postgres {
         // An array whose type the target keeps travels as its own text,
         // lower bounds and all (`[0:1]={a,b}`), not as JSON.
@@ -511,10 +752,17 @@ async fn describe(
             }
         }
     }
+    let links = if sel.links {
+        links(c, ep, sel, pg.oid, &columns).await?
+    } else {
+        Vec::new()
+    };
     let t = identify(TableSchema {
         secondary,
         enum_types,
         column_defaults,
+        checks,
+        links,
         ..TableSchema::keyed(name, target_name, columns, key)
     });
     Ok(Some((t, pg)))
@@ -553,6 +801,7 @@ async fn columns(
         let declared: String = col.get(1);
         let typtype: String = col.get(4);
         let (logical, native, base) = column_type(col.get(2), col.get(5));
+        let logical = for_target(logical, sel);
         if let Some(p) = unmapped(sel, table, &cname, &declared, native, &typtype) {
             problems.push(p);
         }
@@ -688,7 +937,30 @@ pub fn logical_for(oid: u32) -> (LogicalType, bool) {
         17 => (L::Bytes, true),
         114 | 3802 => (L::Json, true),
         1114 | 1184 => (L::Timestamp, true),
+        2950 => (L::Uuid, true),
+        1082 => (L::Date, true),
+        1186 => (L::Interval, true),
+        // Every other built-in type (time, inet, money, ranges, tsvector,
+        // xml, geometric types, …) travels as its PostgreSQL text form, a
+        // documented choice; a user-defined type (an OID past PostgreSQL's
+        // own) has no mapping.
+        oid if oid < FIRST_NORMAL_OID => (L::Text, true),
         _ => (L::Text, false),
+    }
+}
+
+/// PostgreSQL's `FirstNormalObjectId`: OIDs below it are the system's own.
+const FIRST_NORMAL_OID: u32 = 16384;
+
+/// A column's logical type for the target: a PostgreSQL target keeps the
+/// source's own type and reads uuids, dates and intervals as the text they
+/// arrive in.
+fn for_target(logical: LogicalType, sel: &Selection<'_>) -> LogicalType {
+    match logical {
+        LogicalType::Uuid | LogicalType::Date | LogicalType::Interval if sel.target_is_postgres => {
+            LogicalType::Text
+        }
+        l => l,
     }
 }
 
@@ -766,7 +1038,7 @@ async fn secondary(c: &Client, ep: &PgEndpoint, oid: u32) -> Result<Vec<Secondar
     let mut out = Vec::new();
     for r in c
         .query(
-            "SELECT ic.relname::text, i.indisunique, substring(pg_get_indexdef(i.indexrelid) from ' USING .*$')
+            "SELECT ic.relname::text, i.indisunique, substring(pg_get_indexdef(i.indexrelid) from ' USING .*$'), NOT i.indimmediate
                FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
               WHERE i.indrelid = $1 AND NOT i.indisprimary
                 AND NOT EXISTS (SELECT 1 FROM pg_constraint x WHERE x.conindid = i.indexrelid AND x.contype = 'x')
@@ -782,6 +1054,7 @@ async fn secondary(c: &Client, ep: &PgEndpoint, oid: u32) -> Result<Vec<Secondar
                 name: r.get(0),
                 unique: r.get(1),
                 using: using.trim().to_string(),
+                deferred: r.get(3),
             });
         }
     }
@@ -835,4 +1108,64 @@ pub async fn estimated_rows(c: &Client, ep: &PgEndpoint, t: &PgTable) -> Result<
         .map_err(|e| pg_error(ep, "estimating the row count", e))?;
     let n: i64 = row.get(0);
     Ok((n >= 0).then_some(n as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cols(names: &[&str]) -> Vec<Column> {
+        names
+            .iter()
+            .map(|n| Column {
+                name: n.to_string(),
+                source_type: "text".into(),
+                logical: LogicalType::Text,
+                nullable: true,
+            })
+            .collect()
+    }
+
+    fn allowed(def: &str, columns: &[Column]) -> Option<(usize, Vec<serde_json::Value>)> {
+        let expr = in_list(def, columns)?;
+        Check {
+            name: "c".into(),
+            expr,
+            source: def.into(),
+        }
+        .allowed_values()
+    }
+
+    #[test]
+    fn a_check_listing_values_is_read_in_each_form_postgresql_writes() {
+        let c = cols(&["id", "status", "Kind", "n"]);
+        assert_eq!(
+            allowed(
+                "CHECK ((status = ANY (ARRAY['draft'::text, 'it''s'::text, 'a, b'::text])))",
+                &c
+            ),
+            Some((1, vec!["draft".into(), "it's".into(), "a, b".into()]))
+        );
+        assert_eq!(
+            allowed(
+                "CHECK (((\"Kind\")::text = ANY ((ARRAY['x'::character varying, 'y'::character varying])::text[])))",
+                &c
+            ),
+            Some((2, vec!["x".into(), "y".into()]))
+        );
+        assert_eq!(
+            allowed("CHECK ((n = ANY (ARRAY[1, 2, '-3'::integer])))", &c),
+            Some((3, vec![1.into(), 2.into(), (-3).into()]))
+        );
+        // Anything else is not a list of values.
+        for other in [
+            "CHECK ((n > 0))",
+            "CHECK ((status = 'x'::text))",
+            "CHECK ((lower(status) = ANY (ARRAY['a'::text])))",
+            "CHECK ((missing = ANY (ARRAY['a'::text])))",
+            "CHECK ((status = ANY (ARRAY['a'::text, (status)::text])))",
+        ] {
+            assert_eq!(allowed(other, &c), None, "{other}");
+        }
+    }
 }

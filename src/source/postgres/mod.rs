@@ -100,6 +100,7 @@ impl PgSource {
                 ),
                 follow_renames: config.schema_changes.rename_table
                     == crate::config::OnRename::Follow,
+                links: config.target.links,
             }),
             catalog: Arc::new(Mutex::new(HashMap::new())),
             export: Mutex::new(None),

@@ -351,6 +351,8 @@ pub fn decode(col: &Column, oid: u32, s: &str) -> std::result::Result<Value, Str
                 ))
             }
         },
+        // Kept as PostgreSQL wrote them; a target converts them.
+        LogicalType::Uuid | LogicalType::Date | LogicalType::Interval => Value::Text(s.to_string()),
         LogicalType::Text | LogicalType::Any => {
             let _ = oid;
             Value::Text(s.to_string())
