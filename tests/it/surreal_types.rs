@@ -381,3 +381,69 @@ async fn foreign_keys_become_record_links_when_asked() {
     );
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_date_and_uuid_columns_arrive_as_datetime_and_uuid() {
+    let s = Scratch::new();
+    let pool = s
+        .source(
+            "CREATE TABLE visit (id UUID PRIMARY KEY, day DATE NOT NULL DEFAULT (date('now')), guest GUID);
+             INSERT INTO visit VALUES ('A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11', '2024-02-29', x'00112233445566778899aabbccddeeff');",
+        )
+        .await;
+    let config = s.config("mem://", "");
+    let run = crate::sqlite_surreal::start(config.clone(), None).await;
+    crate::sqlite_surreal::wait_converged(&pool, &config, &run.sink).await;
+    sqlx::query("INSERT INTO visit (id, guest) VALUES ('ffffffffffffffffffffffffffffffff', NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    crate::sqlite_surreal::wait_converged(&pool, &config, &run.sink).await;
+    let rows = query(
+        &run.sink,
+        "SELECT VALUE [<string> record::id(id), type::is_uuid(record::id(id)), type::is_datetime(day), <string> guest] \
+         FROM visit WHERE day = d'2024-02-29T00:00:00Z'",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![json!([
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            true,
+            true,
+            "00112233-4455-6677-8899-aabbccddeeff"
+        ])]
+    );
+    let today = chrono::Utc::now().date_naive().to_string();
+    let rows = query(
+        &run.sink,
+        "SELECT VALUE [<string> record::id(id), <string> day] FROM visit WHERE guest = NONE",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![json!([
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+            format!("{today}T00:00:00Z")
+        ])]
+    );
+    // A value that is no date stops the run by name.
+    sqlx::query(
+        "INSERT INTO visit (id, day) VALUES ('00000000-0000-0000-0000-000000000001', 'soon')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(60), run.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("column \"day\"")
+            && err.contains("\"soon\"")
+            && err.contains("expected a date"),
+        "{err}"
+    );
+}

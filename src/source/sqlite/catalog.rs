@@ -518,6 +518,7 @@ pub fn default_expr(
             Some(utc_text("YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\""))
         }
         (L::Text | L::Any, "current_date" | "date('now')") => Some(utc_text("YYYY-MM-DD")),
+        (L::Date, "current_date" | "date('now')") => Some("CURRENT_DATE".into()),
         (L::Timestamp, "current_date" | "date('now')") => {
             Some("date_trunc('day', now(), 'UTC')".into())
         }

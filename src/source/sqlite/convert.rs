@@ -25,6 +25,12 @@ pub fn logical_type(declared: &str) -> (LogicalType, Option<String>) {
     if word("DATETIME") || word("TIMESTAMP") || word("TIMESTAMPTZ") {
         return (LogicalType::Timestamp, None);
     }
+    if word("DATE") {
+        return (LogicalType::Date, None);
+    }
+    if word("UUID") || word("GUID") {
+        return (LogicalType::Uuid, None);
+    }
     if word("JSON") || word("JSONB") {
         return (LogicalType::Json, None);
     }
@@ -228,6 +234,31 @@ pub fn convert(raw: Raw, col: &Column) -> std::result::Result<Value, String> {
             Ok(_) => Value::Json(s),
             Err(e) => return Err(format!("{} (invalid JSON: {e})", mismatch(&Raw::Text(s)))),
         },
+        // A date as SQLite's date functions write it.
+        (L::Date, Raw::Text(s)) => {
+            if chrono::NaiveDate::parse_from_str(&s, "%Y-%m-%d").is_ok() && s.len() == 10 {
+                Value::Text(s)
+            } else {
+                return Err(format!(
+                    "{} (expected a date such as 2024-05-01)",
+                    mismatch(&Raw::Text(s))
+                ));
+            }
+        }
+        // A uuid as text (with or without hyphens), or its 16 bytes.
+        (L::Uuid, Raw::Text(s)) => match uuid_text(&s) {
+            Some(u) => Value::Text(u),
+            None => {
+                return Err(format!(
+                    "{} (expected a uuid such as a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11)",
+                    mismatch(&Raw::Text(s))
+                ))
+            }
+        },
+        (L::Uuid, Raw::Blob(b)) if b.len() == 16 => {
+            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            Value::Text(uuid_text(&hex).unwrap_or(hex))
+        }
         (L::Timestamp, Raw::Text(s)) => match parse_timestamp(&s) {
             Some(t) => Value::Timestamp(t),
             None => {
@@ -239,6 +270,37 @@ pub fn convert(raw: Raw, col: &Column) -> std::result::Result<Value, String> {
         },
         (_, raw) => return Err(mismatch(&raw)),
     })
+}
+
+/// A uuid's text in its hyphenated lowercase form, from that form or 32
+/// hex digits; `None` for anything else.
+fn uuid_text(s: &str) -> Option<String> {
+    let hex: String = match s.len() {
+        36 => {
+            let dashes = [8, 13, 18, 23];
+            if !s
+                .char_indices()
+                .all(|(i, c)| (c == '-') == dashes.contains(&i))
+            {
+                return None;
+            }
+            s.chars().filter(|c| *c != '-').collect()
+        }
+        32 => s.to_string(),
+        _ => return None,
+    };
+    if !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let h = hex.to_ascii_lowercase();
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
 }
 
 /// A row holding a value its column's type cannot carry.
@@ -367,11 +429,64 @@ mod tests {
             ("", LogicalType::Any),
             ("JSON", LogicalType::Json),
             ("DATETIME", LogicalType::Timestamp),
+            ("DATE", LogicalType::Date),
+            ("UUID", LogicalType::Uuid),
             ("DECIMAL(10,2)", LogicalType::Decimal),
         ] {
             assert_eq!(logical_type(decl).0, want, "{decl}");
         }
         assert!(logical_type("MONEY").1.is_some());
+    }
+
+    #[test]
+    fn uuids_and_dates_are_checked_and_uuids_normalised() {
+        let col = |logical| Column {
+            name: "c".into(),
+            source_type: String::new(),
+            logical,
+            nullable: true,
+        };
+        let text = |s: &str| Raw::Text(s.into());
+        let want = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+        for form in [
+            want,
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+        ] {
+            assert_eq!(
+                convert(text(form), &col(LogicalType::Uuid)),
+                Ok(Value::Text(want.into())),
+                "{form}"
+            );
+        }
+        let bytes: Vec<u8> = (0..16).collect();
+        assert_eq!(
+            convert(Raw::Blob(bytes), &col(LogicalType::Uuid)),
+            Ok(Value::Text("00010203-0405-0607-0809-0a0b0c0d0e0f".into()))
+        );
+        for bad in [
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
+            "a0eebc99x9c0b-4ef8-bb6d-6bb9bd380a11",
+            "zzeebc999c0b4ef8bb6d6bb9bd380a11",
+            "",
+        ] {
+            assert!(
+                convert(text(bad), &col(LogicalType::Uuid)).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(convert(Raw::Blob(vec![1, 2]), &col(LogicalType::Uuid)).is_err());
+        assert_eq!(
+            convert(text("2024-02-29"), &col(LogicalType::Date)),
+            Ok(Value::Text("2024-02-29".into()))
+        );
+        for bad in ["2023-02-29", "2024-2-1", "2024-05-01 10:00:00", "soon"] {
+            assert!(
+                convert(text(bad), &col(LogicalType::Date)).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(convert(Raw::Integer(20240501), &col(LogicalType::Date)).is_err());
     }
 
     #[test]
