@@ -38,6 +38,22 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// An identifier as PostgreSQL's `pg_get_*def` functions write it, back to
+/// its name: `"Last Name"` (quotes doubled inside), or a plain lowercase
+/// one; `None` for anything else (an expression).
+pub fn unquote_ident(s: &str) -> Option<String> {
+    match s.strip_prefix('"').and_then(|q| q.strip_suffix('"')) {
+        Some(q) => Some(q.replace("\"\"", "\"")),
+        None if s
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') =>
+        {
+            Some(s.to_string())
+        }
+        None => None,
+    }
+}
+
 /// Quotes a table name: `schema.table` as two identifiers, `table` as one
 /// (found on the search path: `public`).
 pub fn quote_table(s: &str) -> String {

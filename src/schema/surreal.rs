@@ -346,16 +346,7 @@ fn index_fields(t: &TableSchema, using: &str) -> Option<Vec<String>> {
             .trim_end_matches(" DESC")
             .trim_end_matches(" ASC")
             .trim();
-        let name = match part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
-            Some(q) => q.replace("\"\"", "\""),
-            None if part
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') =>
-            {
-                part.to_string()
-            }
-            None => return None,
-        };
+        let name = crate::pg::unquote_ident(part)?;
         let i = t.columns.iter().position(|c| c.name == name)?;
         // The record id is unique and indexed already.
         fields.push(field_name(t, i)?);

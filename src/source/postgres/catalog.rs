@@ -535,16 +535,7 @@ pub fn in_list(def: &str, columns: &[Column]) -> Option<Vec<CheckToken>> {
     let body = unwrap(def.strip_prefix("CHECK ")?);
     let (lhs, rhs) = body.split_once(" = ANY ")?;
     let col = unwrap(uncast(unwrap(lhs)));
-    let name = match col.strip_prefix('"').and_then(|c| c.strip_suffix('"')) {
-        Some(q) => q.replace("\"\"", "\""),
-        None if col
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') =>
-        {
-            col.to_string()
-        }
-        None => return None,
-    };
+    let name = crate::pg::unquote_ident(col)?;
     let column = columns.iter().position(|c| c.name == name)?;
     let list = unwrap(uncast(unwrap(rhs)));
     let items = list.strip_prefix("ARRAY[")?.strip_suffix(']')?;
