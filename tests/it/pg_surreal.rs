@@ -90,6 +90,19 @@ impl PgDb {
         )
     }
 
+    /// `switchyard check` of this database into `mem://`, with or without
+    /// `source.unmapped_as_text`: exit code, stdout, stderr.
+    pub fn check(&self, unmapped_as_text: bool) -> (i32, String, String) {
+        let s = Scratch::new();
+        let cfg = s.path("pg.toml");
+        let mut text = self.config_text("mem://", "");
+        if !unmapped_as_text {
+            text = text.replace("unmapped_as_text = true\n", "");
+        }
+        std::fs::write(&cfg, text).unwrap();
+        run_cli(&["check", "--config", cfg.to_str().unwrap()])
+    }
+
     pub fn config(&self, target: &str, extra: &str) -> Arc<Config> {
         Arc::new(Config::parse(&self.config_text(target, extra)).unwrap())
     }
@@ -260,15 +273,7 @@ async fn m1_after(db: &PgDb, report: switchyard::pipeline::Report, run_sink: Arc
     );
     // `check` shows each column's SurrealDB field; built-in types need no
     // unmapped_as_text.
-    let s = Scratch::new();
-    let cfg = s.path("pg.toml");
-    std::fs::write(
-        &cfg,
-        db.config_text("mem://", "")
-            .replace("unmapped_as_text = true\n", ""),
-    )
-    .unwrap();
-    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    let (code, out, err) = db.check(false);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("u: option<uuid>") && out.contains("day: option<datetime>"),
@@ -404,24 +409,14 @@ async fn a_keyless_table_with_replica_identity_full_is_replicated_by_its_whole_r
         .unwrap();
     let sink = run.sink.clone();
     db.exec("DELETE FROM events WHERE n = 3").await;
-    let err = tokio::time::timeout(Duration::from_secs(30), run.handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let err = run.error_within(Duration::from_secs(30)).await;
     assert!(
         err.contains("\"events\" has no key") && err.contains("copy the table again"),
         "{err}"
     );
     // Not acknowledged: a restart meets the same change again.
     let again = start(config.clone(), Some(sink)).await;
-    let err = tokio::time::timeout(Duration::from_secs(30), again.handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let err = again.error_within(Duration::from_secs(30)).await;
     assert!(err.contains("\"events\" has no key"), "{err}");
 }
 
@@ -527,12 +522,7 @@ async fn a_target_behind_the_slot_is_refused() {
         .check()
         .unwrap();
     let run = start(config.clone(), Some(sink.clone())).await;
-    let err = tokio::time::timeout(Duration::from_secs(30), run.handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let err = run.error_within(Duration::from_secs(30)).await;
     assert!(
         err.contains("is behind what replication slot")
             && err.contains("start over with an empty target"),

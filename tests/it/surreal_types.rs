@@ -216,12 +216,7 @@ async fn infinite_dates_are_refused_by_name_or_set_aside() {
     let db = PgDb::new(schema).await;
     let config = db.config("mem://", "");
     let run = start(config.clone(), None).await;
-    let err = tokio::time::timeout(Duration::from_secs(60), run.handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let err = run.error_within(Duration::from_secs(60)).await;
     assert!(
         err.contains("table \"ev\", key (id = 1), column \"at\"")
             && err.contains("infinity has no SurrealDB datetime")
@@ -304,15 +299,7 @@ async fn a_user_defined_type_needs_unmapped_as_text() {
          CREATE UNIQUE INDEX t_u ON t (u);",
     )
     .await;
-    let s = Scratch::new();
-    let cfg = s.path("pg.toml");
-    std::fs::write(
-        &cfg,
-        db.config_text("mem://", "")
-            .replace("unmapped_as_text = true\n", ""),
-    )
-    .unwrap();
-    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    let (code, out, err) = db.check(false);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         out.contains("error  table \"t\", column \"p\": type pair has no mapping")
@@ -321,8 +308,7 @@ async fn a_user_defined_type_needs_unmapped_as_text() {
             && out.contains("DEFINE INDEX IF NOT EXISTS `t_u` ON TABLE `t` FIELDS `u` UNIQUE;"),
         "{out}"
     );
-    std::fs::write(&cfg, db.config_text("mem://", "")).unwrap();
-    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    let (code, out, err) = db.check(true);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("column \"p\": type pair is carried as its PostgreSQL text form"),
@@ -434,12 +420,7 @@ async fn sqlite_date_and_uuid_columns_arrive_as_datetime_and_uuid() {
     .execute(&pool)
     .await
     .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(60), run.handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let err = run.error_within(Duration::from_secs(60)).await;
     assert!(
         err.contains("column \"day\"")
             && err.contains("\"soon\"")

@@ -229,6 +229,17 @@ pub async fn run_pipeline(
 }
 
 impl Running {
+    /// Waits up to `timeout` for the run to stop by itself, and returns the
+    /// error it stopped with.
+    pub async fn error_within(self, timeout: Duration) -> String {
+        tokio::time::timeout(timeout, self.handle)
+            .await
+            .expect("pipeline did not stop")
+            .unwrap()
+            .unwrap_err()
+            .to_string()
+    }
+
     /// Stops it as a signal would, and returns its report.
     pub async fn stop(self) -> Report {
         self.cancel.cancel();
