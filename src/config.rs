@@ -115,6 +115,57 @@ pub struct SourceConfig {
     /// PostgreSQL: warn when the slot retains more WAL than this (MiB).
     #[serde(default = "default_slot_warn_mb")]
     pub slot_warn_mb: u64,
+    /// SurrealDB: the namespace and database replicated.
+    pub namespace: Option<String>,
+    pub database: Option<String>,
+    /// SurrealDB server: the root user to sign in as (password in
+    /// `source.password`).
+    pub username: Option<String>,
+    /// SurrealDB: define a changefeed (`ALTER TABLE … CHANGEFEED`) on a
+    /// replicated table that has none; when false such a table stops `run`.
+    #[serde(default = "default_true")]
+    pub define_changefeed: bool,
+    /// SurrealDB: the retention of the changefeeds switchyard defines
+    /// (a SurrealQL duration): longer than the daemon is ever stopped.
+    #[serde(default = "default_changefeed_retention")]
+    pub changefeed_retention: String,
+    /// SurrealDB: how far behind the server's clock the stream reads, so
+    /// that a transaction stamped earlier has committed (versionstamps are
+    /// taken before commit).
+    #[serde(default = "default_changefeed_window_ms")]
+    pub changefeed_window_ms: u64,
+}
+
+/// A SurrealQL duration literal: `7d`, `1h30m`, `500ms`.
+fn is_surreal_duration(s: &str) -> bool {
+    let mut rest = s;
+    if rest.is_empty() {
+        return false;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return false;
+        }
+        rest = &rest[digits..];
+        let Some(unit) = ["ns", "us", "µs", "ms", "s", "m", "h", "d", "w", "y"]
+            .into_iter()
+            .filter(|u| rest.starts_with(u))
+            .max_by_key(|u| u.len())
+        else {
+            return false;
+        };
+        rest = &rest[unit.len()..];
+    }
+    true
+}
+
+fn default_changefeed_retention() -> String {
+    "7d".into()
+}
+
+fn default_changefeed_window_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -306,6 +357,11 @@ pub enum SourceKind {
     Postgres {
         url: String,
     },
+    /// A SurrealDB endpoint as the SDK's `engine::any` takes it.
+    Surreal {
+        endpoint: String,
+        remote: bool,
+    },
 }
 
 /// Where the target is.
@@ -406,6 +462,24 @@ impl Config {
             Ok(SourceKind::Sqlite { .. }) => {
                 if let Err(e) = crate::schema::cast::TypeRules::compile(&self.tables.types) {
                     problems.push(e);
+                }
+            }
+            Ok(SourceKind::Surreal { .. }) => {
+                for (key, v) in [
+                    ("namespace", &self.source.namespace),
+                    ("database", &self.source.database),
+                ] {
+                    if v.as_deref().is_none_or(str::is_empty) {
+                        problems.push(format!(
+                            "source.{key}: a SurrealDB source needs the namespace and database to replicate"
+                        ));
+                    }
+                }
+                if !is_surreal_duration(&self.source.changefeed_retention) {
+                    problems.push(format!(
+                        "source.changefeed_retention: {:?} is not a duration (for example \"7d\" or \"12h\")",
+                        self.source.changefeed_retention
+                    ));
                 }
             }
         }
@@ -613,8 +687,24 @@ impl Config {
             });
         }
         let scheme = url.split("://").next().unwrap_or(url);
+        if url.contains("://") && matches!(scheme, "mem" | "memory" | "surrealkv" | "ws" | "wss") {
+            if scheme == "surrealkv" && url.len() <= "surrealkv://".len() {
+                return Err(Error::config(
+                    "source.url: surrealkv needs a path, for example surrealkv://data/app",
+                ));
+            }
+            if url_has_password(url) {
+                return Err(Error::config(
+                    "source.url: put the password in source.password (\"${VAR}\"), not in the URL",
+                ));
+            }
+            return Ok(SourceKind::Surreal {
+                endpoint: url.to_string(),
+                remote: matches!(scheme, "ws" | "wss"),
+            });
+        }
         Err(Error::config(format!(
-            "source.url: unsupported scheme {scheme:?} in {}; use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE",
+            "source.url: unsupported scheme {scheme:?} in {}; use sqlite://PATH, postgres://USER@HOST:PORT/DATABASE, surrealkv://PATH or ws://HOST:PORT",
             redact_url(url)
         )))
     }

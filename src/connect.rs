@@ -26,6 +26,17 @@ pub async fn source(
         SourceKind::Postgres { url } => Ok(Box::new(
             crate::source::postgres::PgSource::open(&url, config).await?,
         )),
+        #[cfg(feature = "surrealdb")]
+        SourceKind::Surreal { endpoint, remote } => Ok(Box::new(
+            crate::source::surreal::SurrealSource::open(&endpoint, remote, config, rejects).await?,
+        )),
+        #[cfg(not(feature = "surrealdb"))]
+        SourceKind::Surreal { .. } => {
+            let _ = (rejects, access);
+            Err(Error::config(
+                "source.url: this switchyard was built without the surrealdb feature",
+            ))
+        }
     }
 }
 

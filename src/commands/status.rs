@@ -70,6 +70,7 @@ pub async fn status(config: &Config) -> Result<Status> {
     let kind = match config.source_kind()? {
         SourceKind::Postgres { .. } => PositionKind::Lsn,
         SourceKind::Sqlite { .. } => PositionKind::Sequence,
+        SourceKind::Surreal { .. } => PositionKind::Versionstamp,
     };
     let show = |p: Position| p.show(kind);
     let mut out = Status {

@@ -152,6 +152,11 @@ fn idle_allowance(config: &Config) -> Result<f64> {
     Ok(match config.source_kind()? {
         crate::config::SourceKind::Postgres { .. } => config.source.heartbeat_interval_ms,
         crate::config::SourceKind::Sqlite { .. } => config.source.poll_interval_ms,
+        // The stream reads up to the changefeed window behind the clock, and
+        // moves its position at most once a second when idle.
+        crate::config::SourceKind::Surreal { .. } => {
+            config.source.changefeed_window_ms + config.source.poll_interval_ms + 1000
+        }
     } as f64
         / 1000.0)
 }

@@ -8,6 +8,8 @@
 
 pub mod postgres;
 pub mod sqlite;
+#[cfg(feature = "surrealdb")]
+pub mod surreal;
 
 use std::sync::Arc;
 

@@ -21,5 +21,6 @@ mod sqlite_capture;
 mod sqlite_crash;
 mod sqlite_surreal;
 mod surreal_remote;
+mod surreal_source;
 mod surreal_types;
 mod verify;

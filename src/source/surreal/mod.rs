@@ -1,0 +1,1124 @@
+//! SurrealDB source: the tables of one namespace and database, copied by
+//! record id, then followed through their changefeeds.
+//!
+//! ```text
+//!  install:     ALTER TABLE t CHANGEFEED <retention> where a table has none
+//!               (source.define_changefeed), noted in _switchyard_capture:main
+//!  snapshot(T): position P = the safe head, read first; then T in pages by record id
+//!  stream:      SHOW CHANGES FOR DATABASE SINCE v LIMIT 1000, in versionstamp order,
+//!               up to the safe head                        position = (versionstamp, change)
+//!  ack:         nothing (the changefeed's retention removes old changes)
+//! ```
+//!
+//! What SurrealDB 3.3 does that shapes this (see DESIGN.md):
+//! - A versionstamp is `(unix milliseconds << 16) | counter`, taken just
+//!   before a transaction commits, so a transaction can become visible after
+//!   one with a higher stamp. The stream reads only up to the *safe head*,
+//!   `source.changefeed_window_ms` behind the server's clock.
+//! - The snapshot is read in pages, not in one transaction: changes after P
+//!   that the pages already hold are applied again. Every change is applied
+//!   by record id (a write as the record's whole content, a delete as a
+//!   delete), so the target converges to the source.
+//! - A page's LIMIT counts entries (one per versionstamp and table) before
+//!   any filter: the database form is read, and a full page's last
+//!   versionstamp is read again on the next page (SINCE is inclusive).
+//! - Changes older than the retention are removed every 30 s, silently: a
+//!   resume checks that nothing after its checkpoint can have gone.
+
+pub mod values;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use secrecy::ExposeSecret;
+use surrealdb::engine::any::Any;
+use surrealdb::types::{Number, Object, RecordId, RecordIdKey, ToSql, Value as SValue, Variables};
+use surrealdb::Surreal;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::config::{Config, TableFilter};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{Change, Column, Ddl, Link, LogicalType, Op, Row, TableSchema, Value};
+use crate::position::{Durable, Position, PositionKind};
+use crate::redact::redact_url;
+use crate::reject::{Rejected, Rejects};
+use crate::schema::surreal::ident;
+use crate::source::{Access, Batch, Discovery, Installed, Pending, Problem, Source, SourceLag};
+
+/// Where switchyard notes what it installed in the source.
+const CAPTURE: &str = "_switchyard_capture";
+/// Entries per changefeed page: SurrealDB's cap.
+const PAGE: usize = 1000;
+
+pub struct SurrealSource {
+    db: Surreal<Any>,
+    shown: String,
+    namespace: String,
+    database: String,
+    filter: TableFilter,
+    renames: BTreeMap<String, String>,
+    define_changefeed: bool,
+    retention: String,
+    window_ms: u64,
+    poll_interval: Duration,
+    rejects: Arc<Rejects>,
+}
+
+fn surreal_error(context: impl std::fmt::Display, e: surrealdb::Error) -> Error {
+    let kind = if e.is_connection() {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Definite
+    };
+    Error::new(kind, format!("{context}: {}", e.message())).with_source(e)
+}
+
+/// One versionstamp's changes as the changefeed gives them.
+#[derive(Debug)]
+struct ChangeSet {
+    versionstamp: u64,
+    changes: Vec<FeedChange>,
+    /// The entries it takes of a page (one per table).
+    entries: usize,
+}
+
+#[derive(Debug)]
+enum FeedChange {
+    /// A record created or updated: its whole content.
+    Set {
+        id: RecordId,
+        record: Object,
+    },
+    Delete {
+        id: RecordId,
+    },
+    /// A table (re)defined with a changefeed.
+    Define {
+        table: String,
+    },
+}
+
+impl FeedChange {
+    fn table(&self) -> &str {
+        match self {
+            FeedChange::Set { id, .. } | FeedChange::Delete { id } => id.table.as_str(),
+            FeedChange::Define { table } => table,
+        }
+    }
+}
+
+fn int_of(v: Option<&SValue>) -> Option<i64> {
+    match v {
+        Some(SValue::Number(Number::Int(i))) => Some(*i),
+        Some(SValue::Number(Number::Decimal(d))) => d.to_string().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Parses `SHOW CHANGES` output.
+fn change_sets(v: SValue) -> Result<Vec<ChangeSet>> {
+    let bad = |what: &str| Error::definite(format!("unexpected SHOW CHANGES output: {what}"));
+    let SValue::Array(rows) = v else {
+        return Err(bad("not an array"));
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows.into_iter() {
+        let SValue::Object(row) = row else {
+            return Err(bad("an entry is not an object"));
+        };
+        let versionstamp =
+            int_of(row.get("versionstamp")).ok_or_else(|| bad("no versionstamp"))? as u64;
+        let mut changes = Vec::new();
+        if let Some(SValue::Array(list)) = row.get("changes") {
+            for ch in list.iter() {
+                let SValue::Object(ch) = ch else { continue };
+                if let Some(SValue::Object(del)) = ch.get("delete") {
+                    if let Some(SValue::RecordId(id)) = del.get("id") {
+                        changes.push(FeedChange::Delete { id: id.clone() });
+                    }
+                } else if let Some(SValue::Object(record)) =
+                    ch.get("current").or_else(|| ch.get("update"))
+                {
+                    if let Some(SValue::RecordId(id)) = record.get("id") {
+                        changes.push(FeedChange::Set {
+                            id: id.clone(),
+                            record: record.clone(),
+                        });
+                    }
+                } else if let Some(SValue::Object(def)) = ch.get("define_table") {
+                    if let Some(SValue::String(name)) = def.get("name") {
+                        changes.push(FeedChange::Define {
+                            table: name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        let entries = changes
+            .iter()
+            .map(FeedChange::table)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            .max(1);
+        out.push(ChangeSet {
+            versionstamp,
+            changes,
+            entries,
+        });
+    }
+    Ok(out)
+}
+
+/// A `record<t>` field's table, from its declared kind.
+fn link_of(col: &Column) -> Option<&str> {
+    let k = col.source_type.trim();
+    let k = k
+        .strip_prefix("option<")
+        .and_then(|k| k.strip_suffix('>'))
+        .unwrap_or(k);
+    k.strip_prefix("record<")
+        .and_then(|k| k.strip_suffix('>'))
+        .filter(|t| !t.contains('|'))
+        .map(str::trim)
+}
+
+/// A value that does not fit its column.
+struct Misfit {
+    column: usize,
+    value: String,
+    message: String,
+}
+
+/// A record as a row of `table`; fields the table has no column for yet
+/// (a schemaless table's new fields) are returned by name.
+fn row_of(
+    table: &TableSchema,
+    id: &RecordId,
+    mut record: Object,
+) -> std::result::Result<(Row, Vec<String>), Misfit> {
+    let mut row = Vec::with_capacity(table.columns.len());
+    for (i, col) in table.columns.iter().enumerate() {
+        if table.key == [i] {
+            row.push(key_of(table, &id.key).map_err(|message| Misfit {
+                column: i,
+                value: id.key.to_sql(),
+                message,
+            })?);
+            continue;
+        }
+        let v = record.remove(&col.name).unwrap_or(SValue::None);
+        let shown = v.to_sql();
+        match values::convert(col, link_of(col), v) {
+            Ok(v) => row.push(v),
+            Err(message) => {
+                return Err(Misfit {
+                    column: i,
+                    value: shown,
+                    message,
+                })
+            }
+        }
+    }
+    record.remove("id");
+    Ok((row, record.keys().cloned().collect()))
+}
+
+/// A record id key as the value of the table's key column.
+fn key_of(table: &TableSchema, key: &RecordIdKey) -> std::result::Result<Value, String> {
+    let col = &table.columns[table.key[0]];
+    let v = values::key_value(key);
+    let fits = match col.logical {
+        LogicalType::Any => true,
+        l => values::key_type(key) == l,
+    };
+    if fits {
+        Ok(v)
+    } else {
+        Err(format!(
+            "the table's record ids are {} keys, and this one is {}; replicate tables whose record ids are of one kind",
+            col.logical,
+            key.to_sql()
+        ))
+    }
+}
+
+impl SurrealSource {
+    /// Connects to `endpoint` (signed in as `source.username` on a remote
+    /// server) and selects the configured namespace and database, which must
+    /// exist.
+    pub async fn open(
+        endpoint: &str,
+        remote: bool,
+        config: &Config,
+        rejects: Arc<Rejects>,
+    ) -> Result<Self> {
+        let shown = redact_url(endpoint);
+        let db = surrealdb::engine::any::connect(endpoint).await.map_err(|e| {
+            let m = e.message().to_string();
+            if m.to_ascii_lowercase().contains("lock") {
+                Error::connect(format!(
+                    "cannot open the embedded SurrealDB store {shown}: another process holds it ({m}). \
+                     An embedded store is opened by one process at a time: stop the application for an offline copy, \
+                     or run the sync inside the application (examples/surreal_live_sync.rs)"
+                ))
+            } else {
+                Error::connect(format!("cannot connect to SurrealDB at {shown}: {m}"))
+            }
+        })?;
+        if remote {
+            if let (Some(user), Some(pass)) = (&config.source.username, &config.source.password) {
+                db.signin(surrealdb::opt::auth::Root {
+                    username: user.clone(),
+                    password: pass.expose_secret().to_string(),
+                })
+                .await
+                .map_err(|e| {
+                    Error::connect(format!(
+                        "SurrealDB at {shown} refused to sign in user {user:?}: {}",
+                        e.message()
+                    ))
+                })?;
+            }
+        }
+        Self::from_client(db, &shown, config, rejects).await
+    }
+
+    /// A source over a connection the caller opened: an application's own
+    /// handle, for a live sync inside its process (an embedded store is
+    /// opened by one process at a time).
+    pub async fn from_client(
+        db: Surreal<Any>,
+        shown: &str,
+        config: &Config,
+        rejects: Arc<Rejects>,
+    ) -> Result<Self> {
+        let namespace = config.source.namespace.clone().unwrap_or_default();
+        let database = config.source.database.clone().unwrap_or_default();
+        let names = |info: Option<serde_json::Value>, key: &str| -> Vec<String> {
+            info.and_then(|v| v.get(key).and_then(|m| m.as_object().cloned()))
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        let missing = || {
+            Error::config(format!(
+                "source {shown} has no namespace {namespace:?} with a database {database:?}; set source.namespace and source.database to where the application's data is"
+            ))
+        };
+        let root: Option<serde_json::Value> = db
+            .query("INFO FOR ROOT")
+            .await
+            .and_then(|mut r| r.take(0))
+            .map_err(|e| surreal_error(format!("reading the namespaces of {shown}"), e))?;
+        if !names(root, "namespaces").contains(&namespace) {
+            return Err(missing());
+        }
+        db.use_ns(namespace.clone())
+            .await
+            .map_err(|e| surreal_error(format!("using namespace {namespace:?} on {shown}"), e))?;
+        let ns: Option<serde_json::Value> = db
+            .query("INFO FOR NS")
+            .await
+            .and_then(|mut r| r.take(0))
+            .map_err(|e| surreal_error(format!("reading the databases of {shown}"), e))?;
+        if !names(ns, "databases").contains(&database) {
+            return Err(missing());
+        }
+        db.use_db(database.clone())
+            .await
+            .map_err(|e| surreal_error(format!("using database {database:?} on {shown}"), e))?;
+        info!(source = %shown, namespace = %namespace, database = %database, "connected to the SurrealDB source");
+        Ok(Self {
+            db,
+            shown: shown.to_string(),
+            namespace,
+            database,
+            filter: config.table_filter()?,
+            renames: config.tables.rename.clone(),
+            define_changefeed: config.source.define_changefeed,
+            retention: config.source.changefeed_retention.clone(),
+            window_ms: config.source.changefeed_window_ms,
+            poll_interval: Duration::from_millis(config.source.poll_interval_ms.max(10)),
+            rejects,
+        })
+    }
+
+    async fn query(
+        &self,
+        context: impl std::fmt::Display,
+        sql: String,
+        vars: Variables,
+    ) -> Result<surrealdb::IndexedResults> {
+        let mut resp = self
+            .db
+            .query(sql)
+            .bind(vars)
+            .await
+            .map_err(|e| surreal_error(&context, e))?;
+        let mut errors: Vec<(usize, surrealdb::Error)> = resp.take_errors().into_iter().collect();
+        errors.sort_by_key(|(i, _)| *i);
+        match errors.into_iter().next() {
+            None => Ok(resp),
+            Some((_, e)) => Err(surreal_error(context, e)),
+        }
+    }
+
+    /// The tables of the database as `INFO FOR DB STRUCTURE` describes them.
+    async fn table_infos(&self) -> Result<Vec<serde_json::Value>> {
+        let mut r = self
+            .query(
+                format!(
+                    "reading the tables of {} {}/{}",
+                    self.shown, self.namespace, self.database
+                ),
+                "INFO FOR DB STRUCTURE".into(),
+                Variables::new(),
+            )
+            .await?;
+        let info: Option<serde_json::Value> = r
+            .take(0)
+            .map_err(|e| surreal_error("reading INFO FOR DB", e))?;
+        Ok(info
+            .and_then(|v| v.get("tables").and_then(|t| t.as_array().cloned()))
+            .unwrap_or_default())
+    }
+
+    /// The server's clock, in Unix milliseconds.
+    async fn now_ms(&self) -> Result<u64> {
+        let mut r = self
+            .query(
+                "reading the server's clock",
+                "RETURN time::millis(time::now())".into(),
+                Variables::new(),
+            )
+            .await?;
+        let v: SValue = r
+            .take(0)
+            .map_err(|e| surreal_error("reading the server's clock", e))?;
+        int_of(Some(&v))
+            .map(|m| m.max(0) as u64)
+            .ok_or_else(|| Error::definite("time::millis returned no number"))
+    }
+
+    /// The newest versionstamp every transaction stamped at or before has
+    /// committed by: `changefeed_window_ms` behind the server's clock.
+    async fn safe_head(&self) -> Result<u64> {
+        Ok(self.now_ms().await?.saturating_sub(self.window_ms) << 16)
+    }
+
+    /// One page of the database's changefeed from `since` (inclusive).
+    async fn page(&self, since: u64) -> Result<Vec<ChangeSet>> {
+        let mut r = self
+            .query(
+                format!(
+                    "reading the changefeed of {}/{} since versionstamp {since}",
+                    self.namespace, self.database
+                ),
+                format!("SHOW CHANGES FOR DATABASE SINCE {since} LIMIT {PAGE}"),
+                Variables::new(),
+            )
+            .await?;
+        let v: SValue = r
+            .take(0)
+            .map_err(|e| surreal_error("reading the changefeed", e))?;
+        change_sets(v)
+    }
+
+    /// The complete changesets of a page: a full page's last one may lack
+    /// tables past the limit, so it is left for the next page.
+    fn complete(mut sets: Vec<ChangeSet>) -> (Vec<ChangeSet>, bool) {
+        let full = sets.iter().map(|s| s.entries).sum::<usize>() >= PAGE;
+        if full && sets.len() > 1 {
+            sets.pop();
+        }
+        (sets, full)
+    }
+
+    /// The longest changefeed retention of the database's tables.
+    fn retention_of(infos: &[serde_json::Value]) -> Option<Duration> {
+        infos
+            .iter()
+            .filter_map(|t| {
+                t.get("changefeed")?
+                    .get("expiry")?
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .filter_map(|s| s.parse::<surrealdb::types::Duration>().ok())
+            .map(|d| d.into_inner())
+            .max()
+    }
+
+    fn set_aside(
+        &self,
+        table: &TableSchema,
+        key: &str,
+        m: Misfit,
+        phase: &'static str,
+        at: Position,
+    ) -> Result<()> {
+        let col = &table.columns[m.column].name;
+        if !self.rejects.enabled() {
+            return Err(Error::definite(format!(
+                "table {:?}, record {key}, field {col:?}: {} (value {}); define the field's type to match its values, \
+                 or set pipeline.reject_dir to set such records aside",
+                table.name, m.message, m.value
+            )));
+        }
+        self.rejects.record(&Rejected {
+            table: table.name.clone(),
+            key: key.to_string(),
+            column: Some(col.clone()),
+            value: Some(m.value),
+            reason: m.message,
+            phase,
+            position: at.to_string(),
+            row: Default::default(),
+        })
+    }
+
+    /// The columns of a table: the record id, the defined fields, and (for
+    /// a schemaless table) the fields its records hold that no definition
+    /// names.
+    async fn describe(
+        &self,
+        name: &str,
+        schemafull: bool,
+        d: &mut Discovery,
+    ) -> Result<Option<TableSchema>> {
+        let mut r = self
+            .query(
+                format!("reading the fields of table {name:?}"),
+                format!("INFO FOR TABLE {} STRUCTURE", ident(name)),
+                Variables::new(),
+            )
+            .await?;
+        let info: Option<serde_json::Value> = r
+            .take(0)
+            .map_err(|e| surreal_error(format!("reading INFO FOR TABLE {name:?}"), e))?;
+        let fields: Vec<serde_json::Value> = info
+            .as_ref()
+            .and_then(|v| v.get("fields")?.as_array().cloned())
+            .unwrap_or_default();
+        // The key column's kind, from the first and last record id (ids of
+        // one kind sort together).
+        let t = ident(name);
+        let mut r = self
+            .query(
+                format!("reading the record ids of table {name:?}"),
+                format!(
+                    "SELECT VALUE id FROM {t} ORDER BY id ASC LIMIT 1; SELECT VALUE id FROM {t} ORDER BY id DESC LIMIT 1;"
+                ),
+                Variables::new(),
+            )
+            .await?;
+        let first: Vec<SValue> = r
+            .take(0)
+            .map_err(|e| surreal_error("reading record ids", e))?;
+        let last: Vec<SValue> = r
+            .take(1)
+            .map_err(|e| surreal_error("reading record ids", e))?;
+        let kinds: Vec<LogicalType> = first
+            .iter()
+            .chain(last.iter())
+            .filter_map(values::record_id)
+            .map(|r| values::key_type(&r.key))
+            .collect();
+        let key_type = match kinds.as_slice() {
+            [a, b] if a == b => *a,
+            _ => LogicalType::Any,
+        };
+        let mut columns = vec![Column {
+            name: "id".into(),
+            source_type: "record id".into(),
+            logical: key_type,
+            nullable: false,
+        }];
+        let mut links = Vec::new();
+        for f in &fields {
+            let Some(fname) = f.get("name").and_then(|n| n.as_str()) else {
+                continue;
+            };
+            // Nested fields (`address.city`, `tags[*]`) are part of their
+            // top-level field's value.
+            if fname == "id" || fname.contains(['.', '[']) {
+                continue;
+            }
+            let fname = fname.trim_matches('`').to_string();
+            let (col, link) = values::column(&fname, f.get("kind").and_then(|k| k.as_str()));
+            if let Some(to) = link {
+                links.push(Link {
+                    column: columns.len(),
+                    table: self.renames.get(&to).cloned().unwrap_or(to),
+                });
+            }
+            columns.push(col);
+        }
+        if !schemafull {
+            let mut r = self
+                .query(
+                    format!("reading the fields of the records of table {name:?}"),
+                    format!("RETURN {{ k: array::distinct(array::flatten((SELECT VALUE object::keys($this) FROM {t}))) }}"),
+                    Variables::new(),
+                )
+                .await?;
+            let found: Option<serde_json::Value> = r
+                .take(0)
+                .map_err(|e| surreal_error(format!("reading the fields of table {name:?}"), e))?;
+            let mut keys: Vec<String> = found
+                .and_then(|v| v.get("k")?.as_array().cloned())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .filter(|k| k != "id" && !columns.iter().any(|c| &c.name == k))
+                .collect();
+            keys.sort();
+            if !keys.is_empty() {
+                d.problems.push(Problem {
+                    table: name.to_string(),
+                    column: None,
+                    message: format!(
+                        "schemaless fields without a definition ({}) are carried with each value's own type (text in PostgreSQL); DEFINE FIELD gives them one",
+                        keys.join(", ")
+                    ),
+                    blocking: false,
+                });
+            }
+            columns.extend(keys.iter().map(|k| values::undefined(k)));
+        }
+        let target_name = self
+            .renames
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| name.to_string());
+        let mut t = TableSchema::keyed(name.to_string(), target_name, columns, vec![0]);
+        t.links = links;
+        Ok(Some(t))
+    }
+
+    /// The table with new columns for `fields` (a schemaless table's).
+    fn widened(table: &TableSchema, fields: &[String]) -> TableSchema {
+        let mut t = table.clone();
+        for f in fields {
+            if !t.columns.iter().any(|c| &c.name == f) {
+                t.columns.push(values::undefined(f));
+            }
+        }
+        t
+    }
+
+    /// The capture record: its origin and the tables whose changefeed
+    /// switchyard defined.
+    async fn capture(&self) -> Result<Option<(String, Vec<String>)>> {
+        let mut r = match self
+            .query(
+                "reading switchyard's capture record in the source",
+                format!("SELECT origin, defined FROM ONLY {CAPTURE}:main"),
+                Variables::new(),
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.report().contains("does not exist") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let v: Option<serde_json::Value> = r
+            .take(0)
+            .map_err(|e| surreal_error("reading the capture record", e))?;
+        Ok(v.and_then(|v| {
+            let origin = v.get("origin")?.as_str()?.to_string();
+            let defined = v
+                .get("defined")
+                .and_then(|d| d.as_array().cloned())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect();
+            Some((origin, defined))
+        }))
+    }
+
+    /// Changes of `tables` in the changefeed after `after` and at or before
+    /// `upto`, counted.
+    async fn count_between(
+        &self,
+        tables: &[Arc<TableSchema>],
+        after: Position,
+        upto: Position,
+    ) -> Result<u64> {
+        let names: std::collections::HashSet<&str> =
+            tables.iter().map(|t| t.name.as_str()).collect();
+        let mut since = after.commit;
+        let mut n = 0;
+        loop {
+            let (sets, full) = Self::complete(self.page(since).await?);
+            let mut next = since;
+            for s in &sets {
+                if s.versionstamp > upto.commit {
+                    return Ok(n);
+                }
+                for (i, ch) in s.changes.iter().enumerate() {
+                    let at = Position::new(s.versionstamp, i as u64 + 1);
+                    if at > after
+                        && names.contains(ch.table())
+                        && !matches!(ch, FeedChange::Define { .. })
+                    {
+                        n += 1;
+                    }
+                }
+                next = s.versionstamp + 1;
+            }
+            if !full || next == since {
+                return Ok(n);
+            }
+            since = next;
+        }
+    }
+}
+
+#[async_trait]
+impl Source for SurrealSource {
+    async fn discover(&self) -> Result<Discovery> {
+        let mut d = Discovery::default();
+        let mut infos = self.table_infos().await?;
+        infos.sort_by(|a, b| {
+            a.get("name")
+                .and_then(|n| n.as_str())
+                .cmp(&b.get("name").and_then(|n| n.as_str()))
+        });
+        for info in infos {
+            let Some(name) = info.get("name").and_then(|n| n.as_str()) else {
+                continue;
+            };
+            if name.starts_with("_switchyard") || !self.filter.matches(name) {
+                continue;
+            }
+            if info.get("view").is_some_and(|v| !v.is_null()) {
+                d.left_out.push(format!(
+                    "{name}: a view (DEFINE TABLE … AS SELECT): the target computes its own"
+                ));
+                continue;
+            }
+            let schemafull = info
+                .get("schemafull")
+                .and_then(|s| s.as_bool())
+                .unwrap_or(false);
+            if let Some(t) = self.describe(name, schemafull, &mut d).await? {
+                d.tables.push(t);
+            }
+        }
+        d.refuse_shared_targets();
+        d.refuse_nothing_selected();
+        Ok(d)
+    }
+
+    async fn install(&self, tables: &[Arc<TableSchema>]) -> Result<Installed> {
+        let infos = self.table_infos().await?;
+        let has_feed = |name: &str| {
+            infos.iter().any(|t| {
+                t.get("name").and_then(|n| n.as_str()) == Some(name)
+                    && t.get("changefeed").is_some_and(|c| !c.is_null())
+            })
+        };
+        self.query(
+            "recording switchyard's capture in the source",
+            format!(
+                "DEFINE TABLE IF NOT EXISTS {CAPTURE} SCHEMALESS; IF (SELECT * FROM ONLY {CAPTURE}:main) == NONE {{ CREATE {CAPTURE}:main CONTENT {{ origin: <string> rand::uuid::v4(), defined: [] }} RETURN NONE; }};"
+            ),
+            Variables::new(),
+        )
+        .await?;
+        let mut recaptured = Vec::new();
+        for t in tables {
+            if has_feed(&t.name) {
+                continue;
+            }
+            if !self.define_changefeed {
+                return Err(Error::config(format!(
+                    "table {:?} has no changefeed, and source.define_changefeed is false: run `ALTER TABLE {} CHANGEFEED {}` in the source, or set source.define_changefeed = true",
+                    t.name,
+                    ident(&t.name),
+                    self.retention
+                )));
+            }
+            let mut vars = Variables::new();
+            vars.insert("tb", t.name.clone());
+            self.query(
+                format!("defining a changefeed on table {:?}", t.name),
+                format!(
+                    "ALTER TABLE {} CHANGEFEED {}; UPDATE {CAPTURE}:main SET defined += $tb RETURN NONE;",
+                    ident(&t.name),
+                    self.retention
+                ),
+                vars,
+            )
+            .await?;
+            info!(table = %t.name, retention = %self.retention, "defined a changefeed");
+            recaptured.push(t.name.clone());
+        }
+        let (origin, _) = self.capture().await?.ok_or_else(|| {
+            Error::definite("switchyard's capture record vanished from the source")
+        })?;
+        Ok(Installed {
+            origin: format!("surrealdb {}/{} {origin}", self.namespace, self.database),
+            recaptured,
+        })
+    }
+
+    async fn verify_resume(&self, checkpoint: Position) -> Result<()> {
+        let now = self.now_ms().await?;
+        let head = now << 16;
+        if checkpoint.commit > head {
+            return Err(Error::definite(format!(
+                "the target's checkpoint {} is later than the source's clock: the source was restored from a backup or replaced. \
+                 Replicate into an empty target (a new namespace or database)",
+                checkpoint.show(PositionKind::Versionstamp)
+            )));
+        }
+        let infos = self.table_infos().await?;
+        let Some(retention) = Self::retention_of(&infos) else {
+            return Err(Error::definite(
+                "no table of the source has a changefeed any more (`switchyard uninstall`, or REMOVE TABLE): changes after the target's checkpoint were not recorded. \
+                 Replicate into an empty target (a new namespace or database)",
+            ));
+        };
+        let checkpoint_ms = checkpoint.commit >> 16;
+        if checkpoint_ms + retention.as_millis() as u64 >= now {
+            return Ok(());
+        }
+        // Older than the retention: intact only if the changefeed still
+        // holds an entry at or before it (removal takes the oldest first).
+        let oldest = self.page(0).await?.first().map(|s| s.versionstamp);
+        if oldest.is_some_and(|o| o <= checkpoint.commit) {
+            return Ok(());
+        }
+        Err(Error::definite(format!(
+            "the target's checkpoint ({}, {} s ago) is older than the changefeed's retention ({} s): changes after it may have been removed. \
+             The tables must be copied again: replicate into an empty target (a new namespace or database), \
+             and give the changefeed a longer retention (source.changefeed_retention, or ALTER TABLE … CHANGEFEED) than the daemon is ever stopped",
+            checkpoint.show(PositionKind::Versionstamp),
+            (now - checkpoint_ms) / 1000,
+            retention.as_secs()
+        )))
+    }
+
+    async fn uninstall(&self) -> Result<()> {
+        let Some((_, defined)) = self.capture().await? else {
+            return Ok(());
+        };
+        for t in &defined {
+            self.query(
+                format!("removing the changefeed of table {t:?}"),
+                format!("ALTER TABLE IF EXISTS {} DROP CHANGEFEED", ident(t)),
+                Variables::new(),
+            )
+            .await?;
+        }
+        self.query(
+            "removing switchyard's capture record",
+            format!("REMOVE TABLE IF EXISTS {CAPTURE}"),
+            Variables::new(),
+        )
+        .await?;
+        info!(
+            tables = defined.len(),
+            "removed the changefeeds switchyard defined"
+        );
+        Ok(())
+    }
+
+    async fn count_rows(&self, table: &TableSchema) -> Result<Option<u64>> {
+        self.exact_count(table).await.map(Some)
+    }
+
+    async fn exact_count(&self, table: &TableSchema) -> Result<u64> {
+        let mut r = self
+            .query(
+                format!("counting the records of table {:?}", table.name),
+                format!("SELECT VALUE count() FROM {} GROUP ALL", ident(&table.name)),
+                Variables::new(),
+            )
+            .await?;
+        let v: Vec<SValue> = r
+            .take(0)
+            .map_err(|e| surreal_error("counting records", e))?;
+        Ok(int_of(v.first()).unwrap_or(0).max(0) as u64)
+    }
+
+    async fn current_position(&self) -> Result<Position> {
+        Ok(Position::new(self.safe_head().await?, Position::WHOLE))
+    }
+
+    async fn snapshot(
+        &self,
+        table: Arc<TableSchema>,
+        batch_rows: usize,
+        rows: mpsc::Sender<Vec<Row>>,
+    ) -> Result<Position> {
+        // Read first: every change after it is applied again by record id,
+        // so the pages need not be one transaction.
+        let at = self.current_position().await?;
+        let t = ident(&table.name);
+        let mut last: Option<RecordId> = None;
+        loop {
+            let mut vars = Variables::new();
+            vars.insert("n", batch_rows.max(1) as i64);
+            let sql = match &last {
+                Some(id) => {
+                    vars.insert("last", id.clone());
+                    format!("SELECT * FROM {t} WHERE id > $last ORDER BY id LIMIT $n")
+                }
+                None => format!("SELECT * FROM {t} ORDER BY id LIMIT $n"),
+            };
+            let mut r = self
+                .query(format!("reading table {:?}", table.name), sql, vars)
+                .await?;
+            let records: Vec<SValue> = r
+                .take(0)
+                .map_err(|e| surreal_error(format!("reading table {:?}", table.name), e))?;
+            let n = records.len();
+            let mut batch = Vec::with_capacity(n);
+            for rec in records {
+                let SValue::Object(rec) = rec else { continue };
+                let Some(SValue::RecordId(id)) = rec.get("id").cloned() else {
+                    continue;
+                };
+                match row_of(&table, &id, rec) {
+                    Ok((row, new)) if new.is_empty() => batch.push(row),
+                    Ok((_, new)) => {
+                        return Err(Error::transient(format!(
+                        "table {:?} gained fields while it was copied ({}); the copy starts again",
+                        table.name,
+                        new.join(", ")
+                    )))
+                    }
+                    Err(m) => self.set_aside(&table, &id.to_sql(), m, "snapshot", at)?,
+                }
+                last = Some(id);
+            }
+            if !batch.is_empty() && rows.send(batch).await.is_err() {
+                return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+            }
+            if n < batch_rows.max(1) {
+                return Ok(at);
+            }
+        }
+    }
+
+    async fn stream(
+        &self,
+        tables: Vec<Arc<TableSchema>>,
+        after: Position,
+        max_batch: usize,
+        changes: mpsc::Sender<Batch>,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        let mut shapes: HashMap<String, Arc<TableSchema>> =
+            tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
+        let mut after = after;
+        let mut last_sent = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let safe = self.safe_head().await?;
+            let mut out = Batch {
+                upto: after,
+                ..Default::default()
+            };
+            let mut since = after.commit;
+            let mut at_end = false;
+            while !at_end && out.changes.len() < max_batch {
+                let (sets, full) = Self::complete(self.page(since).await?);
+                at_end = !full;
+                let mut next = since;
+                for s in sets {
+                    if s.versionstamp > safe {
+                        at_end = true;
+                        break;
+                    }
+                    for (i, ch) in s.changes.into_iter().enumerate() {
+                        let at = Position::new(s.versionstamp, i as u64 + 1);
+                        if at <= after {
+                            continue;
+                        }
+                        let Some(table) = shapes.get(ch.table()).cloned() else {
+                            continue;
+                        };
+                        match ch {
+                            FeedChange::Define { .. } => {}
+                            FeedChange::Delete { id } => match key_of(&table, &id.key) {
+                                Ok(k) => out.changes.push(Change {
+                                    table,
+                                    op: Op::Delete { key: vec![k] },
+                                    position: at,
+                                }),
+                                Err(message) => self.set_aside(
+                                    &table,
+                                    &id.to_sql(),
+                                    Misfit {
+                                        column: 0,
+                                        value: id.key.to_sql(),
+                                        message,
+                                    },
+                                    "stream",
+                                    at,
+                                )?,
+                            },
+                            FeedChange::Set { id, record } => {
+                                let mut table = table;
+                                let mut converted = row_of(&table, &id, record.clone());
+                                if let Ok((_, new)) = &converted {
+                                    if !new.is_empty() {
+                                        // A schemaless table's new fields: the
+                                        // target gains their columns first.
+                                        info!(table = %table.name, fields = %new.join(", "), "new fields in a schemaless table");
+                                        table = Arc::new(Self::widened(&table, new));
+                                        shapes.insert(table.name.clone(), table.clone());
+                                        out.changes.push(Change {
+                                            table: table.clone(),
+                                            op: Op::Ddl(Ddl::Alter),
+                                            position: at,
+                                        });
+                                        converted = row_of(&table, &id, record);
+                                    }
+                                }
+                                match converted {
+                                    Ok((row, _)) => out.changes.push(Change {
+                                        table,
+                                        op: Op::Insert { row },
+                                        position: at,
+                                    }),
+                                    Err(m) => {
+                                        self.set_aside(&table, &id.to_sql(), m, "stream", at)?
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    out.upto = Position::new(s.versionstamp, Position::WHOLE);
+                    out.committed_at =
+                        chrono::DateTime::from_timestamp_millis((s.versionstamp >> 16) as i64);
+                    next = s.versionstamp + 1;
+                }
+                if next == since {
+                    // A full page of one versionstamp: nothing more to read in it.
+                    at_end = true;
+                }
+                since = next;
+            }
+            if at_end && out.upto.commit < safe {
+                out.upto = Position::new(safe, Position::WHOLE);
+                if out.changes.is_empty() {
+                    out.committed_at = chrono::DateTime::from_timestamp_millis((safe >> 16) as i64);
+                }
+            }
+            let moved = out.upto > after;
+            if !out.changes.is_empty() || (moved && last_sent.elapsed() >= Duration::from_secs(1)) {
+                debug!(changes = out.changes.len(), upto = %out.upto, "changefeed read");
+                after = out.upto;
+                last_sent = Instant::now();
+                if changes.send(out).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if at_end {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(self.poll_interval) => {}
+                }
+            }
+        }
+    }
+
+    async fn ack(&self, _durable: Durable) -> Result<()> {
+        Ok(())
+    }
+
+    async fn lag(&self, applied: Position) -> Result<SourceLag> {
+        let head = self.safe_head().await?;
+        let (sets, _) = Self::complete(self.page(applied.commit).await?);
+        let waiting = sets
+            .iter()
+            .filter(|s| s.versionstamp <= head)
+            .flat_map(|s| {
+                (0..s.changes.len()).map(move |i| Position::new(s.versionstamp, i as u64 + 1))
+            })
+            .filter(|p| *p > applied)
+            .count();
+        Ok(SourceLag {
+            head: Position::new(head, 0).show(PositionKind::Versionstamp),
+            bytes: waiting as u64,
+            ..Default::default()
+        })
+    }
+
+    fn position_kind(&self) -> PositionKind {
+        PositionKind::Versionstamp
+    }
+
+    async fn pending(
+        &self,
+        tables: &[Arc<TableSchema>],
+        after: Position,
+        upto: Position,
+    ) -> Result<Pending> {
+        let n = self.count_between(tables, after, upto).await?;
+        Ok(if n == 0 {
+            Pending::Waiting(0)
+        } else {
+            Pending::Unknown(n)
+        })
+    }
+
+    async fn capture_installed(&self) -> Result<bool> {
+        Ok(self.capture().await?.is_some())
+    }
+}
+
+/// Opens the configured SurrealDB source, read-only or not (it writes only
+/// in `install` and `uninstall`).
+pub async fn open(
+    endpoint: &str,
+    remote: bool,
+    config: &Config,
+    rejects: Arc<Rejects>,
+    _access: Access,
+) -> Result<SurrealSource> {
+    SurrealSource::open(endpoint, remote, config, rejects).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_page_leaves_its_last_versionstamp_for_the_next() {
+        let set = |vs: u64, entries: usize| ChangeSet {
+            versionstamp: vs,
+            changes: Vec::new(),
+            entries,
+        };
+        let (sets, full) = SurrealSource::complete(vec![set(1, 600), set(2, 400)]);
+        assert!(full);
+        assert_eq!(sets.iter().map(|s| s.versionstamp).collect::<Vec<_>>(), [1]);
+        let (sets, full) = SurrealSource::complete(vec![set(1, 3), set(2, 4)]);
+        assert!(!full);
+        assert_eq!(sets.len(), 2);
+        // One versionstamp alone fills the page: it is all there is.
+        let (sets, full) = SurrealSource::complete(vec![set(9, 1000)]);
+        assert!(full);
+        assert_eq!(sets.len(), 1);
+    }
+
+    #[test]
+    fn record_links_name_their_table() {
+        let (c, _) = values::column("customer", Some("option<record<customer>>"));
+        assert_eq!(link_of(&c), Some("customer"));
+        let (c, _) = values::column("owner", Some("record<user | team>"));
+        assert_eq!(link_of(&c), None);
+    }
+}

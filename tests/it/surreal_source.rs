@@ -1,0 +1,507 @@
+//! SurrealDB as a source (M3, and the way back of M1): an embedded store
+//! followed through its changefeeds into a real SurrealDB server and into
+//! PostgreSQL; a retention that passed while the daemon was stopped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use surrealdb::engine::any::Any;
+use surrealdb::types::{ToSql, Value as SValue};
+use surrealdb::Surreal;
+use switchyard::config::Config;
+use switchyard::sink::surreal::SurrealSink;
+use switchyard::source::surreal::SurrealSource;
+use switchyard::source::Source;
+
+use crate::pg_surreal::PgDb;
+use crate::support::*;
+use crate::surreal_remote::{SurrealServer, PASSWORD};
+
+const SCHEMA: &str = "
+DEFINE TABLE customer SCHEMAFULL;
+DEFINE FIELD name ON customer TYPE string;
+DEFINE FIELD joined ON customer TYPE datetime;
+DEFINE FIELD balance ON customer TYPE decimal;
+DEFINE FIELD score ON customer TYPE float;
+DEFINE FIELD visits ON customer TYPE int;
+DEFINE FIELD active ON customer TYPE bool;
+DEFINE FIELD token ON customer TYPE uuid;
+DEFINE FIELD session ON customer TYPE duration;
+DEFINE FIELD avatar ON customer TYPE option<bytes>;
+DEFINE FIELD prefs ON customer TYPE object FLEXIBLE;
+DEFINE FIELD tags ON customer TYPE array<string>;
+DEFINE FIELD note ON customer TYPE option<string>;
+DEFINE TABLE purchase SCHEMALESS;
+DEFINE FIELD customer ON purchase TYPE record<customer>;
+";
+
+fn customer(i: i64) -> String {
+    format!(
+        "CREATE customer:{i} CONTENT {{ name: 'c{i}', joined: d'2024-01-{:02}T10:00:00.123456Z', balance: {i}.50dec, score: {i}.25, \
+         visits: {i}, active: {}, token: u'0190a5e4-3b1c-7e2a-9f00-{i:012}', session: {i}h30m15s, \
+         avatar: {}, prefs: {{ theme: 'dark', size: {i} }}, tags: ['a{i}', 'b'], note: {} }};",
+        i % 28 + 1,
+        i % 2 == 0,
+        if i % 3 == 0 { "NONE".to_string() } else { format!("<bytes>'x{i}'") },
+        if i % 4 == 0 { "NONE".to_string() } else { format!("'note {i}'") },
+    )
+}
+
+fn purchase(i: i64) -> String {
+    format!(
+        "CREATE purchase:{i} CONTENT {{ customer: customer:{}, total: {i}, placed: d'2025-03-04T05:06:07Z', status: 'new', items: [{{ sku: 's{i}', n: 2 }}] }};",
+        i % 20 + 1
+    )
+}
+
+/// An embedded store with the schema and some rows, as an application
+/// would have it.
+async fn app_store(url: &str) -> Surreal<Any> {
+    let db = surrealdb::engine::any::connect((
+        url.to_string(),
+        surrealdb::opt::Config::default().changefeed_gc_interval(Duration::from_millis(200)),
+    ))
+    .await
+    .unwrap();
+    db.query("DEFINE NAMESPACE app; USE NS app; DEFINE DATABASE main;")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    db.use_ns("app").use_db("main").await.unwrap();
+    let mut seed = String::from(SCHEMA);
+    for i in 1..=40 {
+        seed.push_str(&customer(i));
+    }
+    for i in 1..=60 {
+        seed.push_str(&purchase(i));
+    }
+    db.query(seed).await.unwrap().check().unwrap();
+    db
+}
+
+fn source_config(url: &str, target: &str, extra: &str) -> Arc<Config> {
+    let text = format!(
+        "[source]\nurl = \"{url}\"\nnamespace = \"app\"\ndatabase = \"main\"\npoll_interval_ms = 50\nchangefeed_window_ms = 300\n\n\
+         [target]\n{target}\n\n[pipeline]\nbatch_delay_ms = 10\nretry_attempts = 3\nretry_max_delay_ms = 500\n{extra}"
+    );
+    Arc::new(Config::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+}
+
+/// Every record of `table`, as SurrealQL writes it.
+async fn records(db: &Surreal<Any>, table: &str) -> Vec<String> {
+    let rows: Vec<SValue> = db
+        .query(format!("SELECT * FROM {table} ORDER BY id"))
+        .await
+        .unwrap()
+        .take(0)
+        .unwrap();
+    rows.into_iter().map(|r| r.to_sql()).collect()
+}
+
+async fn same_records(
+    source: &Surreal<Any>,
+    target: &Surreal<Any>,
+    tables: &[&str],
+) -> Option<String> {
+    for t in tables {
+        let (s, g) = (records(source, t).await, records(target, t).await);
+        if s != g {
+            let first = s
+                .iter()
+                .zip(g.iter())
+                .find(|(a, b)| a != b)
+                .map(|(a, b)| format!("source {a}\ntarget {b}"))
+                .unwrap_or_default();
+            return Some(format!(
+                "{t}: {} source records, {} target records\n{first}",
+                s.len(),
+                g.len()
+            ));
+        }
+    }
+    None
+}
+
+/// A writer of the application: updates, creates and deletes in both
+/// tables, in single statements and in transactions.
+async fn write(db: Surreal<Any>, rounds: i64, start: i64) {
+    for r in 0..rounds {
+        let i = start + r;
+        let sql = match r % 4 {
+            0 => format!("UPDATE customer:{} SET visits += 1, note = 'seen {i}';", r % 40 + 1),
+            1 => format!("BEGIN; {} UPDATE purchase:{} SET status = 'paid', extra = {{ by: 'w{i}' }}; COMMIT;", purchase(i), r % 60 + 1),
+            2 => format!("DELETE purchase:{};", i - 1),
+            _ => format!("{} UPDATE customer:{i} SET tags += 'late', avatar = NONE;", customer(i)),
+        };
+        db.query(sql).await.unwrap().check().unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
+    capture_logs();
+    let scratch = Scratch::new();
+    let url = format!("surrealkv://{}", scratch.path("app").display());
+    let app = app_store(&url).await;
+    let server = SurrealServer::start(scratch.path("server.log")).await;
+    let config = source_config(
+        &url,
+        &format!("url = \"{}\"\nnamespace = \"m3\"\ndatabase = \"main\"\nusername = \"root\"\npassword = \"{PASSWORD}\"", server.url),
+        "",
+    );
+    // The application's own handle: an embedded store is opened by one
+    // process at a time.
+    let source = Arc::new(
+        SurrealSource::from_client(app.clone(), &url, &config, Default::default())
+            .await
+            .unwrap(),
+    );
+    let found = source.discover().await.unwrap();
+    let purchase_t = found.tables.iter().find(|t| t.name == "purchase").unwrap();
+    let names: Vec<&str> = purchase_t.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["id", "customer", "items", "placed", "status", "total"]
+    );
+    assert_eq!(purchase_t.links.len(), 1, "record<customer> is a link");
+    let writer = tokio::spawn(write(app.clone(), 200, 1000));
+    let sink = Arc::new(
+        SurrealSink::connect(&server.url, true, &config)
+            .await
+            .unwrap(),
+    );
+    let running = run_pipeline(config.clone(), source.clone(), Some(sink.clone())).await;
+    writer.await.unwrap();
+    let target = sink.client().clone();
+    wait_until(
+        "the server to hold the store's records",
+        Duration::from_secs(90),
+        || {
+            let (app, target) = (app.clone(), target.clone());
+            async move {
+                same_records(&app, &target, &["customer", "purchase"])
+                    .await
+                    .is_none()
+            }
+        },
+    )
+    .await;
+    // Read back with SurrealQL: links traverse, types are the source's.
+    let linked: Vec<SValue> = target
+        .query("SELECT VALUE customer.name FROM purchase:5")
+        .await
+        .unwrap()
+        .take(0)
+        .unwrap();
+    assert_eq!(linked.first().map(|v| v.to_sql()), Some("'c6'".into()));
+    let kinds: Vec<SValue> = target
+        .query("SELECT VALUE [type::is_datetime(joined), type::is_uuid(token), type::is_duration(session), type::is_decimal(balance)] FROM customer:2")
+        .await
+        .unwrap()
+        .take(0)
+        .unwrap();
+    assert_eq!(
+        kinds.first().map(|v| v.to_sql()),
+        Some("[true, true, true, true]".into())
+    );
+    let options = switchyard::verify::Options {
+        tables: Vec::new(),
+        wait: Some(Duration::from_secs(30)),
+        batch_rows: 100,
+    };
+    let verdict = switchyard::verify::verify(source.clone(), sink.clone(), &options)
+        .await
+        .unwrap();
+    assert!(
+        verdict.identical,
+        "{}",
+        switchyard::commands::verify::render(&verdict)
+    );
+    let report = running.stop().await;
+    assert!(
+        report.changes_applied > 0,
+        "the stream applied the writer's changes"
+    );
+    if let Some(d) = same_records(&app, &target, &["customer", "purchase"]).await {
+        panic!("after stopping: {d}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_surrealdb_type_into_postgresql() {
+    capture_logs();
+    let scratch = Scratch::new();
+    let url = "mem://".to_string();
+    let app = app_store(&url).await;
+    let target = PgDb::new("").await;
+    let config = source_config(
+        &url,
+        &format!(
+            "url = \"{}\"\npassword = \"{}\"",
+            target.url("postgres", "?sslmode=disable"),
+            target.cluster.password
+        ),
+        "",
+    );
+    let _ = &scratch;
+    let source = Arc::new(
+        SurrealSource::from_client(app.clone(), "mem://", &config, Default::default())
+            .await
+            .unwrap(),
+    );
+    let sink: Arc<dyn switchyard::sink::Sink> = Arc::from(
+        switchyard::connect::sink(&config, Default::default())
+            .await
+            .unwrap(),
+    );
+    let pipeline = switchyard::pipeline::Pipeline::new(
+        config.clone(),
+        source.clone(),
+        sink.clone(),
+        Default::default(),
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let c = cancel.clone();
+    let handle =
+        tokio::spawn(async move { pipeline.run(switchyard::pipeline::Mode::Run, c).await });
+    wait_until("the copy", Duration::from_secs(60), || {
+        let client = &target.client;
+        async move {
+            client
+                .query_opt(
+                    "SELECT 1 FROM information_schema.tables WHERE table_name = 'purchase'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .is_some()
+                && client
+                    .query_one("SELECT count(*) FROM purchase", &[])
+                    .await
+                    .map(|r| r.get::<_, i64>(0) == 60)
+                    .unwrap_or(false)
+        }
+    })
+    .await;
+    app.query("UPDATE customer:7 SET visits = 700, note = NONE; DELETE purchase:3; CREATE purchase:900 SET customer = customer:2, total = 9, extra = 'new field';")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    wait_until("the stream", Duration::from_secs(60), || {
+        let client = &target.client;
+        async move {
+            client
+                .query_opt(
+                    "SELECT 1 FROM purchase WHERE id = 900 AND extra = 'new field'",
+                    &[],
+                )
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        }
+    })
+    .await;
+    let types: Vec<(String, String)> = target
+        .client
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_name = 'customer' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let types: Vec<String> = types.iter().map(|(c, t)| format!("{c} {t}")).collect();
+    assert_eq!(
+        types,
+        [
+            "id bigint",
+            "active boolean",
+            "avatar bytea",
+            "balance numeric",
+            "joined timestamp with time zone",
+            "name text",
+            "note text",
+            "prefs jsonb",
+            "score double precision",
+            "session interval",
+            "tags jsonb",
+            "token uuid",
+            "visits bigint"
+        ]
+    );
+    let row = target
+        .client
+        .query_one(
+            "SELECT name, joined::text, balance::text, score, visits, active, token::text, session::text, avatar, prefs::text, tags::text, note \
+             FROM customer WHERE id = 7",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "c7");
+    assert_eq!(row.get::<_, String>(1), "2024-01-08 10:00:00.123456+00");
+    assert_eq!(
+        row.get::<_, String>(2),
+        "7.5",
+        "SurrealDB keeps 7.50dec as 7.5"
+    );
+    assert_eq!(row.get::<_, f64>(3), 7.25);
+    assert_eq!(row.get::<_, i64>(4), 700);
+    assert!(!row.get::<_, bool>(5));
+    assert_eq!(
+        row.get::<_, String>(6),
+        "0190a5e4-3b1c-7e2a-9f00-000000000007"
+    );
+    assert_eq!(row.get::<_, String>(7), "07:30:15");
+    assert_eq!(row.get::<_, Option<Vec<u8>>>(8), Some(b"x7".to_vec()));
+    assert_eq!(row.get::<_, String>(9), r#"{"size": 7, "theme": "dark"}"#);
+    assert_eq!(row.get::<_, String>(10), r#"["a7", "b"]"#);
+    assert_eq!(row.get::<_, Option<String>>(11), None, "NONE is NULL");
+    let gone = target
+        .client
+        .query_opt("SELECT 1 FROM purchase WHERE id = 3", &[])
+        .await
+        .unwrap();
+    assert!(gone.is_none(), "the delete arrived");
+    let link: String = target
+        .client
+        .query_one("SELECT customer::text FROM purchase WHERE id = 900", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        link, "2",
+        "a record<customer> link is the linked record's key"
+    );
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_past_the_retention_stop_the_resume_with_copy_again() {
+    capture_logs();
+    let scratch = Scratch::new();
+    let url = "mem://".to_string();
+    let app = app_store(&url).await;
+    let config = source_config(
+        &url,
+        "url = \"mem://\"\nnamespace = \"t\"\ndatabase = \"t\"",
+        "",
+    );
+    let _ = &scratch;
+    let text = format!(
+        "[source]\nurl = \"mem://\"\nnamespace = \"app\"\ndatabase = \"main\"\npoll_interval_ms = 50\nchangefeed_window_ms = 100\nchangefeed_retention = \"1s\"\n\n[target]\nurl = \"mem://\"\nnamespace = \"t\"\ndatabase = \"t\"\n\n[pipeline]\nbatch_delay_ms = 10\nretry_attempts = 2\nretry_max_delay_ms = 200\n"
+    );
+    let short = Arc::new(Config::parse(&text).unwrap());
+    let _ = config;
+    let source = Arc::new(
+        SurrealSource::from_client(app.clone(), "mem://", &short, Default::default())
+            .await
+            .unwrap(),
+    );
+    let running = run_pipeline(short.clone(), source.clone(), None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    if running.handle.is_finished() {
+        panic!("{}", running.error_within(Duration::from_secs(1)).await);
+    }
+    app.query("UPDATE customer:1 SET visits = 11;")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    let target = running.sink.client().clone();
+    wait_until("the first change", Duration::from_secs(30), || {
+        let target = target.clone();
+        async move {
+            let v: Option<Vec<SValue>> =
+                match target.query("SELECT VALUE visits FROM customer:1").await {
+                    Ok(mut r) => r.take(0).ok(),
+                    Err(_) => None,
+                };
+            v.and_then(|v| v.first().map(|v| v.to_sql())) == Some("11".into())
+        }
+    })
+    .await;
+    let sink = running.sink.clone();
+    running.stop().await;
+    // Stopped: changes are made and removed from the changefeed by its
+    // retention before the daemon comes back.
+    app.query("UPDATE customer:1 SET visits = 12;")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let again = run_pipeline(short.clone(), source.clone(), Some(sink.clone())).await;
+    let e = again.error_within(Duration::from_secs(30)).await;
+    assert_names(&e, &["retention", "copied again", "empty target"]);
+    let v: Vec<SValue> = target
+        .query("SELECT VALUE visits FROM customer:1")
+        .await
+        .unwrap()
+        .take(0)
+        .unwrap();
+    assert_eq!(
+        v.first().map(|v| v.to_sql()),
+        Some("11".into()),
+        "nothing applied past the gap"
+    );
+}
+
+/// M3 with the application stopped: the store copied by the CLI into a
+/// new embedded store, verified; while the application holds the store,
+/// the run says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_copy_of_a_stopped_application_from_the_cli() {
+    let scratch = Scratch::new();
+    let dir = scratch.path("app");
+    let url = format!("surrealkv://{}", dir.display());
+    let app = app_store(&url).await;
+    let target_url = format!("surrealkv://{}", scratch.path("replica").display());
+    let config = scratch.path("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{url}\"\nnamespace = \"app\"\ndatabase = \"main\"\n\n[target]\nurl = \"{target_url}\"\nnamespace = \"app\"\ndatabase = \"main\"\n"
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (code, _, err) = run_cli(&["snapshot", "--config", config]);
+    assert_ne!(code, 0, "the application holds the store");
+    assert_names(
+        &err,
+        &[
+            "another process holds it",
+            "stop the application",
+            "inside the application",
+        ],
+    );
+    drop(app);
+    wait_unlocked(&dir).await;
+    let (code, out, err) = run_cli(&["check", "--config", config]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_names(&out, &["customer", "purchase", "record<customer>"]);
+    let (code, out, err) = run_cli(&["snapshot", "--config", config]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run_cli(&["verify", "--config", config]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_names(&out, &["identical"]);
+    // Read back with SurrealQL, with the source closed.
+    let source = surrealdb::engine::any::connect(url.as_str()).await.unwrap();
+    source.use_ns("app").use_db("main").await.unwrap();
+    let target = surrealdb::engine::any::connect(target_url.as_str())
+        .await
+        .unwrap();
+    target.use_ns("app").use_db("main").await.unwrap();
+    assert!(same_records(&source, &target, &["customer", "purchase"])
+        .await
+        .is_none());
+    assert_eq!(records(&target, "purchase").await.len(), 60);
+}
