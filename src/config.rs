@@ -28,6 +28,38 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub schema_changes: SchemaChangesConfig,
+    /// SurrealDB source: several namespace/database pairs, each replicated
+    /// into its own pair of the target with its own position.
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// One tenant: a namespace and database of a SurrealDB source and where it
+/// goes in the target.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// `namespace/database` in the source.
+    pub source: String,
+    /// `namespace/database` in the target; the source's when left out.
+    pub target: Option<String>,
+}
+
+impl TenantConfig {
+    fn pair(s: &str) -> Option<(String, String)> {
+        let (ns, db) = s.split_once('/')?;
+        (!ns.is_empty() && !db.is_empty() && !db.contains('/')).then(|| (ns.into(), db.into()))
+    }
+
+    /// The source's namespace and database.
+    pub fn source_pair(&self) -> Option<(String, String)> {
+        Self::pair(&self.source)
+    }
+
+    /// The target's namespace and database.
+    pub fn target_pair(&self) -> Option<(String, String)> {
+        Self::pair(self.target.as_deref().unwrap_or(&self.source))
+    }
 }
 
 /// What the target does when the source's schema changes while streaming.
@@ -469,9 +501,9 @@ impl Config {
                     ("namespace", &self.source.namespace),
                     ("database", &self.source.database),
                 ] {
-                    if v.as_deref().is_none_or(str::is_empty) {
+                    if self.tenants.is_empty() && v.as_deref().is_none_or(str::is_empty) {
                         problems.push(format!(
-                            "source.{key}: a SurrealDB source needs the namespace and database to replicate"
+                            "source.{key}: a SurrealDB source needs the namespace and database to replicate (or [[tenants]])"
                         ));
                     }
                 }
@@ -499,6 +531,7 @@ impl Config {
                     ("database", &self.target.database),
                 ] {
                     match v {
+                        None if !self.tenants.is_empty() => {}
                         None => problems.push(format!(
                             "target.{key}: required for a SurrealDB target (for example {key} = \"app\")"
                         )),
@@ -589,6 +622,29 @@ impl Config {
                 problems.push(format!("tables.keys.{table}: name at least one key column"));
             }
         }
+        if !self.tenants.is_empty() {
+            if !matches!(self.source_kind(), Ok(SourceKind::Surreal { .. }))
+                || !matches!(self.target_kind(), Ok(TargetKind::Surreal { .. }))
+            {
+                problems.push("tenants: apply to a SurrealDB source and a SurrealDB target (each tenant is a namespace/database pair of both)".into());
+            }
+            let mut targets = std::collections::BTreeSet::new();
+            for (i, t) in self.tenants.iter().enumerate() {
+                match (t.source_pair(), t.target_pair()) {
+                    (Some(_), Some(to)) => {
+                        if !targets.insert(to.clone()) {
+                            problems.push(format!(
+                                "tenants[{i}]: target {}/{} is also another tenant's; give each tenant a namespace/database of its own",
+                                to.0, to.1
+                            ));
+                        }
+                    }
+                    _ => problems.push(format!(
+                        "tenants[{i}]: source and target are written \"namespace/database\" (for example source = \"acme/main\")"
+                    )),
+                }
+            }
+        }
         problems
             .into_iter()
             .map(|m: String| match m.split_once(": ") {
@@ -660,7 +716,30 @@ impl Config {
             },
             http: self.http.clone(),
             schema_changes: self.schema_changes.clone(),
+            tenants: Vec::new(),
         })
+    }
+
+    /// The configs of the tenants (`[[tenants]]`), each with its source
+    /// and target namespace and database, named `ns/db`; this config alone
+    /// (named "") when there are none.
+    pub fn tenant_configs(&self) -> Vec<(String, Config)> {
+        if self.tenants.is_empty() {
+            return vec![(String::new(), self.clone())];
+        }
+        self.tenants
+            .iter()
+            .filter_map(|t| {
+                let ((sns, sdb), (tns, tdb)) = (t.source_pair()?, t.target_pair()?);
+                let mut c = self.clone();
+                c.tenants.clear();
+                c.source.namespace = Some(sns.clone());
+                c.source.database = Some(sdb.clone());
+                c.target.namespace = Some(tns);
+                c.target.database = Some(tdb);
+                Some((format!("{sns}/{sdb}"), c))
+            })
+            .collect()
     }
 
     pub fn source_kind(&self) -> Result<SourceKind> {

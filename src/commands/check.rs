@@ -17,6 +17,34 @@ use crate::source::{Access, Problem};
 
 pub async fn run(config: &Path, json: bool) -> Result<Exit> {
     let config = super::load(config)?;
+    if !config.tenants.is_empty() {
+        #[cfg(feature = "surrealdb")]
+        crate::connect::share_embedded();
+        let mut blocking = 0;
+        let mut all = std::collections::BTreeMap::new();
+        for (name, c) in config.tenant_configs() {
+            let plan = check(&c)
+                .await
+                .map_err(|e| e.context(format!("tenant {name}")))?;
+            blocking += plan.blocking();
+            if !json {
+                println!("tenant {name}:");
+                print!("{}", plan.render());
+            }
+            all.insert(name, plan);
+        }
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&all).unwrap_or_else(|_| "{}".into())
+            );
+        }
+        return Ok(if blocking > 0 {
+            Exit::Problem
+        } else {
+            Exit::Ok
+        });
+    }
     let plan = check(&config).await?;
     if json {
         println!(

@@ -18,6 +18,9 @@ pub async fn run(config: &Path, reverse: bool) -> Result<Exit> {
         info!(source = %crate::redact::redact_url(&config.source.url), target = %crate::redact::redact_url(&config.target.url), "the reverse replica: the new primary into the old one");
     }
     let cancel = super::cancel_on_signal();
+    if !config.tenants.is_empty() {
+        return run_tenants(&config, cancel).await;
+    }
     if config.http.address.is_some() {
         // Before anything records a metric.
         crate::observe::prometheus();
@@ -60,5 +63,48 @@ pub async fn run(config: &Path, reverse: bool) -> Result<Exit> {
             Ok(Exit::Ok)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Every tenant's pipeline at once; the first to fail stops the others.
+async fn run_tenants(config: &crate::config::Config, cancel: CancellationToken) -> Result<Exit> {
+    if config.http.address.is_some() {
+        warn!("http.address: the status endpoint serves one replication; with [[tenants]] use `switchyard status`, which shows each tenant");
+    }
+    let pipelines = crate::connect::tenant_pipelines(config).await?;
+    info!(
+        tenants = pipelines.len(),
+        "replicating each tenant into its own namespace and database"
+    );
+    let runs = pipelines.into_iter().map(|(name, p)| {
+        let cancel = cancel.clone();
+        async move {
+            let r = p.run(Mode::Run, cancel.clone()).await;
+            if r.is_err() {
+                cancel.cancel();
+            }
+            (name, r)
+        }
+    });
+    let mut failed = None;
+    for (name, r) in futures::future::join_all(runs).await {
+        match r {
+            Ok(report) => info!(
+                tenant = %name,
+                changes = report.changes_applied,
+                checkpoint = report.checkpoint.as_deref().unwrap_or("-"),
+                "stopped"
+            ),
+            Err(e) if e.kind() == ErrorKind::Interrupted => info!(tenant = %name, "{e}"),
+            Err(e) => {
+                if failed.is_none() {
+                    failed = Some(e.context(format!("tenant {name}")));
+                }
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(Exit::Ok),
     }
 }

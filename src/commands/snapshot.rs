@@ -12,6 +12,23 @@ use crate::pipeline::{Mode, Report};
 pub async fn run(config: &Path, report: Option<&Path>) -> Result<Exit> {
     let config = super::load(config)?;
     let cancel = super::cancel_on_signal();
+    if !config.tenants.is_empty() {
+        let rejects = crate::reject::Rejects::new(config.pipeline.reject_dir.clone());
+        for (name, pipeline) in crate::connect::tenant_pipelines(&config).await? {
+            match pipeline.run(Mode::SnapshotOnly, cancel.clone()).await {
+                Ok(r) => {
+                    println!("tenant {name}:");
+                    print!("{}", render(&r, &rejects));
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {
+                    info!("{e}");
+                    return Ok(Exit::Ok);
+                }
+                Err(e) => return Err(e.context(format!("tenant {name}"))),
+            }
+        }
+        return Ok(Exit::Ok);
+    }
     let pipeline = crate::connect::pipeline(&config).await?;
     let r = match pipeline.run(Mode::SnapshotOnly, cancel).await {
         Ok(r) => r,

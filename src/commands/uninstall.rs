@@ -12,9 +12,15 @@ use crate::source::Access;
 
 pub async fn run(config: &Path) -> Result<Exit> {
     let config = super::load(config)?;
-    let source =
-        crate::connect::source(&config, Arc::new(Rejects::default()), Access::ReadWrite).await?;
-    source.uninstall().await?;
+    #[cfg(feature = "surrealdb")]
+    if !config.tenants.is_empty() {
+        crate::connect::share_embedded();
+    }
+    for (_, c) in config.tenant_configs() {
+        let source =
+            crate::connect::source(&c, Arc::new(Rejects::default()), Access::ReadWrite).await?;
+        source.uninstall().await?;
+    }
     println!(
         "removed switchyard's change capture from {}",
         crate::redact::redact_url(&config.source.url)

@@ -18,6 +18,52 @@ pub async fn run(
     wait: Option<u64>,
 ) -> Result<Exit> {
     let config = super::load(config)?;
+    if !config.tenants.is_empty() {
+        #[cfg(feature = "surrealdb")]
+        crate::connect::share_embedded();
+        let mut identical = true;
+        let mut all = std::collections::BTreeMap::new();
+        for (name, c) in config.tenant_configs() {
+            let verdict = verdict(&c, tables.clone(), wait)
+                .await
+                .map_err(|e| e.context(format!("tenant {name}")))?;
+            identical &= verdict.identical;
+            if !json {
+                println!("tenant {name}:");
+                print!("{}", render(&verdict));
+            }
+            all.insert(name, verdict);
+        }
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&all).unwrap_or_else(|_| "{}".into())
+            );
+        }
+        return Ok(if identical { Exit::Ok } else { Exit::Problem });
+    }
+    let verdict = verdict(&config, tables, wait).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&verdict).unwrap_or_else(|_| "{}".into())
+        );
+    } else {
+        print!("{}", render(&verdict));
+    }
+    Ok(if verdict.identical {
+        Exit::Ok
+    } else {
+        Exit::Problem
+    })
+}
+
+/// The verdict for one source and target.
+async fn verdict(
+    config: &crate::config::Config,
+    tables: Vec<String>,
+    wait: Option<u64>,
+) -> Result<Verdict> {
     // Rows the run sets aside are not expected in the target; reading the
     // source again adds nothing to the reject files.
     let rejects = Arc::new(if config.pipeline.reject_dir.is_some() {
@@ -37,20 +83,7 @@ pub async fn run(
         wait: wait.map(Duration::from_secs),
         batch_rows: config.pipeline.snapshot_batch_rows,
     };
-    let verdict = crate::verify::verify(Arc::from(source), Arc::from(sink), &options).await?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&verdict).unwrap_or_else(|_| "{}".into())
-        );
-    } else {
-        print!("{}", render(&verdict));
-    }
-    Ok(if verdict.identical {
-        Exit::Ok
-    } else {
-        Exit::Problem
-    })
+    crate::verify::verify(Arc::from(source), Arc::from(sink), &options).await
 }
 
 /// The text `switchyard verify` prints.

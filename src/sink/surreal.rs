@@ -1400,14 +1400,20 @@ async fn defined(
 /// `sign_in` (a remote server) and credentials are given.
 async fn signed_in(endpoint: &str, sign_in: bool, config: &Config) -> Result<Surreal<Any>> {
     let shown = redact_url(endpoint);
-    let db = surrealdb::engine::any::connect(endpoint)
-        .await
-        .map_err(|e| {
-            Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e)
-        })?;
+    let open = || async {
+        surrealdb::engine::any::connect(endpoint)
+            .await
+            .map_err(|e| {
+                Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e)
+            })
+    };
     if !sign_in {
-        return Ok(db);
+        if let Some(db) = crate::connect::shared_embedded(endpoint, open).await? {
+            return Ok(db);
+        }
+        return open().await;
     }
+    let db = open().await?;
     if let (Some(user), Some(pass)) = (&config.target.username, &config.target.password) {
         db.signin(surrealdb::opt::auth::Root {
             username: user.clone(),

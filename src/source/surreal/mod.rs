@@ -257,18 +257,15 @@ impl SurrealSource {
         rejects: Arc<Rejects>,
     ) -> Result<Self> {
         let shown = redact_url(endpoint);
-        let db = surrealdb::engine::any::connect(endpoint).await.map_err(|e| {
-            let m = e.message().to_string();
-            if m.to_ascii_lowercase().contains("lock") {
-                Error::connect(format!(
-                    "cannot open the embedded SurrealDB store {shown}: another process holds it ({m}). \
-                     An embedded store is opened by one process at a time: stop the application for an offline copy, \
-                     or run the sync inside the application (examples/surreal_live_sync.rs)"
-                ))
-            } else {
-                Error::connect(format!("cannot connect to SurrealDB at {shown}: {m}"))
+        if !remote {
+            if let Some(db) =
+                crate::connect::shared_embedded(endpoint, || Self::connect(endpoint, &shown))
+                    .await?
+            {
+                return Self::from_client(db, &shown, config, rejects).await;
             }
-        })?;
+        }
+        let db = Self::connect(endpoint, &shown).await?;
         if remote {
             if let (Some(user), Some(pass)) = (&config.source.username, &config.source.password) {
                 db.signin(surrealdb::opt::auth::Root {
@@ -285,6 +282,21 @@ impl SurrealSource {
             }
         }
         Self::from_client(db, &shown, config, rejects).await
+    }
+
+    async fn connect(endpoint: &str, shown: &str) -> Result<Surreal<Any>> {
+        surrealdb::engine::any::connect(endpoint).await.map_err(|e| {
+            let m = e.message().to_string();
+            if m.to_ascii_lowercase().contains("lock") {
+                Error::connect(format!(
+                    "cannot open the embedded SurrealDB store {shown}: another process holds it ({m}). \
+                     An embedded store is opened by one process at a time: stop the application for an offline copy, \
+                     or run the sync inside the application (examples/surreal_live_sync.rs)"
+                ))
+            } else {
+                Error::connect(format!("cannot connect to SurrealDB at {shown}: {m}"))
+            }
+        })
     }
 
     /// A source over a connection the caller opened: an application's own
