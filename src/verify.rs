@@ -157,7 +157,9 @@ async fn read_source(
         ))),
     };
     source.release_snapshot().await;
-    at
+    // A source read in pages holds changes past its snapshot position: the
+    // target is compared once it holds those too.
+    source.settled_position(at?).await
 }
 
 /// Reads the target's records in key order, a page at a time after the

@@ -306,6 +306,14 @@ pub trait Source: Send + Sync {
         Ok(None)
     }
 
+    /// After [`Source::snapshot`] returned `at`: a position at or after
+    /// every change its rows can hold. The same where the rows are read in
+    /// one transaction; later for a source read in pages (SurrealDB), whose
+    /// rows may hold changes made while they were read.
+    async fn settled_position(&self, at: Position) -> Result<Position> {
+        Ok(at)
+    }
+
     /// Releases what `snapshot` holds between tables (PostgreSQL: the
     /// exported snapshot), so that the next `snapshot` reads the source as it
     /// is then.

@@ -631,3 +631,47 @@ async fn two_tenants_each_into_its_own_namespace_through_sigkills() {
     // Nothing doubled or lost: the counts are the source's.
     assert_eq!(records(&r_acme, "customer").await.len(), 20_000);
 }
+
+/// The documented live sync (examples/surreal_live_sync.rs), built with the
+/// tests, run as an application would: it syncs its own store into the
+/// server while writing, and says so once verify agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_sync_example_runs_inside_the_application() {
+    let scratch = Scratch::new();
+    let server = SurrealServer::start(scratch.path("server.log")).await;
+    let exe = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("examples/surreal_live_sync");
+    assert!(
+        exe.exists(),
+        "{} is missing: examples are built with the tests (`bash scripts/test`)",
+        exe.display()
+    );
+    let store = format!("surrealkv://{}", scratch.path("app").display());
+    let out = std::process::Command::new(&exe)
+        .args([store.as_str(), server.url.as_str(), "root", PASSWORD])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_names(&stdout, &["identical", "in sync"]);
+    let target = server_client(&server, "app", "main").await;
+    let notes = records(&target, "note").await;
+    assert_eq!(notes.len(), 100, "100 first notes, 50 new, 50 deleted");
+    let edited: Vec<SValue> = target
+        .query("SELECT VALUE body FROM note:1")
+        .await
+        .unwrap()
+        .take(0)
+        .unwrap();
+    assert_eq!(
+        edited.first().map(|v| v.to_sql()),
+        Some("'note 1 (edited)'".into())
+    );
+}
