@@ -15,6 +15,8 @@ pub mod commands;
 pub mod config;
 pub mod connect;
 pub mod cutover;
+#[cfg(feature = "surrealdb")]
+pub mod embedded;
 pub mod error;
 pub mod lockfile;
 pub mod metric;

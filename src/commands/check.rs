@@ -19,7 +19,7 @@ pub async fn run(config: &Path, json: bool) -> Result<Exit> {
     let config = super::load(config)?;
     if !config.tenants.is_empty() {
         #[cfg(feature = "surrealdb")]
-        crate::connect::share_embedded();
+        crate::embedded::share();
         let mut blocking = 0;
         let mut all = std::collections::BTreeMap::new();
         for (name, c) in config.tenant_configs() {

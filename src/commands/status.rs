@@ -22,7 +22,7 @@ pub async fn run(config: &Path, json: bool) -> Result<Exit> {
     let config = super::load(config)?;
     if !config.tenants.is_empty() {
         #[cfg(feature = "surrealdb")]
-        crate::connect::share_embedded();
+        crate::embedded::share();
         let mut all = BTreeMap::new();
         for (name, c) in config.tenant_configs() {
             let s = status(&c)

@@ -20,7 +20,7 @@ pub async fn run(
     let config = super::load(config)?;
     if !config.tenants.is_empty() {
         #[cfg(feature = "surrealdb")]
-        crate::connect::share_embedded();
+        crate::embedded::share();
         let mut identical = true;
         let mut all = std::collections::BTreeMap::new();
         for (name, c) in config.tenant_configs() {
@@ -71,8 +71,8 @@ async fn verdict(
     } else {
         Rejects::default()
     });
-    let source = crate::connect::source(&config, rejects.clone(), Access::ReadOnly).await?;
-    let Some(sink) = crate::connect::existing_sink(&config, rejects).await? else {
+    let source = crate::connect::source(config, rejects.clone(), Access::ReadOnly).await?;
+    let Some(sink) = crate::connect::existing_sink(config, rejects).await? else {
         return Err(crate::Error::config(format!(
             "the target {} does not exist: switchyard never replicated into it (run `switchyard snapshot` or `switchyard run` first)",
             crate::redact::redact_url(&config.target.url)

@@ -1408,7 +1408,7 @@ async fn signed_in(endpoint: &str, sign_in: bool, config: &Config) -> Result<Sur
             })
     };
     if !sign_in {
-        if let Some(db) = crate::connect::shared_embedded(endpoint, open).await? {
+        if let Some(db) = crate::embedded::shared(endpoint, open).await? {
             return Ok(db);
         }
         return open().await;

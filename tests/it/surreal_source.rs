@@ -231,7 +231,6 @@ async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_surrealdb_type_into_postgresql() {
     capture_logs();
-    let scratch = Scratch::new();
     let url = "mem://".to_string();
     let app = app_store(&url).await;
     let target = PgDb::new("").await;
@@ -244,7 +243,6 @@ async fn every_surrealdb_type_into_postgresql() {
         ),
         "",
     );
-    let _ = &scratch;
     let source = Arc::new(
         SurrealSource::from_client(app.clone(), "mem://", &config, Default::default())
             .await
@@ -385,49 +383,39 @@ async fn every_surrealdb_type_into_postgresql() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_past_the_retention_stop_the_resume_with_copy_again() {
     capture_logs();
-    let scratch = Scratch::new();
-    let url = "mem://".to_string();
-    let app = app_store(&url).await;
-    let config = source_config(
-        &url,
-        "url = \"mem://\"\nnamespace = \"t\"\ndatabase = \"t\"",
-        "",
-    );
-    let _ = &scratch;
-    let text = format!(
-        "[source]\nurl = \"mem://\"\nnamespace = \"app\"\ndatabase = \"main\"\npoll_interval_ms = 50\nchangefeed_window_ms = 100\nchangefeed_retention = \"1s\"\n\n[target]\nurl = \"mem://\"\nnamespace = \"t\"\ndatabase = \"t\"\n\n[pipeline]\nbatch_delay_ms = 10\nretry_attempts = 2\nretry_max_delay_ms = 200\n"
-    );
-    let short = Arc::new(Config::parse(&text).unwrap());
-    let _ = config;
+    let app = app_store("mem://").await;
+    let text = "[source]\nurl = \"mem://\"\nnamespace = \"app\"\ndatabase = \"main\"\npoll_interval_ms = 50\nchangefeed_window_ms = 100\nchangefeed_retention = \"1s\"\n\n[target]\nurl = \"mem://\"\nnamespace = \"t\"\ndatabase = \"t\"\n\n[pipeline]\nbatch_delay_ms = 10\nretry_attempts = 2\nretry_max_delay_ms = 200\n";
+    let short = Arc::new(Config::parse(text).unwrap());
     let source = Arc::new(
         SurrealSource::from_client(app.clone(), "mem://", &short, Default::default())
             .await
             .unwrap(),
     );
     let running = run_pipeline(short.clone(), source.clone(), None).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    if running.handle.is_finished() {
-        panic!("{}", running.error_within(Duration::from_secs(1)).await);
-    }
     app.query("UPDATE customer:1 SET visits = 11;")
         .await
         .unwrap()
         .check()
         .unwrap();
-    let target = running.sink.client().clone();
+    // The sink's own session: a clone made before it selects its
+    // namespace would have none.
+    let sink = running.sink.clone();
     wait_until("the first change", Duration::from_secs(30), || {
-        let target = target.clone();
+        let sink = sink.clone();
         async move {
-            let v: Option<Vec<SValue>> =
-                match target.query("SELECT VALUE visits FROM customer:1").await {
-                    Ok(mut r) => r.take(0).ok(),
-                    Err(_) => None,
-                };
+            let v: Option<Vec<SValue>> = match sink
+                .client()
+                .query("SELECT VALUE visits FROM customer:1")
+                .await
+            {
+                Ok(mut r) => r.take(0).ok(),
+                Err(_) => None,
+            };
             v.and_then(|v| v.first().map(|v| v.to_sql())) == Some("11".into())
         }
     })
     .await;
-    let sink = running.sink.clone();
+    let target = sink.client().clone();
     running.stop().await;
     // Stopped: changes are made and removed from the changefeed by its
     // retention before the daemon comes back.

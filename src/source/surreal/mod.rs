@@ -69,7 +69,10 @@ pub struct SurrealSource {
 }
 
 fn surreal_error(context: impl std::fmt::Display, e: surrealdb::Error) -> Error {
-    let kind = if e.is_connection() {
+    let m = e.message().to_ascii_lowercase();
+    // A write of the application met ours (a changefeed being defined).
+    let conflict = m.contains("can be retried") || m.contains("transaction conflict");
+    let kind = if e.is_connection() || conflict {
         ErrorKind::Transient
     } else {
         ErrorKind::Definite
@@ -259,8 +262,7 @@ impl SurrealSource {
         let shown = redact_url(endpoint);
         if !remote {
             if let Some(db) =
-                crate::connect::shared_embedded(endpoint, || Self::connect(endpoint, &shown))
-                    .await?
+                crate::embedded::shared(endpoint, || Self::connect(endpoint, &shown)).await?
             {
                 return Self::from_client(db, &shown, config, rejects).await;
             }
