@@ -33,6 +33,10 @@ DEFINE FIELD tags ON customer TYPE array<string>;
 DEFINE FIELD note ON customer TYPE option<string>;
 DEFINE TABLE purchase SCHEMALESS;
 DEFINE FIELD customer ON purchase TYPE record<customer>;
+DEFINE INDEX token ON customer FIELDS token UNIQUE;
+DEFINE INDEX by_status ON purchase FIELDS status, customer;
+DEFINE INDEX words ON customer FIELDS name FULLTEXT ANALYZER ascii;
+DEFINE ANALYZER ascii TOKENIZERS blank;
 ";
 
 fn customer(i: i64) -> String {
@@ -205,6 +209,18 @@ async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
         kinds.first().map(|v| v.to_sql()),
         Some("[true, true, true, true]".into())
     );
+    let mut r = target
+        .query("INFO FOR TABLE customer; INFO FOR TABLE purchase;")
+        .await
+        .unwrap();
+    let (c, p): (Option<SValue>, Option<SValue>) = (r.take(0).unwrap(), r.take(1).unwrap());
+    let (c, p) = (c.unwrap().to_sql(), p.unwrap().to_sql());
+    assert!(c.contains("customer_token") && c.contains("UNIQUE"), "{c}");
+    assert!(
+        !c.contains("FULLTEXT"),
+        "a full-text index is not carried: {c}"
+    );
+    assert!(p.contains("purchase_by_status"), "{p}");
     let options = switchyard::verify::Options {
         tables: Vec::new(),
         wait: Some(Duration::from_secs(30)),
@@ -360,6 +376,25 @@ async fn every_surrealdb_type_into_postgresql() {
     assert_eq!(row.get::<_, String>(9), r#"{"size": 7, "theme": "dark"}"#);
     assert_eq!(row.get::<_, String>(10), r#"["a7", "b"]"#);
     assert_eq!(row.get::<_, Option<String>>(11), None, "NONE is NULL");
+    let indexes: Vec<String> = target
+        .client
+        .query("SELECT indexdef FROM pg_indexes WHERE tablename IN ('customer', 'purchase') AND indexname NOT LIKE '%pkey' ORDER BY indexname", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(indexes.len(), 2, "{indexes:?}");
+    assert!(
+        indexes[0].starts_with(
+            "CREATE UNIQUE INDEX customer_token ON public.customer USING btree (token)"
+        ),
+        "{indexes:?}"
+    );
+    assert!(
+        indexes[1].contains("purchase_by_status") && indexes[1].contains("(status, customer)"),
+        "{indexes:?}"
+    );
     let gone = target
         .client
         .query_opt("SELECT 1 FROM purchase WHERE id = 3", &[])
@@ -474,7 +509,17 @@ async fn offline_copy_of_a_stopped_application_from_the_cli() {
     wait_unlocked(&dir).await;
     let (code, out, err) = run_cli(&["check", "--config", config]);
     assert_eq!(code, 0, "{out}{err}");
-    assert_names(&out, &["customer", "purchase", "record<customer>"]);
+    assert_names(
+        &out,
+        &[
+            "customer",
+            "purchase",
+            "record<customer>",
+            "\"words\"",
+            "not carried",
+            "customer_token",
+        ],
+    );
     let (code, out, err) = run_cli(&["snapshot", "--config", config]);
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = run_cli(&["verify", "--config", config]);

@@ -603,6 +603,11 @@ impl SurrealSource {
             }
             columns.extend(keys.iter().map(|k| values::undefined(k)));
         }
+        let indexes: Vec<serde_json::Value> = info
+            .as_ref()
+            .and_then(|v| v.get("indexes")?.as_array().cloned())
+            .unwrap_or_default();
+        let secondary = Self::indexes(name, &columns, &indexes, d);
         let target_name = self
             .renames
             .get(name)
@@ -610,7 +615,70 @@ impl SurrealSource {
             .unwrap_or_else(|| name.to_string());
         let mut t = TableSchema::keyed(name.to_string(), target_name, columns, vec![0]);
         t.links = links;
+        t.secondary = secondary;
         Ok(Some(t))
+    }
+
+    /// The table's plain and unique indexes on top-level fields, which a
+    /// target builds after the load (named `table_index`: PostgreSQL's index
+    /// names are its schema's); the others are noted as left out.
+    fn indexes(
+        table: &str,
+        columns: &[Column],
+        indexes: &[serde_json::Value],
+        d: &mut Discovery,
+    ) -> Vec<crate::model::Secondary> {
+        let mut out = Vec::new();
+        for ix in indexes {
+            let Some(name) = ix.get("name").and_then(|n| n.as_str()) else {
+                continue;
+            };
+            let kind = ix
+                .get("index")
+                .and_then(|k| k.as_str())
+                .unwrap_or("")
+                .trim();
+            let cols: Vec<String> = ix
+                .get("cols")
+                .and_then(|c| c.as_array())
+                .map(|c| {
+                    c.iter()
+                        .filter_map(|c| c.as_str())
+                        .map(|c| c.trim_matches('`').to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let plain = !cols.is_empty()
+                && cols
+                    .iter()
+                    .all(|c| columns.iter().any(|col| &col.name == c && c != "id"));
+            if !plain || !(kind.is_empty() || kind == "UNIQUE") {
+                d.problems.push(Problem {
+                    table: table.to_string(),
+                    column: None,
+                    message: format!(
+                        "index {name:?} ({}{}) is not carried: only plain and UNIQUE indexes on top-level fields are",
+                        cols.join(", "),
+                        if kind.is_empty() { String::new() } else { format!(" {kind}") }
+                    ),
+                    blocking: false,
+                });
+                continue;
+            }
+            out.push(crate::model::Secondary::Index {
+                name: format!("{table}_{name}"),
+                unique: kind == "UNIQUE",
+                using: format!(
+                    "USING btree ({})",
+                    cols.iter()
+                        .map(|c| crate::pg::quote_ident(c))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                deferred: false,
+            });
+        }
+        out
     }
 
     /// The table with new columns for `fields` (a schemaless table's).
