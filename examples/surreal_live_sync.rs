@@ -83,14 +83,25 @@ password = "{password}"
     });
 
     // The application goes on: new notes, edits, deletions.
+    // Like any SurrealDB application, it retries a statement SurrealDB
+    // reports as a conflict that can be retried.
     for i in 101..=150 {
-        app.query(format!(
-            "CREATE note:{i} SET body = 'note {i}', at = time::now(); UPDATE note:{} SET body += ' (edited)'; DELETE note:{};",
-            i - 100,
-            i - 50
-        ))
-        .await?
-        .check()?;
+        for sql in [
+            format!("CREATE note:{i} SET body = 'note {i}', at = time::now();"),
+            format!("UPDATE note:{} SET body += ' (edited)';", i - 100),
+            format!("DELETE note:{};", i - 50),
+        ] {
+            let mut attempts = 0;
+            loop {
+                match app.query(sql.as_str()).await.and_then(|r| r.check()) {
+                    Ok(_) => break,
+                    Err(e) if e.message().contains("can be retried") && attempts < 50 => {
+                        attempts += 1
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 

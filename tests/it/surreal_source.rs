@@ -126,6 +126,26 @@ async fn same_records(
     None
 }
 
+/// Runs `sql` as an application does: a transaction conflict SurrealDB
+/// says can be retried is retried.
+async fn apply(db: &Surreal<Any>, sql: &str) {
+    for _ in 0..50 {
+        match db.query(sql).await.and_then(|r| r.check()) {
+            Ok(_) => return,
+            // In a transaction the first error reported may be the notice
+            // that the rest was not executed.
+            Err(e)
+                if e.message().contains("can be retried")
+                    || e.message().contains("failed transaction") =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{sql}: {e}"),
+        }
+    }
+    panic!("{sql}: still conflicting after 50 attempts");
+}
+
 /// A writer of the application: updates, creates and deletes in both
 /// tables, in single statements and in transactions.
 async fn write(db: Surreal<Any>, rounds: i64, start: i64) {
@@ -135,9 +155,9 @@ async fn write(db: Surreal<Any>, rounds: i64, start: i64) {
             0 => format!("UPDATE customer:{} SET visits += 1, note = 'seen {i}';", r % 40 + 1),
             1 => format!("BEGIN; {} UPDATE purchase:{} SET status = 'paid', extra = {{ by: 'w{i}' }}; COMMIT;", purchase(i), r % 60 + 1),
             2 => format!("DELETE purchase:{};", i - 1),
-            _ => format!("{} UPDATE customer:{i} SET tags += 'late', avatar = NONE;", customer(i)),
+            _ => format!("BEGIN; {} UPDATE customer:{i} SET tags += 'late', avatar = NONE; COMMIT;", customer(i)),
         };
-        db.query(sql).await.unwrap().check().unwrap();
+        apply(&db, &sql).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -427,14 +447,16 @@ async fn changes_past_the_retention_stop_the_resume_with_copy_again() {
             .unwrap(),
     );
     let running = run_pipeline(short.clone(), source.clone(), None).await;
-    app.query("UPDATE customer:1 SET visits = 11;")
-        .await
-        .unwrap()
-        .check()
-        .unwrap();
     // The sink's own session: a clone made before it selects its
     // namespace would have none.
     let sink = running.sink.clone();
+    wait_until("the copy", Duration::from_secs(30), || {
+        let sink = sink.clone();
+        async move { records(sink.client(), "purchase").await.len() == 60 }
+    })
+    .await;
+    // A change the stream brings.
+    apply(&app, "UPDATE customer:1 SET visits = 11;").await;
     wait_until("the first change", Duration::from_secs(30), || {
         let sink = sink.clone();
         async move {
@@ -606,17 +628,12 @@ async fn two_tenants_each_into_its_own_namespace_through_sigkills() {
         let (acme, globex) = (acme.clone(), globex.clone());
         tokio::spawn(async move {
             for i in 0..150i64 {
-                acme.query(format!("UPDATE customer:{} SET n = n + 1000; CREATE customer:{} SET name = 'new', n = 0; DELETE customer:{};", i * 7 + 1, 30_000 + i, 19_000 + i))
-                    .await
-                    .unwrap()
-                    .check()
-                    .unwrap();
-                globex
-                    .query(format!("UPDATE customer:{} SET n += 1;", i % 5 + 1))
-                    .await
-                    .unwrap()
-                    .check()
-                    .unwrap();
+                apply(&acme, &format!("BEGIN; UPDATE customer:{} SET n = n + 1000; CREATE customer:{} SET name = 'new', n = 0; DELETE customer:{}; COMMIT;", i * 7 + 1, 30_000 + i, 19_000 + i)).await;
+                apply(
+                    &globex,
+                    &format!("UPDATE customer:{} SET n += 1;", i % 5 + 1),
+                )
+                .await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })

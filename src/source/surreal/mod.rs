@@ -182,7 +182,10 @@ fn link_of(col: &Column) -> Option<&str> {
     let k = k
         .strip_prefix("option<")
         .and_then(|k| k.strip_suffix('>'))
-        .unwrap_or(k);
+        .or_else(|| k.strip_prefix("none |"))
+        .or_else(|| k.strip_suffix("| none"))
+        .unwrap_or(k)
+        .trim();
     k.strip_prefix("record<")
         .and_then(|k| k.strip_suffix('>'))
         .filter(|t| !t.contains('|'))
@@ -792,6 +795,23 @@ impl Source for SurrealSource {
                 d.tables.push(t);
             }
         }
+        // A link column takes the kind of the linked table's keys, where the
+        // table is replicated and its keys are of one kind.
+        let keys: HashMap<String, LogicalType> = d
+            .tables
+            .iter()
+            .map(|t| (t.name.clone(), t.columns[t.key[0]].logical))
+            .collect();
+        for t in &mut d.tables {
+            for l in t.links.clone() {
+                let col = &mut t.columns[l.column];
+                if let Some(&k) = link_of(col).and_then(|to| keys.get(to)) {
+                    if k != LogicalType::Any {
+                        col.logical = k;
+                    }
+                }
+            }
+        }
         d.refuse_shared_targets();
         d.refuse_nothing_selected();
         Ok(d)
@@ -1207,5 +1227,10 @@ mod tests {
         assert_eq!(link_of(&c), Some("customer"));
         let (c, _) = values::column("owner", Some("record<user | team>"));
         assert_eq!(link_of(&c), None);
+        let (c, link) = values::column("artist_id", Some("none | record<artist>"));
+        assert_eq!(
+            (link_of(&c), link.as_deref(), c.nullable),
+            (Some("artist"), Some("artist"), true)
+        );
     }
 }

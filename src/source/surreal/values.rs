@@ -44,7 +44,9 @@ pub fn column(name: &str, kind: Option<&str>) -> (Column, Option<String>) {
         "bool" => LogicalType::Bool,
         "int" => LogicalType::Int,
         "float" => LogicalType::Float,
-        "decimal" | "number" => LogicalType::Decimal,
+        // `number | string` is how switchyard writes a PostgreSQL numeric
+        // (its text where it has more digits than a decimal holds).
+        "decimal" | "number" | "number | string" | "string | number" => LogicalType::Decimal,
         "string" => LogicalType::Text,
         "datetime" => LogicalType::Timestamp,
         "uuid" => LogicalType::Uuid,
@@ -196,10 +198,18 @@ pub fn convert(col: &Column, link: Option<&str>, v: SValue) -> Result<Value, Str
     };
     Ok(match (col.logical, v) {
         (_, SValue::None | SValue::Null) => Value::Null,
-        (L::Any, SValue::RecordId(r)) if link.is_some() => {
+        (l, SValue::RecordId(r)) if link.is_some() => {
             if Some(r.table.as_str()) != link {
                 return Err(format!(
                     "the field links to table {:?}, and holds a link to {}",
+                    link.unwrap_or_default(),
+                    r.to_sql()
+                ));
+            }
+            if l != L::Any && key_type(&r.key) != l {
+                return Err(format!(
+                    "the field links to {} keys of table {:?}, and holds {}",
+                    l,
                     link.unwrap_or_default(),
                     r.to_sql()
                 ));
@@ -211,6 +221,14 @@ pub fn convert(col: &Column, link: Option<&str>, v: SValue) -> Result<Value, Str
         (L::Float, SValue::Number(Number::Float(x))) => Value::Float(x),
         (L::Float, SValue::Number(Number::Int(i))) => Value::Float(i as f64),
         (L::Decimal, SValue::Number(n)) => Value::Decimal(decimal_text(&n)),
+        (L::Decimal, SValue::String(s))
+            if !s.is_empty()
+                && s.trim_start_matches('-')
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || c == '.') =>
+        {
+            Value::Decimal(s)
+        }
         (L::Text, SValue::String(s)) => Value::Text(s),
         (L::Timestamp, SValue::Datetime(d)) => Value::Timestamp(d.into_inner()),
         (L::Uuid, SValue::Uuid(u)) => Value::Text(u.to_string()),
