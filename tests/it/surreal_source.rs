@@ -269,6 +269,12 @@ async fn every_surrealdb_type_into_postgresql() {
     capture_logs();
     let url = "mem://".to_string();
     let app = app_store(&url).await;
+    apply(
+        &app,
+        "DEFINE TABLE place SCHEMAFULL; DEFINE FIELD loc ON place TYPE geometry<point>; DEFINE FIELD area ON place TYPE option<geometry<polygon>>; \
+         CREATE place:1 SET loc = (1.5, 2.5), area = { type: 'Polygon', coordinates: [[[0, 0], [1, 0], [1, 1], [0, 0]]] };",
+    )
+    .await;
     let target = PgDb::new("").await;
     let config = source_config(
         &url,
@@ -421,6 +427,25 @@ async fn every_surrealdb_type_into_postgresql() {
         .await
         .unwrap();
     assert!(gone.is_none(), "the delete arrived");
+    let place = target
+        .client
+        .query_one(
+            "SELECT loc->>'type', (loc->'coordinates'->>0)::float8, (loc->'coordinates'->>1)::float8, area->>'type', jsonb_typeof(area->'coordinates') FROM place WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            place.get::<_, String>(0),
+            place.get::<_, f64>(1),
+            place.get::<_, f64>(2),
+            place.get::<_, String>(3),
+            place.get::<_, String>(4)
+        ),
+        ("Point".into(), 1.5, 2.5, "Polygon".into(), "array".into()),
+        "geometry arrives as GeoJSON"
+    );
     let link: String = target
         .client
         .query_one("SELECT customer::text FROM purchase WHERE id = 900", &[])
