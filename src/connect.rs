@@ -87,27 +87,31 @@ pub fn embedded_path(config: &Config) -> Result<Option<PathBuf>> {
     })
 }
 
+/// The lock of an embedded target, which this process holds while it runs
+/// (it tells `cutover` which process holds the target); refused where
+/// another switchyard holds it.
+fn target_lock(config: &Config) -> Result<Option<crate::lockfile::DaemonLock>> {
+    let Some(path) = embedded_path(config)? else {
+        return Ok(None);
+    };
+    if let Some(pid) = crate::lockfile::holder(&path)? {
+        return Err(crate::error::Error::definite(format!(
+            "switchyard process {pid} holds the embedded target {}; one process at a time opens it",
+            path.display()
+        )));
+    }
+    crate::lockfile::DaemonLock::acquire(&path)
+}
+
 /// One pipeline per tenant (`[[tenants]]`), named `ns/db`, sharing the
 /// embedded stores; the lock of an embedded target is held by the first.
 pub async fn tenant_pipelines(
     config: &crate::config::Config,
 ) -> Result<Vec<(String, crate::pipeline::Pipeline)>> {
     #[cfg(feature = "surrealdb")]
-    crate::embedded::share();
+    crate::surreal::share();
     let mut out = Vec::new();
-    let lock = match embedded_path(config)? {
-        Some(path) => {
-            if let Some(pid) = crate::lockfile::holder(&path)? {
-                return Err(crate::error::Error::definite(format!(
-                    "switchyard process {pid} holds the embedded target {}; one process at a time opens it",
-                    path.display()
-                )));
-            }
-            crate::lockfile::DaemonLock::acquire(&path)?
-        }
-        None => None,
-    };
-    let mut lock = lock;
+    let mut lock = target_lock(config)?;
     for (name, c) in config.tenant_configs() {
         let c = Arc::new(c);
         let rejects = Arc::new(Rejects::new(c.pipeline.reject_dir.clone()));
@@ -129,20 +133,7 @@ pub async fn tenant_pipelines(
 pub async fn pipeline(config: &Arc<Config>) -> Result<crate::pipeline::Pipeline> {
     let rejects = Arc::new(Rejects::new(config.pipeline.reject_dir.clone()));
     let source = source(config, rejects.clone(), Access::ReadWrite).await?;
-    // An embedded target is this process's while it runs: its lock tells
-    // `cutover` which process holds it.
-    let lock = match embedded_path(config)? {
-        Some(path) => {
-            if let Some(pid) = crate::lockfile::holder(&path)? {
-                return Err(crate::error::Error::definite(format!(
-                    "switchyard process {pid} holds the embedded target {}; one process at a time opens it",
-                    path.display()
-                )));
-            }
-            crate::lockfile::DaemonLock::acquire(&path)?
-        }
-        None => None,
-    };
+    let lock = target_lock(config)?;
     let sink = sink(config, rejects.clone()).await?;
     Ok(
         crate::pipeline::Pipeline::new(config.clone(), Arc::from(source), Arc::from(sink), rejects)

@@ -15,8 +15,6 @@ pub mod commands;
 pub mod config;
 pub mod connect;
 pub mod cutover;
-#[cfg(feature = "surrealdb")]
-pub mod embedded;
 pub mod error;
 pub mod lockfile;
 pub mod metric;
@@ -32,6 +30,8 @@ pub mod sample;
 pub mod schema;
 pub mod sink;
 pub mod source;
+#[cfg(feature = "surrealdb")]
+pub mod surreal;
 pub mod verify;
 
 #[cfg(test)]

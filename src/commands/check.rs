@@ -18,28 +18,15 @@ use crate::source::{Access, Problem};
 pub async fn run(config: &Path, json: bool) -> Result<Exit> {
     let config = super::load(config)?;
     if !config.tenants.is_empty() {
-        #[cfg(feature = "surrealdb")]
-        crate::embedded::share();
-        let mut blocking = 0;
-        let mut all = std::collections::BTreeMap::new();
-        for (name, c) in config.tenant_configs() {
-            let plan = check(&c)
-                .await
-                .map_err(|e| e.context(format!("tenant {name}")))?;
-            blocking += plan.blocking();
-            if !json {
-                println!("tenant {name}:");
-                print!("{}", plan.render());
-            }
-            all.insert(name, plan);
-        }
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&all).unwrap_or_else(|_| "{}".into())
-            );
-        }
-        return Ok(if blocking > 0 {
+        let plans = super::per_tenant(
+            &config,
+            json,
+            |name, _| format!("tenant {name}:"),
+            |plan: &Plan| plan.render(),
+            |c| async move { check(&c).await },
+        )
+        .await?;
+        return Ok(if plans.iter().any(|p| p.blocking() > 0) {
             Exit::Problem
         } else {
             Exit::Ok

@@ -51,6 +51,44 @@ pub fn load(path: &std::path::Path) -> crate::Result<std::sync::Arc<crate::confi
     Ok(std::sync::Arc::new(crate::config::Config::load(path)?))
 }
 
+/// A read-only command run for each tenant (`[[tenants]]`) in turn, with
+/// the embedded stores shared: as text, each under its `heading`, or as one
+/// JSON object by tenant name. Returns each tenant's result.
+pub async fn per_tenant<T, F, Fut>(
+    config: &crate::config::Config,
+    json: bool,
+    heading: impl Fn(&str, &crate::config::Config) -> String,
+    render: impl Fn(&T) -> String,
+    each: F,
+) -> crate::Result<Vec<T>>
+where
+    T: serde::Serialize,
+    F: Fn(crate::config::Config) -> Fut,
+    Fut: std::future::Future<Output = crate::Result<T>>,
+{
+    #[cfg(feature = "surrealdb")]
+    crate::surreal::share();
+    let mut all = std::collections::BTreeMap::new();
+    for (name, c) in config.tenant_configs() {
+        let head = heading(&name, &c);
+        let r = each(c)
+            .await
+            .map_err(|e| e.context(format!("tenant {name}")))?;
+        if !json {
+            println!("{head}");
+            print!("{}", render(&r));
+        }
+        all.insert(name, r);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&all).unwrap_or_else(|_| "{}".into())
+        );
+    }
+    Ok(all.into_values().collect())
+}
+
 /// A token cancelled on SIGINT or SIGTERM; a second signal exits at once.
 pub fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
     use tracing::{info, warn};

@@ -21,29 +21,20 @@ use crate::source::Access;
 pub async fn run(config: &Path, json: bool) -> Result<Exit> {
     let config = super::load(config)?;
     if !config.tenants.is_empty() {
-        #[cfg(feature = "surrealdb")]
-        crate::embedded::share();
-        let mut all = BTreeMap::new();
-        for (name, c) in config.tenant_configs() {
-            let s = status(&c)
-                .await
-                .map_err(|e| e.context(format!("tenant {name}")))?;
-            if !json {
-                println!(
+        super::per_tenant(
+            &config,
+            json,
+            |name, c| {
+                format!(
                     "tenant {name} → {}/{}",
                     c.target.namespace.clone().unwrap_or_default(),
                     c.target.database.clone().unwrap_or_default()
-                );
-                print!("{}", s.render());
-            }
-            all.insert(name, s);
-        }
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&all).unwrap_or_else(|_| "{}".into())
-            );
-        }
+                )
+            },
+            Status::render,
+            |c| async move { status(&c).await },
+        )
+        .await?;
         return Ok(Exit::Ok);
     }
     let status = status(&config).await?;

@@ -14,7 +14,7 @@ pub async fn run(config: &Path) -> Result<Exit> {
     let config = super::load(config)?;
     #[cfg(feature = "surrealdb")]
     if !config.tenants.is_empty() {
-        crate::embedded::share();
+        crate::surreal::share();
     }
     for (_, c) in config.tenant_configs() {
         let source =

@@ -19,28 +19,22 @@ pub async fn run(
 ) -> Result<Exit> {
     let config = super::load(config)?;
     if !config.tenants.is_empty() {
-        #[cfg(feature = "surrealdb")]
-        crate::embedded::share();
-        let mut identical = true;
-        let mut all = std::collections::BTreeMap::new();
-        for (name, c) in config.tenant_configs() {
-            let verdict = verdict(&c, tables.clone(), wait)
-                .await
-                .map_err(|e| e.context(format!("tenant {name}")))?;
-            identical &= verdict.identical;
-            if !json {
-                println!("tenant {name}:");
-                print!("{}", render(&verdict));
-            }
-            all.insert(name, verdict);
-        }
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&all).unwrap_or_else(|_| "{}".into())
-            );
-        }
-        return Ok(if identical { Exit::Ok } else { Exit::Problem });
+        let verdicts = super::per_tenant(
+            &config,
+            json,
+            |name, _| format!("tenant {name}:"),
+            render,
+            |c| {
+                let tables = tables.clone();
+                async move { verdict(&c, tables, wait).await }
+            },
+        )
+        .await?;
+        return Ok(if verdicts.iter().all(|v| v.identical) {
+            Exit::Ok
+        } else {
+            Exit::Problem
+        });
     }
     let verdict = verdict(&config, tables, wait).await?;
     if json {

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use secrecy::ExposeSecret;
 use surrealdb::engine::any::Any;
 use surrealdb::types::{
     Array, Bytes, Datetime, Number, Object, RecordId, RecordIdKey, Value as SValue, Variables,
@@ -18,13 +17,14 @@ use tracing::info;
 
 use super::{Cursor, Page, Record, Sink, SinkState, TableState, TableStatus};
 use crate::config::Config;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::model::{Change, Column, Ddl, Marker, Op, Row, TableSchema, Value};
 use crate::position::{Durable, Position};
 use crate::redact::redact_url;
 use crate::reject::{row_json, Rejected, Rejects};
 pub use crate::schema::surreal::ident;
 use crate::schema::surreal::{alter_ql, define_table, field_name, COPIES_FIELD};
+use crate::surreal::error as surreal_error;
 
 const CHECKPOINT_TABLE: &str = "_switchyard_checkpoint";
 const TABLE_STATE: &str = "_switchyard_table";
@@ -56,20 +56,6 @@ pub struct SurrealSink {
     drop_tables: bool,
     /// Where rows whose values do not fit go (`pipeline.reject_dir`).
     rejects: Arc<Rejects>,
-}
-
-fn surreal_error(context: impl std::fmt::Display, e: surrealdb::Error) -> Error {
-    let kind = if e.is_connection() || is_retryable_message(e.message()) {
-        ErrorKind::Transient
-    } else {
-        ErrorKind::Definite
-    };
-    Error::new(kind, context.to_string()).with_source(e)
-}
-
-fn is_retryable_message(m: &str) -> bool {
-    let m = m.to_ascii_lowercase();
-    m.contains("can be retried") || m.contains("transaction conflict")
 }
 
 /// Converts a model value; `Null` becomes NONE (the field is left out).
@@ -690,7 +676,7 @@ impl SurrealSink {
         // `USE` creates a missing namespace or database: select them only
         // where they exist (`prepare` defines them; `state` says "never
         // replicated into" meanwhile).
-        let exists = defined(&db, &namespace, &database)
+        let exists = crate::surreal::database_exists(&db, &namespace, &database)
             .await
             .map_err(|e| surreal_error(format!("reading the namespaces of {shown}"), e))?;
         if exists {
@@ -813,25 +799,13 @@ impl SurrealSink {
             .bind(vars)
             .await
             .map_err(|e| surreal_error(&context, e))?;
-        let errors = resp.take_errors();
-        if errors.is_empty() {
-            return Ok(resp);
+        match crate::surreal::failure(&mut resp) {
+            None => Ok(resp),
+            Some((idx, e)) => Err(surreal_error(
+                format!("{context} (statement {idx}): {}", e.message()),
+                e,
+            )),
         }
-        // In a failed transaction every statement reports an error; the cause
-        // is the one that is not the generic "not executed" notice.
-        let mut errs: Vec<(usize, surrealdb::Error)> = errors.into_iter().collect();
-        errs.sort_by_key(|(i, _)| *i);
-        let pick = errs
-            .iter()
-            .position(|(_, e)| {
-                !e.message().contains("not executed") && !e.message().contains("failed transaction")
-            })
-            .unwrap_or(0);
-        let (idx, e) = errs.swap_remove(pick);
-        Err(surreal_error(
-            format!("{context} (statement {idx}): {}", e.message()),
-            e,
-        ))
     }
 }
 
@@ -1376,26 +1350,6 @@ impl Sink for SurrealSink {
 
 /// Whether `namespace` and its `database` are defined, read without
 /// selecting (and so creating) either.
-async fn defined(
-    db: &Surreal<Any>,
-    namespace: &str,
-    database: &str,
-) -> std::result::Result<bool, surrealdb::Error> {
-    let names = |info: Option<serde_json::Value>, key: &str| -> Vec<String> {
-        info.and_then(|v| v.get(key).and_then(|m| m.as_object().cloned()))
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
-    };
-    let root: Option<serde_json::Value> = db.query("INFO FOR ROOT").await?.take(0)?;
-    if !names(root, "namespaces").iter().any(|n| n == namespace) {
-        return Ok(false);
-    }
-    // The namespace exists: selecting it creates nothing.
-    db.use_ns(namespace.to_string()).await?;
-    let ns: Option<serde_json::Value> = db.query("INFO FOR NS").await?.take(0)?;
-    Ok(names(ns, "databases").iter().any(|d| d == database))
-}
-
 /// A connection to `endpoint`, signed in as the configured root user where
 /// `sign_in` (a remote server) and credentials are given.
 async fn signed_in(endpoint: &str, sign_in: bool, config: &Config) -> Result<Surreal<Any>> {
@@ -1408,25 +1362,19 @@ async fn signed_in(endpoint: &str, sign_in: bool, config: &Config) -> Result<Sur
             })
     };
     if !sign_in {
-        if let Some(db) = crate::embedded::shared(endpoint, open).await? {
+        if let Some(db) = crate::surreal::shared(endpoint, open).await? {
             return Ok(db);
         }
         return open().await;
     }
     let db = open().await?;
-    if let (Some(user), Some(pass)) = (&config.target.username, &config.target.password) {
-        db.signin(surrealdb::opt::auth::Root {
-            username: user.clone(),
-            password: pass.expose_secret().to_string(),
-        })
-        .await
-        .map_err(|e| {
-            Error::connect(format!(
-                "SurrealDB at {shown} refused to sign in user {user:?}: {}",
-                e.message()
-            ))
-        })?;
-    }
+    crate::surreal::sign_in(
+        &db,
+        &shown,
+        &config.target.username,
+        &config.target.password,
+    )
+    .await?;
     Ok(db)
 }
 

@@ -185,6 +185,18 @@ pub enum Pending {
     BeingRead,
 }
 
+impl Pending {
+    /// `n` changes counted in a change log that no reader reports on: none
+    /// wait, or this many wait and a daemon may be reading them.
+    pub fn counted(n: u64) -> Self {
+        if n == 0 {
+            Pending::Waiting(0)
+        } else {
+            Pending::Unknown(n)
+        }
+    }
+}
+
 /// How `cutover` stops the application's writes to the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -682,11 +682,7 @@ impl Source for SqliteSource {
         let mut conn = self.pool.acquire().await?;
         let n = capture::count_between(&mut conn, &ids, after.commit as i64, upto.commit as i64)
             .await?;
-        Ok(if n == 0 {
-            Pending::Waiting(0)
-        } else {
-            Pending::Unknown(n)
-        })
+        Ok(Pending::counted(n))
     }
 
     async fn capture_installed(&self) -> Result<bool> {

@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use secrecy::ExposeSecret;
 use surrealdb::engine::any::Any;
 use surrealdb::types::{Number, Object, RecordId, RecordIdKey, ToSql, Value as SValue, Variables};
 use surrealdb::Surreal;
@@ -47,7 +46,7 @@ use crate::position::{Durable, Position, PositionKind};
 use crate::redact::redact_url;
 use crate::reject::{Rejected, Rejects};
 use crate::schema::surreal::ident;
-use crate::source::{Access, Batch, Discovery, Installed, Pending, Problem, Source, SourceLag};
+use crate::source::{Batch, Discovery, Installed, Pending, Problem, Source, SourceLag};
 
 /// Where switchyard notes what it installed in the source.
 const CAPTURE: &str = "_switchyard_capture";
@@ -68,16 +67,9 @@ pub struct SurrealSource {
     rejects: Arc<Rejects>,
 }
 
+/// An SDK error, its message after the context.
 fn surreal_error(context: impl std::fmt::Display, e: surrealdb::Error) -> Error {
-    let m = e.message().to_ascii_lowercase();
-    // A write of the application met ours (a changefeed being defined).
-    let conflict = m.contains("can be retried") || m.contains("transaction conflict");
-    let kind = if e.is_connection() || conflict {
-        ErrorKind::Transient
-    } else {
-        ErrorKind::Definite
-    };
-    Error::new(kind, format!("{context}: {}", e.message())).with_source(e)
+    crate::surreal::error(format!("{context}: {}", e.message()), e)
 }
 
 /// One versionstamp's changes as the changefeed gives them.
@@ -199,13 +191,23 @@ struct Misfit {
     message: String,
 }
 
-/// A record as a row of `table`; fields the table has no column for yet
-/// (a schemaless table's new fields) are returned by name.
+/// The fields of a record that `table` has no column for yet (a schemaless
+/// table's new fields).
+fn new_fields(table: &TableSchema, record: &Object) -> Vec<String> {
+    record
+        .keys()
+        .filter(|k| *k != "id" && !table.columns.iter().any(|c| &c.name == *k))
+        .cloned()
+        .collect()
+}
+
+/// A record as a row of `table` (fields it has no column for are not read:
+/// see [`new_fields`]).
 fn row_of(
     table: &TableSchema,
     id: &RecordId,
     mut record: Object,
-) -> std::result::Result<(Row, Vec<String>), Misfit> {
+) -> std::result::Result<Row, Misfit> {
     let mut row = Vec::with_capacity(table.columns.len());
     for (i, col) in table.columns.iter().enumerate() {
         if table.key == [i] {
@@ -217,20 +219,14 @@ fn row_of(
             continue;
         }
         let v = record.remove(&col.name).unwrap_or(SValue::None);
-        let shown = v.to_sql();
-        match values::convert(col, link_of(col), v) {
-            Ok(v) => row.push(v),
-            Err(message) => {
-                return Err(Misfit {
-                    column: i,
-                    value: shown,
-                    message,
-                })
-            }
-        }
+        let v = values::convert(col, link_of(col), v).map_err(|r| Misfit {
+            column: i,
+            value: r.value,
+            message: r.message,
+        })?;
+        row.push(v);
     }
-    record.remove("id");
-    Ok((row, record.keys().cloned().collect()))
+    Ok(row)
 }
 
 /// A record id key as the value of the table's key column.
@@ -265,26 +261,20 @@ impl SurrealSource {
         let shown = redact_url(endpoint);
         if !remote {
             if let Some(db) =
-                crate::embedded::shared(endpoint, || Self::connect(endpoint, &shown)).await?
+                crate::surreal::shared(endpoint, || Self::connect(endpoint, &shown)).await?
             {
                 return Self::from_client(db, &shown, config, rejects).await;
             }
         }
         let db = Self::connect(endpoint, &shown).await?;
         if remote {
-            if let (Some(user), Some(pass)) = (&config.source.username, &config.source.password) {
-                db.signin(surrealdb::opt::auth::Root {
-                    username: user.clone(),
-                    password: pass.expose_secret().to_string(),
-                })
-                .await
-                .map_err(|e| {
-                    Error::connect(format!(
-                        "SurrealDB at {shown} refused to sign in user {user:?}: {}",
-                        e.message()
-                    ))
-                })?;
-            }
+            crate::surreal::sign_in(
+                &db,
+                &shown,
+                &config.source.username,
+                &config.source.password,
+            )
+            .await?;
         }
         Self::from_client(db, &shown, config, rejects).await
     }
@@ -315,34 +305,13 @@ impl SurrealSource {
     ) -> Result<Self> {
         let namespace = config.source.namespace.clone().unwrap_or_default();
         let database = config.source.database.clone().unwrap_or_default();
-        let names = |info: Option<serde_json::Value>, key: &str| -> Vec<String> {
-            info.and_then(|v| v.get(key).and_then(|m| m.as_object().cloned()))
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default()
-        };
-        let missing = || {
-            Error::config(format!(
-                "source {shown} has no namespace {namespace:?} with a database {database:?}; set source.namespace and source.database to where the application's data is"
-            ))
-        };
-        let root: Option<serde_json::Value> = db
-            .query("INFO FOR ROOT")
+        let exists = crate::surreal::database_exists(&db, &namespace, &database)
             .await
-            .and_then(|mut r| r.take(0))
             .map_err(|e| surreal_error(format!("reading the namespaces of {shown}"), e))?;
-        if !names(root, "namespaces").contains(&namespace) {
-            return Err(missing());
-        }
-        db.use_ns(namespace.clone())
-            .await
-            .map_err(|e| surreal_error(format!("using namespace {namespace:?} on {shown}"), e))?;
-        let ns: Option<serde_json::Value> = db
-            .query("INFO FOR NS")
-            .await
-            .and_then(|mut r| r.take(0))
-            .map_err(|e| surreal_error(format!("reading the databases of {shown}"), e))?;
-        if !names(ns, "databases").contains(&database) {
-            return Err(missing());
+        if !exists {
+            return Err(Error::config(format!(
+                "source {shown} has no namespace {namespace:?} with a database {database:?}; set source.namespace and source.database to where the application's data is"
+            )));
         }
         db.use_db(database.clone())
             .await
@@ -375,9 +344,7 @@ impl SurrealSource {
             .bind(vars)
             .await
             .map_err(|e| surreal_error(&context, e))?;
-        let mut errors: Vec<(usize, surrealdb::Error)> = resp.take_errors().into_iter().collect();
-        errors.sort_by_key(|(i, _)| *i);
-        match errors.into_iter().next() {
+        match crate::surreal::failure(&mut resp) {
             None => Ok(resp),
             Some((_, e)) => Err(surreal_error(context, e)),
         }
@@ -684,14 +651,12 @@ impl SurrealSource {
         out
     }
 
-    /// The table with new columns for `fields` (a schemaless table's).
+    /// The table with columns for `fields`, which it has none for (see
+    /// [`new_fields`]).
     fn widened(table: &TableSchema, fields: &[String]) -> TableSchema {
         let mut t = table.clone();
-        for f in fields {
-            if !t.columns.iter().any(|c| &c.name == f) {
-                t.columns.push(values::undefined(f));
-            }
-        }
+        t.columns
+            .extend(fields.iter().map(|f| values::undefined(f)));
         t
     }
 
@@ -988,15 +953,14 @@ impl Source for SurrealSource {
                 let Some(SValue::RecordId(id)) = rec.get("id").cloned() else {
                     continue;
                 };
+                let new = new_fields(&table, &rec);
                 match row_of(&table, &id, rec) {
-                    Ok((row, new)) if new.is_empty() => batch.push(row),
-                    Ok((_, new)) => {
-                        return Err(Error::transient(format!(
+                    Ok(row) if new.is_empty() => batch.push(row),
+                    Ok(_) => return Err(Error::transient(format!(
                         "table {:?} gained fields while it was copied ({}); the copy starts again",
                         table.name,
                         new.join(", ")
-                    )))
-                    }
+                    ))),
                     Err(m) => self.set_aside(&table, &id.to_sql(), m, "snapshot", at)?,
                 }
                 last = Some(id);
@@ -1072,24 +1036,21 @@ impl Source for SurrealSource {
                             },
                             FeedChange::Set { id, record } => {
                                 let mut table = table;
-                                let mut converted = row_of(&table, &id, record.clone());
-                                if let Ok((_, new)) = &converted {
-                                    if !new.is_empty() {
-                                        // A schemaless table's new fields: the
-                                        // target gains their columns first.
-                                        info!(table = %table.name, fields = %new.join(", "), "new fields in a schemaless table");
-                                        table = Arc::new(Self::widened(&table, new));
-                                        shapes.insert(table.name.clone(), table.clone());
-                                        out.changes.push(Change {
-                                            table: table.clone(),
-                                            op: Op::Ddl(Ddl::Alter),
-                                            position: at,
-                                        });
-                                        converted = row_of(&table, &id, record);
-                                    }
+                                let new = new_fields(&table, &record);
+                                if !new.is_empty() {
+                                    // A schemaless table's new fields: the
+                                    // target gains their columns first.
+                                    info!(table = %table.name, fields = %new.join(", "), "new fields in a schemaless table");
+                                    table = Arc::new(Self::widened(&table, &new));
+                                    shapes.insert(table.name.clone(), table.clone());
+                                    out.changes.push(Change {
+                                        table: table.clone(),
+                                        op: Op::Ddl(Ddl::Alter),
+                                        position: at,
+                                    });
                                 }
-                                match converted {
-                                    Ok((row, _)) => out.changes.push(Change {
+                                match row_of(&table, &id, record) {
+                                    Ok(row) => out.changes.push(Change {
                                         table,
                                         op: Op::Insert { row },
                                         position: at,
@@ -1173,29 +1134,14 @@ impl Source for SurrealSource {
         after: Position,
         upto: Position,
     ) -> Result<Pending> {
-        let n = self.count_between(tables, after, upto).await?;
-        Ok(if n == 0 {
-            Pending::Waiting(0)
-        } else {
-            Pending::Unknown(n)
-        })
+        Ok(Pending::counted(
+            self.count_between(tables, after, upto).await?,
+        ))
     }
 
     async fn capture_installed(&self) -> Result<bool> {
         Ok(self.capture().await?.is_some())
     }
-}
-
-/// Opens the configured SurrealDB source, read-only or not (it writes only
-/// in `install` and `uninstall`).
-pub async fn open(
-    endpoint: &str,
-    remote: bool,
-    config: &Config,
-    rejects: Arc<Rejects>,
-    _access: Access,
-) -> Result<SurrealSource> {
-    SurrealSource::open(endpoint, remote, config, rejects).await
 }
 
 #[cfg(test)]

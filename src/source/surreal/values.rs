@@ -180,39 +180,57 @@ fn decimal_text(n: &Number) -> String {
     }
 }
 
+/// A value that does not fit its column: why, and the value as SurrealQL
+/// writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub message: String,
+    pub value: String,
+}
+
 /// A field's value as column `col`'s; `link` is the table a `record<t>`
 /// field links to. Why not, where it does not fit.
-pub fn convert(col: &Column, link: Option<&str>, v: SValue) -> Result<Value, String> {
+pub fn convert(col: &Column, link: Option<&str>, v: SValue) -> Result<Value, Refused> {
     use LogicalType as L;
     let refuse = |v: &SValue| {
-        format!(
-            "the field is declared {}, and holds {} {}",
-            if col.source_type.is_empty() {
-                "any"
-            } else {
-                &col.source_type
-            },
-            kind_of(v),
-            cut(&v.to_sql())
-        )
+        let value = v.to_sql();
+        Refused {
+            message: format!(
+                "the field is declared {}, and holds {} {}",
+                if col.source_type.is_empty() {
+                    "any"
+                } else {
+                    &col.source_type
+                },
+                kind_of(v),
+                cut(&value)
+            ),
+            value,
+        }
     };
     Ok(match (col.logical, v) {
         (_, SValue::None | SValue::Null) => Value::Null,
         (l, SValue::RecordId(r)) if link.is_some() => {
             if Some(r.table.as_str()) != link {
-                return Err(format!(
-                    "the field links to table {:?}, and holds a link to {}",
-                    link.unwrap_or_default(),
-                    r.to_sql()
-                ));
+                let value = r.to_sql();
+                return Err(Refused {
+                    message: format!(
+                        "the field links to table {:?}, and holds a link to {value}",
+                        link.unwrap_or_default(),
+                    ),
+                    value,
+                });
             }
             if l != L::Any && key_type(&r.key) != l {
-                return Err(format!(
-                    "the field links to {} keys of table {:?}, and holds {}",
-                    l,
-                    link.unwrap_or_default(),
-                    r.to_sql()
-                ));
+                let value = r.to_sql();
+                return Err(Refused {
+                    message: format!(
+                        "the field links to {} keys of table {:?}, and holds {value}",
+                        l,
+                        link.unwrap_or_default(),
+                    ),
+                    value,
+                });
             }
             key_value(&r.key)
         }
@@ -337,7 +355,9 @@ mod tests {
             convert(&int, None, SValue::Number(Number::Int(7))),
             Ok(Value::Int(7))
         );
-        let e = convert(&int, None, SValue::String("seven".into())).unwrap_err();
+        let e = convert(&int, None, SValue::String("seven".into()))
+            .unwrap_err()
+            .message;
         assert!(e.contains("declared int") && e.contains("string"), "{e}");
         let (dec, _) = column("d", Some("number"));
         assert_eq!(
