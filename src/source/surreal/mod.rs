@@ -956,11 +956,13 @@ impl Source for SurrealSource {
                 let new = new_fields(&table, &rec);
                 match row_of(&table, &id, rec) {
                     Ok(row) if new.is_empty() => batch.push(row),
-                    Ok(_) => return Err(Error::transient(format!(
+                    Ok(_) => {
+                        return Err(Error::transient(format!(
                         "table {:?} gained fields while it was copied ({}); the copy starts again",
                         table.name,
                         new.join(", ")
-                    ))),
+                    )))
+                    }
                     Err(m) => self.set_aside(&table, &id.to_sql(), m, "snapshot", at)?,
                 }
                 last = Some(id);
