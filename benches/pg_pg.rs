@@ -3,9 +3,11 @@
 //! cluster and the same pgbench data.
 //!
 //! ```text
-//!  1. pgbench -i -s SCALE in the source       (SCALE 20: 2,000,000 accounts), and an
+//!  1. pgbench -i -s SCALE in the source       (SCALE 30: 3,000,000 accounts), and an
 //!                   empty probe table bench_probe (id bigint key, at timestamptz) for phase 6
-//!  2. raw pipe      COPY pgbench_accounts TO STDOUT → COPY … FROM STDIN      → seconds
+//!  2. raw pipe      every table: COPY … TO STDOUT (FORMAT binary) → COPY … FROM STDIN
+//!                   (FORMAT binary) into a table without its key, one table after
+//!                   the other; then each primary key built, as pg_restore does → seconds
 //!  3. native        CREATE SUBSCRIPTION (copy_data), until every table is ready → seconds
 //!  4. switchyard    snapshot into an empty database                          → seconds, peak RSS
 //!  5. catch-up      each replica paused; pgbench -N for SECONDS; resumed; time until
@@ -18,7 +20,14 @@
 //!                                                      → achieved rate, p50/p99/max ms
 //! ```
 //!
-//! Run with `bash scripts/bench pg-pg`. Sizes: `BENCH_PG_SCALE` (default 20),
+//! Every contender ends in the same state: pgbench_accounts, _branches and
+//! _tellers with their rows and primary keys (native and switchyard also carry
+//! the empty bench_probe), checked before the figures are printed.
+//!
+//! Run with `bash scripts/bench pg-pg`, which starts a cluster of its own with
+//! PostgreSQL's durability defaults (fsync, full_page_writes and
+//! synchronous_commit on; the program prints them and says when they are off).
+//! Sizes: `BENCH_PG_SCALE` (default 30),
 //! `BENCH_PG_SECONDS` (default 20), `BENCH_PG_CLIENTS` (default 4). Latency
 //! phase: `BENCH_PG_LATENCY_SECONDS` (default 20; 0 skips the phase),
 //! `BENCH_PG_LATENCY_RATE` (changes/s; default half of the native catch-up rate
@@ -50,6 +59,20 @@ use tokio_util::sync::CancellationToken;
 
 use common::pg::{env_num, Pg};
 use common::{peak_rss_mib, reset_peak_rss};
+
+/// The tables every contender copies, in copy order.
+const COPIED: [&str; 3] = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers"];
+
+/// The raw pipe's tables: without their keys, built after the load.
+const BARE_TABLES: &str =
+    "CREATE TABLE pgbench_accounts (aid int NOT NULL, bid int, abalance int, filler character(84));
+     CREATE TABLE pgbench_branches (bid int NOT NULL, bbalance int, filler character(88));
+     CREATE TABLE pgbench_tellers (tid int NOT NULL, bid int, tbalance int, filler character(84));";
+
+/// The raw pipe's keys, built after its load.
+const KEYS: &str = "ALTER TABLE pgbench_accounts ADD PRIMARY KEY (aid);
+     ALTER TABLE pgbench_branches ADD PRIMARY KEY (bid);
+     ALTER TABLE pgbench_tellers ADD PRIMARY KEY (tid);";
 
 const TABLES: &str = "CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler character(84));
      CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler character(88));
@@ -335,10 +358,70 @@ fn print_latency(tag: &str, rate: f64, writers: u64, seconds: u64, l: &Latency, 
     );
 }
 
+/// The cluster's durability settings, as the output states them.
+async fn durability(c: &tokio_postgres::Client) -> Result<String> {
+    let mut settings = Vec::new();
+    let mut off = Vec::new();
+    for name in ["fsync", "full_page_writes", "synchronous_commit"] {
+        let v: String = c
+            .query_one("SELECT current_setting($1)", &[&name])
+            .await?
+            .get(0);
+        if v != "on" {
+            off.push(name);
+        }
+        settings.push(format!("{name} = {v}"));
+    }
+    Ok(if off.is_empty() {
+        format!("durable cluster: {}", settings.join(", "))
+    } else {
+        format!(
+            "NOT a durable cluster ({} off): figures are not those of production; run through `bash scripts/bench pg-pg`: {}",
+            off.join(", "),
+            settings.join(", ")
+        )
+    })
+}
+
+/// Checks that `target` holds what the source holds of the copied tables
+/// (row counts and a checksum of every row) and their primary keys; the
+/// rows in all.
+async fn same_state(
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+    who: &str,
+) -> Result<u64> {
+    let mut rows = 0u64;
+    for table in COPIED {
+        let sum = format!(
+            "SELECT count(*), coalesce(sum(hashtext(t::text)::int8), 0)::int8 FROM {table} t"
+        );
+        let a = source.query_one(&sum, &[]).await?;
+        let b = target.query_one(&sum, &[]).await?;
+        let (n, x): (i64, i64) = (a.get(0), a.get(1));
+        let (m, y): (i64, i64) = (b.get(0), b.get(1));
+        if (n, x) != (m, y) {
+            bail!("{who}: {table} holds {m} rows (checksum {y}), the source {n} (checksum {x})");
+        }
+        let keyed: bool = target
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = $1::text::regclass AND indisprimary)",
+                &[&table],
+            )
+            .await?
+            .get(0);
+        if !keyed {
+            bail!("{who}: {table} has no primary key in the target");
+        }
+        rows += n as u64;
+    }
+    Ok(rows)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let pg = Pg::from_env()?;
-    let scale = env_num("BENCH_PG_SCALE", 20);
+    let scale = env_num("BENCH_PG_SCALE", 30);
     let seconds = env_num("BENCH_PG_SECONDS", 20);
     let clients = env_num("BENCH_PG_CLIENTS", 4);
     let lat_seconds = env_num("BENCH_PG_LATENCY_SECONDS", 20);
@@ -357,6 +440,7 @@ async fn main() -> Result<()> {
             .await?;
     }
     println!("# switchyard benchmark: PostgreSQL → PostgreSQL beside native logical replication, pgbench scale {scale}");
+    println!("# {}", durability(&admin).await?);
     pg.pgbench(&["-i", "-q", "-s", &scale.to_string(), &src])?;
     let source = pg.client(&src).await?;
     source.batch_execute(PROBE).await?;
@@ -365,28 +449,37 @@ async fn main() -> Result<()> {
         .await?
         .get(0);
 
-    // The raw pipe: COPY out of the source straight into COPY in.
+    // The raw pipe: binary COPY out of the source straight into COPY in,
+    // table after table, then the keys.
     let target = pg.client(&raw).await?;
-    target.batch_execute(TABLES).await?;
+    target.batch_execute(BARE_TABLES).await?;
     let t = Instant::now();
-    let out = source.copy_out("COPY pgbench_accounts TO STDOUT").await?;
-    let sink = target.copy_in("COPY pgbench_accounts FROM STDIN").await?;
-    pin_mut!(out);
-    pin_mut!(sink);
-    // COPY out yields a message per row: gathered into 1 MiB writes.
-    let mut buf = bytes::BytesMut::with_capacity(1 << 20);
-    while let Some(chunk) = out.try_next().await? {
-        buf.extend_from_slice(&chunk);
-        if buf.len() >= 1 << 20 {
-            sink.send(buf.split().freeze()).await?;
+    for table in COPIED {
+        let out = source
+            .copy_out(&format!("COPY {table} TO STDOUT (FORMAT binary)"))
+            .await?;
+        let sink = target
+            .copy_in(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
+            .await?;
+        pin_mut!(out);
+        pin_mut!(sink);
+        // COPY out yields a message per row: gathered into 1 MiB writes.
+        let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+        while let Some(chunk) = out.try_next().await? {
+            buf.extend_from_slice(&chunk);
+            if buf.len() >= 1 << 20 {
+                sink.send(buf.split().freeze()).await?;
+            }
         }
+        if !buf.is_empty() {
+            sink.send(buf.freeze()).await?;
+        }
+        sink.finish().await?;
     }
-    if !buf.is_empty() {
-        sink.send(buf.freeze()).await?;
-    }
-    sink.finish().await?;
+    target.batch_execute(KEYS).await?;
     let raw_s = t.elapsed().as_secs_f64();
-    println!("raw pipe COPY TO | COPY FROM (pgbench_accounts): {accounts} rows in {raw_s:.2} s = {:.0} rows/s", accounts as f64 / raw_s);
+    let rows = same_state(&source, &target, "the raw pipe").await?;
+    println!("raw pipe, binary COPY TO | COPY FROM of every table, keys built after: {rows} rows in {raw_s:.2} s = {:.0} rows/s", rows as f64 / raw_s);
 
     // Native: a subscription that copies the data, on its own slot.
     let nat = pg.client(&native).await?;
@@ -426,6 +519,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let native_s = t.elapsed().as_secs_f64();
+    same_state(&source, &nat, "native replication").await?;
     println!("native subscription copy (3 tables and the empty bench_probe, {accounts} accounts): {native_s:.2} s");
 
     // switchyard: the snapshot into an empty database.
@@ -439,8 +533,9 @@ async fn main() -> Result<()> {
         .await?;
     let sy_s = t.elapsed().as_secs_f64();
     let copied: u64 = report.tables.iter().map(|r| r.rows).sum();
+    same_state(&source, &sy_client, "switchyard").await?;
     println!(
-        "switchyard snapshot: {copied} rows in {sy_s:.2} s; peak RSS {:.0} MiB; speed switchyard / native = {:.2}, switchyard / raw pipe = {:.2} (seconds inverted; the raw pipe carries pgbench_accounts alone)",
+        "switchyard snapshot: {copied} rows in {sy_s:.2} s; peak RSS {:.0} MiB; speed switchyard / native = {:.2}, switchyard / raw pipe = {:.2} (seconds inverted; same tables, rows and keys)",
         peak_rss_mib(),
         native_s / sy_s,
         raw_s / sy_s
