@@ -33,6 +33,69 @@ pub fn session_settings_sql() -> String {
         .join("; ")
 }
 
+/// How a table's rows go from a PostgreSQL source into a PostgreSQL target
+/// as COPY data, without being decoded on the way (every column of the same
+/// type on both sides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFormat {
+    /// COPY text: the target parses every value.
+    Text,
+    /// Binary COPY: each value in its type's binary form, which the target
+    /// takes without parsing text. Only for built-in types (an array's or a
+    /// record's binary form names type OIDs, which differ between databases
+    /// for types made by users and extensions) between servers of the same
+    /// major version and encoding (the binary form of text is in the
+    /// server's encoding); see [`BinaryForm`].
+    Binary,
+}
+
+impl CopyFormat {
+    /// The COPY option that selects the format.
+    pub fn option(self) -> &'static str {
+        match self {
+            CopyFormat::Text => "",
+            CopyFormat::Binary => " (FORMAT binary)",
+        }
+    }
+}
+
+/// What a table's binary COPY data depends on besides its column types:
+/// equal on both sides, with built-in column types on both, the target takes
+/// the source's binary COPY as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryForm {
+    /// The server's major version (`server_version_num / 10000`).
+    pub major: i32,
+    pub encoding: String,
+}
+
+/// A table's [`BinaryForm`] on this server: `None` where one of `columns`
+/// is not a built-in type with binary send and receive functions (or is not
+/// in the table). `relation` is the quoted, qualified table name.
+pub async fn binary_form(
+    c: &impl tokio_postgres::GenericClient,
+    relation: &str,
+    columns: &[String],
+) -> std::result::Result<Option<BinaryForm>, tokio_postgres::Error> {
+    // FirstNormalObjectId: OIDs below it are the ones initdb made.
+    let row = c
+        .query_one(
+            "SELECT count(*) = cardinality($2::text[])
+                    AND coalesce(bool_and(t.oid < 16384 AND t.typsend <> 0 AND t.typreceive <> 0), false),
+                    current_setting('server_version_num')::int / 10000,
+                    current_setting('server_encoding')
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+              WHERE a.attrelid = to_regclass($1) AND a.attname = ANY($2::text[])
+                AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&relation, &columns],
+        )
+        .await?;
+    Ok(row.get::<_, bool>(0).then(|| BinaryForm {
+        major: row.get(1),
+        encoding: row.get(2),
+    }))
+}
+
 /// Quotes an identifier.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))

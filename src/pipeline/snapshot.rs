@@ -1,8 +1,8 @@
 //! The snapshot of one table: emptied in the target, its rows read in the
 //! source's consistent snapshot and loaded (several batches at once), or
-//! carried as COPY text where both sides have the same types; then marked
-//! copied at its snapshot position `Ct` (changes of it at or below `Ct` are
-//! in the copy).
+//! carried as COPY data (binary where it can) where both sides have the same
+//! types; then marked copied at its snapshot position `Ct` (changes of it at
+//! or below `Ct` are in the copy).
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::TableSchema;
 use crate::observe::Observer;
+use crate::pg::CopyFormat;
 use crate::position::Position;
 use crate::reject::Rejects;
 use crate::retry::Retry;
@@ -33,9 +34,12 @@ pub struct TableReport {
     pub rows_per_second: f64,
     /// Copied in an earlier run; nothing was done now.
     pub already_copied: bool,
-    /// Copied as the source's COPY text, without decoding rows.
+    /// Copied as the source's COPY data, without decoding rows.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub pass_through: bool,
+    /// The format of that COPY data: `text` or `binary`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_format: Option<&'static str>,
     /// Rows set aside in the table's reject file (`pipeline.reject_dir`).
     #[serde(skip_serializing_if = "is_zero")]
     pub rejected: u64,
@@ -63,6 +67,7 @@ impl TableReport {
             rows_per_second: 0.0,
             already_copied: true,
             pass_through: false,
+            copy_format: None,
             rejected: 0,
             conversions: conversions(t),
             position: s.position.to_string(),
@@ -129,44 +134,10 @@ impl TableCopier {
         let total = self.source.count_rows(&table).await.ok().flatten();
         self.observer.table_copying(&table.name, total);
         let progress = Progress::new(&table.name, total, &self.bars);
-        if self.sink.takes_copy_text(&table).await {
-            // Same types on both sides: the source's COPY text goes into the
-            // target's COPY as it is, without decoding a row.
-            let (tx, rx) = mpsc::channel(cfg.queue_size);
-            let source = self.source.clone();
-            let t = table.clone();
-            let reader = tokio::spawn(
-                async move { source.snapshot_copy_text(t, tx).await }.in_current_span(),
-            );
-            let loaded = tokio::select! {
-                r = self.sink.load_copy_text(&table, rx) => r,
-                _ = cancel.cancelled() => {
-                    reader.abort();
-                    progress.finish(0, "stopped");
-                    return Err(Error::new(ErrorKind::Interrupted, format!(
-                        "stopped while copying table {:?}; it is copied again on the next start", table.name)));
-                }
-            };
-            let at = match reader.await {
-                Ok(Ok(Some(at))) => at,
-                Ok(Ok(None)) => {
-                    return Err(Error::definite(format!(
-                        "the source has no COPY text for {:?}",
-                        table.name
-                    )))
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(e) => {
-                    return Err(Error::definite(format!(
-                        "snapshot reader of {:?} failed: {e}",
-                        table.name
-                    )))
-                }
-            };
-            let rows = loaded?;
-            self.observer.table_rows(&table.name, rows);
+        let binary = self.source.binary_form(&table).await?;
+        if let Some(format) = self.sink.takes_copy(&table, binary.as_ref()).await? {
             return self
-                .finish_copy(&table, at, rows, started, progress, true, 0)
+                .copy_as_is(table, format, started, progress, cancel)
                 .await;
         }
         let (tx, rx) = mpsc::channel(cfg.queue_size);
@@ -228,7 +199,85 @@ impl TableCopier {
             }
         };
         let rejected = self.rejects.count(&table.name) - rejected_before;
-        self.finish_copy(&table, at, rows, started, progress, false, rejected)
+        self.finish_copy(&table, at, rows, started, progress, None, rejected)
+            .await
+    }
+
+    /// Copies a table whose target takes the source's COPY data as it is
+    /// (same types on both sides): no row is decoded. Each part of the table
+    /// the source reads at once loads in a COPY of its own.
+    async fn copy_as_is(
+        &self,
+        table: Arc<TableSchema>,
+        format: CopyFormat,
+        started: Instant,
+        progress: Progress,
+        cancel: &CancellationToken,
+    ) -> Result<TableReport> {
+        // Parts are announced as their reading starts (the source bounds how
+        // many read at once), and every announced part is loaded at once, so
+        // that none waits on a loader that is not running.
+        let (tx, rx) = mpsc::channel(16);
+        let source = self.source.clone();
+        let t = table.clone();
+        let reader = tokio::spawn(
+            async move { source.snapshot_copy(t, format, tx).await }.in_current_span(),
+        );
+        let parts =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
+        let loads = parts
+            .map(|chunks| self.sink.load_copy(&table, format, chunks))
+            .buffer_unordered(usize::MAX);
+        futures::pin_mut!(loads);
+        let mut rows = 0u64;
+        let mut failed = None;
+        loop {
+            let loaded = tokio::select! {
+                n = loads.next() => n,
+                _ = cancel.cancelled() => {
+                    reader.abort();
+                    progress.finish(rows, "stopped");
+                    return Err(Error::new(ErrorKind::Interrupted, format!(
+                        "stopped while copying table {:?}; it is copied again on the next start", table.name)));
+                }
+            };
+            match loaded {
+                None => break,
+                Some(Ok(n)) => {
+                    rows += n;
+                    self.observer.table_rows(&table.name, n);
+                    progress.update(rows);
+                }
+                Some(Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // A failed load stops the reading of the others (their channels close).
+        drop(loads);
+        let read = match reader.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::definite(format!(
+                "snapshot reader of {:?} failed: {e}",
+                table.name
+            ))),
+        };
+        // The reader's own failure first; a reader stopped because a load
+        // failed says less than the load's error.
+        let at = match (read, failed) {
+            (Ok(Some(at)), None) => at,
+            (Ok(None), None) => {
+                return Err(Error::definite(format!(
+                    "the source has no COPY data for {:?}",
+                    table.name
+                )))
+            }
+            (Err(e), Some(f)) if e.kind() == ErrorKind::Interrupted => return Err(f),
+            (Err(e), _) => return Err(e),
+            (Ok(_), Some(f)) => return Err(f),
+        };
+        self.finish_copy(&table, at, rows, started, progress, Some(format), 0)
             .await
     }
 
@@ -240,7 +289,7 @@ impl TableCopier {
         rows: u64,
         started: Instant,
         progress: Progress,
-        pass_through: bool,
+        pass_through: Option<CopyFormat>,
         rejected: u64,
     ) -> Result<TableReport> {
         self.retry
@@ -263,7 +312,11 @@ impl TableCopier {
                 0.0
             },
             already_copied: false,
-            pass_through,
+            pass_through: pass_through.is_some(),
+            copy_format: pass_through.map(|f| match f {
+                CopyFormat::Text => "text",
+                CopyFormat::Binary => "binary",
+            }),
             rejected,
             conversions: conversions(table),
             position: at.to_string(),
@@ -304,7 +357,7 @@ pub fn log_report(tables: &[TableReport]) {
             info!(
                 table = %t.table, target = %t.target, rows = t.rows,
                 seconds = format!("{:.2}", t.seconds), rows_per_second = format!("{:.0}", t.rows_per_second),
-                position = %t.position, "table copied"
+                position = %t.position, copy = t.copy_format.unwrap_or("rows"), "table copied"
             );
             for c in &t.conversions {
                 info!(table = %t.table, "cast {c}");

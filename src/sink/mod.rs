@@ -113,22 +113,30 @@ pub trait Sink: Send + Sync {
         Ok(())
     }
 
-    /// Whether [`Sink::load_copy_text`] takes this table's source COPY text
-    /// as it is (every column of the same type on both sides).
-    async fn takes_copy_text(&self, table: &TableSchema) -> bool {
-        let _ = table;
-        false
-    }
-
-    /// Loads COPY text chunks (whole rows each) as they arrive; the number
-    /// of rows loaded.
-    async fn load_copy_text(
+    /// Whether [`Sink::load_copy`] takes this table's source COPY data as it
+    /// is (every column of the same type on both sides), and in which
+    /// format: binary where `binary`, the source's [`crate::pg::BinaryForm`]
+    /// of the table, is the target's too.
+    async fn takes_copy(
         &self,
         table: &TableSchema,
+        binary: Option<&crate::pg::BinaryForm>,
+    ) -> Result<Option<crate::pg::CopyFormat>> {
+        let _ = (table, binary);
+        Ok(None)
+    }
+
+    /// Loads one part of a table's COPY data in `format`, its chunks as they
+    /// arrive, in a COPY of its own (the parts of a table load at once);
+    /// the number of rows loaded.
+    async fn load_copy(
+        &self,
+        table: &TableSchema,
+        format: crate::pg::CopyFormat,
         chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     ) -> Result<u64> {
-        let _ = (table, chunks);
-        Err(Error::config("this target does not take COPY text"))
+        let _ = (table, format, chunks);
+        Err(Error::config("this target does not take COPY data"))
     }
 
     /// Whether the target takes the source's schema as `pg_dump` takes it

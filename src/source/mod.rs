@@ -306,15 +306,26 @@ pub trait Source: Send + Sync {
     /// The target has durably applied everything up to this position.
     async fn ack(&self, durable: Durable) -> Result<()>;
 
-    /// The table's rows in PostgreSQL's COPY text format, read in the same
-    /// consistent snapshot as [`Source::snapshot`] would, for a target that
-    /// takes them as they are; `None` where the source has no such format.
-    async fn snapshot_copy_text(
+    /// Where this table's rows can be read as binary COPY (every column of
+    /// a built-in type): what that form depends on, for the target to
+    /// compare with its own. `None` where the source has no such format.
+    async fn binary_form(&self, table: &TableSchema) -> Result<Option<crate::pg::BinaryForm>> {
+        let _ = table;
+        Ok(None)
+    }
+
+    /// The table's rows as PostgreSQL COPY data in `format`, read in the
+    /// same consistent snapshot as [`Source::snapshot`] would, for a target
+    /// that takes them as they are. A large table is read in parts at once:
+    /// each part is a channel of chunks of whole rows, sent to `parts` when
+    /// its reading starts. `None` where the source has no COPY format.
+    async fn snapshot_copy(
         &self,
         table: Arc<TableSchema>,
-        out: mpsc::Sender<bytes::Bytes>,
+        format: crate::pg::CopyFormat,
+        parts: mpsc::Sender<mpsc::Receiver<bytes::Bytes>>,
     ) -> Result<Option<Position>> {
-        let _ = (table, out);
+        let _ = (table, format, parts);
         Ok(None)
     }
 

@@ -155,9 +155,15 @@ async fn m5_every_built_in_type_round_trips_postgres_to_postgres() {
     source
         .exec(
             "ALTER TABLE every_type ADD COLUMN moods mood[], ADD COLUMN lb int[];
-               UPDATE every_type SET moods = ARRAY['happy', NULL, 'sad']::mood[], lb = '[0:2]={7,8,9}' WHERE id = 1;",
+               UPDATE every_type SET moods = ARRAY['happy', NULL, 'sad']::mood[], lb = '[0:2]={7,8,9}' WHERE id = 1;
+             -- Every built-in type, without the user's types: copied as binary COPY
+             -- (dropped columns left behind in the catalog).
+             CREATE TABLE builtin_type (LIKE every_type INCLUDING ALL);
+             INSERT INTO builtin_type SELECT * FROM every_type;
+             ALTER TABLE builtin_type DROP COLUMN m, DROP COLUMN dom, DROP COLUMN moods;",
         )
         .await;
+    let tables: Vec<&str> = TABLES.iter().copied().chain(["builtin_type"]).collect();
     let target = PgDb::new("").await;
     let config = target_config(&source.config_text("mem://", ""), &target);
     // An application writes every kind of value while the snapshot runs and
@@ -177,7 +183,7 @@ async fn m5_every_built_in_type_round_trips_postgres_to_postgres() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.await.unwrap();
     assert!(writes > 50, "the writer barely ran ({writes} rounds)");
-    wait_same(&source.client, &target.client, &TABLES).await;
+    wait_same(&source.client, &target.client, &tables).await;
 
     // Built-in types are kept exactly; the enum and the domain become their base.
     let types = "SELECT a.attname::text || ' ' || format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
@@ -213,20 +219,26 @@ async fn m5_every_built_in_type_round_trips_postgres_to_postgres() {
              UPDATE lines SET qty = 99 WHERE order_id = 3 AND n = 1;",
         )
         .await;
-    wait_same(&source.client, &target.client, &TABLES).await;
+    wait_same(&source.client, &target.client, &tables).await;
     let report = r.stop().await;
     assert!(report.changes_applied >= 10, "{report:?}");
     // The target's schema is the source's (pg_dump): every table is of the
-    // same types on both sides and went through as COPY text.
-    let through: Vec<(&str, bool)> = report
+    // same types on both sides and went through as COPY data; binary where
+    // every column is of a built-in type, text where one is the user's.
+    let through: Vec<(&str, bool, Option<&str>)> = report
         .tables
         .iter()
-        .map(|t| (t.table.as_str(), t.pass_through))
+        .map(|t| (t.table.as_str(), t.pass_through, t.copy_format))
         .collect();
     assert!(
-        through.len() == TABLES.len() && through.iter().all(|(_, p)| *p),
+        through.len() == tables.len() && through.iter().all(|(_, p, _)| *p),
         "{through:?}"
     );
+    let format = |name: &str| through.iter().find(|t| t.0 == name).and_then(|t| t.2);
+    assert_eq!(format("every_type"), Some("text"), "{through:?}");
+    for name in ["builtin_type", "lines", "order", "measurements"] {
+        assert_eq!(format(name), Some("binary"), "{name}: {through:?}");
+    }
 
     // A restart resumes from the target's checkpoint (switchyard schema).
     source
@@ -1189,4 +1201,91 @@ async fn the_type_systems_extremes_reach_a_postgres_target_unchanged_in_snapshot
     wait_same(&source.client, &target.client, &["extremes"]).await;
     assert_eq!(rows(&target.client, "extremes").await.len(), 6);
     r.stop().await;
+}
+
+/// A large table is read in block ranges at once, and each range loads in a
+/// COPY of its own: binary where every column is of a built-in type, text
+/// where one is the user's (an enum).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_tables_load_in_parts_at_once_as_binary_or_text_copy() {
+    let source = PgDb::new(
+        "CREATE TYPE tone AS ENUM ('lo', 'hi');
+         CREATE TABLE big (id int PRIMARY KEY, pad text, at timestamptz, n numeric(12, 3), a float8[]);
+         INSERT INTO big SELECT g, repeat(md5(g::text), 4), '2024-01-01'::timestamptz + g * interval '1 minute',
+                                g / 7.0, ARRAY[g, -g, 'NaN']::float8[]
+           FROM generate_series(1, 30000) g;
+         DELETE FROM big WHERE id % 7 = 0;
+         CREATE TABLE toned (id int PRIMARY KEY, t tone, pad text);
+         INSERT INTO toned SELECT g, CASE WHEN g % 2 = 0 THEN 'hi' ELSE 'lo' END::tone, repeat(md5(g::text), 4)
+           FROM generate_series(1, 30000) g;",
+    )
+    .await;
+    let target = PgDb::new("").await;
+    // About 5 MiB of heap each: three ranges of each table.
+    let config = target_config(
+        &source.config_text("mem://", "snapshot_split_mb = 1\nsnapshot_workers = 3\n"),
+        &target,
+    );
+    let r = run(config.clone()).await;
+    wait_same(&source.client, &target.client, &["big", "toned"]).await;
+    source
+        .exec("UPDATE big SET pad = 'x' WHERE id = 1; UPDATE toned SET t = 'hi' WHERE id = 1")
+        .await;
+    wait_same(&source.client, &target.client, &["big", "toned"]).await;
+    let report = r.stop().await;
+    let got: Vec<(&str, u64, Option<&str>)> = report
+        .tables
+        .iter()
+        .map(|t| (t.table.as_str(), t.rows, t.copy_format))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("big", 30000 - 30000 / 7, Some("binary")),
+            ("toned", 30000, Some("text"))
+        ]
+    );
+}
+
+/// A part the target refuses (a stricter CHECK in a target of the user's
+/// own tables) stops the copy with the target's words and the table's name;
+/// the other parts' COPYs end with it, and the table is not marked copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_part_of_a_binary_copy_stops_the_table_with_its_error() {
+    let source = PgDb::new(
+        "CREATE TABLE big (id int PRIMARY KEY, pad text);
+         INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 30000) g;
+         UPDATE big SET pad = 'refused' WHERE id = 29000;",
+    )
+    .await;
+    let target = PgDb::new(
+        "CREATE TABLE big (id int PRIMARY KEY, pad text CONSTRAINT pad_is_not_refused CHECK (pad <> 'refused'));",
+    )
+    .await;
+    let text = target_config_text(
+        &source.config_text("mem://", "snapshot_split_mb = 1\nsnapshot_workers = 3\n"),
+        &target,
+    )
+    .replace("[target]\n", "[target]\nschema = \"existing\"\n");
+    let config = Arc::new(Config::parse(&text).unwrap());
+    let pipeline = switchyard::connect::pipeline(&config).await.unwrap();
+    let err = pipeline
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await
+        .expect_err("the target refuses a row");
+    let shown = err.report();
+    assert!(
+        shown.contains("pad_is_not_refused") && shown.contains("big"),
+        "{shown}"
+    );
+    let status: String = target
+        .client
+        .query_one(
+            "SELECT status FROM switchyard.table_state WHERE name = 'big'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "copying");
 }

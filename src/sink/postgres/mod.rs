@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::{Change, Ddl, Marker, Op, Row, SequenceValue, TableSchema, Value};
 use crate::pg::conn::{pg_error, relation_exists, PgEndpoint};
-use crate::pg::{quote_ident, quote_table};
+use crate::pg::{binary_form, quote_ident, quote_table, BinaryForm, CopyFormat};
 use crate::position::{Durable, Position};
 use crate::reject::{row_json, Rejected, Rejects};
 use crate::schema::narrow::{misfit, Narrow};
@@ -865,39 +865,67 @@ impl Sink for PgSink {
         Ok(())
     }
 
-    async fn takes_copy_text(&self, table: &TableSchema) -> bool {
-        if !self.source_is_postgres {
-            return false;
-        }
-        let types = self.column_types(table).await;
-        table
-            .columns
-            .iter()
-            .zip(&types)
-            .all(|(c, t)| &c.source_type == t)
-    }
-
-    async fn load_copy_text(
+    async fn takes_copy(
         &self,
         table: &TableSchema,
+        binary: Option<&BinaryForm>,
+    ) -> Result<Option<CopyFormat>> {
+        if !self.source_is_postgres {
+            return Ok(None);
+        }
+        let types = self.column_types(table).await;
+        let same = types.len() == table.columns.len()
+            && table
+                .columns
+                .iter()
+                .zip(&types)
+                .all(|(c, t)| &c.source_type == t);
+        if !same {
+            return Ok(None);
+        }
+        let Some(source) = binary else {
+            return Ok(Some(CopyFormat::Text));
+        };
+        let c = self.take().await?;
+        let columns: Vec<String> = table.columns.iter().map(|c| c.name.clone()).collect();
+        let ours = binary_form(&c, &quote_table(&table.target_name), &columns)
+            .await
+            .map_err(self.pg(&format!(
+                "reading the column types of {}",
+                table.target_name
+            )))?;
+        self.give(c).await;
+        Ok(Some(if ours.as_ref() == Some(source) {
+            CopyFormat::Binary
+        } else {
+            CopyFormat::Text
+        }))
+    }
+
+    async fn load_copy(
+        &self,
+        table: &TableSchema,
+        format: CopyFormat,
         mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     ) -> Result<u64> {
         let c = self.take().await?;
-        let what = format!("loading {} as COPY text", table.target_name);
+        let what = match format {
+            CopyFormat::Text => format!("loading {} as COPY text", table.target_name),
+            CopyFormat::Binary => format!("loading {} as binary COPY", table.target_name),
+        };
+        let sql = format!("{}{}", copy_sql(table), format.option());
         let sink = c
-            .copy_in::<_, bytes::Bytes>(copy_sql(table).as_str())
+            .copy_in::<_, bytes::Bytes>(sql.as_str())
             .await
             .map_err(self.pg(&what))?;
         futures::pin_mut!(sink);
-        let mut rows = 0u64;
         while let Some(chunk) = chunks.recv().await {
-            // COPY text escapes newlines inside values: each one ends a row.
-            rows += chunk.iter().filter(|b| **b == b'\n').count() as u64;
             sink.send(chunk)
                 .await
                 .map_err(|e| row_error(&self.ep, table, &what, e))?;
         }
-        sink.finish()
+        let rows = sink
+            .finish()
             .await
             .map_err(|e| row_error(&self.ep, table, &what, e))?;
         self.give(c).await;

@@ -42,7 +42,7 @@ use self::stream::Streamer;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Marker, Row, SequenceValue, TableSchema};
-use crate::pg::conn::PgEndpoint;
+use crate::pg::conn::{pg_error, PgEndpoint};
 use crate::pg::Lsn;
 use crate::position::{Durable, Position, PositionKind};
 use crate::retry::Retry;
@@ -270,12 +270,33 @@ impl Source for PgSource {
             .await
     }
 
-    async fn snapshot_copy_text(
+    async fn binary_form(&self, table: &TableSchema) -> Result<Option<crate::pg::BinaryForm>> {
+        let Some(pg) = self.catalog.lock().await.get(&table.name).cloned() else {
+            return Ok(None);
+        };
+        let c = self.capture.client().await?;
+        let columns: Vec<String> = table.columns.iter().map(|c| c.name.clone()).collect();
+        crate::pg::binary_form(&c, &pg.qualified(), &columns)
+            .await
+            .map_err(|e| {
+                pg_error(
+                    &self.capture.ep,
+                    &format!("reading the column types of {}", table.name),
+                    e,
+                )
+            })
+    }
+
+    async fn snapshot_copy(
         &self,
         table: Arc<TableSchema>,
-        out: mpsc::Sender<bytes::Bytes>,
+        format: crate::pg::CopyFormat,
+        parts: mpsc::Sender<mpsc::Receiver<bytes::Bytes>>,
     ) -> Result<Option<Position>> {
-        Ok(Some(self.copy_table(&table, CopyOut::Text(out)).await?))
+        Ok(Some(
+            self.copy_table(&table, CopyOut::Copy(format, parts))
+                .await?,
+        ))
     }
 
     async fn stream(

@@ -1,6 +1,7 @@
 //! The snapshot: a table's rows read in the slot's exported snapshot with
-//! `COPY (SELECT …) TO STDOUT`, as decoded rows or as the COPY text itself,
-//! a large table in block ranges read at once in the same snapshot.
+//! `COPY (SELECT …) TO STDOUT`, as decoded rows or as the COPY data itself
+//! (text or binary), a large table in block ranges read at once in the same
+//! snapshot.
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use super::values;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Row, TableSchema};
 use crate::pg::conn::{pg_error, PgEndpoint};
-use crate::pg::{quote_ident, quote_literal};
+use crate::pg::{quote_ident, quote_literal, CopyFormat};
 
 /// How a copy names a table that TRUNCATE or a rewrite changed after its
 /// snapshot (the source then takes a new snapshot for it).
@@ -21,12 +22,17 @@ pub const REWRITTEN: &str = "was truncated or rewritten after the snapshot was t
 /// How a copy says that the exported snapshot it was to read in is gone.
 pub const SNAPSHOT_GONE: &str = "the exported snapshot is no longer available";
 
-/// Where a COPY part goes: decoded rows in batches, or the COPY text itself.
+/// Where a COPY part goes: decoded rows in batches, or the COPY data itself
+/// in `CopyFormat`, each part in a channel of its own (sent to the second
+/// field when the part's reading starts).
 #[derive(Clone)]
 pub enum CopyOut {
     Rows(mpsc::Sender<Vec<Row>>, usize),
-    Text(mpsc::Sender<bytes::Bytes>),
+    Copy(CopyFormat, mpsc::Sender<mpsc::Receiver<bytes::Bytes>>),
 }
+
+/// Chunks of COPY data (of about 1 MiB) a part holds for its loader at most.
+const PART_QUEUE: usize = 4;
 
 /// A part of a table's heap, in blocks: `[from, to)`, `to` open for the last.
 type BlockRange = Option<(u32, Option<u32>)>;
@@ -186,8 +192,12 @@ impl Copier {
             Some((from, None)) => format!(" WHERE ctid >= '({from},0)'::tid"),
         };
         let only = if pg.only { "ONLY " } else { "" };
+        let option = match &out {
+            CopyOut::Copy(format, _) => format.option(),
+            CopyOut::Rows(..) => "",
+        };
         let sql = format!(
-            "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT",
+            "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT{option}",
             cols.join(", "),
             pg.qualified()
         );
@@ -198,7 +208,11 @@ impl Copier {
         pin_mut!(stream);
         let (rows, batch_rows) = match out {
             CopyOut::Rows(rows, n) => (rows, n),
-            CopyOut::Text(text) => {
+            CopyOut::Copy(_, parts) => {
+                let (text, part) = mpsc::channel(PART_QUEUE);
+                if parts.send(part).await.is_err() {
+                    return Err(Error::new(ErrorKind::Interrupted, "snapshot stopped"));
+                }
                 // Whole rows (one per CopyData message) gathered into 1 MiB chunks.
                 let mut buf = bytes::BytesMut::with_capacity(1 << 20);
                 while let Some(chunk) = stream
