@@ -10,8 +10,8 @@
 //!                   the other; then each primary key built, as pg_restore does → seconds
 //!  3. native        CREATE SUBSCRIPTION (copy_data), until every table is ready → seconds
 //!  4. switchyard    snapshot into an empty database                          → seconds, peak RSS
-//!  5. catch-up      each replica paused; pgbench -N for SECONDS; resumed; time until
-//!                   a sentinel row arrives                                   → changes/s, peak RSS
+//!  5. catch-up      both replicas paused; pgbench -N for SECONDS; each resumed alone
+//!                   (same backlog), time until a sentinel row arrives       → changes/s, peak RSS
 //!  6. latency       each replica alone (the other paused), its backlog drained first:
 //!                   WRITERS connections commit single-change transactions at a fixed
 //!                   RATE for LATENCY_SECONDS (an UPDATE of one pgbench_accounts row,
@@ -22,7 +22,9 @@
 //!
 //! Every contender ends in the same state: pgbench_accounts, _branches and
 //! _tellers with their rows and primary keys (native and switchyard also carry
-//! the empty bench_probe), checked before the figures are printed.
+//! the empty bench_probe), checked after the copy and after the catch-up. Each
+//! timed copy and catch-up starts after a CHECKPOINT, so that none pays for
+//! writing out the WAL of the one before.
 //!
 //! Run with `bash scripts/bench pg-pg`, which starts a cluster of its own with
 //! PostgreSQL's durability defaults (fsync, full_page_writes and
@@ -358,6 +360,13 @@ fn print_latency(tag: &str, rate: f64, writers: u64, seconds: u64, l: &Latency, 
     );
 }
 
+/// Rows in pgbench_history: one per pgbench -N transaction.
+async fn history(c: &tokio_postgres::Client) -> Result<i64> {
+    Ok(c.query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await?
+        .get(0))
+}
+
 /// The cluster's durability settings, as the output states them.
 async fn durability(c: &tokio_postgres::Client) -> Result<String> {
     let mut settings = Vec::new();
@@ -453,6 +462,9 @@ async fn main() -> Result<()> {
     // table after table, then the keys.
     let target = pg.client(&raw).await?;
     target.batch_execute(BARE_TABLES).await?;
+    // Each timed contender starts after a checkpoint, so that none pays for
+    // writing out the WAL of the one before.
+    admin.batch_execute("CHECKPOINT").await?;
     let t = Instant::now();
     for table in COPIED {
         let out = source
@@ -491,6 +503,7 @@ async fn main() -> Result<()> {
             "SELECT pg_create_logical_replication_slot('native_{id}', 'pgoutput')"
         ))
         .await?;
+    admin.batch_execute("CHECKPOINT").await?;
     let t = Instant::now();
     nat.batch_execute(&format!(
         "CREATE SUBSCRIPTION native_sub CONNECTION 'host={} port={} dbname={src} user=postgres password={}'
@@ -525,6 +538,7 @@ async fn main() -> Result<()> {
     // switchyard: the snapshot into an empty database.
     let sy_client = pg.client(&sy).await?;
     let cfg = config(&pg, &src, &sy, &format!("sy_{id}"))?;
+    admin.batch_execute("CHECKPOINT").await?;
     reset_peak_rss();
     let t = Instant::now();
     let report = switchyard::connect::pipeline(&cfg.clone())
@@ -541,37 +555,40 @@ async fn main() -> Result<()> {
         raw_s / sy_s
     );
 
-    // Catch-up: each replica paused, a write load, resumed; until a sentinel arrives.
+    // Catch-up: both replicas paused (the subscription disabled, switchyard
+    // not running), one write load, then each replica alone resumed until a
+    // sentinel arrives: both apply the same changes.
     nat.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
         .await?;
-    let load = |tag: &str| -> Result<f64> {
-        let out = pg.pgbench(&[
-            "-N",
-            "-n",
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-            "-T",
-            &seconds.to_string(),
-            &src,
-        ])?;
-        let tps = out
-            .lines()
-            .find(|l| l.starts_with("tps"))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        println!("{tag}: pgbench -N, {clients} clients, {seconds} s: {tps:.0} tps");
-        Ok(tps * seconds as f64)
-    };
-    let changes = load("native catch-up load")?;
+    let before = history(&source).await?;
+    let out = pg.pgbench(&[
+        "-N",
+        "-n",
+        "-c",
+        &clients.to_string(),
+        "-j",
+        "2",
+        "-T",
+        &seconds.to_string(),
+        &src,
+    ])?;
+    let tps = out
+        .lines()
+        .find(|l| l.starts_with("tps"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    // Each pgbench -N transaction changes one published row (its
+    // pgbench_history row is not published) and adds one history row.
+    let changes = (history(&source).await? - before) as f64;
+    println!("catch-up load: pgbench -N, {clients} clients, {seconds} s: {tps:.0} tps, {changes:.0} changes");
     source
         .execute(
             "UPDATE pgbench_accounts SET abalance = -424242 WHERE aid = 1",
             &[],
         )
         .await?;
+    admin.batch_execute("CHECKPOINT").await?;
     let t = Instant::now();
     nat.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE")
         .await?;
@@ -583,24 +600,20 @@ async fn main() -> Result<()> {
     );
     nat.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
         .await?;
+    same_state(&source, &nat, "native replication after the catch-up").await?;
 
-    let changes = load("switchyard catch-up load")?;
-    source
-        .execute(
-            "UPDATE pgbench_accounts SET abalance = -434343 WHERE aid = 1",
-            &[],
-        )
-        .await?;
+    admin.batch_execute("CHECKPOINT").await?;
     reset_peak_rss();
     let t = Instant::now();
     let cancel = CancellationToken::new();
     let pipeline = switchyard::connect::pipeline(&cfg.clone()).await?;
     let c = cancel.clone();
     let daemon = tokio::spawn(async move { pipeline.run(Mode::Run, c).await });
-    wait_for_row(&sy_client, 1, -434343, Duration::from_secs(1800)).await?;
+    wait_for_row(&sy_client, 1, -424242, Duration::from_secs(1800)).await?;
     let sy_catch = t.elapsed().as_secs_f64();
     cancel.cancel();
     daemon.await??;
+    same_state(&source, &sy_client, "switchyard after the catch-up").await?;
     println!(
         "switchyard catch-up: {changes:.0} changes in {sy_catch:.2} s = {:.0} changes/s; peak RSS {:.0} MiB; rate switchyard / native = {:.2}",
         changes / sy_catch,
