@@ -225,10 +225,12 @@ impl TableCopier {
         );
         let parts =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
-        let loads = parts
-            .map(|chunks| self.sink.load_copy(&table, format, chunks))
-            .buffer_unordered(usize::MAX);
-        futures::pin_mut!(loads);
+        // Boxed, not pinned on the stack: dropped below while the reader runs.
+        let mut loads = Box::pin(
+            parts
+                .map(|chunks| self.sink.load_copy(&table, format, chunks))
+                .buffer_unordered(usize::MAX),
+        );
         let mut rows = 0u64;
         let mut failed = None;
         loop {
@@ -254,7 +256,9 @@ impl TableCopier {
                 }
             }
         }
-        // A failed load stops the reading of the others (their channels close).
+        // A failed load stops the reading of the others: their loads and
+        // channels are dropped here, so the reader's parts fail at their next
+        // send instead of waiting for loaders that are no longer polled.
         drop(loads);
         let read = match reader.await {
             Ok(r) => r,

@@ -1254,8 +1254,8 @@ async fn large_tables_load_in_parts_at_once_as_binary_or_text_copy() {
 async fn a_refused_part_of_a_binary_copy_stops_the_table_with_its_error() {
     let source = PgDb::new(
         "CREATE TABLE big (id int PRIMARY KEY, pad text);
-         INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 30000) g;
-         UPDATE big SET pad = 'refused' WHERE id = 29000;",
+         INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 250000) g;
+         UPDATE big SET pad = 'refused' WHERE id = 1;",
     )
     .await;
     let target = PgDb::new(
@@ -1269,10 +1269,15 @@ async fn a_refused_part_of_a_binary_copy_stops_the_table_with_its_error() {
     .replace("[target]\n", "[target]\nschema = \"existing\"\n");
     let config = Arc::new(Config::parse(&text).unwrap());
     let pipeline = switchyard::connect::pipeline(&config).await.unwrap();
-    let err = pipeline
-        .run(Mode::SnapshotOnly, CancellationToken::new())
-        .await
-        .expect_err("the target refuses a row");
+    // Three parts of about 14 MiB: more than a part's queue holds, so the
+    // other parts are still reading when the first one fails, and must stop.
+    let err = tokio::time::timeout(
+        Duration::from_secs(180),
+        pipeline.run(Mode::SnapshotOnly, CancellationToken::new()),
+    )
+    .await
+    .expect("the copy stops when a part fails")
+    .expect_err("the target refuses a row");
     let shown = err.report();
     assert!(
         shown.contains("pad_is_not_refused") && shown.contains("big"),
