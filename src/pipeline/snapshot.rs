@@ -178,9 +178,7 @@ impl TableCopier {
                 n = loads.next() => n,
                 _ = cancel.cancelled() => {
                     reader.abort();
-                    progress.finish(rows, "stopped");
-                    return Err(Error::new(ErrorKind::Interrupted, format!(
-                        "stopped while copying table {:?}; it is copied again on the next start", table.name)));
+                    return Err(stopped(&table, &progress, rows));
                 }
             };
             let Some(n) = loaded else { break };
@@ -238,9 +236,7 @@ impl TableCopier {
                 n = loads.next() => n,
                 _ = cancel.cancelled() => {
                     reader.abort();
-                    progress.finish(rows, "stopped");
-                    return Err(Error::new(ErrorKind::Interrupted, format!(
-                        "stopped while copying table {:?}; it is copied again on the next start", table.name)));
+                    return Err(stopped(&table, &progress, rows));
                 }
             };
             match loaded {
@@ -327,6 +323,18 @@ impl TableCopier {
             at,
         })
     }
+}
+
+/// A copy stopped by the daemon's stop: its progress line, and the error.
+fn stopped(table: &TableSchema, progress: &Progress, rows: u64) -> Error {
+    progress.finish(rows, "stopped");
+    Error::new(
+        ErrorKind::Interrupted,
+        format!(
+            "stopped while copying table {:?}; it is copied again on the next start",
+            table.name
+        ),
+    )
 }
 
 /// The table's columns whose type a rule chose, for the report.
