@@ -134,8 +134,15 @@ impl TableCopier {
         let total = self.source.count_rows(&table).await.ok().flatten();
         self.observer.table_copying(&table.name, total);
         let progress = Progress::new(&table.name, total, &self.bars);
-        let binary = self.source.binary_form(&table).await?;
-        if let Some(format) = self.sink.takes_copy(&table, binary.as_ref()).await? {
+        // The source's binary form is asked only of tables the target takes
+        // as COPY data at all (it costs a source connection).
+        let mut copy = self.sink.takes_copy(&table, None).await?;
+        if copy.is_some() {
+            if let Some(binary) = self.source.binary_form(&table).await? {
+                copy = self.sink.takes_copy(&table, Some(&binary)).await?.or(copy);
+            }
+        }
+        if let Some(format) = copy {
             return self
                 .copy_as_is(table, format, started, progress, cancel)
                 .await;

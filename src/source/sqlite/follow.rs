@@ -49,7 +49,25 @@ pub async fn reconcile(
     tracked: &mut HashMap<i64, Arc<TableSchema>>,
     at: Position,
 ) -> Result<Vec<Change>> {
-    let described = catalog::discover(pool, sel).await?;
+    // One view of the catalog and of where the capture triggers are: the
+    // application's DDL may commit between the reads (a table dropped after
+    // it was listed would look rebuilt), so they are read again until the
+    // schema did not move across them.
+    let mut conn = pool.acquire().await?;
+    let ids: Vec<i64> = tracked.keys().copied().collect();
+    let mut attempts = 0;
+    let (described, captured) = loop {
+        let before = schema_version(&mut conn).await?;
+        let described = catalog::discover(pool, sel).await?;
+        let mut captured = HashMap::new();
+        for &id in &ids {
+            captured.insert(id, captured_table(&mut conn, id).await?);
+        }
+        attempts += 1;
+        if schema_version(&mut conn).await? == before || attempts == VIEW_ATTEMPTS {
+            break (described, captured);
+        }
+    };
     for p in described.problems.iter().filter(|p| p.blocking) {
         warn!(table = %p.table, "a table changed or created in the source cannot be replicated: {}", p.message);
     }
@@ -66,11 +84,9 @@ pub async fn reconcile(
             position: at,
         })
     };
-    let mut conn = pool.acquire().await?;
-    let ids: Vec<i64> = tracked.keys().copied().collect();
     for id in ids {
         let old = tracked[&id].clone();
-        match captured_table(&mut conn, id).await? {
+        match captured.get(&id).cloned().flatten() {
             Some(on) => {
                 let Some(mut now) = current.remove(&on) else {
                     // Renamed out of `include`, or no longer replicable: no
@@ -147,13 +163,20 @@ pub async fn reconcile(
                 // Rebuilt (created anew and the old one dropped, as migration
                 // tools do): captured again and copied.
                 Some(now) => {
-                    info!(table = %old.name, "table rebuilt in the source: capturing it again and copying it");
                     let now = Arc::new(TableSchema {
                         target_name: old.target_name.clone(),
                         source_id: id.to_string(),
                         ..now
                     });
-                    recapture(pool, &now, id).await?;
+                    if !recapture(pool, &now, id).await? {
+                        // Dropped since the view was read.
+                        info!(table = %old.name, "table dropped in the source");
+                        forget(pool, id).await?;
+                        tracked.remove(&id);
+                        mark(old, Ddl::Drop);
+                        continue;
+                    }
+                    info!(table = %old.name, "table rebuilt in the source: capturing it again and copying it");
                     mark(
                         now.clone(),
                         Ddl::Copy {
@@ -183,7 +206,11 @@ pub async fn reconcile(
             source_id: id.to_string(),
             ..t
         });
-        recapture(pool, &t, id).await?;
+        if !recapture(pool, &t, id).await? {
+            // Dropped again since the view was read: nothing to follow.
+            forget(pool, id).await?;
+            continue;
+        }
         mark(
             t.clone(),
             Ddl::Copy {
@@ -260,20 +287,41 @@ async fn register(pool: &SqlitePool, t: &TableSchema) -> Result<i64> {
 }
 
 /// (Re)installs a table's capture under its id.
-async fn recapture(pool: &SqlitePool, t: &TableSchema, id: i64) -> Result<()> {
+/// False when the table no longer exists (the application dropped it
+/// after the catalog was read): nothing is installed then.
+async fn recapture(pool: &SqlitePool, t: &TableSchema, id: i64) -> Result<bool> {
     let statements: Vec<String> = drop_capture_ddl(id)
         .into_iter()
         .chain(capture_ddl(t, id))
         .collect();
+    let name = t.name.clone();
     write_tx(pool, move |conn| {
         Box::pin(async move {
+            let exists: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?")
+                    .bind(&name)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if exists.is_none() {
+                return Ok(false);
+            }
             for s in statements {
                 conn.execute(s.as_str()).await?;
             }
-            Ok(())
+            Ok(true)
         })
     })
     .await
+}
+
+/// Reads of the catalog tried before the view is taken as it is (a schema
+/// that keeps moving is described again at the next poll).
+const VIEW_ATTEMPTS: u32 = 20;
+
+async fn schema_version(conn: &mut sqlx::SqliteConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar("PRAGMA schema_version")
+        .fetch_one(&mut *conn)
+        .await?)
 }
 
 /// Drops a table's capture and its registry row.
