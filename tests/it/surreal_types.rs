@@ -131,7 +131,17 @@ async fn types_arrive_as_surrealdb_types(target: &str, password: Option<&str>) {
         .await,
         vec![json!(["draft", true])]
     );
-    // The indexes, built after the load; an expression index is not.
+    // The indexes, built after the load (which the rows can show before:
+    // waited for); an expression index is not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        let info = query(&run.sink, "INFO FOR TABLE typed").await;
+        let built = info[0]["indexes"].as_object().is_some_and(|m| m.len() >= 2);
+        if built || std::time::Instant::now() > deadline {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let indexes = &info[0]["indexes"];
     assert!(
         indexes["typed_email_key"]
