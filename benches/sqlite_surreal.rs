@@ -88,10 +88,16 @@ async fn generate(path: &Path, rows: usize) -> Result<()> {
     Ok(())
 }
 
+/// The targets' `memory_mb` (`BENCH_MEMORY_MB`, default switchyard's).
+fn memory_mb() -> usize {
+    env_usize("BENCH_MEMORY_MB", 128)
+}
+
 fn config_for(source: &Path, target: &str) -> Result<Arc<Config>> {
     let text = format!(
-        "[source]\nurl = \"sqlite://{}\"\npoll_interval_ms = 5\n\n[target]\nurl = \"{target}\"\nnamespace = \"bench\"\ndatabase = \"bench\"\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = {BATCH}\n",
-        source.display()
+        "[source]\nurl = \"sqlite://{}\"\npoll_interval_ms = 5\n\n[target]\nurl = \"{target}\"\nnamespace = \"bench\"\ndatabase = \"bench\"\nmemory_mb = {}\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = {BATCH}\n",
+        source.display(),
+        memory_mb()
     );
     Ok(Arc::new(Config::parse(&text)?))
 }
@@ -156,7 +162,10 @@ async fn main() -> Result<()> {
     let updates = env_usize("BENCH_UPDATES", 100_000);
     let dir = tempfile::tempdir()?;
     let source_path = dir.path().join("source.sqlite");
-    println!("# switchyard benchmark: SQLite → embedded SurrealDB (surrealkv), {rows} rows, {updates} updates");
+    println!(
+        "# switchyard benchmark: SQLite → embedded SurrealDB (surrealkv), {rows} rows, {updates} updates, target.memory_mb = {}",
+        memory_mb()
+    );
 
     let t = Instant::now();
     generate(&source_path, rows).await?;

@@ -166,6 +166,10 @@ pub struct SourceConfig {
     /// taken before commit).
     #[serde(default = "default_changefeed_window_ms")]
     pub changefeed_window_ms: u64,
+    /// An embedded SurrealKV source (`surrealkv://`): the memory its engine
+    /// may hold, in MiB (as `target.memory_mb`).
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
 }
 
 /// A SurrealQL duration literal: `7d`, `1h30m`, `500ms`.
@@ -235,6 +239,18 @@ pub struct TargetConfig {
     /// (`record<customer>`), which SurrealQL traverses (`customer.name`).
     #[serde(default)]
     pub links: bool,
+    /// An embedded SurrealKV target (`surrealkv://`): the memory its engine
+    /// may hold, in MiB (its write buffers and block cache, which the
+    /// engine would otherwise size from the machine's RAM).
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+}
+
+/// The least `target.memory_mb`: a transaction must fit one write buffer.
+pub const MIN_MEMORY_MB: u64 = 64;
+
+fn default_memory_mb() -> u64 {
+    128
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -591,6 +607,16 @@ impl Config {
             problems
                 .push("http.ready_max_lag_seconds: must be a number of seconds, 0 or more".into());
         }
+        for (side, mb) in [
+            ("source", self.source.memory_mb),
+            ("target", self.target.memory_mb),
+        ] {
+            if mb < MIN_MEMORY_MB {
+                problems.push(format!(
+                    "{side}.memory_mb: {mb} is too little for an embedded SurrealDB store; give it at least {MIN_MEMORY_MB}"
+                ));
+            }
+        }
         if self.source.poll_interval_ms == 0 {
             problems.push("source.poll_interval_ms: must be at least 1".into());
         }
@@ -687,6 +713,7 @@ impl Config {
                 slot: format!("{}_reverse", self.source.slot),
                 publication: format!("{}_reverse", self.source.publication),
                 create_publication: true,
+                memory_mb: self.target.memory_mb,
                 ..self.source.clone()
             },
             target: TargetConfig {
@@ -701,6 +728,7 @@ impl Config {
                 keep_owners: false,
                 fire_triggers: self.target.fire_triggers,
                 links: false,
+                memory_mb: self.source.memory_mb,
             },
             tables: TablesConfig {
                 include: tables.iter().map(|(_, t)| globset::escape(t)).collect(),
@@ -1088,6 +1116,22 @@ mod tests {
         ] {
             assert!(e.contains(needle), "{needle} missing in {e}");
         }
+    }
+
+    #[test]
+    fn an_embedded_stores_memory_budget_has_a_floor() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!((c.source.memory_mb, c.target.memory_mb), (128, 128));
+        let e =
+            Config::parse(&MIN.replace("database = \"app\"", "database = \"app\"\nmemory_mb = 16"))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("target.memory_mb: 16 is too little") && e.contains("at least 64"),
+            "{e}"
+        );
+        #[cfg(feature = "surrealdb")]
+        assert_eq!(crate::surreal::engine_budget(128), (32 << 20, 32 << 20));
     }
 
     #[test]

@@ -8,11 +8,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use surrealdb::engine::any::Any;
 use surrealdb::types::{
     Array, Bytes, Datetime, Number, Object, RecordId, RecordIdKey, Value as SValue, Variables,
 };
-use surrealdb::Surreal;
 use tracing::info;
 
 use super::{Cursor, Page, Record, Sink, SinkState, TableState, TableStatus};
@@ -38,7 +36,7 @@ const STASH_TABLE: &str = "_switchyard_stash";
 const ALREADY_APPLIED: &str = "switchyard: this batch is applied already";
 
 pub struct SurrealSink {
-    db: Surreal<Any>,
+    db: crate::surreal::Store,
     /// The last apply failed in a way that leaves unknown whether it
     /// committed (a lost connection): the next one checks the checkpoint
     /// first, so a replayed batch is not applied twice.
@@ -56,7 +54,12 @@ pub struct SurrealSink {
     drop_tables: bool,
     /// Where rows whose values do not fit go (`pipeline.reject_dir`).
     rejects: Arc<Rejects>,
+    /// An embedded SurrealKV target's `target.memory_mb`.
+    memory_mb: Option<u64>,
 }
+
+/// SurrealKV's error for a transaction larger than its write buffer.
+const ARENA_FULL: &str = "arena is full";
 
 /// Converts a model value; `Null` becomes NONE (the field is left out).
 pub fn to_surreal(v: &Value) -> std::result::Result<SValue, String> {
@@ -680,15 +683,12 @@ impl SurrealSink {
             .await
             .map_err(|e| surreal_error(format!("reading the namespaces of {shown}"), e))?;
         if exists {
-            db.use_ns(namespace.clone())
-                .use_db(database.clone())
-                .await
-                .map_err(|e| {
-                    surreal_error(
-                        format!("using namespace {namespace:?}, database {database:?} on {shown}"),
-                        e,
-                    )
-                })?;
+            db.use_ns_db(&namespace, &database).await.map_err(|e| {
+                surreal_error(
+                    format!("using namespace {namespace:?}, database {database:?} on {shown}"),
+                    e,
+                )
+            })?;
         }
         info!(endpoint = %shown, namespace = %namespace, database = %database, "connected to SurrealDB");
         Ok(Self {
@@ -702,6 +702,9 @@ impl SurrealSink {
             shapes: Default::default(),
             drop_tables: config.schema_changes.drop_table == crate::config::OnDrop::Drop,
             rejects: Default::default(),
+            memory_mb: endpoint
+                .starts_with("surrealkv://")
+                .then_some(config.target.memory_mb),
         })
     }
 
@@ -725,19 +728,15 @@ impl SurrealSink {
                     e,
                 )
             })?;
-        self.db
-            .use_ns(ns.clone())
-            .use_db(dbn.clone())
-            .await
-            .map_err(|e| {
-                surreal_error(
-                    format!(
-                        "using namespace {ns:?}, database {dbn:?} on {}",
-                        self.endpoint
-                    ),
-                    e,
-                )
-            })?;
+        self.db.use_ns_db(ns, dbn).await.map_err(|e| {
+            surreal_error(
+                format!(
+                    "using namespace {ns:?}, database {dbn:?} on {}",
+                    self.endpoint
+                ),
+                e,
+            )
+        })?;
         self.defined
             .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
@@ -783,7 +782,44 @@ impl SurrealSink {
         Ok(())
     }
 
-    pub fn client(&self) -> &Surreal<Any> {
+    /// Snapshot rows in one transaction; where they do not fit an embedded
+    /// store's write buffer, in halves (the rows are inserted only where
+    /// missing, and the failed transaction wrote nothing).
+    async fn insert_rows(&self, table: &TableSchema, rows: &[&Row]) -> Result<()> {
+        let mut pending = vec![rows];
+        while let Some(part) = pending.pop() {
+            let mut items = Vec::with_capacity(part.len());
+            for row in part {
+                let mut obj = content(table, row)?;
+                obj.insert("id", record_id(table, &table.key_of(row))?);
+                items.push(SValue::Object(obj));
+            }
+            let mut vars = Variables::new();
+            vars.insert("rows", Array::from(items));
+            let done = self
+                .run(
+                    format!("loading {} rows into {:?}", part.len(), table.target_name),
+                    format!(
+                        "INSERT IGNORE INTO {} $rows RETURN NONE;",
+                        ident(&table.target_name)
+                    ),
+                    vars,
+                )
+                .await;
+            match done {
+                Err(e) if part.len() > 1 && e.to_string().contains(ARENA_FULL) => {
+                    let (a, b) = part.split_at(part.len() / 2);
+                    pending.push(b);
+                    pending.push(a);
+                }
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn client(&self) -> &crate::surreal::Store {
         &self.db
     }
 
@@ -801,6 +837,19 @@ impl SurrealSink {
             .map_err(|e| surreal_error(&context, e))?;
         match crate::surreal::failure(&mut resp) {
             None => Ok(resp),
+            Some((idx, e)) if e.message().contains(ARENA_FULL) => {
+                let (buffer, _) = crate::surreal::engine_budget(self.memory_mb.unwrap_or(0));
+                Err(Error::definite(format!(
+                    "{context}: the transaction does not fit the embedded store's write buffer \
+                     ({} MiB with target.memory_mb = {}; statement {idx}: {}). Raise target.memory_mb \
+                     (a quarter of it is one write buffer) or lower pipeline.batch_rows and \
+                     pipeline.snapshot_batch_rows",
+                    buffer >> 20,
+                    self.memory_mb.unwrap_or(0),
+                    e.message()
+                ))
+                .with_source(e))
+            }
             Some((idx, e)) => Err(surreal_error(
                 format!("{context} (statement {idx}): {}", e.message()),
                 e,
@@ -1058,28 +1107,14 @@ impl Sink for SurrealSink {
             self.load_counted(table, &fitting).await?;
             return Ok(fitting.len() as u64);
         }
-        let mut items = Vec::with_capacity(rows.len());
+        let mut fitting = Vec::with_capacity(rows.len());
         for row in rows {
-            if self.set_aside(table, row, "snapshot", None)? {
-                continue;
+            if !self.set_aside(table, row, "snapshot", None)? {
+                fitting.push(row);
             }
-            let mut obj = content(table, row)?;
-            obj.insert("id", record_id(table, &table.key_of(row))?);
-            items.push(SValue::Object(obj));
         }
-        let n = items.len();
-        let mut vars = Variables::new();
-        vars.insert("rows", Array::from(items));
-        self.run(
-            format!("loading {} rows into {:?}", rows.len(), table.target_name),
-            format!(
-                "INSERT IGNORE INTO {} $rows RETURN NONE;",
-                ident(&table.target_name)
-            ),
-            vars,
-        )
-        .await?;
-        Ok(n as u64)
+        self.insert_rows(table, &fitting).await?;
+        Ok(fitting.len() as u64)
     }
 
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {
@@ -1352,14 +1387,16 @@ impl Sink for SurrealSink {
 /// selecting (and so creating) either.
 /// A connection to `endpoint`, signed in as the configured root user where
 /// `sign_in` (a remote server) and credentials are given.
-async fn signed_in(endpoint: &str, sign_in: bool, config: &Config) -> Result<Surreal<Any>> {
+async fn signed_in(
+    endpoint: &str,
+    sign_in: bool,
+    config: &Config,
+) -> Result<crate::surreal::Store> {
     let shown = redact_url(endpoint);
     let open = || async {
-        surrealdb::engine::any::connect(endpoint)
+        crate::surreal::open(endpoint, config.target.memory_mb)
             .await
-            .map_err(|e| {
-                Error::connect(format!("cannot connect to SurrealDB at {shown}")).with_source(e)
-            })
+            .map_err(|m| Error::connect(format!("cannot connect to SurrealDB at {shown}: {m}")))
     };
     if !sign_in {
         if let Some(db) = crate::surreal::shared(endpoint, open).await? {

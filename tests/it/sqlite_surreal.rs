@@ -567,3 +567,74 @@ async fn a_batch_replayed_at_the_checkpoint_the_target_holds_is_not_applied_twic
     // An empty batch at the same checkpoint still just holds it.
     sink.apply(&[], at).await.unwrap();
 }
+
+/// The memory budget of an embedded SurrealKV target: snapshot batches
+/// larger than its write buffer load in parts; a change batch that large
+/// stops with what to change and nothing advanced, and runs once changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_target_keeps_to_its_memory_budget() {
+    capture_logs();
+    let s = Scratch::new();
+    // 3,500-byte values stay in the engine's write buffer (4 KiB and more
+    // go to its value log).
+    let pool = s
+        .source(
+            "CREATE TABLE wide (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 6000)
+             INSERT INTO wide SELECT i, printf('%.3500c', 'x') || i FROM n;",
+        )
+        .await;
+    let dir = s.path("replica");
+    let url = format!("surrealkv://{}", dir.display());
+    // 64 MiB: write buffers of 16 MiB; 6,000 rows of 3.5 KB (21 MB) in one
+    // transaction do not fit one.
+    let config_with = |batch: usize| {
+        Arc::new(
+            Config::parse(
+                &s.config_text(
+                    &url,
+                    &format!("snapshot_batch_rows = 6000\nbatch_rows = {batch}\n"),
+                )
+                .replace(
+                    "database = \"test\"\n",
+                    "database = \"test\"\nmemory_mb = 64\n",
+                ),
+            )
+            .unwrap(),
+        )
+    };
+    let config = config_with(6000);
+    let sink = Arc::new(SurrealSink::connect(&url, false, &config).await.unwrap());
+    let run = start(config.clone(), Some(sink.clone())).await;
+    wait_converged(&pool, &config, &sink).await;
+    let before = target_checkpoint(sink.client()).await;
+    // One source transaction of 6,000 changes, applied in one batch.
+    sqlx::raw_sql("UPDATE wide SET body = body || 'y'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let e = run.error_within(Duration::from_secs(120)).await;
+    assert_names(
+        &e,
+        &[
+            "write buffer",
+            "16 MiB",
+            "target.memory_mb = 64",
+            "pipeline.batch_rows",
+        ],
+    );
+    assert_eq!(
+        target_checkpoint(sink.client()).await,
+        before,
+        "nothing advanced"
+    );
+    drop(sink);
+    wait_unlocked(&dir).await;
+    // As the error says: smaller batches.
+    let config = config_with(2000);
+    let sink = Arc::new(SurrealSink::connect(&url, false, &config).await.unwrap());
+    let run = start(config.clone(), Some(sink.clone())).await;
+    wait_converged(&pool, &config, &sink).await;
+    assert!(target_checkpoint(sink.client()).await > before);
+    run.stop().await;
+}

@@ -12,6 +12,7 @@ use switchyard::config::Config;
 use switchyard::sink::surreal::SurrealSink;
 use switchyard::source::surreal::SurrealSource;
 use switchyard::source::Source;
+use switchyard::surreal::AsStore;
 
 use crate::pg_surreal::PgDb;
 use crate::support::*;
@@ -93,7 +94,8 @@ fn source_config(url: &str, target: &str, extra: &str) -> Arc<Config> {
 }
 
 /// Every record of `table`, as SurrealQL writes it.
-async fn records(db: &Surreal<Any>, table: &str) -> Vec<String> {
+async fn records(db: &impl AsStore, table: &str) -> Vec<String> {
+    let db = db.store();
     // A table not created yet has no records.
     let rows: Vec<SValue> = match db.query(format!("SELECT * FROM {table} ORDER BY id")).await {
         Ok(mut r) => r.take(0).unwrap_or_default(),
@@ -103,8 +105,8 @@ async fn records(db: &Surreal<Any>, table: &str) -> Vec<String> {
 }
 
 async fn same_records(
-    source: &Surreal<Any>,
-    target: &Surreal<Any>,
+    source: &impl AsStore,
+    target: &impl AsStore,
     tables: &[&str],
 ) -> Option<String> {
     for t in tables {

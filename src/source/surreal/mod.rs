@@ -32,9 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use surrealdb::engine::any::Any;
 use surrealdb::types::{Number, Object, RecordId, RecordIdKey, ToSql, Value as SValue, Variables};
-use surrealdb::Surreal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -54,7 +52,7 @@ const CAPTURE: &str = "_switchyard_capture";
 const PAGE: usize = 1000;
 
 pub struct SurrealSource {
-    db: Surreal<Any>,
+    db: crate::surreal::Store,
     shown: String,
     namespace: String,
     database: String,
@@ -261,12 +259,12 @@ impl SurrealSource {
         let shown = redact_url(endpoint);
         if !remote {
             if let Some(db) =
-                crate::surreal::shared(endpoint, || Self::connect(endpoint, &shown)).await?
+                crate::surreal::shared(endpoint, || Self::connect(endpoint, &shown, config)).await?
             {
                 return Self::from_client(db, &shown, config, rejects).await;
             }
         }
-        let db = Self::connect(endpoint, &shown).await?;
+        let db = Self::connect(endpoint, &shown, config).await?;
         if remote {
             crate::surreal::sign_in(
                 &db,
@@ -279,9 +277,12 @@ impl SurrealSource {
         Self::from_client(db, &shown, config, rejects).await
     }
 
-    async fn connect(endpoint: &str, shown: &str) -> Result<Surreal<Any>> {
-        surrealdb::engine::any::connect(endpoint).await.map_err(|e| {
-            let m = e.message().to_string();
+    async fn connect(
+        endpoint: &str,
+        shown: &str,
+        config: &Config,
+    ) -> Result<crate::surreal::Store> {
+        crate::surreal::open(endpoint, config.source.memory_mb).await.map_err(|m| {
             if m.to_ascii_lowercase().contains("lock") {
                 Error::connect(format!(
                     "cannot open the embedded SurrealDB store {shown}: another process holds it ({m}). \
@@ -298,11 +299,12 @@ impl SurrealSource {
     /// handle, for a live sync inside its process (an embedded store is
     /// opened by one process at a time).
     pub async fn from_client(
-        db: Surreal<Any>,
+        db: impl crate::surreal::AsStore,
         shown: &str,
         config: &Config,
         rejects: Arc<Rejects>,
     ) -> Result<Self> {
+        let db = db.store();
         let namespace = config.source.namespace.clone().unwrap_or_default();
         let database = config.source.database.clone().unwrap_or_default();
         let exists = crate::surreal::database_exists(&db, &namespace, &database)
@@ -313,7 +315,7 @@ impl SurrealSource {
                 "source {shown} has no namespace {namespace:?} with a database {database:?}; set source.namespace and source.database to where the application's data is"
             )));
         }
-        db.use_db(database.clone())
+        db.use_db(&database)
             .await
             .map_err(|e| surreal_error(format!("using database {database:?} on {shown}"), e))?;
         info!(source = %shown, namespace = %namespace, database = %database, "connected to the SurrealDB source");

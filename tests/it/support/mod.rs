@@ -20,6 +20,7 @@ use switchyard::schema::surreal::COPIES_FIELD;
 use switchyard::sink::surreal::{content, ident, record_id, SurrealSink};
 use switchyard::source::sqlite::SqliteSource;
 use switchyard::source::Source;
+use switchyard::surreal::AsStore;
 use tokio_util::sync::CancellationToken;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
@@ -252,7 +253,8 @@ impl Running {
 }
 
 /// The target's image of the given tables.
-pub async fn target_image(db: &Surreal<Any>, tables: &[String]) -> Image {
+pub async fn target_image(db: &impl AsStore, tables: &[String]) -> Image {
+    let db = db.store();
     let mut image = Image::new();
     for t in tables {
         let mut resp = db
@@ -353,7 +355,8 @@ pub async fn wait_unlocked(dir: &Path) {
 }
 
 /// The target's checkpoint (`commit`), if any.
-pub async fn target_checkpoint(db: &Surreal<Any>) -> Option<i64> {
+pub async fn target_checkpoint(db: &impl AsStore) -> Option<i64> {
+    let db = db.store();
     let mut resp = db
         .query("SELECT VALUE commit FROM _switchyard_checkpoint")
         .await
