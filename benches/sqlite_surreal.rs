@@ -1,7 +1,8 @@
 //! Benchmark: SQLite → embedded SurrealDB (surrealkv://).
 //!
 //! ```text
-//!  1. generate   items: N rows (~100 bytes each) in a fresh SQLite file
+//!  1. generate   items (and items_1 … with BENCH_TABLES): N rows (~100 bytes
+//!                each) in a fresh SQLite file
 //!  2. snapshot   switchyard's pipeline copies them      → rows/s, peak RSS
 //!  3. stream     a separate writer process makes U single-row updates
 //!                (one transaction each); switchyard applies them
@@ -11,7 +12,10 @@
 //! ```
 //!
 //! Run with `bash scripts/bench sqlite-surreal` (release build). Sizes:
-//! `BENCH_ROWS` (default 1,000,000), `BENCH_UPDATES` (default 100,000).
+//! `BENCH_ROWS` (default 1,000,000), `BENCH_UPDATES` (default 100,000),
+//! `BENCH_TABLES` (default 1: the rows spread over that many tables of the
+//! same shape; the ceiling inserts them all, table after table),
+//! `BENCH_MEMORY_MB` (the target's `memory_mb`, default switchyard's).
 //! The latency of a change is the time from the writer's COMMIT to the moment
 //! the target's checkpoint covers it, observed by polling the checkpoint every
 //! 2 ms (so figures carry up to 2 ms of observation error).
@@ -54,29 +58,45 @@ fn now_ns() -> u128 {
         .as_nanos()
 }
 
-async fn generate(path: &Path, rows: usize) -> Result<()> {
+/// The name of table `t` of `tables`: `items`, then `items_1`, `items_2`, …
+fn table_name(t: usize) -> String {
+    if t == 0 {
+        "items".to_string()
+    } else {
+        format!("items_{t}")
+    }
+}
+
+/// `rows` rows in all, spread evenly over `tables` tables of the same shape
+/// (each with ids from 1).
+async fn generate(path: &Path, rows: usize, tables: usize) -> Result<()> {
     let opts = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Off);
     let mut conn = sqlx::SqliteConnection::connect_with(&opts).await?;
-    conn.execute(
-        "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL, qty INTEGER NOT NULL, price REAL, note TEXT, created DATETIME)",
-    )
-    .await?;
     let mut tx = conn.begin().await?;
-    for chunk_start in (0..rows).step_by(10_000) {
-        let end = (chunk_start + 10_000).min(rows);
-        sqlx::query(
-            "WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
-             INSERT INTO items SELECT i, 'item-' || printf('%012d', i), i % 1000, (i % 100000) / 100.0,
-                    'note ' || hex(randomblob(16)), datetime(1700000000 + i, 'unixepoch') FROM n",
+    for t in 0..tables {
+        let name = table_name(t);
+        let count = rows / tables + usize::from(t < rows % tables);
+        tx.execute(
+            format!("CREATE TABLE {name} (id INTEGER PRIMARY KEY, name TEXT NOT NULL, qty INTEGER NOT NULL, price REAL, note TEXT, created DATETIME)")
+                .as_str(),
         )
-        .bind((chunk_start + 1) as i64)
-        .bind(end as i64)
-        .execute(&mut *tx)
         .await?;
+        for chunk_start in (0..count).step_by(10_000) {
+            let end = (chunk_start + 10_000).min(count);
+            sqlx::query(&format!(
+                "WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
+                 INSERT INTO {name} SELECT i, 'item-' || printf('%012d', i), i % 1000, (i % 100000) / 100.0,
+                        'note ' || hex(randomblob(16)), datetime(1700000000 + i, 'unixepoch') FROM n",
+            ))
+            .bind((chunk_start + 1) as i64)
+            .bind(end as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     tx.commit().await?;
     let avg: f64 = sqlx::query_scalar(
@@ -84,7 +104,7 @@ async fn generate(path: &Path, rows: usize) -> Result<()> {
     )
     .fetch_one(&mut conn)
     .await?;
-    println!("generated {rows} rows, about {avg:.0} bytes of values per row");
+    println!("generated {rows} rows in {tables} table(s), about {avg:.0} bytes of values per row");
     Ok(())
 }
 
@@ -160,15 +180,16 @@ async fn main() -> Result<()> {
     }
     let rows = env_usize("BENCH_ROWS", 1_000_000);
     let updates = env_usize("BENCH_UPDATES", 100_000);
+    let tables = env_usize("BENCH_TABLES", 1).max(1);
     let dir = tempfile::tempdir()?;
     let source_path = dir.path().join("source.sqlite");
     println!(
-        "# switchyard benchmark: SQLite → embedded SurrealDB (surrealkv), {rows} rows, {updates} updates, target.memory_mb = {}",
+        "# switchyard benchmark: SQLite → embedded SurrealDB (surrealkv), {rows} rows in {tables} table(s), {updates} updates, target.memory_mb = {}",
         memory_mb()
     );
 
     let t = Instant::now();
-    generate(&source_path, rows).await?;
+    generate(&source_path, rows, tables).await?;
     println!("generate: {:.1} s", t.elapsed().as_secs_f64());
 
     // Snapshot through the real pipeline.
@@ -223,7 +244,7 @@ async fn main() -> Result<()> {
     let writer_proc = tokio::process::Command::new(exe)
         .arg("--writer")
         .arg(&source_path)
-        .arg(rows.to_string())
+        .arg((rows / tables).to_string())
         .arg(updates.to_string())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -322,33 +343,47 @@ async fn main() -> Result<()> {
         switchyard::source::Access::ReadWrite,
     )
     .await?;
-    let table: Arc<TableSchema> = Arc::new(csource.discover().await?.tables.remove(0));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(1024);
-    let reader = {
-        let table = table.clone();
-        tokio::spawn(async move { csource.snapshot(table, BATCH, tx).await })
-    };
-    let mut batches: Vec<Vec<Row>> = Vec::new();
-    while let Some(b) = rx.recv().await {
-        batches.push(b);
+    // Every table's rows read ahead, then inserted one batch after the
+    // other: the SDK's single stream.
+    let mut batches: Vec<(Arc<TableSchema>, Vec<Row>)> = Vec::new();
+    let csource = Arc::new(csource);
+    for table in csource.discover().await?.tables {
+        let table = Arc::new(table);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(1024);
+        let reader = {
+            let (table, csource) = (table.clone(), csource.clone());
+            tokio::spawn(async move { csource.snapshot(table, BATCH, tx).await })
+        };
+        while let Some(b) = rx.recv().await {
+            batches.push((table.clone(), b));
+        }
+        reader.await??;
     }
-    reader.await??;
     reset_peak_rss();
     let preread_rss = rss_mib();
     let csink = SurrealSink::connect(&ceiling_target, false, &cconfig).await?;
-    csink.prepare(std::slice::from_ref(&table)).await?;
+    let schemas: Vec<Arc<TableSchema>> = {
+        let mut seen: Vec<Arc<TableSchema>> = Vec::new();
+        for (t, _) in &batches {
+            if !seen.iter().any(|s| s.name == t.name) {
+                seen.push(t.clone());
+            }
+        }
+        seen
+    };
+    csink.prepare(&schemas).await?;
     let db = csink.client();
-    let sql = format!(
-        "INSERT IGNORE INTO {} $rows RETURN NONE;",
-        ident(&table.target_name)
-    );
     let t = Instant::now();
     let mut n = 0usize;
-    for batch in &batches {
+    for (table, batch) in &batches {
+        let sql = format!(
+            "INSERT IGNORE INTO {} $rows RETURN NONE;",
+            ident(&table.target_name)
+        );
         let mut items = Vec::with_capacity(batch.len());
         for row in batch {
-            let mut obj = content(&table, row)?;
-            obj.insert("id", record_id(&table, &table.key_of(row))?);
+            let mut obj = content(table, row)?;
+            obj.insert("id", record_id(table, &table.key_of(row))?);
             items.push(SValue::Object(obj));
         }
         let mut vars = Variables::new();

@@ -61,6 +61,17 @@ pub struct SurrealSink {
 /// SurrealKV's error for a transaction larger than its write buffer.
 const ARENA_FULL: &str = "arena is full";
 
+/// The field SurrealDB refused a value of, from its error: a field's ASSERT
+/// (`Found 'x' for field `status`, with record …, but field must conform
+/// to: …`) or type (`Couldn't coerce value for field `n` of …`).
+fn refused_field(message: &str) -> Option<String> {
+    if !(message.contains("must conform to") || message.contains("Couldn't coerce value")) {
+        return None;
+    }
+    let rest = message.split_once("for field `")?.1;
+    Some(rest.split_once('`')?.0.to_string())
+}
+
 /// Converts a model value; `Null` becomes NONE (the field is left out).
 pub fn to_surreal(v: &Value) -> std::result::Result<SValue, String> {
     Ok(match v {
@@ -782,10 +793,14 @@ impl SurrealSink {
         Ok(())
     }
 
-    /// Snapshot rows in one transaction; where they do not fit an embedded
-    /// store's write buffer, in halves (the rows are inserted only where
-    /// missing, and the failed transaction wrote nothing).
-    async fn insert_rows(&self, table: &TableSchema, rows: &[&Row]) -> Result<()> {
+    /// Snapshot rows in one transaction; the number of rows loaded. Where
+    /// they do not fit an embedded store's write buffer, in halves (the rows
+    /// are inserted only where missing, and the failed transaction wrote
+    /// nothing). Where SurrealDB refuses a row (a field's ASSERT or type),
+    /// in halves down to that row, which is set aside where
+    /// `pipeline.reject_dir` is set, else named in the error.
+    async fn insert_rows(&self, table: &TableSchema, rows: &[&Row]) -> Result<u64> {
+        let mut loaded = 0u64;
         let mut pending = vec![rows];
         while let Some(part) = pending.pop() {
             let mut items = Vec::with_capacity(part.len());
@@ -806,17 +821,61 @@ impl SurrealSink {
                     vars,
                 )
                 .await;
-            match done {
-                Err(e) if part.len() > 1 && e.to_string().contains(ARENA_FULL) => {
-                    let (a, b) = part.split_at(part.len() / 2);
-                    pending.push(b);
-                    pending.push(a);
+            let e = match done {
+                Ok(_) => {
+                    loaded += part.len() as u64;
+                    continue;
                 }
-                Err(e) => return Err(e),
-                Ok(_) => {}
+                Err(e) => e,
+            };
+            let message = e.to_string();
+            let refused = refused_field(&message);
+            if part.len() > 1 && (message.contains(ARENA_FULL) || refused.is_some()) {
+                let (a, b) = part.split_at(part.len() / 2);
+                pending.push(b);
+                pending.push(a);
+                continue;
             }
+            let (Some(field), [row]) = (refused, part) else {
+                return Err(e);
+            };
+            let key = table.describe_key(&table.key_of(row));
+            // SurrealDB's own words, after "loading … (statement i): ".
+            let why = message
+                .find("(statement ")
+                .and_then(|i| message[i..].split_once("): "))
+                .map(|(_, m)| m)
+                .unwrap_or(&message)
+                .to_string();
+            let column = table
+                .columns
+                .iter()
+                .enumerate()
+                .find(|(i, _)| field_name(table, *i).as_deref() == Some(field.as_str()))
+                .map(|(i, c)| (i, c.name.clone()));
+            if !self.rejects.enabled() {
+                return Err(Error::definite(format!(
+                    "table {:?}, key {key}{}: SurrealDB refused the row: {why} \
+                     (correct the row in the source, or set pipeline.reject_dir to set such rows aside)",
+                    table.name,
+                    column
+                        .as_ref()
+                        .map(|(_, c)| format!(", column {c:?}"))
+                        .unwrap_or_default()
+                )));
+            }
+            self.rejects.record(&Rejected {
+                table: table.name.clone(),
+                key,
+                column: column.as_ref().map(|(_, c)| c.clone()),
+                value: column.as_ref().map(|(i, _)| row[*i].to_string()),
+                reason: format!("SurrealDB refused it: {why}"),
+                phase: "snapshot",
+                position: String::new(),
+                row: row_json(&table.columns, row),
+            })?;
         }
-        Ok(())
+        Ok(loaded)
     }
 
     pub fn client(&self) -> &crate::surreal::Store {
@@ -1113,8 +1172,7 @@ impl Sink for SurrealSink {
                 fitting.push(row);
             }
         }
-        self.insert_rows(table, &fitting).await?;
-        Ok(fitting.len() as u64)
+        self.insert_rows(table, &fitting).await
     }
 
     async fn finish_table(&self, table: &TableSchema, position: Position, rows: u64) -> Result<()> {

@@ -638,3 +638,102 @@ async fn an_embedded_target_keeps_to_its_memory_budget() {
     assert!(target_checkpoint(sink.client()).await > before);
     run.stop().await;
 }
+
+/// A row the SurrealDB target refuses (a CHECK the source did not enforce
+/// on it, now a field's ASSERT): without a reject directory the snapshot
+/// stops naming the table, key, column and SurrealDB's words; with one, the
+/// row is set aside and every other row arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_surrealdb_refuses_is_named_or_set_aside() {
+    capture_logs();
+    // Rows 1234 and 4321 were written with the CHECK off, as an old
+    // application version did.
+    let schema = "CREATE TABLE orders (id INTEGER PRIMARY KEY, status TEXT NOT NULL CHECK (status IN ('new', 'paid', 'shipped')));
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)
+         INSERT INTO orders SELECT i, 'paid' FROM n;
+         PRAGMA ignore_check_constraints = ON;
+         UPDATE orders SET status = 'legacy' WHERE id IN (1234, 4321);
+         PRAGMA ignore_check_constraints = OFF;";
+    let s = Scratch::new();
+    s.source(schema).await;
+    let config = s.config("mem://", "");
+    let err = start(config, None)
+        .await
+        .error_within(Duration::from_secs(60))
+        .await;
+    // Whichever of the two a loader met first (batches load at once).
+    assert!(
+        err.contains("table \"orders\", key (id = 1234), column \"status\"")
+            || err.contains("table \"orders\", key (id = 4321), column \"status\""),
+        "{err}"
+    );
+    assert_names(
+        &err,
+        &[
+            "'legacy'",
+            "SurrealDB refused the row",
+            "must conform to",
+            "reject_dir",
+        ],
+    );
+
+    let s = Scratch::new();
+    let pool = s.source(schema).await;
+    let dir = s.path("rejects");
+    let config = s.config("mem://", &format!("reject_dir = \"{}\"\n", dir.display()));
+    let sink = Arc::new(
+        SurrealSink::connect("mem://", false, &config)
+            .await
+            .unwrap()
+            .with_rejects(Arc::new(switchyard::reject::Rejects::new(Some(
+                dir.clone(),
+            )))),
+    );
+    let run = start(config.clone(), Some(sink.clone())).await;
+    wait_until("the copy of orders", Duration::from_secs(60), || {
+        let sink = sink.clone();
+        async move {
+            match sink
+                .client()
+                .query("RETURN count(SELECT VALUE id FROM orders)")
+                .await
+            {
+                Ok(mut r) => r.take::<Option<i64>>(0).ok().flatten() == Some(4998),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("orders.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut seen: Vec<(String, String, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["key"].as_str().unwrap_or_default().to_string(),
+                l["column"].as_str().unwrap_or_default().to_string(),
+                l["value"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("(id = 1234)".into(), "status".into(), "\"legacy\"".into()),
+            ("(id = 4321)".into(), "status".into(), "\"legacy\"".into()),
+        ],
+        "{lines:?}"
+    );
+    assert!(
+        lines[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("SurrealDB refused it") && r.contains("must conform to")),
+        "{lines:?}"
+    );
+    drop(pool);
+    run.stop().await;
+}
