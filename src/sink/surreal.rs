@@ -1300,6 +1300,96 @@ impl Sink for SurrealSink {
                 return Ok(Durable::committed(checkpoint));
             }
         }
+        // Changes SurrealDB refused in an earlier try of this batch, set
+        // aside (with `reject_dir`): the batch is tried again without them.
+        use surrealdb::types::ToSql;
+        let mut refused = std::collections::HashSet::new();
+        loop {
+            let e = match self.apply_once(changes, checkpoint, &refused).await {
+                Ok(d) => return Ok(d),
+                Err(e) => e,
+            };
+            let message = e.to_string();
+            let Some(field) = refused_field(&message) else {
+                return Err(e);
+            };
+            // The change that wrote the record SurrealDB names: the last
+            // write of it in the batch.
+            let Some((i, ch, row)) = message
+                .split_once("with record `")
+                .and_then(|(_, r)| r.split_once('`'))
+                .and_then(|(record, _)| {
+                    changes
+                        .iter()
+                        .enumerate()
+                        .rev()
+                        .find_map(|(i, ch)| match &ch.op {
+                            Op::Insert { row } | Op::Update { row, .. }
+                                if !refused.contains(&i)
+                                    && record_id(&ch.table, &ch.table.key_of(row)).is_ok_and(
+                                        |id| SValue::RecordId(id).to_sql() == record,
+                                    ) =>
+                            {
+                                Some((i, ch, row))
+                            }
+                            _ => None,
+                        })
+                })
+            else {
+                return Err(e);
+            };
+            let t = &ch.table;
+            let key = t.describe_key(&t.key_of(row));
+            let why = message
+                .find("(statement ")
+                .and_then(|i| message[i..].split_once("): "))
+                .map(|(_, m)| m)
+                .unwrap_or(&message)
+                .to_string();
+            let column = t
+                .columns
+                .iter()
+                .enumerate()
+                .find(|(i, _)| field_name(t, *i).as_deref() == Some(field.as_str()))
+                .map(|(i, c)| (i, c.name.clone()));
+            if !self.rejects.enabled() {
+                return Err(Error::definite(format!(
+                    "table {:?}, key {key}{}, change at {}: SurrealDB refused it: {why} \
+                     (correct the row in the source, or set pipeline.reject_dir to set such rows aside); \
+                     the checkpoint stays before it",
+                    t.name,
+                    column
+                        .as_ref()
+                        .map(|(_, c)| format!(", column {c:?}"))
+                        .unwrap_or_default(),
+                    ch.position
+                )));
+            }
+            self.rejects.record(&Rejected {
+                table: t.name.clone(),
+                key,
+                column: column.as_ref().map(|(_, c)| c.clone()),
+                value: column.as_ref().map(|(i, _)| row[*i].to_string()),
+                reason: format!("SurrealDB refused it: {why}"),
+                phase: "stream",
+                position: ch.position.to_string(),
+                row: row_json(&t.columns, row),
+            })?;
+            refused.insert(i);
+        }
+    }
+}
+
+impl SurrealSink {
+    /// One try of a batch: its changes but the `refused` ones (whose rows'
+    /// old versions are removed, as for a row set aside), and the
+    /// checkpoint, in one transaction.
+    async fn apply_once(
+        &self,
+        changes: &[Change],
+        checkpoint: Position,
+        refused: &std::collections::HashSet<usize>,
+    ) -> Result<Durable> {
         let mut sql = String::with_capacity(64 * changes.len() + 512);
         let mut vars = Variables::new();
         sql.push_str("BEGIN TRANSACTION;\n");
@@ -1330,7 +1420,7 @@ impl Sink for SurrealSink {
                 continue;
             }
             if let Op::Insert { row } | Op::Update { row, .. } = &ch.op {
-                if self.set_aside(t, row, "stream", Some(ch.position))? {
+                if refused.contains(&i) || self.set_aside(t, row, "stream", Some(ch.position))? {
                     // The row's old version goes too: the target holds
                     // every source row but the ones set aside.
                     match &ch.op {

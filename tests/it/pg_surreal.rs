@@ -858,7 +858,17 @@ async fn a_slot_name_taken_by_another_database_is_refused() {
     let config = first.config("mem://", "");
     let run = start(config.clone(), None).await;
     wait_converged(&config, &run.sink).await;
-    run.stop().await;
+    // Its slot exists now; the stop may come before the copy is recorded
+    // as done (the row shows first), which is no concern here.
+    run.cancel.cancel();
+    let first_run = run.handle.await.unwrap();
+    assert!(
+        first_run
+            .as_ref()
+            .map_or_else(|e| e.kind() == switchyard::ErrorKind::Interrupted, |_| true),
+        "{:?}",
+        first_run.err().map(|e| e.report())
+    );
     // The second database's config names the first one's slot.
     let text = second.config_text("mem://", "").replace(
         &format!("slot = \"{}\"", second.name),

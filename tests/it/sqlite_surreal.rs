@@ -734,6 +734,69 @@ async fn a_row_surrealdb_refuses_is_named_or_set_aside() {
             .is_some_and(|r| r.contains("SurrealDB refused it") && r.contains("must conform to")),
         "{lines:?}"
     );
+    // A streamed change refused: set aside (its row's old version gone),
+    // the rest of its transaction applied.
+    sqlx::raw_sql(
+        "PRAGMA ignore_check_constraints = ON;
+         BEGIN; UPDATE orders SET status = 'legacy' WHERE id = 7; INSERT INTO orders VALUES (6000, 'new'); COMMIT;
+         PRAGMA ignore_check_constraints = OFF;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_until("the stream of orders", Duration::from_secs(60), || {
+        let sink = sink.clone();
+        async move {
+            match sink
+                .client()
+                .query("RETURN count(SELECT VALUE id FROM orders); RETURN count(SELECT VALUE id FROM orders:6000); RETURN count(SELECT VALUE id FROM orders:7);")
+                .await
+            {
+                Ok(mut r) => {
+                    let mut n = |i: usize| r.take::<Option<i64>>(i).ok().flatten();
+                    let (all, new, refused) = (n(0), n(1), n(2));
+                    (all, new, refused) == (Some(4998), Some(1), Some(0))
+                }
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    let streamed: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("orders.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["phase"] == "stream")
+        .collect();
+    assert_eq!(streamed.len(), 1, "{streamed:?}");
+    assert_eq!(streamed[0]["key"], "(id = 7)");
+    assert!(!run.handle.is_finished(), "the daemon stopped");
     drop(pool);
     run.stop().await;
+
+    // Without a reject directory, the streamed change stops the run by name.
+    let s = Scratch::new();
+    let pool = s
+        .source("CREATE TABLE orders (id INTEGER PRIMARY KEY, status TEXT NOT NULL CHECK (status IN ('new', 'paid', 'shipped'))); INSERT INTO orders VALUES (1, 'new');")
+        .await;
+    let config = s.config("mem://", "");
+    let run = start(config.clone(), None).await;
+    wait_converged(&pool, &config, &run.sink).await;
+    sqlx::raw_sql(
+        "PRAGMA ignore_check_constraints = ON; UPDATE orders SET status = 'legacy' WHERE id = 1; PRAGMA ignore_check_constraints = OFF;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let err = run.error_within(Duration::from_secs(60)).await;
+    assert_names(
+        &err,
+        &[
+            "table \"orders\", key (id = 1), column \"status\"",
+            "SurrealDB refused it",
+            "'legacy'",
+            "reject_dir",
+            "the checkpoint stays before it",
+        ],
+    );
 }
