@@ -752,3 +752,57 @@ async fn the_live_sync_example_runs_inside_the_application() {
         Some("'note 1 (edited)'".into())
     );
 }
+
+/// An application whose handle is the local engine's (`Surreal<Db>`, not
+/// `Surreal<Any>`) is a source too: its records arrive as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_engine_handle_is_a_source_too() {
+    let app = Surreal::new::<surrealdb::engine::local::Mem>(())
+        .await
+        .unwrap();
+    app.query("DEFINE NAMESPACE app; USE NS app; DEFINE DATABASE main;")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    app.use_ns("app").use_db("main").await.unwrap();
+    let mut seed = String::from(SCHEMA);
+    for i in 1..=12 {
+        seed.push_str(&customer(i));
+        seed.push_str(&purchase(i));
+    }
+    app.query(seed).await.unwrap().check().unwrap();
+    let config = source_config(
+        "mem://",
+        "url = \"mem://\"\nnamespace = \"copy\"\ndatabase = \"main\"",
+        "",
+    );
+    let source = Arc::new(
+        SurrealSource::from_client(app.clone(), "mem://", &config, Default::default())
+            .await
+            .unwrap(),
+    );
+    let sink = Arc::new(
+        SurrealSink::connect("mem://", false, &config)
+            .await
+            .unwrap(),
+    );
+    let report = switchyard::pipeline::Pipeline::new(
+        config.clone(),
+        source,
+        sink.clone(),
+        Default::default(),
+    )
+    .run(
+        switchyard::pipeline::Mode::SnapshotOnly,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let copied: u64 = report.tables.iter().map(|t| t.rows).sum();
+    assert_eq!(copied, 24);
+    assert_eq!(
+        same_records(&app, sink.client(), &["customer", "purchase"]).await,
+        None
+    );
+}
