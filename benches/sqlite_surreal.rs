@@ -140,11 +140,11 @@ async fn writer(path: &Path, rows: usize, updates: usize) -> Result<()> {
             .bind(id as i64)
             .execute(&mut *tx)
             .await?;
-        let seq: i64 = sqlx::query_scalar(
-            "SELECT seq FROM sqlite_sequence WHERE name = '_switchyard_changes'",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
+        // The log entry the capture trigger just wrote (its rowid; this
+        // writer is the only one).
+        let seq: i64 = sqlx::query_scalar("SELECT max(seq) FROM _switchyard_changes")
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         out.push_str(&format!("{seq} {}\n", now_ns()));
     }
