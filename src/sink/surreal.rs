@@ -839,43 +839,69 @@ impl SurrealSink {
             let (Some(field), [row]) = (refused, part) else {
                 return Err(e);
             };
-            let key = table.describe_key(&table.key_of(row));
-            // SurrealDB's own words, after "loading … (statement i): ".
-            let why = message
-                .find("(statement ")
-                .and_then(|i| message[i..].split_once("): "))
-                .map(|(_, m)| m)
-                .unwrap_or(&message)
-                .to_string();
-            let column = table
-                .columns
-                .iter()
-                .enumerate()
-                .find(|(i, _)| field_name(table, *i).as_deref() == Some(field.as_str()))
-                .map(|(i, c)| (i, c.name.clone()));
-            if !self.rejects.enabled() {
-                return Err(Error::definite(format!(
-                    "table {:?}, key {key}{}: SurrealDB refused the row: {why} \
-                     (correct the row in the source, or set pipeline.reject_dir to set such rows aside)",
-                    table.name,
-                    column
-                        .as_ref()
-                        .map(|(_, c)| format!(", column {c:?}"))
-                        .unwrap_or_default()
-                )));
-            }
-            self.rejects.record(&Rejected {
-                table: table.name.clone(),
-                key,
-                column: column.as_ref().map(|(_, c)| c.clone()),
-                value: column.as_ref().map(|(i, _)| row[*i].to_string()),
-                reason: format!("SurrealDB refused it: {why}"),
-                phase: "snapshot",
-                position: String::new(),
-                row: row_json(&table.columns, row),
-            })?;
+            self.refused(table, row, &field, &message, None)?;
         }
         Ok(loaded)
+    }
+
+    /// A row SurrealDB refused (`field`'s ASSERT or type, its error
+    /// `message`), copied (`position` None) or streamed: set aside where
+    /// `pipeline.reject_dir` is set, else the error that names it.
+    fn refused(
+        &self,
+        table: &TableSchema,
+        row: &Row,
+        field: &str,
+        message: &str,
+        position: Option<Position>,
+    ) -> Result<()> {
+        let key = table.describe_key(&table.key_of(row));
+        // SurrealDB's own words, after "loading … (statement i): ".
+        let why = message
+            .find("(statement ")
+            .and_then(|i| message[i..].split_once("): "))
+            .map(|(_, m)| m)
+            .unwrap_or(message)
+            .to_string();
+        let column = table
+            .columns
+            .iter()
+            .enumerate()
+            .find(|(i, _)| field_name(table, *i).as_deref() == Some(field))
+            .map(|(i, c)| (i, c.name.clone()));
+        if !self.rejects.enabled() {
+            let named = column
+                .as_ref()
+                .map(|(_, c)| format!(", column {c:?}"))
+                .unwrap_or_default();
+            let at = position
+                .map(|p| format!(", change at {p}"))
+                .unwrap_or_default();
+            return Err(Error::definite(format!(
+                "table {:?}, key {key}{named}{at}: SurrealDB refused it: {why} \
+                 (correct the row in the source, or set pipeline.reject_dir to set such rows aside){}",
+                table.name,
+                if position.is_some() {
+                    "; the checkpoint stays before it"
+                } else {
+                    ""
+                }
+            )));
+        }
+        self.rejects.record(&Rejected {
+            table: table.name.clone(),
+            key,
+            column: column.as_ref().map(|(_, c)| c.clone()),
+            value: column.as_ref().map(|(i, _)| row[*i].to_string()),
+            reason: format!("SurrealDB refused it: {why}"),
+            phase: if position.is_some() {
+                "stream"
+            } else {
+                "snapshot"
+            },
+            position: position.map(|p| p.to_string()).unwrap_or_default(),
+            row: row_json(&table.columns, row),
+        })
     }
 
     pub fn client(&self) -> &crate::surreal::Store {
@@ -1338,43 +1364,7 @@ impl Sink for SurrealSink {
             else {
                 return Err(e);
             };
-            let t = &ch.table;
-            let key = t.describe_key(&t.key_of(row));
-            let why = message
-                .find("(statement ")
-                .and_then(|i| message[i..].split_once("): "))
-                .map(|(_, m)| m)
-                .unwrap_or(&message)
-                .to_string();
-            let column = t
-                .columns
-                .iter()
-                .enumerate()
-                .find(|(i, _)| field_name(t, *i).as_deref() == Some(field.as_str()))
-                .map(|(i, c)| (i, c.name.clone()));
-            if !self.rejects.enabled() {
-                return Err(Error::definite(format!(
-                    "table {:?}, key {key}{}, change at {}: SurrealDB refused it: {why} \
-                     (correct the row in the source, or set pipeline.reject_dir to set such rows aside); \
-                     the checkpoint stays before it",
-                    t.name,
-                    column
-                        .as_ref()
-                        .map(|(_, c)| format!(", column {c:?}"))
-                        .unwrap_or_default(),
-                    ch.position
-                )));
-            }
-            self.rejects.record(&Rejected {
-                table: t.name.clone(),
-                key,
-                column: column.as_ref().map(|(_, c)| c.clone()),
-                value: column.as_ref().map(|(i, _)| row[*i].to_string()),
-                reason: format!("SurrealDB refused it: {why}"),
-                phase: "stream",
-                position: ch.position.to_string(),
-                row: row_json(&t.columns, row),
-            })?;
+            self.refused(&ch.table, row, &field, &message, Some(ch.position))?;
             refused.insert(i);
         }
     }

@@ -671,7 +671,7 @@ async fn a_row_surrealdb_refuses_is_named_or_set_aside() {
         &err,
         &[
             "'legacy'",
-            "SurrealDB refused the row",
+            "SurrealDB refused it",
             "must conform to",
             "reject_dir",
         ],
