@@ -94,9 +94,13 @@ const POLL: Duration = Duration::from_millis(2);
 
 fn config(pg: &Pg, source: &str, target: &str, slot: &str) -> Result<Arc<Config>> {
     let text = format!(
-        "[source]\nurl = \"{}\"\npassword = \"{pw}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n[target]\nurl = \"{}\"\npassword = \"{pw}\"\n\n[tables]\nexclude = [\"pgbench_history\"]\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = 5000\n",
+        "[source]\nurl = \"{}\"\npassword = \"{pw}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n[target]\nurl = \"{}\"\npassword = \"{pw}\"\n\n[tables]\nexclude = [\"pgbench_history\"]\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = 5000\n{}",
         pg.url(source),
         pg.url(target),
+        // BENCH_PG_SPLIT_MB: pipeline.snapshot_split_mb (0: every table in one COPY).
+        std::env::var("BENCH_PG_SPLIT_MB")
+            .map(|v| format!("snapshot_split_mb = {v}\n"))
+            .unwrap_or_default(),
         pw = pg.password
     );
     Ok(Arc::new(Config::parse(&text)?))
