@@ -34,7 +34,7 @@ use surrealdb::types::{Array, Value as SValue, Variables};
 use switchyard::config::Config;
 use switchyard::model::{Row, TableSchema};
 use switchyard::pipeline::{Mode, Pipeline};
-use switchyard::sink::surreal::{content, ident, record_id, SurrealSink};
+use switchyard::sink::surreal::{ident, record, SurrealSink};
 use switchyard::sink::Sink;
 use switchyard::source::sqlite::SqliteSource;
 use switchyard::source::Source;
@@ -345,10 +345,16 @@ async fn main() -> Result<()> {
     .await?;
     // Every table's rows read ahead, then inserted one batch after the
     // other: the SDK's single stream.
-    let mut batches: Vec<(Arc<TableSchema>, Vec<Row>)> = Vec::new();
+    let tables: Vec<Arc<TableSchema>> = csource
+        .discover()
+        .await?
+        .tables
+        .into_iter()
+        .map(Arc::new)
+        .collect();
     let csource = Arc::new(csource);
-    for table in csource.discover().await?.tables {
-        let table = Arc::new(table);
+    let mut batches: Vec<(Arc<TableSchema>, Vec<Row>)> = Vec::new();
+    for table in &tables {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(1024);
         let reader = {
             let (table, csource) = (table.clone(), csource.clone());
@@ -362,16 +368,7 @@ async fn main() -> Result<()> {
     reset_peak_rss();
     let preread_rss = rss_mib();
     let csink = SurrealSink::connect(&ceiling_target, false, &cconfig).await?;
-    let schemas: Vec<Arc<TableSchema>> = {
-        let mut seen: Vec<Arc<TableSchema>> = Vec::new();
-        for (t, _) in &batches {
-            if !seen.iter().any(|s| s.name == t.name) {
-                seen.push(t.clone());
-            }
-        }
-        seen
-    };
-    csink.prepare(&schemas).await?;
+    csink.prepare(&tables).await?;
     let db = csink.client();
     let t = Instant::now();
     let mut n = 0usize;
@@ -380,12 +377,10 @@ async fn main() -> Result<()> {
             "INSERT IGNORE INTO {} $rows RETURN NONE;",
             ident(&table.target_name)
         );
-        let mut items = Vec::with_capacity(batch.len());
-        for row in batch {
-            let mut obj = content(table, row)?;
-            obj.insert("id", record_id(table, &table.key_of(row))?);
-            items.push(SValue::Object(obj));
-        }
+        let items = batch
+            .iter()
+            .map(|row| record(table, row).map(SValue::Object))
+            .collect::<switchyard::Result<Vec<_>>>()?;
         let mut vars = Variables::new();
         vars.insert("rows", Array::from(items));
         db.query(sql.as_str()).bind(vars).await?.check()?;

@@ -66,18 +66,6 @@ pub enum Store {
     Any(Surreal<Any>),
 }
 
-impl From<Surreal<Db>> for Store {
-    fn from(db: Surreal<Db>) -> Self {
-        Store::Embedded(db)
-    }
-}
-
-impl From<Surreal<Any>> for Store {
-    fn from(db: Surreal<Any>) -> Self {
-        Store::Any(db)
-    }
-}
-
 /// A query on a [`Store`], with its variables; awaited like the SDK's.
 pub struct StoreQuery<'a> {
     store: &'a Store,

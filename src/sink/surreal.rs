@@ -422,6 +422,13 @@ pub fn content(table: &TableSchema, row: &Row) -> Result<Object> {
     fields(table, row, false)
 }
 
+/// A row as the record it becomes: its content with its record id.
+pub fn record(table: &TableSchema, row: &Row) -> Result<Object> {
+    let mut obj = content(table, row)?;
+    obj.insert("id", record_id(table, &table.key_of(row))?);
+    Ok(obj)
+}
+
 /// The fields an update changes, for `MERGE`: every column but the unchanged
 /// ones, NULL as NONE (which removes the field).
 pub fn changed_fields(table: &TableSchema, row: &Row) -> Result<Object> {
@@ -513,10 +520,12 @@ impl SurrealSink {
 
     fn encode(&self, table: &TableSchema, row: &Row) -> Result<Record> {
         use surrealdb::types::ToSql;
-        let id = record_id(table, &table.key_of(row))?;
-        let mut obj = content(table, row)?;
-        obj.insert("id", id.clone());
-        Ok((SValue::RecordId(id).to_sql(), SValue::Object(obj).to_sql()))
+        let obj = record(table, row)?;
+        let id = obj
+            .get("id")
+            .map(|id| id.to_sql())
+            .ok_or_else(|| Error::definite("a record without an id (a sink bug)"))?;
+        Ok((id, SValue::Object(obj).to_sql()))
     }
 }
 
@@ -803,12 +812,10 @@ impl SurrealSink {
         let mut loaded = 0u64;
         let mut pending = vec![rows];
         while let Some(part) = pending.pop() {
-            let mut items = Vec::with_capacity(part.len());
-            for row in part {
-                let mut obj = content(table, row)?;
-                obj.insert("id", record_id(table, &table.key_of(row))?);
-                items.push(SValue::Object(obj));
-            }
+            let items = part
+                .iter()
+                .map(|row| record(table, row).map(SValue::Object))
+                .collect::<Result<Vec<_>>>()?;
             let mut vars = Variables::new();
             vars.insert("rows", Array::from(items));
             let done = self
