@@ -380,11 +380,7 @@ async fn values_a_narrower_column_does_not_hold_go_to_the_reject_file() {
     })
     .await;
     assert!(!run.is_finished());
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(rejects.join("album.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = reject_lines(&rejects.join("album.jsonl"));
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["phase"], "snapshot");
     assert_eq!(lines[0]["column"], "title");

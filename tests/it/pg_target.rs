@@ -798,15 +798,6 @@ async fn serials_identities_and_every_default_are_kept() {
     assert_eq!(next, 6);
 }
 
-/// The lines of a reject file, parsed.
-fn reject_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
 const MIXED: &str = "CREATE TABLE reading (id INTEGER PRIMARY KEY, n INTEGER, note TEXT, price DECIMAL(5, 2), raw);
      INSERT INTO reading VALUES (1, 10, 'one', 1.5, 1), (2, 'abc', 'two', 2, 2.5), (3, 30, 'three', 12345.678, 'text'),
                                 (4, 40, 'a' || char(0) || 'b', 4, x'00ff'), (5, 50, 'five', 5, NULL);

@@ -704,11 +704,7 @@ async fn a_row_surrealdb_refuses_is_named_or_set_aside() {
         }
     })
     .await;
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("orders.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = reject_lines(&dir.join("orders.jsonl"));
     let mut seen: Vec<(String, String, String)> = lines
         .iter()
         .map(|l| {
@@ -762,11 +758,9 @@ async fn a_row_surrealdb_refuses_is_named_or_set_aside() {
         }
     })
     .await;
-    let streamed: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("orders.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|l: &serde_json::Value| l["phase"] == "stream")
+    let streamed: Vec<serde_json::Value> = reject_lines(&dir.join("orders.jsonl"))
+        .into_iter()
+        .filter(|l| l["phase"] == "stream")
         .collect();
     assert_eq!(streamed.len(), 1, "{streamed:?}");
     assert_eq!(streamed[0]["key"], "(id = 7)");

@@ -273,11 +273,7 @@ async fn infinite_dates_are_refused_by_name_or_set_aside() {
     })
     .await;
     run.stop().await;
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("ev.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = reject_lines(&dir.join("ev.jsonl"));
     let seen: Vec<(String, String, String)> = lines
         .iter()
         .map(|l| {

@@ -478,3 +478,12 @@ pub fn capture_logs() {
         .with_env_filter("switchyard=info")
         .try_init();
 }
+
+/// The lines of a reject file, parsed.
+pub fn reject_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
