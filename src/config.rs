@@ -683,31 +683,66 @@ impl Config {
     }
 
     /// The configuration of the reverse replica a cutover leaves behind:
-    /// the target becomes the source (its own slot and publication, named
-    /// after the forward ones with `_reverse`), the old source the target,
-    /// whose tables exist already (`schema = "existing"`). `tables`: each
-    /// replicated table's (source name, target name).
-    pub fn reversed(&self, tables: &[(String, String)]) -> Result<Config> {
-        match (self.source_kind()?, self.target_kind()?) {
-            (SourceKind::Postgres { .. }, TargetKind::Postgres { .. }) => {}
-            _ => {
+    /// the target becomes the source (PostgreSQL: its own slot and
+    /// publication, named after the forward ones with `_reverse`; a
+    /// SurrealDB server: changefeeds on the tables), the old source the
+    /// target, whose tables exist already (`schema = "existing"`).
+    /// `tables`: each replicated table's (source name, target name);
+    /// `keys`: each one's key columns by source name, which a SurrealDB
+    /// target keeps in fields (`tables.keys` of the SurrealDB source).
+    pub fn reversed(
+        &self,
+        tables: &[(String, String)],
+        keys: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Config> {
+        let surreal = match (self.source_kind()?, self.target_kind()?) {
+            (SourceKind::Postgres { .. }, TargetKind::Postgres { .. }) => false,
+            (SourceKind::Postgres { .. }, TargetKind::Surreal { remote: true, .. }) => true,
+            (SourceKind::Postgres { .. }, TargetKind::Surreal { remote: false, .. }) => {
                 return Err(Error::config(
-                    "a reverse replica needs a PostgreSQL source and a PostgreSQL target",
+                    "a reverse replica out of SurrealDB needs a SurrealDB server as the target: after the switch an embedded store \
+                     is opened by the application alone (one process at a time); run the reverse replica inside the application \
+                     with the library (SurrealSource::from_client), or migrate into a server (ws://, wss://)",
                 ))
             }
-        }
-        let mut keys = BTreeMap::new();
+            _ => {
+                return Err(Error::config(
+                    "a reverse replica needs a PostgreSQL source and a PostgreSQL target or SurrealDB server",
+                ))
+            }
+        };
+        let mut by_target = BTreeMap::new();
         let mut rename = BTreeMap::new();
         for (source, target) in tables {
             if let Some(k) = self.tables.keys.get(source) {
-                keys.insert(target.clone(), k.clone());
+                by_target.insert(target.clone(), k.clone());
+            }
+            if surreal {
+                if let Some(k) = keys.get(source) {
+                    // Where the record id alone holds the key (one column
+                    // named `id`), the record id is the key column already.
+                    if k.as_slice() != ["id"] {
+                        by_target.insert(target.clone(), k.clone());
+                    }
+                }
             }
             if source != target {
                 rename.insert(target.clone(), source.clone());
             }
         }
-        Ok(Config {
-            source: SourceConfig {
+        let keys = by_target;
+        let source = if surreal {
+            SourceConfig {
+                url: self.target.url.clone(),
+                password: self.target.password.clone(),
+                namespace: self.target.namespace.clone(),
+                database: self.target.database.clone(),
+                username: self.target.username.clone(),
+                memory_mb: self.target.memory_mb,
+                ..self.source.clone()
+            }
+        } else {
+            SourceConfig {
                 url: self.target.url.clone(),
                 password: self.target.password.clone(),
                 slot: format!("{}_reverse", self.source.slot),
@@ -715,7 +750,10 @@ impl Config {
                 create_publication: true,
                 memory_mb: self.target.memory_mb,
                 ..self.source.clone()
-            },
+            }
+        };
+        Ok(Config {
+            source,
             target: TargetConfig {
                 url: self.source.url.clone(),
                 password: self.source.password.clone(),
@@ -1132,6 +1170,60 @@ mod tests {
         );
         #[cfg(feature = "surrealdb")]
         assert_eq!(crate::surreal::engine_budget(128), (32 << 20, 32 << 20));
+    }
+
+    #[test]
+    fn a_reverse_replica_out_of_surrealdb_reads_a_server_and_the_key_fields() {
+        let pg = MIN.replace(
+            "url = \"sqlite://data/app.sqlite\"",
+            "url = \"postgres://sy@127.0.0.1:5432/app\"",
+        );
+        let tables = [
+            ("acct".to_string(), "acct".to_string()),
+            ("sales.item".to_string(), "item".to_string()),
+        ];
+        let keys = BTreeMap::from([
+            ("acct".to_string(), vec!["id".to_string()]),
+            (
+                "sales.item".to_string(),
+                vec!["sku".to_string(), "id".to_string()],
+            ),
+        ]);
+        let e = Config::parse(&pg)
+            .unwrap()
+            .reversed(&tables, &keys)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SurrealDB server") && e.contains("embedded"),
+            "{e}"
+        );
+        let remote = pg.replace(
+            "url = \"mem://\"",
+            "url = \"ws://127.0.0.1:8000\"\n        username = \"root\"\n        password = \"pw\"",
+        );
+        let r = Config::parse(&remote)
+            .unwrap()
+            .reversed(&tables, &keys)
+            .unwrap();
+        assert_eq!(r.source.url, "ws://127.0.0.1:8000");
+        assert_eq!(
+            (r.source.namespace.as_deref(), r.source.username.as_deref()),
+            (Some("app"), Some("root"))
+        );
+        assert_eq!(r.target.url, "postgres://sy@127.0.0.1:5432/app");
+        // A key in the record id alone needs no key fields.
+        assert_eq!(
+            r.tables.keys,
+            BTreeMap::from([(
+                "item".to_string(),
+                vec!["sku".to_string(), "id".to_string()]
+            )])
+        );
+        assert_eq!(
+            r.tables.rename.get("item").map(String::as_str),
+            Some("sales.item")
+        );
     }
 
     #[test]

@@ -128,7 +128,7 @@ struct CutoverArgs {
     /// How the fenced source and the target are compared: none, counts, full.
     #[arg(long, default_value = "counts")]
     verify: switchyard::cutover::VerifyMode,
-    /// Leave a reverse replica from the target back into the source (PostgreSQL → PostgreSQL).
+    /// Leave a reverse replica from the target back into the source (PostgreSQL → PostgreSQL, or PostgreSQL → a SurrealDB server).
     #[arg(long)]
     reverse: bool,
     /// Preflight only: go (exit 0) or no-go (exit 1) with the reasons; writes nothing.

@@ -235,6 +235,7 @@ pub async fn run(
             .iter()
             .map(|t| (t.name.clone(), t.target_name.clone()))
             .collect(),
+        keys: reverse::key_columns(&sides.tables),
         reverse_slot: None,
         ended: false,
         error: None,

@@ -53,6 +53,20 @@ pub async fn problems(
         }
     }
     out.extend(sink.cutover_problems(tables).await?);
+    if let Ok(crate::config::SourceKind::Surreal { .. }) = config.source_kind() {
+        // A marker is read no sooner than the changefeed window after it
+        // was written.
+        let window = Duration::from_millis(config.source.changefeed_window_ms);
+        if opts.max_lag <= window {
+            out.push(format!(
+                "--max-lag {:?}: a SurrealDB source is read source.changefeed_window_ms ({} ms) behind its clock, so no marker comes back sooner; \
+                 give --max-lag more than that (for example {}s)",
+                opts.max_lag,
+                config.source.changefeed_window_ms,
+                window.as_secs() + 2
+            ));
+        }
+    }
     if let Some(dir) = &config.pipeline.reject_dir {
         let n = rejected(dir)?;
         if n > 0 {
@@ -186,7 +200,7 @@ async fn reverse_problems(config: &Config, tables: &[Arc<TableSchema>]) -> Vec<S
         .iter()
         .map(|t| (t.name.clone(), t.target_name.clone()))
         .collect();
-    let rc = match config.reversed(&pairs) {
+    let rc = match config.reversed(&pairs, &super::reverse::key_columns(tables)) {
         Ok(c) => c,
         Err(e) => return vec![format!("--reverse: {e}")],
     };

@@ -55,7 +55,8 @@ pub struct Options {
     /// catch up before it fences).
     pub timeout: Duration,
     pub verify: VerifyMode,
-    /// Leave a reverse replica (PostgreSQL → PostgreSQL).
+    /// Leave a reverse replica (PostgreSQL → PostgreSQL, PostgreSQL → a
+    /// SurrealDB server).
     pub reverse: bool,
     /// Preflight only.
     pub check: bool,
@@ -113,7 +114,12 @@ pub struct Record {
     pub position: Option<String>,
     /// Each replicated table's (source name, target name).
     pub tables: Vec<(String, String)>,
-    /// The reverse replica's slot on the target.
+    /// Each replicated table's key columns by source name (a reverse
+    /// replica out of SurrealDB reads them from the record's fields).
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, Vec<String>>,
+    /// The reverse replica on the target: its slot (PostgreSQL), or
+    /// `changefeed` (SurrealDB).
     pub reverse_slot: Option<String>,
     /// The stop marker was met and forward replication released.
     #[serde(default)]

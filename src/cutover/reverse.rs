@@ -1,11 +1,13 @@
-//! The reverse replica a PostgreSQL → PostgreSQL cutover leaves behind:
-//! the new primary (the old target) streams into the old primary, whose
-//! tables are identical at the cutover, so nothing is copied. Its slot is
-//! made on the target before the application can write there; the old
-//! source's `switchyard` schema records every table as copied at the slot's
-//! start. `rollback` is a cutover over it, ending with the old primary
-//! writable again.
+//! The reverse replica a cutover out of PostgreSQL leaves behind: the new
+//! primary (the old target, PostgreSQL or a SurrealDB server) streams into
+//! the old primary, whose tables are identical at the cutover, so nothing
+//! is copied. Its slot (PostgreSQL) or changefeeds (SurrealDB) are made on
+//! the target before the application can write there; the old source's
+//! `switchyard` schema records every table as copied at that position.
+//! `rollback` is a cutover over it, ending with the old primary writable
+//! again (PostgreSQL → PostgreSQL).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tracing::info;
@@ -17,9 +19,27 @@ use crate::model::TableSchema;
 use crate::source::Access;
 
 /// The reverse replica's configuration for a cutover of `config` that
-/// replicated `tables` (source name, target name).
-pub fn config(config: &Config, tables: &[(String, String)]) -> Result<Arc<Config>> {
-    Ok(Arc::new(config.reversed(tables)?))
+/// replicated `tables` (source name, target name) with these key columns.
+pub fn config(
+    config: &Config,
+    tables: &[(String, String)],
+    keys: &BTreeMap<String, Vec<String>>,
+) -> Result<Arc<Config>> {
+    Ok(Arc::new(config.reversed(tables, keys)?))
+}
+
+/// Each table's key columns by source name (tables with a key).
+pub fn key_columns(tables: &[Arc<TableSchema>]) -> BTreeMap<String, Vec<String>> {
+    tables
+        .iter()
+        .filter(|t| !t.whole_row)
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.key.iter().map(|&i| t.columns[i].name.clone()).collect(),
+            )
+        })
+        .collect()
 }
 
 /// Creates the reverse replica: its slot and publication on the target
@@ -33,7 +53,7 @@ pub async fn prepare(
         .iter()
         .map(|t| (t.name.clone(), t.target_name.clone()))
         .collect();
-    let rc = self::config(config, &pairs)?;
+    let rc = self::config(config, &pairs, &key_columns(tables))?;
     let p = crate::connect::pipeline(&rc).await?;
     let rtables = p.tables().await?;
     if rtables.len() != tables.len() {
@@ -49,16 +69,31 @@ pub async fn prepare(
     let at = source.current_position().await?;
     sink.adopt(&rtables, at, &installed.origin).await?;
     source.release_snapshot().await;
-    info!(slot = %rc.source.slot, position = %at, "reverse replica prepared");
-    Ok((
-        rc.source.slot.clone(),
-        vec![
+    let shown = at.show(source.position_kind());
+    let (name, made) = if surreal_target(&rc)? {
+        info!(position = %shown, "reverse replica prepared: changefeeds on the target");
+        (
+            CHANGEFEED.to_string(),
             format!(
-                "slot {:?} and publication {:?} on the target, from {}",
-                rc.source.slot,
-                rc.source.publication,
-                at.show(crate::position::PositionKind::Lsn)
+                "changefeeds on the target's {} table(s) (retention {}), from versionstamp {shown}",
+                rtables.len(),
+                rc.source.changefeed_retention
             ),
+        )
+    } else {
+        info!(slot = %rc.source.slot, position = %shown, "reverse replica prepared");
+        (
+            rc.source.slot.clone(),
+            format!(
+                "slot {:?} and publication {:?} on the target, from {shown}",
+                rc.source.slot, rc.source.publication,
+            ),
+        )
+    };
+    Ok((
+        name,
+        vec![
+            made,
             format!(
                 "the old source records {} table(s) as identical there; start the reverse replica with `switchyard run --reverse`",
                 rtables.len()
@@ -67,11 +102,32 @@ pub async fn prepare(
     ))
 }
 
-/// Drops a reverse slot made by a cutover that was then undone.
+/// What `Record::reverse_slot` holds for a reverse replica out of SurrealDB.
+const CHANGEFEED: &str = "changefeed";
+
+/// Whether the reverse replica reads a SurrealDB server (the forward
+/// target).
+fn surreal_target(reversed: &Config) -> Result<bool> {
+    Ok(matches!(
+        reversed.source_kind()?,
+        crate::config::SourceKind::Surreal { .. }
+    ))
+}
+
+/// Drops a reverse slot (or the changefeeds) made by a cutover that was
+/// then undone.
 pub async fn discard(config: &Arc<Config>, slot: &str) -> Result<Vec<String>> {
     let mut c = (**config).clone();
-    // Any table: only the slot is touched.
-    let rc = c.reversed(&[])?;
+    // Any table: only the slot or the changefeeds are touched.
+    let rc = c.reversed(&[], &BTreeMap::new())?;
+    if surreal_target(&rc)? {
+        let rejects = Arc::new(crate::reject::Rejects::default());
+        let source = crate::connect::source(&rc, rejects, Access::ReadWrite).await?;
+        source.uninstall().await?;
+        return Ok(vec![
+            "the changefeeds switchyard defined on the target are removed".into(),
+        ]);
+    }
     c = Config {
         source: crate::config::SourceConfig {
             slot: slot.to_string(),
@@ -94,7 +150,7 @@ pub async fn reversed(config: &Arc<Config>) -> Result<Arc<Config>> {
             r.id
         )));
     }
-    self::config(config, &r.tables)
+    self::config(config, &r.tables, &r.keys)
 }
 
 async fn forward_record(config: &Arc<Config>) -> Result<Record> {
@@ -155,7 +211,7 @@ impl Forward {
 pub async fn for_rollback(config: &Arc<Config>) -> Result<(Arc<Config>, Forward)> {
     match forward_record(config).await {
         Ok(r) if r.reverse_slot.is_some() => Ok((
-            self::config(config, &r.tables)?,
+            self::config(config, &r.tables, &r.keys)?,
             Forward {
                 config: config.clone(),
                 record: Some(r),

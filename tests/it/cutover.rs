@@ -885,3 +885,235 @@ async fn an_idle_source_with_a_daemon_is_go_at_once() {
     }
     assert!(daemon.interrupt().await.success());
 }
+
+/// Beside `acct`: a key not named `id` next to a column that is (SurrealDB
+/// keeps it in `source_id`), and a composite key, with values of several
+/// types.
+const MORE: &str = "CREATE TABLE item (sku text PRIMARY KEY, id int NOT NULL, price numeric(10, 2), made timestamptz, tags jsonb, u uuid, ok boolean);
+     INSERT INTO item VALUES ('a-1', 1, 9.50, '2026-01-02 03:04:05+00', '{\"x\": [1, 2]}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', true), ('b-2', 2, NULL, NULL, NULL, NULL, NULL);
+     CREATE TABLE line (o int, n int, qty int NOT NULL, PRIMARY KEY (o, n));
+     INSERT INTO line SELECT g / 3, g % 3, g FROM generate_series(1, 30) g;";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_into_a_surrealdb_server_leaves_a_reverse_replica_that_copies_nothing() {
+    use crate::surreal_remote::{SurrealServer, PASSWORD};
+    use switchyard::sink::surreal::SurrealSink;
+    let db = PgDb::new(&format!("{APP}{MORE}")).await;
+    let role = app_role(&db).await;
+    let s = Scratch::new();
+    let server = SurrealServer::start(s.path("surreal.log")).await;
+    let text = db.config_text(&server.url, "").replacen(
+        "database = \"test\"\n",
+        &format!("database = \"test\"\nusername = \"root\"\npassword = \"{PASSWORD}\"\n"),
+        1,
+    );
+    let config = Arc::new(Config::parse(&text).unwrap());
+    let app = SurrealSink::connect(&server.url, true, &config)
+        .await
+        .unwrap();
+    let count = |table: &'static str| {
+        let c = app.client().clone();
+        async move {
+            // The namespace exists once the copy has begun.
+            let n: Option<i64> = c
+                .query(format!(
+                    "USE NS test DB test; SELECT count() AS n FROM {table} GROUP ALL"
+                ))
+                .await
+                .ok()
+                .and_then(|mut r| r.take((1, "n")).ok())
+                .flatten();
+            n.unwrap_or(0)
+        }
+    };
+    let daemon = stream(&config).await;
+    wait_until("the copy", Duration::from_secs(60), || async {
+        count("acct").await == 200 && count("line").await == 30 && count("item").await == 2
+    })
+    .await;
+    app.client().use_ns("test").await.unwrap();
+    app.client().use_db("test").await.unwrap();
+    let w = AppWriter::start(db.cluster.clone(), db.name.clone(), role.clone());
+    wait_until("the writer to write", Duration::from_secs(30), || async {
+        w.seen(|s| s.accepted > 20)
+    })
+    .await;
+    let out = cut(
+        &config,
+        &Options {
+            reverse: true,
+            verify: VerifyMode::Full,
+            ..options(FenceMode::ReadOnly, &role)
+        },
+    )
+    .await;
+    let seen = w.stop().await;
+    assert!(out.switched, "{out:#?}");
+    assert!(
+        step(&out, "reverse replica").ok && out.reverse.is_some(),
+        "{out:#?}"
+    );
+    assert_names(
+        &step(&out, "reverse replica").detail.join(" "),
+        &["changefeeds", "3 table(s)"],
+    );
+    let _ = daemon.handle.await;
+    assert_eq!(count("acct").await as usize, 200 + seen.live.len());
+
+    // The application moves to SurrealDB and writes there before the
+    // reverse replica runs, and while it runs.
+    app.client()
+        .query(
+            "CREATE acct:900001 SET k = 900001, v = 5, t = 1;
+             UPDATE item:`a-1` SET price = 12.25dec, tags = { y: 'z' };
+             DELETE line:[1, 0];
+             CREATE line:[50, 1] SET o = 50, n = 1, qty = 7;
+             CREATE item:`c-3` SET sku = 'c-3', source_id = 3, made = d'2026-03-04T05:06:07Z', u = u'b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12', ok = false;",
+        )
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    let reverse = Arc::new(
+        switchyard::cutover::reverse::reversed(&config)
+            .await
+            .unwrap(),
+    );
+    let back = stream(&reverse).await;
+    app.client()
+        .query("DELETE acct WHERE k = 900001; CREATE acct:900002 SET k = 900002, v = 6; DELETE item:`b-2`;")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    let old = &db.client;
+    wait_until("the reverse replica", Duration::from_secs(60), || async {
+        old.query_opt("SELECT 1 FROM acct WHERE id = 900002 AND k = 900002", &[])
+            .await
+            .unwrap()
+            .is_some()
+            && old
+                .query_opt("SELECT 1 FROM item WHERE sku = 'b-2'", &[])
+                .await
+                .unwrap()
+                .is_none()
+    })
+    .await;
+    // Read back with SQL.
+    let r = old
+        .query_one(
+            "SELECT id, price::text, tags::text, made = '2026-03-04 05:06:07+00', u::text, ok FROM item WHERE sku = 'c-3'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i32>(0), 3);
+    assert_eq!(r.get::<_, Option<String>>(1), None);
+    assert!(r.get::<_, bool>(3));
+    assert_eq!(
+        r.get::<_, String>(4),
+        "b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12"
+    );
+    assert!(!r.get::<_, bool>(5));
+    let r = old
+        .query_one(
+            "SELECT price::text, tags::text FROM item WHERE sku = 'a-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "12.25");
+    assert_eq!(r.get::<_, String>(1), "{\"y\": \"z\"}");
+    let lines: Vec<(i32, i32)> = old
+        .query(
+            "SELECT o, n FROM line WHERE (o, n) IN ((1, 0), (50, 1))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(lines, vec![(50, 1)]);
+    assert!(old
+        .query_opt("SELECT 1 FROM acct WHERE k = 900001", &[])
+        .await
+        .unwrap()
+        .is_none());
+
+    // Identical, table by table, and nothing was copied back.
+    let p = switchyard::connect::pipeline(&reverse).await.unwrap();
+    let compare = switchyard::verify::Options {
+        tables: Vec::new(),
+        wait: Some(Duration::from_secs(30)),
+        batch_rows: 100,
+    };
+    let verdict = switchyard::verify::verify(p.source(), p.sink(), &compare)
+        .await
+        .unwrap();
+    assert!(
+        verdict.identical,
+        "{}",
+        switchyard::commands::verify::render(&verdict)
+    );
+
+    // Rollback over it: the application's writers into SurrealDB stopped
+    // (--fence none), markers through the reverse replica's stream, the old
+    // primary writable again, its sequences past SurrealDB's keys.
+    let no_go = switchyard::cutover::run(
+        config.clone(),
+        Direction::Rollback,
+        &Options {
+            check: true,
+            roles: None,
+            max_lag: Duration::from_secs(1),
+            ..options(FenceMode::ReadOnly, "")
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(!no_go.go, "{no_go:#?}");
+    assert_names(&no_go.reasons.join("\n"), &["--fence none", "--max-lag"]);
+    let out = switchyard::cutover::run(
+        config.clone(),
+        Direction::Rollback,
+        &Options {
+            roles: None,
+            max_lag: Duration::from_secs(5),
+            verify: VerifyMode::Full,
+            ..options(FenceMode::None, "")
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.switched && step(&out, "old primary writable").ok,
+        "{out:#?}"
+    );
+    assert_names(
+        &step(&out, "forward replication ended").detail.join(" "),
+        &[
+            "stop marker",
+            "changefeeds switchyard defined in the source are removed",
+        ],
+    );
+    let report = back.handle.await.unwrap().unwrap();
+    assert!(report.stopped_by.is_some(), "{report:?}");
+    assert!(
+        report.tables.len() == 3 && report.tables.iter().all(|t| t.already_copied),
+        "{report:?}"
+    );
+    assert!(report.changes_applied >= 8, "{report:?}");
+    let c = connect_as(&db.cluster, &db.name, &role).await.unwrap();
+    let id: i32 = c
+        .query_one(
+            "INSERT INTO acct (k, v) VALUES (777777777, 0) RETURNING id",
+            &[],
+        )
+        .await
+        .expect("the old primary takes writes again")
+        .get(0);
+    assert!(id > 900002, "{id}");
+}

@@ -8,6 +8,9 @@
 //!  stream:      SHOW CHANGES FOR DATABASE SINCE v LIMIT 1000, in versionstamp order,
 //!               up to the safe head                        position = (versionstamp, change)
 //!  ack:         nothing (the changefeed's retention removes old changes)
+//!  cutover:     markers are records of _switchyard_marks (a changefeed of its own);
+//!               the streaming process renews _switchyard_capture:stream (its lease);
+//!               the fence is `none` (SurrealDB's users are not switchyard's to fence)
 //! ```
 //!
 //! What SurrealDB 3.3 does that shapes this (see DESIGN.md):
@@ -39,17 +42,25 @@ use tracing::{debug, info};
 
 use crate::config::{Config, TableFilter};
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{Change, Column, Ddl, Link, LogicalType, Op, Row, TableSchema, Value};
+use crate::model::{Change, Column, Ddl, Link, LogicalType, Marker, Op, Row, TableSchema, Value};
 use crate::position::{Durable, Position, PositionKind};
 use crate::redact::redact_url;
 use crate::reject::{Rejected, Rejects};
 use crate::schema::surreal::ident;
-use crate::source::{Batch, Discovery, Installed, Pending, Problem, Source, SourceLag};
+use crate::source::{
+    Batch, Discovery, Fence, FenceMode, Installed, Pending, Problem, Source, SourceLag,
+};
 
 /// Where switchyard notes what it installed in the source.
 const CAPTURE: &str = "_switchyard_capture";
 /// Entries per changefeed page: SurrealDB's cap.
 const PAGE: usize = 1000;
+/// The markers cutover writes into the change stream, one record each.
+const MARKS: &str = "_switchyard_marks";
+/// How often the streaming process renews its lease, and how old a lease
+/// may be and still hold.
+const LEASE_EVERY: Duration = Duration::from_secs(2);
+const LEASE_HOLDS: Duration = Duration::from_secs(10);
 
 pub struct SurrealSource {
     db: crate::surreal::Store,
@@ -58,11 +69,16 @@ pub struct SurrealSource {
     database: String,
     filter: TableFilter,
     renames: BTreeMap<String, String>,
+    /// Tables whose key is held in fields (`tables.keys`), not by the
+    /// record id alone: their record ids are not a column.
+    keys: BTreeMap<String, Vec<String>>,
     define_changefeed: bool,
     retention: String,
     window_ms: u64,
     poll_interval: Duration,
     rejects: Arc<Rejects>,
+    /// Names this source's stream in its lease.
+    holder: String,
 }
 
 /// An SDK error, its message after the context.
@@ -192,11 +208,44 @@ struct Misfit {
 /// The fields of a record that `table` has no column for yet (a schemaless
 /// table's new fields).
 fn new_fields(table: &TableSchema, record: &Object) -> Vec<String> {
+    let keyed = !id_is_column(table);
     record
         .keys()
-        .filter(|k| *k != "id" && !table.columns.iter().any(|c| &c.name == *k))
+        .filter(|k| *k != "id" && !table.columns.iter().any(|c| c.name == column_of(keyed, k)))
         .cloned()
         .collect()
+}
+
+/// How the source type of the record id column reads.
+const RECORD_ID: &str = "record id";
+
+/// Whether the table's record id is its key column (`id`), as it is unless
+/// `tables.keys` names the fields that hold the key.
+fn id_is_column(table: &TableSchema) -> bool {
+    table
+        .columns
+        .first()
+        .is_some_and(|c| c.source_type == RECORD_ID)
+}
+
+/// The column a field is read as. Where the record id is not a column, the
+/// field `source_id` is the column `id`: switchyard's SurrealDB target keeps a
+/// source column named `id` there (`id` is the record id in SurrealDB).
+fn column_of(keyed: bool, field: &str) -> &str {
+    if keyed && field == "source_id" {
+        "id"
+    } else {
+        field
+    }
+}
+
+/// The field a column is read from (the inverse of [`column_of`]).
+fn field_of(keyed: bool, column: &str) -> &str {
+    if keyed && column == "id" {
+        "source_id"
+    } else {
+        column
+    }
 }
 
 /// A record as a row of `table` (fields it has no column for are not read:
@@ -207,8 +256,9 @@ fn row_of(
     mut record: Object,
 ) -> std::result::Result<Row, Misfit> {
     let mut row = Vec::with_capacity(table.columns.len());
+    let keyed = !id_is_column(table);
     for (i, col) in table.columns.iter().enumerate() {
-        if table.key == [i] {
+        if i == 0 && !keyed {
             row.push(key_of(table, &id.key).map_err(|message| Misfit {
                 column: i,
                 value: id.key.to_sql(),
@@ -216,7 +266,9 @@ fn row_of(
             })?);
             continue;
         }
-        let v = record.remove(&col.name).unwrap_or(SValue::None);
+        let v = record
+            .remove(field_of(keyed, &col.name))
+            .unwrap_or(SValue::None);
         let v = values::convert(col, link_of(col), v).map_err(|r| Misfit {
             column: i,
             value: r.value,
@@ -244,6 +296,63 @@ fn key_of(table: &TableSchema, key: &RecordIdKey) -> std::result::Result<Value, 
             key.to_sql()
         ))
     }
+}
+
+/// A record id as the values of the table's key columns: the record id
+/// column itself, or the fields that hold the key (one, or an array of them
+/// in key order, as switchyard's SurrealDB target makes record ids).
+fn key_values(table: &TableSchema, key: &RecordIdKey) -> std::result::Result<Vec<Value>, String> {
+    if id_is_column(table) {
+        return key_of(table, key).map(|v| vec![v]);
+    }
+    let parts: Vec<SValue> = match (table.key.len(), key) {
+        (1, k) => vec![key_svalue(k)],
+        (n, RecordIdKey::Array(a)) if a.len() == n => a.iter().cloned().collect(),
+        (n, k) => {
+            return Err(format!(
+                "the record id {} does not hold the table's {n} key field(s) ({}) as tables.keys names them",
+                k.to_sql(),
+                table
+                    .key
+                    .iter()
+                    .map(|&i| table.columns[i].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }
+    };
+    table
+        .key
+        .iter()
+        .zip(parts)
+        .map(|(&i, v)| {
+            let col = &table.columns[i];
+            values::convert(col, link_of(col), v).map_err(|r| r.message)
+        })
+        .collect()
+}
+
+/// A record id's key as a value.
+fn key_svalue(key: &RecordIdKey) -> SValue {
+    match key {
+        RecordIdKey::Number(i) => SValue::Number(Number::Int(*i)),
+        RecordIdKey::String(s) => SValue::String(s.clone()),
+        RecordIdKey::Uuid(u) => SValue::Uuid(*u),
+        RecordIdKey::Array(a) => SValue::Array(a.clone()),
+        RecordIdKey::Object(o) => SValue::Object(o.clone()),
+        RecordIdKey::Range(_) => SValue::String(key.to_sql()),
+    }
+}
+
+/// A name for one source's stream, unique among processes and within one.
+fn holder() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "pid {} #{} {}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        chrono::Utc::now().timestamp_micros()
+    )
 }
 
 impl SurrealSource {
@@ -326,11 +435,13 @@ impl SurrealSource {
             database,
             filter: config.table_filter()?,
             renames: config.tables.rename.clone(),
+            keys: config.tables.keys.clone(),
             define_changefeed: config.source.define_changefeed,
             retention: config.source.changefeed_retention.clone(),
             window_ms: config.source.changefeed_window_ms,
             poll_interval: Duration::from_millis(config.source.poll_interval_ms.max(10)),
             rejects,
+            holder: holder(),
         })
     }
 
@@ -517,12 +628,19 @@ impl SurrealSource {
             [a, b] if a == b => *a,
             _ => LogicalType::Any,
         };
-        let mut columns = vec![Column {
-            name: "id".into(),
-            source_type: "record id".into(),
-            logical: key_type,
-            nullable: false,
-        }];
+        // With tables.keys, fields hold the key and the record id is not a
+        // column.
+        let key_names = self.keys.get(name);
+        let keyed = key_names.is_some();
+        let mut columns = Vec::new();
+        if !keyed {
+            columns.push(Column {
+                name: "id".into(),
+                source_type: RECORD_ID.into(),
+                logical: key_type,
+                nullable: false,
+            });
+        }
         let mut links = Vec::new();
         for f in &fields {
             let Some(fname) = f.get("name").and_then(|n| n.as_str()) else {
@@ -533,7 +651,7 @@ impl SurrealSource {
             if fname == "id" || fname.contains(['.', '[']) {
                 continue;
             }
-            let fname = fname.trim_matches('`').to_string();
+            let fname = column_of(keyed, fname.trim_matches('`')).to_string();
             let (col, link) = values::column(&fname, f.get("kind").and_then(|k| k.as_str()));
             if let Some(to) = link {
                 links.push(Link {
@@ -558,8 +676,8 @@ impl SurrealSource {
                 .and_then(|v| v.get("k")?.as_array().cloned())
                 .unwrap_or_default()
                 .into_iter()
-                .filter_map(|k| k.as_str().map(str::to_string))
-                .filter(|k| k != "id" && !columns.iter().any(|c| &c.name == k))
+                .filter_map(|k| k.as_str().map(|k| column_of(keyed, k).to_string()))
+                .filter(|k| (keyed || k != "id") && !columns.iter().any(|c| &c.name == k))
                 .collect();
             keys.sort();
             if !keys.is_empty() {
@@ -585,7 +703,21 @@ impl SurrealSource {
             .get(name)
             .cloned()
             .unwrap_or_else(|| name.to_string());
-        let mut t = TableSchema::keyed(name.to_string(), target_name, columns, vec![0]);
+        let key = match key_names {
+            None => vec![0],
+            Some(names) => names
+                .iter()
+                .map(|k| {
+                    columns.iter().position(|c| &c.name == k).ok_or_else(|| {
+                        Error::config(format!(
+                            "tables.keys names field {k:?} as a key of table {name:?}, which has no such field defined{}",
+                            if k == "id" { " (a key column `id` is kept in the field `source_id`)" } else { "" }
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let mut t = TableSchema::keyed(name.to_string(), target_name, columns, key);
         t.links = links;
         t.secondary = secondary;
         Ok(Some(t))
@@ -691,6 +823,19 @@ impl SurrealSource {
                 .collect();
             Some((origin, defined))
         }))
+    }
+
+    /// Renews this process's lease on the stream (`stream_in_use`).
+    async fn renew_lease(&self) -> Result<()> {
+        let mut vars = Variables::new();
+        vars.insert("holder", self.holder.clone());
+        self.query(
+            "renewing the stream's lease in the source",
+            format!("UPSERT {CAPTURE}:stream CONTENT {{ holder: $holder, at: time::now() }} RETURN NONE"),
+            vars,
+        )
+        .await?;
+        Ok(())
     }
 
     /// Changes of `tables` in the changefeed after `after` and at or before
@@ -888,7 +1033,7 @@ impl Source for SurrealSource {
         }
         self.query(
             "removing switchyard's capture record",
-            format!("REMOVE TABLE IF EXISTS {CAPTURE}"),
+            format!("REMOVE TABLE IF EXISTS {CAPTURE}; REMOVE TABLE IF EXISTS {MARKS};"),
             Variables::new(),
         )
         .await?;
@@ -990,9 +1135,14 @@ impl Source for SurrealSource {
             tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
         let mut after = after;
         let mut last_sent = Instant::now();
+        let mut renewed: Option<Instant> = None;
         loop {
             if cancel.is_cancelled() {
                 return Ok(());
+            }
+            if renewed.is_none_or(|r| r.elapsed() >= LEASE_EVERY) {
+                self.renew_lease().await?;
+                renewed = Some(Instant::now());
             }
             let safe = self.safe_head().await?;
             let mut out = Batch {
@@ -1015,15 +1165,25 @@ impl Source for SurrealSource {
                         if at <= after {
                             continue;
                         }
+                        if ch.table() == MARKS {
+                            if let FeedChange::Set { record, .. } = &ch {
+                                if let Some(SValue::String(m)) = record.get("marker") {
+                                    if let Ok(marker) = serde_json::from_str::<Marker>(m) {
+                                        out.markers.push((at, marker));
+                                    }
+                                }
+                            }
+                            continue;
+                        }
                         let Some(table) = shapes.get(ch.table()).cloned() else {
                             continue;
                         };
                         match ch {
                             FeedChange::Define { .. } => {}
-                            FeedChange::Delete { id } => match key_of(&table, &id.key) {
-                                Ok(k) => out.changes.push(Change {
+                            FeedChange::Delete { id } => match key_values(&table, &id.key) {
+                                Ok(key) => out.changes.push(Change {
                                     table,
-                                    op: Op::Delete { key: vec![k] },
+                                    op: Op::Delete { key },
                                     position: at,
                                 }),
                                 Err(message) => self.set_aside(
@@ -1084,7 +1244,10 @@ impl Source for SurrealSource {
                 }
             }
             let moved = out.upto > after;
-            if !out.changes.is_empty() || (moved && last_sent.elapsed() >= Duration::from_secs(1)) {
+            if !out.changes.is_empty()
+                || !out.markers.is_empty()
+                || (moved && last_sent.elapsed() >= Duration::from_secs(1))
+            {
                 debug!(changes = out.changes.len(), upto = %out.upto, "changefeed read");
                 after = out.upto;
                 last_sent = Instant::now();
@@ -1099,6 +1262,103 @@ impl Source for SurrealSource {
                 }
             }
         }
+    }
+
+    async fn mark(&self, marker: &Marker) -> Result<()> {
+        let text = serde_json::to_string(marker)
+            .map_err(|e| Error::definite("cannot encode a marker").with_source(e))?;
+        let mut vars = Variables::new();
+        vars.insert("m", text);
+        self.query(
+            "writing a cutover marker into the source",
+            format!(
+                "DEFINE TABLE IF NOT EXISTS {MARKS} SCHEMALESS CHANGEFEED {}; CREATE {MARKS} CONTENT {{ marker: $m }} RETURN NONE;",
+                self.retention
+            ),
+            vars,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn stream_in_use(&self) -> Result<bool> {
+        let mut vars = Variables::new();
+        vars.insert("holder", self.holder.clone());
+        vars.insert("holds", format!("{}s", LEASE_HOLDS.as_secs()));
+        let mut r = match self
+            .query(
+                "reading the stream's lease in the source",
+                format!(
+                    "RETURN (SELECT VALUE holder != $holder AND at > time::now() - <duration> $holds FROM ONLY {CAPTURE}:stream) ?? false"
+                ),
+                vars,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.report().contains("does not exist") => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let held: Option<bool> = r
+            .take(0)
+            .map_err(|e| surreal_error("reading the stream's lease", e))?;
+        Ok(held.unwrap_or(false))
+    }
+
+    async fn cutover_problems(
+        &self,
+        mode: FenceMode,
+        roles: Option<&[String]>,
+        _tables: &[Arc<TableSchema>],
+        reverse: bool,
+    ) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        if mode != FenceMode::None {
+            out.push(
+                "--fence: a SurrealDB source is cut over with --fence none: stop the application's writers into SurrealDB first \
+                 (cutover then checks that nothing arrives in a quiet second)"
+                    .into(),
+            );
+        }
+        if roles.is_some_and(|r| !r.is_empty()) {
+            out.push("--roles: a SurrealDB source's users are not fenced (--fence none)".into());
+        }
+        if reverse {
+            out.push("--reverse: a SurrealDB source takes no reverse replica".into());
+        }
+        Ok(out)
+    }
+
+    async fn plan_fence(
+        &self,
+        mode: FenceMode,
+        _roles: Option<&[String]>,
+        _tables: &[Arc<TableSchema>],
+    ) -> Result<Fence> {
+        if mode != FenceMode::None {
+            return Err(Error::config(
+                "a SurrealDB source is cut over with --fence none",
+            ));
+        }
+        Ok(Fence {
+            mode,
+            roles: Vec::new(),
+            plan: serde_json::Value::Null,
+            summary: vec![
+                "no fence: the operator has stopped the application's writers into SurrealDB; cutover checks that nothing is written".into(),
+            ],
+        })
+    }
+
+    async fn apply_fence(&self, _fence: &Fence) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    async fn end_replication(&self) -> Result<Vec<String>> {
+        self.uninstall().await?;
+        Ok(vec![
+            "the changefeeds switchyard defined in the source are removed".into(),
+        ])
     }
 
     async fn settled_position(&self, at: Position) -> Result<Position> {
