@@ -75,7 +75,7 @@ pub async fn prepare(
         (
             CHANGEFEED.to_string(),
             format!(
-                "changefeeds on the target's {} table(s) (retention {}), from versionstamp {shown}",
+                "changefeeds on the target's {} table(s) (retention {}), from {shown}",
                 rtables.len(),
                 rc.source.changefeed_retention
             ),

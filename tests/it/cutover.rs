@@ -889,8 +889,8 @@ async fn an_idle_source_with_a_daemon_is_go_at_once() {
 /// Beside `acct`: a key not named `id` next to a column that is (SurrealDB
 /// keeps it in `source_id`), and a composite key, with values of several
 /// types.
-const MORE: &str = "CREATE TABLE item (sku text PRIMARY KEY, id int NOT NULL, price numeric(10, 2), made timestamptz, tags jsonb, u uuid, ok boolean);
-     INSERT INTO item VALUES ('a-1', 1, 9.50, '2026-01-02 03:04:05+00', '{\"x\": [1, 2]}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', true), ('b-2', 2, NULL, NULL, NULL, NULL, NULL);
+const MORE: &str = "CREATE TABLE item (sku text PRIMARY KEY, id int NOT NULL, price numeric(10, 2), made timestamptz, tags jsonb, u uuid, ok boolean, labels text[]);
+     INSERT INTO item VALUES ('a-1', 1, 9.50, '2026-01-02 03:04:05+00', '{\"x\": [1, 2]}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', true, '{a,b}'), ('b-2', 2, NULL, NULL, NULL, NULL, NULL, NULL);
      CREATE TABLE line (o int, n int, qty int NOT NULL, PRIMARY KEY (o, n));
      INSERT INTO line SELECT g / 3, g % 3, g FROM generate_series(1, 30) g;";
 
@@ -965,7 +965,7 @@ async fn postgres_into_a_surrealdb_server_leaves_a_reverse_replica_that_copies_n
     app.client()
         .query(
             "CREATE acct:900001 SET k = 900001, v = 5, t = 1;
-             UPDATE item:`a-1` SET price = 12.25dec, tags = { y: 'z' };
+             UPDATE item:`a-1` SET price = 12.25dec, tags = { y: 'z' }, labels = ['p', 'q r'];
              DELETE line:[1, 0];
              CREATE line:[50, 1] SET o = 50, n = 1, qty = 7;
              CREATE item:`c-3` SET sku = 'c-3', source_id = 3, made = d'2026-03-04T05:06:07Z', u = u'b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12', ok = false;",
@@ -1017,13 +1017,14 @@ async fn postgres_into_a_surrealdb_server_leaves_a_reverse_replica_that_copies_n
     assert!(!r.get::<_, bool>(5));
     let r = old
         .query_one(
-            "SELECT price::text, tags::text FROM item WHERE sku = 'a-1'",
+            "SELECT price::text, tags::text, labels::text FROM item WHERE sku = 'a-1'",
             &[],
         )
         .await
         .unwrap();
     assert_eq!(r.get::<_, String>(0), "12.25");
     assert_eq!(r.get::<_, String>(1), "{\"y\": \"z\"}");
+    assert_eq!(r.get::<_, String>(2), "{p,\"q r\"}");
     let lines: Vec<(i32, i32)> = old
         .query(
             "SELECT o, n FROM line WHERE (o, n) IN ((1, 0), (50, 1))",

@@ -5,7 +5,7 @@
 use tracing::info;
 
 use crate::error::{Error, Result};
-use crate::model::TableSchema;
+use crate::model::{LogicalType, TableSchema};
 use crate::pg::conn::{pg_err, pg_error, relation_exists, PgEndpoint};
 use crate::pg::{quote_ident, quote_table};
 use crate::schema::narrow::{narrowing, Narrow};
@@ -133,6 +133,14 @@ pub async fn prepare(
                 Some(h) if narrower.is_some() => {
                     narrow.extend(narrower.map(|n| (types.len(), n)));
                     types.push(h.clone());
+                }
+                // JSON arrays (a SurrealDB array, a SQLite JSON column) are
+                // written as array literals; a value that is not an array is
+                // refused by PostgreSQL, row by row.
+                Some(h)
+                    if col.logical == LogicalType::Json && crate::schema::postgres::is_array(h) =>
+                {
+                    types.push(h.clone())
                 }
                 Some(h) if !holds(ty, h) && !holds(ty, &base[&col.name]) => {
                     problems.push(format!(
