@@ -68,9 +68,25 @@ pub enum Value {
     /// JSON document text as the source holds it (validated).
     Json(String),
     Timestamp(DateTime<Utc>),
+    /// A SurrealDB value that JSON would change (a geometry, or an object or
+    /// array holding a datetime, decimal, record id, duration, uuid or
+    /// bytes), from a SurrealDB source: a SurrealDB target writes it as it
+    /// is; every other use takes its JSON form, as for [`Value::Json`].
+    #[cfg(feature = "surrealdb")]
+    Native(Box<Native>),
     /// In an update: the column kept its value, which the source did not send
     /// (PostgreSQL's unchanged TOAST values). A sink leaves the column as it is.
     Unchanged,
+}
+
+/// See [`Value::Native`].
+#[cfg(feature = "surrealdb")]
+#[derive(Debug, Clone, PartialEq)]
+pub struct Native {
+    pub value: surrealdb::types::Value,
+    /// Its JSON form (datetimes, record ids, … as strings; a geometry as
+    /// GeoJSON).
+    pub json: String,
 }
 
 impl Value {
@@ -105,6 +121,8 @@ impl fmt::Display for Value {
             Value::Decimal(d) => f.write_str(d),
             Value::Text(s) => write!(f, "{:?}", cut(s)),
             Value::Json(s) => write!(f, "{}", cut(s)),
+            #[cfg(feature = "surrealdb")]
+            Value::Native(n) => write!(f, "{}", cut(&surrealdb::types::ToSql::to_sql(&n.value))),
             Value::Bytes(b) => write!(f, "<{} bytes>", b.len()),
             Value::Timestamp(t) => write!(f, "{}", t.to_rfc3339()),
             Value::Unchanged => f.write_str("<unchanged>"),
@@ -439,6 +457,10 @@ impl TableSchema {
                 Value::Text(s) => (5, s.as_bytes().into()),
                 Value::Bytes(b) => (6, b.as_slice().into()),
                 Value::Json(s) => (7, s.as_bytes().into()),
+                // As its JSON: identical to the same value from a target
+                // that holds JSON.
+                #[cfg(feature = "surrealdb")]
+                Value::Native(n) => (7, n.json.as_bytes().into()),
                 Value::Timestamp(t) => (
                     8,
                     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)

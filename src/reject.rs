@@ -192,6 +192,10 @@ pub fn value_json(v: &Value) -> serde_json::Value {
         Value::Text(s) => J::String(s.clone()),
         Value::Bytes(b) => J::String(crate::model::hex_text(b)),
         Value::Json(j) => serde_json::from_str(j).unwrap_or_else(|_| J::String(j.clone())),
+        #[cfg(feature = "surrealdb")]
+        Value::Native(n) => {
+            serde_json::from_str(&n.json).unwrap_or_else(|_| J::String(n.json.clone()))
+        }
         Value::Timestamp(t) => J::String(t.to_rfc3339()),
     }
 }

@@ -297,6 +297,8 @@ pub fn to_text(v: &Value, target_type: &str) -> Option<String> {
             }
         }
         Value::Json(j) => j.clone(),
+        #[cfg(feature = "surrealdb")]
+        Value::Native(n) => return to_text(&Value::Json(n.json.clone()), target_type),
         Value::Timestamp(t) => timestamp_text(t),
     })
 }

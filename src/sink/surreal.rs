@@ -105,6 +105,7 @@ pub fn to_surreal(v: &Value) -> std::result::Result<SValue, String> {
             Err(e) => return Err(format!("invalid JSON: {e}")),
         },
         Value::Timestamp(t) => SValue::Datetime(Datetime::from(*t)),
+        Value::Native(n) => n.value.clone(),
         Value::Unchanged => return Err("an unchanged value has no content (a sink bug)".into()),
     })
 }
@@ -335,13 +336,16 @@ fn record_key(table: &TableSchema, key: &[Value]) -> Result<RecordIdKey> {
     })
 }
 
-/// The record id key of a one-column key: a number, string or uuid as
-/// itself, any other value in an array.
+/// The record id key of a one-column key: a number, string, uuid, array
+/// or object as itself (a SurrealDB source's array and object ids come back
+/// as they were), any other value in an array.
 fn single_key(v: SValue) -> RecordIdKey {
     match v {
         SValue::Number(Number::Int(i)) => RecordIdKey::Number(i),
         SValue::String(s) => RecordIdKey::String(s),
         SValue::Uuid(u) => RecordIdKey::Uuid(u),
+        SValue::Array(a) => RecordIdKey::Array(a),
+        SValue::Object(o) => RecordIdKey::Object(o),
         v => RecordIdKey::Array(Array::from(vec![v])),
     }
 }

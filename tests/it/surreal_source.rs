@@ -38,6 +38,9 @@ DEFINE INDEX token ON customer FIELDS token UNIQUE;
 DEFINE INDEX by_status ON purchase FIELDS status, customer;
 DEFINE INDEX words ON customer FIELDS name FULLTEXT ANALYZER ascii;
 DEFINE ANALYZER ascii TOKENIZERS blank;
+DEFINE TABLE reading SCHEMALESS;
+CREATE reading:['sensor-1', d'2025-01-01T00:00:00Z'] SET v = 1.5dec;
+CREATE reading:['sensor-2', d'2025-01-01T00:05:00Z'] SET v = 2;
 ";
 
 fn customer(i: i64) -> String {
@@ -54,8 +57,9 @@ fn customer(i: i64) -> String {
 
 fn purchase(i: i64) -> String {
     format!(
-        "CREATE purchase:{i} CONTENT {{ customer: customer:{}, total: {i}, placed: d'2025-03-04T05:06:07Z', status: 'new', items: [{{ sku: 's{i}', n: 2 }}] }};",
-        i % 20 + 1
+        "CREATE purchase:{i} CONTENT {{ customer: customer:{}, total: {i}, placed: d'2025-03-04T05:06:07Z', status: 'new', items: [{{ sku: 's{i}', n: 2, at: d'2025-03-04T05:06:{:02}Z', price: {i}.75dec, by: customer:1, wait: 90s, ref: u'0190a5e4-3b1c-7e2a-9f00-000000000001' }}], at: (-0.1275, 51.{i}) }};",
+        i % 20 + 1,
+        i % 60
     )
 }
 
@@ -188,7 +192,7 @@ async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
     let names: Vec<&str> = purchase_t.columns.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
         names,
-        ["id", "customer", "items", "placed", "status", "total"]
+        ["id", "customer", "at", "items", "placed", "status", "total"]
     );
     assert_eq!(purchase_t.links.len(), 1, "record<customer> is a link");
     let writer = tokio::spawn(write(app.clone(), 200, 1000));
@@ -206,7 +210,7 @@ async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
         || {
             let (app, target) = (app.clone(), target.clone());
             async move {
-                same_records(&app, &target, &["customer", "purchase"])
+                same_records(&app, &target, &["customer", "purchase", "reading"])
                     .await
                     .is_none()
             }
@@ -261,7 +265,7 @@ async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
         report.changes_applied > 0,
         "the stream applied the writer's changes"
     );
-    if let Some(d) = same_records(&app, &target, &["customer", "purchase"]).await {
+    if let Some(d) = same_records(&app, &target, &["customer", "purchase", "reading"]).await {
         panic!("after stopping: {d}");
     }
 }
@@ -581,9 +585,11 @@ async fn offline_copy_of_a_stopped_application_from_the_cli() {
         .await
         .unwrap();
     target.use_ns("app").use_db("main").await.unwrap();
-    assert!(same_records(&source, &target, &["customer", "purchase"])
-        .await
-        .is_none());
+    assert!(
+        same_records(&source, &target, &["customer", "purchase", "reading"])
+            .await
+            .is_none()
+    );
     assert_eq!(records(&target, "purchase").await.len(), 60);
 }
 
@@ -800,9 +806,9 @@ async fn a_local_engine_handle_is_a_source_too() {
     .await
     .unwrap();
     let copied: u64 = report.tables.iter().map(|t| t.rows).sum();
-    assert_eq!(copied, 24);
+    assert_eq!(copied, 24 + 2, "12 customers, 12 purchases, 2 readings");
     assert_eq!(
-        same_records(&app, sink.client(), &["customer", "purchase"]).await,
+        same_records(&app, sink.client(), &["customer", "purchase", "reading"]).await,
         None
     );
 }

@@ -49,6 +49,8 @@ pub fn copy_column(e: &tokio_postgres::Error, table: &TableSchema) -> Option<usi
 pub fn nul_column(row: &Row) -> Option<usize> {
     row.iter().position(|v| match v {
         Value::Text(s) | Value::Json(s) => s.contains('\0'),
+        #[cfg(feature = "surrealdb")]
+        Value::Native(n) => n.json.contains('\0'),
         _ => false,
     })
 }

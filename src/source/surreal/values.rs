@@ -113,12 +113,8 @@ pub fn key_value(key: &RecordIdKey) -> Value {
         RecordIdKey::Number(i) => Value::Int(*i),
         RecordIdKey::String(s) => Value::Text(s.clone()),
         RecordIdKey::Uuid(u) => Value::Text(u.to_string()),
-        RecordIdKey::Array(a) => {
-            Value::Json(SValue::Array(a.clone()).into_json_value().to_string())
-        }
-        RecordIdKey::Object(o) => {
-            Value::Json(SValue::Object(o.clone()).into_json_value().to_string())
-        }
+        RecordIdKey::Array(a) => json(SValue::Array(a.clone())),
+        RecordIdKey::Object(o) => json(SValue::Object(o.clone())),
         RecordIdKey::Range(_) => Value::Text(key.to_sql()),
     }
 }
@@ -165,8 +161,33 @@ pub fn iso_duration(d: std::time::Duration) -> String {
     out
 }
 
+/// An object, array or other value as JSON; kept as it is beside its JSON
+/// where JSON would change it (see [`Value::Native`]).
 fn json(v: SValue) -> Value {
-    Value::Json(v.into_json_value().to_string())
+    let text = v.clone().into_json_value().to_string();
+    if json_keeps(&v) {
+        Value::Json(text)
+    } else {
+        Value::Native(Box::new(crate::model::Native {
+            value: v,
+            json: text,
+        }))
+    }
+}
+
+/// Whether JSON holds the value as it is: no datetime, decimal, record
+/// id, duration, uuid, bytes, geometry or other SurrealDB kind in it.
+fn json_keeps(v: &SValue) -> bool {
+    match v {
+        SValue::None
+        | SValue::Null
+        | SValue::Bool(_)
+        | SValue::String(_)
+        | SValue::Number(Number::Int(_) | Number::Float(_)) => true,
+        SValue::Array(a) => a.iter().all(json_keeps),
+        SValue::Object(o) => o.values().all(json_keeps),
+        _ => false,
+    }
 }
 
 fn decimal_text(n: &Number) -> String {
