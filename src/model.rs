@@ -217,6 +217,21 @@ pub struct TableSchema {
     /// primary key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<Link>,
+    /// A SurrealDB source's own table definition, which a SurrealDB target
+    /// takes instead of fields typed from the columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub surreal: Option<SurrealTable>,
+}
+
+/// A SurrealDB source table's definition as a SurrealDB target repeats it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SurrealTable {
+    pub schemafull: bool,
+    /// Each defined field, nested ones (`address.city`, `tags.*`) too:
+    /// its path as SurrealQL writes it, and the clauses after `ON TABLE t`
+    /// that are carried (`TYPE`, `FLEXIBLE`, `DEFAULT`, `ASSERT`,
+    /// `PERMISSIONS`, `COMMENT`).
+    pub fields: Vec<(String, String)>,
 }
 
 /// A column whose values are keys of another table's rows.
@@ -373,6 +388,7 @@ impl TableSchema {
             conversions: Vec::new(),
             text_search: Vec::new(),
             links: Vec::new(),
+            surreal: None,
         }
     }
 
@@ -396,6 +412,7 @@ impl TableSchema {
             conversions: Vec::new(),
             text_search: Vec::new(),
             links: Vec::new(),
+            surreal: None,
         }
     }
 

@@ -28,6 +28,28 @@ pub fn define_table(t: &TableSchema, schemafull: bool) -> String {
     if !schemafull {
         return format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMALESS;\n");
     }
+    if let Some(def) = &t.surreal {
+        // A SurrealDB source's own definition, nested fields included.
+        let mode = if def.schemafull {
+            "SCHEMAFULL"
+        } else {
+            "SCHEMALESS"
+        };
+        let mut sql = format!("DEFINE TABLE IF NOT EXISTS {tn} {mode};\n");
+        for (path, clauses) in &def.fields {
+            // A typed array or object defines its elements' field itself
+            // (`tags.*` of `array<string>`): the source's replaces it.
+            let how = if path.contains(['.', '[']) {
+                "OVERWRITE"
+            } else {
+                "IF NOT EXISTS"
+            };
+            sql.push_str(&format!(
+                "DEFINE FIELD {how} {path} ON TABLE {tn} {clauses};\n"
+            ));
+        }
+        return sql;
+    }
     let mut sql = format!("DEFINE TABLE IF NOT EXISTS {tn} SCHEMAFULL;\n");
     for i in 0..t.columns.len() {
         if let Some(f) = field_name(t, i) {
@@ -261,8 +283,19 @@ pub fn field_type(column: &Column) -> String {
 
 /// How `check` shows the column in the target.
 pub fn describe(table: &TableSchema, col: usize, schemafull: bool) -> String {
+    let carried = table.surreal.as_ref().and_then(|def| {
+        let name = &table.columns[col].name;
+        def.fields
+            .iter()
+            .find(|(path, _)| path.trim_matches('`') == name)
+            .map(|(_, clauses)| clauses)
+    });
     match field_name(table, col) {
         None => "record id".into(),
+        Some(f) if schemafull && carried.is_some() => format!(
+            "{f}: {} (as the source defines it)",
+            carried.map_or("", |c| c.trim_start_matches("TYPE "))
+        ),
         Some(f) if schemafull => format!(
             "{f}: {}",
             field_clause(table, col).trim_start_matches("TYPE ")

@@ -20,7 +20,8 @@ use crate::surreal_remote::{SurrealServer, PASSWORD};
 
 const SCHEMA: &str = "
 DEFINE TABLE customer SCHEMAFULL;
-DEFINE FIELD name ON customer TYPE string;
+DEFINE FIELD name ON customer TYPE string ASSERT string::len($value) > 0 COMMENT 'display name' PERMISSIONS FOR select FULL, FOR update WHERE $auth.admin = true;
+DEFINE FIELD slug ON customer TYPE option<string> VALUE string::lowercase(name);
 DEFINE FIELD joined ON customer TYPE datetime;
 DEFINE FIELD balance ON customer TYPE decimal;
 DEFINE FIELD score ON customer TYPE float;
@@ -31,6 +32,7 @@ DEFINE FIELD session ON customer TYPE duration;
 DEFINE FIELD avatar ON customer TYPE option<bytes>;
 DEFINE FIELD prefs ON customer TYPE object FLEXIBLE;
 DEFINE FIELD tags ON customer TYPE array<string>;
+DEFINE FIELD OVERWRITE tags.* ON customer TYPE string ASSERT string::len($value) < 40;
 DEFINE FIELD note ON customer TYPE option<string>;
 DEFINE TABLE purchase SCHEMALESS;
 DEFINE FIELD customer ON purchase TYPE record<customer>;
@@ -247,6 +249,33 @@ async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
         "a full-text index is not carried: {c}"
     );
     assert!(p.contains("purchase_by_status"), "{p}");
+    // The fields as the source defines them, nested ones too; VALUE not
+    // (the replica stores what the source computed).
+    let fields = |db: switchyard::surreal::Store| async move {
+        let v: Option<serde_json::Value> = db
+            .query("INFO FOR TABLE customer")
+            .await
+            .unwrap()
+            .take(0)
+            .unwrap();
+        v.unwrap()["fields"].as_object().unwrap().clone()
+    };
+    let (want, got) = (fields(app.store()).await, fields(target.store()).await);
+    for (name, def) in &want {
+        let carried = got.get(name).and_then(|d| d.as_str()).unwrap_or_default();
+        if name == "slug" {
+            assert_eq!(
+                carried,
+                "DEFINE FIELD slug ON customer TYPE none | string PERMISSIONS FULL"
+            );
+        } else {
+            assert_eq!(Some(carried), def.as_str(), "field {name}");
+        }
+    }
+    assert!(
+        want.contains_key("tags.*") && want.len() == got.len(),
+        "{got:?}"
+    );
     let options = switchyard::verify::Options {
         tables: Vec::new(),
         wait: Some(Duration::from_secs(30)),
@@ -375,6 +404,7 @@ async fn every_surrealdb_type_into_postgresql() {
             "prefs jsonb",
             "score double precision",
             "session interval",
+            "slug text",
             "tags jsonb",
             "token uuid",
             "visits bigint"

@@ -717,9 +717,46 @@ impl SurrealSource {
                 })
                 .collect::<Result<Vec<_>>>()?,
         };
+        let events = info
+            .as_ref()
+            .and_then(|v| v.get("events")?.as_array().map(Vec::len))
+            .unwrap_or(0);
+        if events > 0 {
+            d.problems.push(Problem {
+                table: name.to_string(),
+                column: None,
+                message: format!(
+                    "{events} event(s) not carried to a SurrealDB target: they would run again on every replicated write; define them there when the application moves"
+                ),
+                blocking: false,
+            });
+        }
+        let mut defined = Vec::new();
+        for f in &fields {
+            let Some((path, clauses, left)) = values::definition(f, &self.renames) else {
+                continue;
+            };
+            if !left.is_empty() {
+                d.problems.push(Problem {
+                    table: name.to_string(),
+                    column: Some(path.clone()),
+                    message: format!(
+                        "{} not carried to a SurrealDB target ({})",
+                        left.join(", "),
+                        "the replica stores the source's values as they are"
+                    ),
+                    blocking: false,
+                });
+            }
+            defined.push((path, clauses));
+        }
         let mut t = TableSchema::keyed(name.to_string(), target_name, columns, key);
         t.links = links;
         t.secondary = secondary;
+        t.surreal = Some(crate::model::SurrealTable {
+            schemafull,
+            fields: defined,
+        });
         Ok(Some(t))
     }
 

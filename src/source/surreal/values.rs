@@ -71,6 +71,74 @@ pub fn column(name: &str, kind: Option<&str>) -> (Column, Option<String>) {
     )
 }
 
+/// A field's definition (`INFO FOR TABLE … STRUCTURE`) as a SurrealDB
+/// target repeats it: its path, the clauses carried (`TYPE`, `FLEXIBLE`,
+/// `DEFAULT [ALWAYS]`, `ASSERT`, `PERMISSIONS`, `COMMENT`; links to renamed
+/// tables renamed), and the clauses left out: `VALUE` (the replica stores
+/// what the source computed), `READONLY` (the replica writes records whole)
+/// and `REFERENCE` (a delete would act twice).
+pub fn definition(
+    f: &serde_json::Value,
+    renames: &std::collections::BTreeMap<String, String>,
+) -> Option<(String, String, Vec<&'static str>)> {
+    let path = f.get("name")?.as_str()?.to_string();
+    let text = |k: &str| f.get(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+    let mut kind = text("kind").unwrap_or("any").to_string();
+    for (from, to) in renames {
+        kind = kind.replace(
+            &format!("record<{from}>"),
+            &format!("record<{}>", crate::schema::surreal::ident(to)),
+        );
+    }
+    let mut out = format!("TYPE {kind}");
+    if f.get("flexible").and_then(|v| v.as_bool()) == Some(true) {
+        out.push_str(" FLEXIBLE");
+    }
+    if let Some(d) = text("default") {
+        let always = f.get("default_always").and_then(|v| v.as_bool()) == Some(true);
+        out.push_str(if always {
+            " DEFAULT ALWAYS "
+        } else {
+            " DEFAULT "
+        });
+        out.push_str(d);
+    }
+    if let Some(a) = text("assert") {
+        out.push_str(&format!(" ASSERT {a}"));
+    }
+    if let Some(c) = text("comment") {
+        out.push_str(&format!(" COMMENT {}", serde_json::Value::from(c)));
+    }
+    if let Some(p) = f.get("permissions").and_then(|p| p.as_object()) {
+        let each: Vec<String> = ["select", "create", "update"]
+            .iter()
+            .filter_map(|op| {
+                let rule = match p.get(*op)? {
+                    serde_json::Value::Bool(true) => "FULL".to_string(),
+                    serde_json::Value::Bool(false) => "NONE".to_string(),
+                    serde_json::Value::String(w) => format!("WHERE {w}"),
+                    _ => return None,
+                };
+                Some(format!("FOR {op} {rule}"))
+            })
+            .collect();
+        if !each.is_empty() {
+            out.push_str(&format!(" PERMISSIONS {}", each.join(", ")));
+        }
+    }
+    let mut left = Vec::new();
+    if text("value").is_some() {
+        left.push("VALUE");
+    }
+    if f.get("readonly").and_then(|v| v.as_bool()) == Some(true) {
+        left.push("READONLY");
+    }
+    if f.get("reference").is_some_and(|r| !r.is_null()) {
+        left.push("REFERENCE");
+    }
+    Some((path, out, left))
+}
+
 /// The column of a field that no definition types (a schemaless table's).
 pub fn undefined(name: &str) -> Column {
     Column {
@@ -310,6 +378,31 @@ fn cut(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_definitions_carry_what_a_replica_keeps() {
+        let f = serde_json::json!({
+            "name": "owner", "kind": "none | record<user>", "default": "NONE",
+            "default_always": true, "assert": "$value != person:0", "comment": "who 'owns' it",
+            "permissions": { "select": true, "create": "owner = $auth.id", "update": false },
+            "readonly": true, "value": "$before.owner", "reference": { "on_delete": "CASCADE" }
+        });
+        let renames =
+            std::collections::BTreeMap::from([("user".to_string(), "person".to_string())]);
+        let (path, clauses, left) = definition(&f, &renames).unwrap();
+        assert_eq!(path, "owner");
+        assert_eq!(
+            clauses,
+            "TYPE none | record<`person`> DEFAULT ALWAYS NONE ASSERT $value != person:0 COMMENT \"who 'owns' it\" \
+             PERMISSIONS FOR select FULL, FOR create WHERE owner = $auth.id, FOR update NONE"
+        );
+        assert_eq!(left, ["VALUE", "READONLY", "REFERENCE"]);
+        let flexible = serde_json::json!({ "name": "prefs", "kind": "object", "flexible": true });
+        assert_eq!(
+            definition(&flexible, &Default::default()).unwrap().1,
+            "TYPE object FLEXIBLE"
+        );
+    }
 
     #[test]
     fn field_kinds_map_to_logical_types() {
