@@ -232,6 +232,14 @@ pub struct SurrealTable {
     /// that are carried (`TYPE`, `FLEXIBLE`, `DEFAULT`, `ASSERT`,
     /// `PERMISSIONS`, `COMMENT`).
     pub fields: Vec<(String, String)>,
+    /// Every index: its name and the clauses after `ON TABLE t` (`FIELDS
+    /// … UNIQUE`, `FULLTEXT ANALYZER …`, `HNSW …`, `COUNT`), built after the
+    /// load.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub indexes: Vec<(String, String)>,
+    /// The `DEFINE ANALYZER` statements its full-text indexes use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analyzers: Vec<String>,
 }
 
 /// A column whose values are keys of another table's rows.

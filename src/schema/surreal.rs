@@ -330,6 +330,25 @@ pub fn index_ql(t: &TableSchema) -> (Vec<String>, Vec<String>) {
     let tn = ident(&t.target_name);
     let mut out = Vec::new();
     let mut notes = Vec::new();
+    if let Some(def) = &t.surreal {
+        // A SurrealDB source's indexes as it defines them, after the
+        // analyzers its full-text ones use.
+        for a in &def.analyzers {
+            match a.strip_prefix("DEFINE ANALYZER ") {
+                Some(rest) => out.push(format!("DEFINE ANALYZER IF NOT EXISTS {rest};")),
+                None => notes.push(format!(
+                    "analyzer {a:?} is not understood; define it in the target"
+                )),
+            }
+        }
+        for (name, clauses) in &def.indexes {
+            out.push(format!(
+                "DEFINE INDEX IF NOT EXISTS {} ON TABLE {tn} {clauses};",
+                ident(name)
+            ));
+        }
+        return (out, notes);
+    }
     for s in &t.secondary {
         let Secondary::Index {
             name,

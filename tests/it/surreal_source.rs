@@ -243,12 +243,25 @@ async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
         .unwrap();
     let (c, p): (Option<SValue>, Option<SValue>) = (r.take(0).unwrap(), r.take(1).unwrap());
     let (c, p) = (c.unwrap().to_sql(), p.unwrap().to_sql());
-    assert!(c.contains("customer_token") && c.contains("UNIQUE"), "{c}");
+    // Every index as the source defines it, the full-text one with its
+    // analyzer.
     assert!(
-        !c.contains("FULLTEXT"),
-        "a full-text index is not carried: {c}"
+        c.contains("DEFINE INDEX token ON customer FIELDS token UNIQUE")
+            && c.contains("DEFINE INDEX words ON customer FIELDS name FULLTEXT ANALYZER ascii"),
+        "{c}"
     );
-    assert!(p.contains("purchase_by_status"), "{p}");
+    assert!(
+        p.contains("DEFINE INDEX by_status ON purchase FIELDS status, customer"),
+        "{p}"
+    );
+    let analyzers: Option<SValue> = target.query("INFO FOR DB").await.unwrap().take(0).unwrap();
+    assert!(
+        analyzers
+            .unwrap()
+            .to_sql()
+            .contains("DEFINE ANALYZER ascii TOKENIZERS BLANK"),
+        "the analyzer of the full-text index is carried"
+    );
     // The fields as the source defines them, nested ones too; VALUE not
     // (the replica stores what the source computed).
     let fields = |db: switchyard::surreal::Store| async move {
@@ -599,8 +612,8 @@ async fn offline_copy_of_a_stopped_application_from_the_cli() {
             "purchase",
             "record<customer>",
             "\"words\"",
-            "not carried",
-            "customer_token",
+            "VALUE not carried",
+            "FULLTEXT ANALYZER ascii",
         ],
     );
     let (code, out, err) = run_cli(&["snapshot", "--config", config]);

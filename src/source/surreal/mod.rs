@@ -750,14 +750,68 @@ impl SurrealSource {
             }
             defined.push((path, clauses));
         }
+        let (indexes, analyzers) = self.index_statements(name).await?;
         let mut t = TableSchema::keyed(name.to_string(), target_name, columns, key);
         t.links = links;
         t.secondary = secondary;
         t.surreal = Some(crate::model::SurrealTable {
             schemafull,
             fields: defined,
+            indexes,
+            analyzers,
         });
         Ok(Some(t))
+    }
+
+    /// Every index of the table as a SurrealDB target builds it (name,
+    /// clauses), and the `DEFINE ANALYZER` statements of the analyzers its
+    /// full-text indexes use.
+    async fn index_statements(&self, name: &str) -> Result<(Vec<(String, String)>, Vec<String>)> {
+        let mut r = self
+            .query(
+                format!("reading the indexes of table {name:?}"),
+                format!("INFO FOR TABLE {}", ident(name)),
+                Variables::new(),
+            )
+            .await?;
+        let info: Option<serde_json::Value> = r
+            .take(0)
+            .map_err(|e| surreal_error(format!("reading INFO FOR TABLE {name:?}"), e))?;
+        let mut indexes: Vec<(String, String)> = info
+            .as_ref()
+            .and_then(|v| v.get("indexes")?.as_object().cloned())
+            .unwrap_or_default()
+            .values()
+            .filter_map(|s| values::index_clauses(s.as_str()?))
+            .collect();
+        indexes.sort();
+        let used: std::collections::BTreeSet<&str> = indexes
+            .iter()
+            .filter_map(|(_, c)| values::analyzer_of(c))
+            .collect();
+        let mut analyzers = Vec::new();
+        if !used.is_empty() {
+            let mut r = self
+                .query(
+                    "reading the analyzers of the database",
+                    "INFO FOR DB".to_string(),
+                    Variables::new(),
+                )
+                .await?;
+            let db: Option<serde_json::Value> = r
+                .take(0)
+                .map_err(|e| surreal_error("reading INFO FOR DB", e))?;
+            let all = db
+                .as_ref()
+                .and_then(|v| v.get("analyzers")?.as_object().cloned())
+                .unwrap_or_default();
+            for a in used {
+                if let Some(stmt) = all.get(a).and_then(|s| s.as_str()) {
+                    analyzers.push(stmt.to_string());
+                }
+            }
+        }
+        Ok((indexes, analyzers))
     }
 
     /// The table's plain and unique indexes on top-level fields, which a
@@ -798,7 +852,7 @@ impl SurrealSource {
                     table: table.to_string(),
                     column: None,
                     message: format!(
-                        "index {name:?} ({}{}) is not carried: only plain and UNIQUE indexes on top-level fields are",
+                        "index {name:?} ({}{}) is carried into a SurrealDB target only: into PostgreSQL only plain and UNIQUE indexes on top-level fields are",
                         cols.join(", "),
                         if kind.is_empty() { String::new() } else { format!(" {kind}") }
                     ),

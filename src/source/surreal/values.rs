@@ -139,6 +139,45 @@ pub fn definition(
     Some((path, out, left))
 }
 
+/// `DEFINE INDEX name ON table rest` (as `INFO FOR TABLE` writes it) as
+/// its name and `rest`.
+pub fn index_clauses(statement: &str) -> Option<(String, String)> {
+    let rest = statement.strip_prefix("DEFINE INDEX ")?;
+    let (name, rest) = token(rest)?;
+    let rest = rest.strip_prefix(" ON ")?;
+    let rest = rest.strip_prefix("TABLE ").unwrap_or(rest);
+    let (_table, rest) = token(rest)?;
+    Some((
+        name.trim_matches('`').replace("\\`", "`"),
+        rest.trim().to_string(),
+    ))
+}
+
+/// The analyzer names `ANALYZER x` in index clauses.
+pub fn analyzer_of(clauses: &str) -> Option<&str> {
+    let at = clauses.find(" ANALYZER ")? + " ANALYZER ".len();
+    token(&clauses[at..]).map(|(name, _)| name.trim_matches('`'))
+}
+
+/// The first identifier of `s` (backtick-quoted or up to a space) and the
+/// rest.
+fn token(s: &str) -> Option<(&str, &str)> {
+    if let Some(quoted) = s.strip_prefix('`') {
+        let mut escaped = false;
+        for (i, c) in quoted.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '`' if !escaped => return Some((&s[..i + 2], &quoted[i + 1..])),
+                _ => escaped = false,
+            }
+        }
+        None
+    } else {
+        let end = s.find(' ').unwrap_or(s.len());
+        Some((&s[..end], &s[end..]))
+    }
+}
+
 /// The column of a field that no definition types (a schemaless table's).
 pub fn undefined(name: &str) -> Column {
     Column {
@@ -378,6 +417,25 @@ fn cut(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_statements_split_into_name_and_clauses() {
+        assert_eq!(
+            index_clauses("DEFINE INDEX `my ix` ON c FIELDS n UNIQUE"),
+            Some(("my ix".into(), "FIELDS n UNIQUE".into()))
+        );
+        let (name, rest) =
+            index_clauses("DEFINE INDEX words ON `odd table` FIELDS email FULLTEXT ANALYZER simple BM25(1.2,0.75)")
+                .unwrap();
+        assert_eq!(name, "words");
+        assert_eq!(rest, "FIELDS email FULLTEXT ANALYZER simple BM25(1.2,0.75)");
+        assert_eq!(analyzer_of(&rest), Some("simple"));
+        assert_eq!(
+            index_clauses("DEFINE INDEX cnt ON c COUNT"),
+            Some(("cnt".into(), "COUNT".into()))
+        );
+        assert_eq!(index_clauses("DEFINE FIELD x ON c"), None);
+    }
 
     #[test]
     fn field_definitions_carry_what_a_replica_keeps() {
