@@ -219,6 +219,41 @@ async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
         },
     )
     .await;
+    // A table the application creates while the daemon streams is captured,
+    // copied and followed.
+    let mut created = String::from(
+        "DEFINE TABLE shipment SCHEMAFULL; DEFINE FIELD purchase ON shipment TYPE record<purchase>; DEFINE FIELD at ON shipment TYPE datetime;",
+    );
+    for i in 1..=30 {
+        created.push_str(&format!(
+            "CREATE shipment:{i} SET purchase = purchase:{i}, at = time::now();"
+        ));
+    }
+    app.query(created).await.unwrap().check().unwrap();
+    for i in 1..=10 {
+        app.query(format!(
+            "UPDATE shipment:{i} SET at = d'2026-0{}-01T00:00:00Z'; DELETE shipment:{};",
+            i % 9 + 1,
+            i + 20
+        ))
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_until(
+        "the table created while streaming",
+        Duration::from_secs(60),
+        || {
+            let (app, target) = (app.clone(), target.clone());
+            async move {
+                let n = records(&app, "shipment").await.len();
+                n == 20 && same_records(&app, &target, &["shipment"]).await.is_none()
+            }
+        },
+    )
+    .await;
     // Read back with SurrealQL: links traverse, types are the source's.
     let linked: Vec<SValue> = target
         .query("SELECT VALUE customer.name FROM purchase:5")
@@ -307,7 +342,13 @@ async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
         report.changes_applied > 0,
         "the stream applied the writer's changes"
     );
-    if let Some(d) = same_records(&app, &target, &["customer", "purchase", "reading"]).await {
+    if let Some(d) = same_records(
+        &app,
+        &target,
+        &["customer", "purchase", "reading", "shipment"],
+    )
+    .await
+    {
         panic!("after stopping: {d}");
     }
 }

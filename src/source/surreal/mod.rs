@@ -7,6 +7,7 @@
 //!  snapshot(T): position P = the safe head, read first; then T in pages by record id
 //!  stream:      SHOW CHANGES FOR DATABASE SINCE v LIMIT 1000, in versionstamp order,
 //!               up to the safe head                        position = (versionstamp, change)
+//!               every 2 s: tables created since → a changefeed, then Ddl::Copy
 //!  ack:         nothing (the changefeed's retention removes old changes)
 //!  cutover:     markers are records of _switchyard_marks (a changefeed of its own);
 //!               the streaming process renews _switchyard_capture:stream (its lease);
@@ -38,7 +39,7 @@ use async_trait::async_trait;
 use surrealdb::types::{Number, Object, RecordId, RecordIdKey, ToSql, Value as SValue, Variables};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::{Config, TableFilter};
 use crate::error::{Error, ErrorKind, Result};
@@ -61,6 +62,8 @@ const MARKS: &str = "_switchyard_marks";
 /// may be and still hold.
 const LEASE_EVERY: Duration = Duration::from_secs(2);
 const LEASE_HOLDS: Duration = Duration::from_secs(10);
+/// How often the stream looks for tables created in the source.
+const CREATED_EVERY: Duration = Duration::from_secs(2);
 
 pub struct SurrealSource {
     db: crate::surreal::Store,
@@ -341,6 +344,19 @@ fn key_svalue(key: &RecordIdKey) -> SValue {
         RecordIdKey::Array(a) => SValue::Array(a.clone()),
         RecordIdKey::Object(o) => SValue::Object(o.clone()),
         RecordIdKey::Range(_) => SValue::String(key.to_sql()),
+    }
+}
+
+/// A link column takes the kind of the linked table's keys (`keys`), where
+/// the table is replicated and its keys are of one kind.
+fn link_kinds(t: &mut TableSchema, keys: &HashMap<String, LogicalType>) {
+    for l in t.links.clone() {
+        let col = &mut t.columns[l.column];
+        if let Some(&k) = link_of(col).and_then(|to| keys.get(to)) {
+            if k != LogicalType::Any {
+                col.logical = k;
+            }
+        }
     }
 }
 
@@ -916,6 +932,83 @@ impl SurrealSource {
         }))
     }
 
+    /// Defines a changefeed on `table` (which has none), noted as
+    /// switchyard's; refused where `source.define_changefeed` is false.
+    async fn define_feed(&self, table: &str) -> Result<()> {
+        if !self.define_changefeed {
+            return Err(Error::config(format!(
+                "table {table:?} has no changefeed, and source.define_changefeed is false: run `ALTER TABLE {} CHANGEFEED {}` in the source, or set source.define_changefeed = true",
+                ident(table),
+                self.retention
+            )));
+        }
+        let mut vars = Variables::new();
+        vars.insert("tb", table.to_string());
+        self.query(
+            format!("defining a changefeed on table {table:?}"),
+            format!(
+                "ALTER TABLE {} CHANGEFEED {}; UPDATE {CAPTURE}:main SET defined += $tb RETURN NONE;",
+                ident(table),
+                self.retention
+            ),
+            vars,
+        )
+        .await?;
+        info!(table = %table, retention = %self.retention, "defined a changefeed");
+        Ok(())
+    }
+
+    /// The tables the filter selects that the source gained since `known`
+    /// was read, each with a changefeed from now on (their copy reads after
+    /// it).
+    async fn created(
+        &self,
+        known: &HashMap<String, Arc<TableSchema>>,
+    ) -> Result<Vec<Arc<TableSchema>>> {
+        let mut d = Discovery::default();
+        for info in self.table_infos().await? {
+            let Some(name) = info.get("name").and_then(|n| n.as_str()) else {
+                continue;
+            };
+            if known.contains_key(name)
+                || name.starts_with("_switchyard")
+                || !self.filter.matches(name)
+                || info.get("view").is_some_and(|v| !v.is_null())
+            {
+                continue;
+            }
+            if info.get("changefeed").is_none_or(|c| c.is_null()) {
+                self.define_feed(name).await?;
+            }
+            let schemafull = info
+                .get("schemafull")
+                .and_then(|s| s.as_bool())
+                .unwrap_or(false);
+            if let Some(t) = self.describe(name, schemafull, &mut d).await? {
+                d.tables.push(t);
+            }
+        }
+        for p in &d.problems {
+            warn!(table = %p.table, "{}", p.message);
+        }
+        let mut keys: HashMap<String, LogicalType> = known
+            .values()
+            .map(|t| (t.name.clone(), t.columns[t.key[0]].logical))
+            .collect();
+        keys.extend(
+            d.tables
+                .iter()
+                .map(|t| (t.name.clone(), t.columns[t.key[0]].logical)),
+        );
+        Ok(d.tables
+            .into_iter()
+            .map(|mut t| {
+                link_kinds(&mut t, &keys);
+                Arc::new(t)
+            })
+            .collect())
+    }
+
     /// Renews this process's lease on the stream (`stream_in_use`).
     async fn renew_lease(&self) -> Result<()> {
         let mut vars = Variables::new();
@@ -998,22 +1091,13 @@ impl Source for SurrealSource {
                 d.tables.push(t);
             }
         }
-        // A link column takes the kind of the linked table's keys, where the
-        // table is replicated and its keys are of one kind.
         let keys: HashMap<String, LogicalType> = d
             .tables
             .iter()
             .map(|t| (t.name.clone(), t.columns[t.key[0]].logical))
             .collect();
         for t in &mut d.tables {
-            for l in t.links.clone() {
-                let col = &mut t.columns[l.column];
-                if let Some(&k) = link_of(col).and_then(|to| keys.get(to)) {
-                    if k != LogicalType::Any {
-                        col.logical = k;
-                    }
-                }
-            }
+            link_kinds(t, &keys);
         }
         d.refuse_shared_targets();
         d.refuse_nothing_selected();
@@ -1041,27 +1125,7 @@ impl Source for SurrealSource {
             if has_feed(&t.name) {
                 continue;
             }
-            if !self.define_changefeed {
-                return Err(Error::config(format!(
-                    "table {:?} has no changefeed, and source.define_changefeed is false: run `ALTER TABLE {} CHANGEFEED {}` in the source, or set source.define_changefeed = true",
-                    t.name,
-                    ident(&t.name),
-                    self.retention
-                )));
-            }
-            let mut vars = Variables::new();
-            vars.insert("tb", t.name.clone());
-            self.query(
-                format!("defining a changefeed on table {:?}", t.name),
-                format!(
-                    "ALTER TABLE {} CHANGEFEED {}; UPDATE {CAPTURE}:main SET defined += $tb RETURN NONE;",
-                    ident(&t.name),
-                    self.retention
-                ),
-                vars,
-            )
-            .await?;
-            info!(table = %t.name, retention = %self.retention, "defined a changefeed");
+            self.define_feed(&t.name).await?;
             recaptured.push(t.name.clone());
         }
         let (origin, _) = self.capture().await?.ok_or_else(|| {
@@ -1227,6 +1291,7 @@ impl Source for SurrealSource {
         let mut after = after;
         let mut last_sent = Instant::now();
         let mut renewed: Option<Instant> = None;
+        let mut looked = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 return Ok(());
@@ -1332,6 +1397,22 @@ impl Source for SurrealSource {
                 out.upto = Position::new(safe, Position::WHOLE);
                 if out.changes.is_empty() {
                     out.committed_at = chrono::DateTime::from_timestamp_millis((safe >> 16) as i64);
+                }
+            }
+            // Tables created in the source: captured from now on, copied
+            // after every change read so far.
+            if at_end && out.upto > after && looked.elapsed() >= CREATED_EVERY {
+                looked = Instant::now();
+                for t in self.created(&shapes).await? {
+                    info!(table = %t.name, "table created in the source: capturing it, copying it, then following it");
+                    shapes.insert(t.name.clone(), t.clone());
+                    out.changes.push(Change {
+                        table: t,
+                        op: Op::Ddl(Ddl::Copy {
+                            reason: "it was created in the source".into(),
+                        }),
+                        position: out.upto,
+                    });
                 }
             }
             let moved = out.upto > after;
