@@ -896,3 +896,35 @@ async fn a_local_engine_handle_is_a_source_too() {
         None
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemaless_fields_are_found_past_the_first_page_of_records() {
+    let app = Surreal::new::<surrealdb::engine::local::Mem>(())
+        .await
+        .unwrap();
+    app.query("DEFINE NAMESPACE app; USE NS app; DEFINE DATABASE main;")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    app.use_ns("app").use_db("main").await.unwrap();
+    let mut seed = String::from("DEFINE TABLE bulk SCHEMALESS;");
+    for i in 1..=2500 {
+        seed.push_str(&format!("CREATE bulk:{i} SET n = {i};"));
+    }
+    // Only in a record of the third page of 1,000.
+    seed.push_str("UPDATE bulk:2400 SET late = d'2026-01-01T00:00:00Z';");
+    app.query(seed).await.unwrap().check().unwrap();
+    let config = source_config(
+        "mem://",
+        "url = \"mem://\"\nnamespace = \"copy\"\ndatabase = \"main\"",
+        "",
+    );
+    let source = SurrealSource::from_client(app.clone(), "mem://", &config, Default::default())
+        .await
+        .unwrap();
+    let found = source.discover().await.unwrap();
+    let bulk = found.tables.iter().find(|t| t.name == "bulk").unwrap();
+    let names: Vec<&str> = bulk.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["id", "late", "n"]);
+}

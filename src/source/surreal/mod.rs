@@ -678,24 +678,13 @@ impl SurrealSource {
             columns.push(col);
         }
         if !schemafull {
-            let mut r = self
-                .query(
-                    format!("reading the fields of the records of table {name:?}"),
-                    format!("RETURN {{ k: array::distinct(array::flatten((SELECT VALUE object::keys($this) FROM {t}))) }}"),
-                    Variables::new(),
-                )
-                .await?;
-            let found: Option<serde_json::Value> = r
-                .take(0)
-                .map_err(|e| surreal_error(format!("reading the fields of table {name:?}"), e))?;
-            let mut keys: Vec<String> = found
-                .and_then(|v| v.get("k")?.as_array().cloned())
-                .unwrap_or_default()
+            let keys: Vec<String> = self
+                .record_fields(name)
+                .await?
                 .into_iter()
-                .filter_map(|k| k.as_str().map(|k| column_of(keyed, k).to_string()))
+                .map(|k| column_of(keyed, &k).to_string())
                 .filter(|k| (keyed || k != "id") && !columns.iter().any(|c| &c.name == k))
                 .collect();
-            keys.sort();
             if !keys.is_empty() {
                 d.problems.push(Problem {
                     table: name.to_string(),
@@ -777,6 +766,54 @@ impl SurrealSource {
             analyzers,
         });
         Ok(Some(t))
+    }
+
+    /// The top-level fields the records of a schemaless table hold, read
+    /// in pages of record ids (memory bounded by a page, not the table).
+    async fn record_fields(&self, name: &str) -> Result<std::collections::BTreeSet<String>> {
+        const FIELDS_PAGE: i64 = 1000;
+        let t = ident(name);
+        let mut found = std::collections::BTreeSet::new();
+        let mut last: Option<SValue> = None;
+        loop {
+            let mut vars = Variables::new();
+            vars.insert("n", FIELDS_PAGE);
+            let filter = match last.take() {
+                Some(id) => {
+                    vars.insert("last", id);
+                    "WHERE id > $last "
+                }
+                None => "",
+            };
+            let mut r = self
+                .query(
+                    format!("reading the fields of the records of table {name:?}"),
+                    format!(
+                        "SELECT id, object::keys($this) AS k FROM {t} {filter}ORDER BY id LIMIT $n"
+                    ),
+                    vars,
+                )
+                .await?;
+            let page: Vec<SValue> = r
+                .take(0)
+                .map_err(|e| surreal_error(format!("reading the fields of table {name:?}"), e))?;
+            let full = page.len() as i64 == FIELDS_PAGE;
+            for rec in page {
+                let SValue::Object(mut rec) = rec else {
+                    continue;
+                };
+                if let Some(SValue::Array(keys)) = rec.remove("k") {
+                    found.extend(keys.iter().filter_map(|k| match k {
+                        SValue::String(k) => Some(k.clone()),
+                        _ => None,
+                    }));
+                }
+                last = rec.remove("id");
+            }
+            if !full || last.is_none() {
+                return Ok(found);
+            }
+        }
     }
 
     /// Every index of the table as a SurrealDB target builds it (name,
