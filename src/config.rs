@@ -32,6 +32,10 @@ pub struct Config {
     /// into its own pair of the target with its own position.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// The tenant (`ns/db` of the source) this config replicates, in a
+    /// config [`Config::tenant_configs`] made; `None` otherwise.
+    #[serde(skip)]
+    pub tenant: Option<String>,
 }
 
 /// One tenant: a namespace and database of a SurrealDB source and where it
@@ -783,6 +787,7 @@ impl Config {
             http: self.http.clone(),
             schema_changes: self.schema_changes.clone(),
             tenants: Vec::new(),
+            tenant: None,
         })
     }
 
@@ -803,6 +808,7 @@ impl Config {
                 c.source.database = Some(sdb.clone());
                 c.target.namespace = Some(tns);
                 c.target.database = Some(tdb);
+                c.tenant = Some(format!("{sns}/{sdb}"));
                 Some((format!("{sns}/{sdb}"), c))
             })
             .collect()

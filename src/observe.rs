@@ -85,6 +85,9 @@ fn is_zero(n: &u64) -> bool {
 /// The daemon's picture of itself: what `/status` answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {
+    /// The tenant (`ns/db` of the source) with `[[tenants]]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub phase: Phase,
     pub source: String,
     pub target: String,
@@ -128,6 +131,8 @@ pub struct Observer {
     rejects: Arc<crate::reject::Rejects>,
     /// The cutover preflight `/readyz?cutover` asks (set by `run`).
     cutover_check: Mutex<Option<CutoverCheck>>,
+    /// The tenant, labelled on every metric.
+    tenant: Option<String>,
 }
 
 /// A cutover preflight: the reasons not to cut over now (none: go).
@@ -142,8 +147,14 @@ impl Observer {
         }
     }
 
-    pub fn new(source: String, target: String, rejects: Arc<crate::reject::Rejects>) -> Arc<Self> {
+    pub fn new(
+        source: String,
+        target: String,
+        rejects: Arc<crate::reject::Rejects>,
+        tenant: Option<String>,
+    ) -> Arc<Self> {
         let view = StatusView {
+            tenant: tenant.clone(),
             phase: Phase::Starting,
             source,
             target,
@@ -170,14 +181,27 @@ impl Observer {
             }),
             rejects,
             cutover_check: Mutex::new(None),
+            tenant,
         });
         o.publish_phase(Phase::Starting);
         // Every gauge exists from the start, so that scrapes and alert rules
         // see them before the first change.
         for side in ["source", "target"] {
-            gauge!(metric::CONNECTION_UP, "side" => side).set(0.0);
+            gauge!(metric::CONNECTION_UP, o.labels(&[("side", side)])).set(0.0);
         }
         o
+    }
+
+    /// A metric's labels, with the tenant's where there is one.
+    fn labels(&self, pairs: &[(&'static str, &str)]) -> Vec<metrics::Label> {
+        let mut out: Vec<metrics::Label> = pairs
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, v.to_string()))
+            .collect();
+        if let Some(t) = &self.tenant {
+            out.push(metrics::Label::new("tenant", t.clone()));
+        }
+        out
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Board) -> T) -> T {
@@ -189,7 +213,11 @@ impl Observer {
 
     fn publish_phase(&self, phase: Phase) {
         for p in Phase::ALL {
-            gauge!(metric::PHASE, "phase" => p.as_str()).set(if p == phase { 1.0 } else { 0.0 });
+            gauge!(metric::PHASE, self.labels(&[("phase", p.as_str())])).set(if p == phase {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
 
@@ -240,7 +268,7 @@ impl Observer {
             b.checkpoint = Some(p);
             b.view.checkpoint = Some(p.to_string());
         });
-        gauge!(metric::CHECKPOINT).set(p.commit as f64);
+        gauge!(metric::CHECKPOINT, self.labels(&[])).set(p.commit as f64);
     }
 
     pub fn checkpoint(&self) -> Option<Position> {
@@ -259,7 +287,7 @@ impl Observer {
                 },
             );
         });
-        gauge!(metric::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(0.0);
+        gauge!(metric::SNAPSHOT_PROGRESS, self.labels(&[("table", table)])).set(0.0);
     }
 
     pub fn table_rows(&self, table: &str, added: u64) {
@@ -270,9 +298,9 @@ impl Observer {
                 .filter(|n| *n > 0)
                 .map(|n| (t.rows as f64 / n as f64).min(1.0))
         });
-        counter!(metric::SNAPSHOT_ROWS, "table" => table.to_string()).increment(added);
+        counter!(metric::SNAPSHOT_ROWS, self.labels(&[("table", table)])).increment(added);
         if let Some(r) = ratio {
-            gauge!(metric::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(r);
+            gauge!(metric::SNAPSHOT_PROGRESS, self.labels(&[("table", table)])).set(r);
         }
     }
 
@@ -285,7 +313,7 @@ impl Observer {
             t.seconds = seconds;
             t.rows_per_second = seconds.filter(|s| *s > 0.0).map(|s| rows as f64 / s);
         });
-        gauge!(metric::SNAPSHOT_PROGRESS, "table" => table.to_string()).set(1.0);
+        gauge!(metric::SNAPSHOT_PROGRESS, self.labels(&[("table", table)])).set(1.0);
     }
 
     /// A batch is durable in the target.
@@ -300,19 +328,22 @@ impl Observer {
         let mut transactions = 0u64;
         let mut last_commit = None;
         for c in changes {
-            counter!(metric::CHANGES_APPLIED, "table" => c.table.name.clone(), "op" => c.kind())
-                .increment(1);
+            counter!(
+                metric::CHANGES_APPLIED,
+                self.labels(&[("table", &c.table.name), ("op", c.kind())])
+            )
+            .increment(1);
             if last_commit != Some(c.position.commit) {
                 transactions += 1;
                 last_commit = Some(c.position.commit);
             }
         }
-        counter!(metric::TRANSACTIONS_APPLIED).increment(transactions);
+        counter!(metric::TRANSACTIONS_APPLIED, self.labels(&[])).increment(transactions);
         if !changes.is_empty() {
-            histogram!(metric::BATCH_CHANGES).record(changes.len() as f64);
-            histogram!(metric::APPLY_DURATION).record(took.as_secs_f64());
+            histogram!(metric::BATCH_CHANGES, self.labels(&[])).record(changes.len() as f64);
+            histogram!(metric::APPLY_DURATION, self.labels(&[])).record(took.as_secs_f64());
         }
-        gauge!(metric::CONNECTION_UP, "side" => "target").set(1.0);
+        gauge!(metric::CONNECTION_UP, self.labels(&[("side", "target")])).set(1.0);
         self.with(|b| {
             b.view.changes_applied += changes.len() as u64;
             for c in changes {
@@ -361,23 +392,27 @@ impl Observer {
             b.view.lag_seconds = Some(seconds);
             seconds
         });
-        gauge!(metric::LAG_BYTES).set(lag.bytes as f64);
-        gauge!(metric::LAG_SECONDS).set(seconds);
+        gauge!(metric::LAG_BYTES, self.labels(&[])).set(lag.bytes as f64);
+        gauge!(metric::LAG_SECONDS, self.labels(&[])).set(seconds);
         if let Some(r) = lag.slot_retained_bytes {
-            gauge!(metric::SLOT_RETAINED_BYTES).set(r as f64);
+            gauge!(metric::SLOT_RETAINED_BYTES, self.labels(&[])).set(r as f64);
         }
-        gauge!(metric::CONNECTION_UP, "side" => "source").set(1.0);
+        gauge!(metric::CONNECTION_UP, self.labels(&[("side", "source")])).set(1.0);
     }
 
     /// The source could not be asked for its position.
     pub fn source_unreachable(&self) {
-        gauge!(metric::CONNECTION_UP, "side" => "source").set(0.0);
+        gauge!(metric::CONNECTION_UP, self.labels(&[("side", "source")])).set(0.0);
     }
 
     /// The run failed.
     pub fn failed(&self, e: &Error) {
-        counter!(metric::ERRORS, "kind" => metric::error_kind(e)).increment(1);
-        gauge!(metric::CONNECTION_UP, "side" => "target").set(0.0);
+        counter!(
+            metric::ERRORS,
+            self.labels(&[("kind", metric::error_kind(e))])
+        )
+        .increment(1);
+        gauge!(metric::CONNECTION_UP, self.labels(&[("side", "target")])).set(0.0);
         self.with(|b| b.view.last_error = Some(e.report()));
         self.set_phase(Phase::Stopped);
     }
@@ -443,7 +478,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     token: Option<SecretString>,
     max_lag: f64,
-    observer: Arc<Observer>,
+    observers: Vec<Arc<Observer>>,
     cancel: CancellationToken,
 ) -> Result<()> {
     use axum::routing::get;
@@ -456,7 +491,7 @@ pub async fn serve(
     let state = Arc::new(HttpState {
         token,
         max_lag,
-        observer,
+        observers,
     });
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -474,7 +509,26 @@ pub async fn serve(
 struct HttpState {
     token: Option<SecretString>,
     max_lag: f64,
-    observer: Arc<Observer>,
+    /// One replication's, or each tenant's.
+    observers: Vec<Arc<Observer>>,
+}
+
+impl HttpState {
+    /// The replication's observer where there are no tenants.
+    fn single(&self) -> Option<&Arc<Observer>> {
+        match self.observers.as_slice() {
+            [o] if o.tenant.is_none() => Some(o),
+            _ => None,
+        }
+    }
+}
+
+/// The `tenant=ns/db` of a query string.
+fn tenant_asked(uri: &axum::http::Uri) -> Option<String> {
+    uri.query()?.split('&').find_map(|p| {
+        let v = p.strip_prefix("tenant=")?;
+        Some(v.replace("%2F", "/").replace("%2f", "/"))
+    })
 }
 
 type Reply = (
@@ -534,29 +588,46 @@ async fn readyz(
     }) {
         return ready_for_cutover(&state, &headers).await;
     }
-    let v = state.observer.view();
-    if state.observer.ready(state.max_lag) {
+    // Ready when every tenant is.
+    let mut why = Vec::new();
+    for o in &state.observers {
+        if o.ready(state.max_lag) {
+            continue;
+        }
+        let v = o.view();
+        let reason = match v.lag_seconds {
+            Some(s) if matches!(v.phase, Phase::Streaming | Phase::CatchUp) => {
+                format!("lag {s:.1} s over {} s", state.max_lag)
+            }
+            _ => format!("phase {}", v.phase.as_str()),
+        };
+        why.push(match &o.tenant {
+            Some(t) => format!("tenant {t}: {reason}"),
+            None => reason,
+        });
+    }
+    if why.is_empty() {
         reply(200, "text/plain; charset=utf-8", "ready\n".into())
     } else {
-        let why = match v.lag_seconds {
-            Some(s) if matches!(v.phase, Phase::Streaming | Phase::CatchUp) => {
-                format!("not ready: lag {s:.1} s over {} s\n", state.max_lag)
-            }
-            _ => format!("not ready: phase {}\n", v.phase.as_str()),
-        };
-        reply(503, "text/plain; charset=utf-8", why)
+        reply(
+            503,
+            "text/plain; charset=utf-8",
+            format!("not ready: {}\n", why.join("; ")),
+        )
     }
 }
 
 /// `/readyz?cutover`: the cutover preflight's go (200) or no-go (503);
 /// the reasons only with the token, where one is configured.
 async fn ready_for_cutover(state: &HttpState, headers: &axum::http::HeaderMap) -> Reply {
-    let check = state
-        .observer
-        .cutover_check
-        .lock()
-        .ok()
-        .and_then(|c| c.clone());
+    let Some(observer) = state.single() else {
+        return reply(
+            503,
+            "text/plain; charset=utf-8",
+            "no-go: cutover is not available with [[tenants]]\n".into(),
+        );
+    };
+    let check = observer.cutover_check.lock().ok().and_then(|c| c.clone());
     let Some(check) = check else {
         return reply(
             503,
@@ -586,14 +657,49 @@ async fn ready_for_cutover(state: &HttpState, headers: &axum::http::HeaderMap) -
     reply(503, "text/plain; charset=utf-8", body)
 }
 
+/// `/status`: the replication's view; with tenants each tenant's by name
+/// (`{"tenants": {"ns/db": …}}`), or one with `?tenant=ns/db`.
 async fn status_handler(
     axum::extract::State(state): axum::extract::State<Arc<HttpState>>,
+    uri: axum::http::Uri,
     headers: axum::http::HeaderMap,
 ) -> Reply {
     if !authorized(&state, &headers) {
         return unauthorized();
     }
-    let body = serde_json::to_string_pretty(&state.observer.view()).unwrap_or_else(|_| "{}".into());
+    let body = if let Some(o) = state.single() {
+        serde_json::to_value(o.view())
+    } else if let Some(t) = tenant_asked(&uri) {
+        match state
+            .observers
+            .iter()
+            .find(|o| o.tenant.as_deref() == Some(t.as_str()))
+        {
+            Some(o) => serde_json::to_value(o.view()),
+            None => {
+                return reply(
+                    404,
+                    "text/plain; charset=utf-8",
+                    format!("no tenant {t:?}\n"),
+                )
+            }
+        }
+    } else {
+        let tenants: serde_json::Map<String, serde_json::Value> = state
+            .observers
+            .iter()
+            .filter_map(|o| {
+                Some((
+                    o.tenant.clone().unwrap_or_default(),
+                    serde_json::to_value(o.view()).ok()?,
+                ))
+            })
+            .collect();
+        Ok(serde_json::json!({ "tenants": tenants }))
+    };
+    let body = body
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .unwrap_or_else(|_| "{}".into());
     reply(200, "application/json", body)
 }
 
@@ -621,7 +727,12 @@ pub const LAG_INTERVAL: Duration = Duration::from_secs(2);
 pub async fn fetch_status(
     address: &str,
     token: Option<&SecretString>,
+    tenant: Option<&str>,
 ) -> std::result::Result<StatusView, String> {
+    let path = match tenant {
+        Some(t) => format!("/status?tenant={}", t.replace('/', "%2F")),
+        None => "/status".to_string(),
+    };
     use http_body_util::{BodyExt, Empty};
     let fetch = async {
         let stream = tokio::net::TcpStream::connect(address)
@@ -632,7 +743,7 @@ pub async fn fetch_status(
                 .await
                 .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let mut request = hyper::Request::get("/status").header(hyper::header::HOST, address);
+        let mut request = hyper::Request::get(path.as_str()).header(hyper::header::HOST, address);
         if let Some(t) = token {
             request = request.header(
                 hyper::header::AUTHORIZATION,

@@ -37,7 +37,7 @@ pub async fn run(config: &Path, reverse: bool) -> Result<Exit> {
             listener,
             config.http.token.clone(),
             config.http.ready_max_lag_seconds,
-            pipeline.observer(),
+            vec![pipeline.observer()],
             http_stop.clone(),
         );
         tokio::spawn(async move {
@@ -69,13 +69,33 @@ pub async fn run(config: &Path, reverse: bool) -> Result<Exit> {
 /// Every tenant's pipeline at once; the first to fail stops the others.
 async fn run_tenants(config: &crate::config::Config, cancel: CancellationToken) -> Result<Exit> {
     if config.http.address.is_some() {
-        warn!("http.address: the status endpoint serves one replication; with [[tenants]] use `switchyard status`, which shows each tenant");
+        // Before anything records a metric.
+        crate::observe::prometheus();
     }
     let pipelines = crate::connect::tenant_pipelines(config).await?;
     info!(
         tenants = pipelines.len(),
         "replicating each tenant into its own namespace and database"
     );
+    let http_stop = CancellationToken::new();
+    let _http_guard = http_stop.clone().drop_guard();
+    if let Some(address) = &config.http.address {
+        // One endpoint for every tenant: /status by tenant, /readyz when all
+        // are ready, metrics labelled `tenant`.
+        let listener = crate::observe::listen(address).await?;
+        let server = crate::observe::serve(
+            listener,
+            config.http.token.clone(),
+            config.http.ready_max_lag_seconds,
+            pipelines.iter().map(|(_, p)| p.observer()).collect(),
+            http_stop.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                warn!(error = %e.report(), "the HTTP endpoint stopped");
+            }
+        });
+    }
     let runs = pipelines.into_iter().map(|(name, p)| {
         let cancel = cancel.clone();
         async move {

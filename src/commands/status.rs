@@ -106,7 +106,13 @@ pub async fn status(config: &Config) -> Result<Status> {
         notes: Vec::new(),
     };
     if let Some(address) = &config.http.address {
-        match crate::observe::fetch_status(address, config.http.token.as_ref()).await {
+        match crate::observe::fetch_status(
+            address,
+            config.http.token.as_ref(),
+            config.tenant.as_deref(),
+        )
+        .await
+        {
             Ok(view) => out.daemon = Some(view),
             Err(e) => out.notes.push(format!(
                 "the daemon's endpoint {address} did not answer: {e}"

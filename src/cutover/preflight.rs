@@ -137,7 +137,13 @@ async fn lag_seconds(
 ) -> Result<Option<f64>> {
     let allowance = idle_allowance(config)?;
     if let Some(address) = &config.http.address {
-        if let Ok(view) = crate::observe::fetch_status(address, config.http.token.as_ref()).await {
+        if let Ok(view) = crate::observe::fetch_status(
+            address,
+            config.http.token.as_ref(),
+            config.tenant.as_deref(),
+        )
+        .await
+        {
             return Ok(view.lag_seconds.map(|l| (l - allowance).max(0.0)));
         }
     }

@@ -100,6 +100,7 @@ impl Pipeline {
             crate::redact::redact_url(&config.source.url),
             crate::redact::redact_url(&config.target.url),
             rejects.clone(),
+            config.tenant.clone(),
         );
         let retry = Retry::new(
             config.pipeline.retry_attempts,

@@ -149,7 +149,7 @@ async fn serve(db: &PgDb, extra_source: &str) -> Served {
         listener,
         config.http.token.clone(),
         config.http.ready_max_lag_seconds,
-        pipeline.observer(),
+        vec![pipeline.observer()],
         cancel.clone(),
     ));
     let c = cancel.clone();

@@ -1041,7 +1041,7 @@ impl Soak {
                 .ok()?;
             return row.map(|r| (r.get::<_, i64>(0) as u64, true));
         }
-        let s = switchyard::observe::fetch_status(&self.http, None)
+        let s = switchyard::observe::fetch_status(&self.http, None, None)
             .await
             .ok()?;
         s.checkpoint
@@ -1109,7 +1109,7 @@ impl Soak {
                     }
                 }
             }
-            if let Ok(st) = switchyard::observe::fetch_status(&self.http, None).await {
+            if let Ok(st) = switchyard::observe::fetch_status(&self.http, None, None).await {
                 let n = self.daemons.lock().unwrap().incarnations as u32;
                 self.watch
                     .applied
@@ -1151,7 +1151,7 @@ impl Soak {
     async fn caught_up(&self, head: u64, after: &str) -> Duration {
         let t0 = Instant::now();
         loop {
-            if let Ok(s) = switchyard::observe::fetch_status(&self.http, None).await {
+            if let Ok(s) = switchyard::observe::fetch_status(&self.http, None, None).await {
                 if s.checkpoint
                     .as_deref()
                     .and_then(commit_of)

@@ -723,11 +723,16 @@ async fn two_tenants_each_into_its_own_namespace_through_sigkills() {
         .check()
         .unwrap();
     let config = scratch.path("switchyard.toml");
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     std::fs::write(
         &config,
         format!(
             "[source]\nurl = \"{url}\"\nusername = \"root\"\npassword = \"{PASSWORD}\"\npoll_interval_ms = 50\nchangefeed_window_ms = 300\n\n\
-             [target]\nurl = \"{url}\"\nusername = \"root\"\npassword = \"{PASSWORD}\"\n\n\
+             [target]\nurl = \"{url}\"\nusername = \"root\"\npassword = \"{PASSWORD}\"\n\n[http]\naddress = \"{http}\"\n\n\
              [[tenants]]\nsource = \"acme/main\"\ntarget = \"r_acme/main\"\n\n[[tenants]]\nsource = \"globex/main\"\ntarget = \"r_globex/main\"\n",
             url = server.url
         ),
@@ -787,6 +792,42 @@ async fn two_tenants_each_into_its_own_namespace_through_sigkills() {
             "tenant acme/main → r_acme/main",
             "tenant globex/main → r_globex/main",
         ],
+    );
+    // One HTTP endpoint for both tenants.
+    use crate::observe::http_get;
+    let (code, body) = http_get(&http, "/status", None).await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(v["tenants"]["acme/main"]["tenant"], "acme/main", "{body}");
+    assert_eq!(v["tenants"]["globex/main"]["phase"], "streaming", "{body}");
+    let (code, body) = http_get(&http, "/status?tenant=globex%2Fmain", None).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["tenant"],
+        "globex/main"
+    );
+    assert_eq!(
+        http_get(&http, "/status?tenant=nobody%2Fmain", None)
+            .await
+            .0,
+        404
+    );
+    let (_, metrics) = http_get(&http, "/metrics", None).await;
+    assert_names(
+        &metrics,
+        &[
+            "switchyard_lag_seconds{tenant=\"acme/main\"}",
+            "switchyard_lag_seconds{tenant=\"globex/main\"}",
+        ],
+    );
+    wait_until("both tenants ready", Duration::from_secs(30), || async {
+        http_get(&http, "/readyz", None).await.0 == 200
+    })
+    .await;
+    let (code, body) = http_get(&http, "/readyz?cutover", None).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "no-go: cutover is not available with [[tenants]]\n")
     );
     assert!(daemon.interrupt().await.success());
     let (code, out, err) = run_cli(&["verify", "--config", &config]);
