@@ -122,7 +122,9 @@ pub fn definition(
                 Some(format!("FOR {op} {rule}"))
             })
             .collect();
-        if !each.is_empty() {
+        if each.len() == 3 && each.iter().all(|e| e.ends_with(" FULL")) {
+            out.push_str(" PERMISSIONS FULL");
+        } else if !each.is_empty() {
             out.push_str(&format!(" PERMISSIONS {}", each.join(", ")));
         }
     }
@@ -459,6 +461,12 @@ mod tests {
         assert_eq!(
             definition(&flexible, &Default::default()).unwrap().1,
             "TYPE object FLEXIBLE"
+        );
+        let open = serde_json::json!({ "name": "n", "kind": "int",
+            "permissions": { "select": true, "create": true, "update": true } });
+        assert_eq!(
+            definition(&open, &Default::default()).unwrap().1,
+            "TYPE int PERMISSIONS FULL"
         );
     }
 
