@@ -29,23 +29,7 @@ pub async fn run(config: &Path, reverse: bool) -> Result<Exit> {
     pipeline
         .observer()
         .set_cutover_check(crate::cutover::preflight::check(pipeline.clone()));
-    let http_stop = CancellationToken::new();
-    let _http_guard = http_stop.clone().drop_guard();
-    if let Some(address) = &config.http.address {
-        let listener = crate::observe::listen(address).await?;
-        let server = crate::observe::serve(
-            listener,
-            config.http.token.clone(),
-            config.http.ready_max_lag_seconds,
-            vec![pipeline.observer()],
-            http_stop.clone(),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                warn!(error = %e.report(), "the HTTP endpoint stopped");
-            }
-        });
-    }
+    let _http = http(&config, vec![pipeline.observer()]).await?;
     match pipeline.run(Mode::Run, cancel).await {
         Ok(report) => {
             if let Some(cutover) = &report.stopped_by {
@@ -77,25 +61,13 @@ async fn run_tenants(config: &crate::config::Config, cancel: CancellationToken) 
         tenants = pipelines.len(),
         "replicating each tenant into its own namespace and database"
     );
-    let http_stop = CancellationToken::new();
-    let _http_guard = http_stop.clone().drop_guard();
-    if let Some(address) = &config.http.address {
-        // One endpoint for every tenant: /status by tenant, /readyz when all
-        // are ready, metrics labelled `tenant`.
-        let listener = crate::observe::listen(address).await?;
-        let server = crate::observe::serve(
-            listener,
-            config.http.token.clone(),
-            config.http.ready_max_lag_seconds,
-            pipelines.iter().map(|(_, p)| p.observer()).collect(),
-            http_stop.clone(),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                warn!(error = %e.report(), "the HTTP endpoint stopped");
-            }
-        });
-    }
+    // One endpoint for every tenant: /status by tenant, /readyz when all are
+    // ready, metrics labelled `tenant`.
+    let _http = http(
+        config,
+        pipelines.iter().map(|(_, p)| p.observer()).collect(),
+    )
+    .await?;
     let runs = pipelines.into_iter().map(|(name, p)| {
         let cancel = cancel.clone();
         async move {
@@ -127,4 +99,30 @@ async fn run_tenants(config: &crate::config::Config, cancel: CancellationToken) 
         Some(e) => Err(e),
         None => Ok(Exit::Ok),
     }
+}
+
+/// The `[http]` endpoints over `observers`, where configured, until the
+/// returned guard is dropped.
+async fn http(
+    config: &crate::config::Config,
+    observers: Vec<Arc<crate::observe::Observer>>,
+) -> Result<Option<tokio_util::sync::DropGuard>> {
+    let Some(address) = &config.http.address else {
+        return Ok(None);
+    };
+    let stop = CancellationToken::new();
+    let listener = crate::observe::listen(address).await?;
+    let server = crate::observe::serve(
+        listener,
+        config.http.token.clone(),
+        config.http.ready_max_lag_seconds,
+        observers,
+        stop.clone(),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            warn!(error = %e.report(), "the HTTP endpoint stopped");
+        }
+    });
+    Ok(Some(stop.drop_guard()))
 }

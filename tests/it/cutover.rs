@@ -1044,19 +1044,7 @@ async fn postgres_into_a_surrealdb_server_leaves_a_reverse_replica_that_copies_n
 
     // Identical, table by table, and nothing was copied back.
     let p = switchyard::connect::pipeline(&reverse).await.unwrap();
-    let compare = switchyard::verify::Options {
-        tables: Vec::new(),
-        wait: Some(Duration::from_secs(30)),
-        batch_rows: 100,
-    };
-    let verdict = switchyard::verify::verify(p.source(), p.sink(), &compare)
-        .await
-        .unwrap();
-    assert!(
-        verdict.identical,
-        "{}",
-        switchyard::commands::verify::render(&verdict)
-    );
+    assert_identical(p.source(), p.sink(), 100).await;
 
     // Rollback over it: the application's writers into SurrealDB stopped
     // (--fence none), markers through the reverse replica's stream, the old

@@ -324,19 +324,7 @@ async fn embedded_store_into_a_server_snapshot_then_stream_under_a_writer() {
         want.contains_key("tags.*") && want.len() == got.len(),
         "{got:?}"
     );
-    let options = switchyard::verify::Options {
-        tables: Vec::new(),
-        wait: Some(Duration::from_secs(30)),
-        batch_rows: 100,
-    };
-    let verdict = switchyard::verify::verify(source.clone(), sink.clone(), &options)
-        .await
-        .unwrap();
-    assert!(
-        verdict.identical,
-        "{}",
-        switchyard::commands::verify::render(&verdict)
-    );
+    assert_identical(source.clone(), sink.clone(), 100).await;
     let report = running.stop().await;
     assert!(
         report.changes_applied > 0,

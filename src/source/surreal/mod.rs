@@ -480,20 +480,22 @@ impl SurrealSource {
     }
 
     /// The tables of the database as `INFO FOR DB STRUCTURE` describes them.
+    /// The first statement's result as JSON (`INFO FOR …`).
+    async fn query_json(&self, context: String, sql: String) -> Result<Option<serde_json::Value>> {
+        let mut r = self.query(&context, sql, Variables::new()).await?;
+        r.take(0).map_err(|e| surreal_error(context, e))
+    }
+
     async fn table_infos(&self) -> Result<Vec<serde_json::Value>> {
-        let mut r = self
-            .query(
+        let info = self
+            .query_json(
                 format!(
                     "reading the tables of {} {}/{}",
                     self.shown, self.namespace, self.database
                 ),
                 "INFO FOR DB STRUCTURE".into(),
-                Variables::new(),
             )
             .await?;
-        let info: Option<serde_json::Value> = r
-            .take(0)
-            .map_err(|e| surreal_error("reading INFO FOR DB", e))?;
         Ok(info
             .and_then(|v| v.get("tables").and_then(|t| t.as_array().cloned()))
             .unwrap_or_default())
@@ -602,16 +604,12 @@ impl SurrealSource {
         schemafull: bool,
         d: &mut Discovery,
     ) -> Result<Option<TableSchema>> {
-        let mut r = self
-            .query(
+        let info = self
+            .query_json(
                 format!("reading the fields of table {name:?}"),
                 format!("INFO FOR TABLE {} STRUCTURE", ident(name)),
-                Variables::new(),
             )
             .await?;
-        let info: Option<serde_json::Value> = r
-            .take(0)
-            .map_err(|e| surreal_error(format!("reading INFO FOR TABLE {name:?}"), e))?;
         let fields: Vec<serde_json::Value> = info
             .as_ref()
             .and_then(|v| v.get("fields")?.as_array().cloned())
@@ -820,16 +818,12 @@ impl SurrealSource {
     /// clauses), and the `DEFINE ANALYZER` statements of the analyzers its
     /// full-text indexes use.
     async fn index_statements(&self, name: &str) -> Result<(Vec<(String, String)>, Vec<String>)> {
-        let mut r = self
-            .query(
+        let info = self
+            .query_json(
                 format!("reading the indexes of table {name:?}"),
                 format!("INFO FOR TABLE {}", ident(name)),
-                Variables::new(),
             )
             .await?;
-        let info: Option<serde_json::Value> = r
-            .take(0)
-            .map_err(|e| surreal_error(format!("reading INFO FOR TABLE {name:?}"), e))?;
         let mut indexes: Vec<(String, String)> = info
             .as_ref()
             .and_then(|v| v.get("indexes")?.as_object().cloned())
@@ -844,16 +838,12 @@ impl SurrealSource {
             .collect();
         let mut analyzers = Vec::new();
         if !used.is_empty() {
-            let mut r = self
-                .query(
-                    "reading the analyzers of the database",
-                    "INFO FOR DB".to_string(),
-                    Variables::new(),
+            let db = self
+                .query_json(
+                    "reading the analyzers of the database".into(),
+                    "INFO FOR DB".into(),
                 )
                 .await?;
-            let db: Option<serde_json::Value> = r
-                .take(0)
-                .map_err(|e| surreal_error("reading INFO FOR DB", e))?;
             let all = db
                 .as_ref()
                 .and_then(|v| v.get("analyzers")?.as_object().cloned())

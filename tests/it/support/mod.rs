@@ -487,3 +487,26 @@ pub fn reject_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
 }
+
+/// `verify` of every table (waiting up to 30 s for the target to catch up),
+/// which must find them identical; the verdict.
+pub async fn assert_identical(
+    source: Arc<dyn switchyard::source::Source>,
+    sink: Arc<dyn switchyard::sink::Sink>,
+    batch_rows: usize,
+) -> switchyard::verify::Verdict {
+    let options = switchyard::verify::Options {
+        tables: Vec::new(),
+        wait: Some(Duration::from_secs(30)),
+        batch_rows,
+    };
+    let verdict = switchyard::verify::verify(source, sink, &options)
+        .await
+        .unwrap();
+    assert!(
+        verdict.identical,
+        "{}",
+        switchyard::commands::verify::render(&verdict)
+    );
+    verdict
+}
