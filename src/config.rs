@@ -717,8 +717,16 @@ impl Config {
         };
         let mut by_target = BTreeMap::new();
         let mut rename = BTreeMap::new();
+        if surreal && !is_surreal_duration(&self.source.changefeed_retention) {
+            return Err(Error::config(format!(
+                "source.changefeed_retention: {:?} is not a duration (for example \"7d\"); the reverse replica defines changefeeds with it",
+                self.source.changefeed_retention
+            )));
+        }
         for (source, target) in tables {
-            if let Some(k) = self.tables.keys.get(source) {
+            // Out of SurrealDB the key columns are `keys` (which has the
+            // forward tables.keys too); a PostgreSQL source has its own.
+            if let (false, Some(k)) = (surreal, self.tables.keys.get(source)) {
                 by_target.insert(target.clone(), k.clone());
             }
             if surreal {

@@ -56,14 +56,18 @@ pub async fn problems(
     if let Ok(crate::config::SourceKind::Surreal { .. }) = config.source_kind() {
         // A marker is read no sooner than the changefeed window after it
         // was written.
-        let window = Duration::from_millis(config.source.changefeed_window_ms);
-        if opts.max_lag <= window {
+        // The window, a poll, and the apply.
+        let least = Duration::from_millis(
+            config.source.changefeed_window_ms + config.source.poll_interval_ms + 500,
+        );
+        if opts.max_lag < least {
             out.push(format!(
-                "--max-lag {:?}: a SurrealDB source is read source.changefeed_window_ms ({} ms) behind its clock, so no marker comes back sooner; \
-                 give --max-lag more than that (for example {}s)",
+                "--max-lag {:?}: a SurrealDB source is read source.changefeed_window_ms ({} ms) behind its clock and polled every {} ms, so no marker comes back sooner; \
+                 give --max-lag at least {}s",
                 opts.max_lag,
                 config.source.changefeed_window_ms,
-                window.as_secs() + 2
+                config.source.poll_interval_ms,
+                least.as_secs() + 1
             ));
         }
     }
@@ -211,6 +215,17 @@ async fn reverse_problems(config: &Config, tables: &[Arc<TableSchema>]) -> Vec<S
         Err(e) => return vec![format!("--reverse: {e}")],
     };
     let mut out = Vec::new();
+    if matches!(
+        rc.source_kind(),
+        Ok(crate::config::SourceKind::Surreal { .. })
+    ) {
+        for t in tables.iter().filter(|t| t.whole_row) {
+            out.push(format!(
+                "--reverse: table {:?} has no key: its SurrealDB records are identified by a digest of the whole row, which the way back cannot turn into a PostgreSQL row; give it a primary key",
+                t.name
+            ));
+        }
+    }
     let rejects = Arc::new(crate::reject::Rejects::default());
     let reversed = match crate::connect::source(&rc, rejects, crate::source::Access::ReadOnly).await
     {

@@ -957,3 +957,78 @@ async fn schemaless_fields_are_found_past_the_first_page_of_records() {
     let names: Vec<&str> = bulk.columns.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["id", "late", "n"]);
 }
+
+/// `tables.keys` on a SurrealDB source (what the way back of a cutover
+/// sets): the key comes from the fields, `source_id` is the column `id`, a
+/// key kept in a one-element array record id (a decimal) is read back, and
+/// a record whose id is not its key is named, never carried half-way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_fields_name_the_row_and_a_record_id_that_is_not_its_key_is_refused() {
+    let app = Surreal::new::<surrealdb::engine::local::Mem>(())
+        .await
+        .unwrap();
+    app.query("DEFINE NAMESPACE app; USE NS app; DEFINE DATABASE main;")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    app.use_ns("app").use_db("main").await.unwrap();
+    app.query(
+        "DEFINE TABLE item SCHEMAFULL; DEFINE FIELD sku ON item TYPE string; DEFINE FIELD source_id ON item TYPE int;
+         DEFINE TABLE price SCHEMAFULL; DEFINE FIELD amount ON price TYPE decimal; DEFINE FIELD label ON price TYPE string;
+         CREATE item:⟨a-1⟩ SET sku = 'a-1', source_id = 1;
+         CREATE item:⟨x⟩ SET sku = 'b-2', source_id = 2;
+         CREATE price:[1.50dec] SET amount = 1.50dec, label = 'cheap';",
+    )
+    .await
+    .unwrap()
+    .check()
+    .unwrap();
+    let config = source_config(
+        "mem://",
+        "url = \"mem://\"\nnamespace = \"copy\"\ndatabase = \"main\"",
+        "[tables.keys]\nitem = [\"sku\"]\nprice = [\"amount\"]\n",
+    );
+    let source = SurrealSource::from_client(app.clone(), "mem://", &config, Default::default())
+        .await
+        .unwrap();
+    let found = source.discover().await.unwrap();
+    let item = found.tables.iter().find(|t| t.name == "item").unwrap();
+    let names: Vec<&str> = item.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["sku", "id"],
+        "source_id is the column id; no record id column"
+    );
+    assert_eq!(item.key_names(), ["sku"]);
+    let item = Arc::new(item.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let err = source.snapshot(item, 100, tx).await.unwrap_err().report();
+    assert_names(
+        &err,
+        &[
+            "item:x",
+            "the record id is not its key (sku = \"b-2\")",
+            "item:`b-2`",
+        ],
+    );
+    let first = rx.recv().await;
+    assert!(first.is_none(), "nothing of the table was sent: {first:?}");
+    let price = Arc::new(
+        found
+            .tables
+            .iter()
+            .find(|t| t.name == "price")
+            .unwrap()
+            .clone(),
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    source.snapshot(price, 100, tx).await.unwrap();
+    let rows = rx.recv().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0][0].to_string(),
+        "1.5",
+        "SurrealDB keeps 1.50dec as 1.5"
+    );
+}

@@ -279,6 +279,31 @@ fn row_of(
         })?;
         row.push(v);
     }
+    if keyed {
+        // Deletes find the row by the record id alone: a record whose id is
+        // not its key could never be deleted (or, its key edited, would
+        // leave its old row).
+        let from_id = key_values(table, &id.key);
+        if from_id.as_ref().ok() != Some(&table.key_of(&row)) {
+            return Err(Misfit {
+                column: table.key[0],
+                value: id.to_sql(),
+                message: format!(
+                    "the record id is not its key {}; the replica finds rows by record id, so write records with their key as the id{}",
+                    table.describe_key(&table.key_of(&row)),
+                    crate::sink::surreal::record_id(
+                        &TableSchema {
+                            target_name: id.table.to_string(),
+                            ..table.clone()
+                        },
+                        &table.key_of(&row),
+                    )
+                    .map(|r| format!(" ({})", r.to_sql()))
+                    .unwrap_or_default()
+                ),
+            });
+        }
+    }
     Ok(row)
 }
 
@@ -309,6 +334,17 @@ fn key_values(table: &TableSchema, key: &RecordIdKey) -> std::result::Result<Vec
         return key_of(table, key).map(|v| vec![v]);
     }
     let parts: Vec<SValue> = match (table.key.len(), key) {
+        // A one-column key of a kind a record id cannot be itself (a
+        // decimal, a datetime, …) is kept in a one-element array.
+        (1, RecordIdKey::Array(a))
+            if a.len() == 1
+                && !matches!(
+                    table.columns[table.key[0]].logical,
+                    LogicalType::Json | LogicalType::Any
+                ) =>
+        {
+            vec![a[0].clone()]
+        }
         (1, k) => vec![key_svalue(k)],
         (n, RecordIdKey::Array(a)) if a.len() == n => a.iter().cloned().collect(),
         (n, k) => {
@@ -1004,7 +1040,16 @@ impl SurrealSource {
             {
                 continue;
             }
+            let target = self.renames.get(name).map(String::as_str).unwrap_or(name);
+            if known.values().any(|t| t.target_name == target) {
+                warn!(table = %name, target = %target, "a table created in the source goes to a target table another one fills: not followed (tables.rename)");
+                continue;
+            }
             if info.get("changefeed").is_none_or(|c| c.is_null()) {
+                if !self.define_changefeed {
+                    warn!(table = %name, "a table created in the source has no changefeed, and source.define_changefeed is false: not followed; define one and restart");
+                    continue;
+                }
                 self.define_feed(name).await?;
             }
             let schemafull = info
@@ -1036,17 +1081,40 @@ impl SurrealSource {
             .collect())
     }
 
-    /// Renews this process's lease on the stream (`stream_in_use`).
-    async fn renew_lease(&self) -> Result<()> {
+    /// Takes the lease on the stream (`stream_in_use`) and renews it every
+    /// [`LEASE_EVERY`] from a task of its own (the stream may wait on a full
+    /// queue), until the returned guard is dropped.
+    async fn hold_lease(&self) -> Result<tokio_util::sync::DropGuard> {
         let mut vars = Variables::new();
         vars.insert("holder", self.holder.clone());
         self.query(
-            "renewing the stream's lease in the source",
+            "taking the stream's lease in the source",
             format!("UPSERT {CAPTURE}:stream CONTENT {{ holder: $holder, at: time::now() }} RETURN NONE"),
             vars,
         )
         .await?;
-        Ok(())
+        let stop = CancellationToken::new();
+        let (db, holder, token) = (self.db.clone(), self.holder.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(LEASE_EVERY) => {}
+                }
+                // UPDATE, not UPSERT: once `uninstall` removed the table (the
+                // end of a cutover), nothing brings it back.
+                let renewed = db
+                    .query(format!(
+                        "UPDATE {CAPTURE}:stream SET at = time::now() WHERE holder = $holder RETURN NONE"
+                    ))
+                    .bind(("holder", holder.clone()))
+                    .await;
+                if let Err(e) = renewed {
+                    debug!(error = %e, "renewing the stream's lease");
+                }
+            }
+        });
+        Ok(stop.drop_guard())
     }
 
     /// Changes of `tables` in the changefeed after `after` and at or before
@@ -1317,15 +1385,11 @@ impl Source for SurrealSource {
             tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
         let mut after = after;
         let mut last_sent = Instant::now();
-        let mut renewed: Option<Instant> = None;
+        let _lease = self.hold_lease().await?;
         let mut looked = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 return Ok(());
-            }
-            if renewed.is_none_or(|r| r.elapsed() >= LEASE_EVERY) {
-                self.renew_lease().await?;
-                renewed = Some(Instant::now());
             }
             let safe = self.safe_head().await?;
             let mut out = Batch {
