@@ -876,15 +876,7 @@ async fn the_live_sync_example_runs_inside_the_application() {
 /// `Surreal<Any>`) is a source too: its records arrive as they are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_engine_handle_is_a_source_too() {
-    let app = Surreal::new::<surrealdb::engine::local::Mem>(())
-        .await
-        .unwrap();
-    app.query("DEFINE NAMESPACE app; USE NS app; DEFINE DATABASE main;")
-        .await
-        .unwrap()
-        .check()
-        .unwrap();
-    app.use_ns("app").use_db("main").await.unwrap();
+    let app = mem_app().await;
     let mut seed = String::from(SCHEMA);
     for i in 1..=12 {
         seed.push_str(&customer(i));
@@ -928,15 +920,7 @@ async fn a_local_engine_handle_is_a_source_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemaless_fields_are_found_past_the_first_page_of_records() {
-    let app = Surreal::new::<surrealdb::engine::local::Mem>(())
-        .await
-        .unwrap();
-    app.query("DEFINE NAMESPACE app; USE NS app; DEFINE DATABASE main;")
-        .await
-        .unwrap()
-        .check()
-        .unwrap();
-    app.use_ns("app").use_db("main").await.unwrap();
+    let app = mem_app().await;
     let mut seed = String::from("DEFINE TABLE bulk SCHEMALESS;");
     for i in 1..=2500 {
         seed.push_str(&format!("CREATE bulk:{i} SET n = {i};"));
@@ -964,15 +948,7 @@ async fn schemaless_fields_are_found_past_the_first_page_of_records() {
 /// a record whose id is not its key is named, never carried half-way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_fields_name_the_row_and_a_record_id_that_is_not_its_key_is_refused() {
-    let app = Surreal::new::<surrealdb::engine::local::Mem>(())
-        .await
-        .unwrap();
-    app.query("DEFINE NAMESPACE app; USE NS app; DEFINE DATABASE main;")
-        .await
-        .unwrap()
-        .check()
-        .unwrap();
-    app.use_ns("app").use_db("main").await.unwrap();
+    let app = mem_app().await;
     app.query(
         "DEFINE TABLE item SCHEMAFULL; DEFINE FIELD sku ON item TYPE string; DEFINE FIELD source_id ON item TYPE int;
          DEFINE TABLE price SCHEMAFULL; DEFINE FIELD amount ON price TYPE decimal; DEFINE FIELD label ON price TYPE string;
@@ -1031,4 +1007,19 @@ async fn key_fields_name_the_row_and_a_record_id_that_is_not_its_key_is_refused(
         "1.5",
         "SurrealDB keeps 1.50dec as 1.5"
     );
+}
+
+/// An application's in-memory store (the local engine's handle), with
+/// namespace `app` and database `main` in use.
+async fn mem_app() -> Surreal<surrealdb::engine::local::Db> {
+    let app = Surreal::new::<surrealdb::engine::local::Mem>(())
+        .await
+        .unwrap();
+    app.query("DEFINE NAMESPACE app; USE NS app; DEFINE DATABASE main;")
+        .await
+        .unwrap()
+        .check()
+        .unwrap();
+    app.use_ns("app").use_db("main").await.unwrap();
+    app
 }

@@ -291,20 +291,33 @@ fn row_of(
                 message: format!(
                     "the record id is not its key {}; the replica finds rows by record id, so write records with their key as the id{}",
                     table.describe_key(&table.key_of(&row)),
-                    crate::sink::surreal::record_id(
-                        &TableSchema {
-                            target_name: id.table.to_string(),
-                            ..table.clone()
-                        },
-                        &table.key_of(&row),
-                    )
-                    .map(|r| format!(" ({})", r.to_sql()))
-                    .unwrap_or_default()
+                    key_as_id(&id.table, &table.key_of(&row))
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
                 ),
             });
         }
     }
     Ok(row)
+}
+
+/// The record id a key of ints and strings makes, as SurrealQL writes it
+/// (as switchyard's SurrealDB target makes record ids).
+fn key_as_id(table: &str, key: &[Value]) -> Option<String> {
+    let part = |v: &Value| match v {
+        Value::Int(i) => Some(SValue::Number(Number::Int(*i))),
+        Value::Text(s) => Some(SValue::String(s.clone())),
+        _ => None,
+    };
+    let k = match key {
+        [Value::Int(i)] => RecordIdKey::Number(*i),
+        [Value::Text(s)] => RecordIdKey::String(s.clone()),
+        [_] => return None,
+        parts => RecordIdKey::Array(surrealdb::types::Array::from(
+            parts.iter().map(part).collect::<Option<Vec<_>>>()?,
+        )),
+    };
+    Some(RecordId::new(table.to_string(), k).to_sql())
 }
 
 /// A record id key as the value of the table's key column.
@@ -634,12 +647,17 @@ impl SurrealSource {
     /// The columns of a table: the record id, the defined fields, and (for
     /// a schemaless table) the fields its records hold that no definition
     /// names.
+    /// Table `name`, which `INFO FOR DB STRUCTURE` lists as `listed`.
     async fn describe(
         &self,
         name: &str,
-        schemafull: bool,
+        listed: &serde_json::Value,
         d: &mut Discovery,
     ) -> Result<Option<TableSchema>> {
+        let schemafull = listed
+            .get("schemafull")
+            .and_then(|s| s.as_bool())
+            .unwrap_or(false);
         let info = self
             .query_json(
                 format!("reading the fields of table {name:?}"),
@@ -1052,11 +1070,7 @@ impl SurrealSource {
                 }
                 self.define_feed(name).await?;
             }
-            let schemafull = info
-                .get("schemafull")
-                .and_then(|s| s.as_bool())
-                .unwrap_or(false);
-            if let Some(t) = self.describe(name, schemafull, &mut d).await? {
+            if let Some(t) = self.describe(name, &info, &mut d).await? {
                 d.tables.push(t);
             }
         }
@@ -1178,11 +1192,7 @@ impl Source for SurrealSource {
                 ));
                 continue;
             }
-            let schemafull = info
-                .get("schemafull")
-                .and_then(|s| s.as_bool())
-                .unwrap_or(false);
-            if let Some(t) = self.describe(name, schemafull, &mut d).await? {
+            if let Some(t) = self.describe(name, &info, &mut d).await? {
                 d.tables.push(t);
             }
         }
