@@ -273,15 +273,13 @@ pub fn iso_duration(d: std::time::Duration) -> String {
 /// An object, array or other value as JSON; kept as it is beside its JSON
 /// where JSON would change it (see [`Value::Native`]).
 fn json(v: SValue) -> Value {
-    let text = v.clone().into_json_value().to_string();
     if json_keeps(&v) {
-        Value::Json(text)
-    } else {
-        Value::Native(Box::new(crate::model::Native {
-            value: v,
-            json: text,
-        }))
+        return Value::Json(v.into_json_value().to_string());
     }
+    Value::Native(Box::new(crate::model::Native {
+        json: v.clone().into_json_value().to_string(),
+        value: v,
+    }))
 }
 
 /// Whether JSON holds the value as it is: no datetime, decimal, record
