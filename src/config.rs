@@ -653,7 +653,7 @@ impl Config {
             }
         }
         if !self.tenants.is_empty() {
-            if !matches!(self.source_kind(), Ok(SourceKind::Surreal { .. }))
+            if !self.source_is_surreal()
                 || !matches!(self.target_kind(), Ok(TargetKind::Surreal { .. }))
             {
                 problems.push("tenants: apply to a SurrealDB source and a SurrealDB target (each tenant is a namespace/database pair of both)".into());
@@ -820,6 +820,11 @@ impl Config {
                 Some((format!("{sns}/{sdb}"), c))
             })
             .collect()
+    }
+
+    /// Whether the source is SurrealDB (embedded or a server).
+    pub fn source_is_surreal(&self) -> bool {
+        matches!(self.source_kind(), Ok(SourceKind::Surreal { .. }))
     }
 
     pub fn source_kind(&self) -> Result<SourceKind> {

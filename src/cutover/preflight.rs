@@ -53,7 +53,7 @@ pub async fn problems(
         }
     }
     out.extend(sink.cutover_problems(tables).await?);
-    if let Ok(crate::config::SourceKind::Surreal { .. }) = config.source_kind() {
+    if config.source_is_surreal() {
         // A marker is read no sooner than the changefeed window after it
         // was written.
         // The window, a poll, and the apply.
@@ -215,10 +215,7 @@ async fn reverse_problems(config: &Config, tables: &[Arc<TableSchema>]) -> Vec<S
         Err(e) => return vec![format!("--reverse: {e}")],
     };
     let mut out = Vec::new();
-    if matches!(
-        rc.source_kind(),
-        Ok(crate::config::SourceKind::Surreal { .. })
-    ) {
+    if rc.source_is_surreal() {
         for t in tables.iter().filter(|t| t.whole_row) {
             out.push(format!(
                 "--reverse: table {:?} has no key: its SurrealDB records are identified by a digest of the whole row, which the way back cannot turn into a PostgreSQL row; give it a primary key",

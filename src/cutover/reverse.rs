@@ -70,7 +70,7 @@ pub async fn prepare(
     sink.adopt(&rtables, at, &installed.origin).await?;
     source.release_snapshot().await;
     let shown = at.show(source.position_kind());
-    let (name, made) = if surreal_target(&rc)? {
+    let (name, made) = if rc.source_is_surreal() {
         info!(position = %shown, "reverse replica prepared: changefeeds on the target");
         (
             CHANGEFEED.to_string(),
@@ -105,22 +105,13 @@ pub async fn prepare(
 /// What `Record::reverse_slot` holds for a reverse replica out of SurrealDB.
 const CHANGEFEED: &str = "changefeed";
 
-/// Whether the reverse replica reads a SurrealDB server (the forward
-/// target).
-fn surreal_target(reversed: &Config) -> Result<bool> {
-    Ok(matches!(
-        reversed.source_kind()?,
-        crate::config::SourceKind::Surreal { .. }
-    ))
-}
-
 /// Drops a reverse slot (or the changefeeds) made by a cutover that was
 /// then undone.
 pub async fn discard(config: &Arc<Config>, slot: &str) -> Result<Vec<String>> {
     let mut c = (**config).clone();
     // Any table: only the slot or the changefeeds are touched.
     let rc = c.reversed(&[], &BTreeMap::new())?;
-    if surreal_target(&rc)? {
+    if rc.source_is_surreal() {
         let rejects = Arc::new(crate::reject::Rejects::default());
         let source = crate::connect::source(&rc, rejects, Access::ReadWrite).await?;
         source.uninstall().await?;
