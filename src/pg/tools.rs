@@ -3,7 +3,9 @@
 //! the server's, and run with the connection in the environment (the
 //! password never on a command line).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use super::conn::{PgEndpoint, SslMode};
 use crate::error::{Error, Result};
@@ -35,8 +37,47 @@ fn version(path: &Path) -> Option<u32> {
     major_of(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// Every `program` found, with its major version.
+/// Every `program` found, with its major version. Asked once per process
+/// where something is found: each candidate answers `--version` (Debian's
+/// `/usr/bin` wrapper is a Perl script, about 40 ms), and a snapshot asks for
+/// `pg_dump` and `pg_restore` four times. The candidates answer at once.
 fn candidates(program: &str) -> Vec<(PathBuf, u32)> {
+    static FOUND: OnceLock<Mutex<HashMap<String, Vec<(PathBuf, u32)>>>> = OnceLock::new();
+    let found = FOUND.get_or_init(Default::default);
+    if let Some(known) = found.lock().ok().and_then(|f| f.get(program).cloned()) {
+        return known;
+    }
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for d in search_dirs() {
+        let p = d.join(program);
+        if p.is_file() && !paths.contains(&p) {
+            paths.push(p);
+        }
+    }
+    let versions: Vec<Option<u32>> = std::thread::scope(|s| {
+        let probes: Vec<_> = paths.iter().map(|p| s.spawn(|| version(p))).collect();
+        probes
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    let out: Vec<(PathBuf, u32)> = paths
+        .into_iter()
+        .zip(versions)
+        .filter_map(|(p, v)| Some((p, v?)))
+        .collect();
+    // Nothing found is not kept: the program may be installed while the
+    // daemon runs.
+    if !out.is_empty() {
+        if let Ok(mut f) = found.lock() {
+            f.insert(program.to_string(), out.clone());
+        }
+    }
+    out
+}
+
+/// `PATH`, then the install directories of every PostgreSQL version present.
+fn search_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
@@ -55,16 +96,7 @@ fn candidates(program: &str) -> Vec<(PathBuf, u32)> {
             }
         }
     }
-    let mut found = Vec::new();
-    for d in dirs {
-        let p = d.join(program);
-        if p.is_file() && !found.iter().any(|(f, _): &(PathBuf, u32)| f == &p) {
-            if let Some(v) = version(&p) {
-                found.push((p, v));
-            }
-        }
-    }
-    found
+    dirs
 }
 
 /// The newest `program` of major version `min_major` or later.

@@ -54,8 +54,10 @@ pub async fn dump(
     owners: bool,
 ) -> Result<SchemaDump> {
     let major = server_major(c, ep).await?;
-    let pg_dump = tools::find("pg_dump", major)?;
-    let pg_restore = tools::find("pg_restore", major)?;
+    // Found while the catalog is read (each candidate is asked its version).
+    let find =
+        |program: &'static str| tokio::task::spawn_blocking(move || tools::find(program, major));
+    let (pg_dump, pg_restore) = (find("pg_dump"), find("pg_restore"));
     let schemas: BTreeSet<String> = tables.iter().map(|(_, t)| t.schema.clone()).collect();
     let relations = relations(c, ep, &schemas).await?;
     let tables_kept = with_partitions(c, ep, tables).await?;
@@ -77,6 +79,10 @@ pub async fn dump(
         std::process::id(),
         DUMPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     ));
+    let found = |r: std::result::Result<Result<std::path::PathBuf>, tokio::task::JoinError>| {
+        r.map_err(|e| Error::definite(format!("looking for pg_dump and pg_restore failed: {e}")))?
+    };
+    let (pg_dump, pg_restore) = (found(pg_dump.await)?, found(pg_restore.await)?);
     let mut cmd = tools::command(&pg_dump, ep);
     cmd.arg("--schema-only")
         .arg("--format=custom")
