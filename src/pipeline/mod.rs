@@ -26,7 +26,7 @@ pub mod stream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -186,11 +186,17 @@ impl Pipeline {
             crate::reject::prepare(dir)?;
         }
         self.refuse_after_cutover().await?;
+        let phase = Instant::now();
         let tables = self.baseline(self.tables().await?).await?;
         let dump = self.schema_before_load(&tables).await?;
         self.retry
             .run("creating the target schema", || self.sink.prepare(&tables))
             .await?;
+        info!(
+            seconds = phase.elapsed().as_secs_f64(),
+            "tables found and the target's schema made"
+        );
+        let phase = Instant::now();
         // Capture first: a change made after this point is in the log, so
         // every position read later (Ct) has the log behind it.
         let installed = self
@@ -202,6 +208,11 @@ impl Pipeline {
             mut state,
         } = self.start(&installed).await?;
         self.forget_stale(&tables, &installed, &mut state).await?;
+        info!(
+            seconds = phase.elapsed().as_secs_f64(),
+            "change capture installed"
+        );
+        let phase = Instant::now();
         let mut report = Report {
             left_out: self.left_out.lock().map(|l| l.clone()).unwrap_or_default(),
             ..Report::default()
@@ -252,6 +263,10 @@ impl Pipeline {
             report.tables.push(r);
         }
         drop(copies);
+        if !report.tables.is_empty() {
+            info!(seconds = phase.elapsed().as_secs_f64(), "tables copied");
+        }
+        let phase = Instant::now();
         if let Some(d) = &dump {
             for line in self
                 .sink
@@ -266,6 +281,10 @@ impl Pipeline {
                 self.sink.after_snapshot(&tables)
             })
             .await?;
+        info!(
+            seconds = phase.elapsed().as_secs_f64(),
+            "keys, indexes and constraints built"
+        );
         let order: HashMap<&str, usize> = tables
             .iter()
             .enumerate()
