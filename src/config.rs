@@ -320,9 +320,14 @@ pub struct PipelineConfig {
     #[serde(default = "default_snapshot_workers")]
     pub snapshot_workers: usize,
     /// A PostgreSQL table whose heap is at least this many MiB is read in
-    /// `snapshot_workers` block ranges at once (0: never split).
+    /// block ranges at once (0: never split).
     #[serde(default = "default_snapshot_split_mb")]
     pub snapshot_split_mb: u64,
+    /// The block ranges such a table is read in (default: `snapshot_workers`,
+    /// or half of them where a PostgreSQL server runs on this machine, whose
+    /// cores each range's reader and loader then share).
+    #[serde(default)]
+    pub snapshot_split_parts: Option<usize>,
     /// Rows whose values do not fit the target are written to
     /// `<reject_dir>/<table>.jsonl` and counted, instead of stopping the run.
     #[serde(default)]
@@ -340,6 +345,7 @@ impl Default for PipelineConfig {
             retry_max_delay_ms: default_retry_max_delay_ms(),
             snapshot_workers: default_snapshot_workers(),
             snapshot_split_mb: default_snapshot_split_mb(),
+            snapshot_split_parts: None,
             reject_dir: None,
         }
     }
@@ -586,6 +592,7 @@ impl Config {
             ("snapshot_batch_rows", p.snapshot_batch_rows),
             ("retry_attempts", p.retry_attempts),
             ("snapshot_workers", p.snapshot_workers),
+            ("snapshot_split_parts", p.snapshot_split_parts.unwrap_or(1)),
         ] {
             if v == 0 {
                 problems.push(format!("pipeline.{key}: must be at least 1"));

@@ -121,6 +121,13 @@ impl PgEndpoint {
         })
     }
 
+    /// Whether the server runs on this machine (a loopback address,
+    /// `localhost` or a socket directory): it then shares its cores with
+    /// switchyard and with the other server, if that is local too.
+    pub fn is_local(&self) -> bool {
+        is_local_host(&self.host)
+    }
+
     pub fn shown(&self) -> &str {
         &self.shown
     }
@@ -437,6 +444,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn servers_on_this_machine_are_known_by_their_host() {
+        for local in [
+            "localhost",
+            "LOCALHOST",
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "/var/run/postgresql",
+        ] {
+            assert!(is_local_host(local), "{local}");
+        }
+        for remote in [
+            "db.internal",
+            "10.0.0.5",
+            "192.168.1.1",
+            "::2",
+            "localhost.example.com",
+        ] {
+            assert!(!is_local_host(remote), "{remote}");
+        }
+    }
+
+    #[test]
     fn urls_parse_and_never_show_passwords() {
         let e = PgEndpoint::parse(
             "postgres://app@db.internal:6543/shop?sslmode=verify-full&sslrootcert=/etc/ca.pem",
@@ -485,4 +516,13 @@ mod tests {
             ("postgres", "postgres://u@h/postgres")
         );
     }
+}
+
+/// Whether `host` (of a PostgreSQL URL) names this machine: `localhost`, a
+/// loopback address or a socket directory.
+pub fn is_local_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.starts_with('/')
+        || h.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
 }

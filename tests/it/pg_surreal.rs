@@ -429,7 +429,10 @@ async fn a_large_table_is_read_in_block_ranges_at_once() {
     )
     .await;
     // About 5 MiB of heap: three ranges of one table.
-    let config = db.config("mem://", "snapshot_split_mb = 1\nsnapshot_workers = 3\n");
+    let config = db.config(
+        "mem://",
+        "snapshot_split_mb = 1\nsnapshot_workers = 3\nsnapshot_split_parts = 3\n",
+    );
     let run = start(config.clone(), None).await;
     wait_converged(&config, &run.sink).await;
     db.exec("UPDATE big SET pad = 'x' WHERE id = 1").await;

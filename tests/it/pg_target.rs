@@ -1204,7 +1204,10 @@ async fn large_tables_load_in_parts_at_once_as_binary_or_text_copy() {
     let target = PgDb::new("").await;
     // About 5 MiB of heap each: three ranges of each table.
     let config = target_config(
-        &source.config_text("mem://", "snapshot_split_mb = 1\nsnapshot_workers = 3\n"),
+        &source.config_text(
+            "mem://",
+            "snapshot_split_mb = 1\nsnapshot_workers = 3\nsnapshot_split_parts = 3\n",
+        ),
         &target,
     );
     let r = run(config.clone()).await;
@@ -1244,7 +1247,10 @@ async fn a_refused_part_of_a_binary_copy_stops_the_table_with_its_error() {
     )
     .await;
     let text = target_config_text(
-        &source.config_text("mem://", "snapshot_split_mb = 1\nsnapshot_workers = 3\n"),
+        &source.config_text(
+            "mem://",
+            "snapshot_split_mb = 1\nsnapshot_workers = 3\nsnapshot_split_parts = 3\n",
+        ),
         &target,
     )
     .replace("[target]\n", "[target]\nschema = \"existing\"\n");

@@ -85,6 +85,21 @@ impl PgSource {
         capture.ddl_capture = capture.may_capture_ddl(&client).await?;
         drop(client);
         let workers = config.pipeline.snapshot_workers.max(1);
+        // Each range of a split table takes a reader on the source and a
+        // loader on the target: where a server runs on this machine, they
+        // share its cores, so half as many ranges (two workers: none).
+        let target_local = match config.target_kind() {
+            Ok(crate::config::TargetKind::Postgres { url }) => url::Url::parse(&url)
+                .ok()
+                .and_then(|u| u.host_str().map(crate::pg::conn::is_local_host))
+                .unwrap_or(false),
+            _ => false,
+        };
+        let split_parts = match config.pipeline.snapshot_split_parts {
+            Some(n) => n.max(1),
+            None if ep.is_local() || target_local => (workers / 2).max(1),
+            None => workers,
+        };
         Ok(Self {
             capture,
             selector: Arc::new(Selector {
@@ -107,7 +122,7 @@ impl PgSource {
             copier: Copier {
                 ep,
                 slots: Arc::new(tokio::sync::Semaphore::new(workers)),
-                split_parts: workers,
+                split_parts,
                 split_bytes: config.pipeline.snapshot_split_mb.saturating_mul(1 << 20),
             },
             durable: watch::channel(0).0,
