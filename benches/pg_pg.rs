@@ -60,7 +60,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use common::pg::{env_num, Pg};
-use common::{peak_rss_mib, reset_peak_rss};
+use common::{peak_rss_mib, reset_peak_rss, MachineCpu};
 
 /// The tables every contender copies, in copy order.
 const COPIED: [&str; 3] = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers"];
@@ -433,6 +433,7 @@ async fn same_state(
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    common::log_from_env();
     let pg = Pg::from_env()?;
     let scale = env_num("BENCH_PG_SCALE", 30);
     let seconds = env_num("BENCH_PG_SECONDS", 20);
@@ -470,6 +471,7 @@ async fn main() -> Result<()> {
     // writing out the WAL of the one before.
     admin.batch_execute("CHECKPOINT").await?;
     let t = Instant::now();
+    let cpu = MachineCpu::now();
     for table in COPIED {
         let out = source
             .copy_out(&format!("COPY {table} TO STDOUT (FORMAT binary)"))
@@ -494,8 +496,9 @@ async fn main() -> Result<()> {
     }
     target.batch_execute(KEYS).await?;
     let raw_s = t.elapsed().as_secs_f64();
+    let raw_cores = cpu.cores_busy_since();
     let rows = same_state(&source, &target, "the raw pipe").await?;
-    println!("raw pipe, binary COPY TO | COPY FROM of every table, keys built after: {rows} rows in {raw_s:.2} s = {:.0} rows/s", rows as f64 / raw_s);
+    println!("raw pipe, binary COPY TO | COPY FROM of every table, keys built after: {rows} rows in {raw_s:.2} s = {:.0} rows/s; machine: {raw_cores:.2} cores busy", rows as f64 / raw_s);
 
     // Native: a subscription that copies the data, on its own slot.
     let nat = pg.client(&native).await?;
@@ -509,6 +512,7 @@ async fn main() -> Result<()> {
         .await?;
     admin.batch_execute("CHECKPOINT").await?;
     let t = Instant::now();
+    let cpu = MachineCpu::now();
     nat.batch_execute(&format!(
         "CREATE SUBSCRIPTION native_sub CONNECTION 'host={} port={} dbname={src} user=postgres password={}'
          PUBLICATION native_pub WITH (create_slot = false, slot_name = 'native_{id}', copy_data = true)",
@@ -536,8 +540,9 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let native_s = t.elapsed().as_secs_f64();
+    let native_cores = cpu.cores_busy_since();
     same_state(&source, &nat, "native replication").await?;
-    println!("native subscription copy (3 tables and the empty bench_probe, {accounts} accounts): {native_s:.2} s");
+    println!("native subscription copy (3 tables and the empty bench_probe, {accounts} accounts): {native_s:.2} s; machine: {native_cores:.2} cores busy");
 
     // switchyard: the snapshot into an empty database.
     let sy_client = pg.client(&sy).await?;
@@ -545,15 +550,17 @@ async fn main() -> Result<()> {
     admin.batch_execute("CHECKPOINT").await?;
     reset_peak_rss();
     let t = Instant::now();
+    let cpu = MachineCpu::now();
     let report = switchyard::connect::pipeline(&cfg.clone())
         .await?
         .run(Mode::SnapshotOnly, CancellationToken::new())
         .await?;
     let sy_s = t.elapsed().as_secs_f64();
+    let sy_cores = cpu.cores_busy_since();
     let copied: u64 = report.tables.iter().map(|r| r.rows).sum();
     same_state(&source, &sy_client, "switchyard").await?;
     println!(
-        "switchyard snapshot: {copied} rows in {sy_s:.2} s; peak RSS {:.0} MiB; speed switchyard / native = {:.2}, switchyard / raw pipe = {:.2} (seconds inverted; same tables, rows and keys)",
+        "switchyard snapshot: {copied} rows in {sy_s:.2} s; machine: {sy_cores:.2} cores busy; peak RSS {:.0} MiB; speed switchyard / native = {:.2}, switchyard / raw pipe = {:.2} (seconds inverted; same tables, rows and keys)",
         peak_rss_mib(),
         native_s / sy_s,
         raw_s / sy_s

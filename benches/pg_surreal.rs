@@ -51,6 +51,7 @@ fn config_for(pg: &Pg, db: &str, slot: &str, target: &str) -> Result<Arc<Config>
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    common::log_from_env();
     let pg = Pg::from_env()?;
     let scale = env_num("BENCH_PG_SCALE", 10);
     let seconds = env_num("BENCH_PG_SECONDS", 30);

@@ -40,7 +40,7 @@ use switchyard::source::sqlite::SqliteSource;
 use switchyard::source::Source;
 use tokio_util::sync::CancellationToken;
 
-use common::{peak_rss_mib, reset_peak_rss, rss_mib};
+use common::{cpu_seconds, peak_rss_mib, reset_peak_rss, rss_mib};
 
 const BATCH: usize = 2_000;
 
@@ -171,6 +171,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    common::log_from_env();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--writer") {
         let path = PathBuf::from(&args[i + 1]);
@@ -214,22 +215,25 @@ async fn main() -> Result<()> {
         Default::default(),
     );
     let t = Instant::now();
+    let cpu = cpu_seconds();
     let report = pipeline
         .run(Mode::SnapshotOnly, CancellationToken::new())
         .await?;
     let snap_s = t.elapsed().as_secs_f64();
+    let snap_cores = (cpu_seconds() - cpu) / snap_s;
     let copied: u64 = report.tables.iter().map(|r| r.rows).sum();
     if copied != rows as u64 {
         bail!("snapshot copied {copied} rows, expected {rows}");
     }
     let snap_rss = peak_rss_mib();
     println!(
-        "snapshot: {copied} rows in {snap_s:.1} s = {:.0} rows/s (pipeline incl. schema and state), peak RSS {snap_rss:.0} MiB (at start {base_rss:.0} MiB)",
+        "snapshot: {copied} rows in {snap_s:.1} s = {:.0} rows/s (pipeline incl. schema and state), {snap_cores:.2} cores busy, peak RSS {snap_rss:.0} MiB (at start {base_rss:.0} MiB)",
         copied as f64 / snap_s
     );
 
     // Stream: the daemon's pipeline in this process, the writer in another.
     reset_peak_rss();
+    let stream_base_rss = rss_mib();
     let cancel = CancellationToken::new();
     let pipeline = Pipeline::new(
         config.clone(),
@@ -323,7 +327,7 @@ async fn main() -> Result<()> {
         updates as f64 / stream_s
     );
     println!(
-        "stream: commit-to-visible latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples); peak RSS {stream_rss:.0} MiB",
+        "stream: commit-to-visible latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples); peak RSS {stream_rss:.0} MiB (at start {stream_base_rss:.0} MiB)",
         percentile(&lat_ms, 0.50),
         percentile(&lat_ms, 0.99),
         lat_ms.last().copied().unwrap_or(f64::NAN),
@@ -371,6 +375,7 @@ async fn main() -> Result<()> {
     csink.prepare(&tables).await?;
     let db = csink.client();
     let t = Instant::now();
+    let cpu = cpu_seconds();
     let mut n = 0usize;
     for (table, batch) in &batches {
         let sql = format!(
@@ -387,11 +392,12 @@ async fn main() -> Result<()> {
         n += batch.len();
     }
     let ceil_s = t.elapsed().as_secs_f64();
+    let ceil_cores = (cpu_seconds() - cpu) / ceil_s;
     let snap_rate = copied as f64 / snap_s;
     let ceil_rate = n as f64 / ceil_s;
     let ceil_rss = peak_rss_mib();
     println!(
-        "ceiling: {n} rows inserted with the SDK directly, batches of {BATCH}, in {ceil_s:.1} s = {ceil_rate:.0} rows/s; peak RSS {ceil_rss:.0} MiB, of which {preread_rss:.0} MiB before the inserts (the rows read ahead)"
+        "ceiling: {n} rows inserted with the SDK directly, batches of {BATCH}, in {ceil_s:.1} s = {ceil_rate:.0} rows/s, {ceil_cores:.2} cores busy; peak RSS {ceil_rss:.0} MiB, of which {preread_rss:.0} MiB before the inserts (the rows read ahead)"
     );
     println!("snapshot / ceiling: {:.0}%", 100.0 * snap_rate / ceil_rate);
     Ok(())
