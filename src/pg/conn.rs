@@ -439,6 +439,15 @@ pub async fn relation_exists(
         .get(0))
 }
 
+/// Whether `host` (of a PostgreSQL URL) names this machine: `localhost`, a
+/// loopback address or a socket directory.
+pub fn is_local_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.starts_with('/')
+        || h.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,13 +525,4 @@ mod tests {
             ("postgres", "postgres://u@h/postgres")
         );
     }
-}
-
-/// Whether `host` (of a PostgreSQL URL) names this machine: `localhost`, a
-/// loopback address or a socket directory.
-pub fn is_local_host(host: &str) -> bool {
-    let h = host.trim_start_matches('[').trim_end_matches(']');
-    h.eq_ignore_ascii_case("localhost")
-        || h.starts_with('/')
-        || h.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
 }

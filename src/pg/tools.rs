@@ -37,12 +37,15 @@ fn version(path: &Path) -> Option<u32> {
     major_of(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// Each program's candidates with their major versions, kept once found.
+type Found = HashMap<String, Vec<(PathBuf, u32)>>;
+
 /// Every `program` found, with its major version. Asked once per process
 /// where something is found: each candidate answers `--version` (Debian's
 /// `/usr/bin` wrapper is a Perl script, about 40 ms), and a snapshot asks for
 /// `pg_dump` and `pg_restore` four times. The candidates answer at once.
 fn candidates(program: &str) -> Vec<(PathBuf, u32)> {
-    static FOUND: OnceLock<Mutex<HashMap<String, Vec<(PathBuf, u32)>>>> = OnceLock::new();
+    static FOUND: OnceLock<Mutex<Found>> = OnceLock::new();
     let found = FOUND.get_or_init(Default::default);
     if let Some(known) = found.lock().ok().and_then(|f| f.get(program).cloned()) {
         return known;
