@@ -441,7 +441,7 @@ pub async fn relation_exists(
 
 /// Whether `host` (of a PostgreSQL URL) names this machine: `localhost`, a
 /// loopback address or a socket directory.
-pub fn is_local_host(host: &str) -> bool {
+fn is_local_host(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
     h.eq_ignore_ascii_case("localhost")
         || h.starts_with('/')

@@ -89,10 +89,9 @@ impl PgSource {
         // loader on the target: where a server runs on this machine, they
         // share its cores, so half as many ranges (two workers: none).
         let target_local = match config.target_kind() {
-            Ok(crate::config::TargetKind::Postgres { url }) => url::Url::parse(&url)
-                .ok()
-                .and_then(|u| u.host_str().map(crate::pg::conn::is_local_host))
-                .unwrap_or(false),
+            Ok(crate::config::TargetKind::Postgres { url }) => {
+                PgEndpoint::parse(&url, None, "target.url").is_ok_and(|t| t.is_local())
+            }
             _ => false,
         };
         let split_parts = match config.pipeline.snapshot_split_parts {
