@@ -883,16 +883,8 @@ async fn a_local_engine_handle_is_a_source_too() {
         seed.push_str(&purchase(i));
     }
     app.query(seed).await.unwrap().check().unwrap();
-    let config = source_config(
-        "mem://",
-        "url = \"mem://\"\nnamespace = \"copy\"\ndatabase = \"main\"",
-        "",
-    );
-    let source = Arc::new(
-        SurrealSource::from_client(app.clone(), "mem://", &config, Default::default())
-            .await
-            .unwrap(),
-    );
+    let (config, source) = mem_source(&app, "").await;
+    let source = Arc::new(source);
     let sink = Arc::new(
         SurrealSink::connect("mem://", false, &config)
             .await
@@ -928,14 +920,7 @@ async fn schemaless_fields_are_found_past_the_first_page_of_records() {
     // Only in a record of the third page of 1,000.
     seed.push_str("UPDATE bulk:2400 SET late = d'2026-01-01T00:00:00Z';");
     app.query(seed).await.unwrap().check().unwrap();
-    let config = source_config(
-        "mem://",
-        "url = \"mem://\"\nnamespace = \"copy\"\ndatabase = \"main\"",
-        "",
-    );
-    let source = SurrealSource::from_client(app.clone(), "mem://", &config, Default::default())
-        .await
-        .unwrap();
+    let (_, source) = mem_source(&app, "").await;
     let found = source.discover().await.unwrap();
     let bulk = found.tables.iter().find(|t| t.name == "bulk").unwrap();
     let names: Vec<&str> = bulk.columns.iter().map(|c| c.name.as_str()).collect();
@@ -960,14 +945,11 @@ async fn key_fields_name_the_row_and_a_record_id_that_is_not_its_key_is_refused(
     .unwrap()
     .check()
     .unwrap();
-    let config = source_config(
-        "mem://",
-        "url = \"mem://\"\nnamespace = \"copy\"\ndatabase = \"main\"",
+    let (_, source) = mem_source(
+        &app,
         "[tables.keys]\nitem = [\"sku\"]\nprice = [\"amount\"]\n",
-    );
-    let source = SurrealSource::from_client(app.clone(), "mem://", &config, Default::default())
-        .await
-        .unwrap();
+    )
+    .await;
     let found = source.discover().await.unwrap();
     let item = found.tables.iter().find(|t| t.name == "item").unwrap();
     let names: Vec<&str> = item.columns.iter().map(|c| c.name.as_str()).collect();
@@ -1022,4 +1004,21 @@ async fn mem_app() -> Surreal<surrealdb::engine::local::Db> {
         .unwrap();
     app.use_ns("app").use_db("main").await.unwrap();
     app
+}
+
+/// The source of `app` (an in-memory store, [`mem_app`]) with `extra`
+/// config, replicating into `mem://` namespace `copy`, and its config.
+async fn mem_source(
+    app: &Surreal<surrealdb::engine::local::Db>,
+    extra: &str,
+) -> (Arc<Config>, SurrealSource) {
+    let config = source_config(
+        "mem://",
+        "url = \"mem://\"\nnamespace = \"copy\"\ndatabase = \"main\"",
+        extra,
+    );
+    let source = SurrealSource::from_client(app.clone(), "mem://", &config, Default::default())
+        .await
+        .unwrap();
+    (config, source)
 }
