@@ -132,9 +132,20 @@ pub async fn tenant_pipelines(
 /// pipeline between them (rows that do not fit go to `pipeline.reject_dir`).
 pub async fn pipeline(config: &Arc<Config>) -> Result<crate::pipeline::Pipeline> {
     let rejects = Arc::new(Rejects::new(config.pipeline.reject_dir.clone()));
-    let source = source(config, rejects.clone(), Access::ReadWrite).await?;
-    let lock = target_lock(config)?;
-    let sink = sink(config, rejects.clone()).await?;
+    let (source, lock, sink) = if embedded_path(config)?.is_some() {
+        // The embedded store is locked (and its directory made) only for a
+        // source that opened.
+        let source = source(config, rejects.clone(), Access::ReadWrite).await?;
+        let lock = target_lock(config)?;
+        (source, lock, sink(config, rejects.clone()).await?)
+    } else {
+        // Two servers: neither waits for the other.
+        let (source, sink) = tokio::try_join!(
+            source(config, rejects.clone(), Access::ReadWrite),
+            sink(config, rejects.clone())
+        )?;
+        (source, None, sink)
+    };
     Ok(
         crate::pipeline::Pipeline::new(config.clone(), Arc::from(source), Arc::from(sink), rejects)
             .holding(lock),

@@ -42,7 +42,7 @@ use self::stream::Streamer;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Marker, Row, SequenceValue, TableSchema};
-use crate::pg::conn::{pg_error, PgEndpoint};
+use crate::pg::conn::{pg_error, PgEndpoint, Sessions};
 use crate::pg::Lsn;
 use crate::position::{Durable, Position, PositionKind};
 use crate::retry::Retry;
@@ -71,7 +71,7 @@ impl PgSource {
     pub async fn open(url: &str, config: &Config) -> Result<Self> {
         let ep = PgEndpoint::parse(url, config.source.password.clone(), "source.url")?;
         // Fail early, with the server's own words, when it cannot be reached.
-        let client = ep.connect().await.map_err(|e| match e.kind() {
+        let client = ep.session().await.map_err(|e| match e.kind() {
             ErrorKind::Transient => Error::connect(e.to_string()),
             _ => e,
         })?;
@@ -81,9 +81,11 @@ impl PgSource {
             publication: config.source.publication.clone(),
             create_publication: config.source.create_publication,
             ddl_capture: false,
+            sessions: Sessions::new(ep.clone()),
         };
         capture.ddl_capture = capture.may_capture_ddl(&client).await?;
-        drop(client);
+        // The catalog is read next, on this connection.
+        capture.sessions.keep(client);
         let workers = config.pipeline.snapshot_workers.max(1);
         // Each range of a split table takes a reader on the source and a
         // loader on the target: where a server runs on this machine, they
@@ -100,7 +102,7 @@ impl PgSource {
             None => workers,
         };
         Ok(Self {
-            capture,
+            capture: capture.clone(),
             selector: Arc::new(Selector {
                 filter: config.table_filter()?,
                 renames: config.tables.rename.clone(),
@@ -119,6 +121,7 @@ impl PgSource {
             catalog: Arc::new(Mutex::new(HashMap::new())),
             export: Mutex::new(None),
             copier: Copier {
+                sessions: capture.sessions.clone(),
                 ep,
                 slots: Arc::new(tokio::sync::Semaphore::new(workers)),
                 split_parts,
@@ -290,7 +293,7 @@ impl Source for PgSource {
         };
         let c = self.capture.client().await?;
         let columns: Vec<String> = table.columns.iter().map(|c| c.name.clone()).collect();
-        crate::pg::binary_form(&c, &pg.qualified(), &columns)
+        crate::pg::binary_form(&*c, &pg.qualified(), &columns)
             .await
             .map_err(|e| {
                 pg_error(

@@ -19,7 +19,7 @@ use tracing::info;
 use super::pgoutput::{DecodeCtx, LogicalMessage};
 use super::replication::ReplicationConn;
 use crate::error::{Error, Result};
-use crate::pg::conn::{pg_error, PgEndpoint};
+use crate::pg::conn::{pg_error, PgEndpoint, Session, Sessions};
 use crate::pg::{quote_ident, Lsn};
 use crate::position::Position;
 use crate::source::Pending;
@@ -68,6 +68,9 @@ pub struct Capture {
     /// DDL reaches the stream as messages from event triggers (installed
     /// where the role is a superuser).
     pub ddl_capture: bool,
+    /// Sessions for the catalog, the publication and the slot's state,
+    /// reused from one question to the next.
+    pub sessions: Sessions,
 }
 
 impl Capture {
@@ -76,9 +79,10 @@ impl Capture {
         move |e| pg_error(&self.ep, &what, e)
     }
 
-    /// An ordinary connection with our session settings.
-    pub async fn client(&self) -> Result<Client> {
-        self.ep.session().await
+    /// A connection with our session settings, idle since an earlier
+    /// question or new.
+    pub async fn client(&self) -> Result<Session> {
+        self.sessions.take().await
     }
 
     /// Whether the publication publishes the table (directly, through a

@@ -12,7 +12,7 @@ use super::catalog::PgTable;
 use super::values;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Row, TableSchema};
-use crate::pg::conn::{pg_error, PgEndpoint};
+use crate::pg::conn::{pg_error, PgEndpoint, Sessions};
 use crate::pg::{quote_ident, quote_literal, CopyFormat};
 
 /// How a copy names a table that TRUNCATE or a rewrite changed after its
@@ -40,6 +40,9 @@ type BlockRange = Option<(u32, Option<u32>)>;
 /// Copies tables, several COPY readers at once at most.
 pub struct Copier {
     pub ep: PgEndpoint,
+    /// Sessions for the questions before a copy (each part's COPY has a
+    /// connection of its own).
+    pub sessions: Sessions,
     /// COPY readers running at once, over all tables (`snapshot_workers`).
     pub slots: Arc<tokio::sync::Semaphore>,
     /// Ranges a large table is read in at once.
@@ -81,7 +84,7 @@ impl Copier {
         if self.split_parts < 2 || self.split_bytes == 0 {
             return Ok(vec![None]);
         }
-        let c = self.ep.session().await?;
+        let c = self.sessions.take().await?;
         let row = c
             .query_one(
                 "SELECT pg_relation_size($1::oid), current_setting('block_size')::int8, current_setting('server_version_num')::int4",
