@@ -11,6 +11,8 @@
 //! Sources and sinks never import each other; a module's children never
 //! import their parent's items back (tests/it/layout.rs checks it).
 
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+mod alloc;
 pub mod commands;
 pub mod config;
 pub mod connect;
