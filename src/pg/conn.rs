@@ -339,13 +339,17 @@ impl Session {
 impl std::ops::Deref for Session {
     type Target = tokio_postgres::Client;
     fn deref(&self) -> &Self::Target {
-        self.client.as_ref().expect("a session is held until dropped")
+        self.client
+            .as_ref()
+            .expect("a session is held until dropped")
     }
 }
 
 impl std::ops::DerefMut for Session {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        self.client.as_mut().expect("a session is held until dropped")
+        self.client
+            .as_mut()
+            .expect("a session is held until dropped")
     }
 }
 

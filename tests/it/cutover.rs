@@ -459,6 +459,10 @@ async fn a_cutover_killed_after_the_fence_is_undone_by_the_next_one() {
     })
     .await;
     let p = path.to_str().unwrap();
+    // Connected before the cutover starts: once it has caught up, only the
+    // LOCK stands between it and its drain.
+    let mut blocker = crate::pg_surreal::connect(&target.cluster, &target.name).await;
+    let tx = blocker.transaction().await.unwrap();
     let child = Daemon::start(
         &[
             "cutover",
@@ -479,8 +483,6 @@ async fn a_cutover_killed_after_the_fence_is_undone_by_the_next_one() {
         child.log_text().contains("catch up")
     })
     .await;
-    let mut blocker = crate::pg_surreal::connect(&target.cluster, &target.name).await;
-    let tx = blocker.transaction().await.unwrap();
     tx.batch_execute("LOCK TABLE acct IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
