@@ -60,8 +60,6 @@ pub struct PgSource {
     retry: Retry,
     heartbeat_interval: Duration,
     slot_warn_bytes: u64,
-    /// The connection `lag` asks on, kept between calls.
-    lag_client: Mutex<Option<tokio_postgres::Client>>,
     /// The last batch handed to the pipeline, and the end of the WAL
     /// received with it: once that batch is applied, so is all WAL before it.
     handed: Arc<Mutex<(Position, u64)>>,
@@ -86,6 +84,7 @@ impl PgSource {
         capture.ddl_capture = capture.may_capture_ddl(&client).await?;
         // The catalog is read next, on this connection.
         capture.sessions.keep(client);
+        let sessions = capture.sessions.clone();
         let workers = config.pipeline.snapshot_workers.max(1);
         // Each range of a split table takes a reader on the source and a
         // loader on the target: where a server runs on this machine, they
@@ -102,7 +101,7 @@ impl PgSource {
             None => workers,
         };
         Ok(Self {
-            capture: capture.clone(),
+            capture,
             selector: Arc::new(Selector {
                 filter: config.table_filter()?,
                 renames: config.tables.rename.clone(),
@@ -121,7 +120,7 @@ impl PgSource {
             catalog: Arc::new(Mutex::new(HashMap::new())),
             export: Mutex::new(None),
             copier: Copier {
-                sessions: capture.sessions.clone(),
+                sessions,
                 ep,
                 slots: Arc::new(tokio::sync::Semaphore::new(workers)),
                 split_parts,
@@ -134,7 +133,6 @@ impl PgSource {
             ),
             heartbeat_interval: Duration::from_millis(config.source.heartbeat_interval_ms),
             slot_warn_bytes: config.source.slot_warn_mb.saturating_mul(1 << 20),
-            lag_client: Mutex::new(None),
             handed: Arc::new(Mutex::new((Position::ZERO, 0))),
         })
     }
@@ -345,12 +343,8 @@ impl Source for PgSource {
     }
 
     async fn lag(&self, applied: Position) -> Result<SourceLag> {
-        let mut guard = self.lag_client.lock().await;
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(self.capture.ep.connect().await?);
-        }
-        let c = guard.as_ref().expect("connected above");
-        let (head, retained) = self.capture.wal(c).await?;
+        let c = self.capture.client().await?;
+        let (head, retained) = self.capture.wal(&c).await?;
         let slot_warning = retained
             .filter(|r| self.slot_warn_bytes > 0 && *r > self.slot_warn_bytes)
             .map(|r| {
