@@ -30,7 +30,7 @@
 //! PostgreSQL's durability defaults (fsync, full_page_writes and
 //! synchronous_commit on; the program prints them and says when they are off).
 //! Sizes: `BENCH_PG_SCALE` (default 30),
-//! `BENCH_PG_SECONDS` (default 20), `BENCH_PG_CLIENTS` (default 4). Latency
+//! `BENCH_PG_SECONDS` (default 60), `BENCH_PG_CLIENTS` (default 4). Latency
 //! phase: `BENCH_PG_LATENCY_SECONDS` (default 20; 0 skips the phase),
 //! `BENCH_PG_LATENCY_RATE` (changes/s; default half of the native catch-up rate
 //! of the same run), `BENCH_PG_LATENCY_WRITERS` (default `BENCH_PG_CLIENTS`).
@@ -436,7 +436,7 @@ async fn main() -> Result<()> {
     common::log_from_env();
     let pg = Pg::from_env()?;
     let scale = env_num("BENCH_PG_SCALE", 30);
-    let seconds = env_num("BENCH_PG_SECONDS", 20);
+    let seconds = env_num("BENCH_PG_SECONDS", 60);
     let clients = env_num("BENCH_PG_CLIENTS", 4);
     let lat_seconds = env_num("BENCH_PG_LATENCY_SECONDS", 20);
     let lat_writers = env_num("BENCH_PG_LATENCY_WRITERS", clients).max(1);

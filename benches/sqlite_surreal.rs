@@ -40,9 +40,7 @@ use switchyard::source::sqlite::SqliteSource;
 use switchyard::source::Source;
 use tokio_util::sync::CancellationToken;
 
-use common::{cpu_seconds, peak_rss_mib, reset_peak_rss, rss_mib};
-
-const BATCH: usize = 2_000;
+use common::{cpu_seconds, peak_rss_mib, reset_peak_rss, rss_anon_file_mib, rss_mib};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -113,11 +111,23 @@ fn memory_mb() -> usize {
     env_usize("BENCH_MEMORY_MB", 128)
 }
 
+/// `pipeline.snapshot_batch_rows` where BENCH_BATCH gives it (else
+/// switchyard's default for the target); the ceiling inserts batches of the
+/// same size.
+fn batch_line() -> String {
+    std::env::var("BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map(|n| format!("snapshot_batch_rows = {}\n", n.max(1)))
+        .unwrap_or_default()
+}
+
 fn config_for(source: &Path, target: &str) -> Result<Arc<Config>> {
     let text = format!(
-        "[source]\nurl = \"sqlite://{}\"\npoll_interval_ms = 5\n\n[target]\nurl = \"{target}\"\nnamespace = \"bench\"\ndatabase = \"bench\"\nmemory_mb = {}\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = {BATCH}\n",
+        "[source]\nurl = \"sqlite://{}\"\npoll_interval_ms = 5\n\n[target]\nurl = \"{target}\"\nnamespace = \"bench\"\ndatabase = \"bench\"\nmemory_mb = {}\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\n{}",
         source.display(),
-        memory_mb()
+        memory_mb(),
+        batch_line()
     );
     Ok(Arc::new(Config::parse(&text)?))
 }
@@ -185,8 +195,9 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let source_path = dir.path().join("source.sqlite");
     println!(
-        "# switchyard benchmark: SQLite → embedded SurrealDB (surrealkv), {rows} rows in {tables} table(s), {updates} updates, target.memory_mb = {}",
-        memory_mb()
+        "# switchyard benchmark: SQLite → embedded SurrealDB (surrealkv), {rows} rows in {tables} table(s), {updates} updates, target.memory_mb = {}, pipeline.snapshot_batch_rows = {}",
+        memory_mb(),
+        config_for(Path::new("x"), "surrealkv://x")?.pipeline.snapshot_batch_rows
     );
 
     let t = Instant::now();
@@ -307,6 +318,7 @@ async fn main() -> Result<()> {
     let applied_ns = observed.last().map(|o| o.0).unwrap_or(write_started_ns);
     let stream_s = (applied_ns - write_started_ns) as f64 / 1e9;
     let stream_rss = peak_rss_mib();
+    let (anon, file) = rss_anon_file_mib();
     cancel.cancel();
     daemon.await??;
     // Latency of each change: first observation of a checkpoint covering it.
@@ -327,7 +339,7 @@ async fn main() -> Result<()> {
         updates as f64 / stream_s
     );
     println!(
-        "stream: commit-to-visible latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples); peak RSS {stream_rss:.0} MiB (at start {stream_base_rss:.0} MiB)",
+        "stream: commit-to-visible latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples); peak RSS {stream_rss:.0} MiB (at start {stream_base_rss:.0} MiB; at the end {anon:.0} MiB anonymous, {file:.0} MiB of files)",
         percentile(&lat_ms, 0.50),
         percentile(&lat_ms, 0.99),
         lat_ms.last().copied().unwrap_or(f64::NAN),
@@ -357,12 +369,13 @@ async fn main() -> Result<()> {
         .map(Arc::new)
         .collect();
     let csource = Arc::new(csource);
+    let batch = cconfig.pipeline.snapshot_batch_rows;
     let mut batches: Vec<(Arc<TableSchema>, Vec<Row>)> = Vec::new();
     for table in &tables {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(1024);
         let reader = {
             let (table, csource) = (table.clone(), csource.clone());
-            tokio::spawn(async move { csource.snapshot(table, BATCH, tx).await })
+            tokio::spawn(async move { csource.snapshot(table, batch, tx).await })
         };
         while let Some(b) = rx.recv().await {
             batches.push((table.clone(), b));
@@ -397,7 +410,8 @@ async fn main() -> Result<()> {
     let ceil_rate = n as f64 / ceil_s;
     let ceil_rss = peak_rss_mib();
     println!(
-        "ceiling: {n} rows inserted with the SDK directly, batches of {BATCH}, in {ceil_s:.1} s = {ceil_rate:.0} rows/s, {ceil_cores:.2} cores busy; peak RSS {ceil_rss:.0} MiB, of which {preread_rss:.0} MiB before the inserts (the rows read ahead)"
+        "ceiling: {n} rows inserted with the SDK directly, batches of {}, in {ceil_s:.1} s = {ceil_rate:.0} rows/s, {ceil_cores:.2} cores busy; peak RSS {ceil_rss:.0} MiB, of which {preread_rss:.0} MiB before the inserts (the rows read ahead)",
+        batch
     );
     println!("snapshot / ceiling: {:.0}%", 100.0 * snap_rate / ceil_rate);
     Ok(())

@@ -24,6 +24,12 @@ pub fn rss_mib() -> f64 {
     status_mib("VmRSS:")
 }
 
+/// Of the resident set now, in MiB: anonymous memory (the heap, stacks) and
+/// pages of files (the program's own code among them).
+pub fn rss_anon_file_mib() -> (f64, f64) {
+    (status_mib("RssAnon:"), status_mib("RssFile:"))
+}
+
 /// Resets VmHWM to the current RSS, so that each phase reports its own peak.
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
