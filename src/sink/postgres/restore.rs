@@ -10,7 +10,7 @@ use tracing::info;
 use crate::error::{Error, Result};
 use crate::pg::conn::{pg_err, relation_exists, PgEndpoint};
 use crate::pg::{quote_ident, tools};
-use crate::schema::dump::{SchemaDump, Section};
+use crate::schema::dump::{SchemaDump, Section, TocEntry};
 
 /// Whether `section` was restored into this target already.
 pub async fn restored(
@@ -35,6 +35,44 @@ pub async fn restored(
     .await
     .map_err(pg_err(ep, "reading switchyard.schema_restore"))?
     .is_some())
+}
+
+/// Whether every index, constraint and trigger among `entries` (a section's
+/// objects) exists in the target, and there is at least one: the section
+/// was restored by an earlier run (pg_restore restores it in one
+/// transaction, so either all of them exist or none).
+async fn committed_earlier(c: &Client, ep: &PgEndpoint, entries: &[&TocEntry]) -> Result<bool> {
+    let mut checked = 0;
+    for e in entries {
+        // Objects of a table are tagged `table name`.
+        let sql = match e.desc.as_str() {
+            "INDEX" => {
+                "SELECT 1 FROM pg_class i JOIN pg_namespace n ON n.oid = i.relnamespace \
+                 WHERE n.nspname = $1 AND i.relname = $2 AND i.relkind IN ('i', 'I')"
+            }
+            "CONSTRAINT" | "FK CONSTRAINT" => {
+                "SELECT 1 FROM pg_constraint k JOIN pg_class r ON r.oid = k.conrelid \
+                 JOIN pg_namespace n ON n.oid = r.relnamespace \
+                 WHERE n.nspname = $1 AND r.relname || ' ' || k.conname = $2"
+            }
+            "TRIGGER" => {
+                "SELECT 1 FROM pg_trigger t JOIN pg_class r ON r.oid = t.tgrelid \
+                 JOIN pg_namespace n ON n.oid = r.relnamespace \
+                 WHERE n.nspname = $1 AND r.relname || ' ' || t.tgname = $2"
+            }
+            _ => continue,
+        };
+        let found = c
+            .query_opt(sql, &[&e.schema, &e.tag])
+            .await
+            .map_err(pg_err(ep, "reading the target's indexes and constraints"))?
+            .is_some();
+        if !found {
+            return Ok(false);
+        }
+        checked += 1;
+    }
+    Ok(checked > 0)
 }
 
 /// Restores one part of `dump`; what was done.
@@ -94,7 +132,24 @@ pub async fn restore(
         .iter()
         .filter(|e| e.section() == section && e.desc != "SCHEMA")
         .collect();
-    if !entries.is_empty() {
+    let earlier = section == Section::PostData
+        && !entries.is_empty()
+        && committed_earlier(c, ep, &entries).await?;
+    if earlier {
+        // pg_restore restores a section in one transaction: a run stopped
+        // after its commit and before the record below.
+        info!(
+            section = section.arg(),
+            objects = entries.len(),
+            "the source schema's section is in the target already (an earlier run stopped before recording it)"
+        );
+        done.push(format!(
+            "{}: {} object(s) restored by an earlier run",
+            section.arg(),
+            entries.len()
+        ));
+    }
+    if !entries.is_empty() && !earlier {
         let list = dump
             .archive
             .with_extension(format!("{}.list", section.arg()));
