@@ -141,8 +141,9 @@ async fn rows_as_text(db: &PgDb, table: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_target_gets_the_whole_source_schema_with_pg_dump() {
+/// The RICH source, an empty target, and the config between them (the
+/// `scratch` table left out): its text and parsed.
+async fn rich_source_and_empty_target() -> (PgDb, PgDb, String, Arc<Config>) {
     let db = PgDb::new(RICH).await;
     let target = PgDb::new("").await;
     let text = target_config_text(&db.config_text("mem://", ""), &target).replace(
@@ -150,6 +151,12 @@ async fn the_target_gets_the_whole_source_schema_with_pg_dump() {
         "[tables]\nexclude = [\"scratch\"]\n\n[pipeline]",
     );
     let config = Arc::new(Config::parse(&text).unwrap());
+    (db, target, text, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_gets_the_whole_source_schema_with_pg_dump() {
+    let (db, target, text, config) = rich_source_and_empty_target().await;
     let s = Scratch::new();
     let path = s.path("c.toml");
     std::fs::write(&path, &text).unwrap();
@@ -452,13 +459,7 @@ async fn patterns_may_name_the_public_schema_and_a_pattern_that_selects_nothing_
 /// found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_data_restored_but_not_recorded_is_not_restored_again() {
-    let db = PgDb::new(RICH).await;
-    let target = PgDb::new("").await;
-    let text = target_config_text(&db.config_text("mem://", ""), &target).replace(
-        "[pipeline]",
-        "[tables]\nexclude = [\"scratch\"]\n\n[pipeline]",
-    );
-    let config = Arc::new(Config::parse(&text).unwrap());
+    let (db, target, _, config) = rich_source_and_empty_target().await;
     let snapshot = || async {
         let pipeline = switchyard::connect::pipeline(&config).await.unwrap();
         pipeline
