@@ -138,13 +138,8 @@ pub async fn restore(
     if earlier {
         // pg_restore restores a section in one transaction: a run stopped
         // after its commit and before the record below.
-        info!(
-            section = section.arg(),
-            objects = entries.len(),
-            "the source schema's section is in the target already (an earlier run stopped before recording it)"
-        );
         done.push(format!(
-            "{}: {} object(s) restored by an earlier run",
+            "{}: {} object(s) restored by an earlier run that stopped before recording it",
             section.arg(),
             entries.len()
         ));
