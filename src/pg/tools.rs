@@ -41,9 +41,12 @@ fn version(path: &Path) -> Option<u32> {
 type Found = HashMap<String, Vec<(PathBuf, u32)>>;
 
 /// Every `program` found, with its major version. Asked once per process
-/// where something is found: each candidate answers `--version` (Debian's
-/// `/usr/bin` wrapper is a Perl script, about 40 ms), and a snapshot asks for
-/// `pg_dump` and `pg_restore` four times. The candidates answer at once.
+/// where something is found: each candidate answers `--version`, and a
+/// snapshot asks for `pg_dump` and `pg_restore` four times. The candidates
+/// answer at once. Debian's `pg_wrapper` (`/usr/bin/pg_dump`, and again as
+/// `/bin/pg_dump` where `/bin` is `/usr/bin`) is not asked: it is a Perl
+/// script (40–100 ms to answer, the slowest candidate by far) that runs a
+/// program of `/usr/lib/postgresql/*/bin`, which are candidates themselves.
 fn candidates(program: &str) -> Vec<(PathBuf, u32)> {
     static FOUND: OnceLock<Mutex<Found>> = OnceLock::new();
     let found = FOUND.get_or_init(Default::default);
@@ -51,11 +54,18 @@ fn candidates(program: &str) -> Vec<(PathBuf, u32)> {
         return known;
     }
     let mut paths: Vec<PathBuf> = Vec::new();
+    let mut real: Vec<PathBuf> = Vec::new();
     for d in search_dirs() {
         let p = d.join(program);
-        if p.is_file() && !paths.contains(&p) {
-            paths.push(p);
+        if !p.is_file() {
+            continue;
         }
+        let target = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
+        if is_debian_wrapper(&target) || real.contains(&target) {
+            continue;
+        }
+        real.push(target);
+        paths.push(p);
     }
     let versions: Vec<Option<u32>> = std::thread::scope(|s| {
         let probes: Vec<_> = paths.iter().map(|p| s.spawn(|| version(p))).collect();
@@ -77,6 +87,12 @@ fn candidates(program: &str) -> Vec<(PathBuf, u32)> {
         }
     }
     out
+}
+
+/// Whether `resolved` (a candidate with its links followed) is Debian's
+/// `postgresql-common` dispatcher rather than a PostgreSQL program.
+fn is_debian_wrapper(resolved: &Path) -> bool {
+    resolved.file_name().is_some_and(|n| n == "pg_wrapper")
 }
 
 /// `PATH`, then the install directories of every PostgreSQL version present.
@@ -196,6 +212,23 @@ mod tests {
         );
         assert_eq!(major_of("pg_restore (PostgreSQL) 17.2"), Some(17));
         assert_eq!(major_of("nothing here"), None);
+    }
+
+    #[test]
+    fn debians_wrapper_is_told_from_a_program_by_where_its_link_leads() {
+        let dir = std::env::temp_dir().join(format!("switchyard-tools-{}", std::process::id()));
+        let (usr, bin, common) = (dir.join("usr/bin"), dir.join("bin"), dir.join("common"));
+        for d in [&usr, &bin, &common] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(common.join("pg_wrapper"), "#!/usr/bin/perl\n").unwrap();
+        std::os::unix::fs::symlink(common.join("pg_wrapper"), usr.join("pg_dump")).unwrap();
+        let wrapper = std::fs::canonicalize(usr.join("pg_dump")).unwrap();
+        assert!(is_debian_wrapper(&wrapper), "{}", wrapper.display());
+        std::fs::write(bin.join("pg_dump"), "#!/bin/sh\n").unwrap();
+        let program = std::fs::canonicalize(bin.join("pg_dump")).unwrap();
+        assert!(!is_debian_wrapper(&program), "{}", program.display());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -323,13 +323,17 @@ impl Pipeline {
         if !self.sink.wants_schema_dump().await? {
             return Ok(None);
         }
-        let Some(dump) = self
-            .source
-            .schema_dump(tables, self.config.target.keep_owners)
-            .await?
-        else {
+        // The target's own preparation (its state schema: a commit to wait
+        // for on a durable server) while pg_dump runs on the source.
+        let (dumped, ready) = tokio::join!(
+            self.source
+                .schema_dump(tables, self.config.target.keep_owners),
+            self.sink.ready_for_schema()
+        );
+        let Some(dump) = dumped? else {
             return Ok(None);
         };
+        ready?;
         for why in &dump.left_out {
             info!("schema: left out {why}");
         }

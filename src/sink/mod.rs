@@ -147,6 +147,12 @@ pub trait Sink: Send + Sync {
         Ok(false)
     }
 
+    /// Readies the target for [`Sink::restore_schema`] (a PostgreSQL
+    /// target's state schema) while the source's schema is being dumped.
+    async fn ready_for_schema(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Restores one part of the source's schema (see
     /// [`crate::schema::dump`]); what was done.
     async fn restore_schema(

@@ -259,6 +259,25 @@ async fn m5_every_built_in_type_round_trips_postgres_to_postgres() {
         .unwrap()
         .count() as i64;
     assert_eq!(versions, migrations);
+    // A target whose recorded migration differs (another switchyard's) is
+    // refused, naming it, and nothing is applied over it.
+    target
+        .exec(
+            "UPDATE switchyard.schema_migrations SET checksum = '\\x00'
+              WHERE version = (SELECT min(version) FROM switchyard.schema_migrations)",
+        )
+        .await;
+    let e = switchyard::connect::pipeline(&config)
+        .await
+        .unwrap()
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("state schema migration") && e.contains("another version"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -785,6 +785,13 @@ impl Sink for PgSink {
         Ok(!done?)
     }
 
+    async fn ready_for_schema(&self) -> Result<()> {
+        let c = self.take().await?;
+        self.migrated(&c).await?;
+        self.give(c).await;
+        Ok(())
+    }
+
     async fn restore_schema(
         &self,
         dump: &crate::schema::dump::SchemaDump,

@@ -15,8 +15,9 @@ use crate::sink::{SinkState, TableState, TableStatus};
 /// The daemon's own schema, versioned by `migrations/`.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Applies `migrations/` that the target has not seen, each in its own
-/// transaction, recording versions and checksums like sqlx does.
+/// Applies `migrations/` that the target has not seen, all of them in one
+/// transaction (one commit to wait for on a durable server instead of one
+/// each), recording versions and checksums like sqlx does.
 pub async fn migrate(ep: &PgEndpoint, c: &Client) -> Result<()> {
     c.batch_execute(
         "CREATE SCHEMA IF NOT EXISTS switchyard;
@@ -26,38 +27,55 @@ pub async fn migrate(ep: &PgEndpoint, c: &Client) -> Result<()> {
     )
     .await
     .map_err(pg_err(ep, "creating switchyard.schema_migrations"))?;
+    let applied: std::collections::HashMap<i64, Vec<u8>> = c
+        .query(
+            "SELECT version, checksum FROM switchyard.schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(pg_err(ep, "reading switchyard.schema_migrations"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut pending = Vec::new();
+    let mut sql = String::from("BEGIN;\n");
     for m in MIGRATOR.iter() {
-        let done = c
-            .query_opt(
-                "SELECT checksum FROM switchyard.schema_migrations WHERE version = $1",
-                &[&m.version],
-            )
-            .await
-            .map_err(pg_err(ep, "reading switchyard.schema_migrations"))?;
-        match done {
-            Some(row) => {
-                let sum: Vec<u8> = row.get(0);
-                if sum != m.checksum.as_ref() {
-                    return Err(Error::definite(format!(
-                        "switchyard's state schema migration {} ({}) in the target differs from this switchyard's; the target was set up by another version",
-                        m.version, m.description
-                    )));
-                }
+        match applied.get(&m.version) {
+            Some(sum) if sum.as_slice() != m.checksum.as_ref() => {
+                return Err(Error::definite(format!(
+                    "switchyard's state schema migration {} ({}) in the target differs from this switchyard's; the target was set up by another version",
+                    m.version, m.description
+                )));
             }
+            Some(_) => {}
             None => {
-                let sql = format!(
-                    "BEGIN;\n{}\n;\nINSERT INTO switchyard.schema_migrations (version, description, checksum) VALUES ({}, {}, '\\x{}'); COMMIT;",
+                sql.push_str(&format!(
+                    "{}\n;\nINSERT INTO switchyard.schema_migrations (version, description, checksum) VALUES ({}, {}, '\\x{}');\n",
                     m.sql,
                     m.version,
                     quote_literal(&m.description),
                     m.checksum.iter().map(|b| format!("{b:02x}")).collect::<String>()
-                );
-                c.batch_execute(&sql)
-                    .await
-                    .map_err(|e| pg_error(ep, &format!("applying migration {}", m.version), e))?;
-                info!(version = m.version, description = %m.description, "state schema migrated");
+                ));
+                pending.push(m);
             }
         }
+    }
+    if pending.is_empty() {
+        return Ok(());
+    }
+    sql.push_str("COMMIT;");
+    let versions: Vec<String> = pending.iter().map(|m| m.version.to_string()).collect();
+    if let Err(e) = c.batch_execute(&sql).await {
+        // The failed statement leaves the transaction open and aborted.
+        let _ = c.batch_execute("ROLLBACK").await;
+        return Err(pg_error(
+            ep,
+            &format!("applying state schema migrations {}", versions.join(", ")),
+            e,
+        ));
+    }
+    for m in pending {
+        info!(version = m.version, description = %m.description, "state schema migrated");
     }
     Ok(())
 }
