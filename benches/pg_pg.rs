@@ -29,6 +29,10 @@
 //! Run with `bash scripts/bench pg-pg`, which starts a cluster of its own with
 //! PostgreSQL's durability defaults (fsync, full_page_writes and
 //! synchronous_commit on; the program prints them and says when they are off).
+//! `BENCH_PG_PAIRS` (default 3): after step 4, the raw pipe and switchyard
+//! run again one right after the other, each pair into new databases, and
+//! the median of the pairs' ratios is printed (the machine's speed drifts
+//! between runs by more than the difference measured).
 //! Sizes: `BENCH_PG_SCALE` (default 30),
 //! `BENCH_PG_SECONDS` (default 60), `BENCH_PG_CLIENTS` (default 4). Latency
 //! phase: `BENCH_PG_LATENCY_SECONDS` (default 20; 0 skips the phase),
@@ -431,41 +435,14 @@ async fn same_state(
     Ok(rows)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    common::log_from_env();
-    let pg = Pg::from_env()?;
-    let scale = env_num("BENCH_PG_SCALE", 30);
-    let seconds = env_num("BENCH_PG_SECONDS", 60);
-    let clients = env_num("BENCH_PG_CLIENTS", 4);
-    let lat_seconds = env_num("BENCH_PG_LATENCY_SECONDS", 20);
-    let lat_writers = env_num("BENCH_PG_LATENCY_WRITERS", clients).max(1);
-    let id = std::process::id();
-    let (src, raw, native, sy) = (
-        format!("pp_src_{id}"),
-        format!("pp_raw_{id}"),
-        format!("pp_nat_{id}"),
-        format!("pp_sy_{id}"),
-    );
-    let admin = pg.client("postgres").await?;
-    for db in [&src, &raw, &native, &sy] {
-        admin
-            .batch_execute(&format!("CREATE DATABASE {db}"))
-            .await?;
-    }
-    println!("# switchyard benchmark: PostgreSQL → PostgreSQL beside native logical replication, pgbench scale {scale}");
-    println!("# {}", durability(&admin).await?);
-    pg.pgbench(&["-i", "-q", "-s", &scale.to_string(), &src])?;
-    let source = pg.client(&src).await?;
-    source.batch_execute(PROBE).await?;
-    let accounts: i64 = source
-        .query_one("SELECT count(*) FROM pgbench_accounts", &[])
-        .await?
-        .get(0);
-
-    // The raw pipe: binary COPY out of the source straight into COPY in,
-    // table after table, then the keys.
-    let target = pg.client(&raw).await?;
+/// The raw pipe into `target` (an empty database): binary COPY out of the
+/// source straight into COPY in, table after table, then the keys; seconds,
+/// cores busy and the rows, checked against the source.
+async fn raw_pipe(
+    admin: &tokio_postgres::Client,
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+) -> Result<(f64, f64, u64)> {
     target.batch_execute(BARE_TABLES).await?;
     // Each timed contender starts after a checkpoint, so that none pays for
     // writing out the WAL of the one before.
@@ -495,9 +472,75 @@ async fn main() -> Result<()> {
         sink.finish().await?;
     }
     target.batch_execute(KEYS).await?;
-    let raw_s = t.elapsed().as_secs_f64();
-    let raw_cores = cpu.cores_busy_since();
-    let rows = same_state(&source, &target, "the raw pipe").await?;
+    let seconds = t.elapsed().as_secs_f64();
+    let cores = cpu.cores_busy_since();
+    let rows = same_state(source, target, "the raw pipe").await?;
+    Ok((seconds, cores, rows))
+}
+
+/// switchyard's snapshot with `cfg` into its empty target: seconds, cores
+/// busy and the rows copied.
+async fn sy_snapshot(admin: &tokio_postgres::Client, cfg: &Arc<Config>) -> Result<(f64, f64, u64)> {
+    admin.batch_execute("CHECKPOINT").await?;
+    reset_peak_rss();
+    let t = Instant::now();
+    let cpu = MachineCpu::now();
+    let report = switchyard::connect::pipeline(cfg)
+        .await?
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await?;
+    let seconds = t.elapsed().as_secs_f64();
+    let cores = cpu.cores_busy_since();
+    Ok((seconds, cores, report.tables.iter().map(|r| r.rows).sum()))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    common::log_from_env();
+    let pg = Pg::from_env()?;
+    let scale = env_num("BENCH_PG_SCALE", 30);
+    let seconds = env_num("BENCH_PG_SECONDS", 60);
+    let clients = env_num("BENCH_PG_CLIENTS", 4);
+    let lat_seconds = env_num("BENCH_PG_LATENCY_SECONDS", 20);
+    let lat_writers = env_num("BENCH_PG_LATENCY_WRITERS", clients).max(1);
+    let pairs = env_num("BENCH_PG_PAIRS", 3).max(1);
+    let id = std::process::id();
+    let (src, raw, native, sy) = (
+        format!("pp_src_{id}"),
+        format!("pp_raw_{id}"),
+        format!("pp_nat_{id}"),
+        format!("pp_sy_{id}"),
+    );
+    let admin = pg.client("postgres").await?;
+    for db in [&src, &raw, &native, &sy] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await?;
+    }
+    println!("# switchyard benchmark: PostgreSQL → PostgreSQL beside native logical replication, pgbench scale {scale}");
+    println!("# {}", durability(&admin).await?);
+    pg.pgbench(&["-i", "-q", "-s", &scale.to_string(), &src])?;
+    let source = pg.client(&src).await?;
+    source.batch_execute(PROBE).await?;
+    let accounts: i64 = source
+        .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+        .await?
+        .get(0);
+
+    // The raw pipe: binary COPY out of the source straight into COPY in,
+    // table after table, then the keys.
+    let target = pg.client(&raw).await?;
+    let (raw_s, raw_cores, rows) = raw_pipe(&admin, &source, &target).await?;
     println!("raw pipe, binary COPY TO | COPY FROM of every table, keys built after: {rows} rows in {raw_s:.2} s = {:.0} rows/s; machine: {raw_cores:.2} cores busy", rows as f64 / raw_s);
 
     // Native: a subscription that copies the data, on its own slot.
@@ -547,17 +590,7 @@ async fn main() -> Result<()> {
     // switchyard: the snapshot into an empty database.
     let sy_client = pg.client(&sy).await?;
     let cfg = config(&pg, &src, &sy, &format!("sy_{id}"))?;
-    admin.batch_execute("CHECKPOINT").await?;
-    reset_peak_rss();
-    let t = Instant::now();
-    let cpu = MachineCpu::now();
-    let report = switchyard::connect::pipeline(&cfg.clone())
-        .await?
-        .run(Mode::SnapshotOnly, CancellationToken::new())
-        .await?;
-    let sy_s = t.elapsed().as_secs_f64();
-    let sy_cores = cpu.cores_busy_since();
-    let copied: u64 = report.tables.iter().map(|r| r.rows).sum();
+    let (sy_s, sy_cores, copied) = sy_snapshot(&admin, &cfg).await?;
     same_state(&source, &sy_client, "switchyard").await?;
     println!(
         "switchyard snapshot: {copied} rows in {sy_s:.2} s; machine: {sy_cores:.2} cores busy; peak RSS {:.0} MiB; speed switchyard / native = {:.2}, switchyard / raw pipe = {:.2} (seconds inverted; same tables, rows and keys)",
@@ -565,6 +598,51 @@ async fn main() -> Result<()> {
         native_s / sy_s,
         raw_s / sy_s
     );
+
+    // More pairs of the raw pipe and switchyard, one right after the other,
+    // each into databases of its own: the machine's speed drifts between
+    // runs by more than the difference measured, so each pair gives a ratio.
+    let mut ratios = vec![raw_s / sy_s];
+    for pair in 2..=pairs {
+        let (raw_db, sy_db) = (format!("{raw}_{pair}"), format!("{sy}_{pair}"));
+        for db in [&raw_db, &sy_db] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await?;
+        }
+        let target = pg.client(&raw_db).await?;
+        let (raw_s, _, _) = raw_pipe(&admin, &source, &target).await?;
+        drop(target);
+        let cfg = config(&pg, &src, &sy_db, &format!("sy_{id}_{pair}"))?;
+        let (sy_s, _, _) = sy_snapshot(&admin, &cfg).await?;
+        let sy_client = pg.client(&sy_db).await?;
+        same_state(&source, &sy_client, "switchyard").await?;
+        drop(sy_client);
+        println!(
+            "pair {pair}: raw pipe {raw_s:.2} s, switchyard {sy_s:.2} s (peak RSS {:.0} MiB): switchyard / raw pipe = {:.2}",
+            peak_rss_mib(),
+            raw_s / sy_s
+        );
+        ratios.push(raw_s / sy_s);
+        use switchyard::source::Source;
+        switchyard::source::postgres::PgSource::open(&cfg.source.url, &cfg)
+            .await?
+            .uninstall()
+            .await?;
+        for db in [&raw_db, &sy_db] {
+            admin
+                .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+                .await?;
+        }
+    }
+    if pairs > 1 {
+        println!(
+            "switchyard / raw pipe over {pairs} pairs: median {:.2}, range {:.2}–{:.2}",
+            median(ratios.clone()),
+            ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            ratios.iter().copied().fold(0.0, f64::max)
+        );
+    }
 
     // Catch-up: both replicas paused (the subscription disabled, switchyard
     // not running), one write load, then each replica alone resumed until a

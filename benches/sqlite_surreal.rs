@@ -15,7 +15,9 @@
 //! `BENCH_ROWS` (default 1,000,000), `BENCH_UPDATES` (default 100,000),
 //! `BENCH_TABLES` (default 1: the rows spread over that many tables of the
 //! same shape; the ceiling inserts them all, table after table),
-//! `BENCH_MEMORY_MB` (the target's `memory_mb`, default switchyard's).
+//! `BENCH_MEMORY_MB` (the target's `memory_mb`, default switchyard's),
+//! `BENCH_BATCH` and `BENCH_WORKERS` (`pipeline.snapshot_batch_rows` and
+//! `pipeline.snapshot_workers`, default switchyard's).
 //! The latency of a change is the time from the writer's COMMIT to the moment
 //! the target's checkpoint covers it, observed by polling the checkpoint every
 //! 2 ms (so figures carry up to 2 ms of observation error).
@@ -108,18 +110,24 @@ async fn generate(path: &Path, rows: usize, tables: usize) -> Result<()> {
 
 /// The targets' `memory_mb` (`BENCH_MEMORY_MB`, default switchyard's).
 fn memory_mb() -> usize {
-    env_usize("BENCH_MEMORY_MB", 128)
+    env_usize(
+        "BENCH_MEMORY_MB",
+        switchyard::config::DEFAULT_MEMORY_MB as usize,
+    )
 }
 
 /// `pipeline.snapshot_batch_rows` where BENCH_BATCH gives it (else
 /// switchyard's default for the target); the ceiling inserts batches of the
 /// same size.
 fn batch_line() -> String {
-    std::env::var("BENCH_BATCH")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map(|n| format!("snapshot_batch_rows = {}\n", n.max(1)))
-        .unwrap_or_default()
+    let set = |var: &str, key: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|n| format!("{key} = {}\n", n.max(1)))
+            .unwrap_or_default()
+    };
+    set("BENCH_BATCH", "snapshot_batch_rows") + &set("BENCH_WORKERS", "snapshot_workers")
 }
 
 fn config_for(source: &Path, target: &str) -> Result<Arc<Config>> {

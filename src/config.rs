@@ -253,8 +253,11 @@ pub struct TargetConfig {
 /// The least `target.memory_mb`: a transaction must fit one write buffer.
 pub const MIN_MEMORY_MB: u64 = 64;
 
+/// `memory_mb` where the config does not set it.
+pub const DEFAULT_MEMORY_MB: u64 = 128;
+
 fn default_memory_mb() -> u64 {
-    128
+    DEFAULT_MEMORY_MB
 }
 
 #[derive(Debug, Clone, Deserialize)]
