@@ -29,7 +29,7 @@
 //! Run with `bash scripts/bench pg-pg`, which starts a cluster of its own with
 //! PostgreSQL's durability defaults (fsync, full_page_writes and
 //! synchronous_commit on; the program prints them and says when they are off).
-//! `BENCH_PG_PAIRS` (default 3): after step 4, the raw pipe and switchyard
+//! `BENCH_PG_PAIRS` (default 3): after step 6, the raw pipe and switchyard
 //! run again one right after the other, each pair into new databases, and
 //! the median of the pairs' ratios is printed (the machine's speed drifts
 //! between runs by more than the difference measured).
@@ -64,7 +64,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use common::pg::{env_num, Pg};
-use common::{peak_rss_mib, reset_peak_rss, MachineCpu};
+use common::{cpu_seconds, peak_rss_mib, reset_peak_rss, MachineCpu};
 
 /// The tables every contender copies, in copy order.
 const COPIED: [&str; 3] = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers"];
@@ -442,13 +442,14 @@ async fn raw_pipe(
     admin: &tokio_postgres::Client,
     source: &tokio_postgres::Client,
     target: &tokio_postgres::Client,
-) -> Result<(f64, f64, u64)> {
+) -> Result<(f64, f64, u64, f64)> {
     target.batch_execute(BARE_TABLES).await?;
     // Each timed contender starts after a checkpoint, so that none pays for
     // writing out the WAL of the one before.
     admin.batch_execute("CHECKPOINT").await?;
     let t = Instant::now();
     let cpu = MachineCpu::now();
+    let own = cpu_seconds();
     for table in COPIED {
         let out = source
             .copy_out(&format!("COPY {table} TO STDOUT (FORMAT binary)"))
@@ -471,27 +472,42 @@ async fn raw_pipe(
         }
         sink.finish().await?;
     }
+    let copied = t.elapsed().as_secs_f64();
     target.batch_execute(KEYS).await?;
     let seconds = t.elapsed().as_secs_f64();
+    println!(
+        "raw pipe: copy {copied:.2} s, keys {:.2} s",
+        seconds - copied
+    );
     let cores = cpu.cores_busy_since();
+    let own = cpu_seconds() - own;
     let rows = same_state(source, target, "the raw pipe").await?;
-    Ok((seconds, cores, rows))
+    Ok((seconds, cores, rows, own))
 }
 
 /// switchyard's snapshot with `cfg` into its empty target: seconds, cores
-/// busy and the rows copied.
-async fn sy_snapshot(admin: &tokio_postgres::Client, cfg: &Arc<Config>) -> Result<(f64, f64, u64)> {
+/// busy, the rows copied and this process's CPU seconds.
+async fn sy_snapshot(
+    admin: &tokio_postgres::Client,
+    cfg: &Arc<Config>,
+) -> Result<(f64, f64, u64, f64)> {
     admin.batch_execute("CHECKPOINT").await?;
     reset_peak_rss();
     let t = Instant::now();
     let cpu = MachineCpu::now();
+    let own = cpu_seconds();
     let report = switchyard::connect::pipeline(cfg)
         .await?
         .run(Mode::SnapshotOnly, CancellationToken::new())
         .await?;
     let seconds = t.elapsed().as_secs_f64();
     let cores = cpu.cores_busy_since();
-    Ok((seconds, cores, report.tables.iter().map(|r| r.rows).sum()))
+    Ok((
+        seconds,
+        cores,
+        report.tables.iter().map(|r| r.rows).sum(),
+        cpu_seconds() - own,
+    ))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -540,8 +556,8 @@ async fn main() -> Result<()> {
     // The raw pipe: binary COPY out of the source straight into COPY in,
     // table after table, then the keys.
     let target = pg.client(&raw).await?;
-    let (raw_s, raw_cores, rows) = raw_pipe(&admin, &source, &target).await?;
-    println!("raw pipe, binary COPY TO | COPY FROM of every table, keys built after: {rows} rows in {raw_s:.2} s = {:.0} rows/s; machine: {raw_cores:.2} cores busy", rows as f64 / raw_s);
+    let (raw_s, raw_cores, rows, raw_own) = raw_pipe(&admin, &source, &target).await?;
+    println!("raw pipe, binary COPY TO | COPY FROM of every table, keys built after: {rows} rows in {raw_s:.2} s = {:.0} rows/s; machine: {raw_cores:.2} cores busy, this program {raw_own:.2} CPU s", rows as f64 / raw_s);
 
     // Native: a subscription that copies the data, on its own slot.
     let nat = pg.client(&native).await?;
@@ -590,59 +606,14 @@ async fn main() -> Result<()> {
     // switchyard: the snapshot into an empty database.
     let sy_client = pg.client(&sy).await?;
     let cfg = config(&pg, &src, &sy, &format!("sy_{id}"))?;
-    let (sy_s, sy_cores, copied) = sy_snapshot(&admin, &cfg).await?;
+    let (sy_s, sy_cores, copied, sy_own) = sy_snapshot(&admin, &cfg).await?;
     same_state(&source, &sy_client, "switchyard").await?;
     println!(
-        "switchyard snapshot: {copied} rows in {sy_s:.2} s; machine: {sy_cores:.2} cores busy; peak RSS {:.0} MiB; speed switchyard / native = {:.2}, switchyard / raw pipe = {:.2} (seconds inverted; same tables, rows and keys)",
+        "switchyard snapshot: {copied} rows in {sy_s:.2} s; machine: {sy_cores:.2} cores busy, switchyard {sy_own:.2} CPU s; peak RSS {:.0} MiB; speed switchyard / native = {:.2}, switchyard / raw pipe = {:.2} (seconds inverted; same tables, rows and keys)",
         peak_rss_mib(),
         native_s / sy_s,
         raw_s / sy_s
     );
-
-    // More pairs of the raw pipe and switchyard, one right after the other,
-    // each into databases of its own: the machine's speed drifts between
-    // runs by more than the difference measured, so each pair gives a ratio.
-    let mut ratios = vec![raw_s / sy_s];
-    for pair in 2..=pairs {
-        let (raw_db, sy_db) = (format!("{raw}_{pair}"), format!("{sy}_{pair}"));
-        for db in [&raw_db, &sy_db] {
-            admin
-                .batch_execute(&format!("CREATE DATABASE {db}"))
-                .await?;
-        }
-        let target = pg.client(&raw_db).await?;
-        let (raw_s, _, _) = raw_pipe(&admin, &source, &target).await?;
-        drop(target);
-        let cfg = config(&pg, &src, &sy_db, &format!("sy_{id}_{pair}"))?;
-        let (sy_s, _, _) = sy_snapshot(&admin, &cfg).await?;
-        let sy_client = pg.client(&sy_db).await?;
-        same_state(&source, &sy_client, "switchyard").await?;
-        drop(sy_client);
-        println!(
-            "pair {pair}: raw pipe {raw_s:.2} s, switchyard {sy_s:.2} s (peak RSS {:.0} MiB): switchyard / raw pipe = {:.2}",
-            peak_rss_mib(),
-            raw_s / sy_s
-        );
-        ratios.push(raw_s / sy_s);
-        use switchyard::source::Source;
-        switchyard::source::postgres::PgSource::open(&cfg.source.url, &cfg)
-            .await?
-            .uninstall()
-            .await?;
-        for db in [&raw_db, &sy_db] {
-            admin
-                .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
-                .await?;
-        }
-    }
-    if pairs > 1 {
-        println!(
-            "switchyard / raw pipe over {pairs} pairs: median {:.2}, range {:.2}–{:.2}",
-            median(ratios.clone()),
-            ratios.iter().copied().fold(f64::INFINITY, f64::min),
-            ratios.iter().copied().fold(0.0, f64::max)
-        );
-    }
 
     // Catch-up: both replicas paused (the subscription disabled, switchyard
     // not running), one write load, then each replica alone resumed until a
@@ -776,6 +747,53 @@ async fn main() -> Result<()> {
             percentile(&sy_lat.ms, 0.50) / percentile(&native_lat.ms, 0.50),
             sy_p99 / percentile(&native_lat.ms, 0.99),
             if sy_p99 < 100.0 { "within" } else { "over" }
+        );
+    }
+
+    // More pairs of the raw pipe and switchyard, one right after the other,
+    // each into databases of its own: the machine's speed drifts between
+    // runs by more than the difference measured, so each pair gives a ratio.
+    // Last: their WAL is not in the catch-up's way (the replicas' slots,
+    // created before, would have to read through it).
+    let mut ratios = vec![raw_s / sy_s];
+    for pair in 2..=pairs {
+        let (raw_db, sy_db) = (format!("{raw}_{pair}"), format!("{sy}_{pair}"));
+        for db in [&raw_db, &sy_db] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await?;
+        }
+        let target = pg.client(&raw_db).await?;
+        let (raw_s, _, _, raw_own) = raw_pipe(&admin, &source, &target).await?;
+        drop(target);
+        let cfg = config(&pg, &src, &sy_db, &format!("sy_{id}_{pair}"))?;
+        let (sy_s, _, _, sy_own) = sy_snapshot(&admin, &cfg).await?;
+        let sy_client = pg.client(&sy_db).await?;
+        same_state(&source, &sy_client, "switchyard").await?;
+        drop(sy_client);
+        println!(
+            "pair {pair}: raw pipe {raw_s:.2} s ({raw_own:.2} CPU s in this program), switchyard {sy_s:.2} s ({sy_own:.2} CPU s; peak RSS {:.0} MiB): switchyard / raw pipe = {:.2}",
+            peak_rss_mib(),
+            raw_s / sy_s
+        );
+        ratios.push(raw_s / sy_s);
+        use switchyard::source::Source;
+        switchyard::source::postgres::PgSource::open(&cfg.source.url, &cfg)
+            .await?
+            .uninstall()
+            .await?;
+        for db in [&raw_db, &sy_db] {
+            admin
+                .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+                .await?;
+        }
+    }
+    if pairs > 1 {
+        println!(
+            "switchyard / raw pipe over {pairs} pairs: median {:.2}, range {:.2}–{:.2}",
+            median(ratios.clone()),
+            ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            ratios.iter().copied().fold(0.0, f64::max)
         );
     }
 
