@@ -116,10 +116,10 @@ fn memory_mb() -> usize {
     )
 }
 
-/// `pipeline.snapshot_batch_rows` where BENCH_BATCH gives it (else
-/// switchyard's default for the target); the ceiling inserts batches of the
-/// same size.
-fn batch_line() -> String {
+/// The `[pipeline]` lines the environment gives: `snapshot_batch_rows`
+/// from BENCH_BATCH (the ceiling inserts batches of the same size) and
+/// `snapshot_workers` from BENCH_WORKERS; unset, switchyard's defaults.
+fn pipeline_lines() -> String {
     let set = |var: &str, key: &str| {
         std::env::var(var)
             .ok()
@@ -135,7 +135,7 @@ fn config_for(source: &Path, target: &str) -> Result<Arc<Config>> {
         "[source]\nurl = \"sqlite://{}\"\npoll_interval_ms = 5\n\n[target]\nurl = \"{target}\"\nnamespace = \"bench\"\ndatabase = \"bench\"\nmemory_mb = {}\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\n{}",
         source.display(),
         memory_mb(),
-        batch_line()
+        pipeline_lines()
     );
     Ok(Arc::new(Config::parse(&text)?))
 }
