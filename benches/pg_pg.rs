@@ -1,6 +1,10 @@
 //! Benchmark: PostgreSQL → PostgreSQL, switchyard beside PostgreSQL's own
 //! logical replication and the raw `COPY TO | COPY FROM` pipe, on the same
-//! cluster and the same pgbench data.
+//! pgbench data: the source on one server, the targets on another
+//! (`BENCH_PG_TARGET_PORT`, which `scripts/bench` starts), as in a
+//! migration; without it, the targets are databases of the source's server,
+//! where the source's replication slots keep the targets' WAL as well (every
+//! contender loads slower).
 //!
 //! ```text
 //!  1. pgbench -i -s SCALE in the source       (SCALE 30: 3,000,000 accounts), and an
@@ -26,9 +30,11 @@
 //! timed copy and catch-up starts after a CHECKPOINT, so that none pays for
 //! writing out the WAL of the one before.
 //!
-//! Run with `bash scripts/bench pg-pg`, which starts a cluster of its own with
-//! PostgreSQL's durability defaults (fsync, full_page_writes and
-//! synchronous_commit on; the program prints them and says when they are off).
+//! Run with `bash scripts/bench pg-pg`, which starts two clusters of its own,
+//! the source's and the targets', with PostgreSQL's durability defaults
+//! (fsync, full_page_writes and synchronous_commit on; the program prints them
+//! and says when they are off). `BENCH_PG_ONE_SERVER=1` puts the targets in
+//! the source's cluster instead.
 //! `BENCH_PG_PAIRS` (default 3): after step 6, the raw pipe and switchyard
 //! run again one right after the other, each pair into new databases, and
 //! the median of the pairs' ratios is printed (the machine's speed drifts
@@ -96,11 +102,26 @@ const PROBE_EVERY: u64 = 5;
 /// How often the latency phase polls the replica for probe rows.
 const POLL: Duration = Duration::from_millis(2);
 
-fn config(pg: &Pg, source: &str, target: &str, slot: &str) -> Result<Arc<Config>> {
+/// The admin connections of the clusters in the benchmark (one, or the
+/// source's and the targets'), each `CHECKPOINT`ed before a timed phase.
+struct Admins(Vec<tokio_postgres::Client>);
+
+impl Admins {
+    /// A checkpoint on every cluster, so that no timed phase pays for
+    /// writing out the WAL of the one before.
+    async fn checkpoint(&self) -> Result<()> {
+        for a in &self.0 {
+            a.batch_execute("CHECKPOINT").await?;
+        }
+        Ok(())
+    }
+}
+
+fn config(pg: &Pg, tpg: &Pg, source: &str, target: &str, slot: &str) -> Result<Arc<Config>> {
     let text = format!(
         "[source]\nurl = \"{}\"\npassword = \"{pw}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n[target]\nurl = \"{}\"\npassword = \"{pw}\"\n\n[tables]\nexclude = [\"pgbench_history\"]\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = 5000\n{}",
         pg.url(source),
-        pg.url(target),
+        tpg.url(target),
         // BENCH_PG_SPLIT_MB: pipeline.snapshot_split_mb (0: every table in one COPY).
         std::env::var("BENCH_PG_SPLIT_MB")
             .map(|v| format!("snapshot_split_mb = {v}\n"))
@@ -439,14 +460,14 @@ async fn same_state(
 /// source straight into COPY in, table after table, then the keys; seconds,
 /// cores busy and the rows, checked against the source.
 async fn raw_pipe(
-    admin: &tokio_postgres::Client,
+    admins: &Admins,
     source: &tokio_postgres::Client,
     target: &tokio_postgres::Client,
 ) -> Result<(f64, f64, u64, f64)> {
     target.batch_execute(BARE_TABLES).await?;
     // Each timed contender starts after a checkpoint, so that none pays for
     // writing out the WAL of the one before.
-    admin.batch_execute("CHECKPOINT").await?;
+    admins.checkpoint().await?;
     let t = Instant::now();
     let cpu = MachineCpu::now();
     let own = cpu_seconds();
@@ -487,11 +508,8 @@ async fn raw_pipe(
 
 /// switchyard's snapshot with `cfg` into its empty target: seconds, cores
 /// busy, the rows copied and this process's CPU seconds.
-async fn sy_snapshot(
-    admin: &tokio_postgres::Client,
-    cfg: &Arc<Config>,
-) -> Result<(f64, f64, u64, f64)> {
-    admin.batch_execute("CHECKPOINT").await?;
+async fn sy_snapshot(admins: &Admins, cfg: &Arc<Config>) -> Result<(f64, f64, u64, f64)> {
+    admins.checkpoint().await?;
     reset_peak_rss();
     let t = Instant::now();
     let cpu = MachineCpu::now();
@@ -537,14 +555,39 @@ async fn main() -> Result<()> {
         format!("pp_nat_{id}"),
         format!("pp_sy_{id}"),
     );
+    // The targets' cluster: a server of its own where scripts/bench started
+    // one (BENCH_PG_TARGET_PORT), as in a migration; else the source's.
+    let tpg = match std::env::var("BENCH_PG_TARGET_PORT") {
+        Ok(port) if !port.is_empty() && port != pg.port => Pg { port, ..pg.clone() },
+        _ => pg.clone(),
+    };
+    let apart = tpg.port != pg.port;
     let admin = pg.client("postgres").await?;
-    for db in [&src, &raw, &native, &sy] {
-        admin
+    let tadmin = tpg.client("postgres").await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {src}"))
+        .await?;
+    for db in [&raw, &native, &sy] {
+        tadmin
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .await?;
     }
+    let admins = Admins(if apart {
+        vec![pg.client("postgres").await?, tpg.client("postgres").await?]
+    } else {
+        vec![pg.client("postgres").await?]
+    });
     println!("# switchyard benchmark: PostgreSQL → PostgreSQL beside native logical replication, pgbench scale {scale}");
-    println!("# {}", durability(&admin).await?);
+    println!("# source: {}", durability(&admin).await?);
+    if apart {
+        println!(
+            "# targets: a server of their own (port {}, as in a migration): {}",
+            tpg.port,
+            durability(&tadmin).await?
+        );
+    } else {
+        println!("# targets: in the source's server (port {}): the source's replication slots keep the targets' WAL too", pg.port);
+    }
     pg.pgbench(&["-i", "-q", "-s", &scale.to_string(), &src])?;
     let source = pg.client(&src).await?;
     source.batch_execute(PROBE).await?;
@@ -555,12 +598,12 @@ async fn main() -> Result<()> {
 
     // The raw pipe: binary COPY out of the source straight into COPY in,
     // table after table, then the keys.
-    let target = pg.client(&raw).await?;
-    let (raw_s, raw_cores, rows, raw_own) = raw_pipe(&admin, &source, &target).await?;
+    let target = tpg.client(&raw).await?;
+    let (raw_s, raw_cores, rows, raw_own) = raw_pipe(&admins, &source, &target).await?;
     println!("raw pipe, binary COPY TO | COPY FROM of every table, keys built after: {rows} rows in {raw_s:.2} s = {:.0} rows/s; machine: {raw_cores:.2} cores busy, this program {raw_own:.2} CPU s", rows as f64 / raw_s);
 
     // Native: a subscription that copies the data, on its own slot.
-    let nat = pg.client(&native).await?;
+    let nat = tpg.client(&native).await?;
     nat.batch_execute(TABLES).await?;
     nat.batch_execute(PROBE).await?;
     source.batch_execute("CREATE PUBLICATION native_pub FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, bench_probe").await?;
@@ -569,7 +612,7 @@ async fn main() -> Result<()> {
             "SELECT pg_create_logical_replication_slot('native_{id}', 'pgoutput')"
         ))
         .await?;
-    admin.batch_execute("CHECKPOINT").await?;
+    admins.checkpoint().await?;
     let t = Instant::now();
     let cpu = MachineCpu::now();
     nat.batch_execute(&format!(
@@ -604,9 +647,9 @@ async fn main() -> Result<()> {
     println!("native subscription copy (3 tables and the empty bench_probe, {accounts} accounts): {native_s:.2} s; machine: {native_cores:.2} cores busy");
 
     // switchyard: the snapshot into an empty database.
-    let sy_client = pg.client(&sy).await?;
-    let cfg = config(&pg, &src, &sy, &format!("sy_{id}"))?;
-    let (sy_s, sy_cores, copied, sy_own) = sy_snapshot(&admin, &cfg).await?;
+    let sy_client = tpg.client(&sy).await?;
+    let cfg = config(&pg, &tpg, &src, &sy, &format!("sy_{id}"))?;
+    let (sy_s, sy_cores, copied, sy_own) = sy_snapshot(&admins, &cfg).await?;
     same_state(&source, &sy_client, "switchyard").await?;
     println!(
         "switchyard snapshot: {copied} rows in {sy_s:.2} s; machine: {sy_cores:.2} cores busy, switchyard {sy_own:.2} CPU s; peak RSS {:.0} MiB; speed switchyard / native = {:.2}, switchyard / raw pipe = {:.2} (seconds inverted; same tables, rows and keys)",
@@ -648,7 +691,7 @@ async fn main() -> Result<()> {
             &[],
         )
         .await?;
-    admin.batch_execute("CHECKPOINT").await?;
+    admins.checkpoint().await?;
     let t = Instant::now();
     nat.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE")
         .await?;
@@ -662,7 +705,7 @@ async fn main() -> Result<()> {
         .await?;
     same_state(&source, &nat, "native replication after the catch-up").await?;
 
-    admin.batch_execute("CHECKPOINT").await?;
+    admins.checkpoint().await?;
     reset_peak_rss();
     let t = Instant::now();
     let cancel = CancellationToken::new();
@@ -759,16 +802,16 @@ async fn main() -> Result<()> {
     for pair in 2..=pairs {
         let (raw_db, sy_db) = (format!("{raw}_{pair}"), format!("{sy}_{pair}"));
         for db in [&raw_db, &sy_db] {
-            admin
+            tadmin
                 .batch_execute(&format!("CREATE DATABASE {db}"))
                 .await?;
         }
-        let target = pg.client(&raw_db).await?;
-        let (raw_s, _, _, raw_own) = raw_pipe(&admin, &source, &target).await?;
+        let target = tpg.client(&raw_db).await?;
+        let (raw_s, _, _, raw_own) = raw_pipe(&admins, &source, &target).await?;
         drop(target);
-        let cfg = config(&pg, &src, &sy_db, &format!("sy_{id}_{pair}"))?;
-        let (sy_s, _, _, sy_own) = sy_snapshot(&admin, &cfg).await?;
-        let sy_client = pg.client(&sy_db).await?;
+        let cfg = config(&pg, &tpg, &src, &sy_db, &format!("sy_{id}_{pair}"))?;
+        let (sy_s, _, _, sy_own) = sy_snapshot(&admins, &cfg).await?;
+        let sy_client = tpg.client(&sy_db).await?;
         same_state(&source, &sy_client, "switchyard").await?;
         drop(sy_client);
         println!(
@@ -783,7 +826,7 @@ async fn main() -> Result<()> {
             .uninstall()
             .await?;
         for db in [&raw_db, &sy_db] {
-            admin
+            tadmin
                 .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
                 .await?;
         }
@@ -811,10 +854,13 @@ async fn main() -> Result<()> {
         .uninstall()
         .await?;
     drop((source, target, nat, sy_client));
-    for db in [&src, &raw, &native, &sy] {
-        admin
+    for db in [&raw, &native, &sy] {
+        tadmin
             .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
             .await?;
     }
+    admin
+        .batch_execute(&format!("DROP DATABASE {src} WITH (FORCE)"))
+        .await?;
     Ok(())
 }

@@ -17,7 +17,11 @@
 //! same shape; the ceiling inserts them all, table after table),
 //! `BENCH_MEMORY_MB` (the target's `memory_mb`, default switchyard's),
 //! `BENCH_BATCH` and `BENCH_WORKERS` (`pipeline.snapshot_batch_rows` and
-//! `pipeline.snapshot_workers`, default switchyard's).
+//! `pipeline.snapshot_workers`, default switchyard's); `BENCH_STREAM_REOPEN=1`
+//! closes the store after the snapshot and opens it again before the stream
+//! (a daemon restarted after its snapshot) instead of streaming on in the
+//! same process as `run` does. The stream also prints when, in it, the
+//! resident set (sampled every 100 ms) was highest.
 //! The latency of a change is the time from the writer's COMMIT to the moment
 //! the target's checkpoint covers it, observed by polling the checkpoint every
 //! 2 ms (so figures carry up to 2 ms of observation error).
@@ -250,9 +254,48 @@ async fn main() -> Result<()> {
         config.pipeline.snapshot_batch_rows
     );
 
+    // BENCH_STREAM_REOPEN=1: the store closed and opened again before the
+    // stream, as a daemon restarted after its snapshot finds it; by default
+    // the stream follows the snapshot in the same process, as `run` does.
+    let (sink, source) = if std::env::var("BENCH_STREAM_REOPEN").as_deref() == Ok("1") {
+        drop((sink, source));
+        let t = Instant::now();
+        let sink = loop {
+            // The store is released by tasks of the runtime: until then,
+            // opening it again finds it locked.
+            match SurrealSink::connect(&target, false, &config).await {
+                Ok(s) => break Arc::new(s),
+                Err(_) if t.elapsed() < Duration::from_secs(30) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let source: Arc<dyn Source> = Arc::new(
+            SqliteSource::open(
+                &source_path,
+                &config,
+                Default::default(),
+                switchyard::source::Access::ReadWrite,
+            )
+            .await?,
+        );
+        println!(
+            "stream: the store closed and opened again first (BENCH_STREAM_REOPEN), in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        (sink, source)
+    } else {
+        (sink, source)
+    };
+
     // Stream: the daemon's pipeline in this process, the writer in another.
     reset_peak_rss();
     let stream_base_rss = rss_mib();
+    let stream_t0 = Instant::now();
+    // The resident set every 100 ms: when in the stream its peak comes.
+    let mut rss_top = (stream_base_rss, 0.0f64);
+    let mut rss_at = Instant::now();
     let cancel = CancellationToken::new();
     let pipeline = Pipeline::new(
         config.clone(),
@@ -283,6 +326,13 @@ async fn main() -> Result<()> {
         if cp != last_cp {
             observed.push((now_ns(), cp));
             last_cp = cp;
+        }
+        if rss_at.elapsed() >= Duration::from_millis(100) {
+            rss_at = Instant::now();
+            let now = rss_mib();
+            if now > rss_top.0 {
+                rss_top = (now, stream_t0.elapsed().as_secs_f64());
+            }
         }
         if waiter.is_finished() {
             break;
@@ -327,6 +377,7 @@ async fn main() -> Result<()> {
     let stream_s = (applied_ns - write_started_ns) as f64 / 1e9;
     let stream_rss = peak_rss_mib();
     let (anon, file) = rss_anon_file_mib();
+    let stream_total_s = stream_t0.elapsed().as_secs_f64();
     cancel.cancel();
     daemon.await??;
     // Latency of each change: first observation of a checkpoint covering it.
@@ -345,6 +396,10 @@ async fn main() -> Result<()> {
         "stream: {updates} single-row update transactions; writer took {write_s:.1} s ({:.0} commits/s); all applied after {stream_s:.1} s = {:.0} changes/s applied",
         updates as f64 / write_s,
         updates as f64 / stream_s
+    );
+    println!(
+        "stream: resident set sampled every 100 ms: highest {:.0} MiB, {:.1} s into the stream's {stream_total_s:.1} s",
+        rss_top.0, rss_top.1
     );
     println!(
         "stream: commit-to-visible latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples); peak RSS {stream_rss:.0} MiB (at start {stream_base_rss:.0} MiB; at the end {anon:.0} MiB anonymous, {file:.0} MiB of files)",

@@ -248,6 +248,16 @@ pub struct TargetConfig {
     /// engine would otherwise size from the machine's RAM).
     #[serde(default = "default_memory_mb")]
     pub memory_mb: u64,
+    /// PostgreSQL target: the `maintenance_work_mem` (MiB) that builds the
+    /// keys and indexes after the load, where the server's own is lower (a
+    /// larger one is kept); 0 keeps the server's. A sort that fits in it
+    /// does not spill to disk.
+    #[serde(default = "default_maintenance_work_mem_mb")]
+    pub maintenance_work_mem_mb: u64,
+}
+
+fn default_maintenance_work_mem_mb() -> u64 {
+    256
 }
 
 /// The least `target.memory_mb`: a transaction must fit one write buffer.
@@ -805,6 +815,7 @@ impl Config {
                 fire_triggers: self.target.fire_triggers,
                 links: false,
                 memory_mb: self.source.memory_mb,
+                maintenance_work_mem_mb: self.target.maintenance_work_mem_mb,
             },
             tables: TablesConfig {
                 include: tables.iter().map(|(_, t)| globset::escape(t)).collect(),

@@ -1300,3 +1300,122 @@ async fn a_refused_part_of_a_binary_copy_stops_the_table_with_its_error() {
         .get(0);
     assert_eq!(status, "copying");
 }
+
+/// A target's event trigger that logs, for every statement that builds a
+/// key or an index of a table in `public` (not switchyard's state schema),
+/// the `maintenance_work_mem` it ran with. ENABLE ALWAYS: it fires in
+/// switchyard's replica-role sessions too.
+pub const BUILD_MEMORY_LOG: &str = "CREATE SCHEMA probe;
+ CREATE TABLE probe.builds (query text, mem text);
+ CREATE FUNCTION probe.log_build() RETURNS event_trigger LANGUAGE plpgsql AS $$
+ BEGIN
+   IF (current_query() ILIKE '%PRIMARY KEY%' OR current_query() ILIKE '%CREATE %INDEX%')
+      AND EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() WHERE schema_name = 'public') THEN
+     INSERT INTO probe.builds VALUES (current_query(), current_setting('maintenance_work_mem'));
+   END IF;
+ END $$;
+ CREATE EVENT TRIGGER log_build ON ddl_command_end EXECUTE FUNCTION probe.log_build();
+ ALTER EVENT TRIGGER log_build ENABLE ALWAYS;";
+
+/// The settings the keys and indexes of a snapshot into `target` were built
+/// with, one per build, and how many of them built a primary key.
+pub async fn build_memory(target: &PgDb) -> (BTreeSet<String>, usize) {
+    let rows = target
+        .client
+        .query("SELECT query, mem FROM probe.builds", &[])
+        .await
+        .unwrap();
+    let keys = rows
+        .iter()
+        .filter(|r| r.get::<_, String>(0).to_uppercase().contains("PRIMARY KEY"))
+        .count();
+    (rows.iter().map(|r| r.get(1)).collect(), keys)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_indexes_are_built_with_more_memory_than_the_servers_default_but_never_less() {
+    const SOURCE: &str = "CREATE TABLE big (id int PRIMARY KEY, v text);
+         CREATE INDEX big_v ON big (v);
+         INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 2000) g;";
+    let snapshot = |config: Arc<Config>| async move {
+        switchyard::connect::pipeline(&config)
+            .await
+            .unwrap()
+            .run(Mode::SnapshotOnly, CancellationToken::new())
+            .await
+            .unwrap()
+    };
+    let server_default: String = PgDb::new("")
+        .await
+        .client
+        .query_one("SHOW maintenance_work_mem", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        server_default, "256MB",
+        "the test needs a server whose default is not switchyard's"
+    );
+
+    // PostgreSQL → PostgreSQL (the key and index come with pg_restore's
+    // post-data part), the default: 256 MB.
+    let (source, target) = (PgDb::new(SOURCE).await, PgDb::new(BUILD_MEMORY_LOG).await);
+    snapshot(target_config(&source.config_text("mem://", ""), &target)).await;
+    let (mems, keys) = build_memory(&target).await;
+    assert_eq!(mems, BTreeSet::from(["256MB".to_string()]));
+    assert_eq!(keys, 1);
+    assert_eq!(
+        target
+            .client
+            .query("SELECT 1 FROM probe.builds", &[])
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "the key and the index"
+    );
+
+    // A server that already gives more keeps it.
+    let (source, target) = (PgDb::new(SOURCE).await, PgDb::new(BUILD_MEMORY_LOG).await);
+    target
+        .exec(&format!(
+            "ALTER DATABASE {} SET maintenance_work_mem = '1GB'",
+            target.name
+        ))
+        .await;
+    snapshot(target_config(&source.config_text("mem://", ""), &target)).await;
+    assert_eq!(
+        build_memory(&target).await.0,
+        BTreeSet::from(["1GB".to_string()])
+    );
+
+    // maintenance_work_mem_mb = 0: the server's own.
+    let (source, target) = (PgDb::new(SOURCE).await, PgDb::new(BUILD_MEMORY_LOG).await);
+    let text = target_config_text(&source.config_text("mem://", ""), &target).replacen(
+        "[target]\n",
+        "[target]\nmaintenance_work_mem_mb = 0\n",
+        1,
+    );
+    snapshot(Arc::new(Config::parse(&text).unwrap())).await;
+    assert_eq!(
+        build_memory(&target).await.0,
+        BTreeSet::from([server_default])
+    );
+
+    // SQLite → PostgreSQL: the key built in switchyard's own session, with
+    // the table's "copied" mark.
+    let s = Scratch::new();
+    s.source(
+        "CREATE TABLE big (id INTEGER PRIMARY KEY, v TEXT);
+         INSERT INTO big (v) VALUES ('a'), ('b'), ('c');",
+    )
+    .await;
+    let target = PgDb::new(BUILD_MEMORY_LOG).await;
+    snapshot(target_config(&s.config_text("mem://", ""), &target)).await;
+    assert_eq!(
+        build_memory(&target).await,
+        (BTreeSet::from(["256MB".to_string()]), 1)
+    );
+    // (A SurrealDB source's indexes, built after the load in a pooled
+    // session: surreal_source::every_surrealdb_type_into_postgresql.)
+}

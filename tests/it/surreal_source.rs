@@ -352,7 +352,7 @@ async fn every_surrealdb_type_into_postgresql() {
          CREATE place:1 SET loc = (1.5, 2.5), area = { type: 'Polygon', coordinates: [[[0, 0], [1, 0], [1, 1], [0, 0]]] };",
     )
     .await;
-    let target = PgDb::new("").await;
+    let target = PgDb::new(crate::pg_target::BUILD_MEMORY_LOG).await;
     let config = source_config(
         &url,
         &format!(
@@ -432,6 +432,29 @@ async fn every_surrealdb_type_into_postgresql() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
+    // The indexes built after the load (a pooled session), like the keys,
+    // with 256 MB of maintenance_work_mem (see
+    // pg_target::keys_and_indexes_are_built_with_more_memory_…).
+    wait_until("the indexes", Duration::from_secs(60), || {
+        let client = &target.client;
+        async move {
+            client
+                .query(
+                    "SELECT 1 FROM probe.builds WHERE query ILIKE '%CREATE %INDEX%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .len()
+                >= 2
+        }
+    })
+    .await;
+    let (mems, keys) = crate::pg_target::build_memory(&target).await;
+    assert!(
+        keys >= 2 && mems == std::collections::BTreeSet::from(["256MB".to_string()]),
+        "{keys} keys, built with {mems:?}"
+    );
     let types: Vec<String> = types.iter().map(|(c, t)| format!("{c} {t}")).collect();
     assert_eq!(
         types,

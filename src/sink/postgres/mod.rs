@@ -72,6 +72,9 @@ pub struct PgSink {
     /// Per source table, its target columns narrower than the source's
     /// type (by column name), whose values are checked as they go in.
     narrow: Mutex<HashMap<String, Vec<(String, Narrow)>>>,
+    /// `target.maintenance_work_mem_mb`: the keys and indexes built after
+    /// the load are built with at least this much memory (0: the server's).
+    key_build_mb: u64,
 }
 
 impl PgSink {
@@ -111,6 +114,7 @@ impl PgSink {
             dumped: Mutex::new(Default::default()),
             fire_triggers: config.target.fire_triggers,
             narrow: Mutex::new(Default::default()),
+            key_build_mb: config.target.maintenance_work_mem_mb,
         };
         let c = sink.take().await.map_err(|e| match e.kind() {
             crate::error::ErrorKind::Transient => Error::connect(e.to_string()),
@@ -688,6 +692,13 @@ impl Sink for PgSink {
                 .map_err(self.pg("reading the target's primary key"))?
                 .is_some();
             if !has_key {
+                if let Some(mem) =
+                    restore::key_build_memory(&tx, &self.ep, self.key_build_mb).await?
+                {
+                    tx.batch_execute(&format!("SET LOCAL maintenance_work_mem = '{mem}'"))
+                        .await
+                        .map_err(self.pg("setting maintenance_work_mem"))?;
+                }
                 tx.batch_execute(&primary_key_ddl(table))
                     .await
                     .map_err(|e| {
@@ -750,7 +761,18 @@ impl Sink for PgSink {
                 .map_err(self.pg(&format!("moving the identity of {}.{col}", t.target_name)))?;
             }
         }
-        for ddl in secondary_ddl(tables) {
+        let secondary = secondary_ddl(tables);
+        let memory = if secondary.is_empty() {
+            None
+        } else {
+            restore::key_build_memory(&c, &self.ep, self.key_build_mb).await?
+        };
+        if let Some(mem) = &memory {
+            c.batch_execute(&format!("SET maintenance_work_mem = '{mem}'"))
+                .await
+                .map_err(self.pg("setting maintenance_work_mem"))?;
+        }
+        for ddl in secondary {
             match ddl {
                 Ok((name, sql)) => {
                     let exists: bool = c
@@ -770,6 +792,11 @@ impl Sink for PgSink {
                 }
                 Err(why) => warn!("{why}"),
             }
+        }
+        if memory.is_some() {
+            c.batch_execute("RESET maintenance_work_mem")
+                .await
+                .map_err(self.pg("resetting maintenance_work_mem"))?;
         }
         self.give(c).await;
         Ok(())
@@ -809,7 +836,7 @@ impl Sink for PgSink {
         }
         let c = self.take().await?;
         self.migrated(&c).await?;
-        let done = restore::restore(&c, &self.ep, dump, section).await;
+        let done = restore::restore(&c, &self.ep, dump, section, self.key_build_mb).await;
         self.give(c).await;
         self.dumped.lock().await.extend(dump.tables.iter().cloned());
         done

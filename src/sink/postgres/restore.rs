@@ -75,12 +75,42 @@ async fn committed_earlier(c: &Client, ep: &PgEndpoint, entries: &[&TocEntry]) -
     Ok(checked > 0)
 }
 
-/// Restores one part of `dump`; what was done.
+/// The `maintenance_work_mem` to build keys and indexes with after a load
+/// (`target.maintenance_work_mem_mb`): `mb` MiB where the session's own
+/// setting is lower, as a setting's text; None keeps the session's (a
+/// server's larger setting, or `mb` 0). A key's sort that does not fit
+/// spills to temporary files: 64 MB, PostgreSQL's default, holds about a
+/// million keys.
+pub async fn key_build_memory(
+    c: &impl tokio_postgres::GenericClient,
+    ep: &PgEndpoint,
+    mb: u64,
+) -> Result<Option<String>> {
+    if mb == 0 {
+        return Ok(None);
+    }
+    // pg_settings gives it in kB.
+    let kb: i64 = c
+        .query_one(
+            "SELECT setting::int8 FROM pg_settings WHERE name = 'maintenance_work_mem'",
+            &[],
+        )
+        .await
+        .map_err(pg_err(ep, "reading maintenance_work_mem"))?
+        .get(0);
+    let want = mb.saturating_mul(1024).min(i32::MAX as u64) as i64;
+    Ok((want > kb).then(|| format!("{want}kB")))
+}
+
+/// Restores one part of `dump`; what was done. The keys and indexes of the
+/// post-data part are built with `key_build_mb` of maintenance_work_mem
+/// (see [`key_build_memory`]).
 pub async fn restore(
     c: &Client,
     ep: &PgEndpoint,
     dump: &SchemaDump,
     section: Section,
+    key_build_mb: u64,
 ) -> Result<Vec<String>> {
     if restored(c, ep, section).await? {
         return Ok(vec![format!(
@@ -161,6 +191,11 @@ pub async fn restore(
             .arg(format!("--dbname={}", ep.dbname));
         if !dump.owners {
             cmd.arg("--no-owner").arg("--no-acl");
+        }
+        if section == Section::PostData {
+            if let Some(mem) = key_build_memory(c, ep, key_build_mb).await? {
+                cmd.env("PGOPTIONS", format!("-c maintenance_work_mem={mem}"));
+            }
         }
         cmd.arg(&dump.archive);
         let r = tools::run(cmd, ep, &format!("pg_restore --section={}", section.arg())).await;
