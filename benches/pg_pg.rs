@@ -122,10 +122,14 @@ fn config(pg: &Pg, tpg: &Pg, source: &str, target: &str, slot: &str) -> Result<A
         "[source]\nurl = \"{}\"\npassword = \"{pw}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n[target]\nurl = \"{}\"\npassword = \"{pw}\"\n\n[tables]\nexclude = [\"pgbench_history\"]\n\n[pipeline]\nbatch_rows = 1000\nbatch_delay_ms = 5\nsnapshot_batch_rows = 5000\n{}",
         pg.url(source),
         tpg.url(target),
-        // BENCH_PG_SPLIT_MB: pipeline.snapshot_split_mb (0: every table in one COPY).
+        // BENCH_PG_SPLIT_MB: pipeline.snapshot_split_mb (0: every table in
+        // one COPY); BENCH_PG_SPLIT_PARTS: pipeline.snapshot_split_parts.
         std::env::var("BENCH_PG_SPLIT_MB")
             .map(|v| format!("snapshot_split_mb = {v}\n"))
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            + &std::env::var("BENCH_PG_SPLIT_PARTS")
+                .map(|v| format!("snapshot_split_parts = {v}\n"))
+                .unwrap_or_default(),
         pw = pg.password
     );
     Ok(Arc::new(Config::parse(&text)?))

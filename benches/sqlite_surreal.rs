@@ -17,11 +17,8 @@
 //! same shape; the ceiling inserts them all, table after table),
 //! `BENCH_MEMORY_MB` (the target's `memory_mb`, default switchyard's),
 //! `BENCH_BATCH` and `BENCH_WORKERS` (`pipeline.snapshot_batch_rows` and
-//! `pipeline.snapshot_workers`, default switchyard's); `BENCH_STREAM_REOPEN=1`
-//! closes the store after the snapshot and opens it again before the stream
-//! (a daemon restarted after its snapshot) instead of streaming on in the
-//! same process as `run` does. The stream also prints when, in it, the
-//! resident set (sampled every 100 ms) was highest.
+//! `pipeline.snapshot_workers`, default switchyard's). The stream also
+//! prints when, in it, the resident set (sampled every 100 ms) was highest.
 //! The latency of a change is the time from the writer's COMMIT to the moment
 //! the target's checkpoint covers it, observed by polling the checkpoint every
 //! 2 ms (so figures carry up to 2 ms of observation error).
@@ -253,41 +250,6 @@ async fn main() -> Result<()> {
         copied as f64 / snap_s,
         config.pipeline.snapshot_batch_rows
     );
-
-    // BENCH_STREAM_REOPEN=1: the store closed and opened again before the
-    // stream, as a daemon restarted after its snapshot finds it; by default
-    // the stream follows the snapshot in the same process, as `run` does.
-    let (sink, source) = if std::env::var("BENCH_STREAM_REOPEN").as_deref() == Ok("1") {
-        drop((sink, source));
-        let t = Instant::now();
-        let sink = loop {
-            // The store is released by tasks of the runtime: until then,
-            // opening it again finds it locked.
-            match SurrealSink::connect(&target, false, &config).await {
-                Ok(s) => break Arc::new(s),
-                Err(_) if t.elapsed() < Duration::from_secs(30) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let source: Arc<dyn Source> = Arc::new(
-            SqliteSource::open(
-                &source_path,
-                &config,
-                Default::default(),
-                switchyard::source::Access::ReadWrite,
-            )
-            .await?,
-        );
-        println!(
-            "stream: the store closed and opened again first (BENCH_STREAM_REOPEN), in {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
-        (sink, source)
-    } else {
-        (sink, source)
-    };
 
     // Stream: the daemon's pipeline in this process, the writer in another.
     reset_peak_rss();
