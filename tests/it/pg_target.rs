@@ -822,13 +822,6 @@ async fn m6_values_that_do_not_fit_stop_the_load_naming_table_key_column_and_val
     let pool = s.source(MIXED).await;
     let target = PgDb::new("").await;
     let config = target_config(&s.config_text("mem://", ""), &target);
-    let snapshot = |config: Arc<Config>| async move {
-        switchyard::connect::pipeline(&config)
-            .await
-            .unwrap()
-            .run(Mode::SnapshotOnly, CancellationToken::new())
-            .await
-    };
     // A TEXT in an INTEGER column: refused by the source's conversion.
     let e = snapshot(config.clone()).await.unwrap_err().to_string();
     assert_names(
@@ -1301,6 +1294,15 @@ async fn a_refused_part_of_a_binary_copy_stops_the_table_with_its_error() {
     assert_eq!(status, "copying");
 }
 
+/// switchyard's snapshot alone (`Mode::SnapshotOnly`) with `config`.
+async fn snapshot(config: Arc<Config>) -> switchyard::error::Result<switchyard::pipeline::Report> {
+    switchyard::connect::pipeline(&config)
+        .await
+        .unwrap()
+        .run(Mode::SnapshotOnly, CancellationToken::new())
+        .await
+}
+
 /// A target's event trigger that logs, for every statement that builds a
 /// key or an index of a table in `public` (not switchyard's state schema),
 /// the `maintenance_work_mem` it ran with. ENABLE ALWAYS: it fires in
@@ -1337,14 +1339,6 @@ async fn keys_and_indexes_are_built_with_more_memory_than_the_servers_default_bu
     const SOURCE: &str = "CREATE TABLE big (id int PRIMARY KEY, v text);
          CREATE INDEX big_v ON big (v);
          INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 2000) g;";
-    let snapshot = |config: Arc<Config>| async move {
-        switchyard::connect::pipeline(&config)
-            .await
-            .unwrap()
-            .run(Mode::SnapshotOnly, CancellationToken::new())
-            .await
-            .unwrap()
-    };
     let server_default: String = PgDb::new("")
         .await
         .client
@@ -1360,7 +1354,9 @@ async fn keys_and_indexes_are_built_with_more_memory_than_the_servers_default_bu
     // PostgreSQL → PostgreSQL (the key and index come with pg_restore's
     // post-data part), the default: 256 MB.
     let (source, target) = (PgDb::new(SOURCE).await, PgDb::new(BUILD_MEMORY_LOG).await);
-    snapshot(target_config(&source.config_text("mem://", ""), &target)).await;
+    snapshot(target_config(&source.config_text("mem://", ""), &target))
+        .await
+        .unwrap();
     let (mems, keys) = build_memory(&target).await;
     assert_eq!(mems, BTreeSet::from(["256MB".to_string()]));
     assert_eq!(keys, 1);
@@ -1383,7 +1379,9 @@ async fn keys_and_indexes_are_built_with_more_memory_than_the_servers_default_bu
             target.name
         ))
         .await;
-    snapshot(target_config(&source.config_text("mem://", ""), &target)).await;
+    snapshot(target_config(&source.config_text("mem://", ""), &target))
+        .await
+        .unwrap();
     assert_eq!(
         build_memory(&target).await.0,
         BTreeSet::from(["1GB".to_string()])
@@ -1396,7 +1394,9 @@ async fn keys_and_indexes_are_built_with_more_memory_than_the_servers_default_bu
         "[target]\nmaintenance_work_mem_mb = 0\n",
         1,
     );
-    snapshot(Arc::new(Config::parse(&text).unwrap())).await;
+    snapshot(Arc::new(Config::parse(&text).unwrap()))
+        .await
+        .unwrap();
     assert_eq!(
         build_memory(&target).await.0,
         BTreeSet::from([server_default])
@@ -1411,7 +1411,9 @@ async fn keys_and_indexes_are_built_with_more_memory_than_the_servers_default_bu
     )
     .await;
     let target = PgDb::new(BUILD_MEMORY_LOG).await;
-    snapshot(target_config(&s.config_text("mem://", ""), &target)).await;
+    snapshot(target_config(&s.config_text("mem://", ""), &target))
+        .await
+        .unwrap();
     assert_eq!(
         build_memory(&target).await,
         (BTreeSet::from(["256MB".to_string()]), 1)
