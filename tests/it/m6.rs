@@ -495,6 +495,22 @@ async fn check_names_the_targets_durability_and_switchyard_commits_synchronously
             "switchyard's apply sessions commit with synchronous_commit = on (this role's sessions default to off",
             "the target server runs with fsync = off",
             "full_page_writes = off",
+            "keys and indexes built after the load get maintenance_work_mem = 256MB (the server's: 64MB; target.maintenance_work_mem_mb)",
         ],
+    );
+    // A database whose own setting is larger keeps it, and check says so.
+    target
+        .client
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET maintenance_work_mem = '1GB'",
+            target.name
+        ))
+        .await
+        .unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_names(
+        &out,
+        &["keys and indexes built after the load get the server's maintenance_work_mem = 1GB (target.maintenance_work_mem_mb = 256 does not raise it)"],
     );
 }

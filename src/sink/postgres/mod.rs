@@ -75,6 +75,9 @@ pub struct PgSink {
     /// `target.maintenance_work_mem_mb`: the keys and indexes built after
     /// the load are built with at least this much memory (0: the server's).
     key_build_mb: u64,
+    /// What `key_build_mb` comes to for switchyard's sessions (one role,
+    /// one database: the same for all), read once.
+    key_memory: tokio::sync::OnceCell<Option<String>>,
 }
 
 impl PgSink {
@@ -115,6 +118,7 @@ impl PgSink {
             fire_triggers: config.target.fire_triggers,
             narrow: Mutex::new(Default::default()),
             key_build_mb: config.target.maintenance_work_mem_mb,
+            key_memory: tokio::sync::OnceCell::new(),
         };
         let c = sink.take().await.map_err(|e| match e.kind() {
             crate::error::ErrorKind::Transient => Error::connect(e.to_string()),
@@ -123,6 +127,14 @@ impl PgSink {
         sink.give(c).await;
         info!(target = %sink.ep.shown(), "connected to PostgreSQL");
         Ok(sink)
+    }
+
+    /// The `maintenance_work_mem` keys and indexes are built with (see
+    /// [`restore::key_build_memory`]), read on the first build only.
+    async fn key_memory(&self, c: &impl tokio_postgres::GenericClient) -> Result<&Option<String>> {
+        self.key_memory
+            .get_or_try_init(|| restore::key_build_memory(c, &self.ep, self.key_build_mb))
+            .await
     }
 
     fn pg(&self, what: &str) -> impl Fn(tokio_postgres::Error) -> Error + '_ {
@@ -476,11 +488,13 @@ impl Sink for PgSink {
                     .map_err(self.pg(&format!("reading {name}")))
             }
         };
-        let (fsync, pages, sync) = (
+        let (fsync, pages, sync, build) = (
             show("fsync").await?,
             show("full_page_writes").await?,
             show("synchronous_commit").await?,
+            show("maintenance_work_mem").await?,
         );
+        let raised = self.key_memory(&c).await?.clone();
         self.give(c).await;
         // What a session of the role gets without switchyard's SET.
         let plain = self.ep.connect().await?;
@@ -514,6 +528,18 @@ impl Sink for PgSink {
                 false,
             ));
         }
+        out.push((
+            match raised {
+                Some(mem) => format!(
+                    "keys and indexes built after the load get maintenance_work_mem = {mem} (the server's: {build}; target.maintenance_work_mem_mb)"
+                ),
+                None => format!(
+                    "keys and indexes built after the load get the server's maintenance_work_mem = {build} (target.maintenance_work_mem_mb = {} does not raise it)",
+                    self.key_build_mb
+                ),
+            },
+            false,
+        ));
         Ok(out)
     }
 
@@ -692,9 +718,7 @@ impl Sink for PgSink {
                 .map_err(self.pg("reading the target's primary key"))?
                 .is_some();
             if !has_key {
-                if let Some(mem) =
-                    restore::key_build_memory(&tx, &self.ep, self.key_build_mb).await?
-                {
+                if let Some(mem) = self.key_memory(&tx).await? {
                     tx.batch_execute(&format!("SET LOCAL maintenance_work_mem = '{mem}'"))
                         .await
                         .map_err(self.pg("setting maintenance_work_mem"))?;
@@ -765,7 +789,7 @@ impl Sink for PgSink {
         let memory = if secondary.is_empty() {
             None
         } else {
-            restore::key_build_memory(&c, &self.ep, self.key_build_mb).await?
+            self.key_memory(&c).await?.clone()
         };
         if let Some(mem) = &memory {
             c.batch_execute(&format!("SET maintenance_work_mem = '{mem}'"))
@@ -836,7 +860,14 @@ impl Sink for PgSink {
         }
         let c = self.take().await?;
         self.migrated(&c).await?;
-        let done = restore::restore(&c, &self.ep, dump, section, self.key_build_mb).await;
+        let memory = match section {
+            crate::schema::dump::Section::PostData => self.key_memory(&c).await,
+            _ => Ok(&None),
+        };
+        let done = match memory {
+            Ok(memory) => restore::restore(&c, &self.ep, dump, section, memory.as_deref()).await,
+            Err(e) => Err(e),
+        };
         self.give(c).await;
         self.dumped.lock().await.extend(dump.tables.iter().cloned());
         done

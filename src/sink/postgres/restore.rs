@@ -99,18 +99,23 @@ pub async fn key_build_memory(
         .map_err(pg_err(ep, "reading maintenance_work_mem"))?
         .get(0);
     let want = mb.saturating_mul(1024).min(i32::MAX as u64) as i64;
-    Ok((want > kb).then(|| format!("{want}kB")))
+    let text = if want as u64 == mb * 1024 {
+        format!("{mb}MB")
+    } else {
+        format!("{want}kB")
+    };
+    Ok((want > kb).then_some(text))
 }
 
 /// Restores one part of `dump`; what was done. The keys and indexes of the
-/// post-data part are built with `key_build_mb` of maintenance_work_mem
-/// (see [`key_build_memory`]).
+/// post-data part are built with `key_memory` as maintenance_work_mem (see
+/// [`key_build_memory`]; None: the server's).
 pub async fn restore(
     c: &Client,
     ep: &PgEndpoint,
     dump: &SchemaDump,
     section: Section,
-    key_build_mb: u64,
+    key_memory: Option<&str>,
 ) -> Result<Vec<String>> {
     if restored(c, ep, section).await? {
         return Ok(vec![format!(
@@ -193,7 +198,7 @@ pub async fn restore(
             cmd.arg("--no-owner").arg("--no-acl");
         }
         if section == Section::PostData {
-            if let Some(mem) = key_build_memory(c, ep, key_build_mb).await? {
+            if let Some(mem) = key_memory {
                 cmd.env("PGOPTIONS", format!("-c maintenance_work_mem={mem}"));
             }
         }
