@@ -804,9 +804,13 @@ async fn postgres_into_surrealdb_cutover_stops_the_daemon_that_holds_the_embedde
     assert!(out.switched, "{out:#?}\n{}", daemon.log_text());
     assert!(step(&out, "sequences").detail.is_empty());
     assert!(seen.refusals > 0);
-    let mut child = daemon.child;
+    let mut daemon = daemon;
     assert!(
-        child.try_wait().unwrap().is_some_and(|st| st.success()),
+        daemon
+            .child
+            .try_wait()
+            .unwrap()
+            .is_some_and(|st| st.success()),
         "the daemon did not stop cleanly"
     );
     // Read back with SurrealQL (the store closes in the background).

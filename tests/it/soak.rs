@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -621,6 +621,9 @@ struct Stats {
     ambiguous_committed: AtomicU64,
     rows_written: AtomicU64,
     big_done: AtomicU64,
+    /// Tries of the large transaction, and those a fault undid.
+    big_started: AtomicU64,
+    big_lost: AtomicU64,
 }
 
 /// The application: random transactions until `stop`, the large one when
@@ -797,6 +800,9 @@ async fn writer(
         if sql.is_empty() {
             continue;
         }
+        if matches!(ops.first(), Some(Op::BulkRange { .. })) {
+            stats.big_started.fetch_add(1, Ordering::Relaxed);
+        }
         match transaction(&mut conn, &source, &sql, &stats).await {
             Outcome::Committed => {
                 if matches!(ops.first(), Some(Op::BulkRange { .. })) {
@@ -810,6 +816,13 @@ async fn writer(
             }
             Outcome::NotCommitted => {
                 stats.not_committed.fetch_add(1, Ordering::Relaxed);
+                if matches!(ops.first(), Some(Op::BulkRange { .. })) {
+                    stats.big_lost.fetch_add(1, Ordering::Relaxed);
+                    // Asked for again: the run waits for one to commit (a
+                    // source crash during its insert once left the run
+                    // waiting for good).
+                    big.store(true, Ordering::Relaxed);
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 if let Source::Pg(_) = source {
                     if let Conn::Pg(c) = &conn {
@@ -1010,6 +1023,65 @@ struct Soak {
     target_cluster: Option<OwnCluster>,
 }
 
+/// Where the run is: each step with its time, what the writer has done and
+/// the daemon's log. A soak that overruns its deadline fails with this
+/// instead of hanging until the test runner kills it (a killed test's
+/// captured output is lost).
+#[derive(Default)]
+struct Progress {
+    started: OnceLock<Instant>,
+    steps: Mutex<Vec<String>>,
+    daemons: OnceLock<Arc<Mutex<Daemons>>>,
+    stats: OnceLock<Arc<Stats>>,
+}
+
+impl Progress {
+    fn step(&self, what: impl Into<String>) {
+        let at = self.started.get_or_init(Instant::now).elapsed();
+        self.steps
+            .lock()
+            .unwrap()
+            .push(format!("{:>7.1} s  {}", at.as_secs_f64(), what.into()));
+    }
+
+    fn report(&self) -> String {
+        let mut t = self.steps.lock().unwrap().join("\n");
+        if let Some(s) = self.stats.get() {
+            let _ = write!(
+                t,
+                "\nthe writer: {} committed, {} not committed, {} with an unknown outcome, the large transaction done {} time(s)",
+                s.commits.load(Ordering::Relaxed),
+                s.not_committed.load(Ordering::Relaxed),
+                s.ambiguous.load(Ordering::Relaxed),
+                s.big_done.load(Ordering::Relaxed)
+            );
+        }
+        if let Some(d) = self.daemons.get() {
+            // try_lock: whatever hangs may hold it.
+            match d.try_lock() {
+                Ok(d) => {
+                    let log = d.log();
+                    let tail: Vec<&str> = log
+                        .lines()
+                        .rev()
+                        .filter(|l| !l.contains("\"DEBUG\""))
+                        .take(40)
+                        .collect();
+                    let _ = write!(
+                        t,
+                        "\nthe daemon: {} starts, logs in {}; the current one's last lines above DEBUG (newest first):\n{}",
+                        d.incarnations,
+                        d.dir.display(),
+                        tail.join("\n")
+                    );
+                }
+                Err(_) => t.push_str("\nthe daemon: its supervisor's lock is held"),
+            }
+        }
+        t
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1199,8 +1271,28 @@ impl Soak {
     }
 }
 
-/// Sets up one pair, runs its schedule, checks, and prints the table.
+/// Runs one pair with a deadline: the faults' seconds and 15 minutes for
+/// setting up, recoveries and the checks (a run takes 2–4 minutes beyond its
+/// faults on a loaded 2-core machine).
 async fn soak(pair: Pair, seed: u64) {
+    let limit = Duration::from_secs(soak_seconds() + 900);
+    let progress = Arc::new(Progress::default());
+    progress.step(format!("{}: seed {seed:#x}", pair.name()));
+    if tokio::time::timeout(limit, run_soak(pair, seed, progress.clone()))
+        .await
+        .is_err()
+    {
+        panic!(
+            "{}: still running after {} s, where it was:\n{}",
+            pair.name(),
+            limit.as_secs(),
+            progress.report()
+        );
+    }
+}
+
+/// Sets up one pair, runs its schedule, checks, and prints the table.
+async fn run_soak(pair: Pair, seed: u64, progress: Arc<Progress>) {
     let secs = soak_seconds();
     // Kept when the soak fails: the daemon's logs, one per start.
     let mut scratch = Scratch::new();
@@ -1240,6 +1332,7 @@ async fn soak(pair: Pair, seed: u64) {
         let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], c.port))).await;
         (Some(own), Some(pg), Some(proxy), None)
     };
+    progress.step("servers up; seeding the source");
     let ledger = seed_rows(&source).await;
 
     let http = format!("127.0.0.1:{}", free_port());
@@ -1291,6 +1384,7 @@ async fn soak(pair: Pair, seed: u64) {
         source_cluster,
         target_cluster,
     });
+    let _ = progress.daemons.set(soak.daemons.clone());
 
     // The schedule: SIGKILLs, proxy faults and server crashes scaled from
     // 20, 20 and 2 of each server per 10 minutes.
@@ -1330,6 +1424,7 @@ async fn soak(pair: Pair, seed: u64) {
     let stop_writer = Arc::new(AtomicBool::new(false));
     let big = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
+    let _ = progress.stats.set(stats.clone());
     let writer = tokio::spawn(writer(
         pair,
         source.clone(),
@@ -1355,6 +1450,7 @@ async fn soak(pair: Pair, seed: u64) {
     let mut killed_in_snapshot = 0;
     let mut recoveries: BTreeMap<String, (u64, Duration)> = BTreeMap::new();
     soak.daemons.lock().unwrap().start();
+    progress.step("the daemon started; killing it in the copy");
     for _ in 0..kills_in_snapshot {
         let t0 = Instant::now();
         loop {
@@ -1388,10 +1484,14 @@ async fn soak(pair: Pair, seed: u64) {
             break;
         }
         killed_in_snapshot += 1;
+        progress.step(format!("SIGKILL {killed_in_snapshot} in the copy"));
         soak.check_dead_target().await;
         soak.daemons.lock().unwrap().start();
     }
     let head = source.head().await;
+    progress.step(format!(
+        "waiting for the snapshot and the stream up to {head}"
+    ));
     let snapshot_done = soak.caught_up(head, "the snapshot").await;
 
     // Faults while streaming, spread over the run; the large transaction
@@ -1399,6 +1499,10 @@ async fn soak(pair: Pair, seed: u64) {
     let faults_started = Instant::now();
     let gap = Duration::from_secs(secs) / (faults.len() as u32 + 1);
     let mut big_asked = false;
+    // With a PostgreSQL source: that server also stops once in the middle
+    // of the large transaction (the stream drops what it had of it; the
+    // writer tries it again).
+    let mut crash_in_big = soak.source_cluster.is_some();
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     for (i, fault) in faults.iter().enumerate() {
         let due = gap * (i as u32 + 1);
@@ -1409,8 +1513,40 @@ async fn soak(pair: Pair, seed: u64) {
                 big.store(true, Ordering::Relaxed);
                 big_asked = true;
             }
+            if big_asked && crash_in_big {
+                crash_in_big = false;
+                let t0 = Instant::now();
+                while stats.big_started.load(Ordering::Relaxed) == 0
+                    && t0.elapsed() < Duration::from_secs(60)
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                // Into the insert of 200,000 rows (about a second); the
+                // 20,000 into SurrealDB have often committed by then.
+                tokio::time::sleep(Duration::from_millis(rng.between(20, 150))).await;
+                let name = "source stopped in the large transaction";
+                progress.step(name);
+                let down = rng.between(500, 3_000);
+                let s = soak.clone();
+                tokio::task::spawn_blocking(move || s.cluster(Side::Source).crash(down))
+                    .await
+                    .unwrap();
+                *counts.entry(name.into()).or_default() += 1;
+                let head = source.head().await;
+                progress.step(format!("waiting for the daemon to reach {head}"));
+                let took = soak.caught_up(head, name).await;
+                let e = recoveries.entry(name.into()).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(took);
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        progress.step(format!(
+            "fault {}/{}: {}",
+            i + 1,
+            faults.len(),
+            fault.name()
+        ));
         match *fault {
             Fault::KillStreaming => {
                 soak.daemons.lock().unwrap().sigkill();
@@ -1435,6 +1571,7 @@ async fn soak(pair: Pair, seed: u64) {
         }
         *counts.entry(fault.name()).or_default() += 1;
         let head = source.head().await;
+        progress.step(format!("waiting for the daemon to reach {head}"));
         let took = soak.caught_up(head, &fault.name()).await;
         let e = recoveries.entry(fault.name()).or_default();
         e.0 += 1;
@@ -1443,7 +1580,13 @@ async fn soak(pair: Pair, seed: u64) {
     if !big_asked {
         big.store(true, Ordering::Relaxed);
     }
+    progress.step("the faults are done; waiting for the large transaction");
     while stats.big_done.load(Ordering::Relaxed) == 0 {
+        if writer.is_finished() {
+            // It panicked: its message is the failure.
+            writer.await.unwrap();
+            panic!("the writer stopped before its large transaction");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -1451,7 +1594,9 @@ async fn soak(pair: Pair, seed: u64) {
     // catches up with it; the daemon stops cleanly.
     let head = source.head().await;
     stop_writer.store(true, Ordering::Relaxed);
+    progress.step(format!("stopping the writer (source at {head})"));
     let ledger = writer.await.unwrap();
+    progress.step("waiting for the final catch-up");
     let final_catch_up = soak.caught_up(head, "the writer stopped").await;
     // The source's last changes are applied: wait for the newest one.
     let head = source.head().await;
@@ -1459,13 +1604,28 @@ async fn soak(pair: Pair, seed: u64) {
         soak.caught_up(head, "the writer stopped").await;
     }
     stop_sampler.store(true, Ordering::Relaxed);
+    progress.step("stopping the sampler");
     sampler.await.unwrap();
     supervise.await.unwrap();
+    progress.step("stopping the daemon (SIGINT)");
     let daemon = soak.daemons.lock().unwrap().current.take().unwrap();
     let status = daemon.interrupt().await;
+    progress.step("verify");
 
     // Verify, the ledger, and the target read directly where it can be.
-    let (code, out, err) = run_cli(&["verify", "--config", config.to_str().unwrap()]);
+    // Not run_cli: a blocking wait would keep the deadline from firing.
+    let out = tokio::process::Command::new(BIN)
+        .args(["verify", "--config", config.to_str().unwrap()])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run switchyard verify");
+    let (code, out, err) = (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    progress.step("reading source and target back");
     let with_events = source.is_pg();
     let want = ledger.lines(with_events);
     let mut problems = soak.watch.violations.lock().unwrap().clone();
@@ -1522,10 +1682,11 @@ async fn soak(pair: Pair, seed: u64) {
     }
     let _ = writeln!(
         t,
-        "  writer: {} transactions committed ({} of them {} rows in one), {} not committed, {} with an unknown commit outcome ({} of them committed)",
+        "  writer: {} transactions committed ({} of them {} rows in one, {} tries of it undone by a fault), {} not committed, {} with an unknown commit outcome ({} of them committed)",
         stats.commits.load(Ordering::Relaxed),
         stats.big_done.load(Ordering::Relaxed),
         big_rows(pair),
+        stats.big_lost.load(Ordering::Relaxed),
         stats.not_committed.load(Ordering::Relaxed),
         stats.ambiguous.load(Ordering::Relaxed),
         stats.ambiguous_committed.load(Ordering::Relaxed)

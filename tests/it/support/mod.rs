@@ -441,6 +441,18 @@ impl Daemon {
     }
 }
 
+/// A test that fails (or times out) leaves no daemon behind: one still
+/// running retrying against servers the test has stopped would outlive the
+/// test run.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Runs the binary to completion and returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
