@@ -784,7 +784,7 @@ async fn postgres_into_surrealdb_cutover_stops_the_daemon_that_holds_the_embedde
     let config = Arc::new(Config::parse(&text).unwrap());
     let path = s.path("c.toml");
     std::fs::write(&path, &text).unwrap();
-    let daemon = Daemon::start(
+    let mut daemon = Daemon::start(
         &["run", "--config", path.to_str().unwrap()],
         s.path("run.log"),
     );
@@ -804,7 +804,6 @@ async fn postgres_into_surrealdb_cutover_stops_the_daemon_that_holds_the_embedde
     assert!(out.switched, "{out:#?}\n{}", daemon.log_text());
     assert!(step(&out, "sequences").detail.is_empty());
     assert!(seen.refusals > 0);
-    let mut daemon = daemon;
     assert!(
         daemon
             .child

@@ -800,12 +800,13 @@ async fn writer(
         if sql.is_empty() {
             continue;
         }
-        if matches!(ops.first(), Some(Op::BulkRange { .. })) {
+        let is_big = matches!(ops.first(), Some(Op::BulkRange { .. }));
+        if is_big {
             stats.big_started.fetch_add(1, Ordering::Relaxed);
         }
         match transaction(&mut conn, &source, &sql, &stats).await {
             Outcome::Committed => {
-                if matches!(ops.first(), Some(Op::BulkRange { .. })) {
+                if is_big {
                     stats.big_done.fetch_add(1, Ordering::Relaxed);
                 }
                 for op in ops {
@@ -816,7 +817,7 @@ async fn writer(
             }
             Outcome::NotCommitted => {
                 stats.not_committed.fetch_add(1, Ordering::Relaxed);
-                if matches!(ops.first(), Some(Op::BulkRange { .. })) {
+                if is_big {
                     stats.big_lost.fetch_add(1, Ordering::Relaxed);
                     // Asked for again: the run waits for one to commit (a
                     // source crash during its insert once left the run
@@ -1027,17 +1028,25 @@ struct Soak {
 /// the daemon's log. A soak that overruns its deadline fails with this
 /// instead of hanging until the test runner kills it (a killed test's
 /// captured output is lost).
-#[derive(Default)]
 struct Progress {
-    started: OnceLock<Instant>,
+    started: Instant,
     steps: Mutex<Vec<String>>,
     daemons: OnceLock<Arc<Mutex<Daemons>>>,
     stats: OnceLock<Arc<Stats>>,
 }
 
 impl Progress {
+    fn new() -> Self {
+        Progress {
+            started: Instant::now(),
+            steps: Mutex::default(),
+            daemons: OnceLock::new(),
+            stats: OnceLock::new(),
+        }
+    }
+
     fn step(&self, what: impl Into<String>) {
-        let at = self.started.get_or_init(Instant::now).elapsed();
+        let at = self.started.elapsed();
         self.steps
             .lock()
             .unwrap()
@@ -1254,6 +1263,32 @@ impl Soak {
         }
     }
 
+    /// `pg_ctl stop -m immediate` of one side, `down_ms` down, started again.
+    async fn crash(self: &Arc<Self>, side: Side, down_ms: u64) {
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || s.cluster(side).crash(down_ms))
+            .await
+            .unwrap();
+    }
+
+    /// After a fault: counted, and how long the daemon took to reach the
+    /// source's position, kept if it is the longest for that fault.
+    async fn recovered(
+        &self,
+        fault: &str,
+        progress: &Progress,
+        counts: &mut BTreeMap<String, u64>,
+        recoveries: &mut BTreeMap<String, (u64, Duration)>,
+    ) {
+        *counts.entry(fault.into()).or_default() += 1;
+        let head = self.source.head().await;
+        progress.step(format!("waiting for the daemon to reach {head}"));
+        let took = self.caught_up(head, fault).await;
+        let e = recoveries.entry(fault.into()).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(took);
+    }
+
     fn proxy(&self, side: Side) -> &Proxy {
         match side {
             Side::Source => self.source_proxy.as_ref(),
@@ -1276,7 +1311,7 @@ impl Soak {
 /// faults on a loaded 2-core machine).
 async fn soak(pair: Pair, seed: u64) {
     let limit = Duration::from_secs(soak_seconds() + 900);
-    let progress = Arc::new(Progress::default());
+    let progress = Arc::new(Progress::new());
     progress.step(format!("{}: seed {seed:#x}", pair.name()));
     if tokio::time::timeout(limit, run_soak(pair, seed, progress.clone()))
         .await
@@ -1526,18 +1561,9 @@ async fn run_soak(pair: Pair, seed: u64, progress: Arc<Progress>) {
                 tokio::time::sleep(Duration::from_millis(rng.between(20, 150))).await;
                 let name = "source stopped in the large transaction";
                 progress.step(name);
-                let down = rng.between(500, 3_000);
-                let s = soak.clone();
-                tokio::task::spawn_blocking(move || s.cluster(Side::Source).crash(down))
-                    .await
-                    .unwrap();
-                *counts.entry(name.into()).or_default() += 1;
-                let head = source.head().await;
-                progress.step(format!("waiting for the daemon to reach {head}"));
-                let took = soak.caught_up(head, name).await;
-                let e = recoveries.entry(name.into()).or_default();
-                e.0 += 1;
-                e.1 = e.1.max(took);
+                soak.crash(Side::Source, rng.between(500, 3_000)).await;
+                soak.recovered(name, &progress, &mut counts, &mut recoveries)
+                    .await;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -1561,21 +1587,10 @@ async fn run_soak(pair: Pair, seed: u64, progress: Arc<Progress>) {
                 tokio::time::sleep(Duration::from_millis(rng.between(2_000, 12_000))).await;
                 p.stall(false);
             }
-            Fault::Crash(side) => {
-                let down = rng.between(500, 3_000);
-                let s = soak.clone();
-                tokio::task::spawn_blocking(move || s.cluster(side).crash(down))
-                    .await
-                    .unwrap();
-            }
+            Fault::Crash(side) => soak.crash(side, rng.between(500, 3_000)).await,
         }
-        *counts.entry(fault.name()).or_default() += 1;
-        let head = source.head().await;
-        progress.step(format!("waiting for the daemon to reach {head}"));
-        let took = soak.caught_up(head, &fault.name()).await;
-        let e = recoveries.entry(fault.name()).or_default();
-        e.0 += 1;
-        e.1 = e.1.max(took);
+        soak.recovered(&fault.name(), &progress, &mut counts, &mut recoveries)
+            .await;
     }
     if !big_asked {
         big.store(true, Ordering::Relaxed);
@@ -1613,18 +1628,7 @@ async fn run_soak(pair: Pair, seed: u64, progress: Arc<Progress>) {
     progress.step("verify");
 
     // Verify, the ledger, and the target read directly where it can be.
-    // Not run_cli: a blocking wait would keep the deadline from firing.
-    let out = tokio::process::Command::new(BIN)
-        .args(["verify", "--config", config.to_str().unwrap()])
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("run switchyard verify");
-    let (code, out, err) = (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
+    let (code, out, err) = run_cli_async(&["verify", "--config", config.to_str().unwrap()]).await;
     progress.step("reading source and target back");
     let with_events = source.is_pg();
     let want = ledger.lines(with_events);

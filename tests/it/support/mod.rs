@@ -455,10 +455,28 @@ impl Drop for Daemon {
 
 /// Runs the binary to completion and returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run switchyard");
+    cli_outcome(
+        Command::new(BIN)
+            .args(args)
+            .output()
+            .expect("run switchyard"),
+    )
+}
+
+/// `run_cli` without blocking the runtime's thread, so that a deadline
+/// around the caller can still fire; the child is killed if it does.
+pub async fn run_cli_async(args: &[&str]) -> (i32, String, String) {
+    cli_outcome(
+        tokio::process::Command::new(BIN)
+            .args(args)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("run switchyard"),
+    )
+}
+
+fn cli_outcome(out: std::process::Output) -> (i32, String, String) {
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
